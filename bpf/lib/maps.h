@@ -1,0 +1,160 @@
+/* maps.h - map key/value layouts and the accessor functions every other header uses.
+ *
+ * The maps themselves are declared in bpf/datapath.c, and so are the accessors' bodies: BCC
+ * rewrites map syntax (map.lookup()) only in the main file of a compile, so headers call these
+ * forward-declared wrappers instead. Layouts are packed by hand (explicit padding) and the
+ * loader packs the same bytes with Python's struct module; it checks the sizes at start-up.
+ */
+#ifndef L7LAB_MAPS_H
+#define L7LAB_MAPS_H
+
+/* ipcache: LPM trie on IPv4, prefixlen 0..32 over addr (network byte order).
+ * key 8 bytes, value 8 bytes. */
+struct ipcache_key {
+	u32 prefixlen;
+	__be32 addr;
+};
+struct ipcache_value {
+	u32 identity;
+	u32 flags;              /* reserved, 0 */
+};
+
+/* endpoints: hash by IPv4 address (network byte order) -> local endpoint. value 8 bytes. */
+struct endpoint_info {
+	u32 identity;
+	u16 endpoint_id;
+	u8 flags;               /* EP_F_* */
+	u8 pad;
+};
+
+/* policy: LPM trie. The 64 bits before the port are always matched in full, so an entry's
+ * prefixlen is 64 + its port prefix (0..16), and a lookup uses prefixlen 80. The port is big
+ * endian so that its high bits come first, as LPM requires.
+ *
+ *   offset  0  u32 prefixlen        (not part of the data)
+ *   offset  4  u32 identity         remote identity, 0 = any
+ *   offset  8  u16 endpoint_id
+ *   offset 10  u8  direction        DIR_INGRESS / DIR_EGRESS
+ *   offset 11  u8  protocol         0 = any (then port and port prefix are 0)
+ *   offset 12  be16 port            first port of the aligned block (ICMP: the ICMP type)
+ *   offset 14  u16 pad              0
+ * value 8 bytes. */
+struct policy_key {
+	u32 prefixlen;
+	u32 identity;
+	u16 endpoint_id;
+	u8 direction;
+	u8 protocol;
+	__be16 port;
+	u16 pad;
+};
+#define POLICY_FIXED_PREFIX 64
+#define POLICY_FULL_PREFIX  80
+struct policy_value {
+	u8 verdict;             /* POLICY_ALLOW / POLICY_REDIRECT / POLICY_DENY */
+	u8 pad;
+	u16 proxy_port;         /* host byte order, REDIRECT only */
+	u32 rule_id;            /* first attribution id of the entry, 0 if none */
+};
+
+/* conntrack: LRU hash. Entries are stored in the direction of the packet that created them;
+ * a lookup tries the tuple as is (ESTABLISHED) and reversed (REPLY). */
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	u8 proto;
+	u8 pad[3];
+};
+struct ct_entry {
+	u64 expires_ns;         /* bpf_ktime_get_ns() deadline; an expired entry counts as absent */
+	u64 packets;
+	u32 src_identity;
+	u32 rule_id;
+	u16 proxy_port;         /* != 0: a redirected flow; every packet goes to the proxy */
+	u8 flags;               /* CT_F_* */
+	u8 pad[5];
+};
+#define CT_F_CLOSING    0x01
+#define CT_F_FROM_PROXY 0x02
+
+/* fragments: LRU hash. The first fragment of a datagram (MF set, offset 0) that is passed
+ * records its datagram here, so that the later fragments (offset > 0, no L4 header) carry on
+ * with the ports of their flow (as Cilium's ipv4_frag_datagrams map). key 12 bytes, value 16. */
+struct frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;              /* IPv4 identification */
+	u8 proto;
+	u8 pad;
+};
+struct frag_entry {
+	u64 expires_ns;         /* bpf_ktime_get_ns() deadline (FRAG_LIFETIME_S, as ipfrag_time) */
+	__be16 sport;           /* the first fragment's struct pkt ports */
+	__be16 dport;
+	u16 policy_port;        /* host order, as struct pkt (ICMP: the type) */
+	u8 tcp_flags;           /* the segment's flags: later fragments touch conntrack alike */
+	u8 pad;
+};
+
+/* metrics: per-CPU hash (verdict, reason, direction) -> counters. */
+struct metrics_key {
+	u8 verdict;
+	u8 reason;
+	u8 direction;
+	u8 pad;
+};
+struct metrics_value {
+	u64 packets;
+	u64 bytes;
+};
+
+/* if_bind: hash ifindex -> which endpoint may send from that interface (anti-spoofing).
+ * endpoint_id 0 marks a world link: its sources must not be local endpoint addresses.
+ * Interfaces not in the map are not checked. */
+struct if_binding {
+	u16 endpoint_id;
+	u16 pad;
+};
+
+/* events: ring buffer of these, 56 bytes. Addresses in network order, ports in host order. */
+struct flow_event {
+	u64 ts_ns;
+	__be32 saddr;
+	__be32 daddr;
+	u16 sport;
+	u16 dport;
+	u8 proto;
+	u8 verdict;             /* enum flow_verdict */
+	u8 reason;              /* enum drop_reason */
+	u8 direction;           /* DIR_* of the policy that decided (see docs/datapath.md) */
+	u32 src_identity;
+	u32 dst_identity;
+	u16 src_endpoint;       /* 0: not a local endpoint */
+	u16 dst_endpoint;
+	u32 rule_id;
+	u16 proxy_port;
+	u8 tcp_flags;
+	u8 hook;                /* HOOK_* */
+	u32 ifindex;
+	u32 pkt_len;
+	u32 pad;
+};
+
+/* Accessors, defined in bpf/datapath.c. */
+static __always_inline struct ipcache_value *ipcache_lookup(struct ipcache_key *k);
+static __always_inline struct endpoint_info *endpoints_lookup(__be32 *addr);
+static __always_inline struct policy_value *policy_lookup_raw(struct policy_key *k);
+static __always_inline struct ct_entry *ct_lookup_raw(struct ct_key *k);
+static __always_inline int ct_update_raw(struct ct_key *k, struct ct_entry *v);
+static __always_inline int ct_delete_raw(struct ct_key *k);
+static __always_inline struct frag_entry *frag_lookup_raw(struct frag_key *k);
+static __always_inline int frag_update_raw(struct frag_key *k, struct frag_entry *v);
+static __always_inline struct metrics_value *metrics_lookup(struct metrics_key *k);
+static __always_inline int metrics_insert(struct metrics_key *k, struct metrics_value *v);
+static __always_inline struct if_binding *if_bind_lookup(u32 *ifindex);
+static __always_inline int events_output(struct flow_event *e);
+static __always_inline void trace_drop(u32 reason, u32 direction, u32 endpoint_id);  /* DEBUG only */
+
+#endif

@@ -1,0 +1,144 @@
+/* policy.h - the policy lookup: the C twin of dataplane/mapstate.py lookup_policy().
+ *
+ * Precedence (as in Cilium's bpf/lib/policy.h, simplified to four lookups):
+ *
+ *   For (endpoint, direction, remote identity, protocol, port) the datapath looks up, from the
+ *   most to the least specific:
+ *
+ *     1. (identity, proto, port)   longest match on the port prefix (port ranges are stored
+ *                                  as aligned power-of-two blocks)
+ *     2. (identity, ANY proto)
+ *     3. (ANY identity, proto, port)  longest match on the port prefix
+ *     4. (ANY identity, ANY proto)
+ *
+ *   Every entry found takes part; the result is the highest verdict:
+ *
+ *       DENY (3)  >  REDIRECT (2)  >  ALLOW (1)  >  no entry (0)
+ *
+ *   so an explicit deny always wins, a redirect wins over a plain allow (the L7 proxy then
+ *   checks the request), and "no entry" drops only where enforcement is on for that endpoint
+ *   and direction (an endpoint not selected by any policy is not isolated).
+ *
+ *   Because 1 and 3 are longest-prefix matches, a narrow entry hides a broader one of the same
+ *   identity and protocol; the resolver pushes precedence down onto narrower entries before
+ *   it emits them (mapstate.normalize_entries), so the answer is the same as if every covering
+ *   entry had been consulted.
+ *
+ *   Attribution: the rule id reported is the one of the first entry, in lookup order, that
+ *   carries the winning verdict; the proxy port of a REDIRECT comes from the same entry.
+ *   Entries apply whatever the enforcement flags say: enforcement only decides what happens
+ *   when nothing matched.
+ */
+#ifndef L7LAB_POLICY_H
+#define L7LAB_POLICY_H
+
+/* One direction's decision, and the combined decision of a packet. */
+struct decision {
+	u8 verdict;             /* enum flow_verdict */
+	u8 reason;              /* enum drop_reason */
+	u8 direction;
+	u8 pad;
+	u16 endpoint_id;        /* whose policy decided; 0 if none */
+	u16 proxy_port;
+	u32 rule_id;
+};
+
+static __always_inline void policy_try(struct policy_key *k, u8 *best, u16 *proxy_port, u32 *rule_id)
+{
+	struct policy_value *v = policy_lookup_raw(k);
+
+	/* Strictly greater: on a tie the earlier (more specific) lookup keeps the attribution. */
+	if (v && v->verdict > *best) {
+		*best = v->verdict;
+		*proxy_port = v->proxy_port;
+		*rule_id = v->rule_id;
+	}
+}
+
+/* The four lookups; returns POLICY_NONE/ALLOW/REDIRECT/DENY. */
+static __always_inline u8 policy_lookup(u16 endpoint_id, u8 direction, u32 identity, u8 proto,
+					u16 port, u16 *proxy_port, u32 *rule_id)
+{
+	struct policy_key k;
+	u8 best = POLICY_NONE;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.prefixlen = POLICY_FULL_PREFIX;
+	k.endpoint_id = endpoint_id;
+	k.direction = direction;
+
+	k.identity = identity;          /* 1. identity, proto, port */
+	k.protocol = proto;
+	k.port = bpf_htons(port);
+	policy_try(&k, &best, proxy_port, rule_id);
+	k.protocol = 0;                 /* 2. identity, any proto */
+	k.port = 0;
+	policy_try(&k, &best, proxy_port, rule_id);
+	k.identity = IDENTITY_ANY;      /* 3. any identity, proto, port */
+	k.protocol = proto;
+	k.port = bpf_htons(port);
+	policy_try(&k, &best, proxy_port, rule_id);
+	k.protocol = 0;                 /* 4. any identity, any proto */
+	k.port = 0;
+	policy_try(&k, &best, proxy_port, rule_id);
+	return best;
+}
+
+/* The decision of one endpoint's policy in one direction for this packet. */
+static __always_inline void policy_decide(const struct endpoint_info *ep, u8 direction,
+					  u32 remote_identity, const struct pkt *p,
+					  struct decision *d)
+{
+	u16 proxy_port = 0;
+	u32 rule_id = 0;
+	u8 enforced = ep->flags & (direction == DIR_INGRESS ? EP_F_INGRESS_ENFORCED
+							    : EP_F_EGRESS_ENFORCED);
+	u8 v = policy_lookup(ep->endpoint_id, direction, remote_identity, p->proto,
+			     p->policy_port, &proxy_port, &rule_id);
+
+	__builtin_memset(d, 0, sizeof(*d));
+	d->direction = direction;
+	d->endpoint_id = ep->endpoint_id;
+	d->rule_id = rule_id;
+	if (v == POLICY_DENY) {
+		d->verdict = VERDICT_DROP;
+		d->reason = REASON_POLICY_EXPLICIT_DENY;
+	} else if (v == POLICY_REDIRECT) {
+		d->verdict = VERDICT_REDIRECT;
+		d->proxy_port = proxy_port;
+	} else if (v == POLICY_ALLOW || !enforced) {
+		d->verdict = VERDICT_FORWARD;
+	} else {
+		d->verdict = VERDICT_DROP;
+		d->reason = REASON_POLICY_DENIED;
+	}
+	if (d->verdict == VERDICT_DROP && (AUDIT_ALL || (ep->flags & EP_F_AUDIT)))
+		d->verdict = VERDICT_AUDIT;     /* the reason stays: it says what would have happened */
+}
+
+/* How bad a decision is, to combine egress and ingress: DROP > REDIRECT > AUDIT > FORWARD. */
+static __always_inline int decision_rank(const struct decision *d)
+{
+	switch (d->verdict) {
+	case VERDICT_DROP: return 3;
+	case VERDICT_REDIRECT: return 2;
+	case VERDICT_AUDIT: return 1;
+	default: return 0;
+	}
+}
+
+/* Combine the source's egress decision with the destination's ingress decision (local
+ * delivery): the worse one wins; on a tie a drop is reported at egress (it happened first)
+ * and anything else at ingress (the packet is delivered to that endpoint). */
+static __always_inline void decision_combine(struct decision *out, const struct decision *eg,
+					     const struct decision *in)
+{
+	int re = decision_rank(eg), ri = decision_rank(in);
+
+	if (re > ri || (re == ri && eg->verdict == VERDICT_DROP))
+		*out = *eg;
+	else
+		*out = *in;
+}
+
+#endif

@@ -1,0 +1,395 @@
+"""The l7lab command line: verbs only, each a thin call into the library.
+
+Exit codes: 0 success; 1 setup error (invalid input, not root, lab already up, ...);
+2 usage error; 3 a probe did not meet its expectation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import lab as labmod
+from .errors import ErrorList, L7LabError, SourceError
+from .runner import KernelExecutor, OracleExecutor, RunReport, run_scenario
+from .scenario import load_scenario
+
+EXIT_OK, EXIT_SETUP, EXIT_USAGE, EXIT_EXPECTATION = 0, 1, 2, 3
+
+# Wide enough for the probe table when output goes to a file or a CI log.
+_width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+console = Console(width=_width)
+errconsole = Console(stderr=True, width=_width)
+
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _error(exc: BaseException) -> int:
+    errors = exc.errors if isinstance(exc, ErrorList) else [exc]
+    for err in errors:
+        errconsole.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    return EXIT_SETUP
+
+
+def _policy_engine(scenario: Any) -> Any:
+    from .policy import PolicyEngine  # noqa: PLC0415 - the policy layer is optional for `up`
+
+    return PolicyEngine(scenario)
+
+
+# --- up / down / clean / status / exec ---------------------------------------------------------
+
+
+def _datapath(scenario: Any) -> Any:
+    from .datapath import Datapath  # noqa: PLC0415 - the only module that imports bcc
+
+    return Datapath(audit=scenario.settings.audit)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    policy = _policy_engine(scenario)  # every policy is valid before anything is built
+    labmod.check_environment()
+    # The programs stay attached, and their maps alive, after this process exits.
+    with _datapath(scenario) as datapath:
+        lab = labmod.Lab(scenario, args.name, datapath=datapath, policy=policy)
+        record = lab.up()
+    if args.json:
+        _emit_json({"lab": record.lab, "status": record.status, "endpoints": len(record.endpoints)})
+    else:
+        console.print(f"lab [bold]{record.lab}[/] is up: {len(record.endpoints)} endpoints in "
+                      f"namespace {record.node}; 'l7lab status' shows them, 'l7lab down {record.lab}' removes them")
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    labs = [args.lab] if args.lab else labmod.running_labs()
+    report = {name: labmod.down(name) for name in labs}
+    if args.json:
+        _emit_json(report)
+    elif not labs:
+        console.print("no lab is up")
+    else:
+        for name, removed in report.items():
+            console.print(f"lab {name}: removed {len(removed)} resources" if removed else f"lab {name}: nothing left to remove")
+    return EXIT_OK
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    removed = labmod.clean(args.lab)
+    if args.json:
+        _emit_json({"removed": removed})
+    else:
+        for item in removed:
+            console.print(f"removed {item}", highlight=False)
+        console.print(f"clean: {len(removed)} resources removed" if removed else "clean: nothing to remove")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    labs = [args.lab] if args.lab else labmod.running_labs()
+    out = []
+    for name in labs:
+        rec = labmod.LabRecord.load(name)
+        if rec is None:
+            out.append({"lab": name, "status": "leftover (no record; run 'l7lab clean')", "endpoints": []})
+            continue
+        out.append({"lab": name, "status": rec.status, "scenario": rec.scenario, "node": rec.node,
+                    "endpoints": [{"name": e.key, "kind": e.kind, "ip": e.ip, "interface": e.ifname,
+                                   "netns": e.netns, "labels": e.labels,
+                                   "ports": [f"{p['port']}/{p['protocol']}" + (f" ({p['name']})" if p['name'] else "")
+                                             for p in e.ports]}
+                                  for e in rec.endpoints.values()]})
+    if args.json:
+        _emit_json(out)
+        return EXIT_OK
+    if not out:
+        console.print("no lab is up")
+    for lab in out:
+        table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left")
+        for col in ("endpoint", "kind", "address", "ports", "interface", "labels"):
+            table.add_column(col)
+        for e in lab["endpoints"]:
+            table.add_row(e["name"], e["kind"], e["ip"], ", ".join(e["ports"]), e["interface"],
+                          ",".join(f"{k}={v}" for k, v in e["labels"].items()))
+        console.print(table)
+    return EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise L7LabError("no command given: l7lab exec POD -- COMMAND [ARGS...]")
+    labs = [args.lab] if args.lab else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
+    if not labs:
+        raise L7LabError("no lab is up")
+    if len(labs) > 1:
+        raise L7LabError(f"several labs are up ({', '.join(labs)}): choose one with --lab")
+    rec = labmod.LabRecord.load(labs[0])
+    if rec is None:
+        raise L7LabError(f"lab {labs[0]!r} is not up")
+    matches = [e for k, e in rec.endpoints.items() if k == args.pod or k.split("/")[-1] == args.pod]
+    if len(matches) != 1:
+        names = ", ".join(sorted(rec.endpoints))
+        raise L7LabError(f"{'ambiguous' if matches else 'unknown'} endpoint {args.pod!r} in lab {rec.lab}; endpoints: {names}")
+    os.execvp("ip", ["ip", "netns", "exec", matches[0].netns, *command])
+    return EXIT_SETUP  # not reached
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    """The L7 proxy's record of every request of a running lab (kernel events need the process
+    that loaded the programs: `l7lab run` attaches them to each probe)."""
+    import time  # noqa: PLC0415
+
+    labs = [args.lab] if args.lab else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
+    if len(labs) != 1:
+        raise L7LabError("no lab is up" if not labs else f"several labs are up ({', '.join(labs)}): name one")
+    path = labmod.lab_dir(labs[0]) / "l7-events.jsonl"
+    if not path.parent.is_dir():
+        raise L7LabError(f"lab {labs[0]!r} is not up")
+    deadline = time.monotonic() + args.follow if args.follow else 0.0
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path) as f:
+                f.seek(offset)
+                for line in f:
+                    if not line.endswith("\n"):
+                        break
+                    offset += len(line)
+                    _print_l7_record(json.loads(line), args.json)
+        if time.monotonic() >= deadline:
+            return EXIT_OK
+        time.sleep(0.2)
+
+
+def _print_l7_record(rec: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rec), flush=True)
+        return
+    src, dst = rec.get("source", {}), rec.get("destination", {})
+    verdict = rec.get("verdict", "")
+    colour = {"forwarded": "green", "denied": "red"}.get(verdict, "yellow")
+    policies = ", ".join(rec.get("policies", []))
+    console.print(f"{src.get('pod') or src.get('ip')} -> {dst.get('pod') or dst.get('ip')}:{dst.get('port', '')} "
+                  f"{rec.get('method', '')} {rec.get('path', '')} [{colour}]{verdict}[/] {rec.get('status', '')}"
+                  + (f" ({policies})" if policies else ""), highlight=False, soft_wrap=True)
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def _print_report(report: RunReport) -> None:
+    table = Table(title=f"{report.scenario} ({report.mode})", title_justify="left")
+    for col in ("step", "from", "to", "request", "expected", "observed", "result"):
+        table.add_column(col, overflow="fold")
+    if any(r.oracle is not None for r in report.results):
+        table.add_column("oracle")
+    kernel = any(r.kernel for r in report.results)
+    if kernel:
+        table.add_column("kernel", overflow="fold")
+    for r in report.results:
+        row = [str(r.step + 1), r.probe.source, f"{r.probe.destination} {r.probe.protocol}", r.probe.request_text,
+               r.probe.expect, r.observed.outcome + (f" ({r.observed.detail})" if r.observed.detail and not r.passed else ""),
+               "[green]pass[/]" if r.passed else f"[bold red]{r.verdict_text}[/]"]
+        if r.oracle is not None or any(x.oracle is not None for x in report.results):
+            row.append(r.oracle or "")
+        if kernel:
+            row.append(r.kernel or "")
+        table.add_row(*row)
+    console.print(table)
+    total = len(report.results)
+    if report.passed:
+        console.print(f"[green]all {total} probes met their expectations[/]")
+    else:
+        console.print(f"[bold red]{report.failed} of {total} probes did not meet their expectations[/]")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    if args.dry_run:
+        report = run_scenario(scenario, OracleExecutor(_policy_engine(scenario)))
+    else:
+        policy = _policy_engine(scenario)  # every policy is valid before anything is built
+        labmod.check_environment()
+        with _datapath(scenario) as datapath:
+            lab = labmod.Lab(scenario, args.name, datapath=datapath, policy=policy)
+            lab.up()
+            try:
+                report = run_scenario(scenario, KernelExecutor(lab, policy), lab.name)
+            finally:
+                if not args.keep:
+                    lab.down()
+                else:
+                    errconsole.print(f"lab {lab.name} kept up: 'l7lab down {lab.name}' removes it")
+    if args.json:
+        _emit_json(report.to_json())
+    else:
+        _print_report(report)
+    return EXIT_OK if report.passed else EXIT_EXPECTATION
+
+
+# --- validate / explain ------------------------------------------------------------------------
+
+
+def _is_scenario(path: str) -> bool:
+    from .yamlsource import load_file  # noqa: PLC0415
+
+    docs = load_file(path)
+    return len(docs) == 1 and isinstance(docs[0].data, dict) and "apiVersion" not in docs[0].data and "kind" not in docs[0].data
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .policy import validate_policy_file  # noqa: PLC0415
+
+    results: dict[str, list[str]] = {}
+    for path in args.files:
+        errors: list[BaseException] = []
+        try:
+            if _is_scenario(path):
+                _policy_engine(load_scenario(path))  # the scenario and every policy it applies
+            else:
+                errors.extend(validate_policy_file(path))
+        except (SourceError, ErrorList) as exc:
+            errors.extend(exc.errors if isinstance(exc, ErrorList) else [exc])
+        results[path] = [str(e) for e in errors]
+    if args.json:
+        _emit_json({"valid": not any(results.values()), "files": results})
+    else:
+        for path, errors in results.items():
+            if errors:
+                for e in errors:
+                    errconsole.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            else:
+                console.print(f"{path}: valid", highlight=False)
+    return EXIT_SETUP if any(results.values()) else EXIT_OK
+
+
+def _parse_http(text: str | None, headers: list[str]) -> Any:
+    from .scenario import HttpRequest  # noqa: PLC0415
+
+    if text is None:
+        return None
+    parts = text.split()
+    if len(parts) != 2:
+        raise L7LabError(f"--http expects 'METHOD /path', got {text!r}")
+    hdrs = {}
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise L7LabError(f"--header expects 'Name: value', got {h!r}")
+        hdrs[name.strip()] = value.strip()
+    return HttpRequest(parts[0], parts[1], hdrs)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .policy import Flow, explain_text  # noqa: PLC0415
+    from .scenario import make_probe  # noqa: PLC0415
+
+    scenario = load_scenario(args.scenario)
+    engine = _policy_engine(scenario)
+    last = len(scenario.steps) if args.step is None else args.step - 1
+    if not 0 <= last <= len(scenario.steps):
+        raise L7LabError(f"--step must be between 1 and {len(scenario.steps) + 1}, got {args.step}")
+    for step in scenario.steps[:last]:
+        if step.kind != "probes":
+            engine.apply_step(step)
+    probe = make_probe(scenario, args.source, args.to, args.protocol, _parse_http(args.http, args.header))
+    decision = engine.verdict(Flow.from_probe(probe))
+    if args.json:
+        _emit_json(decision.to_json())
+    else:
+        console.print(explain_text(decision), highlight=False)
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l7lab",
+        description="Kubernetes and Cilium network policy on a real Linux kernel: pods in network "
+                    "namespaces, L3/L4 verdicts in eBPF, L7 rules in an HTTP proxy.",
+        epilog="exit codes: 0 ok, 1 setup or input error, 2 usage error, 3 a probe missed its expectation")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = verb("up", "build a scenario's lab (namespaces, links, servers) and leave it running")
+    p.add_argument("scenario", help="scenario YAML file")
+    p.add_argument("--name", help="lab name (default: the scenario's name)")
+    p.set_defaults(func=cmd_up)
+
+    p = verb("down", "remove a lab: everything its record lists, then anything with its prefix")
+    p.add_argument("lab", nargs="?", help="lab name (default: every lab that is up)")
+    p.set_defaults(func=cmd_down)
+
+    p = verb("clean", "remove whatever carries the l7lab prefix, with or without a record")
+    p.add_argument("lab", nargs="?", help="only this lab (default: all labs)")
+    p.set_defaults(func=cmd_clean)
+
+    p = verb("status", "list running labs with their endpoints, addresses and ports")
+    p.add_argument("lab", nargs="?", help="only this lab")
+    p.set_defaults(func=cmd_status)
+
+    p = verb("exec", "run a command inside a pod or world host: l7lab exec POD -- CMD...", json_flag=False)
+    p.add_argument("--lab", help="lab name (needed when several labs are up)")
+    p.add_argument("pod", help="pod (name or namespace/name) or world host")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments, after --")
+    p.set_defaults(func=cmd_exec)
+
+    p = verb("run", "bring a lab up, run its steps, print every probe against its expectation, take it down")
+    p.add_argument("scenario", help="scenario YAML file")
+    p.add_argument("--name", help="lab name (default: the scenario's name)")
+    p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p.add_argument("--dry-run", action="store_true", help="answer every probe with the policy oracle alone (no root, no kernel)")
+    p.set_defaults(func=cmd_run)
+
+    p = verb("observe", "print the L7 proxy's record of every HTTP request in a running lab")
+    p.add_argument("lab", nargs="?", help="lab name (needed when several labs are up)")
+    p.add_argument("--follow", type=float, default=0.0, metavar="SECONDS",
+                   help="keep printing new records for this many seconds")
+    p.set_defaults(func=cmd_observe)
+
+    p = verb("validate", "check scenario and policy files; report every error found")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = verb("explain", "show, step by step, the verdict the policy gives a flow and why")
+    p.add_argument("scenario", help="scenario YAML file")
+    p.add_argument("--from", dest="source", required=True, metavar="POD", help="source pod")
+    p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
+    p.add_argument("--protocol", choices=("TCP", "UDP"), default="TCP")
+    p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
+    p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
+    p.add_argument("--step", type=int, help="the policy state before step N (default: after every step)")
+    p.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SourceError, ErrorList, L7LabError) as exc:
+        return _error(exc)
+    except KeyboardInterrupt:
+        errconsole.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Map state: the contract between the resolver (which computes it) and the loader (which writes
+it into BPF maps), and the one lookup algorithm both the kernel and the oracle run over it.
+
+Everything here is plain data. The resolver produces a `MapState` for a whole lab; the loader
+diffs two `MapState`s into map updates; `lookup_policy` is the Python twin of the lookup the BPF
+program performs, so that the oracle answers exactly what the kernel answers.
+
+Identities follow Cilium's numbering (pkg/identity/numericidentity.go): reserved identities
+below 256, label-set identities from 256 up, CIDR identities from 2^24 up.
+
+Policy lookup (mirrors bpf/lib/policy.h)
+----------------------------------------
+An entry key is (endpoint id, direction, remote identity, protocol, port, port prefix length).
+Remote identity 0 means "any identity"; protocol 0 means "any protocol" and then the port is
+always wildcarded (prefix length 0). A port range is stored as the aligned power-of-two blocks
+that cover it, each block being (first port, prefix length over the 16 port bits).
+
+For a packet the datapath performs four lookups, from most to least specific:
+
+    1. (identity, protocol, port)   longest port-prefix match
+    2. (identity, ANY protocol)
+    3. (ANY identity, protocol, port) longest port-prefix match
+    4. (ANY identity, ANY protocol)
+
+and combines the entries found with the precedence DENY > REDIRECT > ALLOW (the numeric
+values of `Verdict` are ordered so that the combination is `max`). No entry found means no
+match: the packet is dropped if enforcement is on for that endpoint and direction. Enforcement
+decides only the fate of "no match": DENY and REDIRECT entries apply whether it is on or not
+(a policy with `enableDefaultDeny: false` still denies and redirects what it names).
+
+Because lookups 1 and 3 are longest-prefix matches, a narrow entry hides a broader one with the
+same identity and protocol. The resolver therefore pushes precedence down before it emits the
+state: an entry covered by a broader entry of higher precedence (same endpoint, direction,
+identity and protocol) takes the broader entry's verdict (a DENY range turns the allows inside
+it into DENY; a REDIRECT range turns the allows inside it into REDIRECT with its proxy port).
+`normalize_entries` does this and the resolver must call it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+# Reserved identities (Cilium pkg/identity/numericidentity.go).
+IDENTITY_ANY = 0
+IDENTITY_HOST = 1
+IDENTITY_WORLD = 2
+IDENTITY_UNMANAGED = 3
+IDENTITY_HEALTH = 4
+IDENTITY_INIT = 5
+IDENTITY_REMOTE_NODE = 6
+IDENTITY_KUBE_APISERVER = 7
+IDENTITY_INGRESS = 8
+IDENTITY_WORLD_IPV4 = 9
+IDENTITY_FIRST_LABEL_BASED = 256
+IDENTITY_FIRST_CIDR = 1 << 24
+
+RESERVED_IDENTITIES: dict[str, int] = {
+    "host": IDENTITY_HOST,
+    "world": IDENTITY_WORLD,
+    "unmanaged": IDENTITY_UNMANAGED,
+    "health": IDENTITY_HEALTH,
+    "init": IDENTITY_INIT,
+    "remote-node": IDENTITY_REMOTE_NODE,
+    "kube-apiserver": IDENTITY_KUBE_APISERVER,
+    "ingress": IDENTITY_INGRESS,
+}
+
+PROXY_PORT = 15001  # the L7 proxy's transparent listener inside the node namespace
+
+PROTO_ANY = 0
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_SCTP = 132
+PROTOCOLS: dict[str, int] = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ICMP": PROTO_ICMP}
+
+
+class Direction(enum.IntEnum):
+    INGRESS = 0
+    EGRESS = 1
+
+
+class Verdict(enum.IntEnum):
+    """Per-entry verdict; ordered by precedence so that combining entries is `max`."""
+
+    NONE = 0  # no entry matched
+    ALLOW = 1
+    REDIRECT = 2
+    DENY = 3
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    endpoint_id: int
+    direction: Direction
+    identity: int  # IDENTITY_ANY for any
+    protocol: int  # PROTO_ANY for any (then port == 0 and port_prefix == 0)
+    port: int = 0  # first port of the aligned block
+    port_prefix: int = 0  # 0..16 bits of the port that must match; 16 = exact port
+
+    def covers_port(self, port: int) -> bool:
+        if self.port_prefix == 0:
+            return True
+        shift = 16 - self.port_prefix
+        return (port >> shift) == (self.port >> shift)
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    verdict: Verdict
+    proxy_port: int = 0  # set for REDIRECT
+    rule_ids: tuple[int, ...] = ()  # attribution ids into MapState.rules
+
+
+@dataclass(frozen=True)
+class RuleAttribution:
+    """Which policy rule produced an entry: shown in flows and by `explain`."""
+
+    rule_id: int
+    policy: str  # "Kind namespace/name" or "Kind name" for cluster-wide kinds
+    rule_index: int  # index of the rule inside the policy (ingress[i] / egress[i] / ...)
+    section: str  # "ingress", "egress", "ingressDeny", "egressDeny"
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    endpoint_id: int  # 1..65535, stable for a pod within a lab
+    name: str  # "namespace/pod"
+    ip: str
+    identity: int
+    ingress_enforced: bool
+    egress_enforced: bool
+    audit: bool = False
+
+
+@dataclass
+class MapState:
+    """Everything the datapath needs for one lab, as the resolver computed it."""
+
+    ipcache: dict[str, int] = field(default_factory=dict)  # "a.b.c.d/len" -> identity
+    endpoints: dict[int, EndpointState] = field(default_factory=dict)  # by endpoint id
+    policy: dict[PolicyKey, PolicyEntry] = field(default_factory=dict)
+    rules: dict[int, RuleAttribution] = field(default_factory=dict)
+    # L7 rule sets by (endpoint id, direction, proxy port); opaque to the loader, read by the proxy.
+    l7: dict[tuple[int, int, int], object] = field(default_factory=dict)
+
+    def identity_of(self, ip: str) -> int:
+        """Longest-prefix match of `ip` in the ipcache, as the datapath does; world if none."""
+        addr = ipaddress.ip_address(ip)
+        best_len, best = -1, IDENTITY_WORLD
+        for prefix, identity in self.ipcache.items():
+            net = ipaddress.ip_network(prefix, strict=False)
+            if addr in net and net.prefixlen > best_len:
+                best_len, best = net.prefixlen, identity
+        return best
+
+    # ------------------------------------------------------------------ JSON (the proxy's state file)
+    # The L7 proxy is a separate process; the lab writes this encoding to
+    # /run/l7lab/<lab>/policy.json and signals the proxy (SIGHUP) to reload it.
+
+    STATE_FORMAT = 1
+
+    def to_json(self) -> dict:
+        """Plain-JSON form of the whole state (L7 values must have `to_json`, as L7Policy does)."""
+        return {
+            "format": self.STATE_FORMAT,
+            "ipcache": dict(self.ipcache),
+            "endpoints": [{"endpoint_id": e.endpoint_id, "name": e.name, "ip": e.ip, "identity": e.identity,
+                           "ingress_enforced": e.ingress_enforced, "egress_enforced": e.egress_enforced,
+                           "audit": e.audit} for e in self.endpoints.values()],
+            "policy": [{"endpoint_id": k.endpoint_id, "direction": int(k.direction), "identity": k.identity,
+                        "protocol": k.protocol, "port": k.port, "port_prefix": k.port_prefix,
+                        "verdict": int(v.verdict), "proxy_port": v.proxy_port, "rule_ids": list(v.rule_ids)}
+                       for k, v in sorted(self.policy.items())],
+            "rules": [{"rule_id": r.rule_id, "policy": r.policy, "rule_index": r.rule_index, "section": r.section}
+                      for r in self.rules.values()],
+            "l7": [{"endpoint_id": ep, "direction": d, "proxy_port": port, "policy": value.to_json()}
+                   for (ep, d, port), value in sorted(self.l7.items(), key=lambda kv: kv[0])],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MapState":
+        """Inverse of `to_json`; raises ValueError on an unknown format."""
+        from .policy.l7 import L7Policy  # lazy: this module stays free of the policy package
+
+        if data.get("format") != cls.STATE_FORMAT:
+            raise ValueError(f"unsupported map state format {data.get('format')!r} (expected {cls.STATE_FORMAT})")
+        state = cls()
+        state.ipcache = {str(k): int(v) for k, v in data.get("ipcache", {}).items()}
+        for e in data.get("endpoints", ()):
+            state.endpoints[int(e["endpoint_id"])] = EndpointState(
+                int(e["endpoint_id"]), e["name"], e["ip"], int(e["identity"]), bool(e["ingress_enforced"]),
+                bool(e["egress_enforced"]), bool(e.get("audit", False)))
+        for p in data.get("policy", ()):
+            key = PolicyKey(int(p["endpoint_id"]), Direction(p["direction"]), int(p["identity"]), int(p["protocol"]),
+                            int(p.get("port", 0)), int(p.get("port_prefix", 0)))
+            state.policy[key] = PolicyEntry(Verdict(p["verdict"]), int(p.get("proxy_port", 0)),
+                                            tuple(int(i) for i in p.get("rule_ids", ())))
+        for r in data.get("rules", ()):
+            state.rules[int(r["rule_id"])] = RuleAttribution(int(r["rule_id"]), r["policy"], int(r["rule_index"]),
+                                                             r["section"])
+        for entry in data.get("l7", ()):
+            key7 = (int(entry["endpoint_id"]), int(entry["direction"]), int(entry["proxy_port"]))
+            state.l7[key7] = L7Policy.from_json(entry["policy"])
+        return state
+
+
+def port_range_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Cover [lo, hi] with aligned blocks: list of (first port, prefix length over 16 bits)."""
+    if lo == 0 and hi in (0, 65535):
+        return [(0, 0)]
+    blocks = []
+    cur = lo
+    while cur <= hi:
+        size = cur & -cur if cur else 1 << 16
+        while cur + size - 1 > hi:
+            size >>= 1
+        bits = size.bit_length() - 1
+        blocks.append((cur, 16 - bits))
+        cur += size
+    return blocks
+
+
+def _longest(state: MapState, endpoint_id: int, direction: Direction, identity: int,
+             protocol: int, port: int) -> tuple[PolicyKey, PolicyEntry] | None:
+    best: tuple[PolicyKey, PolicyEntry] | None = None
+    for key, entry in state.policy.items():
+        if (key.endpoint_id, key.direction, key.identity, key.protocol) != (endpoint_id, direction, identity, protocol):
+            continue
+        if key.covers_port(port) and (best is None or key.port_prefix > best[0].port_prefix):
+            best = (key, entry)
+    return best
+
+
+def lookup_policy(state: MapState, endpoint_id: int, direction: Direction, identity: int,
+                  protocol: int, port: int) -> tuple[Verdict, list[tuple[PolicyKey, PolicyEntry]]]:
+    """The datapath's four lookups and precedence; returns the verdict and the entries found."""
+    found = []
+    for ident, proto in ((identity, protocol), (identity, PROTO_ANY),
+                         (IDENTITY_ANY, protocol), (IDENTITY_ANY, PROTO_ANY)):
+        hit = _longest(state, endpoint_id, direction, ident, proto, 0 if proto == PROTO_ANY else port)
+        if hit is not None and hit not in found:
+            found.append(hit)
+    verdict = max((entry.verdict for _, entry in found), default=Verdict.NONE)
+    return Verdict(verdict), found
+
+
+def normalize_entries(policy: dict[PolicyKey, PolicyEntry]) -> dict[PolicyKey, PolicyEntry]:
+    """Push precedence down onto narrower entries (see the module docstring)."""
+    out: dict[PolicyKey, PolicyEntry] = {}
+    for key, entry in policy.items():
+        best = entry
+        for other_key, other in policy.items():
+            if other_key is key or other.verdict <= best.verdict:
+                continue
+            if (other_key.endpoint_id, other_key.direction, other_key.identity, other_key.protocol) != (
+                    key.endpoint_id, key.direction, key.identity, key.protocol):
+                continue
+            if other_key.port_prefix <= key.port_prefix and other_key.covers_port(key.port):
+                best = PolicyEntry(other.verdict, other.proxy_port,
+                                   tuple(sorted(set(entry.rule_ids) | set(other.rule_ids))))
+        out[key] = best
+    return out

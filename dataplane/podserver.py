@@ -1,0 +1,117 @@
+"""The servers every pod and world host runs: HTTP on its TCP ports, a UDP echo on its UDP ports.
+
+Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endpoint's own
+/etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
+so a probe can check that the backend itself answered and what exactly reached it; each request
+is also appended to a JSON-lines log (the record of what a backend really received). UDP
+datagrams are answered with JSON of what arrived.
+
+It binds addresses only, never resolves a name (a reverse lookup at start would stall for
+seconds in a namespace with no DNS), and prints READY once every port is listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from aiohttp import web
+
+
+def _http_app(identity: dict[str, str], log: Any) -> web.Application:
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        record = {
+            **identity,
+            "method": request.method,
+            "path": request.raw_path,
+            "query": request.query_string,
+            "http_version": f"{request.version.major}.{request.version.minor}",
+            "headers": {k: v for k, v in request.headers.items()},
+            "body_length": len(body),
+            "client": f"{peer[0]}:{peer[1]}" if peer else "",
+            "server_port": sock[1] if sock else 0,
+        }
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        return web.json_response(record, headers={"X-L7lab-Backend": identity["endpoint"]})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self, identity: dict[str, str]) -> None:
+        self.identity = identity
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = {**self.identity, "client": f"{addr[0]}:{addr[1]}", "bytes": len(data),
+                 "data": data[:512].decode("utf-8", "replace")}
+        assert self.transport is not None
+        self.transport.sendto(json.dumps(reply).encode(), addr)
+
+
+async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log_path: str | None) -> None:
+    identity = {"endpoint": endpoint}
+    log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the server
+    loop = asyncio.get_running_loop()
+    runner = web.AppRunner(_http_app(identity, log), access_log=None, handle_signals=False)
+    await runner.setup()
+    for port in tcp_ports:
+        # An explicit socket: SO_REUSEADDR, and no name resolution of any kind.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        await web.SockSite(runner, sock, shutdown_timeout=0.1).start()
+    for port in udp_ports:
+        await loop.create_datagram_endpoint(lambda: _UdpEcho(identity), local_addr=("0.0.0.0", port))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    if log:
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="l7lab-podserver", description=__doc__)
+    parser.add_argument("--lab", required=True, help="lab name (ownership marker)")
+    parser.add_argument("--endpoint", required=True, help="pod key namespace/name or world host name")
+    parser.add_argument("--tcp", default="", help="comma-separated TCP ports (HTTP)")
+    parser.add_argument("--udp", default="", help="comma-separated UDP ports (echo)")
+    parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
+    args = parser.parse_args(argv)
+    tcp = [int(p) for p in args.tcp.split(",") if p]
+    udp = [int(p) for p in args.udp.split(",") if p]
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(args.endpoint, tcp, udp, args.log))
+    except OSError as exc:
+        print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The one internal rule model both policy dialects parse into.
+
+Kubernetes `networking.k8s.io/v1` NetworkPolicy, Cilium `cilium.io/v2` CiliumNetworkPolicy and
+CiliumClusterwideNetworkPolicy are all turned (by `parse.py`) into `Policy` objects made of
+`PolicySpec`s (one per Cilium `spec`/`specs[i]`, one per NetworkPolicy) which carry `Rule`s.
+Every peer is expressed as a `Peer` over Cilium-style identity labels, so that there is one
+resolver (`resolver.py`). The types here are plain frozen data; behaviour lives elsewhere.
+
+Label keys are kept in Cilium's form without the source prefix: `app`,
+`io.kubernetes.pod.namespace`, `io.cilium.k8s.namespace.labels.team`; reserved identities carry
+`reserved:<name>` keys (see `selectors.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import SourceLocation
+from .l7 import DnsRule, HttpRule
+from .selectors import LabelSelector
+
+KIND_K8S = "NetworkPolicy"
+KIND_CNP = "CiliumNetworkPolicy"
+KIND_CCNP = "CiliumClusterwideNetworkPolicy"
+POLICY_KINDS = (KIND_K8S, KIND_CNP, KIND_CCNP)
+
+Section = Literal["ingress", "egress", "ingressDeny", "egressDeny"]
+SECTIONS: tuple[Section, ...] = ("ingress", "egress", "ingressDeny", "egressDeny")
+
+# Cilium entities (pkg/policy/api/entity.go). `all` is the wildcard; `cluster` is every
+# identity inside the cluster; `world` is the world identity plus every CIDR/FQDN identity.
+ENTITIES = ("host", "world", "cluster", "all", "remote-node", "health", "init", "unmanaged",
+            "kube-apiserver", "ingress")
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True)
+class AllPeer:
+    """Any remote identity (k8s `from` omitted, Cilium `all` entity, L4-only Cilium rule)."""
+
+    def describe(self) -> str:
+        return "any peer"
+
+
+@dataclass(frozen=True)
+class EndpointPeer:
+    """Identities whose labels match the selector (already namespace-scoped when needed)."""
+
+    selector: LabelSelector
+
+    def describe(self) -> str:
+        return f"endpoints {self.selector}"
+
+
+@dataclass(frozen=True)
+class EntityPeer:
+    entity: str
+
+    def describe(self) -> str:
+        return f"entity {self.entity}"
+
+
+@dataclass(frozen=True)
+class CIDRPeer:
+    """A CIDR (prefix string, normalised) with excepted sub-prefixes."""
+
+    cidr: str
+    excepts: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"CIDR {self.cidr}" + (f" except {', '.join(self.excepts)}" if self.excepts else "")
+
+
+@dataclass(frozen=True)
+class FQDNPeer:
+    """A `toFQDNs` selector: exactly one of match_name / match_pattern (lower case)."""
+
+    match_name: str = ""
+    match_pattern: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"fqdn:{self.match_name or self.match_pattern}"
+
+    def describe(self) -> str:
+        return f"FQDN {'matchName ' + self.match_name if self.match_name else 'matchPattern ' + self.match_pattern}"
+
+
+Peer = AllPeer | EndpointPeer | EntityPeer | CIDRPeer | FQDNPeer
+
+
+# ---------------------------------------------------------------------------- ports and L7
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """One port, port range or named port. `port` 0 (and no name) means every port.
+
+    protocol is 'TCP' | 'UDP' | 'SCTP' | 'ANY'.
+    """
+
+    protocol: str = "ANY"
+    port: int = 0
+    end_port: int = 0  # 0 = single port
+    name: str = ""  # named port, resolved against the destination pod's declared ports
+
+    def describe(self) -> str:
+        if self.name:
+            where = self.name
+        elif self.port == 0:
+            where = "all ports"
+        elif self.end_port:
+            where = f"{self.port}-{self.end_port}"
+        else:
+            where = str(self.port)
+        return f"{where}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class L7Rules:
+    http: tuple[HttpRule, ...] = ()
+    dns: tuple[DnsRule, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http else "dns"
+
+
+@dataclass(frozen=True)
+class PortRule:
+    """A Kubernetes `ports` list entry or a Cilium `toPorts` entry."""
+
+    ports: tuple[PortSpec, ...]
+    l7: L7Rules | None = None
+
+
+# ---------------------------------------------------------------------------- rules and policies
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ingress/egress(/Deny) rule.
+
+    peers: OR of peers; empty tuple = selects no peer at all (Cilium `ingress: [{}]`).
+    port_rules: OR of port rules; empty tuple = every port and protocol.
+    """
+
+    section: Section
+    index: int
+    path: str  # field path of the rule inside its document, e.g. "specs[0].ingress[1]"
+    peers: tuple[Peer, ...]
+    port_rules: tuple[PortRule, ...] = ()
+    location: SourceLocation | None = None
+
+    @property
+    def is_deny(self) -> bool:
+        return self.section.endswith("Deny")
+
+    @property
+    def direction(self) -> str:
+        return "ingress" if self.section.startswith("ingress") else "egress"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One rule set with its subject selector and per-direction enforcement.
+
+    `enforces_*`: whether selecting an endpoint with this spec turns default-deny on for that
+    direction (K8s policyTypes after defaulting; Cilium: a non-empty ingress/ingressDeny section
+    unless enableDefaultDeny says otherwise).
+    """
+
+    subject: LabelSelector
+    rules: tuple[Rule, ...]
+    enforces_ingress: bool
+    enforces_egress: bool
+    path: str = ""  # "spec" / "specs[1]"
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str
+    name: str
+    namespace: str  # "" for a CiliumClusterwideNetworkPolicy
+    specs: tuple[PolicySpec, ...]
+    location: SourceLocation = field(default_factory=lambda: SourceLocation(""))
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Identity of a policy object: applying the same key again replaces it."""
+        return (self.kind, self.namespace, self.name)
+
+    @property
+    def display(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"

@@ -1,0 +1,375 @@
+"""The oracle: lab state + policies -> MapState, and the verdict for a flow with its reasons.
+
+`PolicyEngine` holds the current state of a lab (labels, applied policies), re-resolves on every
+step (all-or-nothing: a step that fails leaves the engine unchanged), and answers `verdict(flow)`
+by running `mapstate.lookup_policy` over the MapState it produced -- the same lookup the BPF
+program runs -- so the oracle and the kernel cannot diverge on L3/L4. A REDIRECT then evaluates
+the merged L7 rule set the proxy would use.
+
+Flow evaluation (DESIGN.md section 1):
+  pod -> pod       source egress, then destination ingress; both must allow; a deny anywhere wins
+  pod -> world     source egress only
+  world/host -> pod destination ingress only (host: allowed by allow-localhost when enforced)
+  NONE (no entry)  dropped when the direction is enforced, passes when it is not
+  REDIRECT         HTTP: a request that matches the L7 set is allowed, else denied (403);
+                   DNS: a query that matches is allowed, else refused
+  audit            a would-be L3/L4 drop of an endpoint in audit mode passes (reported AUDIT);
+                   L7 decisions are not audited (the proxy answers 403 regardless)
+  destination      allowed traffic to a port the destination does not declare is refused
+  loopback         a pod to its own address: allowed, no policy applies (it never leaves the pod)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import ErrorList, SourceError, SourceLocation
+from proxy.http import HttpError, request_path
+
+from ..mapstate import IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, MapState, Verdict, lookup_policy
+from ..scenario import HttpRequest, Probe, Scenario, Step
+from .api import Policy
+from .identity import IdentityAllocator, IdentityTable
+from .parse import parse_documents
+from .resolver import EndpointInfo, Resolution, resolve
+from .selectors import pod_identity_labels
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A connection attempt (or datagram / DNS query) to judge.
+
+    source: a pod key ("ns/name"), a world host name, or "host" (the lab node).
+    """
+
+    source: str
+    destination_ip: str
+    protocol: str = "TCP"  # TCP | UDP | SCTP
+    port: int = 80
+    http: HttpRequest | None = None
+    dns_name: str = ""  # the name queried, for a DNS query to a DNS-redirected port
+    destination_name: str = ""  # for Host defaulting and display
+
+    @classmethod
+    def from_probe(cls, probe: Probe) -> "Flow":
+        dest = probe.destination
+        http = None
+        if probe.protocol == "TCP":
+            # The request the prober sends, Host header included, so that host rules see it.
+            http = probe.http or HttpRequest()
+            if not any(k.lower() == "host" for k in http.headers):
+                http = replace(http, headers={"Host": probe.host_header, **http.headers})
+        return cls(probe.source, dest.ip, probe.protocol, dest.port, http, "",
+                   dest.dns_name or dest.name.split("/")[-1])
+
+
+@dataclass
+class Decision:
+    outcome: str  # allowed | dropped | denied | refused
+    flow: Flow
+    trace: list[str] = field(default_factory=list)
+    source_identity: int = 0
+    destination_identity: int = 0
+    egress: str = "n/a"  # verdict name, "not enforced", or "n/a"
+    ingress: str = "n/a"
+    rule_ids: list[int] = field(default_factory=list)
+    audited: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        f = self.flow
+        return {
+            "outcome": self.outcome,
+            "flow": {"source": f.source, "destination_ip": f.destination_ip, "protocol": f.protocol, "port": f.port,
+                     "http": {"method": f.http.method, "path": f.http.path, "headers": dict(f.http.headers)} if f.http else None,
+                     "dns_name": f.dns_name or None},
+            "source_identity": self.source_identity,
+            "destination_identity": self.destination_identity,
+            "egress": self.egress,
+            "ingress": self.ingress,
+            "rule_ids": list(self.rule_ids),
+            "audited": self.audited,
+            "trace": list(self.trace),
+        }
+
+
+class PolicyEngine:
+    """Policies and labels of one lab; resolves them and judges flows."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.namespace_labels: dict[str, dict[str, str]] = {n: dict(ns.labels) for n, ns in scenario.namespaces.items()}
+        self.pod_labels: dict[str, dict[str, str]] = {k: dict(p.labels) for k, p in scenario.pods.items()}
+        self.policies: dict[tuple[str, str, str], Policy] = {}
+        self.allocator = IdentityAllocator()
+        for policy in parse_documents([s.document for s in scenario.policies]):
+            self.policies[policy.key] = policy
+        self.resolution: Resolution = self._resolve(self.policies, self.pod_labels, self.namespace_labels)
+
+    # ------------------------------------------------------------------ state changes
+
+    def apply_step(self, step: Step) -> None:
+        """Apply, delete or relabel (probes change nothing); all-or-nothing."""
+        policies = dict(self.policies)
+        pods = {k: dict(v) for k, v in self.pod_labels.items()}
+        namespaces = {k: dict(v) for k, v in self.namespace_labels.items()}
+        errors: list[SourceError] = []
+        if step.apply:
+            try:
+                for policy in parse_documents([s.document for s in step.apply]):
+                    policies[policy.key] = policy  # same kind/namespace/name replaces the old version
+            except ErrorList as exc:
+                errors.extend(exc.errors)
+            except SourceError as exc:
+                errors.append(exc)
+        for j, ref in enumerate(step.delete):
+            key = (ref.kind, ref.namespace, ref.name)
+            if key not in policies:
+                known = ", ".join(p.display for p in policies.values()) or "none"
+                what = f"{ref.kind} {ref.namespace + '/' if ref.namespace else ''}{ref.name}"
+                errors.append(SourceError(SourceLocation(self.scenario.path, 0, f"steps[{step.index}].delete[{j}]"),
+                                          f"cannot delete {what}: no such policy is applied (applied: {known})"))
+            else:
+                del policies[key]
+        for r in step.relabel:
+            target = pods[r.name] if r.target == "pod" else namespaces[r.name]
+            target.update(r.set)
+            for key in r.remove:
+                target.pop(key, None)
+        ErrorList.raise_if_any(errors)
+        resolution = self._resolve(policies, pods, namespaces)
+        self.policies, self.pod_labels, self.namespace_labels, self.resolution = policies, pods, namespaces, resolution
+
+    def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict) -> Resolution:
+        sc = self.scenario
+        labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}))
+                  for k, p in sc.pods.items()}
+        table = IdentityTable.build(self.allocator, labels, {k: p.ip for k, p in sc.pods.items()},
+                                    sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
+                                    list(policies.values()))
+        endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports))
+                     for i, (k, p) in enumerate(sc.pods.items())]
+        return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement, sc.settings.audit)
+
+    # ------------------------------------------------------------------ queries
+
+    def map_state(self) -> MapState:
+        return self.resolution.state
+
+    @property
+    def identities(self) -> IdentityTable:
+        return self.resolution.identities
+
+    def endpoint_id(self, pod_key: str) -> int:
+        return list(self.scenario.pods).index(pod_key) + 1
+
+    def verdict(self, flow: Flow) -> Decision:
+        return _Judge(self, flow).run()
+
+
+_PROTO_NAMES = {0: "any", **{v: k for k, v in PROTOCOLS.items()}}
+
+
+def _port_text(port: int, prefix: int) -> str:
+    if prefix == 0:
+        return "any"
+    if prefix == 16:
+        return str(port)
+    return f"{port}-{port + (1 << (16 - prefix)) - 1}"
+
+
+class _Judge:
+    """One flow's evaluation, writing the trace as it goes."""
+
+    def __init__(self, engine: PolicyEngine, flow: Flow) -> None:
+        self.engine = engine
+        self.flow = flow
+        self.state = engine.map_state()
+        self.ids = engine.identities
+        self.decision = Decision("allowed", flow)
+        self.trace = self.decision.trace
+
+    def run(self) -> Decision:
+        sc, flow, d = self.engine.scenario, self.flow, self.decision
+        protocol = PROTOCOLS.get(flow.protocol.upper())
+        if protocol is None:
+            raise ValueError(f"unknown protocol {flow.protocol!r}")
+        src_pod = sc.pod_key(flow.source) if flow.source != "host" else None
+        if flow.source == "host":
+            src_identity, src_desc = IDENTITY_HOST, "host (the lab node)"
+        elif src_pod is not None:
+            src_identity, src_desc = self.ids.pod_identity[src_pod], f"pod {src_pod}"
+        elif flow.source in sc.world:
+            src_identity = self.state.identity_of(sc.world[flow.source].address)
+            src_desc = f"world host {flow.source} ({sc.world[flow.source].address})"
+        else:
+            raise ValueError(f"unknown flow source {flow.source!r}: expected a pod, a world host or 'host'")
+        dst_pod = next((k for k, p in sc.pods.items() if p.ip == flow.destination_ip), None)
+        dst_identity = self.state.identity_of(flow.destination_ip)
+        d.source_identity, d.destination_identity = src_identity, dst_identity
+        what = f"{flow.protocol}/{flow.port}" + (f" {flow.http}" if flow.http else "") + \
+            (f" DNS query {flow.dns_name}" if flow.dns_name else "")
+        self.trace.append(f"flow: {src_desc} -> {flow.destination_ip} {what}")
+        self.trace.append(f"source identity {self.ids.describe(src_identity)}")
+        dst_desc = f"pod {dst_pod}" if dst_pod else next((f"world host {h.name}" for h in sc.world.values()
+                                                          if h.address == flow.destination_ip), "outside the lab")
+        self.trace.append(f"destination {dst_desc}, identity {self.ids.describe(dst_identity)} (ipcache longest match)")
+
+        if src_pod is not None and dst_pod == src_pod:
+            # A pod's traffic to its own address loops back inside its namespace and never
+            # reaches the datapath; no policy applies (upstream netpol e2e: Reachability.AllowLoopback,
+            # "loopback logic follows no policy"; Cilium likewise never sees it).
+            self.trace.append("loopback: a pod's traffic to its own address never leaves its namespace; "
+                              "no policy applies")
+            self.listening(dst_pod)
+            return d
+        redirects: list[tuple[int, Direction, int]] = []  # (endpoint id, direction, remote identity)
+        if src_pod is not None:
+            ok = self.direction(self.engine.endpoint_id(src_pod), Direction.EGRESS, dst_identity, protocol, redirects)
+            if not ok:
+                return d
+        else:
+            self.trace.append("egress: source is not a lab endpoint; no egress policy applies")
+        if dst_pod is not None:
+            ok = self.direction(self.engine.endpoint_id(dst_pod), Direction.INGRESS, src_identity, protocol, redirects)
+            if not ok:
+                return d
+        else:
+            self.trace.append("ingress: destination is not a lab endpoint; no ingress policy applies")
+        for endpoint_id, direction, remote in redirects:
+            if not self.l7(endpoint_id, direction, remote):
+                return d
+        self.listening(dst_pod)
+        return d
+
+    def direction(self, endpoint_id: int, direction: Direction, remote: int, protocol: int,
+                  redirects: list) -> bool:
+        d, flow = self.decision, self.flow
+        ep = self.state.endpoints[endpoint_id]
+        name = direction.name.lower()
+        selecting = self.engine.resolution.selected_by.get((endpoint_id, direction), [])
+        if selecting:
+            self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): selected by "
+                              + ", ".join(sorted({p.display + (f' {s.path}' if len(p.specs) > 1 else '') for p, s in selecting})))
+        else:
+            self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): no policy selects it in this direction")
+        enforced = ep.ingress_enforced if direction == Direction.INGRESS else ep.egress_enforced
+        verdict, found = lookup_policy(self.state, endpoint_id, direction, remote, protocol, flow.port)
+        for key, entry in found:
+            rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)
+            self.trace.append(f"  entry identity={self.ids.describe(key.identity)} proto={_PROTO_NAMES.get(key.protocol, key.protocol)} "
+                              f"port={_port_text(key.port, key.port_prefix)} -> {entry.verdict.name}  [{rules}]")
+        if verdict == Verdict.NONE:
+            if not enforced:
+                self.trace.append(f"  no entry matched; {name} is not enforced on {ep.name}: pass")
+                setattr(d, name, "not enforced")
+                return True
+            self.trace.append(f"  no entry matched and {name} is enforced on {ep.name} (default deny): DROP")
+            return self.drop(ep.audit, name, "NONE (default deny)")
+        winners = [e for _, e in found if e.verdict == verdict]
+        for e in winners:
+            d.rule_ids.extend(r for r in e.rule_ids if r not in d.rule_ids)
+        setattr(d, name, verdict.name)
+        if verdict == Verdict.DENY:
+            self.trace.append("  explicit deny wins over every allow: DROP")
+            return self.drop(ep.audit, name, "DENY")
+        if verdict == Verdict.REDIRECT:
+            self.trace.append(f"  REDIRECT to the L7 proxy (port {PROXY_PORT})")
+            redirects.append((endpoint_id, direction, remote))
+        else:
+            self.trace.append("  ALLOW")
+        return True
+
+    def drop(self, audit: bool, name: str, verdict: str) -> bool:
+        d = self.decision
+        setattr(d, name, verdict)
+        if audit:
+            d.audited = True
+            self.trace.append("  AUDIT: the endpoint is in audit mode; the would-be drop passes")
+            return True
+        d.outcome = "dropped"
+        return False
+
+    def l7(self, endpoint_id: int, direction: Direction, remote: int) -> bool:
+        d, flow = self.decision, self.flow
+        l7 = self.state.l7.get((endpoint_id, int(direction), PROXY_PORT))
+        rule_set = l7.lookup(remote, flow.port) if l7 is not None else None
+        ep = self.state.endpoints[endpoint_id]
+        where = f"L7 {direction.name.lower()} of {ep.name}"
+        if rule_set is None:
+            self.trace.append(f"{where}: no L7 rule set for this peer and port: request refused by the proxy")
+            d.outcome = "denied" if flow.protocol == "TCP" else "refused"
+            return False
+        if rule_set.dns and not rule_set.http:
+            if not flow.dns_name:
+                ok, why, ids = (rule_set.allow_all, "not a DNS query" if not rule_set.allow_all else "allow-all", ())
+            else:
+                ok, why, ids = rule_set.match_dns(flow.dns_name)
+            self.trace.append(f"{where}: DNS query {flow.dns_name or '(none)'} {why}")
+            if not ok:
+                d.outcome = "refused"
+                return False
+        else:
+            req = flow.http or HttpRequest()
+            headers = dict(req.headers)
+            if not any(k.lower() == "host" for k in headers) and flow.destination_name:
+                headers["Host"] = flow.destination_name
+            host = next((v for k, v in headers.items() if k.lower() == "host"), "")
+            try:
+                # The rules see the request target as the proxy forwards it: normalized.
+                path = request_path(req.method, req.path, host)
+            except HttpError as exc:
+                self.trace.append(f"{where}: the proxy rejects {req.method} {req.path}: {exc.reason} ({exc.status})")
+                d.outcome = "denied"
+                return False
+            if path != req.path:
+                self.trace.append(f"{where}: the proxy normalizes {req.path} to {path}")
+            ok, why, ids = rule_set.match_http(req.method, path, headers)
+            self.trace.append(f"{where}: {req.method} {path} {why}"
+                              + (f" [{'; '.join(self.rule_text(r) for r in ids)}]" if ids else ""))
+            if not ok:
+                self.trace.append("  the proxy answers 403 Access denied")
+                d.outcome = "denied"
+                return False
+        d.rule_ids.extend(r for r in ids if r not in d.rule_ids)
+        return True
+
+    def listening(self, dst_pod: str | None) -> None:
+        sc, flow = self.engine.scenario, self.flow
+        ports = sc.pods[dst_pod].ports if dst_pod else next(
+            (h.ports for h in sc.world.values() if h.address == flow.destination_ip), None)
+        if ports is None:
+            return
+        if not any(p.port == flow.port and p.protocol == flow.protocol for p in ports):
+            self.trace.append(f"policy allows it, but nothing listens on {flow.port}/{flow.protocol}: refused")
+            self.decision.outcome = "refused"
+        else:
+            self.trace.append("allowed" + (" (audit: would have been dropped)" if self.decision.audited else ""))
+
+    def rule_text(self, rule_id: int) -> str:
+        ref = self.engine.resolution.rule_refs.get(rule_id)
+        if ref is None:
+            return f"rule {rule_id}"
+        if ref.rule is None:
+            return ref.policy.name
+        return f"{ref.policy.display} {ref.rule.path}"
+
+
+def explain_text(decision: Decision) -> str:
+    """Plain-text rendering of a decision for `l7lab explain` (rich can print it as is)."""
+    lines = [f"verdict: {decision.outcome.upper()}"]
+    lines += [f"  {line}" for line in decision.trace]
+    return "\n".join(lines)
+
+
+def expected_outcomes(engine: PolicyEngine) -> list[tuple[Step, Probe, Decision]]:
+    """Walk every step of the engine's scenario (dry run): (step, probe, oracle decision)."""
+    out = []
+    for step in engine.scenario.steps:
+        engine.apply_step(step)
+        for probe in step.probes:
+            out.append((step, probe, engine.verdict(Flow.from_probe(probe))))
+    return out
+
+
+__all__ = ["Decision", "Flow", "PolicyEngine", "expected_outcomes", "explain_text"]

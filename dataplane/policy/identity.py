@@ -1,0 +1,188 @@
+"""Security identities, the ipcache, and which identities a peer selects.
+
+Numbering follows Cilium (pkg/identity/numericidentity.go, constants in `mapstate`):
+
+- reserved identities 1..9 (host, world, unmanaged, health, init, remote-node, kube-apiserver,
+  ingress) carry the single label `reserved:<name>`;
+- label-set identities from 256: one per distinct pod label set (pod labels + namespace labels,
+  `selectors.pod_identity_labels`); pods with equal label sets share an identity. Numbers are
+  given in sorted order of the label sets when the engine starts, and later label sets (after a
+  relabel) get the next free number, so numbering is deterministic for a scenario and stable
+  across steps;
+- CIDR identities from 2^24: one per prefix named by any CIDR rule (including `except`
+  prefixes), plus one /32 per world host whose DNS names match some `toFQDNs` selector
+  (the FQDN model: the lab knows the addresses of its world hosts statically, so the DNS proxy
+  learning step of Cilium is replaced by the scenario's `dnsNames`). 0.0.0.0/0 is `world`.
+
+ipcache (LPM trie in the datapath): pod IP/32 -> pod identity, node addresses/32 -> host,
+CIDR prefixes -> CIDR identities, 0.0.0.0/0 -> world. Since a pod's /32 is always the longest
+match, CIDR rules never select pods, as in Cilium.
+
+Selection (Cilium's selector cache):
+- an endpoint selector selects label-set identities whose labels match (and reserved
+  identities when it names `reserved:` keys);
+- a CIDR selector selects every CIDR identity whose prefix lies inside it and not inside one of
+  its excepts (and `world` itself when the CIDR is /0);
+- entity `world` selects world and every CIDR identity; `cluster` every pod identity and the
+  reserved in-cluster identities; `all` is the wildcard identity 0;
+- a FQDN selector selects the /32 identities of world hosts with a matching DNS name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from ..mapstate import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HOST,
+                        IDENTITY_WORLD, RESERVED_IDENTITIES)
+from .api import AllPeer, CIDRPeer, EndpointPeer, EntityPeer, FQDNPeer, Peer, Policy
+from .l7 import fqdn_matches
+
+CLUSTER_RESERVED = ("host", "remote-node", "health", "init", "unmanaged", "kube-apiserver", "ingress")
+
+
+@dataclass(frozen=True)
+class Identity:
+    number: int
+    labels: tuple[tuple[str, str], ...]  # sorted; source prefix dropped ("reserved:x" kept)
+    kind: str  # "reserved" | "pod" | "cidr"
+    prefix: str = ""  # for CIDR identities
+    dns_names: tuple[str, ...] = ()  # world host names behind a /32 FQDN identity
+
+    def describe(self) -> str:
+        if self.kind == "reserved":
+            return f"{self.number} ({self.labels[0][0]})"
+        if self.kind == "cidr":
+            extra = f", {'/'.join(self.dns_names)}" if self.dns_names else ""
+            return f"{self.number} (cidr:{self.prefix}{extra})"
+        shown = [f"k8s:{k}={v}" for k, v in self.labels if not k.startswith("io.cilium.k8s.namespace.labels.")]
+        return f"{self.number} ({', '.join(shown)})"
+
+
+class IdentityAllocator:
+    """Hands out label-set and CIDR identity numbers; numbers are never reused in one engine."""
+
+    def __init__(self) -> None:
+        self.by_labels: dict[tuple[tuple[str, str], ...], int] = {}
+        self.by_prefix: dict[str, int] = {}
+
+    def label_identities(self, label_sets: Iterable[tuple[tuple[str, str], ...]]) -> None:
+        for labels in sorted(set(label_sets)):
+            if labels not in self.by_labels:
+                self.by_labels[labels] = IDENTITY_FIRST_LABEL_BASED + len(self.by_labels)
+
+    def cidr_identities(self, prefixes: Iterable[str]) -> None:
+        def order(p: str) -> tuple[int, int]:
+            net = ipaddress.ip_network(p)
+            return int(net.network_address), net.prefixlen
+        for prefix in sorted(set(prefixes), key=order):
+            if prefix not in self.by_prefix:
+                self.by_prefix[prefix] = IDENTITY_FIRST_CIDR + len(self.by_prefix)
+
+
+@dataclass
+class IdentityTable:
+    """The identities of one lab state, the ipcache, and peer selection over them."""
+
+    identities: dict[int, Identity] = field(default_factory=dict)
+    pod_identity: dict[str, int] = field(default_factory=dict)  # pod key -> identity
+    ipcache: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, allocator: IdentityAllocator, pod_labels: Mapping[str, Mapping[str, str]],
+              pod_ips: Mapping[str, str], node_addresses: Iterable[str],
+              world_hosts: Iterable[tuple[str, tuple[str, ...]]], policies: Iterable[Policy]) -> "IdentityTable":
+        table = cls()
+        for name, number in RESERVED_IDENTITIES.items():
+            table.identities[number] = Identity(number, ((f"reserved:{name}", ""),), "reserved")
+        keyed = {key: tuple(sorted(labels.items())) for key, labels in pod_labels.items()}
+        allocator.label_identities(keyed.values())
+        for key, labels in keyed.items():
+            number = allocator.by_labels[labels]
+            table.pod_identity[key] = number
+            table.identities[number] = Identity(number, labels, "pod")
+
+        # CIDR prefixes named by rules, and /32s of world hosts that FQDN selectors match.
+        prefixes: set[str] = set()
+        fqdn_peers: list[FQDNPeer] = []
+        for policy in policies:
+            for spec in policy.specs:
+                for rule in spec.rules:
+                    for peer in rule.peers:
+                        if isinstance(peer, CIDRPeer):
+                            prefixes.add(peer.cidr)
+                            prefixes.update(peer.excepts)
+                        elif isinstance(peer, FQDNPeer):
+                            fqdn_peers.append(peer)
+        host_names: dict[str, tuple[str, ...]] = {}
+        for address, names in world_hosts:
+            if any(fqdn_matches(n, p.match_name, p.match_pattern) for n in names for p in fqdn_peers):
+                prefixes.add(f"{address}/32")
+                host_names[f"{address}/32"] = tuple(names)
+        taken = {f"{ip}/32" for ip in pod_ips.values()} | {f"{a}/32" for a in node_addresses}
+        prefixes = {p for p in prefixes if p not in taken and p != "0.0.0.0/0"}
+        allocator.cidr_identities(prefixes)
+        for prefix in prefixes:
+            number = allocator.by_prefix[prefix]
+            table.identities[number] = Identity(number, ((f"cidr:{prefix}", ""), ("reserved:world", "")), "cidr",
+                                                prefix, host_names.get(prefix, ()))
+            table.ipcache[prefix] = number
+        table.ipcache["0.0.0.0/0"] = IDENTITY_WORLD
+        for address in node_addresses:
+            table.ipcache[f"{address}/32"] = IDENTITY_HOST
+        for key, ip in pod_ips.items():
+            table.ipcache[f"{ip}/32"] = table.pod_identity[key]
+        return table
+
+    # ------------------------------------------------------------------ selection
+
+    def select(self, peer: Peer) -> set[int]:
+        """Identities selected by a peer; {IDENTITY_ANY} for the wildcard."""
+        if isinstance(peer, AllPeer):
+            return {IDENTITY_ANY}
+        if isinstance(peer, EndpointPeer):
+            sel = peer.selector
+            out = {i.number for i in self.identities.values() if i.kind == "pod" and sel.matches(dict(i.labels))}
+            if sel.names_reserved():
+                out |= {i.number for i in self.identities.values()
+                        if i.kind == "reserved" and sel.matches(dict(i.labels))}
+            return out
+        if isinstance(peer, EntityPeer):
+            return self.select_entity(peer.entity)
+        if isinstance(peer, CIDRPeer):
+            net = ipaddress.ip_network(peer.cidr)
+            excepts = [ipaddress.ip_network(e) for e in peer.excepts]
+            out = set()
+            for ident in self.identities.values():
+                if ident.kind != "cidr":
+                    continue
+                p = ipaddress.ip_network(ident.prefix)
+                if p.subnet_of(net) and not any(p.subnet_of(e) for e in excepts):
+                    out.add(ident.number)
+            if net.prefixlen == 0:
+                out.add(IDENTITY_WORLD)
+            return out
+        if isinstance(peer, FQDNPeer):
+            return {i.number for i in self.identities.values() if i.kind == "cidr" and i.dns_names and
+                    any(fqdn_matches(n, peer.match_name, peer.match_pattern) for n in i.dns_names)}
+        raise TypeError(peer)
+
+    def select_entity(self, entity: str) -> set[int]:
+        if entity == "all":
+            return {IDENTITY_ANY}
+        if entity == "world":
+            return {IDENTITY_WORLD} | {i.number for i in self.identities.values() if i.kind == "cidr"}
+        if entity == "cluster":
+            return {i.number for i in self.identities.values() if i.kind == "pod"} | \
+                {RESERVED_IDENTITIES[n] for n in CLUSTER_RESERVED}
+        return {RESERVED_IDENTITIES[entity]}
+
+    def describe(self, number: int) -> str:
+        if number == IDENTITY_ANY:
+            return "0 (any)"
+        ident = self.identities.get(number)
+        return ident.describe() if ident else str(number)
+
+    def pods_with_identity(self, number: int) -> list[str]:
+        return [k for k, n in self.pod_identity.items() if n == number]

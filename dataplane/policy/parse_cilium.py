@@ -1,0 +1,234 @@
+"""Parsing of Cilium rules (CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy specs): peers,
+entities, CIDR sets, toFQDNs, toPorts with HTTP and DNS rules, deny sections.
+
+A mixin of `parse._PolicyParser`, which provides the shared helpers (`err`, `selector`,
+`port_spec`, `cidr_peer`, ...); kept apart so that each dialect reads on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer,
+                  FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, Rule)
+from .l7 import (DnsRule, HeaderMatch, HttpRule, compile_regex, validate_dns_name,
+                 validate_dns_pattern, _HEADER_NAME_RE)
+from .selectors import (NAMESPACE_LABEL, LabelSelector)
+from ..yamlsource import describe_value
+
+
+def quote_value(value: Any) -> str:
+    """A user's value in a message: strings quoted, anything else described."""
+    return repr(value) if isinstance(value, str) else describe_value(value)
+
+
+class CiliumRuleParser:
+    """The Cilium half of the policy parser (see `parse._PolicyParser`)."""
+
+    def cilium_spec(self, path: tuple, raw: Any) -> PolicySpec | None:
+        fields = ("endpointSelector", "ingress", "egress", "ingressDeny", "egressDeny", "description",
+                  "labels", "enableDefaultDeny")
+        spec = self.ctx.mapping(path, raw, fields)
+        if spec is None:
+            return None
+        if "endpointSelector" not in spec and "nodeSelector" not in spec:
+            self.err(path, "endpointSelector is required")
+        subject = self.selector(path + ("endpointSelector",), spec.get("endpointSelector", {}), cilium=True)
+        if subject.names_reserved():
+            self.err(path + ("endpointSelector",), "selecting reserved identities (host policies) is not supported by l7lab")
+        if self.kind == KIND_CNP:
+            # A CNP only ever selects endpoints of its own namespace.
+            subject = subject.and_(LabelSelector(((NAMESPACE_LABEL, self.namespace),)))
+        if "description" in spec:
+            self.ctx.string(path + ("description",), spec["description"])
+        dd = {"ingress": True, "egress": True}
+        if "enableDefaultDeny" in spec:
+            raw_dd = self.ctx.mapping(path + ("enableDefaultDeny",), spec["enableDefaultDeny"], ("ingress", "egress"))
+            for k, v in (raw_dd or {}).items():
+                if k in dd:
+                    if not isinstance(v, bool):
+                        self.err(path + ("enableDefaultDeny", k), f"expected true or false, got {describe_value(v)}")
+                    else:
+                        dd[k] = v
+        rules: list[Rule] = []
+        for section in ("ingress", "ingressDeny", "egress", "egressDeny"):
+            for i, raw_rule in enumerate(self.ctx.list_(path + (section,), spec.get(section), f"a list of {section} rules")):
+                rule = self.cilium_rule(path + (section, i), section, i, raw_rule)
+                if rule is not None:
+                    rules.append(rule)
+        # Cilium (pkg/policy/repository.go): a rule with a non-empty ingress or ingressDeny
+        # section puts the endpoints it selects into default deny at ingress, unless
+        # enableDefaultDeny.ingress is false; the same for egress.
+        enforces_in = bool(spec.get("ingress") or spec.get("ingressDeny")) and dd["ingress"]
+        enforces_eg = bool(spec.get("egress") or spec.get("egressDeny")) and dd["egress"]
+        return PolicySpec(subject, tuple(rules), enforces_in, enforces_eg, self._path(path))
+
+    def cilium_rule(self, path: tuple, section: str, index: int, raw: Any) -> Rule | None:
+        ingress = section.startswith("ingress")
+        deny = section.endswith("Deny")
+        d = "from" if ingress else "to"
+        l3 = [f"{d}Endpoints", f"{d}Entities", f"{d}CIDR", f"{d}CIDRSet"]
+        if not ingress and not deny:
+            l3.append("toFQDNs")
+        r = self.ctx.mapping(path, raw, tuple(l3) + ("toPorts",))
+        if r is None:
+            return None
+        peers: list[Peer] = []
+        for j, sel in enumerate(self.ctx.list_(path + (f"{d}Endpoints",), r.get(f"{d}Endpoints"), "a list of endpoint selectors")):
+            s = self.selector(path + (f"{d}Endpoints", j), sel, cilium=True)
+            if self.kind == KIND_CNP and not s.names_namespace() and not s.names_reserved():
+                s = s.and_(LabelSelector(((NAMESPACE_LABEL, self.namespace),)))
+            peers.append(EndpointPeer(s))
+        for j, ent in enumerate(self.ctx.list_(path + (f"{d}Entities",), r.get(f"{d}Entities"), "a list of entities")):
+            if ent not in ENTITIES:
+                self.err(path + (f"{d}Entities", j), f"unknown entity {quote_value(ent)}; expected one of {', '.join(ENTITIES)}")
+            else:
+                peers.append(EntityPeer(ent))
+        for j, c in enumerate(self.ctx.list_(path + (f"{d}CIDR",), r.get(f"{d}CIDR"), "a list of CIDRs")):
+            p = self.cidr_peer(path + (f"{d}CIDR", j), c, None, None)
+            if p:
+                peers.append(p)
+        for j, cs in enumerate(self.ctx.list_(path + (f"{d}CIDRSet",), r.get(f"{d}CIDRSet"), "a list of CIDR sets")):
+            m = self.ctx.mapping(path + (f"{d}CIDRSet", j), cs, ("cidr", "except"), ("cidr",))
+            if m is not None and "cidr" in m:
+                p = self.cidr_peer(path + (f"{d}CIDRSet", j), m["cidr"], m.get("except"), "cidr")
+                if p:
+                    peers.append(p)
+        fqdns = self.ctx.list_(path + ("toFQDNs",), r.get("toFQDNs"), "a list of FQDN selectors") if "toFQDNs" in l3 else []
+        if fqdns and peers:
+            self.err(path + ("toFQDNs",), "toFQDNs cannot be combined with other L3 selectors (toEndpoints, toEntities, toCIDR, toCIDRSet) in one rule")
+        for j, f in enumerate(fqdns):
+            fp = path + ("toFQDNs", j)
+            m = self.ctx.mapping(fp, f, ("matchName", "matchPattern"))
+            if m is None:
+                continue
+            if len(m) != 1:
+                self.err(fp, "expected exactly one of matchName or matchPattern")
+                continue
+            peer = self.fqdn(fp, m)
+            if peer:
+                peers.append(FQDNPeer(peer.match_name, peer.match_pattern))
+        any_l3 = any(k in r and r[k] for k in l3)
+        port_rules = [pr for j, raw_pr in enumerate(self.ctx.list_(path + ("toPorts",), r.get("toPorts"), "a list of port rules"))
+                      if (pr := self.cilium_port_rule(path + ("toPorts", j), raw_pr, deny)) is not None]
+        if not any_l3:
+            # Only toPorts: the ports apply to every peer. Nothing at all ({}): no peer.
+            peers = [AllPeer()] if r.get("toPorts") else []
+        return Rule(section, index, self._path(path), tuple(peers), tuple(port_rules), self.doc.location(path))
+
+    def fqdn(self, path: tuple, m: dict) -> DnsRule | None:
+        key, value = next(iter(m.items()))
+        if not isinstance(value, str):
+            self.err(path + (key,), f"expected a DNS name, got {describe_value(value)}")
+            return None
+        try:
+            if key == "matchName":
+                validate_dns_name(value)
+                return DnsRule(match_name=value.lower().rstrip("."))
+            validate_dns_pattern(value)
+            return DnsRule(match_pattern=value.lower().rstrip("."))
+        except ValueError as exc:
+            self.err(path + (key,), str(exc))
+            return None
+
+    def cilium_port_rule(self, path: tuple, raw: Any, deny: bool) -> PortRule | None:
+        pr = self.ctx.mapping(path, raw, ("ports", "rules"), ("ports",))
+        if pr is None:
+            return None
+        ports = [p for j, rp in enumerate(self.ctx.list_(path + ("ports",), pr.get("ports"), "a list of ports"))
+                 if (p := self.port_spec(path + ("ports", j), rp, "ANY", ("TCP", "UDP", "SCTP", "ANY"))) is not None]
+        if "ports" in pr and not pr.get("ports"):
+            self.err(path + ("ports",), "must not be empty")
+        if "rules" not in pr:
+            return PortRule(tuple(ports))
+        if deny:
+            self.err(path + ("rules",), "L7 rules are not allowed in a deny rule (ingressDeny/egressDeny take ports only)")
+            return None
+        rules = self.ctx.mapping(path + ("rules",), pr["rules"], ("http", "dns"))
+        if rules is None:
+            return None
+        if "http" in rules and "dns" in rules:
+            self.err(path + ("rules",), "a port rule has either http or dns rules, not both")
+            return None
+        for j, p in enumerate(ports):
+            ppath = path + ("ports", j)
+            if p.port == 0 and not p.name:
+                self.err(ppath + ("port",), "L7 rules need a specific port (got port 0, all ports)")
+            if p.end_port:
+                self.err(ppath + ("endPort",), "L7 rules cannot be used with a port range (endPort)")
+            if "http" in rules and p.protocol != "TCP":
+                self.err(ppath + ("protocol",), f"HTTP rules apply to TCP only: set protocol: TCP (got {p.protocol})")
+            if "dns" in rules and p.protocol == "SCTP":
+                self.err(ppath + ("protocol",), "DNS rules apply to UDP or TCP, not SCTP")
+        http: list[HttpRule] = []
+        for j, h in enumerate(self.ctx.list_(path + ("rules", "http"), rules.get("http"), "a list of HTTP rules")):
+            rule = self.http_rule(path + ("rules", "http", j), h)
+            if rule is not None:
+                http.append(rule)
+        dns: list[DnsRule] = []
+        for j, dr in enumerate(self.ctx.list_(path + ("rules", "dns"), rules.get("dns"), "a list of DNS rules")):
+            dp = path + ("rules", "dns", j)
+            m = self.ctx.mapping(dp, dr, ("matchName", "matchPattern"))
+            if m is None:
+                continue
+            if len(m) != 1:
+                self.err(dp, "expected exactly one of matchName or matchPattern")
+                continue
+            got = self.fqdn(dp, m)
+            if got:
+                dns.append(got)
+        if "http" in rules and not rules.get("http") or "dns" in rules and not rules.get("dns"):
+            self.err(path + ("rules",), "an empty rules list: remove it, or add at least one rule")
+        return PortRule(tuple(ports), L7Rules(tuple(http), tuple(dns)))
+
+    def http_rule(self, path: tuple, raw: Any) -> HttpRule | None:
+        h = self.ctx.mapping(path, raw, ("method", "path", "host", "headers", "headerMatches"))
+        if h is None:
+            return None
+        values: dict[str, str] = {}
+        ok = True
+        for key in ("method", "path", "host"):
+            if key not in h:
+                continue
+            v = self.ctx.string(path + (key,), h[key], "an RE2 regular expression string")
+            if v is None:
+                ok = False
+                continue
+            try:
+                compile_regex(v)
+                values[key] = v
+            except ValueError as exc:
+                self.err(path + (key,), str(exc))
+                ok = False
+        headers: list[HeaderMatch] = []
+        for j, text in enumerate(self.ctx.list_(path + ("headers",), h.get("headers"), "a list of 'Name' or 'Name: value' strings")):
+            s = self.ctx.string(path + ("headers", j), text, "a 'Name' or 'Name: value' string")
+            if s is None:
+                ok = False
+                continue
+            name, sep, value = s.partition(":")
+            name = name.strip()
+            if not _HEADER_NAME_RE.fullmatch(name):
+                self.err(path + ("headers", j), f"invalid header {s!r}: expected 'Name' or 'Name: value' with a valid header name")
+                ok = False
+                continue
+            headers.append(HeaderMatch(name, value.strip() if sep else None))
+        for j, hm in enumerate(self.ctx.list_(path + ("headerMatches",), h.get("headerMatches"), "a list of {name, value}")):
+            hp = path + ("headerMatches", j)
+            m = self.ctx.mapping(hp, hm, ("name", "value"), ("name",))
+            if m is None or "name" not in m:
+                ok = False
+                continue
+            name = self.ctx.string(hp + ("name",), m["name"], "a header name")
+            value = self.ctx.string(hp + ("value",), m["value"], "a header value") if "value" in m else None
+            if name is None or ("value" in m and value is None):
+                ok = False
+                continue
+            if not _HEADER_NAME_RE.fullmatch(name):
+                self.err(hp + ("name",), f"invalid header name {name!r}")
+                ok = False
+                continue
+            headers.append(HeaderMatch(name, value))
+        if not ok:
+            return None
+        return HttpRule(values.get("method", ""), values.get("path", ""), values.get("host", ""), tuple(headers))

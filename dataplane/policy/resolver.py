@@ -1,0 +1,239 @@
+"""Resolution: policies + lab state -> `MapState` (per-endpoint entries, L7 rule sets).
+
+Precedence (the same rules bpf/lib/policy.h and `mapstate.lookup_policy` apply)
+------------------------------------------------------------------------------
+    DENY      an ingressDeny/egressDeny rule matched: drop, whatever else allows it
+    REDIRECT  an allow whose port rule carries L7 (http/dns) rules: hand to the proxy
+    ALLOW     an L3/L4 allow
+    NONE      nothing matched: drop when the direction is enforced, pass when it is not
+
+Allows are a union over every rule of every policy that selects the endpoint. Entries on one
+key combine with `max`; a broad entry of higher precedence is pushed down onto narrower ones by
+`mapstate.normalize_entries`. The attribution of an entry lists the rules that produced its
+winning verdict.
+
+L7 merge (Cilium pkg/policy/l4.go, "wildcard L3/L4 rules"): for a remote identity X and a port
+p that end up REDIRECTed, the proxy's rule set is the union of the L7 rules of every allow
+covering (X or any identity, p); if any of those allows has no L7 rules (L4-only, or L3-only
+which covers every port), the set is allow-all: every request passes, still via the proxy.
+
+Enforcement per endpoint and direction (Cilium policy enforcement modes):
+    default  enforced once any policy spec that selects the endpoint enforces that direction
+    always   always enforced
+    never    never enforced, and no entries are emitted
+Cilium's allow-localhost default (`--allow-localhost=auto`): traffic from the local host
+identity to local pods is allowed; modelled as an ingress ALLOW for (host, any protocol) on every
+enforced endpoint, so an explicit deny of the host still wins.
+
+Named ports resolve on the destination: on ingress against the endpoint's own declared ports;
+on egress against the pods holding each selected identity, or, for a peer that is not a pod
+(wildcard, CIDR, entity), against every pod's declared ports (Cilium's cluster-wide named
+port map). A name that resolves nowhere allows nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..mapstate import (IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction,
+                        EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, Verdict,
+                        lookup_policy, normalize_entries, port_range_blocks)
+from .api import L7Rules, Policy, PolicySpec, PortSpec, Rule
+from .identity import IdentityTable
+from .l7 import L7Policy, L7RuleSet
+
+ALLOW_LOCALHOST = "allow-localhost (Cilium default: the local host reaches local pods)"
+ALL_PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """What the resolver needs of a pod."""
+
+    key: str
+    endpoint_id: int
+    ip: str
+    labels: dict[str, str]  # identity labels
+    ports: tuple[tuple[int, str, str], ...]  # (port, protocol, name)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One (identity, protocol, port range) a rule allows, denies or redirects."""
+
+    identity: int
+    protocol: int  # PROTO_ANY or a protocol number
+    lo: int  # 0 with hi 65535: every port
+    hi: int
+    verdict: Verdict
+    l7: L7Rules | None
+    rule_id: int
+
+    def covers(self, protocol: int, port: int) -> bool:
+        return self.protocol == PROTO_ANY or (self.protocol == protocol and self.lo <= port <= self.hi)
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    """What a rule id points to, for traces."""
+
+    policy: Policy
+    spec: PolicySpec | None
+    rule: Rule | None
+
+
+@dataclass
+class Resolution:
+    state: MapState
+    identities: IdentityTable
+    rule_refs: dict[int, RuleRef]
+    # (endpoint id, direction) -> policy specs selecting the endpoint
+    selected_by: dict[tuple[int, Direction], list[tuple[Policy, PolicySpec]]]
+
+
+def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: list[Policy],
+            mode: str = "default", audit: bool = False) -> Resolution:
+    state = MapState(ipcache=dict(identities.ipcache))
+    rule_refs: dict[int, RuleRef] = {}
+    rule_ids: dict[tuple[int, int, int], int] = {}
+    localhost_id = 1
+    rule_refs[localhost_id] = RuleRef(Policy("builtin", ALLOW_LOCALHOST, "", ()), None, None)
+    state.rules[localhost_id] = RuleAttribution(localhost_id, ALLOW_LOCALHOST, 0, "ingress")
+    for pi, policy in enumerate(policies):
+        for si, spec in enumerate(policy.specs):
+            for ri, rule in enumerate(spec.rules):
+                rid = len(rule_refs) + 1
+                rule_ids[(pi, si, ri)] = rid
+                rule_refs[rid] = RuleRef(policy, spec, rule)
+                state.rules[rid] = RuleAttribution(rid, policy.display, rule.index, rule.section)
+
+    selected_by: dict[tuple[int, Direction], list[tuple[Policy, PolicySpec]]] = {}
+    all_contributions: dict[tuple[int, Direction], list[Contribution]] = {}
+    all_pod_ports = [p for ep in endpoints for p in ep.ports]
+    for ep in endpoints:
+        enforced = {Direction.INGRESS: mode == "always", Direction.EGRESS: mode == "always"}
+        contributions: dict[Direction, list[Contribution]] = {Direction.INGRESS: [], Direction.EGRESS: []}
+        for d in Direction:
+            selected_by[(ep.endpoint_id, d)] = []
+        for pi, policy in enumerate(policies):
+            for si, spec in enumerate(policy.specs):
+                if not spec.subject.matches(ep.labels):
+                    continue
+                for d, flag in ((Direction.INGRESS, spec.enforces_ingress), (Direction.EGRESS, spec.enforces_egress)):
+                    has_rules = any(r.direction == d.name.lower() for r in spec.rules)
+                    if flag or has_rules:
+                        selected_by[(ep.endpoint_id, d)].append((policy, spec))
+                    if flag and mode == "default":
+                        enforced[d] = True
+                for ri, rule in enumerate(spec.rules):
+                    d = Direction.INGRESS if rule.direction == "ingress" else Direction.EGRESS
+                    contributions[d].extend(_rule_contributions(rule, rule_ids[(pi, si, ri)], ep, identities,
+                                                                endpoints, all_pod_ports))
+        if mode == "never":
+            enforced = {Direction.INGRESS: False, Direction.EGRESS: False}
+            contributions = {Direction.INGRESS: [], Direction.EGRESS: []}
+        if enforced[Direction.INGRESS]:
+            contributions[Direction.INGRESS].append(
+                Contribution(IDENTITY_HOST, PROTO_ANY, 0, 65535, Verdict.ALLOW, None, localhost_id))
+        state.endpoints[ep.endpoint_id] = EndpointState(
+            ep.endpoint_id, ep.key, ep.ip, identities.pod_identity[ep.key],
+            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit)
+        for d, contribs in contributions.items():
+            _emit(state, ep.endpoint_id, d, contribs)
+            all_contributions[(ep.endpoint_id, d)] = contribs
+    state.policy = normalize_entries(state.policy)
+    for (endpoint_id, d), contribs in all_contributions.items():
+        l7 = build_l7_policy(state, endpoint_id, d, contribs)
+        if l7.rules:
+            state.l7[(endpoint_id, int(d), PROXY_PORT)] = l7
+    return Resolution(state, identities, rule_refs, selected_by)
+
+
+def _protocols(spec: PortSpec) -> list[int]:
+    return [PROTOCOLS[p] for p in (ALL_PROTOCOLS if spec.protocol == "ANY" else (spec.protocol,))]
+
+
+def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: IdentityTable,
+                        endpoints: list[EndpointInfo], all_pod_ports: list[tuple[int, str, str]]) -> list[Contribution]:
+    remote: set[int] = set()
+    for peer in rule.peers:
+        remote |= identities.select(peer)
+    if IDENTITY_ANY in remote:
+        remote = {IDENTITY_ANY}  # the wildcard covers every other identity
+    out: list[Contribution] = []
+    for ident in sorted(remote):
+        if not rule.port_rules:
+            verdict = Verdict.DENY if rule.is_deny else Verdict.ALLOW
+            out.append(Contribution(ident, PROTO_ANY, 0, 65535, verdict, None, rule_id))
+            continue
+        for pr in rule.port_rules:
+            verdict = Verdict.DENY if rule.is_deny else (Verdict.REDIRECT if pr.l7 else Verdict.ALLOW)
+            for spec in pr.ports:
+                if spec.name:
+                    if rule.direction == "ingress":
+                        candidates = list(ep.ports)
+                    elif ident != IDENTITY_ANY and identities.pods_with_identity(ident):
+                        holders = set(identities.pods_with_identity(ident))
+                        candidates = [p for e in endpoints if e.key in holders for p in e.ports]
+                    else:
+                        candidates = all_pod_ports
+                    resolved = sorted({(number, proto) for number, proto, name in candidates if name == spec.name
+                                       and (spec.protocol in ("ANY", proto))})
+                    for number, proto in resolved:
+                        out.append(Contribution(ident, PROTOCOLS[proto], number, number, verdict, pr.l7, rule_id))
+                    continue
+                if spec.port == 0 and spec.protocol == "ANY" and not pr.l7:
+                    out.append(Contribution(ident, PROTO_ANY, 0, 65535, verdict, None, rule_id))
+                    continue
+                lo, hi = (0, 65535) if spec.port == 0 else (spec.port, spec.end_port or spec.port)
+                for proto in _protocols(spec):
+                    out.append(Contribution(ident, proto, lo, hi, verdict, pr.l7, rule_id))
+    return out
+
+
+def _emit(state: MapState, endpoint_id: int, direction: Direction, contributions: list[Contribution]) -> None:
+    for c in contributions:
+        if c.protocol == PROTO_ANY:
+            blocks = [(0, 0)]
+        else:
+            blocks = port_range_blocks(c.lo, c.hi)
+        for port, prefix in blocks:
+            key = PolicyKey(endpoint_id, direction, c.identity, c.protocol, port, prefix)
+            entry = PolicyEntry(c.verdict, PROXY_PORT if c.verdict == Verdict.REDIRECT else 0, (c.rule_id,))
+            old = state.policy.get(key)
+            if old is None or entry.verdict > old.verdict:
+                state.policy[key] = entry
+            elif entry.verdict == old.verdict:
+                state.policy[key] = PolicyEntry(old.verdict, old.proxy_port,
+                                                tuple(sorted(set(old.rule_ids) | {c.rule_id})))
+
+
+def build_l7_policy(state: MapState, endpoint_id: int, direction: Direction,
+                    contributions: list[Contribution]) -> L7Policy:
+    """Merge the L7 rules of every redirected (identity, port) (see module docstring)."""
+    l7 = L7Policy()
+    redirect_ports = sorted({(c.protocol, c.lo) for c in contributions if c.verdict == Verdict.REDIRECT})
+    allows = [c for c in contributions if c.verdict in (Verdict.ALLOW, Verdict.REDIRECT)]
+    for protocol, port in redirect_ports:
+        covering = [c for c in allows if c.covers(protocol, port)]
+        for ident in sorted({c.identity for c in covering}):
+            verdict, _ = lookup_policy(state, endpoint_id, direction, ident, protocol, port)
+            if verdict != Verdict.REDIRECT:
+                continue
+            rule_set = l7.rules.setdefault((ident, port), L7RuleSet())
+            for c in covering:
+                if c.identity not in (ident, IDENTITY_ANY):
+                    continue
+                if c.l7 is None:
+                    rule_set.allow_all = True
+                    if c.rule_id not in rule_set.allow_all_rule_ids:
+                        rule_set.allow_all_rule_ids.append(c.rule_id)
+                    continue
+                for h in c.l7.http:
+                    if (h, c.rule_id) not in rule_set.http:
+                        rule_set.http.append((h, c.rule_id))
+                for d in c.l7.dns:
+                    if (d, c.rule_id) not in rule_set.dns:
+                        rule_set.dns.append((d, c.rule_id))
+    return l7
+

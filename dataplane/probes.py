@@ -1,0 +1,197 @@
+"""The probe engine: send real traffic from a pod and say what happened, in the words of a
+scenario's expectations.
+
+A probe's socket is opened inside the source pod's namespace, so the packets leave through the
+pod's eth0 and cross the node exactly as the pod's own traffic does. What was observed:
+
+    allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
+              the endpoint field of its JSON), for HTTP with its response; for UDP its echo
+    dropped   no connection (connect timed out) or, for UDP, no answer before the timeout
+    denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
+              it refuses to forward as written)
+    refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
+              port unreachable (the policy let the flow through, but nothing listens there)
+    error     anything else: a connection cut mid-response, an unexpected answer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import topology
+from .scenario import Probe
+
+OUTCOMES = ("allowed", "dropped", "denied", "refused", "error")
+ACCESS_DENIED_BODY = b"Access denied\r\n"
+MAX_RESPONSE = 1 << 20
+
+
+@dataclass
+class Observation:
+    outcome: str
+    detail: str = ""
+    status: int | None = None
+    body: Any = None
+    elapsed: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_request(probe: Probe) -> bytes:
+    http = probe.http
+    method, path = (http.method, http.path) if http else ("GET", "/")
+    body = (http.body if http else "").encode()
+    headers = {"Host": probe.host_header, "User-Agent": "l7lab-probe", "Connection": "close"}
+    if http:
+        headers.update(http.headers)
+    if body or method in ("POST", "PUT", "PATCH"):
+        headers.setdefault("Content-Length", str(len(body)))
+    lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(min(int(headers["content-length"]), MAX_RESPONSE))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(chunks)
+    else:
+        body = await reader.read(MAX_RESPONSE)
+    return int(parts[1]), headers, body
+
+
+async def probe_tcp(probe: Probe, src_netns: str) -> Observation:
+    loop = asyncio.get_running_loop()
+    sock = topology.socket_in(src_netns)
+    sock.bind(("0.0.0.0", 0))
+    sport = sock.getsockname()[1]  # lets the runner find this flow's kernel events
+    started = time.monotonic()
+    try:
+        observed = await _tcp_exchange(probe, sock, loop, started)
+        observed.extra["sport"] = sport
+        return observed
+    finally:
+        sock.close()
+
+
+async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                        started: float) -> Observation:
+    dest = probe.destination
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (dest.ip, dest.port)), probe.timeout)
+    except asyncio.TimeoutError:
+        return Observation("dropped", f"no connection within {probe.timeout:g}s", elapsed=time.monotonic() - started)
+    except ConnectionRefusedError:
+        return Observation("refused", "connection refused: nothing listens on that port", elapsed=time.monotonic() - started)
+    except OSError as exc:
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return Observation("dropped", f"unreachable: {exc.strerror}", elapsed=time.monotonic() - started)
+        return Observation("error", f"connect failed: {exc.strerror}", elapsed=time.monotonic() - started)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(build_request(probe))
+        await writer.drain()
+        try:
+            status, headers, body = await asyncio.wait_for(_read_response(reader), probe.timeout * 2)
+        except asyncio.TimeoutError:
+            return Observation("dropped", "connected, but no response before the timeout", elapsed=time.monotonic() - started)
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            return Observation("error", f"connection closed before a full response ({type(exc).__name__})",
+                               elapsed=time.monotonic() - started)
+        except ValueError as exc:
+            return Observation("error", str(exc), elapsed=time.monotonic() - started)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+    return classify_http(probe, status, headers, body, time.monotonic() - started)
+
+
+def classify_http(probe: Probe, status: int, headers: dict[str, str], body: bytes, elapsed: float) -> Observation:
+    if status == 403 and body == ACCESS_DENIED_BODY:
+        return Observation("denied", "403 Access denied (L7 proxy)", status, body.decode(), elapsed)
+    backend = headers.get("x-l7lab-backend")
+    if status in (400, 431) and backend is None:
+        # The proxy refuses a request it will not forward as written (ambiguous framing, a path
+        # it will not normalize, an oversized head): an L7 denial too.
+        return Observation("denied", f"{status} from the L7 proxy", status, body.decode("utf-8", "replace"), elapsed)
+    try:
+        payload: Any = json.loads(body) if body else None
+    except ValueError:
+        payload = body[:200].decode("utf-8", "replace")
+    if backend == probe.destination.name:
+        return Observation("allowed", f"{status} from {backend}", status, payload, elapsed)
+    return Observation("error", f"unexpected response {status} (backend {backend or 'unknown'})", status, payload, elapsed)
+
+
+async def probe_udp(probe: Probe, src_netns: str) -> Observation:
+    loop = asyncio.get_running_loop()
+    sock = topology.socket_in(src_netns, kind=socket.SOCK_DGRAM)
+    dest = probe.destination
+    nonce = os.urandom(6).hex()
+    started = time.monotonic()
+    try:
+        sock.connect((dest.ip, dest.port))
+        sport = sock.getsockname()[1]
+        observed = await _udp_exchange(probe, sock, loop, nonce, started)
+        observed.extra["sport"] = sport
+        return observed
+    finally:
+        sock.close()
+
+
+async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop, nonce: str,
+                        started: float) -> Observation:
+    dest = probe.destination
+    await loop.sock_sendall(sock, f"l7lab-probe {nonce}".encode())
+    deadline = started + probe.timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return Observation("dropped", f"no answer within {probe.timeout:g}s", elapsed=time.monotonic() - started)
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
+        except asyncio.TimeoutError:
+            continue
+        except ConnectionRefusedError:
+            return Observation("refused", "ICMP port unreachable: nothing listens on that port", elapsed=time.monotonic() - started)
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            continue
+        if nonce in reply.get("data", ""):
+            if reply.get("endpoint") == dest.name:
+                return Observation("allowed", f"echo from {dest.name}", body=reply, elapsed=time.monotonic() - started)
+            return Observation("error", f"echo from unexpected endpoint {reply.get('endpoint')}", body=reply)
+
+
+async def run_probe(probe: Probe, src_netns: str) -> Observation:
+    if probe.protocol == "UDP":
+        return await probe_udp(probe, src_netns)
+    return await probe_tcp(probe, src_netns)

@@ -1,0 +1,202 @@
+"""The scenario runner: execute a scenario's steps in order and judge every probe.
+
+A runner drives an *executor*, which is what actually answers a probe:
+
+    KernelExecutor   real traffic in a lab that is up (`l7lab run`)
+    OracleExecutor   the policy resolver alone, no root, no kernel (`l7lab run --dry-run`)
+
+Policy steps (apply, delete, relabel) go to the executor too; probes of one step run
+concurrently, because a `dropped` expectation costs a whole timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .probes import Observation, run_probe
+from .scenario import Probe, Scenario, Step
+
+PROBE_CONCURRENCY = 32
+
+
+class Executor(Protocol):
+    mode: str
+
+    def apply_step(self, step: Step) -> None: ...
+
+    async def observe(self, probe: Probe) -> Observation: ...
+
+    def oracle(self, probe: Probe) -> str | None: ...
+
+    def finish_step(self, results: list["ProbeResult"]) -> None: ...
+
+
+@dataclass
+class ProbeResult:
+    step: int
+    step_name: str
+    probe: Probe
+    observed: Observation
+    oracle: str | None = None  # the resolver's answer, when it is compared with the kernel's
+    kernel: str | None = None  # what the datapath reported for this flow (its first event)
+
+    @property
+    def passed(self) -> bool:
+        if self.oracle is not None and self.oracle != self.observed.outcome:
+            return False
+        return self.observed.outcome == self.probe.expect
+
+    @property
+    def verdict_text(self) -> str:
+        if self.passed:
+            return "pass"
+        if self.oracle is not None and self.oracle != self.observed.outcome:
+            return "FAIL (kernel and oracle disagree)"
+        return "FAIL"
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.probe
+        return {
+            "step": self.step + 1, "step_name": self.step_name,
+            "from": p.source, "to": str(p.destination), "destination": p.destination.name,
+            "protocol": p.protocol, "request": p.request_text,
+            "expected": p.expect, "observed": self.observed.outcome, "oracle": self.oracle,
+            "detail": self.observed.detail, "status": self.observed.status, "kernel": self.kernel,
+            "elapsed_ms": round(self.observed.elapsed * 1000, 1), "passed": self.passed,
+            "source_location": str(p.location),
+        }
+
+
+@dataclass
+class RunReport:
+    scenario: str
+    lab: str
+    mode: str
+    results: list[ProbeResult] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return sum(not r.passed for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "lab": self.lab, "mode": self.mode, "passed": self.passed,
+                "probes": len(self.results), "failed": self.failed, "steps": self.steps,
+                "results": [r.to_json() for r in self.results]}
+
+
+class KernelExecutor:
+    """Probes are real traffic from the source pod's namespace in a lab that is up."""
+
+    mode = "kernel"
+
+    def __init__(self, lab: Any, policy: Any = None) -> None:
+        self.lab = lab
+        self.policy = policy  # a policy engine, when one is wired in; used as the referee
+
+    def apply_step(self, step: Step) -> None:
+        if self.policy is None:
+            raise NotImplementedError("policy steps need the policy engine")
+        self.policy.apply_step(step)
+        sync = getattr(self.lab, "sync_policy", None)
+        if sync is not None:
+            sync(self.policy.map_state())
+
+    async def observe(self, probe: Probe) -> Observation:
+        return await run_probe(probe, self.lab.record.endpoints[probe.source].netns)
+
+    def oracle(self, probe: Probe) -> str | None:
+        if self.policy is None or not getattr(self.lab, "enforcing", False):
+            return None
+        from .policy import Flow  # noqa: PLC0415 - only with a policy engine
+
+        return self.policy.verdict(Flow.from_probe(probe)).outcome
+
+    def finish_step(self, results: list[ProbeResult]) -> None:
+        """Attach to each probe the first event the datapath emitted for its flow."""
+        if not getattr(self.lab, "enforcing", False):
+            return
+        events = self.lab.datapath.poll_events()
+        first: dict[tuple, Any] = {}
+        for ev in events:
+            first.setdefault((ev.src, ev.sport, ev.dst, ev.dport, ev.protocol), ev)
+        state = self.policy.map_state()
+        for r in results:
+            src_ip = self.lab.record.endpoints[r.probe.source].ip
+            proto = 6 if r.probe.protocol == "TCP" else 17
+            ev = first.get((src_ip, r.observed.extra.get("sport"), r.probe.destination.ip, r.probe.destination.port, proto))
+            if ev is not None:
+                r.kernel = describe_event(ev, state)
+
+
+def describe_event(ev: Any, state: Any) -> str:
+    """'DROP POLICY_DENIED ingress of shop/api' / 'FORWARD by CiliumNetworkPolicy shop/x ingress[0]'."""
+    text = ev.verdict.name
+    if ev.reason.name != "NONE":
+        text += f" {ev.reason.name}"
+    endpoint = state.endpoints.get(ev.endpoint_id)
+    if endpoint is not None:
+        text += f" at {ev.direction.name.lower()} of {endpoint.name}"
+    rule = state.rules.get(ev.rule_id) if ev.rule_id else None
+    if rule is not None:
+        text += f" by {rule.policy} {rule.section}[{rule.rule_index}]"
+    return text
+
+
+class OracleExecutor:
+    """Probes are answered by the resolver alone: what the kernel would do, without a kernel."""
+
+    mode = "dry-run"
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def apply_step(self, step: Step) -> None:
+        self.policy.apply_step(step)
+
+    async def observe(self, probe: Probe) -> Observation:
+        from .policy import Flow  # noqa: PLC0415
+
+        decision = self.policy.verdict(Flow.from_probe(probe))
+        return Observation(decision.outcome, "; ".join(decision.trace[-1:]))
+
+    def oracle(self, probe: Probe) -> str | None:
+        return None
+
+    def finish_step(self, results: list[ProbeResult]) -> None:
+        return None
+
+
+async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, on_step: Any) -> None:
+    limit = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+    async def one(step: Step, probe: Probe) -> ProbeResult:
+        async with limit:
+            observed = await executor.observe(probe)
+        return ProbeResult(step.index, step.name, probe, observed, executor.oracle(probe))
+
+    for step in scenario.steps:
+        if step.kind == "probes":
+            results = list(await asyncio.gather(*(one(step, p) for p in step.probes)))
+            executor.finish_step(results)
+            report.results.extend(results)
+            report.steps.append({"step": step.index + 1, "name": step.name, "kind": "probes",
+                                 "probes": len(results), "failed": sum(not r.passed for r in results)})
+        else:
+            executor.apply_step(step)
+            report.steps.append({"step": step.index + 1, "name": step.name, "kind": step.kind})
+        if on_step is not None:
+            on_step(step, report)
+
+
+def run_scenario(scenario: Scenario, executor: Executor, lab_name: str | None = None,
+                 on_step: Any = None) -> RunReport:
+    report = RunReport(scenario.path, lab_name or scenario.name, executor.mode)
+    asyncio.run(_run_steps(scenario, executor, report, on_step))
+    return report

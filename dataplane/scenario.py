@@ -1,0 +1,544 @@
+"""Scenario model: a lab described as plain typed objects, parsed and validated strictly.
+
+A scenario file names namespaces, pods, world hosts, the policies applied at start and ordered
+steps (policy changes, or probes with expected outcomes). Structure is checked against the JSON
+Schema shipped in `schema/scenario.schema.json` (the same file the docs publish); meaning is
+checked here (references, addresses, duplicates). Every error names the file, the line and the
+field path. Policies stay raw manifests (`PolicySource`); `dataplane.policy` parses them.
+
+Nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+
+from .errors import ErrorList, SourceError, SourceLocation
+from .yamlsource import Document, describe_value, format_path, load_file
+
+Protocol = Literal["TCP", "UDP"]
+Expectation = Literal["allowed", "dropped", "denied", "refused"]
+EXPECTATIONS: tuple[str, ...] = ("allowed", "dropped", "denied", "refused")
+
+DEFAULT_POD_CIDR = "10.200.0.0/24"
+WORLD_RANGES = tuple(ipaddress.ip_network(n) for n in ("203.0.113.0/24", "198.51.100.0/24"))
+DEFAULT_NAMESPACE = "default"
+GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
+
+
+@dataclass(frozen=True)
+class Port:
+    port: int
+    protocol: Protocol = "TCP"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    ip: str
+    ports: tuple[Port, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """'namespace/name': unique within a lab."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class WorldHost:
+    name: str
+    address: str
+    dns_names: tuple[str, ...] = ()
+    ports: tuple[Port, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """One policy document as the user wrote it, with where it came from."""
+
+    document: Document
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.document.data
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    kind: str
+    name: str
+    namespace: str = ""
+
+
+@dataclass(frozen=True)
+class Relabel:
+    target: Literal["pod", "namespace"]
+    name: str  # pod key 'namespace/name' or namespace name
+    set: dict[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str = "GET"
+    path: str = "/"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """What a probe targets: a pod or a world host, reached by address or by DNS name."""
+
+    kind: Literal["pod", "world"]
+    name: str  # pod key or world host name
+    ip: str
+    port: int
+    dns_name: str = ""  # set when the probe names the destination by a DNS name
+
+    def __str__(self) -> str:
+        return f"{self.dns_name or self.name}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    source: str  # pod key
+    destination: Destination
+    protocol: Protocol
+    expect: Expectation
+    http: HttpRequest | None
+    timeout: float
+    location: SourceLocation
+
+    @property
+    def host_header(self) -> str:
+        """The Host header a client sends: the name as written, with the port unless it is 80."""
+        dest = self.destination
+        name = dest.dns_name or dest.name.split("/")[-1]
+        return name if dest.port == 80 else f"{name}:{dest.port}"
+
+    @property
+    def request_text(self) -> str:
+        if self.protocol == "UDP":
+            return "datagram"
+        return str(self.http) if self.http else "GET /"
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    name: str
+    apply: tuple[PolicySource, ...] = ()
+    delete: tuple[PolicyRef, ...] = ()
+    relabel: tuple[Relabel, ...] = ()
+    probes: tuple[Probe, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        for kind in ("apply", "delete", "relabel", "probes"):
+            if getattr(self, kind):
+                return kind
+        return "empty"
+
+
+@dataclass(frozen=True)
+class Settings:
+    pod_cidr: str = DEFAULT_POD_CIDR
+    probe_timeout: float = 1.0
+    policy_enforcement: Literal["default", "always", "never"] = "default"
+    audit: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    description: str
+    settings: Settings
+    namespaces: dict[str, Namespace]
+    pods: dict[str, Pod]  # by pod key
+    world: dict[str, WorldHost]
+    policies: tuple[PolicySource, ...]
+    steps: tuple[Step, ...]
+
+    def pod(self, ref: str) -> Pod:
+        """A pod by 'namespace/name', or by bare name when that is unique."""
+        key = self.pod_key(ref)
+        if key is None:
+            raise KeyError(ref)
+        return self.pods[key]
+
+    def pod_key(self, ref: str) -> str | None:
+        if ref in self.pods:
+            return ref
+        matches = [k for k, p in self.pods.items() if p.name == ref]
+        return matches[0] if len(matches) == 1 else None
+
+    def with_name(self, name: str) -> "Scenario":
+        """The same scenario under another lab name (tests run labs side by side)."""
+        return replace(self, name=name)
+
+    @property
+    def node_ip(self) -> str:
+        """The node's own address: the first host address of the pod CIDR."""
+        return str(ipaddress.ip_network(self.settings.pod_cidr).network_address + 1)
+
+    def node_addresses(self) -> list[str]:
+        """Addresses of the lab node (identity `host`): its own address and the pods' gateway."""
+        return [self.node_ip, GATEWAY_IP]
+
+    def hosts_entries(self) -> list[tuple[str, list[str]]]:
+        """(address, names) for every pod and world host: the lab's /etc/hosts."""
+        out = []
+        for pod in self.pods.values():
+            out.append((pod.ip, [pod.name, f"{pod.name}.{pod.namespace}",
+                                 f"{pod.name}.{pod.namespace}.svc.cluster.local"]))
+        for host in self.world.values():
+            out.append((host.address, [host.name, *host.dns_names]))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    text = resources.files("dataplane").joinpath("schema/scenario.schema.json").read_text()
+    return json.loads(text)
+
+
+def _schema_message(err: jsonschema.ValidationError) -> str:
+    v, inst = err.validator, err.instance
+    if v == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(inst) - set(allowed)) if isinstance(inst, dict) else []
+        return f"unknown field {', '.join(repr(e) for e in extra)}; allowed fields: {', '.join(allowed)}"
+    if v == "type":
+        return f"expected {err.validator_value}, got {describe_value(inst)}"
+    if v == "enum":
+        return f"expected one of {', '.join(map(str, err.validator_value))}, got {describe_value(inst)}"
+    if v == "required":
+        return err.message.replace("is a required property", "is required")
+    if v == "pattern":
+        desc = err.schema.get("description") or f"a value matching {err.validator_value}"
+        return f"invalid value {inst!r}: expected {desc[0].lower() + desc[1:] if desc else desc}"
+    if v in ("minimum", "maximum", "exclusiveMinimum"):
+        return f"{inst!r} is out of range ({v} {err.validator_value})"
+    if v == "oneOf" and isinstance(inst, dict):
+        return "expected either {file: PATH} or a manifest with apiVersion and kind"
+    if v == "propertyNames":
+        return f"invalid label key: {err.message}"
+    if v == "minItems":
+        return "must not be empty"
+    return err.message
+
+
+def _schema_errors(doc: Document) -> list[SourceError]:
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = []
+    for err in sorted(validator.iter_errors(doc.data), key=lambda e: (doc.line(tuple(e.absolute_path)), list(map(str, e.absolute_path)))):
+        path = tuple(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            if extra:
+                path = path + (str(extra[0]),)
+        errors.append(doc.error(path, _schema_message(err)))
+    return errors
+
+
+class _Builder:
+    """Turns a schema-valid scenario document into typed objects, collecting semantic errors."""
+
+    def __init__(self, doc: Document, path: Path) -> None:
+        self.doc = doc
+        self.dir = path.parent
+        self.errors: list[SourceError] = []
+
+    def err(self, path: tuple, message: str) -> None:
+        self.errors.append(self.doc.error(path, message))
+
+    @staticmethod
+    def ports(raw: list[dict[str, Any]]) -> tuple[Port, ...]:
+        return tuple(Port(p["port"], p.get("protocol", "TCP"), p.get("name", "")) for p in raw)
+
+    def check_ports(self, ports: tuple[Port, ...], base: tuple) -> None:
+        seen: set[tuple[int, str]] = set()
+        names: set[str] = set()
+        for i, port in enumerate(ports):
+            if (port.port, port.protocol) in seen:
+                self.err(base + (i,), f"port {port.port}/{port.protocol} is declared twice")
+            seen.add((port.port, port.protocol))
+            if port.name and port.name in names:
+                self.err(base + (i, "name"), f"port name {port.name!r} is used twice")
+            names.add(port.name)
+
+    def policy_list(self, raw: list[Any], base: tuple) -> tuple[PolicySource, ...]:
+        out = []
+        for i, item in enumerate(raw):
+            if "file" in item:
+                ref = Path(item["file"])
+                target = ref if ref.is_absolute() else self.dir / ref
+                try:
+                    docs = load_file(target)
+                except SourceError as exc:
+                    self.errors.append(SourceError(self.doc.location(base + (i, "file")),
+                                                   f"cannot load policy file: {exc}"))
+                    continue
+                out.extend(PolicySource(d) for d in docs)
+            else:
+                out.append(PolicySource(self.doc.sub(base + (i,))))
+        return tuple(out)
+
+    def build(self, file: Path) -> Scenario:
+        data = self.doc.data
+        raw_settings = data.get("settings", {})
+        settings = Settings(
+            pod_cidr=raw_settings.get("podCIDR", DEFAULT_POD_CIDR),
+            probe_timeout=float(raw_settings.get("probeTimeout", 1.0)),
+            policy_enforcement=raw_settings.get("policyEnforcement", "default"),
+            audit=bool(raw_settings.get("audit", False)),
+        )
+        try:
+            cidr = ipaddress.ip_network(settings.pod_cidr)
+            if cidr.version != 4 or cidr.prefixlen > 28 or not cidr.is_private:
+                self.err(("settings", "podCIDR"), f"expected a private IPv4 prefix of /28 or larger, got {settings.pod_cidr!r}")
+                cidr = ipaddress.ip_network(DEFAULT_POD_CIDR)
+        except ValueError:
+            self.err(("settings", "podCIDR"), f"expected an IPv4 prefix like {DEFAULT_POD_CIDR}, got {settings.pod_cidr!r}")
+            cidr = ipaddress.ip_network(DEFAULT_POD_CIDR)
+
+        namespaces: dict[str, Namespace] = {}
+        for i, ns in enumerate(data.get("namespaces", [])):
+            if ns["name"] in namespaces:
+                self.err(("namespaces", i, "name"), f"namespace {ns['name']!r} is declared twice")
+            namespaces[ns["name"]] = Namespace(ns["name"], dict(ns.get("labels", {})))
+
+        # Addresses: the first usable ones of the pod CIDR are kept for the node.
+        reserved = {cidr.network_address + 1}
+        explicit: dict[str, tuple] = {}
+        for i, pod in enumerate(data.get("pods", [])):
+            if "ip" in pod:
+                try:
+                    addr = ipaddress.ip_address(pod["ip"])
+                except ValueError:
+                    self.err(("pods", i, "ip"), f"expected an IPv4 address, got {pod['ip']!r}")
+                    continue
+                if addr not in cidr or addr in (cidr.network_address, cidr.broadcast_address) or addr in reserved:
+                    self.err(("pods", i, "ip"), f"{addr} is not a usable pod address in {cidr} (the first host address belongs to the node)")
+                elif str(addr) in explicit:
+                    self.err(("pods", i, "ip"), f"{addr} is already used by pods[{explicit[str(addr)][0]}]")
+                else:
+                    explicit[str(addr)] = (i,)
+        free = (str(a) for a in cidr.hosts() if a not in reserved and str(a) not in explicit)
+
+        pods: dict[str, Pod] = {}
+        for i, raw in enumerate(data.get("pods", [])):
+            ns = raw.get("namespace", DEFAULT_NAMESPACE)
+            if ns not in namespaces:
+                if "namespaces" in data or ns != DEFAULT_NAMESPACE:
+                    if ns != DEFAULT_NAMESPACE:
+                        self.err(("pods", i, "namespace"), f"namespace {ns!r} is not declared under namespaces")
+                namespaces.setdefault(ns, Namespace(ns, {}))
+            ports = self.ports(raw.get("ports", []))
+            self.check_ports(ports, ("pods", i, "ports"))
+            ip = raw.get("ip") if raw.get("ip") in explicit else next(free, None)
+            if ip is None:
+                self.err(("pods", i), f"no free address left in {cidr}")
+                ip = "0.0.0.0"
+            pod = Pod(raw["name"], ns, dict(raw.get("labels", {})), ip, ports)
+            if pod.key in pods:
+                self.err(("pods", i, "name"), f"pod {pod.key!r} is declared twice")
+            pods[pod.key] = pod
+
+        world: dict[str, WorldHost] = {}
+        dns_owner: dict[str, str] = {}
+        for i, raw in enumerate(data.get("world", [])):
+            try:
+                addr = ipaddress.ip_address(raw["address"])
+                if not any(addr in net for net in WORLD_RANGES):
+                    self.err(("world", i, "address"), f"expected an address in 203.0.113.0/24 or 198.51.100.0/24 (documentation ranges), got {raw['address']!r}")
+            except ValueError:
+                self.err(("world", i, "address"), f"expected an IPv4 address, got {raw['address']!r}")
+            if raw["name"] in world or any(p.name == raw["name"] for p in pods.values()):
+                self.err(("world", i, "name"), f"name {raw['name']!r} is already used by another pod or world host")
+            for j, dns in enumerate(raw.get("dnsNames", [])):
+                if dns.lower() in dns_owner:
+                    self.err(("world", i, "dnsNames", j), f"DNS name {dns!r} already belongs to {dns_owner[dns.lower()]!r}")
+                dns_owner[dns.lower()] = raw["name"]
+            ports = self.ports(raw.get("ports", []))
+            self.check_ports(ports, ("world", i, "ports"))
+            world[raw["name"]] = WorldHost(raw["name"], raw["address"], tuple(raw.get("dnsNames", [])), ports)
+        addresses = [h.address for h in world.values()]
+        for i, raw in enumerate(data.get("world", [])):
+            if addresses.count(raw["address"]) > 1 and addresses.index(raw["address"]) != i:
+                self.err(("world", i, "address"), f"address {raw['address']} is used twice")
+
+        policies = self.policy_list(data.get("policies", []), ("policies",))
+        scenario = Scenario(name=data["name"], path=str(file), description=data.get("description", ""),
+                            settings=settings, namespaces=namespaces, pods=pods, world=world,
+                            policies=policies, steps=())
+        steps = tuple(self.step(scenario, i, raw) for i, raw in enumerate(data.get("steps", [])))
+        return replace(scenario, steps=steps)
+
+    def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
+        base = ("steps", index)
+        kinds = [k for k in ("apply", "delete", "relabel", "probes") if k in raw]
+        if len(kinds) != 1:
+            self.err(base, "a step has exactly one of apply, delete, relabel or probes"
+                     + (f" (found {', '.join(kinds)})" if kinds else ""))
+        name = raw.get("name", f"step {index + 1}")
+        apply = self.policy_list(raw.get("apply", []), base + ("apply",))
+        delete = tuple(PolicyRef(r["kind"], r["name"], r.get("namespace", "")) for r in raw.get("delete", []))
+        for j, ref in enumerate(delete):
+            if ref.kind == "CiliumClusterwideNetworkPolicy" and ref.namespace:
+                self.err(base + ("delete", j, "namespace"), "a CiliumClusterwideNetworkPolicy has no namespace")
+            if ref.kind != "CiliumClusterwideNetworkPolicy" and not ref.namespace:
+                delete = delete[:j] + (replace(ref, namespace=DEFAULT_NAMESPACE),) + delete[j + 1:]
+        relabels = []
+        for j, r in enumerate(raw.get("relabel", [])):
+            where = base + ("relabel", j)
+            if ("pod" in r) == ("namespace" in r):
+                self.err(where, "a relabel names exactly one of pod or namespace")
+                continue
+            if "pod" in r:
+                key = scenario.pod_key(r["pod"])
+                if key is None:
+                    self.err(where + ("pod",), self._unknown_pod(scenario, r["pod"]))
+                    continue
+                relabels.append(Relabel("pod", key, dict(r.get("set", {})), tuple(r.get("remove", []))))
+            else:
+                if r["namespace"] not in scenario.namespaces:
+                    self.err(where + ("namespace",), f"unknown namespace {r['namespace']!r}; declared: {', '.join(sorted(scenario.namespaces))}")
+                    continue
+                relabels.append(Relabel("namespace", r["namespace"], dict(r.get("set", {})), tuple(r.get("remove", []))))
+        probes = []
+        for j, p in enumerate(raw.get("probes", [])):
+            probe = self.probe(scenario, base + ("probes", j), p)
+            if probe is not None:
+                probes.append(probe)
+        return Step(index, name, apply, delete, tuple(relabels), tuple(probes))
+
+    @staticmethod
+    def _unknown_pod(scenario: Scenario, ref: str) -> str:
+        same = [k for k, p in scenario.pods.items() if p.name == ref]
+        if len(same) > 1:
+            return f"pod name {ref!r} is ambiguous: write one of {', '.join(sorted(same))}"
+        return f"unknown pod {ref!r}; pods: {', '.join(sorted(scenario.pods))}"
+
+    def probe(self, scenario: Scenario, where: tuple, raw: dict[str, Any]) -> Probe | None:
+        source = scenario.pod_key(raw["from"])
+        if source is None:
+            self.err(where + ("from",), self._unknown_pod(scenario, raw["from"]))
+            return None
+        protocol: Protocol = raw.get("protocol", "TCP")
+        if raw.get("http") is not None and protocol != "TCP":
+            self.err(where + ("http",), "an HTTP request needs protocol TCP")
+        target, _, port_text = raw["to"].rpartition(":") if ":" in raw["to"] else (raw["to"], "", "")
+        port = 0
+        if port_text:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                self.err(where + ("to",), f"expected a port number 1-65535 after ':', got {port_text!r}")
+                return None
+            port = int(port_text)
+        dest: Destination | None = None
+        ports: tuple[Port, ...] = ()
+        pod_key = scenario.pod_key(target)
+        if pod_key is not None:
+            pod = scenario.pods[pod_key]
+            dest, ports = Destination("pod", pod_key, pod.ip, port), pod.ports
+        elif target in scenario.world:
+            host = scenario.world[target]
+            dest, ports = Destination("world", host.name, host.address, port), host.ports
+        else:
+            for host in scenario.world.values():
+                if target.lower() in (d.lower() for d in host.dns_names):
+                    dest, ports = Destination("world", host.name, host.address, port, dns_name=target), host.ports
+                    break
+        if dest is None:
+            if "/" not in target and any(p.name == target for p in scenario.pods.values()):
+                self.err(where + ("to",), self._unknown_pod(scenario, target))
+            else:
+                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host or a world host's DNS name")
+            return None
+        if not port:
+            candidates = [p.port for p in ports if p.protocol == protocol]
+            if not candidates:
+                self.err(where + ("to",), f"{target!r} declares no {protocol} port; write {target}:PORT")
+                return None
+            port = candidates[0]
+        http = None
+        if "http" in raw:
+            h = raw["http"]
+            http = HttpRequest(h.get("method", "GET"), h.get("path", "/"), dict(h.get("headers", {})), h.get("body", ""))
+            if not http.path.startswith("/") and http.path != "*":
+                self.err(where + ("http", "path"), f"expected a path starting with '/', got {http.path!r}")
+        expect = raw["expect"]
+        if expect == "denied" and protocol != "TCP":
+            self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, dropped or refused")
+        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
+                     http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
+                     location=self.doc.location(where))
+
+
+def parse_scenario(doc: Document, file: Path) -> Scenario:
+    """Validate one scenario document; raises SourceError/ErrorList with every problem found."""
+    if not isinstance(doc.data, dict):
+        raise doc.error((), f"expected a mapping at the top of a scenario, got {describe_value(doc.data)}")
+    errors = _schema_errors(doc)
+    if errors:
+        raise ErrorList(errors) if len(errors) > 1 else errors[0]
+    builder = _Builder(doc, file)
+    scenario = builder.build(file)
+    ErrorList.raise_if_any(builder.errors)
+    return scenario
+
+
+def make_probe(scenario: Scenario, source: str, to: str, protocol: str = "TCP",
+               http: HttpRequest | None = None, expect: str = "allowed") -> Probe:
+    """A probe built from command-line words, checked as a scenario's probes are."""
+    raw: dict[str, Any] = {"from": source, "to": to, "protocol": protocol, "expect": expect}
+    if http is not None:
+        raw["http"] = {"method": http.method, "path": http.path, "headers": dict(http.headers), "body": http.body}
+    doc = Document(raw, "<command line>", {})
+    builder = _Builder(doc, Path(scenario.path))
+    probe = builder.probe(scenario, (), raw)
+    ErrorList.raise_if_any(builder.errors)
+    assert probe is not None
+    return probe
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Load and validate a scenario file."""
+    file = Path(path)
+    docs = load_file(file)
+    if len(docs) != 1:
+        raise SourceError(SourceLocation(str(file)), f"expected exactly one YAML document, found {len(docs)}")
+    return parse_scenario(docs[0], file)
+
+
+__all__ = [
+    "Destination", "EXPECTATIONS", "HttpRequest", "Namespace", "Pod", "PolicyRef", "PolicySource",
+    "Port", "Probe", "Relabel", "Scenario", "Settings", "Step", "WorldHost", "format_path",
+    "load_scenario", "parse_scenario",
+]

@@ -1,0 +1,103 @@
+"""`python -m proxy`: run the L7 proxy of one lab (inside the lab's node namespace).
+
+    python -m proxy --lab NAME --state /run/l7lab/NAME/policy.json [--port 15001] [--events FILE]
+
+Prints `READY <host>:<port>` on stdout once listening. SIGHUP reloads the state file (a file that
+cannot be loaded replaces the policy by an empty one: everything is denied until a good file is
+loaded -- fail closed). SIGTERM/SIGINT stop it cleanly (exit 0). Exit 2 if the state file cannot
+be loaded at start or the port cannot be bound.
+
+Test-only options: --host (default 0.0.0.0), --original-dst IP:PORT (every connection is treated
+as addressed to it; disables IP_TRANSPARENT), --no-mark (no SO_MARK on upstream sockets: needs
+no CAP_NET_ADMIN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .events import EventLog
+from .server import ProxyServer, install_uvloop
+from .state import Snapshot
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m proxy", description="l7lab transparent HTTP proxy")
+    ap.add_argument("--lab", required=True, help="lab name (for messages)")
+    ap.add_argument("--state", required=True, help="MapState JSON written by the lab")
+    ap.add_argument("--port", type=int, default=15001)
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--events", help="append one JSON line per request to this file")
+    ap.add_argument("--original-dst", help="IP:PORT: testing only; overrides getsockname()")
+    ap.add_argument("--no-mark", action="store_true", help="testing only: no SO_MARK on upstream sockets")
+    return ap.parse_args(argv)
+
+
+def load(path: str, lab: str) -> Snapshot:
+    try:
+        return Snapshot.load(path)
+    except Exception as exc:  # noqa: BLE001 -- any bad file: deny everything
+        print(f"l7proxy[{lab}]: cannot load {path}: {exc}; denying every request", file=sys.stderr, flush=True)
+        return Snapshot.empty()
+
+
+def acknowledge(path: str) -> None:
+    """Write the digest of the state now in force to PATH.loaded: the lab waits for it after a
+    SIGHUP, so that a policy change is in force in the proxy before the kernel redirects by it."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        tmp = Path(path + ".loaded.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, path + ".loaded")
+    except OSError as exc:
+        print(f"l7proxy: cannot acknowledge {path}: {exc}", file=sys.stderr, flush=True)
+
+
+def reload(server: ProxyServer, args: argparse.Namespace) -> None:
+    server.reload(load(args.state, args.lab))
+    acknowledge(args.state)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    try:
+        snapshot = Snapshot.load(args.state)
+    except Exception as exc:  # noqa: BLE001
+        print(f"l7proxy[{args.lab}]: cannot load {args.state}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    original = None
+    if args.original_dst:
+        ip, _, port = args.original_dst.rpartition(":")
+        original = (ip, int(port))
+    server = ProxyServer(snapshot, args.host, args.port, transparent=original is None, mark=not args.no_mark,
+                         original_dst=original, events=EventLog(args.events))
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"l7proxy[{args.lab}]: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, args))
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    acknowledge(args.state)
+    print(f"READY {args.host}:{server.port}", flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_uvloop()
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

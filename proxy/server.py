@@ -1,0 +1,440 @@
+"""The transparent L7 proxy: listener, per-connection request loop, upstream forwarding.
+
+A connection assigned to the listener by bpf_sk_assign keeps its original tuple, so
+`getsockname()` of the accepted socket is the original destination (tests override it with
+`original_dst`). Per request: read and validate the head (proxy.http), judge it under the
+current policy snapshot (proxy.state), then either answer 403 (reading and discarding the body so
+the connection stays usable) or forward the re-serialized request upstream and stream the
+response back. Requests on one client connection are handled strictly in order, which keeps
+pipelined answers in order. The upstream connection (SO_MARK = from-proxy magic + source
+identity) is reused for the next request of the same client connection while it stays clean.
+
+Failure policy: malformed input -> 400/431 and close; an upstream that cannot be reached -> 503;
+an upstream that answers garbage -> 502; any other exception -> the connection is closed with
+nothing more forwarded (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from typing import Callable
+
+from .events import EventLog, L7Record
+from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
+    response_head
+from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
+from .state import ConnectionPolicy, RequestVerdict, Snapshot
+from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
+
+CONNECT_TIMEOUT_S = 5.0
+# A client gets this long to send a request head (the first, or the next on a keep-alive
+# connection): a connection that sends nothing, or a head a few bytes at a time forever, does
+# not hold the proxy's resources without end. Like Envoy's request_headers_timeout.
+REQUEST_HEAD_TIMEOUT_S = 60.0
+
+
+class UpstreamFailed(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class ProxyServer:
+    """Owns the listener, the current policy snapshot and the event log."""
+
+    def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = 15001, *,
+                 transparent: bool = True, mark: bool = True, original_dst: tuple[str, int] | None = None,
+                 events: EventLog | None = None) -> None:
+        self.snapshot = snapshot  # replaced whole on reload; each request reads it once
+        self.host, self.port = host, port
+        self.transparent, self.mark = transparent, mark
+        self.original_dst = original_dst  # tests: the "original destination" of every connection
+        self.events = events or EventLog()
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    def listening_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)  # accept connections for any address
+        sock.bind((self.host, self.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        sock = self.listening_socket()
+        self.port = sock.getsockname()[1]
+        self._server = await asyncio.start_server(self._accept, sock=sock, limit=PIECE)
+
+    def reload(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot  # one reference swap: atomic for every request after it
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.events.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conns.add(task)
+        conn = ClientConnection(self, BufferedStream(reader, writer))
+        try:
+            if self.original_dst is None and conn.dst[1] == self.port:
+                # Addressed to the proxy port itself (a client connecting to node:15001 directly,
+                # not a redirected flow): forwarding would loop into ourselves. Refuse it.
+                return
+            await conn.run()
+        except (asyncio.CancelledError, ConnectionError, PeerClosed):
+            pass  # shutdown, or a peer that went away mid-exchange: just close
+        except Exception as exc:  # fail closed: log, close, forward nothing more
+            print(f"l7proxy: internal error on {conn.peer}: {exc!r}", file=sys.stderr)
+        finally:
+            conn.close()
+            self._conns.discard(task)
+
+
+class Upstream:
+    """One connection to the original destination, marked as from-proxy traffic."""
+
+    def __init__(self, stream: BufferedStream) -> None:
+        self.stream = stream
+        self.used = False  # has carried a complete exchange (a reused connection may be stale)
+
+    @classmethod
+    async def open(cls, dst: tuple[str, int], mark: int | None) -> "Upstream":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), CONNECT_TIMEOUT_S)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=PIECE)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            raise UpstreamFailed(503, f"upstream {dst[0]}:{dst[1]} unreachable: {exc!r}") from None
+        return cls(BufferedStream(reader, writer))
+
+
+class ClientConnection:
+    def __init__(self, server: ProxyServer, client: BufferedStream) -> None:
+        self.server = server
+        self.client = client
+        sock = client.writer.get_extra_info("socket")
+        self.peer: tuple[str, int] = client.writer.get_extra_info("peername")[:2]
+        self.dst: tuple[str, int] = server.original_dst or sock.getsockname()[:2]
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.upstream: Upstream | None = None
+        self._snap: Snapshot | None = None
+        self._cp: ConnectionPolicy | None = None
+        self.response_started = False  # the current response's head has been written to the client
+
+    def policy(self, snap: Snapshot) -> ConnectionPolicy:
+        """Connection-level decisions, computed once per snapshot."""
+        if snap is not self._snap:
+            self._snap, self._cp = snap, snap.connection(self.peer[0], self.dst[0], self.dst[1])
+            if self.upstream is not None:  # new policy: new mark identity possibly; reconnect
+                self.upstream.stream.close()
+                self.upstream = None
+        return self._cp
+
+    def close(self) -> None:
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.stream.close()
+            self.upstream = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                head = await asyncio.wait_for(self.client.read_head(), REQUEST_HEAD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                await self.refuse(HttpError(408, "no complete request head in time"), None, time.monotonic())
+                return
+            except HttpError as exc:
+                await self.refuse(exc, None, time.monotonic())
+                return
+            except PeerClosed:
+                return
+            if head is None:
+                return
+            t0 = time.monotonic()
+            snap = self.server.snapshot  # read once: this request is judged under this state only
+            cp = self.policy(snap)
+            try:
+                req = parse_request(head)
+            except HttpError as exc:
+                await self.refuse(exc, None, t0, cp)
+                return
+            verdict = snap.judge(cp, req.method, req.path, req.match_headers())
+            if not verdict.allowed:
+                if not await self.deny(req, cp, verdict, t0):
+                    return
+                continue
+            if not await self.forward(req, cp, verdict, t0):
+                return
+
+    # ------------------------------------------------------------------ answers from the proxy
+
+    async def refuse(self, exc: HttpError, req: Request | None, t0: float, cp: ConnectionPolicy | None = None) -> None:
+        """Protocol error: answer it and let the caller close the connection."""
+        # Every answer is recorded before it is written: whoever sees it finds its record.
+        self.record(req, cp, exc.status, "error", exc.reason, t0)
+        try:
+            await self.client.write(error_response(exc.status))
+        except (ConnectionError, OSError):
+            pass
+
+    async def deny(self, req: Request, cp: ConnectionPolicy, verdict: RequestVerdict, t0: float) -> bool:
+        """403; True if the connection stays usable."""
+        if req.body != "none" and req.expect_continue:
+            # The client waits for 100 Continue before sending the body: answering first and
+            # then reading a body it may never send would hang or desync; close instead.
+            self.record(req, cp, 403, "denied", verdict.why, t0, verdict)
+            await self.client.write(denied_response(close=True))
+            return False
+        try:
+            async for _ in self.client.body(req.body, req.length):
+                pass  # discard the body per its framing so the next request starts cleanly
+        except HttpError as exc:
+            await self.refuse(exc, req, t0, cp)
+            return False
+        except PeerClosed:
+            return False
+        self.record(req, cp, 403, "denied", verdict.why, t0, verdict)
+        await self.client.write(denied_response(close=not req.keep_alive))
+        return req.keep_alive
+
+    def record(self, req: Request | None, cp: ConnectionPolicy | None, status: int, verdict: str, reason: str,
+               t0: float, rv: RequestVerdict | None = None) -> None:
+        src = {"ip": self.peer[0], "pod": cp.src_name if cp else "", "identity": cp.src_identity if cp else None}
+        dst = {"ip": self.dst[0], "port": self.dst[1], "pod": cp.dst_name if cp else "",
+               "identity": cp.dst_identity if cp else None}
+        self.server.events.emit(L7Record(
+            req.method if req else "", f"http://{req.host}{req.path}" if req else "", req.path if req else "",
+            f"HTTP/{req.version}" if req else "", status, round((time.monotonic() - t0) * 1000, 3), verdict, reason,
+            src, dst, list(rv.rule_ids) if rv else [], list(rv.policies) if rv else []))
+
+    # ------------------------------------------------------------------ forwarding
+
+    async def forward(self, req: Request, cp: ConnectionPolicy, verdict: RequestVerdict, t0: float) -> bool:
+        """Forward an allowed request and relay its response; True if the connection stays usable."""
+        self.response_started = False
+        for attempt in (0, 1):
+            try:
+                up = await self.connect(cp)
+            except UpstreamFailed as exc:
+                return await self.upstream_error(req, cp, exc, t0, verdict, sent=False)
+            reused = up.used
+            try:
+                await up.stream.write(req.serialize())
+            except (ConnectionError, OSError):
+                self.drop_upstream()
+                if reused and attempt == 0:
+                    continue
+                return await self.upstream_error(req, cp, UpstreamFailed(503, "upstream write failed"), t0, verdict,
+                                                 sent=False)
+            recorded = False
+
+            def answered(status: int) -> None:
+                nonlocal recorded
+                if not recorded:
+                    recorded = True
+                    self.record(req, cp, status, "forwarded", verdict.why, t0, verdict)
+
+            upload = asyncio.create_task(self.upload(req, up)) if req.body != "none" else None
+            relay = asyncio.create_task(self.relay(req, up, answered))
+            tasks = {relay} | ({upload} if upload else set())
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if upload is not None and upload in done and upload.exception() is not None:
+                # Bad framing inside the body, or the client went away: the backend holds an
+                # incomplete request, so both connections end here (nothing more is forwarded).
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+                self.drop_upstream()
+                exc = upload.exception()
+                if isinstance(exc, HttpError) and not self.response_started:
+                    await self.refuse(exc, req, t0, cp)
+                return False
+            try:
+                status, keep, tunnel = await relay
+            except UpstreamFailed as exc:
+                if upload is not None:
+                    upload.cancel()
+                    await asyncio.gather(upload, return_exceptions=True)
+                self.drop_upstream()
+                if exc.status == 0 and reused and attempt == 0 and upload is None:
+                    continue  # stale keep-alive connection closed before answering: retry once
+                return await self.upstream_error(req, cp, exc, t0, verdict, sent=exc.status == -1)
+            if upload is not None:
+                try:
+                    await upload  # the response came first: finish reading (and discarding) the body
+                except (HttpError, PeerClosed):
+                    self.drop_upstream()  # body broke after the answer: the stream is out of sync
+                    return False
+            if tunnel:
+                await self.tunnel(up)
+                return False
+            up.used = True
+            return keep
+        return False
+
+    async def connect(self, cp: ConnectionPolicy) -> Upstream:
+        if self.upstream is None:
+            mark = from_proxy_mark(cp.src_identity) if self.server.mark else None
+            self.upstream = await Upstream.open(self.dst, mark)
+        return self.upstream
+
+    def drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.stream.close()
+            self.upstream = None
+
+    async def upstream_error(self, req: Request, cp: ConnectionPolicy, exc: UpstreamFailed, t0: float,
+                             verdict: RequestVerdict, sent: bool) -> bool:
+        status = 503 if exc.status in (0, 503) else 502
+        self.record(req, cp, status, "error", exc.reason, t0, verdict)
+        if not sent:  # nothing of the response reached the client yet: answer for the upstream
+            try:
+                await self.client.write(error_response(status))
+            except (ConnectionError, OSError):
+                pass
+        return False
+
+    async def upload(self, req: Request, up: Upstream) -> None:
+        """Stream the request body upstream; keeps consuming it if the upstream goes away."""
+        alive = True
+        async for piece in self.client.body(req.body, req.length):
+            if alive:
+                try:
+                    await up.stream.write(piece)
+                except (ConnectionError, OSError):
+                    alive = False
+
+    async def relay(self, req: Request, up: Upstream, answered: Callable[[int], None]) -> tuple[int, bool, bool]:
+        """Relay the response (after any 1xx); returns (status, client keep-alive, tunnel).
+
+        `answered(status)` is called just before the client can see the end of the response
+        (before its last byte is written), so the request's record exists by the time the
+        client has its answer: a reader that sees the response also finds the record.
+
+        Raises UpstreamFailed with status 0 (closed before any response byte), 502 (bad
+        response, nothing sent to the client yet) or -1 (broken after the head was relayed)."""
+        while True:
+            try:
+                head = await up.stream.read_head(502)
+            except PeerClosed:
+                raise UpstreamFailed(502, "upstream closed inside a response head") from None
+            except HttpError as exc:
+                raise UpstreamFailed(502, exc.reason) from None
+            if head is None:
+                raise UpstreamFailed(0, "upstream closed the connection before answering")
+            try:
+                resp = parse_response(head, req)
+            except HttpError as exc:
+                raise UpstreamFailed(502, exc.reason) from None
+            if 100 <= resp.status < 200 and resp.status != 101:
+                if req.version == "1.1":  # interim answers (100 Continue) are for HTTP/1.1 clients only
+                    await self.client.write(response_head("1.1", resp.status, resp.reason, resp.headers))
+                continue
+            break
+        tunnel = (resp.status == 101 and bool(req.upgrade)) or (req.is_connect and 200 <= resp.status < 300)
+        if resp.status == 101 and not req.upgrade:
+            raise UpstreamFailed(502, "upstream switched protocols without an Upgrade request")
+        keep = req.keep_alive and not tunnel
+        body_kind, framed = resp.body, True
+        headers = list(resp.headers)
+        if tunnel and resp.status == 101:
+            headers += [("Connection", "Upgrade"), ("Upgrade", resp.upgrade)]
+        elif resp.body == "none":
+            if resp.content_length_header is not None and resp.status not in (204,) and resp.status >= 200:
+                headers.append(("Content-Length", resp.content_length_header))  # HEAD / 304: as sent
+        elif resp.body == "length":
+            headers.append(("Content-Length", str(resp.length)))
+        elif req.version == "1.1":  # chunked or close-delimited: (re-)chunk for an HTTP/1.1 client
+            inner = [v for _, v in resp.extra]  # codings other than chunked stay on the payload
+            headers.append(("Transfer-Encoding", ", ".join(inner + ["chunked"])))
+        else:  # HTTP/1.0 client: no chunked; the end of the body is the end of the connection
+            framed, keep = False, False
+        if not tunnel:
+            if not keep:
+                headers.append(("Connection", "close"))
+            elif req.version == "1.0":
+                headers.append(("Connection", "keep-alive"))
+        self.response_started = True
+        if tunnel or body_kind == "none":
+            answered(resp.status)  # the head is the whole answer
+        await self.client.write(response_head(req.version if req.version == "1.0" else "1.1", resp.status,
+                                              resp.reason, headers))
+        try:
+            if body_kind == "close" and framed:
+                async for piece in up.stream.body("close"):
+                    await self.client.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                answered(resp.status)
+                await self.client.write(LAST_CHUNK)
+            elif body_kind == "length":
+                remaining = resp.length
+                async for piece in up.stream.body("length", resp.length, status=502):
+                    remaining -= len(piece)
+                    if not remaining:
+                        answered(resp.status)
+                    await self.client.write(piece)
+            elif body_kind == "chunked":
+                async for piece in up.stream.body("chunked", framed=framed, status=502):
+                    if piece is LAST_CHUNK:  # the body's own terminator, never a data piece
+                        answered(resp.status)
+                    await self.client.write(piece)
+            elif body_kind == "close":  # HTTP/1.0 client: the end is the close that follows
+                async for piece in up.stream.body("close"):
+                    await self.client.write(piece)
+        except (HttpError, PeerClosed) as exc:
+            raise UpstreamFailed(-1, f"upstream response body broken: {exc}") from None
+        answered(resp.status)
+        if not resp.keep_alive or body_kind == "close" or up.stream.buf:
+            self.drop_upstream()  # never reuse a connection that might carry unread bytes
+        return resp.status, keep, tunnel
+
+    async def tunnel(self, up: Upstream) -> None:
+        """After 101 / CONNECT 2xx: bytes both ways until either side closes."""
+        async def pipe(src: BufferedStream, dst: BufferedStream) -> None:
+            try:
+                if src.buf:
+                    await dst.write(bytes(src.buf))
+                    src.buf.clear()
+                while True:
+                    data = await src.reader.read(PIECE)
+                    if not data:
+                        break
+                    await dst.write(data)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                try:
+                    dst.writer.write_eof()
+                except (OSError, RuntimeError, AttributeError):
+                    pass
+        await asyncio.gather(pipe(self.client, up.stream), pipe(up.stream, self.client))
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when installed (faster event loop); plain asyncio otherwise."""
+    if os.environ.get("L7LAB_PROXY_NO_UVLOOP"):
+        return False
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True

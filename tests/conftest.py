@@ -1,0 +1,69 @@
+"""Shared test plumbing.
+
+Kernel tests (tier 2) need root, network namespaces and BCC. Outside CI they skip when the
+machine cannot run them; in CI (CI=true) a kernel test that would skip fails instead, because a
+green run that skipped the kernel proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def kernel_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (ip)"
+    if not os.path.isdir("/proc/self/ns"):
+        return "needs network namespaces"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "needs BCC (python3-bpfcc)"
+    return None
+
+
+def require_kernel() -> None:
+    reason = kernel_unavailable_reason()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"kernel test cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(f"kernel test: {reason}")
+
+
+def unique_lab(prefix: str = "t") -> str:
+    """A lab name no other test (or parallel run) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/kernel" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_guard(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("kernel") is not None:
+        require_kernel()
+
+
+@pytest.fixture(scope="session")
+def datapath():  # noqa: ANN201 - a dataplane.datapath.Datapath
+    """One compiled datapath for the whole session (a BCC compile costs seconds); labs that use
+    it one after another each leave it empty when they go down."""
+    require_kernel()
+    from dataplane.datapath import Datapath  # noqa: PLC0415 - imports bcc
+
+    with Datapath() as dp:
+        yield dp

@@ -1,0 +1,195 @@
+"""Labs on the real kernel: pods that connect, names that resolve, labs side by side, and
+teardown that leaves nothing behind, even after the process that built the lab was killed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dataplane import lab as labmod
+from dataplane import topology
+from dataplane.lab import Lab
+from dataplane.runner import KernelExecutor, run_scenario
+from dataplane.scenario import Destination, Probe, Scenario, Step, load_scenario
+from tests.conftest import REPO, unique_lab
+
+CONNECTIVITY = REPO / "scenarios" / "connectivity.yaml"
+L7LAB = [sys.executable, "-m", "dataplane.cli"]
+
+
+def all_pairs_step(scenario: Scenario) -> Step:
+    """Every pod to every other endpoint on every declared port, TCP and UDP."""
+    probes = []
+    for src in scenario.pods.values():
+        targets = [(k, "pod", p.ip, p.ports) for k, p in scenario.pods.items() if k != src.key]
+        targets += [(h.name, "world", h.address, h.ports) for h in scenario.world.values()]
+        for name, kind, ip, ports in targets:
+            for port in ports:
+                probes.append(Probe(src.key, Destination(kind, name, ip, port.port), port.protocol, "allowed",
+                                    None, 2.0, scenario.steps[0].probes[0].location))
+    return Step(0, "all pairs", probes=tuple(probes))
+
+
+def leftovers(name: str) -> dict[str, list[str]]:
+    prefix = labmod.lab_prefix(name)
+    return {
+        "netns": topology.list_netns(prefix),
+        "etc": sorted(p.name for p in labmod.NETNS_ETC.glob(prefix + "*")) if labmod.NETNS_ETC.is_dir() else [],
+        "record": [str(p) for p in (labmod.record_path(name), labmod.lab_dir(name)) if p.exists()],
+        "processes": [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+                      if f"--lab {name} " in line],
+    }
+
+
+def nothing_left(name: str) -> bool:
+    return not any(leftovers(name).values())
+
+
+@pytest.fixture
+def scenario() -> Scenario:
+    return load_scenario(CONNECTIVITY).with_name(unique_lab())
+
+
+def test_every_pair_connects_on_every_port_and_names_resolve(scenario: Scenario) -> None:
+    assert len(scenario.pods) >= 6
+    step = all_pairs_step(scenario)
+    assert {p.protocol for p in step.probes} == {"TCP", "UDP"}
+    with Lab(scenario) as lab:
+        report = run_scenario(Scenario(**{**scenario.__dict__, "steps": (step,)}), KernelExecutor(lab))
+        failed = [(r.probe.source, str(r.probe.destination), r.observed.detail) for r in report.results if not r.passed]
+        assert not failed
+        assert len(report.results) == len(step.probes) > 40
+        # Each backend saw the probe's client address: the source pod's own IP.
+        sample = next(r for r in report.results if r.probe.protocol == "TCP" and r.probe.destination.kind == "pod")
+        assert sample.observed.body["client"].split(":")[0] == scenario.pods[sample.probe.source].ip
+
+        ns = lab.record.endpoints["shop/frontend-app"].netns
+        for name, expected in (("inventory-api", "10.200.0.3"), ("ledger.payments", "10.200.0.6"),
+                               ("api.partner.example.com", "203.0.113.10")):
+            out = subprocess.run(["ip", "netns", "exec", ns, "getent", "hosts", name], capture_output=True, text=True)
+            assert out.stdout.split()[:1] == [expected], (name, out)
+        # A name that is not in the lab fails at once instead of hanging on a DNS timeout.
+        started = time.monotonic()
+        out = subprocess.run(["ip", "netns", "exec", ns, "getent", "hosts", "nowhere.invalid"], capture_output=True, text=True)
+        assert out.returncode != 0 and time.monotonic() - started < 3
+    assert nothing_left(scenario.name), leftovers(scenario.name)
+
+
+def test_two_labs_side_by_side_do_not_interfere() -> None:
+    base = load_scenario(CONNECTIVITY)
+    a, b = base.with_name(unique_lab("a")), base.with_name(unique_lab("b"))
+    with Lab(a) as lab_a, Lab(b) as lab_b:
+        # Same addresses in both labs: each probe must be answered inside its own lab.
+        report_a = run_scenario(a, KernelExecutor(lab_a))
+        report_b = run_scenario(b, KernelExecutor(lab_b))
+        assert report_a.passed and report_b.passed
+        log_a = labmod.lab_dir(a.name) / "pod.shop.inventory-api.requests.jsonl"
+        log_b = labmod.lab_dir(b.name) / "pod.shop.inventory-api.requests.jsonl"
+        paths_a = [json.loads(x)["path"] for x in log_a.read_text().splitlines()]
+        paths_b = [json.loads(x)["path"] for x in log_b.read_text().splitlines()]
+        assert paths_a.count("/api/inventory/item123") == 1 and paths_b.count("/api/inventory/item123") == 1
+        lab_a.down()
+        assert nothing_left(a.name)
+        # Taking one lab down leaves the other working.
+        again = run_scenario(b, KernelExecutor(lab_b))
+        assert again.passed
+    assert nothing_left(b.name)
+
+
+def test_down_removes_everything_and_is_idempotent(scenario: Scenario) -> None:
+    lab = Lab(scenario)
+    rec = lab.up()
+    pids = [r["pid"] for r in rec.resources if r["kind"] == "process"]
+    assert len(pids) == len([e for e in rec.endpoints.values() if e.ports])
+    assert all(Path(f"/proc/{p}").exists() for p in pids)
+    assert leftovers(scenario.name)["netns"]
+    removed = labmod.down(scenario.name)
+    assert any(r.startswith("netns ") for r in removed)
+    assert nothing_left(scenario.name), leftovers(scenario.name)
+    assert not any(Path(f"/proc/{p}").exists() and "podserver" in Path(f"/proc/{p}/cmdline").read_text() for p in pids)
+    assert labmod.down(scenario.name) == []
+    assert labmod.clean(scenario.name) == []
+
+
+def _kill_up_midway(name: str) -> None:
+    proc = subprocess.Popen([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    # Kill it while it is building: some namespaces exist, the servers are starting.
+    while len(topology.list_netns(labmod.lab_prefix(name))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert topology.list_netns(labmod.lab_prefix(name)), "up finished before it could be killed"
+
+
+@pytest.mark.parametrize("verb", ["clean", "down"])
+def test_after_sigkill_of_up_nothing_is_left(verb: str) -> None:
+    name = unique_lab("k")
+    _kill_up_midway(name)
+    out = subprocess.run([*L7LAB, verb, name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert nothing_left(name), leftovers(name)
+
+
+def test_kill_after_servers_started_then_clean_all_labs_of_this_name() -> None:
+    name = unique_lab("s")
+    out = subprocess.run([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert leftovers(name)["processes"]
+    # The record disappears (as after a crash that lost it): clean still finds everything.
+    labmod.record_path(name).unlink()
+    out = subprocess.run([*L7LAB, "clean", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and nothing_left(name), leftovers(name)
+
+
+def test_cli_up_status_exec_down(scenario: Scenario, tmp_path: Path) -> None:
+    name = scenario.name
+    try:
+        out = subprocess.run([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        again = subprocess.run([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO, capture_output=True, text=True)
+        assert again.returncode == 1 and "already up" in again.stderr
+        status = json.loads(subprocess.run([*L7LAB, "status", name, "--json"], cwd=REPO, capture_output=True, text=True).stdout)
+        endpoints = {e["name"]: e for e in status[0]["endpoints"]}
+        assert status[0]["status"] == "up" and endpoints["shop/inventory-api"]["ip"] == "10.200.0.3"
+        assert endpoints["shop/inventory-api"]["ports"] == ["8080/TCP (http-api)", "9090/TCP (metrics)"]
+        assert endpoints["partner"]["kind"] == "world"
+        out = subprocess.run([*L7LAB, "exec", "--lab", name, "frontend-app", "--", "ip", "-4", "-o", "addr", "show", "eth0"],
+                             cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0 and "10.200.0.2/32" in out.stdout
+        out = subprocess.run([*L7LAB, "exec", "--lab", name, "frontend-app", "--", "curl", "-s", "http://inventory-api.shop:8080/x?y=1"],
+                             cwd=REPO, capture_output=True, text=True)
+        answer = json.loads(out.stdout)
+        assert answer["endpoint"] == "shop/inventory-api" and answer["path"] == "/x?y=1" and answer["client"].startswith("10.200.0.2:")
+        out = subprocess.run([*L7LAB, "exec", "--lab", name, "nosuchpod", "--", "true"], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 1 and "unknown endpoint 'nosuchpod'" in out.stderr
+    finally:
+        out = subprocess.run([*L7LAB, "down", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and nothing_left(name)
+
+
+def test_run_exit_codes(tmp_path: Path) -> None:
+    name = unique_lab("r")
+    ok = subprocess.run([*L7LAB, "run", str(CONNECTIVITY), "--name", name, "--json"], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["passed"] and report["probes"] == 9 and report["failed"] == 0
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(CONNECTIVITY.read_text().replace("to: toolbox:514, protocol: UDP, expect: allowed",
+                                                      "to: toolbox:514, protocol: UDP, expect: dropped"))
+    bad = subprocess.run([*L7LAB, "run", str(wrong), "--name", name, "--json"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 3
+    failed = [r for r in json.loads(bad.stdout)["results"] if not r["passed"]]
+    assert [(f["to"], f["expected"], f["observed"]) for f in failed] == [("tools/toolbox:514", "dropped", "allowed")]
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("name: x\npods: []\n")
+    err = subprocess.run([*L7LAB, "run", str(invalid)], cwd=REPO, capture_output=True, text=True)
+    assert err.returncode == 1 and "invalid.yaml:2: pods: must not be empty" in err.stderr
+    assert nothing_left(name)

@@ -1,0 +1,348 @@
+"""Test plumbing for the proxy (no root, loopback only).
+
+* `Backend`: an asyncio HTTP server on 127.0.0.x that records the exact raw bytes of every
+  connection and the requests it parsed (with llhttp, i.e. a lenient real-world parser: what a
+  smuggled request would look like to a real backend). Paths: /big/N answers N bytes
+  (Content-Length), /chunked/N answers N bytes chunked, /close/N close-delimited, /upload answers
+  the size and sha256 of the request body, /upgrade answers 101 and echoes; anything else 200
+  "ok METHOD URL".
+* `LoopThread`: one event loop in a thread hosting backend and proxy, so tests use plain sockets.
+* `Client`: raw socket helpers; `read_response` parses one response with httptools.
+* `lab_state()`: a MapState from real CiliumNetworkPolicy YAML via the oracle, remapped so pods
+  live on 127.0.0.x.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import sys
+import textwrap
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httptools
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))
+
+from dataplane.mapstate import EndpointState, MapState  # noqa: E402
+
+RAW_CAP = 2 * 1024 * 1024  # raw bytes kept per backend connection (large uploads are only counted)
+
+
+@dataclass
+class Seen:
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body_len: int = 0
+    sha: str = ""
+
+
+@dataclass
+class BackendConn:
+    raw: bytearray = field(default_factory=bytearray)
+    total: int = 0
+    requests: list[Seen] = field(default_factory=list)
+
+
+class Backend:
+    def __init__(self, host: str = "127.0.0.3") -> None:
+        self.host = host
+        self.port = 0
+        self.conns: list[BackendConn] = []
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(bytes(c.raw) for c in self.conns)
+
+    @property
+    def requests(self) -> list[Seen]:
+        return [r for c in self.conns for r in c.requests]
+
+    def clear(self) -> None:
+        self.conns.clear()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self._server.close()
+
+    async def restart(self) -> None:
+        """Listen again on the same address and port (after `stop`)."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        rec = BackendConn()
+        self.conns.append(rec)
+        out: list[tuple[Seen, bool]] = []
+        cur: dict = {}
+
+        class P:
+            def on_message_begin(self):
+                cur.clear()
+                cur.update(url=b"", headers=[], n=0, h=hashlib.sha256())
+
+            def on_url(self, u):
+                cur["url"] += u
+
+            def on_header(self, n, v):
+                cur["headers"].append((n.decode("latin-1"), v.decode("latin-1")))
+
+            def on_body(self, b):
+                cur["n"] += len(b)
+                cur["h"].update(b)
+
+            def on_message_complete(self):
+                seen = Seen(parser.get_method().decode(), cur["url"].decode("latin-1"), cur["headers"], cur["n"],
+                            cur["h"].hexdigest())
+                rec.requests.append(seen)
+                out.append((seen, parser.should_keep_alive()))
+
+        parser = httptools.HttpRequestParser(P())
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                rec.total += len(data)
+                if len(rec.raw) < RAW_CAP:
+                    rec.raw += data[:RAW_CAP - len(rec.raw)]
+                try:
+                    parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    out.clear()  # the upgrade request itself is already in rec.requests
+                    if parser.get_method() == b"CONNECT":
+                        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    else:
+                        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                    while True:  # echo mode
+                        data = await reader.read(65536)
+                        if not data:
+                            break
+                        rec.raw += data
+                        writer.write(data.upper())
+                    break
+                except httptools.HttpParserError:
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    break
+                while out:
+                    seen, keep = out.pop(0)
+                    if not await self._answer(seen, writer):
+                        return
+                    if not keep:
+                        await writer.drain()
+                        writer.close()
+                        return
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        parts = seen.url.split("?")[0].split("/")
+        kind = parts[1] if len(parts) > 1 else ""
+        n = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+        if kind == "big":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+            await _stream(writer, n, lambda piece: piece)
+        elif kind == "chunked":
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await _stream(writer, n, lambda piece: b"%x\r\n%b\r\n" % (len(piece), piece))
+            writer.write(b"0\r\n\r\n")
+        elif kind == "close":
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            await _stream(writer, n, lambda piece: piece)
+            await writer.drain()
+            writer.close()
+            return False
+        elif kind == "upload":
+            body = f"{seen.body_len} {seen.sha}".encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        else:
+            body = f"ok {seen.method} {seen.url}".encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b"
+                         % (len(body), body if seen.method != "HEAD" else b""))
+        return True
+
+
+async def _stream(writer: asyncio.StreamWriter, n: int, frame) -> None:
+    piece = b"x" * 65536
+    while n:
+        k = min(n, len(piece))
+        writer.write(frame(piece[:k]))
+        n -= k
+        await writer.drain()
+
+
+def pattern_bytes(n: int, seed: int = 7) -> bytes:
+    return bytes((i * seed + (i >> 8)) & 0xFF for i in range(n))
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; `run(coro)` executes a coroutine there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class Resp:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Client:
+    """A raw TCP client bound to a chosen 127.0.0.x source (its pod identity)."""
+
+    def __init__(self, proxy_port: int, source: str = "127.0.0.2") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=30, source_address=(source, 0))
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str = "GET", path: str = "/", headers: dict | None = None, body: bytes = b"",
+                host: str = "backend") -> Resp:
+        hs = {"Host": host, **(headers or {})}
+        if body:
+            hs["Content-Length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hs.items()) + "\r\n"
+        self.send(head.encode() + body)
+        return self.read_response(head_only=method == "HEAD")
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("connection closed")
+        self.buf += data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _take(self, n: int, sink) -> None:
+        while n:
+            if not self.buf:
+                self._fill()
+            piece, self.buf = self.buf[:n], self.buf[n:]
+            n -= len(piece)
+            sink(piece)
+
+    def read_response(self, head_only: bool = False, sink=None) -> Resp:
+        """One response (a plain, independent parser: stops exactly at the message boundary).
+        With `sink`, body pieces go to sink(piece) instead of being kept."""
+        status_line = self._line()
+        status = int(status_line.split(b" ")[1])
+        headers: dict[str, str] = {}
+        while line := self._line():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body: list[bytes] = []
+        out = sink or body.append
+        if head_only or status in (101, 204, 304) or 100 <= status < 200:
+            pass
+        elif headers.get("transfer-encoding", "").endswith("chunked"):
+            while size := int(self._line().split(b";")[0], 16):
+                self._take(size, out)
+                assert self._line() == b""
+            while self._line():
+                pass
+        elif "content-length" in headers:
+            self._take(int(headers["content-length"]), out)
+        else:  # close-delimited
+            while True:
+                try:
+                    self._fill()
+                except ConnectionError:
+                    break
+            out(self.buf)
+            self.buf = b""
+        return Resp(status, headers, b"".join(body))
+
+    def closed(self) -> bool:
+        """True if the proxy closed the connection (EOF) with nothing more to read."""
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b"" and not self.buf
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- policy state
+
+TOPOLOGY = """\
+name: proxytest
+namespaces:
+  - {name: shop, labels: {team: shop}}
+pods:
+  - {name: frontend, namespace: shop, labels: {app: frontend}, ports: [{port: PORT}]}
+  - {name: backend, namespace: shop, labels: {app: backend}, ports: [{port: PORT}]}
+  - {name: stranger, namespace: shop, labels: {app: stranger}, ports: [{port: PORT}]}
+"""
+
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend-l7, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts:
+        - ports: [{port: "PORT", protocol: TCP}]
+          rules:
+            http:
+              - {method: "GET|HEAD", path: "/public(/.*)?"}
+              - {method: GET, path: "/search\\\\?q=[a-z]+"}
+              - {method: "POST|PUT", path: "/upload"}
+              - {method: GET, path: "/(big|chunked|close)/[0-9]+"}
+              - {method: GET, path: "/upgrade"}
+              - {method: CONNECT}
+              - {method: GET, path: "/host", host: "backend:8080"}
+              - {method: GET, path: "/token", headers: ["X-Token: s3cret"]}
+              - {method: GET, path: "/flag", headerMatches: [{name: X-Flag}]}
+"""
+
+# Pod name -> loopback address used in tests.
+ADDRESSES = {"shop/frontend": "127.0.0.2", "shop/backend": "127.0.0.3", "shop/stranger": "127.0.0.4"}
+
+
+def engine(port: int, policy: str = POLICY):
+    from _policy_helpers import scenario
+    from dataplane.policy import PolicyEngine
+    return PolicyEngine(scenario(TOPOLOGY.replace("PORT", str(port)),
+                                 textwrap.dedent(policy).replace("PORT", str(port)) if policy else ""))
+
+
+def remap(state: MapState, engine) -> MapState:
+    """The same state with every pod moved to its 127.0.0.x address (ipcache and endpoints)."""
+    moved = MapState.from_json(state.to_json())
+    for key, pod in engine.scenario.pods.items():
+        ident = moved.ipcache.pop(f"{pod.ip}/32")
+        moved.ipcache[f"{ADDRESSES[key]}/32"] = ident
+    for eid, ep in list(moved.endpoints.items()):
+        moved.endpoints[eid] = EndpointState(ep.endpoint_id, ep.name, ADDRESSES[ep.name], ep.identity,
+                                             ep.ingress_enforced, ep.egress_enforced, ep.audit)
+    return moved

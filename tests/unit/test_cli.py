@@ -1,0 +1,63 @@
+"""The CLI verbs that need no root: validate, explain and run --dry-run, with their exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+L7LAB = [sys.executable, "-m", "dataplane.cli"]
+
+
+def l7lab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_dry_run_passes_every_shipped_scenario() -> None:
+    for path in sorted((REPO / "scenarios").glob("*.yaml")):
+        out = l7lab("run", "--dry-run", "--json", str(path))
+        assert out.returncode == 0, (path, out.stdout, out.stderr)
+        report = json.loads(out.stdout)
+        assert report["mode"] == "dry-run" and report["passed"] and report["probes"] > 0
+
+
+def test_dry_run_reports_a_missed_expectation_with_exit_3(tmp_path: Path) -> None:
+    src = (REPO / "scenarios" / "protect-inventory-api.yaml").read_text()
+    assert "expect: denied" in src
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.replace("expect: denied", "expect: allowed", 1))
+    (tmp_path / "policies").symlink_to(REPO / "scenarios" / "policies")
+    out = l7lab("run", "--dry-run", "--json", str(bad))
+    assert out.returncode == 3
+    failed = [r for r in json.loads(out.stdout)["results"] if not r["passed"]]
+    assert len(failed) == 1 and failed[0]["expected"] == "allowed" and failed[0]["observed"] == "denied"
+
+
+def test_explain_shows_the_matching_rule() -> None:
+    out = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
+                "--to", "inventory-api:8080", "--http", "GET /api/inventory/item1", "--json")
+    assert out.returncode == 0, out.stderr
+    decision = json.loads(out.stdout)
+    assert decision["outcome"] == "allowed"
+    denied = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
+                   "--to", "inventory-api:8080", "--http", "DELETE /api/inventory/item1")
+    assert denied.returncode == 0 and "403" in denied.stdout and "protect-inventory-api" in denied.stdout
+
+
+def test_explain_rejects_an_unknown_pod() -> None:
+    out = l7lab("explain", str(REPO / "scenarios" / "connectivity.yaml"), "--from", "nobody", "--to", "ledger:5432")
+    assert out.returncode == 1 and "unknown pod 'nobody'" in out.stderr
+
+
+def test_validate_reports_every_error_and_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\n"
+                   "spec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 99999}]\n")
+    out = l7lab("validate", str(bad), str(REPO / "scenarios" / "connectivity.yaml"))
+    assert out.returncode == 1
+    assert f"{bad}:7" in out.stderr and "port" in out.stderr
+    assert "connectivity.yaml: valid" in out.stdout
+    good = l7lab("validate", *map(str, sorted((REPO / "scenarios").glob("*.yaml"))))
+    assert good.returncode == 0, good.stderr

@@ -1,0 +1,151 @@
+"""Scenario files: the valid ones load into typed objects; each invalid one gives an error that
+names the file, the line and the field path, and says what was expected."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from dataplane.errors import ErrorList, SourceError
+from dataplane.scenario import load_scenario, schema
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = """\
+name: demo
+namespaces:
+  - name: shop
+    labels: {team: shop}
+pods:
+  - name: web
+    namespace: shop
+    labels: {app: web}
+    ports: [{port: 80, name: http}, {port: 53, protocol: UDP}]
+  - name: api
+    namespace: shop
+    ports: [{port: 8080}]
+world:
+  - name: partner
+    address: 203.0.113.10
+    dnsNames: [api.partner.example.com]
+    ports: [{port: 443}]
+steps:
+  - name: check
+    probes:
+      - {from: web, to: api:8080, expect: allowed}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises((SourceError, ErrorList)) as info:
+        load_scenario(path)
+    exc = info.value
+    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
+
+
+def test_valid_scenario_loads_into_typed_objects(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, BASE))
+    assert s.name == "demo"
+    assert set(s.pods) == {"shop/web", "shop/api"}
+    web = s.pods["shop/web"]
+    assert web.ip == "10.200.0.2" and s.pods["shop/api"].ip == "10.200.0.3"  # .1 is the node
+    assert [(p.port, p.protocol, p.name) for p in web.ports] == [(80, "TCP", "http"), (53, "UDP", "")]
+    probe = s.steps[0].probes[0]
+    assert probe.source == "shop/web" and probe.destination.ip == "10.200.0.3" and probe.destination.port == 8080
+    assert probe.location.line == 21
+    assert ("10.200.0.2", ["web", "web.shop", "web.shop.svc.cluster.local"]) in s.hosts_entries()
+
+
+def test_default_port_and_dns_destination(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, BASE.replace("to: api:8080", "to: api.partner.example.com")))
+    dest = s.steps[0].probes[0].destination
+    assert (dest.kind, dest.name, dest.ip, dest.port, dest.dns_name) == ("world", "partner", "203.0.113.10", 443, "api.partner.example.com")
+
+
+@pytest.mark.parametrize("change, line, path, fragment", [
+    (("name: demo", "name: demo\ncolour: blue"), 2, "colour", "unknown field 'colour'"),
+    (("    labels: {app: web}", "    labels: {app: web}\n    replicas: 2"), 9, "pods[0].replicas", "unknown field 'replicas'"),
+    (("{port: 8080}", "{port: http}"), 12, "pods[1].ports[0].port", "expected integer, got string 'http'"),
+    (("{port: 8080}", "{port: 70000}"), 12, "pods[1].ports[0].port", "70000 is out of range"),
+    (("{port: 53, protocol: UDP}", "{port: 53, protocol: ICMP}"), 9, "pods[0].ports[1].protocol", "expected one of TCP, UDP"),
+    (("expect: allowed", "expect: blocked"), 21, "steps[0].probes[0].expect", "expected one of allowed, dropped, denied, refused"),
+    (("address: 203.0.113.10", "address: 10.1.2.3"), 15, "world[0].address", "documentation ranges"),
+    (("from: web,", "from: nobody,"), 21, "steps[0].probes[0].from", "unknown pod 'nobody'"),
+    (("to: api:8080", "to: ghost:80"), 21, "steps[0].probes[0].to", "unknown destination 'ghost'"),
+    (("to: api:8080", "to: api:99999"), 21, "steps[0].probes[0].to", "expected a port number 1-65535"),
+    (("    namespace: shop\n    ports: [{port: 8080}]", "    namespace: store\n    ports: [{port: 8080}]"), 11, "pods[1].namespace", "namespace 'store' is not declared"),
+    (("  - name: api\n", "  - name: web\n"), 10, "pods[1].name", "pod 'shop/web' is declared twice"),
+    (("    probes:", "    apply: []\n    probes:"), 19, "steps[0]", "exactly one of apply, delete, relabel or probes"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api:8080, protocol: UDP, http: {path: /}, expect: allowed}"), 21, "steps[0].probes[0].http", "needs protocol TCP"),
+    (("name: demo", "name: Demo_Lab"), 1, "name", "invalid value 'Demo_Lab'"),
+    (("{port: 80, name: http}", "{port: 80, name: http}, {port: 80}"), 9, "pods[0].ports[1]", "port 80/TCP is declared twice"),
+])
+def test_invalid_scenario_names_file_line_and_field(tmp_path: Path, change: tuple[str, str], line: int, path: str, fragment: str) -> None:
+    assert change[0] in BASE
+    file = write(tmp_path, BASE.replace(change[0], change[1], 1))
+    errors = errors_of(file)
+    assert any(e.startswith(f"{file}:{line}: {path}: ") and fragment in e for e in errors), errors
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    text = BASE.replace("{port: 8080}", "{port: 0}").replace("expect: allowed", "expect: maybe")
+    errors = errors_of(write(tmp_path, text))
+    assert len(errors) == 2
+    assert any("pods[1].ports[0].port" in e for e in errors) and any("steps[0].probes[0].expect" in e for e in errors)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, "name: demo\npods:\n  - name: [unclosed\n"))
+    assert errors[0].startswith(f"{tmp_path / 's.yaml'}:") and "invalid YAML" in errors[0]
+
+
+def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, BASE.replace("name: demo", "name: demo\nname: other")))
+    assert errors == [f"{tmp_path / 's.yaml'}:2: name: duplicate key 'name'"]
+
+
+def test_missing_policy_file_names_the_reference(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, BASE + "policies:\n  - file: nowhere.yaml\n"))
+    assert errors[0].startswith(f"{tmp_path / 's.yaml'}:23: policies[0].file: cannot load policy file")
+    assert "nowhere.yaml" in errors[0]
+
+
+def test_ambiguous_pod_name_asks_for_the_namespace(tmp_path: Path) -> None:
+    text = BASE.replace("pods:\n", "pods:\n  - name: api\n    ports: [{port: 1}]\n")
+    errors = errors_of(write(tmp_path, text.replace("to: api:8080", "to: api")))
+    assert any("ambiguous" in e and "default/api" in e and "shop/api" in e for e in errors), errors
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    assert "cannot read file" in errors_of(tmp_path / "absent.yaml")[0]
+
+
+def test_shipped_scenarios_are_valid() -> None:
+    files = sorted((REPO / "scenarios").glob("*.yaml"))
+    assert files, "scenarios/ is empty"
+    for file in files:
+        load_scenario(file)
+
+
+def test_documented_schema_is_the_one_enforced() -> None:
+    documented = json.loads((REPO / "docs" / "scenario.schema.json").read_text())
+    assert documented == schema()
+    jsonschema.Draft202012Validator.check_schema(documented)
+
+
+def test_annotated_example_in_docs_matches_the_schema() -> None:
+    import yaml
+
+    text = (REPO / "docs" / "scenarios.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    jsonschema.Draft202012Validator(schema()).validate(yaml.safe_load(block))
