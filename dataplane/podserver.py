@@ -2,8 +2,9 @@
 
 Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endpoint's own
 /etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
-so a probe can check that the backend itself answered and what exactly reached it; each request
-is also appended to a JSON-lines log (the record of what a backend really received). UDP
+so a probe can check that the backend itself answered and what exactly reached it (or, when the
+request asks for it with X-L7lab-Response-Bytes, a large streamed body); each request is also
+appended to a JSON-lines log (the record of what a backend really received). UDP
 datagrams are answered with JSON of what arrived.
 
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -22,6 +24,13 @@ import sys
 from typing import Any
 
 from aiohttp import web
+
+# A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
+# echo (still logged like any request); with RESPONSE_CHUNKED_HEADER: yes, framed chunked.
+RESPONSE_BYTES_HEADER = "X-L7lab-Response-Bytes"
+RESPONSE_CHUNKED_HEADER = "X-L7lab-Response-Chunked"
+MAX_RESPONSE_BYTES = 1 << 30
+PATTERN_PIECE = bytes(range(256)) * 1024  # 256 KiB; every piece of a large response is a prefix of it
 
 
 def _http_app(identity: dict[str, str], log: Any) -> web.Application:
@@ -43,11 +52,57 @@ def _http_app(identity: dict[str, str], log: Any) -> web.Application:
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        size = request.headers.get(RESPONSE_BYTES_HEADER)
+        if size is not None:
+            return await _stream_bytes(request, identity, size)
         return web.json_response(record, headers={"X-L7lab-Backend": identity["endpoint"]})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+async def _stream_bytes(request: web.Request, identity: dict[str, str], size_text: str) -> web.StreamResponse:
+    """A large response on demand: `size` bytes of a fixed pattern, sent in pieces as they are
+    produced (Content-Length framing, or chunked when asked), with the body's SHA-256 in a header
+    so a client can prove that every byte arrived unchanged."""
+    try:
+        size = int(size_text)
+        if not 0 <= size <= MAX_RESPONSE_BYTES:
+            raise ValueError
+    except ValueError:
+        return web.json_response({"error": f"{RESPONSE_BYTES_HEADER} must be an integer 0..{MAX_RESPONSE_BYTES}"},
+                                 status=400, headers={"X-L7lab-Backend": identity["endpoint"]})
+    chunked = request.headers.get(RESPONSE_CHUNKED_HEADER, "").lower() in ("1", "yes", "true")
+    response = web.StreamResponse(headers={"X-L7lab-Backend": identity["endpoint"],
+                                           "X-L7lab-Body-Sha256": pattern_sha256(size),
+                                           "Content-Type": "application/octet-stream"})
+    if chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = size
+    await response.prepare(request)
+    sent = 0
+    while sent < size:
+        piece = PATTERN_PIECE[:min(len(PATTERN_PIECE), size - sent)]
+        await response.write(piece)  # waits while the reader is slow: the body is never held whole
+        sent += len(piece)
+    await response.write_eof()
+    return response
+
+
+def pattern_bytes(size: int) -> bytes:
+    """The first `size` bytes of the pattern large responses carry (for checks in tests)."""
+    return (PATTERN_PIECE * (size // len(PATTERN_PIECE) + 1))[:size]
+
+
+def pattern_sha256(size: int) -> str:
+    digest = hashlib.sha256()
+    whole, rest = divmod(size, len(PATTERN_PIECE))
+    for _ in range(whole):
+        digest.update(PATTERN_PIECE)
+    digest.update(PATTERN_PIECE[:rest])
+    return digest.hexdigest()
 
 
 class _UdpEcho(asyncio.DatagramProtocol):

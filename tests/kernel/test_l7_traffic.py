@@ -1,5 +1,5 @@
 """L7 enforcement on real redirected connections (issue 5): keep-alive with allowed and denied
-requests interleaved, pipelining, large and chunked request bodies, a slow client.
+requests interleaved, pipelining, large and chunked bodies both ways, slow clients and readers.
 
 Every connection is opened inside the frontend pod's namespace to backend:8080; the datapath
 assigns it in the kernel to the lab's L7 proxy. What the backend really received is read from
@@ -8,14 +8,18 @@ its own requests log, never inferred from the answers.
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from dataplane.reasons import DropReason, FlowVerdict
 from tests.conftest import unique_lab
+from tests.unit.proxy._harness import Resp
 from tests.kernel._l7_helpers import (ACCESS_DENIED, CONNECT_DROP_TIMEOUT, L7_PORT, L7Lab, assert_denied,
                                       backend_json, close_l7_lab, open_l7_lab, request_bytes)
 
@@ -92,8 +96,7 @@ def test_l7_pipelined_requests_answered_in_order(l7: L7Lab) -> None:
 
 def test_l7_large_request_bodies(l7: L7Lab) -> None:
     """8 MB allowed upload (Content-Length), 2 MB denied upload (discarded, connection usable),
-    then 3 MB in chunks. The pod server cannot produce a large response, so only the request
-    direction is large; its JSON says how many body bytes it received."""
+    then 3 MB in chunks; the backend's JSON says how many body bytes it received."""
     size = 8 * 1024 * 1024
     before = len(l7.backend_requests())
     with l7.client(timeout=30) as c:
@@ -115,6 +118,81 @@ def test_l7_large_request_bodies(l7: L7Lab) -> None:
     recs = new_records(l7, before)
     assert [(r["method"], r["path"], r["body_length"]) for r in recs] == \
         [("POST", "/upload", size), ("PUT", "/upload", sum(map(len, chunks)))]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def read_big(c, headers: dict[str, str], slow: bool = False) -> tuple[Resp, int, str]:  # noqa: ANN001
+    """GET an allowed path asking the backend for a large body; returns (response without its
+    body, body length, body SHA-256). `slow`: read in small pieces with pauses (a slow reader)."""
+    digest, size = hashlib.sha256(), 0
+
+    def sink(piece: bytes) -> None:
+        nonlocal size
+        digest.update(piece)
+        size += len(piece)
+    c.send(request_bytes("GET", "/public/big", headers=headers))
+    if slow:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+
+        def slow_fill() -> None:
+            time.sleep(0.002)
+            data = c.sock.recv(8192)
+            if not data:
+                raise ConnectionError("connection closed")
+            c.buf += data
+        c._fill = slow_fill
+    try:
+        resp = c.read_response(sink=sink)
+    finally:
+        c.__dict__.pop("_fill", None)
+    return resp, size, digest.hexdigest()
+
+
+def test_l7_large_responses_streamed_unchanged(l7: L7Lab) -> None:
+    """Large answers through the proxy: Content-Length and chunked, a slow reader, and an upload
+    and a download in one exchange. Every byte arrives (the backend's SHA-256 of what it sent
+    equals the client's of what it got), and the proxy's peak memory grows by far less than the
+    bytes it relayed: bodies are streamed, never held whole."""
+    proxy_pid = l7.lab._proxy.pid
+    rss_before = peak_rss_bytes(proxy_pid)
+    relayed = 0
+    with l7.client(timeout=60) as c:
+        for size, chunked in ((48 * 1024 * 1024, False), (24 * 1024 * 1024 + 13, True)):
+            resp, got, sha = read_big(c, {"X-L7lab-Response-Bytes": str(size),
+                                          "X-L7lab-Response-Chunked": "yes" if chunked else "no"})
+            assert resp.status == 200 and resp.headers["x-l7lab-backend"] == "shop/backend"
+            assert (got, sha) == (size, resp.headers["x-l7lab-body-sha256"])
+            if chunked:
+                assert resp.headers["transfer-encoding"] == "chunked" and "content-length" not in resp.headers
+            else:
+                assert resp.headers["content-length"] == str(size)
+            relayed += size
+        # A slow reader: the proxy must wait for it (backpressure), not buffer or give up.
+        size = 6 * 1024 * 1024
+        resp, got, sha = read_big(c, {"X-L7lab-Response-Bytes": str(size)}, slow=True)
+        assert (resp.status, got, sha) == (200, size, resp.headers["x-l7lab-body-sha256"])
+        # Both directions in one exchange: 8 MB up, 8 MB down.
+        up = bytes(range(256)) * (8 * 1024 * 4)
+        c.send(request_bytes("POST", "/upload", headers={"X-L7lab-Response-Bytes": str(len(up))}, body=up))
+        digest = hashlib.sha256()
+        resp = c.read_response(sink=digest.update)
+        assert resp.status == 200 and digest.hexdigest() == resp.headers["x-l7lab-body-sha256"]
+        # The connection is still in sync: a denied request, then an allowed one.
+        c.send(request_bytes("GET", "/private"))
+        assert_denied(c.read_response())
+        c.send(request_bytes("GET", "/public/after-big"))
+        assert backend_json(c.read_response())["path"] == "/public/after-big"
+    assert l7.backend_requests()[-1]["path"] == "/public/after-big"
+    assert next(r for r in reversed(l7.backend_requests()) if r["method"] == "POST")["body_length"] == len(up)
+    growth = peak_rss_bytes(proxy_pid) - rss_before
+    print(f"proxy peak memory grew by {growth} bytes while relaying {relayed}")
+    assert growth < relayed // 8, f"proxy peak memory grew by {growth} bytes while relaying {relayed}"
 
 
 def test_l7_chunked_request_body_small_chunks_and_trailer(l7: L7Lab) -> None:
