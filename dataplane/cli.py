@@ -55,18 +55,21 @@ def _datapath(scenario: Any) -> Any:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from . import agent  # noqa: PLC0415
+
     scenario = load_scenario(args.scenario)
-    policy = _policy_engine(scenario)  # every policy is valid before anything is built
+    _policy_engine(scenario)  # every policy is valid before anything is built
     labmod.check_environment()
-    # The programs stay attached, and their maps alive, after this process exits.
-    with _datapath(scenario) as datapath:
-        lab = labmod.Lab(scenario, args.name, datapath=datapath, policy=policy)
-        record = lab.up()
+    name = args.name or scenario.name
+    labmod.validate_lab_name(name)
+    # The agent builds the lab and stays with it (flows, metrics, policy changes) until `down`.
+    info = agent.start(scenario, name)
     if args.json:
-        _emit_json({"lab": record.lab, "status": record.status, "endpoints": len(record.endpoints)})
+        _emit_json(info)
     else:
-        console.print(f"lab [bold]{record.lab}[/] is up: {len(record.endpoints)} endpoints in "
-                      f"namespace {record.node}; 'l7lab status' shows them, 'l7lab down {record.lab}' removes them")
+        console.print(f"lab [bold]{name}[/] is up: {info['endpoints']} endpoints in namespace {info['node']}, "
+                      f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
+                      f"'l7lab down {name}' removes them", highlight=False)
     return EXIT_OK
 
 
@@ -103,6 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             out.append({"lab": name, "status": "leftover (no record; run 'l7lab clean')", "endpoints": []})
             continue
         out.append({"lab": name, "status": rec.status, "scenario": rec.scenario, "node": rec.node,
+                    "agent": _agent_status(name),
                     "endpoints": [{"name": e.key, "kind": e.kind, "ip": e.ip, "interface": e.ifname,
                                    "netns": e.netns, "labels": e.labels,
                                    "ports": [f"{p['port']}/{p['protocol']}" + (f" ({p['name']})" if p['name'] else "")
@@ -114,7 +118,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not out:
         console.print("no lab is up")
     for lab in out:
-        table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left")
+        agent_info = lab.get("agent")
+        if agent_info and agent_info.get("running"):
+            caption = f"agent pid {agent_info['pid']}; policies: {', '.join(agent_info['policies']) or 'none'}"
+        elif agent_info:
+            caption = "agent not running: flows are not recorded and policy changes are refused"
+        else:
+            caption = "no agent (left up by 'run --keep')" if lab["status"] == "up" else ""
+        table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left", caption=caption,
+                      caption_justify="left")
         for col in ("endpoint", "kind", "address", "ports", "interface", "labels"):
             table.add_column(col)
         for e in lab["endpoints"]:
@@ -124,11 +136,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_exec(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise L7LabError("no command given: l7lab exec POD -- COMMAND [ARGS...]")
-    labs = [args.lab] if args.lab else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
+def _agent_status(lab: str) -> dict[str, Any] | None:
+    """What the lab's agent says (pid, policies in force), or None for a lab without one."""
+    from . import agent  # noqa: PLC0415
+
+    if not agent.socket_path(lab).exists():
+        return None
+    try:
+        reply = agent.request(lab, {"op": "status"}, timeout=5.0)
+    except L7LabError as exc:
+        return {"running": False, "error": str(exc)}
+    return {"running": True, "pid": reply.get("pid"), "policies": reply.get("policies", [])}
+
+
+def _one_lab(name: str | None) -> labmod.LabRecord:
+    """The record of lab `name`, or of the only lab that is up."""
+    labs = [name] if name else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
     if not labs:
         raise L7LabError("no lab is up")
     if len(labs) > 1:
@@ -136,6 +159,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     rec = labmod.LabRecord.load(labs[0])
     if rec is None:
         raise L7LabError(f"lab {labs[0]!r} is not up")
+    return rec
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise L7LabError("no command given: l7lab exec POD -- COMMAND [ARGS...]")
+    rec = _one_lab(args.lab)
     matches = [e for k, e in rec.endpoints.items() if k == args.pod or k.split("/")[-1] == args.pod]
     if len(matches) != 1:
         names = ", ".join(sorted(rec.endpoints))
@@ -145,43 +176,104 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
-    """The L7 proxy's record of every request of a running lab (kernel events need the process
-    that loaded the programs: `l7lab run` attaches them to each probe)."""
+    """Kernel flow records (from the lab agent) and L7 records (from the proxy), merged by time."""
     import time  # noqa: PLC0415
 
-    labs = [args.lab] if args.lab else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
-    if len(labs) != 1:
-        raise L7LabError("no lab is up" if not labs else f"several labs are up ({', '.join(labs)}): name one")
-    path = labmod.lab_dir(labs[0]) / "l7-events.jsonl"
-    if not path.parent.is_dir():
-        raise L7LabError(f"lab {labs[0]!r} is not up")
+    from .flows import RecordTail, describe  # noqa: PLC0415
+
+    rec = _one_lab(args.lab)
+    tail = RecordTail(labmod.lab_dir(rec.lab))
+    kinds = {"all": ("flow", "l7"), "l7": ("l7",), "flows": ("flow",)}[args.type]
     deadline = time.monotonic() + args.follow if args.follow else 0.0
-    offset = 0
     while True:
-        if path.exists():
-            with open(path) as f:
-                f.seek(offset)
-                for line in f:
-                    if not line.endswith("\n"):
-                        break
-                    offset += len(line)
-                    _print_l7_record(json.loads(line), args.json)
+        for record in tail.read():
+            if record["type"] not in kinds:
+                continue
+            if args.json:
+                print(json.dumps(record), flush=True)
+            else:
+                console.print(describe(record), highlight=False, soft_wrap=True)
         if time.monotonic() >= deadline:
             return EXIT_OK
         time.sleep(0.2)
 
 
-def _print_l7_record(rec: dict[str, Any], as_json: bool) -> None:
+# --- apply / delete / label (through the lab agent) ----------------------------------------------
+
+_KIND_ALIASES = {"networkpolicy": "NetworkPolicy", "netpol": "NetworkPolicy",
+                 "ciliumnetworkpolicy": "CiliumNetworkPolicy", "cnp": "CiliumNetworkPolicy",
+                 "ciliumclusterwidenetworkpolicy": "CiliumClusterwideNetworkPolicy",
+                 "ccnp": "CiliumClusterwideNetworkPolicy"}
+
+
+def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
+    from . import agent  # noqa: PLC0415
+
+    rec = _one_lab(lab)
+    reply = agent.request(rec.lab, {"op": "change", **payload})
     if as_json:
-        print(json.dumps(rec), flush=True)
-        return
-    src, dst = rec.get("source", {}), rec.get("destination", {})
-    verdict = rec.get("verdict", "")
-    colour = {"forwarded": "green", "denied": "red"}.get(verdict, "yellow")
-    policies = ", ".join(rec.get("policies", []))
-    console.print(f"{src.get('pod') or src.get('ip')} -> {dst.get('pod') or dst.get('ip')}:{dst.get('port', '')} "
-                  f"{rec.get('method', '')} {rec.get('path', '')} [{colour}]{verdict}[/] {rec.get('status', '')}"
-                  + (f" ({policies})" if policies else ""), highlight=False, soft_wrap=True)
+        _emit_json(reply)
+    if not reply.get("ok"):
+        if not as_json:
+            for err in reply.get("errors", []):
+                errconsole.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            errconsole.print(f"lab {rec.lab}: nothing changed", highlight=False)
+        return EXIT_SETUP
+    if not as_json:
+        for name in reply["added"]:
+            console.print(f"applied {name}", highlight=False)
+        for name in reply["removed"]:
+            console.print(f"deleted {name}", highlight=False)
+        console.print(f"lab {rec.lab}: {len(reply['policies'])} policies in force, "
+                      f"{reply['map_writes']} map entries written", highlight=False)
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    files = []
+    for path in args.files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                files.append({"path": path, "text": f.read()})
+        except OSError as exc:
+            raise L7LabError(f"{path}: cannot read: {exc.strerror}") from None
+    return _change(args.lab, {"apply": files}, args.json)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    kind = _KIND_ALIASES.get(args.kind.lower())
+    if kind is None:
+        raise L7LabError(f"unknown policy kind {args.kind!r}: expected NetworkPolicy (netpol), "
+                         "CiliumNetworkPolicy (cnp) or CiliumClusterwideNetworkPolicy (ccnp)")
+    namespace = "" if kind == "CiliumClusterwideNetworkPolicy" else (args.namespace or "default")
+    return _change(args.lab, {"delete": [{"kind": kind, "name": args.name, "namespace": namespace}]}, args.json)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    target = {"pod": "pod", "pods": "pod", "po": "pod", "namespace": "namespace", "namespaces": "namespace",
+              "ns": "namespace"}.get(args.target.lower())
+    if target is None:
+        raise L7LabError(f"label: expected 'pod' or 'namespace', got {args.target!r}")
+    set_labels: dict[str, str] = {}
+    remove: list[str] = []
+    for item in args.labels:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            set_labels[key] = value
+        elif item.endswith("-") and len(item) > 1 and not sep:
+            remove.append(item[:-1])
+        else:
+            raise L7LabError(f"label: expected KEY=VALUE or KEY- (to remove), got {item!r}")
+    name = args.name
+    if target == "pod" and "/" not in name:  # a short pod name, as `exec` takes, if it is unique
+        rec = _one_lab(args.lab)
+        matches = [k for k, e in rec.endpoints.items() if e.kind == "pod" and k.split("/")[-1] == name]
+        if len(matches) != 1:
+            raise L7LabError(f"label: {'ambiguous' if matches else 'unknown'} pod {name!r} in lab {rec.lab}; "
+                             f"pods: {', '.join(sorted(k for k, e in rec.endpoints.items() if e.kind == 'pod'))}")
+        name = matches[0]
+    return _change(args.lab, {"relabel": [{"target": target, "name": name, "set": set_labels,
+                                           "remove": remove}]}, args.json)
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -358,11 +450,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="answer every probe with the policy oracle alone (no root, no kernel)")
     p.set_defaults(func=cmd_run)
 
-    p = verb("observe", "print the L7 proxy's record of every HTTP request in a running lab")
+    p = verb("observe", "print a running lab's flows: the kernel's L3/L4 verdicts and the proxy's L7 records")
     p.add_argument("lab", nargs="?", help="lab name (needed when several labs are up)")
+    p.add_argument("--type", choices=("all", "flows", "l7"), default="all",
+                   help="only kernel flow records (flows) or only L7 records (l7)")
     p.add_argument("--follow", type=float, default=0.0, metavar="SECONDS",
                    help="keep printing new records for this many seconds")
     p.set_defaults(func=cmd_observe)
+
+    p = verb("apply", "apply policy manifests to a running lab (all or nothing)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="NetworkPolicy / CiliumNetworkPolicy / CCNP YAML")
+    p.add_argument("--lab", help="lab name (needed when several labs are up)")
+    p.set_defaults(func=cmd_apply)
+
+    p = verb("delete", "delete a policy from a running lab: l7lab delete cnp NAME -n NAMESPACE")
+    p.add_argument("kind", help="NetworkPolicy (netpol), CiliumNetworkPolicy (cnp) or CiliumClusterwideNetworkPolicy (ccnp)")
+    p.add_argument("name", help="the policy's metadata.name")
+    p.add_argument("-n", "--namespace", help="the policy's namespace (default: default; none for ccnp)")
+    p.add_argument("--lab", help="lab name (needed when several labs are up)")
+    p.set_defaults(func=cmd_delete)
+
+    p = verb("label", "change a pod's or namespace's labels in a running lab: l7lab label pod NS/NAME k=v k-")
+    p.add_argument("target", metavar="pod|namespace")
+    p.add_argument("name", help="NAMESPACE/POD or NAMESPACE")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-", help="set a label, or remove it with a trailing -")
+    p.add_argument("--lab", help="lab name (needed when several labs are up)")
+    p.set_defaults(func=cmd_label)
 
     p = verb("validate", "check scenario and policy files; report every error found")
     p.add_argument("files", nargs="+", metavar="FILE")

@@ -69,6 +69,16 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(own)
 
 
+def enter_netns(name: str) -> None:
+    """Move this thread, for good, into network namespace `name` (the lab agent lives in its
+    lab's node namespace, so whatever removes the lab's processes finds it too)."""
+    target = os.open(NETNS_DIR / name, os.O_RDONLY)
+    try:
+        _setns(target)
+    finally:
+        os.close(target)
+
+
 def socket_in(ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A non-blocking socket that lives in namespace `ns`."""
     with in_netns(ns):

@@ -61,3 +61,20 @@ def test_validate_reports_every_error_and_exit_1(tmp_path: Path) -> None:
     assert "connectivity.yaml: valid" in out.stdout
     good = l7lab("validate", *map(str, sorted((REPO / "scenarios").glob("*.yaml"))))
     assert good.returncode == 0, good.stderr
+
+
+def test_change_verbs_reject_bad_arguments_before_touching_a_lab(tmp_path: Path) -> None:
+    out = l7lab("label", "service", "x", "a=b", "--lab", "nolab")
+    assert out.returncode == 1 and "expected 'pod' or 'namespace'" in out.stderr
+    out = l7lab("label", "namespace", "shop", "a", "--lab", "nolab")
+    assert out.returncode == 1 and "expected KEY=VALUE or KEY- (to remove), got 'a'" in out.stderr
+    out = l7lab("delete", "service", "x", "--lab", "nolab")
+    assert out.returncode == 1 and "unknown policy kind 'service'" in out.stderr
+    out = l7lab("apply", str(tmp_path / "missing.yaml"), "--lab", "nolab")
+    assert out.returncode == 1 and "missing.yaml: cannot read" in out.stderr
+    policy = tmp_path / "p.yaml"
+    policy.write_text("kind: NetworkPolicy\n")
+    out = l7lab("apply", str(policy), "--lab", "nolab")
+    assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
+    out = l7lab("observe", "nolab")
+    assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr

@@ -1,0 +1,363 @@
+"""The lab agent: the process that keeps a lab started by `l7lab up` observable and changeable.
+
+Only the process that loaded the BPF programs holds their maps and ring buffer. `l7lab up`
+therefore forks this agent before anything is built; the agent compiles the datapath, builds
+the lab and reports READY (or every error) through a pipe, and the command exits with that
+answer. The agent then lives as long as the lab does:
+
+- in the lab's node namespace and in the lab's record, so `down` and `clean` stop it like any
+  other process of the lab;
+- draining the ring buffer: every kernel flow event becomes a line of `flows.jsonl` in the lab
+  directory (`dataplane/flows.py`), which `l7lab observe` merges with the proxy's L7 records;
+- rewriting `metrics.json` (packets and bytes by verdict, reason and direction) every second;
+- serving `agent.sock`: one JSON request per connection (`change`: apply / delete / relabel,
+  all-or-nothing through the policy engine, then the proxy reload and the map diff that `run`
+  uses; `status`: the applied policies and the metrics).
+
+Until READY the agent dies with the command (PR_SET_PDEATHSIG): killing `up` midway never
+leaves a builder running while `clean` removes what it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import lab as labmod
+from . import topology
+from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
+from .flows import KERNEL_FLOWS, kernel_record
+from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
+
+SOCKET_NAME = "agent.sock"
+METRICS_NAME = "metrics.json"
+BUILD_TIMEOUT = 300.0  # compile + namespaces + servers; the builder's own steps time out sooner
+REQUEST_TIMEOUT = 30.0
+MAX_REQUEST = 16 * 1024 * 1024
+POLL_MS = 100
+_PR_SET_PDEATHSIG = 1
+
+
+def socket_path(lab: str) -> Path:
+    return labmod.lab_dir(lab) / SOCKET_NAME
+
+
+# --------------------------------------------------------------------------- starting (in `up`)
+
+
+def start(scenario: Scenario, name: str) -> dict[str, Any]:
+    """Fork the agent, let it build lab `name`, and return its READY summary; raise what it hit."""
+    if labmod.record_path(name).exists() or topology.list_netns(labmod.lab_prefix(name)):
+        raise SetupError(f"lab {name!r} is already up (or left over from a crash); "
+                         f"run 'l7lab down {name}' or 'l7lab clean {name}' first")
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the agent
+        os.close(read_fd)
+        code = 1
+        try:
+            code = _agent_main(scenario, name, write_fd, parent)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        line = _read_line(read_fd, BUILD_TIMEOUT)
+    except BaseException:  # Ctrl-C while building: take back what was made
+        _abandon(pid, name)
+        raise
+    finally:
+        os.close(read_fd)
+    kind, _, payload = line.partition(b" ")
+    if kind == b"READY":
+        return json.loads(payload)
+    with contextlib.suppress(ChildProcessError):
+        if kind == b"ERROR":  # the agent took down what it had made, and exits
+            os.waitpid(pid, 0)
+            raise L7LabError("\n".join(json.loads(payload)))
+    # No answer: the agent died (or hung) while building. What it made is this lab's alone.
+    _abandon(pid, name)
+    raise SetupError(f"the agent of lab {name!r} stopped before the lab was up; nothing was left behind")
+
+
+def _abandon(pid: int, name: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    labmod.down(name)
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(timeout=left):
+                return b""
+            piece = os.read(fd, 65536)
+            if not piece:
+                return b""
+            data += piece
+    return data.split(b"\n", 1)[0]
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the command died before the call above took effect
+        os._exit(1)
+
+
+def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int) -> int:
+    os.setsid()
+    _die_with_parent(parent)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    try:
+        from .datapath import Datapath  # noqa: PLC0415 - bcc is imported by the loader only
+        from .policy import PolicyEngine  # noqa: PLC0415
+
+        policy = PolicyEngine(scenario)
+        datapath = Datapath(audit=scenario.settings.audit)
+        lab = labmod.Lab(scenario, name, datapath=datapath, policy=policy)
+        lab.up()
+    except (SourceError, ErrorList) as exc:
+        _send(ready_fd, "ERROR", [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])])
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the command
+        _send(ready_fd, "ERROR", [str(exc) if isinstance(exc, L7LabError) else f"{type(exc).__name__}: {exc}"])
+        return 1
+    try:
+        agent = Agent(lab)
+        agent.prepare()
+    except BaseException as exc:  # noqa: BLE001
+        lab.down()
+        _send(ready_fd, "ERROR", [f"the lab agent could not start: {exc}"])
+        return 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, 0)  # from here on the agent outlives the command
+    _send(ready_fd, "READY", {"lab": name, "status": lab.record.status, "endpoints": len(lab.record.endpoints),
+                              "node": lab.record.node, "agent": os.getpid()})
+    os.close(ready_fd)
+    return agent.serve()
+
+
+def _send(fd: int, kind: str, payload: Any) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{kind} {json.dumps(payload)}\n".encode())
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    """Serves one lab until it is taken down (or the agent is told to stop)."""
+
+    def __init__(self, lab: labmod.Lab) -> None:
+        self.lab = lab
+        self.dir = labmod.lab_dir(lab.name)
+        self.state = lab.policy.map_state()
+        self.names = {ep.ip: key for key, ep in lab.record.endpoints.items()}
+        self.names[lab.scenario.node_ip] = "node"  # the node's own stack, and the L7 proxy's upstreams
+        self.stopping = False
+        self.listener: socket.socket | None = None
+        self.flows: Any = None
+
+    def prepare(self) -> None:
+        rec = self.lab.record
+        rec.add(kind="process", pid=os.getpid(), start=labmod._proc_start_time(os.getpid()), netns=rec.node,
+                what="l7lab agent", log=str(self.dir / "agent.log"))
+        log = os.open(self.dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        topology.enter_netns(rec.node)
+        path = self.dir / SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        os.chmod(path, 0o600)  # root only: it changes what the kernel enforces
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115 - lives as long as the agent
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._stop)
+
+    def _stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def serve(self) -> int:
+        print(f"l7lab agent {os.getpid()} serving lab {self.lab.name}", flush=True)
+        assert self.listener is not None
+        next_metrics = 0.0
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.listener, selectors.EVENT_READ)
+                while not self.stopping:
+                    self.drain()
+                    for _key, _ in sel.select(timeout=0):
+                        self._accept()
+                    if time.monotonic() >= next_metrics:
+                        next_metrics = time.monotonic() + 1.0
+                        self.write_metrics()
+                        if not labmod.record_path(self.lab.name).exists():
+                            break  # the lab was taken down around us
+        finally:
+            self.listener.close()
+            self.flows.close()
+        return 0
+
+    # -- observation ---------------------------------------------------------------------
+    def drain(self, timeout_ms: int = POLL_MS) -> None:
+        events = self.lab.datapath.poll_events(timeout_ms=timeout_ms)
+        if not events:
+            return
+        # Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock time like the proxy's.
+        offset = time.time() - time.monotonic_ns() / 1e9
+        for ev in events:
+            self.flows.write(json.dumps(kernel_record(ev, self.state, self.names, offset + ev.ts_ns / 1e9),
+                                        separators=(",", ":")) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [{"verdict": v.name, "reason": r.name, "direction": d.name.lower(), "packets": p, "bytes": b}
+                for (v, r, d), (p, b) in sorted(self.lab.datapath.metrics_detail().items())]
+
+    def write_metrics(self) -> None:
+        tmp = self.dir / (METRICS_NAME + ".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({"time": time.time(), "metrics": self.metrics()}))
+            os.replace(tmp, self.dir / METRICS_NAME)
+
+    # -- requests --------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.setblocking(True)
+            conn.settimeout(REQUEST_TIMEOUT)
+            try:
+                request = json.loads(_recv_line(conn))
+                reply = self.handle(request)
+            except (OSError, ValueError) as exc:
+                reply = {"ok": False, "errors": [f"bad request to the agent: {exc}"]}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics()}
+        if op == "change":
+            try:
+                return self.change(request)
+            except (SourceError, ErrorList) as exc:
+                return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}
+            except L7LabError as exc:
+                return {"ok": False, "errors": [str(exc)]}
+        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change' or 'status'"]}
+
+    def policies(self) -> list[str]:
+        return sorted(p.display for p in self.lab.policy.policies.values())
+
+    def change(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Apply, delete and relabel as one step: every part is checked before anything changes."""
+        from .yamlsource import load_documents  # noqa: PLC0415
+
+        engine, scenario = self.lab.policy, self.lab.scenario
+        errors: list[SourceError] = []
+        sources: list[PolicySource] = []
+        for item in request.get("apply", []):
+            try:
+                sources += [PolicySource(doc) for doc in load_documents(item["text"], item["path"])]
+            except SourceError as exc:
+                errors.append(exc)
+        deletes = [PolicyRef(d["kind"], d["name"], d.get("namespace", "")) for d in request.get("delete", [])]
+        for ref in deletes:
+            if (ref.kind, ref.namespace, ref.name) not in engine.policies:
+                what = f"{ref.kind} {ref.namespace + '/' if ref.namespace else ''}{ref.name}"
+                errors.append(SourceError(SourceLocation("delete"), f"no policy {what} is applied "
+                                                                    f"(applied: {', '.join(self.policies()) or 'none'})"))
+        relabels = [Relabel(r["target"], r["name"], dict(r.get("set", {})), tuple(r.get("remove", ())))
+                    for r in request.get("relabel", [])]
+        for r in relabels:
+            known = scenario.pods if r.target == "pod" else scenario.namespaces
+            if r.name not in known:
+                errors.append(SourceError(SourceLocation("label"), f"no {r.target} {r.name!r} in lab {self.lab.name} "
+                                                                   f"(known: {', '.join(sorted(known))})"))
+        ErrorList.raise_if_any(errors)
+        before = self.policies()
+        engine.apply_step(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels)))
+        self.drain(timeout_ms=0)  # earlier events are named by the state they were decided under
+        state = engine.map_state()
+        stats = self.lab.sync_policy(state)
+        self.state = state
+        for r in relabels:
+            if r.target == "pod":
+                labels = self.lab.record.endpoints[r.name].labels
+                labels.update(r.set)
+                for key in r.remove:
+                    labels.pop(key, None)
+        self.lab.record.save()
+        after = self.policies()
+        return {"ok": True, "policies": after, "added": sorted(set(after) - set(before)),
+                "removed": sorted(set(before) - set(after)),
+                "map_writes": stats.total if stats is not None else 0}
+
+
+def _recv_line(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        piece = conn.recv(65536)
+        if not piece:
+            break
+        data += piece
+        if len(data) > MAX_REQUEST:
+            raise ValueError(f"request larger than {MAX_REQUEST} bytes")
+    return data.split(b"\n", 1)[0]
+
+
+# --------------------------------------------------------------------------- the CLI's side
+
+
+def request(lab: str, payload: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+    """Send one request to the agent of `lab` and return its reply."""
+    path = socket_path(lab)
+    if not labmod.record_path(lab).exists():
+        raise SetupError(f"lab {lab!r} is not up")
+    if not path.exists():
+        raise SetupError(f"lab {lab!r} has no agent (a lab left up by 'run --keep' takes no changes; "
+                         f"bring it up with 'l7lab up')")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            line = _recv_line(sock)
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise SetupError(f"the agent of lab {lab!r} is not running (it may have been killed); "
+                             f"the lab still enforces its last policy; 'l7lab down {lab}' removes it") from None
+        except OSError as exc:
+            raise SetupError(f"the agent of lab {lab!r} did not answer: {exc}") from None
+    if not line:
+        raise SetupError(f"the agent of lab {lab!r} closed the connection without answering")
+    return json.loads(line)

@@ -1,0 +1,106 @@
+"""Flow records: the one format in which a lab reports what happened to its traffic.
+
+Two producers write JSON lines into the lab's directory (/run/l7lab/<lab>/):
+
+    flows.jsonl      the kernel's L3/L4 events (one per new-flow verdict and per drop), written
+                     by the lab agent from the datapath's ring buffer: `kernel_record()` here
+    l7-events.jsonl  the L7 proxy's records (one per HTTP request): `proxy/events.py`
+
+Both carry `time` (unix seconds), `source` and `destination` objects ({ip, port, pod,
+identity}) and `verdict`; a kernel record has `type: "flow"`, an L7 record `type: "l7"` (added
+when read: the proxy's own lines have no `type`). `observe` merges the two by time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
+TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
+KERNEL_FLOWS = "flows.jsonl"
+PROXY_RECORDS = "l7-events.jsonl"
+
+
+def kernel_record(ev: Any, state: Any, names: dict[str, str], when: float) -> dict[str, Any]:
+    """A datapath FlowEvent as a flow record; `names` maps addresses to pod / world host names,
+    `state` (the MapState in force) names the endpoint and the policy rule that decided."""
+    rule = state.rules.get(ev.rule_id) if ev.rule_id else None
+    endpoint = state.endpoints.get(ev.endpoint_id)
+    return {
+        "type": "flow",
+        "time": round(when, 6),
+        "verdict": ev.verdict.name,
+        "reason": ev.reason.name,
+        "direction": ev.direction.name.lower(),
+        "endpoint": endpoint.name if endpoint is not None else "",
+        "hook": ev.hook.name.lower(),
+        "protocol": PROTOCOLS.get(ev.protocol, str(ev.protocol)),
+        "source": {"ip": ev.src, "port": ev.sport, "pod": names.get(ev.src, ""), "identity": ev.src_identity},
+        "destination": {"ip": ev.dst, "port": ev.dport, "pod": names.get(ev.dst, ""), "identity": ev.dst_identity},
+        "policy": f"{rule.policy} {rule.section}[{rule.rule_index}]" if rule is not None else "",
+        "proxy_port": ev.proxy_port,
+        "tcp_flags": [name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit] if ev.protocol == 6 else [],
+        "bytes": ev.length,
+    }
+
+
+def describe(rec: dict[str, Any]) -> str:
+    """One line for people (rich markup for the verdict)."""
+    src, dst = rec.get("source", {}), rec.get("destination", {})
+    left = src.get("pod") or src.get("ip", "")
+    right = f"{dst.get('pod') or dst.get('ip', '')}:{dst.get('port', '')}"
+    if rec.get("type") == "flow":
+        verdict = rec.get("verdict", "")
+        colour = {"FORWARD": "green", "REDIRECT": "cyan", "DROP": "red", "AUDIT": "yellow"}.get(verdict, "white")
+        text = f"L3/L4 {left} -> {right} {rec.get('protocol', '')} [{colour}]{verdict}[/]"
+        if rec.get("reason") not in (None, "", "NONE"):
+            text += f" {rec['reason']}"
+        if rec.get("endpoint"):
+            text += f" at {rec.get('direction', '')} of {rec['endpoint']}"
+        if rec.get("policy"):
+            text += f" by {rec['policy']}"
+        if verdict == "REDIRECT":
+            text += f" to proxy port {rec.get('proxy_port')}"
+        return text
+    verdict = rec.get("verdict", "")
+    colour = {"forwarded": "green", "denied": "red"}.get(verdict, "yellow")
+    policies = ", ".join(rec.get("policies", []))
+    return (f"L7    {left} -> {right} {rec.get('method', '')} {rec.get('path', '')} [{colour}]{verdict}[/] "
+            f"{rec.get('status', '')}" + (f" ({policies})" if policies else ""))
+
+
+@dataclass
+class RecordTail:
+    """Reads complete new lines from a lab's record files, remembering where it stopped."""
+
+    lab_dir: Path
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def read(self) -> list[dict[str, Any]]:
+        """New records of both files since the last call, in time order."""
+        out: list[dict[str, Any]] = []
+        for name, kind in ((KERNEL_FLOWS, "flow"), (PROXY_RECORDS, "l7")):
+            out += [{"type": kind, **rec} for rec in self._lines(name)]
+        out.sort(key=lambda r: r.get("time", 0.0))
+        return out
+
+    def _lines(self, name: str) -> Iterator[dict[str, Any]]:
+        path = self.lab_dir / name
+        if not path.exists():
+            return
+        offset = self.offsets.get(name, 0)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a line still being written: read it whole next time
+                offset += len(line)
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue  # a torn line after a crash; never stop observing for it
+        self.offsets[name] = offset

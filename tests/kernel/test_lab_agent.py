@@ -1,0 +1,209 @@
+"""A lab started with `l7lab up` keeps its agent: the kernel's flow records and the proxy's L7
+records through `observe`, policy changes through `apply`, `delete` and `label`, all on real
+traffic; a change that fails changes nothing; a killed agent leaves the lab enforcing and
+`down` still removes everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataplane import lab as labmod
+from tests.conftest import REPO, unique_lab
+from tests.kernel.test_lab_lifecycle import leftovers, nothing_left
+
+pytestmark = pytest.mark.kernel
+
+L7LAB = [sys.executable, "-m", "dataplane.cli"]
+RETAIL = REPO / "scenarios" / "retail.yaml"
+READ_ONLY = "CiliumNetworkPolicy retail/inventory-read-only"
+
+AUDITOR_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: auditors-read
+  namespace: retail
+spec:
+  endpointSelector:
+    matchLabels: {app: inventory-api}
+  ingress:
+    - fromEndpoints:
+        - matchLabels: {role: auditor}
+      toPorts:
+        - ports: [{port: "8080", protocol: TCP}]
+"""
+
+BROKEN_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: broken, namespace: retail}
+spec:
+  endpointSelector: {}
+  ingress:
+    - fromCIDR: [300.1.1.1/8]
+"""
+
+
+def l7lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def retail() -> Iterator[str]:
+    name = unique_lab("ag")
+    up = l7lab("up", str(RETAIL), "--name", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        yield name
+    finally:
+        assert l7lab("down", name).returncode == 0
+        assert nothing_left(name), leftovers(name)
+
+
+def curl(lab: str, pod: str, url: str, *extra: str, max_time: str = "3") -> subprocess.CompletedProcess[str]:
+    return l7lab("exec", "--lab", lab, pod, "--", "curl", "-s", "-m", max_time, *extra, url)
+
+
+def reaches(lab: str, pod: str, url: str) -> bool:
+    """True if the backend itself answered; False if the connection timed out (dropped)."""
+    out = curl(lab, pod, url, max_time="1")
+    if out.returncode == 28:
+        return False
+    assert out.returncode == 0, out
+    return bool(json.loads(out.stdout)["endpoint"])
+
+
+def observe(lab: str, until: Callable[[list[dict[str, Any]]], bool], *args: str) -> list[dict[str, Any]]:
+    """`observe --json` until its records satisfy `until` (the agent writes flows within ~0.1 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = l7lab("observe", lab, "--json", *args)
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(line) for line in out.stdout.splitlines()]
+        if until(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def agent_status(lab: str) -> dict[str, Any]:
+    out = l7lab("status", lab, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)[0]
+
+
+def test_observe_shows_kernel_flows_and_l7_records(retail: str) -> None:
+    inventory = "http://inventory-api:8080/api/inventory/1"
+    denied = curl(retail, "frontend-app", inventory, "-X", "DELETE")
+    assert denied.stdout.strip() == "Access denied"
+    assert json.loads(curl(retail, "frontend-app", inventory).stdout)["endpoint"] == "retail/inventory-api"
+    assert not reaches(retail, "reporting", inventory)
+
+    def complete(records: list[dict[str, Any]]) -> bool:
+        return (len([r for r in records if r["type"] == "l7"]) >= 2
+                and any(r["type"] == "flow" and r["verdict"] == "DROP" for r in records))
+    records = observe(retail, complete)
+    l7 = [r for r in records if r["type"] == "l7"]
+    assert [(r["method"], r["status"], r["verdict"]) for r in l7] == [("DELETE", 403, "denied"), ("GET", 200, "forwarded")]
+    assert all(r["source"]["pod"] == "retail/frontend-app" and r["destination"]["pod"] == "retail/inventory-api"
+               and READ_ONLY in r["policies"] for r in l7)
+    flows = [r for r in records if r["type"] == "flow"]
+    redirects = [f for f in flows if f["verdict"] == "REDIRECT"]
+    # One kernel record per connection handed to the proxy, beside the proxy's record of it.
+    assert len(redirects) == 2 and all(
+        (f["source"]["pod"], f["destination"]["pod"], f["destination"]["port"], f["protocol"]) ==
+        ("retail/frontend-app", "retail/inventory-api", 8080, "TCP")
+        and f["policy"] == f"{READ_ONLY} ingress[0]" and f["proxy_port"] == 15001 for f in redirects)
+    drops = [f for f in flows if f["verdict"] == "DROP"]
+    assert drops and all((f["source"]["pod"], f["reason"], f["direction"], f["endpoint"]) ==
+                         ("retail/reporting", "POLICY_DENIED", "ingress", "retail/inventory-api") for f in drops)
+    assert all("SYN" in f["tcp_flags"] for f in drops)
+    times = [r["time"] for r in records]
+    assert times == sorted(times)  # one stream, in time order
+    only_l7 = observe(retail, lambda r: True, "--type", "l7")
+    assert {r["type"] for r in only_l7} == {"l7"} and len(only_l7) == 2
+    text = l7lab("observe", retail).stdout
+    assert "DELETE /api/inventory/1 denied 403" in text
+    assert "retail/reporting -> retail/inventory-api:8080 TCP DROP POLICY_DENIED at ingress of retail/inventory-api" in text
+    metrics = json.loads((labmod.lab_dir(retail) / "metrics.json").read_text())["metrics"]
+    assert any(m["verdict"] == "DROP" and m["reason"] == "POLICY_DENIED" and m["packets"] >= 1 for m in metrics)
+
+
+def test_apply_label_delete_change_enforcement_at_once(retail: str, tmp_path: Path) -> None:
+    url = "http://inventory-api:8080/api/inventory/1"
+    policy = tmp_path / "auditors.yaml"
+    policy.write_text(AUDITOR_POLICY)
+    assert not reaches(retail, "reporting", url)
+
+    out = l7lab("apply", "--lab", retail, str(policy))
+    assert out.returncode == 0 and "applied CiliumNetworkPolicy retail/auditors-read" in out.stdout, out
+    assert not reaches(retail, "reporting", url)  # no pod is an auditor yet
+
+    out = l7lab("label", "pod", "reporting", "role=auditor", "--lab", retail)
+    assert out.returncode == 0, out.stderr
+    assert reaches(retail, "reporting", url)
+    status = agent_status(retail)
+    assert {e["name"]: e for e in status["endpoints"]}["retail/reporting"]["labels"] == {"app": "reporting", "role": "auditor"}
+    assert "CiliumNetworkPolicy retail/auditors-read" in status["agent"]["policies"]
+
+    assert l7lab("label", "pod", "retail/reporting", "role-", "--lab", retail).returncode == 0
+    assert not reaches(retail, "reporting", url)
+    assert l7lab("label", "pod", "retail/reporting", "role=auditor", "--lab", retail).returncode == 0
+    assert reaches(retail, "reporting", url)
+
+    out = l7lab("delete", "cnp", "auditors-read", "-n", "retail", "--lab", retail, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["removed"] == ["CiliumNetworkPolicy retail/auditors-read"]
+    assert not reaches(retail, "reporting", url)
+    # The L7 rules still hold through all of it.
+    assert curl(retail, "frontend-app", url, "-X", "DELETE").stdout.strip() == "Access denied"
+
+
+def test_a_failed_change_changes_nothing(retail: str, tmp_path: Path) -> None:
+    good, bad = tmp_path / "auditors.yaml", tmp_path / "broken.yaml"
+    good.write_text(AUDITOR_POLICY)
+    bad.write_text(BROKEN_POLICY)
+    assert l7lab("label", "pod", "reporting", "role=auditor", "--lab", retail).returncode == 0
+    before = agent_status(retail)["agent"]["policies"]
+
+    out = l7lab("apply", "--lab", retail, str(good), str(bad))
+    assert out.returncode == 1
+    assert f"{bad}:7: CiliumNetworkPolicy retail/broken: spec.ingress[0].fromCIDR[0]: invalid CIDR '300.1.1.1/8'" in out.stderr
+    assert "nothing changed" in out.stderr
+    assert agent_status(retail)["agent"]["policies"] == before
+    assert not reaches(retail, "reporting", "http://inventory-api:8080/")  # the good file was not applied either
+
+    out = l7lab("delete", "cnp", "no-such-policy", "-n", "retail", "--lab", retail)
+    assert out.returncode == 1 and "no policy CiliumNetworkPolicy retail/no-such-policy is applied" in out.stderr
+    out = l7lab("label", "pod", "retail/nobody", "a=b", "--lab", retail)
+    assert out.returncode == 1 and "no pod 'retail/nobody'" in out.stderr
+    out = l7lab("label", "namespace", "retail", "not a label", "--lab", retail)
+    assert out.returncode == 1 and "expected KEY=VALUE or KEY-" in out.stderr
+    assert agent_status(retail)["agent"]["policies"] == before
+
+
+def test_killed_agent_leaves_the_lab_enforcing_and_down_cleans_up(retail: str, tmp_path: Path) -> None:
+    pid = agent_status(retail)["agent"]["pid"]
+    # The agent lives in the lab's node namespace, so whatever removes the lab finds it.
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{labmod.node_netns(retail)}").st_ino
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    url = "http://inventory-api:8080/api/inventory/1"
+    assert json.loads(curl(retail, "frontend-app", url).stdout)["endpoint"] == "retail/inventory-api"
+    assert curl(retail, "frontend-app", url, "-X", "DELETE").stdout.strip() == "Access denied"
+    assert not reaches(retail, "reporting", url)
+    policy = tmp_path / "auditors.yaml"
+    policy.write_text(AUDITOR_POLICY)
+    out = l7lab("apply", "--lab", retail, str(policy))
+    assert out.returncode == 1 and "is not running" in out.stderr
+    assert agent_status(retail)["agent"]["running"] is False
