@@ -7,10 +7,12 @@ green run that skipped the kernel proves nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +46,16 @@ def require_kernel() -> None:
 def unique_lab(prefix: str = "t") -> str:
     """A lab name no other test (or parallel run) uses."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def patient(scenario: Any, timeout: float = 5.0) -> Any:
+    """The scenario with every probe that expects an answer given `timeout` seconds: on a loaded
+    machine a slow answer must not pass for a drop. Probes that expect `dropped` keep theirs
+    (they always wait it out)."""
+    steps = tuple(dataclasses.replace(step, probes=tuple(
+        p if p.expect == "dropped" else dataclasses.replace(p, timeout=max(p.timeout, timeout)) for p in step.probes))
+        for step in scenario.steps)
+    return dataclasses.replace(scenario, steps=steps)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

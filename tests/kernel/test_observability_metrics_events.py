@@ -57,7 +57,19 @@ def send(klab: KernelLab, batch: list, timeout_dropped: float = 0.4) -> list[tup
         for _ in range(flows):
             obs = klab.observe(src, dst, port, proto, timeout_dropped)
             sent.append((src, dst, proto, port, obs.extra["sport"], obs.outcome))
+            # A later flow may get the same (random) source port: it must be new to conntrack
+            # too, and so produce its own event. Flushing changes no counter.
+            klab.datapath.flush_conntrack()
     return sent
+
+
+def flow_key(klab: KernelLab, src: str, dst: str, proto: str, port: int, sport: int) -> tuple:
+    return (ip_of(klab, src), sport, ip_of(klab, dst), port, 17 if proto == "UDP" else 6)
+
+
+def flows_per_key(klab: KernelLab, sent: list) -> Counter:
+    """How many of the flows sent share each 5-tuple (source ports are random and may repeat)."""
+    return Counter(flow_key(klab, src, dst, proto, port, sport) for src, dst, proto, port, sport, _ in sent)
 
 
 def ip_of(klab: KernelLab, name: str) -> str:
@@ -124,9 +136,11 @@ def test_metrics_and_events_count_and_describe_each_flow(klab: KernelLab) -> Non
     expected_drop = {"x/a": (DropReason.POLICY_DENIED, Direction.INGRESS, None),
                      "y/a": (DropReason.POLICY_EXPLICIT_DENY, Direction.INGRESS, ("CiliumNetworkPolicy y/deny-z", "ingressDeny", 0)),
                      "w1": (DropReason.POLICY_DENIED, Direction.EGRESS, None)}
+    per_key = flows_per_key(klab, dropped + allowed)
     for src, dst, proto, port, sport, _ in dropped:
-        evs = by_flow[(ip_of(klab, src), sport, ip_of(klab, dst), port, 17)]
-        assert len(evs) == 1, evs
+        key = flow_key(klab, src, dst, proto, port, sport)
+        evs = by_flow[key]
+        assert len(evs) == per_key[key], evs  # one event per flow
         ev = evs[0]
         reason, direction, rule = expected_drop[dst]
         assert (ev.verdict, ev.reason, ev.direction) == (FlowVerdict.DROP, reason, direction)
@@ -141,8 +155,9 @@ def test_metrics_and_events_count_and_describe_each_flow(klab: KernelLab) -> Non
     expected_allow = {"z/b": None, "x/c": ("NetworkPolicy x/allow-y", "ingress", 0),
                       "y/a": ("CiliumNetworkPolicy y/deny-z", "ingress", 0)}
     for src, dst, proto, port, sport, _ in allowed:
-        evs = by_flow[(ip_of(klab, src), sport, ip_of(klab, dst), port, 17)]
-        assert len(evs) == 1, evs  # one event per new flow; the echo is a reply: no event
+        key = flow_key(klab, src, dst, proto, port, sport)
+        evs = by_flow[key]
+        assert len(evs) == per_key[key], evs  # one event per new flow; the echo is a reply: no event
         ev = evs[0]
         assert (ev.verdict, ev.reason, ev.direction) == (FlowVerdict.FORWARD, DropReason.NONE, Direction.INGRESS)
         check_event_identities(klab, ev, src, dst, proto, port)
@@ -188,9 +203,11 @@ def test_audit_mode_passes_would_be_drops_and_reports_audit(klab: KernelLab) -> 
         (FlowVerdict.AUDIT, DropReason.POLICY_DENIED, Direction.EGRESS): 2,
     }
     by_flow = events_by_flow(klab, events)
+    per_key = flows_per_key(klab, sent + tcp)
     for src, dst, proto, port, sport, _ in sent + tcp:
-        evs = by_flow[(ip_of(klab, src), sport, ip_of(klab, dst), port, 17 if proto == "UDP" else 6)]
-        assert [e.verdict for e in evs] == [FlowVerdict.AUDIT], evs
+        key = flow_key(klab, src, dst, proto, port, sport)
+        evs = by_flow[key]
+        assert [e.verdict for e in evs] == [FlowVerdict.AUDIT] * per_key[key], evs
         check_event_identities(klab, evs[0], src, dst, proto, port)
         decision = engine.verdict(Flow.from_probe(make_probe(klab.scenario, src, dst, port, proto, "allowed", 1)))
         assert decision.outcome == "allowed" and decision.audited
