@@ -306,10 +306,18 @@ class Agent:
                                                                    f"(known: {', '.join(sorted(known))})"))
         ErrorList.raise_if_any(errors)
         before = self.policies()
+        # apply_step replaces these whole, so the old objects are a complete snapshot to go back to.
+        saved = (engine.policies, engine.pod_labels, engine.namespace_labels, engine.resolution)
         engine.apply_step(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels)))
         self.drain(timeout_ms=0)  # earlier events are named by the state they were decided under
         state = engine.map_state()
-        stats = self.lab.sync_policy(state)
+        try:
+            stats = self.lab.sync_policy(state)
+        except L7LabError as exc:  # e.g. the proxy did not confirm its new rules: go back whole
+            engine.policies, engine.pod_labels, engine.namespace_labels, engine.resolution = saved
+            with contextlib.suppress(L7LabError):
+                self.lab.sync_policy(engine.map_state())
+            raise L7LabError(f"the change could not be enforced and was rolled back: {exc}") from None
         self.state = state
         for r in relabels:
             if r.target == "pod":

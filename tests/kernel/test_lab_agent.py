@@ -212,3 +212,25 @@ def test_killed_agent_leaves_the_lab_enforcing_and_down_cleans_up(retail: str, t
     out = l7lab("apply", "--lab", retail, str(policy))
     assert out.returncode == 1 and "is not running" in out.stderr
     assert agent_status(retail)["agent"]["running"] is False
+
+
+def test_a_change_the_proxy_cannot_confirm_is_rolled_back(retail: str, tmp_path: Path) -> None:
+    """The proxy is frozen (SIGSTOP): it cannot confirm new L7 rules, so the change is refused
+    and undone; the kernel and the proxy keep the policy they had."""
+    rec = labmod.LabRecord.load(retail)
+    proxy = next(r["pid"] for r in rec.resources if r["kind"] == "process" and "proxy" in r.get("what", ""))
+    policy = tmp_path / "auditors.yaml"
+    policy.write_text(AUDITOR_POLICY)
+    before = agent_status(retail)["agent"]["policies"]
+    os.kill(proxy, signal.SIGSTOP)
+    try:
+        out = l7lab("apply", "--lab", retail, str(policy))
+    finally:
+        os.kill(proxy, signal.SIGCONT)
+    assert out.returncode == 1 and "could not be enforced and was rolled back" in out.stderr, out
+    assert agent_status(retail)["agent"]["policies"] == before
+    assert l7lab("label", "pod", "reporting", "role=auditor", "--lab", retail).returncode == 0
+    assert not reaches(retail, "reporting", "http://inventory-api:8080/", False)  # the allow never took effect
+    url = "http://inventory-api:8080/api/inventory/1"
+    assert curl(retail, "frontend-app", url, "-X", "DELETE").stdout.strip() == "Access denied"
+    assert json.loads(curl(retail, "frontend-app", url).stdout)["endpoint"] == "retail/inventory-api"
