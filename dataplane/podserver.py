@@ -5,7 +5,8 @@ Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endp
 so a probe can check that the backend itself answered and what exactly reached it (or, when the
 request asks for it with X-L7lab-Response-Bytes, a large streamed body); each request is also
 appended to a JSON-lines log (the record of what a backend really received). UDP
-datagrams are answered with JSON of what arrived.
+datagrams are answered with JSON of what arrived, except on UDP port 53, which answers DNS
+questions from the lab's own names.
 
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
 seconds in a namespace with no DNS), and prints READY once every port is listening.
@@ -105,6 +106,63 @@ def pattern_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
+DNS_PORT = 53
+
+
+def read_hosts(path: str = "/etc/hosts") -> dict[str, list[str]]:
+    """name (lower case) -> addresses, from a hosts file (the lab writes one per namespace)."""
+    names: dict[str, list[str]] = {}
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return names
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        for name in fields[1:]:
+            names.setdefault(name.lower().rstrip("."), []).append(fields[0])
+    return names
+
+
+class _DnsServer(asyncio.DatagramProtocol):
+    """The lab's DNS: answers A questions from the lab's own names (the namespace's hosts file),
+    NXDOMAIN for names it does not know; every question is logged like an HTTP request."""
+
+    def __init__(self, identity: dict[str, str], log: Any) -> None:
+        self.identity, self.log = identity, log
+        self.names = read_hosts()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        import dns.flags  # noqa: PLC0415 - only DNS ports need it
+        import dns.message  # noqa: PLC0415
+        import dns.rcode  # noqa: PLC0415
+        import dns.rdatatype  # noqa: PLC0415
+        import dns.rrset  # noqa: PLC0415
+
+        try:
+            query = dns.message.from_wire(data)
+            question = query.question[0]
+        except Exception:  # noqa: BLE001 - not DNS: no answer, as a real server
+            return
+        name = question.name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(question.rdtype)
+        reply = dns.message.make_response(query)
+        reply.flags |= dns.flags.AA
+        addresses = self.names.get(name)
+        if addresses is None:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text_list(question.name, 30, "IN", "A", addresses))
+        if self.log is not None:
+            self.log.write(json.dumps({**self.identity, "dns": name, "type": qtype, "rcode": dns.rcode.to_text(reply.rcode()),
+                                       "client": f"{addr[0]}:{addr[1]}"}) + "\n")
+        assert self.transport is not None
+        self.transport.sendto(reply.to_wire(), addr)
+
+
 class _UdpEcho(asyncio.DatagramProtocol):
     def __init__(self, identity: dict[str, str]) -> None:
         self.identity = identity
@@ -133,7 +191,10 @@ async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log_p
         sock.bind(("0.0.0.0", port))
         await web.SockSite(runner, sock, shutdown_timeout=0.1).start()
     for port in udp_ports:
-        await loop.create_datagram_endpoint(lambda: _UdpEcho(identity), local_addr=("0.0.0.0", port))
+        if port == DNS_PORT:  # UDP 53 is the lab's DNS, every other UDP port an echo
+            await loop.create_datagram_endpoint(lambda: _DnsServer(identity, log), local_addr=("0.0.0.0", port))
+        else:
+            await loop.create_datagram_endpoint(lambda: _UdpEcho(identity), local_addr=("0.0.0.0", port))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

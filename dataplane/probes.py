@@ -5,7 +5,8 @@ A probe's socket is opened inside the source pod's namespace, so the packets lea
 pod's eth0 and cross the node exactly as the pod's own traffic does. What was observed:
 
     allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
-              the endpoint field of its JSON), for HTTP with its response; for UDP its echo
+              the endpoint field of its JSON), for HTTP with its response; for UDP its echo;
+              for a DNS question any answer but REFUSED (NOERROR, NXDOMAIN)
     dropped   no connection (connect timed out) or, for UDP, no answer before the timeout
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
@@ -166,9 +167,48 @@ async def probe_udp(probe: Probe, src_netns: str) -> Observation:
         sock.close()
 
 
+async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                        started: float) -> Observation:
+    """One DNS question: REFUSED is `refused` (the DNS proxy's answer to a query no rule
+    allows), any other answer of the server `allowed`, silence `dropped`."""
+    import dns.exception  # noqa: PLC0415 - only DNS probes need it
+    import dns.message  # noqa: PLC0415
+    import dns.rcode  # noqa: PLC0415
+
+    assert probe.dns is not None
+    query = dns.message.make_query(probe.dns.name, probe.dns.type)
+    await loop.sock_sendall(sock, query.to_wire())
+    deadline = started + probe.timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return Observation("dropped", f"no DNS answer within {probe.timeout:g}s", elapsed=time.monotonic() - started)
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
+        except asyncio.TimeoutError:
+            continue
+        except ConnectionRefusedError:
+            return Observation("refused", "ICMP port unreachable: no DNS server on that port", elapsed=time.monotonic() - started)
+        try:
+            reply = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            continue
+        if reply.id != query.id:
+            continue
+        rcode = dns.rcode.to_text(reply.rcode())
+        answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+        body = {"rcode": rcode, "answers": answers}
+        elapsed = time.monotonic() - started
+        if reply.rcode() == dns.rcode.REFUSED:
+            return Observation("refused", f"DNS {rcode} for {probe.dns.name}", body=body, elapsed=elapsed)
+        return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body, elapsed=elapsed)
+
+
 async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop, nonce: str,
                         started: float) -> Observation:
     dest = probe.destination
+    if probe.dns is not None:
+        return await _dns_exchange(probe, sock, loop, started)
     await loop.sock_sendall(sock, f"l7lab-probe {nonce}".encode())
     deadline = started + probe.timeout
     while True:

@@ -121,6 +121,20 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class DnsQuery:
+    """A DNS question a probe asks (over UDP): `name` and record `type`."""
+
+    name: str
+    type: str = "A"
+
+    def __str__(self) -> str:
+        return f"DNS {self.type} {self.name}"
+
+
+DNS_TYPES = ("A", "AAAA", "TXT", "CNAME", "MX", "NS", "SOA", "SRV", "PTR", "ANY")
+
+
+@dataclass(frozen=True)
 class Probe:
     source: str  # pod key
     destination: Destination
@@ -129,6 +143,7 @@ class Probe:
     http: HttpRequest | None
     timeout: float
     location: SourceLocation
+    dns: DnsQuery | None = None  # a DNS query instead of a plain datagram (UDP only)
 
     @property
     def host_header(self) -> str:
@@ -139,6 +154,8 @@ class Probe:
 
     @property
     def request_text(self) -> str:
+        if self.dns is not None:
+            return str(self.dns)
         if self.protocol == "UDP":
             return "datagram"
         return str(self.http) if self.http else "GET /"
@@ -451,9 +468,16 @@ class _Builder:
         if source is None:
             self.err(where + ("from",), self._unknown_pod(scenario, raw["from"]))
             return None
-        protocol: Protocol = raw.get("protocol", "TCP")
+        protocol: Protocol = raw.get("protocol", "UDP" if "dns" in raw else "TCP")
         if raw.get("http") is not None and protocol != "TCP":
             self.err(where + ("http",), "an HTTP request needs protocol TCP")
+        dns = None
+        if "dns" in raw:
+            dns = DnsQuery(raw["dns"]["name"].rstrip(".").lower(), raw["dns"].get("type", "A"))
+            if protocol != "UDP":
+                self.err(where + ("protocol",), "a DNS probe asks over UDP: protocol must be UDP (or left out)")
+            if "http" in raw:
+                self.err(where + ("dns",), "a probe sends either an HTTP request or a DNS query, not both")
         target, _, port_text = raw["to"].rpartition(":") if ":" in raw["to"] else (raw["to"], "", "")
         port = 0
         if port_text:
@@ -483,6 +507,8 @@ class _Builder:
             return None
         if not port:
             candidates = [p.port for p in ports if p.protocol == protocol]
+            if dns is not None and 53 in candidates:
+                candidates = [53]
             if not candidates:
                 self.err(where + ("to",), f"{target!r} declares no {protocol} port; write {target}:PORT")
                 return None
@@ -498,7 +524,7 @@ class _Builder:
             self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, dropped or refused")
         return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
                      http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
-                     location=self.doc.location(where))
+                     location=self.doc.location(where), dns=dns)
 
 
 def parse_scenario(doc: Document, file: Path) -> Scenario:
@@ -515,11 +541,13 @@ def parse_scenario(doc: Document, file: Path) -> Scenario:
 
 
 def make_probe(scenario: Scenario, source: str, to: str, protocol: str = "TCP",
-               http: HttpRequest | None = None, expect: str = "allowed") -> Probe:
+               http: HttpRequest | None = None, expect: str = "allowed", dns: DnsQuery | None = None) -> Probe:
     """A probe built from command-line words, checked as a scenario's probes are."""
     raw: dict[str, Any] = {"from": source, "to": to, "protocol": protocol, "expect": expect}
     if http is not None:
         raw["http"] = {"method": http.method, "path": http.path, "headers": dict(http.headers), "body": http.body}
+    if dns is not None:
+        raw["dns"] = {"name": dns.name, "type": dns.type}
     doc = Document(raw, "<command line>", {})
     builder = _Builder(doc, Path(scenario.path))
     probe = builder.probe(scenario, (), raw)

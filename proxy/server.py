@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from .events import EventLog, L7Record
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
@@ -56,6 +56,7 @@ class ProxyServer:
         self.events = events or EventLog()
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
+        self.dns: Any = None  # proxy.dns.DnsProxy once started
 
     def listening_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -68,14 +69,24 @@ class ProxyServer:
         return sock
 
     async def start(self) -> None:
+        from .dns import DnsProxy  # noqa: PLC0415 - the UDP (DNS) side on the same port number
+
         sock = self.listening_socket()
         self.port = sock.getsockname()[1]
         self._server = await asyncio.start_server(self._accept, sock=sock, limit=PIECE)
+        self.dns = DnsProxy(self)
+        try:
+            await self.dns.start()
+        except OSError:
+            self._server.close()
+            raise
 
     def reload(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot  # one reference swap: atomic for every request after it
 
     async def stop(self) -> None:
+        if self.dns is not None:
+            await self.dns.stop()
         if self._server is not None:
             self._server.close()
         for task in list(self._conns):

@@ -13,6 +13,7 @@ Decision (mirrors `dataplane.policy.engine._Judge`, the oracle, call for call):
   * the set is `state.l7[(ep, direction, PROXY_PORT)].lookup(remote identity, port)`; no set
     means "refused by the proxy"; a DNS-only set lets an HTTP request through only if allow-all;
     otherwise `L7RuleSet.match_http(method, path, headers)` decides;
+  * DNS (UDP): `connection(..., PROTO_UDP)` and `judge_dns(name)`: `L7RuleSet.match_dns`;
   * fail closed: a connection for which no REDIRECT applies, or which either direction drops at
     L3/L4 (DENY, or no entry while enforced and not in audit mode), gets 403 for every request.
 """
@@ -94,7 +95,8 @@ class Snapshot:
                 return identity
         return self.state.identity_of(ip)  # no prefix matched: the contract's default (world)
 
-    def connection(self, src_ip: str, dst_ip: str, dst_port: int) -> ConnectionPolicy:
+    def connection(self, src_ip: str, dst_ip: str, dst_port: int, protocol: int = PROTO_TCP) -> ConnectionPolicy:
+        """What applies to a flow: TCP for HTTP connections, UDP for DNS queries."""
         state = self.state
         cp = ConnectionPolicy(src_ip, dst_ip, dst_port, self.identity_of(src_ip), self.identity_of(dst_ip))
         src_ep, dst_ep = self.by_ip.get(src_ip), self.by_ip.get(dst_ip)
@@ -104,7 +106,7 @@ class Snapshot:
                                       (dst_ep, Direction.INGRESS, cp.src_identity)):
             if ep is None:
                 continue
-            verdict, _ = lookup_policy(state, ep.endpoint_id, direction, remote, PROTO_TCP, dst_port)
+            verdict, _ = lookup_policy(state, ep.endpoint_id, direction, remote, protocol, dst_port)
             enforced = ep.ingress_enforced if direction == Direction.INGRESS else ep.egress_enforced
             drops = verdict == Verdict.DENY or (verdict == Verdict.NONE and enforced)
             if drops and not ep.audit:
@@ -134,6 +136,25 @@ class Snapshot:
             whys.append(f"{applied.where}: {why}")
             if not ok:
                 failed = sorted({self.policy_of(i) for _, i in rs.http})
+                return RequestVerdict(False, f"{applied.where}: {why}", (), tuple(failed))
+            ids.extend(i for i in got if i not in ids)
+        return RequestVerdict(True, "; ".join(whys), tuple(ids), tuple(sorted({self.policy_of(i) for i in ids})))
+
+    def judge_dns(self, cp: ConnectionPolicy, name: str) -> RequestVerdict:
+        """A DNS question for `name`: every applicable set must allow it (matchName /
+        matchPattern, or an allow without L7 rules); the first that refuses decides."""
+        if cp.refusal:
+            return RequestVerdict(False, cp.refusal)
+        ids: list[int] = []
+        whys = []
+        for applied in cp.sets:
+            rs = applied.rules
+            if rs is None:
+                return RequestVerdict(False, f"{applied.where}: no L7 rule set for this peer and port")
+            ok, why, got = rs.match_dns(name)
+            whys.append(f"{applied.where}: {why}")
+            if not ok:
+                failed = sorted({self.policy_of(i) for _, i in rs.dns})
                 return RequestVerdict(False, f"{applied.where}: {why}", (), tuple(failed))
             ids.extend(i for i in got if i not in ids)
         return RequestVerdict(True, "; ".join(whys), tuple(ids), tuple(sorted({self.policy_of(i) for i in ids})))

@@ -60,7 +60,7 @@ class Flow:
             http = probe.http or HttpRequest()
             if not any(k.lower() == "host" for k in http.headers):
                 http = replace(http, headers={"Host": probe.host_header, **http.headers})
-        return cls(probe.source, dest.ip, probe.protocol, dest.port, http, "",
+        return cls(probe.source, dest.ip, probe.protocol, dest.port, http, probe.dns.name if probe.dns else "",
                    dest.dns_name or dest.name.split("/")[-1])
 
 
@@ -296,11 +296,16 @@ class _Judge:
         rule_set = l7.lookup(remote, flow.port) if l7 is not None else None
         ep = self.state.endpoints[endpoint_id]
         where = f"L7 {direction.name.lower()} of {ep.name}"
+        if flow.protocol == "UDP" and not flow.dns_name:
+            # The UDP side of the proxy speaks DNS only: it cannot answer what it cannot parse.
+            self.trace.append(f"{where}: not a DNS query: the DNS proxy drops it")
+            d.outcome = "dropped"
+            return False
         if rule_set is None:
             self.trace.append(f"{where}: no L7 rule set for this peer and port: request refused by the proxy")
             d.outcome = "denied" if flow.protocol == "TCP" else "refused"
             return False
-        if rule_set.dns and not rule_set.http:
+        if flow.dns_name or (rule_set.dns and not rule_set.http):
             if not flow.dns_name:
                 ok, why, ids = (rule_set.allow_all, "not a DNS query" if not rule_set.allow_all else "allow-all", ())
             else:

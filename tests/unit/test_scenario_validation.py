@@ -72,6 +72,14 @@ def test_default_port_and_dns_destination(tmp_path: Path) -> None:
     assert (dest.kind, dest.name, dest.ip, dest.port, dest.dns_name) == ("world", "partner", "203.0.113.10", 443, "api.partner.example.com")
 
 
+def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, BASE.replace("{from: web, to: api:8080, expect: allowed}",
+                                                   "{from: api, to: web, dns: {name: WWW.Example.COM.}, expect: refused}")))
+    probe = s.steps[0].probes[0]
+    assert (probe.protocol, probe.destination.port, probe.dns.name, probe.dns.type) == ("UDP", 53, "www.example.com", "A")
+    assert probe.request_text == "DNS A www.example.com"
+
+
 @pytest.mark.parametrize("change, line, path, fragment", [
     (("name: demo", "name: demo\ncolour: blue"), 2, "colour", "unknown field 'colour'"),
     (("    labels: {app: web}", "    labels: {app: web}\n    replicas: 2"), 9, "pods[0].replicas", "unknown field 'replicas'"),
@@ -88,6 +96,10 @@ def test_default_port_and_dns_destination(tmp_path: Path) -> None:
     (("    probes:", "    apply: []\n    probes:"), 19, "steps[0]", "exactly one of apply, delete, relabel or probes"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api:8080, protocol: UDP, http: {path: /}, expect: allowed}"), 21, "steps[0].probes[0].http", "needs protocol TCP"),
     (("name: demo", "name: Demo_Lab"), 1, "name", "invalid value 'Demo_Lab'"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: TCP, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].protocol", "protocol must be UDP"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: 'bad name'}, expect: allowed}"), 21, "steps[0].probes[0].dns.name", "invalid value 'bad name'"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example, type: BOGUS}, expect: allowed}"), 21, "steps[0].probes[0].dns.type", "expected one of A, AAAA"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example}, expect: denied}"), 21, "steps[0].probes[0].expect", "a UDP probe expects allowed, dropped or refused"),
     (("{port: 80, name: http}", "{port: 80, name: http}, {port: 80}"), 9, "pods[0].ports[1]", "port 80/TCP is declared twice"),
 ])
 def test_invalid_scenario_names_file_line_and_field(tmp_path: Path, change: tuple[str, str], line: int, path: str, fragment: str) -> None:

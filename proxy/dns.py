@@ -1,0 +1,189 @@
+"""The DNS side of the proxy: every redirected DNS query is checked against the DNS rules of the
+policies that apply (`toPorts.rules.dns`: matchName / matchPattern), as Cilium's DNS proxy does.
+
+The datapath assigns redirected UDP datagrams to this socket (UDP on the same port number as the
+HTTP listener); IP_RECVORIGDSTADDR gives each datagram's original destination. Then:
+
+  * not a DNS query: dropped (nothing to answer), recorded as an error;
+  * no rule allows the name: answered REFUSED, as if by the server the client asked;
+  * allowed: forwarded to the original destination from an upstream socket that carries the
+    from-proxy mark, and the server's answer relayed back unchanged (silence if the server
+    says nothing within UPSTREAM_TIMEOUT_S: the client's own timeout applies).
+
+Answers leave from a transparent socket bound to the original destination, so the client sees
+them come from the server it asked, and conntrack sees the reply of the client's own flow.
+One L7 record per query: method = the record type, path = the name, protocol "DNS", status =
+the rcode (0 NOERROR, 3 NXDOMAIN, 5 REFUSED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+from dataplane.mapstate import PROTO_UDP
+
+from .events import L7Record
+from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+    from .state import ConnectionPolicy, RequestVerdict
+
+IP_RECVORIGDSTADDR = 20  # socket.IP_RECVORIGDSTADDR (Linux); the cmsg type is IP_ORIGDSTADDR (same value)
+UPSTREAM_TIMEOUT_S = 2.0
+MAX_DATAGRAM = 65535
+
+
+class DnsProxy:
+    """UDP listener of one proxy process; shares its snapshot, marks and event log."""
+
+    def __init__(self, server: "ProxyServer") -> None:
+        self.server = server
+        self.sock: socket.socket | None = None
+        self.port = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.server.transparent:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            sock.bind((self.server.host, self.server.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock, self.port = sock, sock.getsockname()[1]
+        asyncio.get_running_loop().add_reader(sock, self._readable)
+
+    async def stop(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock)
+            self.sock.close()
+            self.sock = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _readable(self) -> None:
+        assert self.sock is not None
+        for _ in range(64):  # a burst at a time; the loop calls back while more is queued
+            try:
+                data, ancdata, _flags, client = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(16))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. an ICMP error queued on the socket: not a query
+                print(f"l7proxy: dns receive: {exc!r}", file=sys.stderr, flush=True)
+                continue
+            dst = self.server.original_dst or _original_dst(ancdata)
+            if dst is None:
+                continue  # cannot know where it was going: fail closed, drop
+            task = asyncio.get_running_loop().create_task(self.handle(data, client[:2], dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def handle(self, data: bytes, client: tuple[str, int], dst: tuple[str, int]) -> None:
+        t0 = time.monotonic()
+        snap = self.server.snapshot
+        cp = snap.connection(client[0], dst[0], dst[1], PROTO_UDP)
+        try:
+            query = dns.message.from_wire(data)
+            question = query.question[0]
+        except (dns.exception.DNSException, IndexError, ValueError):
+            self.record(cp, client, dst, "", "", -1, "error", "not a DNS query: dropped", t0)
+            return
+        name = question.name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(question.rdtype)
+        verdict = snap.judge_dns(cp, name)
+        if not verdict.allowed:
+            reply = dns.message.make_response(query)
+            reply.set_rcode(dns.rcode.REFUSED)
+            self.record(cp, client, dst, qtype, name, dns.rcode.REFUSED, "denied", verdict.why, t0, verdict)
+            self.answer(dst, client, reply.to_wire())
+            return
+        answer = await self.ask_upstream(cp, dst, data, query.id)
+        if answer is None:
+            self.record(cp, client, dst, qtype, name, -1, "error", "no answer from the server", t0, verdict)
+            return
+        try:
+            rcode = dns.message.from_wire(answer).rcode()
+        except dns.exception.DNSException:
+            self.record(cp, client, dst, qtype, name, -1, "error", "the server's answer is not DNS: dropped", t0, verdict)
+            return
+        self.record(cp, client, dst, qtype, name, rcode, "forwarded", verdict.why, t0, verdict)
+        self.answer(dst, client, answer)
+
+    async def ask_upstream(self, cp: "ConnectionPolicy", dst: tuple[str, int], data: bytes,
+                           query_id: int) -> bytes | None:
+        """Send the query to the server it was meant for; its answer (same id), or None."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.server.mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, from_proxy_mark(cp.src_identity))
+            sock.connect(dst)
+            await loop.sock_sendall(sock, data)
+            deadline = time.monotonic() + UPSTREAM_TIMEOUT_S
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    reply = await asyncio.wait_for(loop.sock_recv(sock, MAX_DATAGRAM), left)
+                except (asyncio.TimeoutError, ConnectionRefusedError):
+                    return None
+                if len(reply) >= 2 and struct.unpack("!H", reply[:2])[0] == query_id:
+                    return reply
+            return None
+        except OSError:
+            return None
+        finally:
+            sock.close()
+
+    def answer(self, src: tuple[str, int], client: tuple[str, int], data: bytes) -> None:
+        """Send `data` to the client as if from `src`, the server it asked."""
+        if not self.server.transparent:
+            assert self.sock is not None
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, client)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind(src)
+            sock.sendto(data, client)
+        except OSError as exc:
+            print(f"l7proxy: dns answer to {client[0]}:{client[1]} as {src[0]}:{src[1]}: {exc!r}",
+                  file=sys.stderr, flush=True)
+        finally:
+            sock.close()
+
+    def record(self, cp: "ConnectionPolicy", client: tuple[str, int], dst: tuple[str, int], qtype: str, name: str,
+               rcode: int, verdict: str, reason: str, t0: float, rv: "RequestVerdict | None" = None) -> None:
+        src = {"ip": client[0], "pod": cp.src_name, "identity": cp.src_identity}
+        dest = {"ip": dst[0], "port": dst[1], "pod": cp.dst_name, "identity": cp.dst_identity}
+        self.server.events.emit(L7Record(
+            qtype, f"dns:{name}" if name else "", name, "DNS", rcode, round((time.monotonic() - t0) * 1000, 3),
+            verdict, reason, src, dest, list(rv.rule_ids) if rv else [], list(rv.policies) if rv else []))
+
+
+def _original_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """The sockaddr_in of IP_ORIGDSTADDR: family (2 bytes), port (network order), address."""
+    for level, kind, value in ancdata:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(value) >= 8:
+            port = struct.unpack("!H", value[2:4])[0]
+            return socket.inet_ntoa(value[4:8]), port
+    return None
