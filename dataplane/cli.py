@@ -394,7 +394,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for step in scenario.steps[:last]:
         if step.kind != "probes":
             engine.apply_step(step)
-    probe = make_probe(scenario, args.source, args.to, args.protocol, _parse_http(args.http, args.header))
+    dns = None
+    if args.dns:
+        if args.http:
+            raise L7LabError("--http and --dns exclude each other: a flow is an HTTP request or a DNS query")
+        from .scenario import DnsQuery  # noqa: PLC0415
+
+        dns = DnsQuery(args.dns.rstrip(".").lower())
+    protocol = args.protocol or ("UDP" if dns else "TCP")
+    probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns)
     decision = engine.verdict(Flow.from_probe(probe))
     if args.json:
         _emit_json(decision.to_json())
@@ -485,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--from", dest="source", required=True, metavar="POD", help="source pod")
     p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
-    p.add_argument("--protocol", choices=("TCP", "UDP"), default="TCP")
+    p.add_argument("--protocol", choices=("TCP", "UDP"), help="default TCP (UDP with --dns)")
     p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
+    p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP) to check against DNS rules")
     p.add_argument("--step", type=int, help="the policy state before step N (default: after every step)")
     p.set_defaults(func=cmd_explain)
     return parser

@@ -78,3 +78,16 @@ def test_change_verbs_reject_bad_arguments_before_touching_a_lab(tmp_path: Path)
     assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
     out = l7lab("observe", "nolab")
     assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
+
+
+def test_explain_a_dns_query() -> None:
+    scenario = str(REPO / "scenarios" / "dns-policy.yaml")
+    out = l7lab("explain", scenario, "--from", "mediabot", "--to", "kube-dns", "--dns", "www.example.org", "--step", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    decision = json.loads(out.stdout)
+    assert decision["outcome"] == "refused"
+    assert any("matches no DNS rule (tried: matchPattern *.example.com)" in line for line in decision["trace"])
+    text = " ".join(l7lab("explain", scenario, "--from", "mediabot", "--to", "kube-dns", "--dns", "www.example.com").stdout.split())
+    assert text.startswith("verdict: ALLOWED") and "DNS query www.example.com matches DNS rule matchPattern *.example.com" in text
+    both = l7lab("explain", scenario, "--from", "mediabot", "--to", "kube-dns", "--dns", "x.example.com", "--http", "GET /")
+    assert both.returncode == 1 and "exclude each other" in both.stderr
