@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import topology
 from .scenario import Probe
@@ -167,6 +167,26 @@ async def probe_udp(probe: Probe, src_netns: str) -> Observation:
         sock.close()
 
 
+async def _await_reply(sock: socket.socket, loop: asyncio.AbstractEventLoop, started: float, timeout: float,
+                       judge: Callable[[bytes], Observation | None], silence: str) -> Observation:
+    """Read datagrams until `judge` makes an Observation of one (None: not the answer, keep
+    waiting); `dropped` after `timeout`, `refused` on an ICMP port unreachable."""
+    deadline = started + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
+        except asyncio.TimeoutError:
+            break
+        except ConnectionRefusedError:
+            return Observation("refused", "ICMP port unreachable: nothing listens on that port",
+                               elapsed=time.monotonic() - started)
+        observed = judge(data)
+        if observed is not None:
+            observed.elapsed = time.monotonic() - started
+            return observed
+    return Observation("dropped", f"{silence} within {timeout:g}s", elapsed=time.monotonic() - started)
+
+
 async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
                         started: float) -> Observation:
     """One DNS question: REFUSED is `refused` (the DNS proxy's answer to a query no rule
@@ -176,32 +196,25 @@ async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
     import dns.rcode  # noqa: PLC0415
 
     assert probe.dns is not None
-    query = dns.message.make_query(probe.dns.name, probe.dns.type)
-    await loop.sock_sendall(sock, query.to_wire())
-    deadline = started + probe.timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return Observation("dropped", f"no DNS answer within {probe.timeout:g}s", elapsed=time.monotonic() - started)
-        try:
-            data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
-        except asyncio.TimeoutError:
-            continue
-        except ConnectionRefusedError:
-            return Observation("refused", "ICMP port unreachable: no DNS server on that port", elapsed=time.monotonic() - started)
+    name = probe.dns.name
+    query = dns.message.make_query(name, probe.dns.type)
+
+    def judge(data: bytes) -> Observation | None:
         try:
             reply = dns.message.from_wire(data)
         except dns.exception.DNSException:
-            continue
+            return None
         if reply.id != query.id:
-            continue
+            return None
         rcode = dns.rcode.to_text(reply.rcode())
         answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
         body = {"rcode": rcode, "answers": answers}
-        elapsed = time.monotonic() - started
         if reply.rcode() == dns.rcode.REFUSED:
-            return Observation("refused", f"DNS {rcode} for {probe.dns.name}", body=body, elapsed=elapsed)
-        return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body, elapsed=elapsed)
+            return Observation("refused", f"DNS {rcode} for {name}", body=body)
+        return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body)
+
+    await loop.sock_sendall(sock, query.to_wire())
+    return await _await_reply(sock, loop, started, probe.timeout, judge, "no DNS answer")
 
 
 async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop, nonce: str,
@@ -209,26 +222,20 @@ async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
     dest = probe.destination
     if probe.dns is not None:
         return await _dns_exchange(probe, sock, loop, started)
-    await loop.sock_sendall(sock, f"l7lab-probe {nonce}".encode())
-    deadline = started + probe.timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return Observation("dropped", f"no answer within {probe.timeout:g}s", elapsed=time.monotonic() - started)
-        try:
-            data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
-        except asyncio.TimeoutError:
-            continue
-        except ConnectionRefusedError:
-            return Observation("refused", "ICMP port unreachable: nothing listens on that port", elapsed=time.monotonic() - started)
+
+    def judge(data: bytes) -> Observation | None:
         try:
             reply = json.loads(data)
         except ValueError:
-            continue
-        if nonce in reply.get("data", ""):
-            if reply.get("endpoint") == dest.name:
-                return Observation("allowed", f"echo from {dest.name}", body=reply, elapsed=time.monotonic() - started)
-            return Observation("error", f"echo from unexpected endpoint {reply.get('endpoint')}", body=reply)
+            return None
+        if nonce not in reply.get("data", ""):
+            return None
+        if reply.get("endpoint") == dest.name:
+            return Observation("allowed", f"echo from {dest.name}", body=reply)
+        return Observation("error", f"echo from unexpected endpoint {reply.get('endpoint')}", body=reply)
+
+    await loop.sock_sendall(sock, f"l7lab-probe {nonce}".encode())
+    return await _await_reply(sock, loop, started, probe.timeout, judge, "no answer")
 
 
 async def run_probe(probe: Probe, src_netns: str) -> Observation:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,29 +121,22 @@ class Snapshot:
         return cp
 
     def judge(self, cp: ConnectionPolicy, method: str, path: str, headers: dict[str, str]) -> RequestVerdict:
-        """Every applicable set must allow; the first that refuses decides (as the oracle)."""
-        if cp.refusal:
-            return RequestVerdict(False, cp.refusal)
-        ids: list[int] = []
-        whys = []
-        for applied in cp.sets:
-            rs = applied.rules
-            if rs is None:
-                return RequestVerdict(False, f"{applied.where}: no L7 rule set for this peer and port")
+        """An HTTP request: `L7RuleSet.match_http` in every applicable set."""
+        def match(rs: L7RuleSet) -> tuple[bool, str, tuple[int, ...], list]:
             if rs.dns and not rs.http:
-                ok, why, got = rs.allow_all, "DNS-only rule set" + (" (allow-all)" if rs.allow_all else ""), ()
-            else:
-                ok, why, got = rs.match_http(method, path, headers)
-            whys.append(f"{applied.where}: {why}")
-            if not ok:
-                failed = sorted({self.policy_of(i) for _, i in rs.http})
-                return RequestVerdict(False, f"{applied.where}: {why}", (), tuple(failed))
-            ids.extend(i for i in got if i not in ids)
-        return RequestVerdict(True, "; ".join(whys), tuple(ids), tuple(sorted({self.policy_of(i) for i in ids})))
+                return rs.allow_all, "DNS-only rule set" + (" (allow-all)" if rs.allow_all else ""), (), rs.http
+            return (*rs.match_http(method, path, headers), rs.http)
+        return self._every_set(cp, match)
 
     def judge_dns(self, cp: ConnectionPolicy, name: str) -> RequestVerdict:
-        """A DNS question for `name`: every applicable set must allow it (matchName /
-        matchPattern, or an allow without L7 rules); the first that refuses decides."""
+        """A DNS question for `name`: `L7RuleSet.match_dns` (matchName / matchPattern, or an
+        allow without L7 rules) in every applicable set."""
+        return self._every_set(cp, lambda rs: (*rs.match_dns(name), rs.dns))
+
+    def _every_set(self, cp: ConnectionPolicy,
+                   match: Callable[[L7RuleSet], tuple[bool, str, tuple[int, ...], list]]) -> RequestVerdict:
+        """Every applicable set must allow; the first that refuses decides (as the oracle).
+        `match(rules)` -> (allowed, why, rule ids that allowed, the (rule, id) pairs it tried)."""
         if cp.refusal:
             return RequestVerdict(False, cp.refusal)
         ids: list[int] = []
@@ -151,10 +145,10 @@ class Snapshot:
             rs = applied.rules
             if rs is None:
                 return RequestVerdict(False, f"{applied.where}: no L7 rule set for this peer and port")
-            ok, why, got = rs.match_dns(name)
+            ok, why, got, tried = match(rs)
             whys.append(f"{applied.where}: {why}")
             if not ok:
-                failed = sorted({self.policy_of(i) for _, i in rs.dns})
+                failed = sorted({self.policy_of(i) for _, i in tried})
                 return RequestVerdict(False, f"{applied.where}: {why}", (), tuple(failed))
             ids.extend(i for i in got if i not in ids)
         return RequestVerdict(True, "; ".join(whys), tuple(ids), tuple(sorted({self.policy_of(i) for i in ids})))
