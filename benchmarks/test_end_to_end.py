@@ -1,16 +1,18 @@
 """End to end, between two pods: what L3/L4 enforcement and L7 redirect cost a real client.
 
-Two labs of the same two pods run side by side: one without programs (the baseline), one whose
-server is protected by a CiliumNetworkPolicy with an L3/L4 allow on port 8081 and an L7 rule
-(GET /.*) on port 8082, which the datapath redirects to the lab's proxy. Each round measures,
-interleaved so that machine noise falls on every path alike:
+One lab of two pods; its server is protected by a CiliumNetworkPolicy with an L3/L4 allow on
+port 8081 and an L7 rule (GET /.*) on port 8082, which the datapath redirects to the lab's
+proxy. Each round measures every path in the same lab, interleaved so that machine noise falls
+on every path alike: first with the programs detached from the pods' veths (the baseline, port
+8080), then attached again (8081, 8082). Kinds of measurement:
 
     request/response  sequential requests on one keep-alive connection (per request)
     connect           a new connection per request (connect, request, response, close)
 
 and the report gives each path's median as a ratio to the baseline's. (The pod servers are
 Python: the absolute numbers say more about them than about the datapath; the ratios show what
-enforcement adds on the same servers.)
+enforcement adds on the same servers. Two labs compared with each other differ by more than
+the programs do, which is why the baseline is the same lab with its programs detached.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataplane.policy import PolicyEngine
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents
 
-ROUNDS = 5
+ROUNDS = 9
 REQUESTS = 200  # per round, keep-alive
 CONNECTS = 50  # per round, one request each
 
@@ -63,19 +65,24 @@ def scenario(name: str) -> Scenario:
 
 
 @pytest.fixture(scope="module")
-def labs(datapath) -> Iterator[tuple[Lab, Lab]]:  # noqa: ANN001 - session fixture
-    plain_sc, enforced_sc = scenario("bench-plain"), scenario("bench-enforced")
-    plain = Lab(plain_sc)
-    enforced = Lab(enforced_sc, datapath=datapath, policy=PolicyEngine(enforced_sc))
-    plain.up()
+def lab(datapath) -> Iterator[Lab]:  # noqa: ANN001 - session fixture
+    sc = scenario("bench-e2e")
+    lab = Lab(sc, datapath=datapath, policy=PolicyEngine(sc))
+    lab.up()
     try:
-        enforced.up()
-        try:
-            yield plain, enforced
-        finally:
-            enforced.down()
+        yield lab
     finally:
-        plain.down()
+        lab.down()
+
+
+def set_programs(lab: Lab, attached: bool) -> None:
+    """Attach the datapath's programs to every pod veth, or take them off (the baseline)."""
+    for ep in lab.record.endpoints.values():
+        if attached:
+            topology.attach_tc(lab.record.node, ep.ifname, ingress_fd=lab.datapath.program_fd("from_container"),
+                               egress_fd=lab.datapath.program_fd("to_container"), name=f"l7lab-{lab.name}")
+        else:
+            topology.detach_tc(lab.record.node, ep.ifname)
 
 
 def _read_response(sock: socket.socket, buf: bytearray) -> None:
@@ -137,19 +144,24 @@ def connects(lab: Lab, port: int) -> float:
 
 
 @pytest.mark.benchmark(group="end-to-end")
-def test_end_to_end_cost_of_enforcement(benchmark, labs) -> None:  # noqa: ANN001
-    plain, enforced = labs
-    paths: dict[str, tuple[Lab, int]] = {"no programs": (plain, 8080), "L3/L4 allow": (enforced, 8081),
-                                         "L7 redirect": (enforced, 8082)}
+def test_end_to_end_cost_of_enforcement(benchmark, lab) -> None:  # noqa: ANN001
+    paths: dict[str, tuple[bool, int]] = {"no programs": (False, 8080), "L3/L4 allow": (True, 8081),
+                                          "L7 redirect": (True, 8082)}
     kinds: dict[str, Callable[[Lab, int], float]] = {"request/response": keepalive, "connect": connects}
-    for lab, port in paths.values():  # warm up every path (servers, proxy, conntrack)
-        keepalive(lab, port)
     seconds: dict[tuple[str, str], list[float]] = {}
-    for _ in range(ROUNDS):
-        for kind, measure in kinds.items():
-            for path, (lab, port) in paths.items():
-                seconds.setdefault((kind, path), []).append(measure(lab, port))
-    benchmark.pedantic(keepalive, args=paths["L7 redirect"], rounds=3)  # pytest-benchmark's own timing
+    try:
+        for round_ in range(ROUNDS + 1):  # round 0 warms every path up and is not counted
+            for attached in (False, True):
+                set_programs(lab, attached)
+                for kind, measure in kinds.items():
+                    for path, (with_programs, port) in paths.items():
+                        if with_programs == attached:
+                            took = measure(lab, port)
+                            if round_:
+                                seconds.setdefault((kind, path), []).append(took)
+    finally:
+        set_programs(lab, True)
+    benchmark.pedantic(keepalive, args=(lab, paths["L7 redirect"][1]), rounds=3)  # pytest-benchmark's own timing
     table: dict[str, float] = {}
     print("\nend to end between two pods, median per operation and ratio to no programs:")
     for kind in kinds:
