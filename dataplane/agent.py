@@ -15,7 +15,8 @@ answer. The agent then lives as long as the lab does:
   uses; `status`: the applied policies and the metrics).
 
 Until READY the agent dies with the command (PR_SET_PDEATHSIG): killing `up` midway never
-leaves a builder running while `clean` removes what it made.
+leaves a builder running while `clean` removes what it made. `run --keep` hands the lab it ran
+to an agent the same way (`adopt`): a forked child keeps the loaded programs and maps.
 """
 
 from __future__ import annotations
@@ -97,6 +98,74 @@ def _abandon(pid: int, name: str) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
     labmod.down(name)
+
+
+def adopt(lab: labmod.Lab) -> int:
+    """Hand a lab this process built (`run --keep`) to an agent: a forked child that keeps the
+    loaded programs and maps; returns its pid once it serves. The lab's servers and proxy were
+    started by this process; the agent watches the proxy by pid (it is not the proxy's parent)."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the agent
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            if lab._proxy is not None:
+                lab._proxy = _ForeignProcess(lab._proxy.pid)  # type: ignore[assignment]
+            agent = Agent(lab)
+            agent.prepare()
+            _send(write_fd, "READY", {"agent": os.getpid()})
+            os.close(write_fd)
+            code = agent.serve()
+        except BaseException as exc:  # noqa: BLE001 - reported to the command
+            _send(write_fd, "ERROR", [f"the lab agent could not start: {exc}"])
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        line = _read_line(read_fd, 30.0)
+    finally:
+        os.close(read_fd)
+    kind, _, payload = line.partition(b" ")
+    if kind != b"READY":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        raise SetupError("\n".join(json.loads(payload)) if kind == b"ERROR" else
+                         f"the agent of lab {lab.name!r} did not start")
+    return pid
+
+
+class _ForeignProcess:
+    """The parts of Popen the lab uses, for a process that is not this one's child."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start = labmod._proc_start_time(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and (self._start is None or labmod._proc_start_time(self.pid) != self._start):
+            self.returncode = -1  # gone (its exit status belongs to its real parent)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"process {self.pid} still running")
+            time.sleep(0.01)
+        return self.returncode if self.returncode is not None else -1
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
@@ -353,8 +422,8 @@ def request(lab: str, payload: dict[str, Any], timeout: float = REQUEST_TIMEOUT)
     if not labmod.record_path(lab).exists():
         raise SetupError(f"lab {lab!r} is not up")
     if not path.exists():
-        raise SetupError(f"lab {lab!r} has no agent (a lab left up by 'run --keep' takes no changes; "
-                         f"bring it up with 'l7lab up')")
+        raise SetupError(f"lab {lab!r} has no agent (it was not built by 'l7lab up' or 'l7lab run --keep'): "
+                         f"it takes no changes")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

@@ -124,7 +124,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         elif agent_info:
             caption = "agent not running: flows are not recorded and policy changes are refused"
         else:
-            caption = "no agent (left up by 'run --keep')" if lab["status"] == "up" else ""
+            caption = "no agent: flows are not recorded and policy changes are refused" if lab["status"] == "up" else ""
         table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left", caption=caption,
                       caption_justify="left")
         for col in ("endpoint", "kind", "address", "ports", "interface", "labels"):
@@ -305,6 +305,20 @@ def _print_report(report: RunReport) -> None:
         console.print(f"[bold red]{report.failed} of {total} probes did not meet their expectations[/]")
 
 
+def _keep(lab: labmod.Lab) -> None:
+    """`run --keep`: an agent takes the lab over (its maps stay readable and changeable)."""
+    from . import agent  # noqa: PLC0415
+
+    try:
+        pid = agent.adopt(lab)
+    except L7LabError as exc:
+        errconsole.print(f"lab {lab.name} kept up without an agent ({exc}): it enforces its last policy; "
+                         f"'l7lab down {lab.name}' removes it", highlight=False)
+        return
+    errconsole.print(f"lab {lab.name} kept up (agent pid {pid}): 'l7lab observe {lab.name}' shows its flows, "
+                     f"'l7lab down {lab.name}' removes it", highlight=False)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if args.dry_run:
@@ -318,10 +332,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 report = run_scenario(scenario, KernelExecutor(lab, policy), lab.name)
             finally:
-                if not args.keep:
-                    lab.down()
+                if args.keep:
+                    _keep(lab)
                 else:
-                    errconsole.print(f"lab {lab.name} kept up: 'l7lab down {lab.name}' removes it")
+                    lab.down()
     if args.json:
         _emit_json(report.to_json())
     else:

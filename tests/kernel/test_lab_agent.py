@@ -234,3 +234,26 @@ def test_a_change_the_proxy_cannot_confirm_is_rolled_back(retail: str, tmp_path:
     url = "http://inventory-api:8080/api/inventory/1"
     assert curl(retail, "frontend-app", url, "-X", "DELETE").stdout.strip() == "Access denied"
     assert json.loads(curl(retail, "frontend-app", url).stdout)["endpoint"] == "retail/inventory-api"
+
+
+def test_run_keep_hands_the_lab_to_an_agent() -> None:
+    name = unique_lab("rk")
+    try:
+        out = l7lab("run", str(RETAIL), "--name", name, "--keep", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["passed"], out.stderr
+        assert f"lab {name} kept up (agent pid" in out.stderr
+        status = agent_status(name)
+        assert status["agent"]["running"] and READ_ONLY in status["agent"]["policies"]
+        url = "http://inventory-api:8080/api/inventory/1"
+        assert not reaches(name, "reporting", url, False)
+        # The agent reloads the proxy it did not start (by pid) and diffs the maps it inherited.
+        assert l7lab("label", "pod", "reporting", "app=frontend-app", "--lab", name).returncode == 0
+        assert reaches(name, "reporting", url, True)
+        assert curl(name, "reporting", url, "-X", "DELETE").stdout.strip() == "Access denied"
+        records = observe(name, lambda r: any(x["type"] == "flow" and x["source"]["pod"] == "retail/reporting"
+                                              and x["verdict"] == "REDIRECT" for x in r))
+        assert any(r["type"] == "flow" and r["source"]["pod"] == "retail/reporting" and r["verdict"] == "DROP"
+                   for r in records)
+    finally:
+        assert l7lab("down", name).returncode == 0
+    assert nothing_left(name), leftovers(name)

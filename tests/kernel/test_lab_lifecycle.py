@@ -43,9 +43,9 @@ def leftovers(name: str) -> dict[str, list[str]]:
         "netns": topology.list_netns(prefix),
         "etc": sorted(p.name for p in labmod.NETNS_ETC.glob(prefix + "*")) if labmod.NETNS_ETC.is_dir() else [],
         "record": [str(p) for p in (labmod.record_path(name), labmod.lab_dir(name)) if p.exists()],
-        # pod servers and the proxy (--lab NAME), and the lab agent (the forked `up --name NAME`)
+        # pod servers and the proxy (--lab NAME), and the lab agent (the forked `up`/`run --name NAME`)
         "processes": [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-                      if f"--lab {name} " in line or re.search(rf" up .*--name {re.escape(name)}( |$)", line)],
+                      if f"--lab {name} " in line or re.search(rf" (up|run) .*--name {re.escape(name)}( |$)", line)],
     }
 
 
