@@ -42,7 +42,8 @@ from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 SOCKET_NAME = "agent.sock"
 METRICS_NAME = "metrics.json"
 BUILD_TIMEOUT = 300.0  # compile + namespaces + servers; the builder's own steps time out sooner
-REQUEST_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0  # the CLI's wait for an answer (a change may wait for the proxy)
+RECEIVE_TIMEOUT = 2.0  # the agent's wait for a request's bytes
 MAX_REQUEST = 16 * 1024 * 1024
 POLL_MS = 100
 _PR_SET_PDEATHSIG = 1
@@ -73,13 +74,19 @@ def start(scenario: Scenario, name: str) -> dict[str, Any]:
         finally:
             os._exit(code)
     os.close(write_fd)
+
+    def stop_waiting(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    previous = {sig: signal.signal(sig, stop_waiting) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         line = _read_line(read_fd, BUILD_TIMEOUT)
-    except BaseException:  # Ctrl-C while building: take back what was made
+    except BaseException:  # Ctrl-C, SIGTERM or SIGHUP while building: take back what was made
         _abandon(pid, name)
         raise
     finally:
         os.close(read_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     kind, _, payload = line.partition(b" ")
     if kind == b"READY":
         return json.loads(payload)
@@ -135,8 +142,10 @@ def adopt(lab: labmod.Lab) -> int:
         os.close(read_fd)
     kind, _, payload = line.partition(b" ")
     if kind != b"READY":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # never an agent behind a "kept without an agent"
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+            os.waitpid(pid, 0)
         raise SetupError("\n".join(json.loads(payload)) if kind == b"ERROR" else
                          f"the agent of lab {lab.name!r} did not start")
     return pid
@@ -195,7 +204,7 @@ def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int) -> in
     os.setsid()
     _die_with_parent(parent)
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):  # stderr stays the command's until READY: compiler and verifier messages
         os.dup2(devnull, fd)
     os.close(devnull)
     try:
@@ -216,7 +225,7 @@ def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int) -> in
         agent = Agent(lab)
         agent.prepare()
     except BaseException as exc:  # noqa: BLE001
-        lab.down()
+        lab.down()  # (kill_pids never kills its caller, though the agent is in the record)
         _send(ready_fd, "ERROR", [f"the lab agent could not start: {exc}"])
         return 1
     libc = ctypes.CDLL(None, use_errno=True)
@@ -323,12 +332,17 @@ class Agent:
             return
         with conn:
             conn.setblocking(True)
-            conn.settimeout(REQUEST_TIMEOUT)
+            conn.settimeout(RECEIVE_TIMEOUT)  # a stalled client must not stop the ring buffer's draining
             try:
                 request = json.loads(_recv_line(conn))
+                if not isinstance(request, dict):
+                    raise ValueError("expected a JSON object")
                 reply = self.handle(request)
-            except (OSError, ValueError) as exc:
-                reply = {"ok": False, "errors": [f"bad request to the agent: {exc}"]}
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                reply = {"ok": False, "errors": [f"bad request to the agent: {exc!r}"]}
+            except Exception as exc:  # noqa: BLE001 - the agent outlives any one request
+                print(f"request failed: {exc!r}", flush=True)
+                reply = {"ok": False, "errors": [f"the agent failed on this request: {exc!r}"]}
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
@@ -382,10 +396,11 @@ class Agent:
         state = engine.map_state()
         try:
             stats = self.lab.sync_policy(state)
-        except L7LabError as exc:  # e.g. the proxy did not confirm its new rules: go back whole
+        except Exception as exc:  # noqa: BLE001 - the proxy did not confirm, a map refused an entry, ...
             engine.policies, engine.pod_labels, engine.namespace_labels, engine.resolution = saved
-            with contextlib.suppress(L7LabError):
+            with contextlib.suppress(Exception):
                 self.lab.sync_policy(engine.map_state())
+            print(f"change rolled back: {exc!r}", flush=True)
             raise L7LabError(f"the change could not be enforced and was rolled back: {exc}") from None
         self.state = state
         for r in relabels:

@@ -93,6 +93,8 @@ class RecordTail:
         if not path.exists():
             return
         offset = self.offsets.get(name, 0)
+        if path.stat().st_size < offset:
+            offset = 0  # the file was replaced (the lab went down and came up again): start over
         with open(path, "rb") as f:
             f.seek(offset)
             for line in f:

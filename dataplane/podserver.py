@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -75,8 +76,9 @@ async def _stream_bytes(request: web.Request, identity: dict[str, str], size_tex
         return web.json_response({"error": f"{RESPONSE_BYTES_HEADER} must be an integer 0..{MAX_RESPONSE_BYTES}"},
                                  status=400, headers={"X-L7lab-Backend": identity["endpoint"]})
     chunked = request.headers.get(RESPONSE_CHUNKED_HEADER, "").lower() in ("1", "yes", "true")
+    digest = await asyncio.get_running_loop().run_in_executor(None, pattern_sha256, size)  # ~1 s for 1 GiB
     response = web.StreamResponse(headers={"X-L7lab-Backend": identity["endpoint"],
-                                           "X-L7lab-Body-Sha256": pattern_sha256(size),
+                                           "X-L7lab-Body-Sha256": digest,
                                            "Content-Type": "application/octet-stream"})
     if chunked:
         response.enable_chunked_encoding()
@@ -97,6 +99,7 @@ def pattern_bytes(size: int) -> bytes:
     return (PATTERN_PIECE * (size // len(PATTERN_PIECE) + 1))[:size]
 
 
+@functools.lru_cache(maxsize=64)
 def pattern_sha256(size: int) -> str:
     digest = hashlib.sha256()
     whole, rest = divmod(size, len(PATTERN_PIECE))

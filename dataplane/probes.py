@@ -180,6 +180,8 @@ async def _await_reply(sock: socket.socket, loop: asyncio.AbstractEventLoop, sta
         except ConnectionRefusedError:
             return Observation("refused", "ICMP port unreachable: nothing listens on that port",
                                elapsed=time.monotonic() - started)
+        except OSError as exc:  # another ICMP error (host / network unreachable): no answer
+            return Observation("dropped", f"no answer: {exc.strerror or exc}", elapsed=time.monotonic() - started)
         observed = judge(data)
         if observed is not None:
             observed.elapsed = time.monotonic() - started

@@ -505,9 +505,15 @@ class _Builder:
             else:
                 self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host or a world host's DNS name")
             return None
+        if dns is not None and not any(p.port == 53 and p.protocol == "UDP" for p in ports):
+            self.err(where + ("to",), f"{target!r} serves no DNS: a DNS probe needs a destination declaring port 53/UDP")
+            return None
+        if dns is not None and port and port != 53:
+            self.err(where + ("to",), f"the lab's DNS servers listen on 53/UDP only, got port {port}")
+            return None
         if not port:
             candidates = [p.port for p in ports if p.protocol == protocol]
-            if dns is not None and 53 in candidates:
+            if dns is not None:
                 candidates = [53]
             if not candidates:
                 self.err(where + ("to",), f"{target!r} declares no {protocol} port; write {target}:PORT")

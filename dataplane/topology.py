@@ -170,7 +170,9 @@ def pids_in_netns(name: str) -> list[int]:
 
 
 def kill_pids(pids: list[int], grace: float = 1.0) -> None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL whatever is left. Never the caller
+    (a lab's agent lives in the lab's node namespace and may be the one taking it down)."""
+    pids = [p for p in pids if p != os.getpid()]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

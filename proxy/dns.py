@@ -4,7 +4,8 @@ policies that apply (`toPorts.rules.dns`: matchName / matchPattern), as Cilium's
 The datapath assigns redirected UDP datagrams to this socket (UDP on the same port number as the
 HTTP listener); IP_RECVORIGDSTADDR gives each datagram's original destination. Then:
 
-  * not a DNS query: dropped (nothing to answer), recorded as an error;
+  * not a DNS query (or a response): dropped (nothing to answer), recorded as an error;
+  * not one standard question (several questions, another opcode): FORMERR, never forwarded;
   * no rule allows the name: answered REFUSED, as if by the server the client asked;
   * allowed: forwarded to the original destination from an upstream socket that carries the
     from-proxy mark, and the server's answer relayed back unchanged (silence if the server
@@ -27,7 +28,9 @@ import time
 from typing import TYPE_CHECKING
 
 import dns.exception
+import dns.flags
 import dns.message
+import dns.opcode
 import dns.rcode
 import dns.rdatatype
 
@@ -38,11 +41,12 @@ from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
 
 if TYPE_CHECKING:
     from .server import ProxyServer
-    from .state import ConnectionPolicy, RequestVerdict
+    from .state import ConnectionPolicy, RequestVerdict, Snapshot
 
 IP_RECVORIGDSTADDR = 20  # socket.IP_RECVORIGDSTADDR (Linux); the cmsg type is IP_ORIGDSTADDR (same value)
 UPSTREAM_TIMEOUT_S = 2.0
 MAX_DATAGRAM = 65535
+MAX_IN_FLIGHT = 256
 
 
 class DnsProxy:
@@ -53,6 +57,9 @@ class DnsProxy:
         self.sock: socket.socket | None = None
         self.port = 0
         self._tasks: set[asyncio.Task] = set()
+        # Each query in flight may hold an upstream socket for UPSTREAM_TIMEOUT_S: a bound keeps a
+        # flood from exhausting the descriptors the HTTP side needs too.
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -100,12 +107,35 @@ class DnsProxy:
         t0 = time.monotonic()
         snap = self.server.snapshot
         cp = snap.connection(client[0], dst[0], dst[1], PROTO_UDP)
+        if self._slots.locked():
+            self.record(cp, client, dst, "", "", -1, "error", "too many queries in flight: dropped", t0)
+            return
+        async with self._slots:
+            try:
+                await self._handle(snap, cp, data, client, dst, t0)
+            except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
+                self.record(cp, client, dst, "", "", -1, "error", f"internal error: {exc!r}", t0)
+
+    async def _handle(self, snap: "Snapshot", cp: "ConnectionPolicy", data: bytes, client: tuple[str, int],
+                      dst: tuple[str, int], t0: float) -> None:
         try:
             query = dns.message.from_wire(data)
-            question = query.question[0]
-        except (dns.exception.DNSException, IndexError, ValueError):
+        except dns.exception.DNSException:
             self.record(cp, client, dst, "", "", -1, "error", "not a DNS query: dropped", t0)
             return
+        if query.flags & dns.flags.QR:
+            self.record(cp, client, dst, "", "", -1, "error", "a DNS response, not a query: dropped", t0)
+            return
+        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+            # Only the one question that was checked may reach the server: anything else (more
+            # questions, other opcodes) is answered FORMERR and never forwarded.
+            reply = dns.message.make_response(query)
+            reply.set_rcode(dns.rcode.FORMERR)
+            self.record(cp, client, dst, "", "", dns.rcode.FORMERR, "error",
+                        "only standard queries with one question are forwarded", t0)
+            self.answer(dst, client, reply.to_wire())
+            return
+        question = query.question[0]
         name = question.name.to_text(omit_final_dot=True).lower()
         qtype = dns.rdatatype.to_text(question.rdtype)
         verdict = snap.judge_dns(cp, name)
@@ -131,7 +161,10 @@ class DnsProxy:
                            query_id: int) -> bytes | None:
         """Send the query to the server it was meant for; its answer (same id), or None."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError:
+            return None
         try:
             sock.setblocking(False)
             if self.server.mark:
@@ -159,7 +192,11 @@ class DnsProxy:
             with contextlib.suppress(OSError):
                 self.sock.sendto(data, client)
             return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            print(f"l7proxy: dns answer: {exc!r}", file=sys.stderr, flush=True)
+            return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)

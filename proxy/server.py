@@ -385,7 +385,7 @@ class ClientConnection:
             elif req.version == "1.0":
                 headers.append(("Connection", "keep-alive"))
         self.response_started = True
-        if tunnel or body_kind == "none":
+        if tunnel or body_kind == "none" or (body_kind == "length" and not resp.length):
             answered(resp.status)  # the head is the whole answer
         await self.client.write(response_head(req.version if req.version == "1.0" else "1.1", resp.status,
                                               resp.reason, headers))

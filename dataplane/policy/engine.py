@@ -312,7 +312,9 @@ class _Judge:
                 ok, why, ids = rule_set.match_dns(flow.dns_name)
             self.trace.append(f"{where}: DNS query {flow.dns_name or '(none)'} {why}")
             if not ok:
-                d.outcome = "refused"
+                # A DNS question no rule allows is answered REFUSED; a TCP connection meets the
+                # HTTP side of the proxy, which answers 403 to what no HTTP rule allows.
+                d.outcome = "refused" if flow.dns_name else "denied"
                 return False
         else:
             req = flow.http or HttpRequest()

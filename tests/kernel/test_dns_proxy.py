@@ -15,7 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 import pytest
 
 from dataplane import topology
@@ -108,8 +112,30 @@ def test_what_is_not_dns_is_dropped_and_never_reaches_the_server(lab: Lab) -> No
     log_before = len(server_log(lab))
     assert ask(lab, "shop/mediabot", "ignored", timeout=1.0, payload=b"GET / HTTP/1.1\r\n\r\n") is None
     assert ask(lab, "shop/mediabot", "ignored", timeout=1.0, payload=b"\x00") is None
+    # A response (QR set) is not a question: dropped, whatever name it carries.
+    response = dns.message.make_response(dns.message.make_query("www.example.org", "A"))
+    assert ask(lab, "shop/mediabot", "ignored", timeout=1.0, payload=response.to_wire()) is None
     assert len(server_log(lab)) == log_before
     assert ask(lab, "shop/mediabot", "www.example.com") is not None  # the proxy still answers
+
+
+def test_only_the_question_that_was_checked_reaches_the_server(lab: Lab) -> None:
+    """An allowed question with a second, denied one smuggled beside it: FORMERR from the proxy,
+    nothing forwarded."""
+    query = dns.message.make_query("www.example.com", "A")
+    query.question.append(dns.rrset.RRset(dns.name.from_text("www.example.org"), dns.rdataclass.IN, dns.rdatatype.A))
+    log_before = len(server_log(lab))
+    sock = topology.socket_in(lab.record.endpoints["shop/mediabot"].netns, kind=socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(True)
+        sock.settimeout(5)
+        sock.connect((lab.record.endpoints["kube-system/kube-dns"].ip, 53))
+        sock.send(query.to_wire())
+        reply = dns.message.from_wire(sock.recv(65535), question_only=True)
+    finally:
+        sock.close()
+    assert reply.id == query.id and reply.rcode() == dns.rcode.FORMERR and not reply.answer
+    assert len(server_log(lab)) == log_before
 
 
 def test_without_the_proxy_queries_fail_closed_and_resume_after_restart(lab: Lab) -> None:

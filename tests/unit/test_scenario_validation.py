@@ -100,6 +100,8 @@ def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: 'bad name'}, expect: allowed}"), 21, "steps[0].probes[0].dns.name", "invalid value 'bad name'"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example, type: BOGUS}, expect: allowed}"), 21, "steps[0].probes[0].dns.type", "expected one of A, AAAA"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example}, expect: denied}"), 21, "steps[0].probes[0].expect", "a UDP probe expects allowed, dropped or refused"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "'api' serves no DNS: a DNS probe needs a destination declaring port 53/UDP"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: 'web:5353', dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "listen on 53/UDP only, got port 5353"),
     (("{port: 80, name: http}", "{port: 80, name: http}, {port: 80}"), 9, "pods[0].ports[1]", "port 80/TCP is declared twice"),
 ])
 def test_invalid_scenario_names_file_line_and_field(tmp_path: Path, change: tuple[str, str], line: int, path: str, fragment: str) -> None:
