@@ -9,7 +9,11 @@ on every path alike: first with the programs detached from the pods' veths (the 
     request/response  sequential requests on one keep-alive connection (per request)
     connect           a new connection per request (connect, request, response, close)
 
-and the report gives each path's median as a ratio to the baseline's. (The pod servers are
+and the report gives each path's median as a ratio to the baseline's. Where the tools are
+installed (`scripts/bench.sh` installs them), two references join: HAProxy in the server's
+namespace doing the same method/path ACL as the L7 rule, and, for new connections as the policy
+grows, an iptables chain of the same size in the node namespace, built the way iptables-based
+policy engines build it (conntrack ESTABLISHED first, then one rule per allowed peer and port). (The pod servers are
 Python: the absolute numbers say more about them than about the datapath; the ratios show what
 enforcement adds on the same servers. Two labs compared with each other differ by more than
 the programs do, which is why the baseline is the same lab with its programs detached.)
@@ -17,8 +21,12 @@ the programs do, which is why the baseline is the same lab with its programs det
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import socket
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,11 +35,14 @@ import pytest
 
 from dataplane import topology
 from dataplane.lab import Lab
+from dataplane.mapstate import PROTO_TCP, Direction, MapState, PolicyEntry, PolicyKey, Verdict
 from dataplane.policy import PolicyEngine
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents
 
 ROUNDS = 9
+SIZES = (10, 1_000, 10_000)  # policy entries / iptables rules, for new connections
+HAPROXY_PORT = 8090  # in the server's namespace, in front of its 8080
 REQUESTS = 200  # per round, keep-alive
 CONNECTS = 50  # per round, one request each
 
@@ -40,7 +51,7 @@ name: bench
 namespaces: [{name: bench}]
 pods:
   - {name: client, namespace: bench, labels: {app: client}, ports: [{port: 80}]}
-  - {name: server, namespace: bench, labels: {app: server}, ports: [{port: 8080}, {port: 8081}, {port: 8082}]}
+  - {name: server, namespace: bench, labels: {app: server}, ports: [{port: 8080}, {port: 8081}, {port: 8082}, {port: 8083}]}
 policies:
   - apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -143,10 +154,61 @@ def connects(lab: Lab, port: int) -> float:
     return (time.perf_counter() - started) / CONNECTS
 
 
+HAPROXY_CONFIG = """\
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend bench
+    bind {ip}:{port}
+    acl allowed_method method GET
+    acl allowed_path path_reg ^/.*$
+    http-request deny deny_status 403 unless allowed_method allowed_path
+    default_backend server
+backend server
+    http-reuse always
+    server local 127.0.0.1:8080
+"""
+
+
+@pytest.fixture(scope="module")
+def haproxy(lab: Lab) -> Iterator[int | None]:
+    """HAProxy in the server pod's namespace with the L7 rule as an ACL; None if not installed."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        yield None
+        return
+    server = lab.record.endpoints["bench/server"]
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as cfg:
+        cfg.write(HAPROXY_CONFIG.format(ip=server.ip, port=HAPROXY_PORT))
+    proc = subprocess.Popen(["ip", "netns", "exec", server.netns, binary, "-db", "-f", cfg.name],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait until it listens
+            try:
+                _connect(lab, HAPROXY_PORT).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield HAPROXY_PORT
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        Path(cfg.name).unlink()
+
+
 @pytest.mark.benchmark(group="end-to-end")
-def test_end_to_end_cost_of_enforcement(benchmark, lab) -> None:  # noqa: ANN001
+def test_end_to_end_cost_of_enforcement(benchmark, lab, haproxy) -> None:  # noqa: ANN001
     paths: dict[str, tuple[bool, int]] = {"no programs": (False, 8080), "L3/L4 allow": (True, 8081),
                                           "L7 redirect": (True, 8082)}
+    if haproxy is not None:
+        paths["HAProxy ACL"] = (False, haproxy)
     kinds: dict[str, Callable[[Lab, int], float]] = {"request/response": keepalive, "connect": connects}
     seconds: dict[tuple[str, str], list[float]] = {}
     try:
@@ -170,4 +232,85 @@ def test_end_to_end_cost_of_enforcement(benchmark, lab) -> None:  # noqa: ANN001
             median = statistics.median(seconds[(kind, path)])
             table[f"{kind} {path}"] = round(median / base, 2)
             print(f"  {kind:>16} {path:<12} {median * 1e6:9.0f} us  {median / base:5.2f}x")
+    if haproxy is None:
+        print("  (HAProxy is not installed: scripts/bench.sh installs it)")
+    benchmark.extra_info["ratio_to_no_programs"] = table
+
+
+# --------------------------------------------------------------------------- policy size
+
+
+def grown(state: MapState, server_endpoint: int, entries: int) -> MapState:
+    """The lab's own state plus `entries` allows on the server's ingress for other identities."""
+    policy = dict(state.policy)
+    for i in range(entries):
+        policy[PolicyKey(server_endpoint, Direction.INGRESS, 100_000 + i, PROTO_TCP, 1 + i % 60_000, 16)] = \
+            PolicyEntry(Verdict.ALLOW, 0, ())
+    return dataclasses.replace(state, policy=policy)
+
+
+def iptables_rules(client_ip: str, server_ip: str, rules: int) -> str:
+    """iptables-restore input: conntrack first, then `rules` per-peer allows for port 8083, the
+    client's last (the worst case a linear chain has), then drop."""
+    lines = ["*filter", ":L7LAB-BENCH - [0:0]",
+             "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+             f"-A FORWARD -d {server_ip}/32 -p tcp --dport 8083 -j L7LAB-BENCH"]
+    lines += [f"-A L7LAB-BENCH -s 10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32 -p tcp --dport 8083 -j ACCEPT"
+              for i in range(rules - 1)]
+    lines += [f"-A L7LAB-BENCH -s {client_ip}/32 -p tcp --dport 8083 -j ACCEPT", "-A L7LAB-BENCH -j DROP", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def node_iptables(lab: Lab, restore_input: str | None) -> None:
+    """Load rules into the node namespace's filter table (None: empty it). Only the lab's own
+    namespace is touched."""
+    node = lab.record.node
+    text = restore_input if restore_input is not None else "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"
+    subprocess.run(["ip", "netns", "exec", node, "iptables-restore"], input=text, text=True, check=True)
+
+
+@pytest.mark.benchmark(group="end-to-end")
+def test_new_connections_as_the_policy_grows(benchmark, lab) -> None:  # noqa: ANN001
+    """Connect + one request, at each size: BPF (the L3/L4 allow, in a policy map of that many
+    entries) and, if installed, iptables (a chain of that many rules), each as a ratio to the
+    same lab with no programs and no rules."""
+    has_iptables = shutil.which("iptables-restore") is not None
+    client, server = lab.record.endpoints["bench/client"], lab.record.endpoints["bench/server"]
+    base_state = lab.policy.map_state()
+    server_ep = next(i for i, ep in base_state.endpoints.items() if ep.name == "bench/server")
+    seconds: dict[tuple[int, str], list[float]] = {}
+    try:
+        for size in SIZES:
+            lab.sync_policy(grown(base_state, server_ep, size))
+            rules = iptables_rules(client.ip, server.ip, size) if has_iptables else None
+            for round_ in range(ROUNDS + 1):
+                measured: dict[str, float] = {}
+                set_programs(lab, False)
+                measured["no programs"] = connects(lab, 8080)
+                if rules is not None:
+                    node_iptables(lab, rules)
+                    measured["iptables"] = connects(lab, 8083)
+                    node_iptables(lab, None)
+                set_programs(lab, True)
+                measured["BPF"] = connects(lab, 8081)
+                if round_:
+                    for path, took in measured.items():
+                        seconds.setdefault((size, path), []).append(took)
+    finally:
+        set_programs(lab, True)
+        lab.sync_policy(base_state)
+        if has_iptables:
+            node_iptables(lab, None)
+    benchmark.pedantic(connects, args=(lab, 8081), rounds=3)
+    table: dict[str, float] = {}
+    print("\nnew connections (connect + one request) as the policy grows, ratio to no programs and no rules:")
+    for size in SIZES:
+        base = statistics.median(seconds[(size, "no programs")])
+        for path in ("BPF", "iptables"):
+            if (size, path) in seconds:
+                median = statistics.median(seconds[(size, path)])
+                table[f"{path}@{size}"] = round(median / base, 2)
+                print(f"  {path:>8} {size:>6} entries {median * 1e6:9.0f} us  {median / base:5.2f}x")
+    if not has_iptables:
+        print("  (iptables is not installed: scripts/bench.sh installs it)")
     benchmark.extra_info["ratio_to_no_programs"] = table

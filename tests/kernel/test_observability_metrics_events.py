@@ -57,9 +57,11 @@ def send(klab: KernelLab, batch: list, timeout_dropped: float = 0.4) -> list[tup
         for _ in range(flows):
             obs = klab.observe(src, dst, port, proto, timeout_dropped)
             sent.append((src, dst, proto, port, obs.extra["sport"], obs.outcome))
-            # A later flow may get the same (random) source port: it must be new to conntrack
-            # too, and so produce its own event. Flushing changes no counter.
-            klab.datapath.flush_conntrack()
+            if proto == "UDP":
+                # A later datagram may get the same (random) source port: it must be new to
+                # conntrack too, and so produce its own event. Flushing changes no counter. (Not
+                # after TCP: its teardown packets, still on their way, would become new flows.)
+                klab.datapath.flush_conntrack()
     return sent
 
 
