@@ -188,14 +188,19 @@ def haproxy(lab: Lab) -> Iterator[int | None]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while True:  # wait until it listens
+        while True:  # wait until it listens (asked from the server's own namespace: no policy)
+            probe = topology.socket_in(server.netns)
             try:
-                _connect(lab, HAPROXY_PORT).close()
+                probe.setblocking(True)
+                probe.settimeout(1)
+                probe.connect((server.ip, HAPROXY_PORT))
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.05)
+            finally:
+                probe.close()
         yield HAPROXY_PORT
     finally:
         proc.terminate()
