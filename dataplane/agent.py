@@ -10,6 +10,8 @@ answer. The agent then lives as long as the lab does:
 - draining the ring buffer: every kernel flow event becomes a line of `flows.jsonl` in the lab
   directory (`dataplane/flows.py`), which `l7lab observe` merges with the proxy's L7 records;
 - rewriting `metrics.json` (packets and bytes by verdict, reason and direction) every second;
+- with `up --metrics HOST:PORT`, answering Prometheus scrapes on that loopback address
+  (`dataplane/metrics.py`);
 - serving `agent.sock`: one JSON request per connection (`change`: apply / delete / relabel,
   all-or-nothing through the policy engine, then the proxy reload and the map diff that `run`
   uses; `status`: the applied policies and the metrics).
@@ -36,7 +38,8 @@ from typing import Any
 from . import lab as labmod
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
-from .flows import KERNEL_FLOWS, kernel_record
+from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, kernel_record
+from .metrics import LabCollector, LabCounters, MetricsListener
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 
 SOCKET_NAME = "agent.sock"
@@ -56,8 +59,9 @@ def socket_path(lab: str) -> Path:
 # --------------------------------------------------------------------------- starting (in `up`)
 
 
-def start(scenario: Scenario, name: str) -> dict[str, Any]:
-    """Fork the agent, let it build lab `name`, and return its READY summary; raise what it hit."""
+def start(scenario: Scenario, name: str, metrics: tuple[str, int] | None = None) -> dict[str, Any]:
+    """Fork the agent, let it build lab `name` (serving Prometheus metrics on `metrics`, a
+    loopback address, if given), and return its READY summary; raise what it hit."""
     if labmod.record_path(name).exists() or topology.list_netns(labmod.lab_prefix(name)):
         raise SetupError(f"lab {name!r} is already up (or left over from a crash); "
                          f"run 'l7lab down {name}' or 'l7lab clean {name}' first")
@@ -70,7 +74,7 @@ def start(scenario: Scenario, name: str) -> dict[str, Any]:
         os.close(read_fd)
         code = 1
         try:
-            code = _agent_main(scenario, name, write_fd, parent)
+            code = _agent_main(scenario, name, write_fd, parent, metrics)
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -200,7 +204,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int) -> int:
+def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int,
+                metrics: tuple[str, int] | None = None) -> int:
     os.setsid()
     _die_with_parent(parent)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -222,18 +227,23 @@ def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int) -> in
         _send(ready_fd, "ERROR", [str(exc) if isinstance(exc, L7LabError) else f"{type(exc).__name__}: {exc}"])
         return 1
     try:
-        agent = Agent(lab)
+        agent = Agent(lab, metrics)
         agent.prepare()
     except BaseException as exc:  # noqa: BLE001
         lab.down()  # (kill_pids never kills its caller, though the agent is in the record)
-        _send(ready_fd, "ERROR", [f"the lab agent could not start: {exc}"])
+        _send(ready_fd, "ERROR", [str(exc) if isinstance(exc, L7LabError) else f"the lab agent could not start: {exc}"])
         return 1
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, 0)  # from here on the agent outlives the command
     _send(ready_fd, "READY", {"lab": name, "status": lab.record.status, "endpoints": len(lab.record.endpoints),
-                              "node": lab.record.node, "agent": os.getpid()})
+                              "node": lab.record.node, "agent": os.getpid(),
+                              "metrics": f"http://{_url_host(metrics[0])}:{metrics[1]}/metrics" if metrics else None})
     os.close(ready_fd)
     return agent.serve()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _send(fd: int, kind: str, payload: Any) -> None:
@@ -247,10 +257,14 @@ def _send(fd: int, kind: str, payload: Any) -> None:
 class Agent:
     """Serves one lab until it is taken down (or the agent is told to stop)."""
 
-    def __init__(self, lab: labmod.Lab) -> None:
+    def __init__(self, lab: labmod.Lab, metrics: tuple[str, int] | None = None) -> None:
         self.lab = lab
         self.dir = labmod.lab_dir(lab.name)
         self.state = lab.policy.map_state()
+        self.metrics_address = metrics
+        self.metrics_listener: Any = None
+        self.counters = LabCounters()
+        self.proxy_records = RecordTail(self.dir)
         self.names = {ep.ip: key for key, ep in lab.record.endpoints.items()}
         self.names[lab.scenario.node_ip] = "node"  # the node's own stack, and the L7 proxy's upstreams
         self.stopping = False
@@ -261,6 +275,9 @@ class Agent:
         rec = self.lab.record
         rec.add(kind="process", pid=os.getpid(), start=labmod._proc_start_time(os.getpid()), netns=rec.node,
                 what="l7lab agent", log=str(self.dir / "agent.log"))
+        if self.metrics_address is not None:  # made here, in the root namespace, on loopback
+            self.metrics_listener = MetricsListener(self.metrics_address, LabCollector(
+                self.lab.name, self.counters, self.lab.datapath.metrics_detail, lambda: len(self.lab.policy.policies)))
         log = os.open(self.dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -287,11 +304,13 @@ class Agent:
         next_metrics = 0.0
         try:
             with selectors.DefaultSelector() as sel:
-                sel.register(self.listener, selectors.EVENT_READ)
+                sel.register(self.listener, selectors.EVENT_READ, self._accept)
+                if self.metrics_listener is not None:
+                    sel.register(self.metrics_listener.sock, selectors.EVENT_READ, self._scrape)
                 while not self.stopping:
                     self.drain()
-                    for _key, _ in sel.select(timeout=0):
-                        self._accept()
+                    for key, _ in sel.select(timeout=0):
+                        key.data()
                     if time.monotonic() >= next_metrics:
                         next_metrics = time.monotonic() + 1.0
                         self.write_metrics()
@@ -300,7 +319,14 @@ class Agent:
         finally:
             self.listener.close()
             self.flows.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
         return 0
+
+    def _scrape(self) -> None:
+        for record in self.proxy_records.lines(PROXY_RECORDS):  # count what the proxy wrote since
+            self.counters.l7_records[(record.get("protocol", "").split("/")[0] or "?", record.get("verdict", "?"))] += 1
+        self.metrics_listener.accept()
 
     # -- observation ---------------------------------------------------------------------
     def drain(self, timeout_ms: int = POLL_MS) -> None:
@@ -310,6 +336,7 @@ class Agent:
         # Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock time like the proxy's.
         offset = time.time() - time.monotonic_ns() / 1e9
         for ev in events:
+            self.counters.flow_events[ev.verdict.name] += 1
             self.flows.write(json.dumps(kernel_record(ev, self.state, self.names, offset + ev.ts_ns / 1e9),
                                         separators=(",", ":")) + "\n")
 
@@ -349,14 +376,20 @@ class Agent:
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "status":
-            return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics()}
+            address = self.metrics_address
+            return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
+                    "metrics_url": f"http://{_url_host(address[0])}:{address[1]}/metrics" if address else None}
         if op == "change":
             try:
-                return self.change(request)
+                reply = self.change(request)
             except (SourceError, ErrorList) as exc:
+                self.counters.changes["refused"] += 1
                 return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}
             except L7LabError as exc:
+                self.counters.changes["rolled back"] += 1
                 return {"ok": False, "errors": [str(exc)]}
+            self.counters.changes["applied"] += 1
+            return reply
         return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change' or 'status'"]}
 
     def policies(self) -> list[str]:

@@ -62,14 +62,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     labmod.check_environment()
     name = args.name or scenario.name
     labmod.validate_lab_name(name)
+    metrics = None
+    if args.metrics:
+        from .metrics import parse_listen  # noqa: PLC0415
+
+        metrics = parse_listen(args.metrics)
     # The agent builds the lab and stays with it (flows, metrics, policy changes) until `down`.
-    info = agent.start(scenario, name)
+    info = agent.start(scenario, name, metrics)
     if args.json:
         _emit_json(info)
     else:
         console.print(f"lab [bold]{name}[/] is up: {info['endpoints']} endpoints in namespace {info['node']}, "
                       f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
                       f"'l7lab down {name}' removes them", highlight=False)
+        if info.get("metrics"):
+            console.print(f"Prometheus metrics: {info['metrics']}", highlight=False)
     return EXIT_OK
 
 
@@ -121,6 +128,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         agent_info = lab.get("agent")
         if agent_info and agent_info.get("running"):
             caption = f"agent pid {agent_info['pid']}; policies: {', '.join(agent_info['policies']) or 'none'}"
+            if agent_info.get("metrics_url"):
+                caption += f"; metrics: {agent_info['metrics_url']}"
         elif agent_info:
             caption = "agent not running: flows are not recorded and policy changes are refused"
         else:
@@ -146,7 +155,8 @@ def _agent_status(lab: str) -> dict[str, Any] | None:
         reply = agent.request(lab, {"op": "status"}, timeout=5.0)
     except L7LabError as exc:
         return {"running": False, "error": str(exc)}
-    return {"running": True, "pid": reply.get("pid"), "policies": reply.get("policies", [])}
+    return {"running": True, "pid": reply.get("pid"), "policies": reply.get("policies", []),
+            "metrics_url": reply.get("metrics_url")}
 
 
 def _one_lab(name: str | None) -> labmod.LabRecord:
@@ -445,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("up", "build a scenario's lab (namespaces, links, servers) and leave it running")
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--name", help="lab name (default: the scenario's name)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only, e.g. 127.0.0.1:9464)")
     p.set_defaults(func=cmd_up)
 
     p = verb("down", "remove a lab: everything its record lists, then anything with its prefix")

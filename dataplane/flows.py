@@ -84,11 +84,12 @@ class RecordTail:
         """New records of both files since the last call, in time order."""
         out: list[dict[str, Any]] = []
         for name, kind in ((KERNEL_FLOWS, "flow"), (PROXY_RECORDS, "l7")):
-            out += [{"type": kind, **rec} for rec in self._lines(name)]
+            out += [{"type": kind, **rec} for rec in self.lines(name)]
         out.sort(key=lambda r: r.get("time", 0.0))
         return out
 
-    def _lines(self, name: str) -> Iterator[dict[str, Any]]:
+    def lines(self, name: str) -> Iterator[dict[str, Any]]:
+        """New complete records of one file (KERNEL_FLOWS or PROXY_RECORDS) since the last call."""
         path = self.lab_dir / name
         if not path.exists():
             return

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -257,3 +260,67 @@ def test_run_keep_hands_the_lab_to_an_agent() -> None:
     finally:
         assert l7lab("down", name).returncode == 0
     assert nothing_left(name), leftovers(name)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never via a proxy
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (samples only)."""
+    with NO_PROXY.open(url, timeout=10) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_up_serves_prometheus_metrics_on_loopback() -> None:
+    name, port = unique_lab("pm"), free_loopback_port()
+    try:
+        up = l7lab("up", str(RETAIL), "--name", name, "--metrics", f"127.0.0.1:{port}", "--json")
+        assert up.returncode == 0, up.stderr
+        url = json.loads(up.stdout)["metrics"]
+        assert url == f"http://127.0.0.1:{port}/metrics"
+        inventory = "http://inventory-api:8080/api/inventory/1"
+        before = scrape(url)
+        assert curl(name, "frontend-app", inventory, "-X", "DELETE").stdout.strip() == "Access denied"
+        assert not reaches(name, "reporting", inventory, False)
+        drops_key = (f'l7lab_datapath_packets_total{{direction="ingress",lab="{name}",reason="POLICY_DENIED",'
+                     f'verdict="DROP"}}')
+        denied_key = f'l7lab_l7_records_total{{lab="{name}",protocol="HTTP",verdict="denied"}}'
+        deadline = time.monotonic() + 10
+        while True:
+            after = scrape(url)
+            if after.get(denied_key, 0) >= 1 and after.get(drops_key, 0) > before.get(drops_key, 0):
+                break
+            assert time.monotonic() < deadline, after
+            time.sleep(0.2)
+        assert after[f'l7lab_policies{{lab="{name}"}}'] == 2
+        assert after[f'l7lab_flow_events_total{{lab="{name}",verdict="REDIRECT"}}'] >= 1
+        assert agent_status(name)["agent"]["metrics_url"] == url
+        # Loopback only, and the port answers nothing but /metrics.
+        with pytest.raises(urllib.error.HTTPError) as info:
+            NO_PROXY.open(url.replace("/metrics", "/"), timeout=10)
+        assert info.value.code == 404
+    finally:
+        assert l7lab("down", name).returncode == 0
+    assert nothing_left(name), leftovers(name)
+    with pytest.raises(OSError):  # the agent is gone, and its listener with it
+        NO_PROXY.open(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_up_refuses_a_metrics_address_off_loopback() -> None:
+    name = unique_lab("pm")
+    out = l7lab("up", str(RETAIL), "--name", name, "--metrics", "0.0.0.0:9464")
+    assert out.returncode == 1 and "not a loopback address" in out.stderr
+    assert nothing_left(name)

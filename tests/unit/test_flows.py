@@ -51,3 +51,19 @@ def test_tail_merges_both_files_in_time_order_and_waits_for_whole_lines(tmp_path
 
 def test_tail_of_a_lab_without_records_is_empty(tmp_path: Path) -> None:
     assert RecordTail(tmp_path / "missing").read() == []
+
+
+def test_metrics_listen_only_on_loopback() -> None:
+    import pytest
+
+    from dataplane.errors import L7LabError
+    from dataplane.metrics import parse_listen
+
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("localhost:9100") == ("127.0.0.1", 9100)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    for bad, why in (("0.0.0.0:9464", "not a loopback address"), ("10.0.0.1:9464", "not a loopback address"),
+                     ("127.0.0.1", "expects HOST:PORT"), ("127.0.0.1:99999", "expects HOST:PORT"),
+                     ("example.com:80", "not a loopback address")):
+        with pytest.raises(L7LabError, match=why):
+            parse_listen(bad)
