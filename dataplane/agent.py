@@ -49,6 +49,8 @@ REQUEST_TIMEOUT = 30.0  # the CLI's wait for an answer (a change may wait for th
 RECEIVE_TIMEOUT = 2.0  # the agent's wait for a request's bytes
 MAX_REQUEST = 16 * 1024 * 1024
 POLL_MS = 100
+# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes
+MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", 64 * 1024 * 1024))
 _PR_SET_PDEATHSIG = 1
 
 
@@ -339,6 +341,10 @@ class Agent:
             self.counters.flow_events[ev.verdict.name] += 1
             self.flows.write(json.dumps(kernel_record(ev, self.state, self.names, offset + ev.ts_ns / 1e9),
                                         separators=(",", ":")) + "\n")
+        if self.flows.tell() > MAX_FLOWS_BYTES:  # keep one previous file: a long-lived lab stays bounded
+            self.flows.close()
+            os.replace(self.dir / KERNEL_FLOWS, self.dir / (KERNEL_FLOWS + ".1"))
+            self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115
 
     def metrics(self) -> list[dict[str, Any]]:
         return [{"verdict": v.name, "reason": r.name, "direction": d.name.lower(), "packets": p, "bytes": b}

@@ -324,3 +324,26 @@ def test_up_refuses_a_metrics_address_off_loopback() -> None:
     out = l7lab("up", str(RETAIL), "--name", name, "--metrics", "0.0.0.0:9464")
     assert out.returncode == 1 and "not a loopback address" in out.stderr
     assert nothing_left(name)
+
+
+def test_flow_records_are_rotated_and_observe_follows() -> None:
+    name = unique_lab("fr")
+    env = {**os.environ, "L7LAB_FLOWS_ROTATE_BYTES": "1500"}  # a few records per file
+    try:
+        up = subprocess.run([*L7LAB, "up", str(RETAIL), "--name", name], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=env)
+        assert up.returncode == 0, up.stderr
+        for _ in range(6):
+            assert not reaches(name, "reporting", "http://inventory-api:8080/", False)
+        flows = labmod.lab_dir(name) / "flows.jsonl"
+        deadline = time.monotonic() + 10
+        while not (flows.with_name("flows.jsonl.1")).exists():
+            assert time.monotonic() < deadline, "flows.jsonl was never rotated"
+            time.sleep(0.1)
+        assert flows.with_name("flows.jsonl.1").stat().st_size > 1500
+        assert not reaches(name, "reporting", "http://inventory-api:8080/", False)
+        records = observe(name, lambda r: any(x["type"] == "flow" for x in r), "--type", "flows")
+        assert records and all(r["verdict"] == "DROP" and r["source"]["pod"] == "retail/reporting" for r in records)
+    finally:
+        assert l7lab("down", name).returncode == 0
+    assert nothing_left(name), leftovers(name)
