@@ -131,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if agent_info.get("metrics_url"):
                 caption += f"; metrics: {agent_info['metrics_url']}"
         elif agent_info:
-            caption = "agent not running: flows are not recorded and policy changes are refused"
+            caption = f"agent not answering: {agent_info.get('error', '')}"
         else:
             caption = "no agent: flows are not recorded and policy changes are refused" if lab["status"] == "up" else ""
         table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left", caption=caption,
