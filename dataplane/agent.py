@@ -38,7 +38,7 @@ from typing import Any
 from . import lab as labmod
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
-from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, kernel_record
+from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, kernel_record
 from .metrics import LabCollector, LabCounters, MetricsListener
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 
@@ -267,8 +267,7 @@ class Agent:
         self.metrics_listener: Any = None
         self.counters = LabCounters()
         self.proxy_records = RecordTail(self.dir)
-        self.names = {ep.ip: key for key, ep in lab.record.endpoints.items()}
-        self.names[lab.scenario.node_ip] = "node"  # the node's own stack, and the L7 proxy's upstreams
+        self.names = address_names(lab)
         self.stopping = False
         self.listener: socket.socket | None = None
         self.flows: Any = None

@@ -25,6 +25,14 @@ KERNEL_FLOWS = "flows.jsonl"
 PROXY_RECORDS = "l7-events.jsonl"
 
 
+def address_names(lab: Any) -> dict[str, str]:
+    """Address -> name for a lab's flow records: its pods and world hosts, and "node" (the
+    node's own stack, which is also where the L7 proxy's upstream connections come from)."""
+    names = {ep.ip: key for key, ep in lab.record.endpoints.items()}
+    names[lab.scenario.node_ip] = "node"
+    return names
+
+
 def kernel_record(ev: Any, state: Any, names: dict[str, str], when: float) -> dict[str, Any]:
     """A datapath FlowEvent as a flow record; `names` maps addresses to pod / world host names,
     `state` (the MapState in force) names the endpoint and the policy rule that decided."""

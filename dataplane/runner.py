@@ -12,6 +12,8 @@ concurrently, because a `dropped` expectation costs a whole timeout.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,12 +129,32 @@ class KernelExecutor:
         for ev in events:
             first.setdefault((ev.src, ev.sport, ev.dst, ev.dport, ev.protocol), ev)
         state = self.policy.map_state()
+        self._record_flows(events, state)
         for r in results:
             src_ip = self.lab.record.endpoints[r.probe.source].ip
             proto = 6 if r.probe.protocol == "TCP" else 17
             ev = first.get((src_ip, r.observed.extra.get("sport"), r.probe.destination.ip, r.probe.destination.port, proto))
             if ev is not None:
                 r.kernel = describe_event(ev, state)
+
+
+    def _record_flows(self, events: list[Any], state: Any) -> None:
+        """The same flow records a lab agent writes, so `observe` shows the run's own traffic
+        (after `run --keep`, or from another terminal while the run goes on)."""
+        from .flows import KERNEL_FLOWS, address_names, kernel_record  # noqa: PLC0415
+        from .lab import lab_dir  # noqa: PLC0415
+
+        if not events:
+            return
+        names = address_names(self.lab)
+        offset = time.time() - time.monotonic_ns() / 1e9
+        try:
+            with open(lab_dir(self.lab.name) / KERNEL_FLOWS, "a") as out:
+                for ev in events:
+                    out.write(json.dumps(kernel_record(ev, state, names, offset + ev.ts_ns / 1e9),
+                                         separators=(",", ":")) + "\n")
+        except OSError:
+            pass  # observation must never fail a run
 
 
 def describe_event(ev: Any, state: Any) -> str:

@@ -247,6 +247,10 @@ def test_run_keep_hands_the_lab_to_an_agent() -> None:
         assert f"lab {name} kept up (agent pid" in out.stderr
         status = agent_status(name)
         assert status["agent"]["running"] and READ_ONLY in status["agent"]["policies"]
+        # The run's own probes are in the flow records too.
+        ran = observe(name, lambda r: True, "--type", "flows")
+        assert any(r["verdict"] == "REDIRECT" and r["source"]["pod"] == "retail/frontend-app" for r in ran)
+        assert any(r["verdict"] == "DROP" and r["source"]["pod"] == "retail/reporting" for r in ran)
         url = "http://inventory-api:8080/api/inventory/1"
         assert not reaches(name, "reporting", url, False)
         # The agent reloads the proxy it did not start (by pid) and diffs the maps it inherited.
