@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -39,6 +38,7 @@ from dataplane.mapstate import PROTO_TCP, Direction, MapState, PolicyEntry, Poli
 from dataplane.policy import PolicyEngine
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents
+from tests.kernel._l7_helpers import PodClient
 
 ROUNDS = 9
 SIZES = (10, 1_000, 10_000)  # policy entries / iptables rules, for new connections
@@ -96,48 +96,27 @@ def set_programs(lab: Lab, attached: bool) -> None:
             topology.detach_tc(lab.record.node, ep.ifname)
 
 
-def _read_response(sock: socket.socket, buf: bytearray) -> None:
-    """One response with Content-Length (the pod server's JSON); leftover bytes stay in buf."""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed before a response")
-        buf += data
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                  if line.lower().startswith(b"content-length:"))
-    while len(rest) < length:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed inside a response")
-        rest += data
+def _connect(lab: Lab, port: int) -> PodClient:
+    """A raw HTTP client in the client pod's namespace (the L7 tests' own client and parser)."""
+    return PodClient(lab.record.endpoints["bench/client"].netns, (lab.record.endpoints["bench/server"].ip, port),
+                     timeout=10, connect_timeout=10)
+
+
+def _exchange(client: PodClient, request: bytes) -> None:
+    client.send(request)
+    status = client.read_response().status
     if status != 200:
         raise AssertionError(f"status {status}")
-    buf[:] = rest[length:]
-
-
-def _connect(lab: Lab, port: int) -> socket.socket:
-    sock = topology.socket_in(lab.record.endpoints["bench/client"].netns)
-    sock.setblocking(True)
-    sock.settimeout(10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.connect((lab.record.endpoints["bench/server"].ip, port))
-    return sock
 
 
 def keepalive(lab: Lab, port: int) -> float:
     """Seconds per request, REQUESTS requests on one connection."""
     request = b"GET /bench HTTP/1.1\r\nHost: server\r\n\r\n"
-    sock, buf = _connect(lab, port), bytearray()
-    try:
+    with _connect(lab, port) as client:
         started = time.perf_counter()
         for _ in range(REQUESTS):
-            sock.sendall(request)
-            _read_response(sock, buf)
+            _exchange(client, request)
         return (time.perf_counter() - started) / REQUESTS
-    finally:
-        sock.close()
 
 
 def connects(lab: Lab, port: int) -> float:
@@ -145,12 +124,8 @@ def connects(lab: Lab, port: int) -> float:
     request = b"GET /bench HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n"
     started = time.perf_counter()
     for _ in range(CONNECTS):
-        sock = _connect(lab, port)
-        try:
-            sock.sendall(request)
-            _read_response(sock, bytearray())
-        finally:
-            sock.close()
+        with _connect(lab, port) as client:
+            _exchange(client, request)
     return (time.perf_counter() - started) / CONNECTS
 
 

@@ -32,13 +32,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import lab as labmod
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
-from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, kernel_record
+from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
 from .metrics import LabCollector, LabCounters, MetricsListener
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 
@@ -64,22 +65,9 @@ def socket_path(lab: str) -> Path:
 def start(scenario: Scenario, name: str, metrics: tuple[str, int] | None = None) -> dict[str, Any]:
     """Fork the agent, let it build lab `name` (serving Prometheus metrics on `metrics`, a
     loopback address, if given), and return its READY summary; raise what it hit."""
-    if labmod.record_path(name).exists() or topology.list_netns(labmod.lab_prefix(name)):
-        raise SetupError(f"lab {name!r} is already up (or left over from a crash); "
-                         f"run 'l7lab down {name}' or 'l7lab clean {name}' first")
-    read_fd, write_fd = os.pipe()
+    labmod.check_absent(name)
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the agent
-        os.close(read_fd)
-        code = 1
-        try:
-            code = _agent_main(scenario, name, write_fd, parent, metrics)
-        finally:
-            os._exit(code)
-    os.close(write_fd)
+    pid, read_fd = _fork(lambda ready_fd: _agent_main(scenario, name, ready_fd, parent, metrics))
 
     def stop_waiting(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -96,62 +84,80 @@ def start(scenario: Scenario, name: str, metrics: tuple[str, int] | None = None)
     kind, _, payload = line.partition(b" ")
     if kind == b"READY":
         return json.loads(payload)
-    with contextlib.suppress(ChildProcessError):
-        if kind == b"ERROR":  # the agent took down what it had made, and exits
+    if kind == b"ERROR":  # the agent took down what it had made, and exits
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-            raise L7LabError("\n".join(json.loads(payload)))
+        raise L7LabError("\n".join(json.loads(payload)))
     # No answer: the agent died (or hung) while building. What it made is this lab's alone.
     _abandon(pid, name)
     raise SetupError(f"the agent of lab {name!r} stopped before the lab was up; nothing was left behind")
 
 
 def _abandon(pid: int, name: str) -> None:
+    _kill_child(pid)
+    labmod.down(name)
+
+
+def _kill_child(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    labmod.down(name)
+
+
+def _fork(child: Callable[[int], int]) -> tuple[int, int]:
+    """Fork; the child runs `child(ready_fd)` and exits with its code (never returning here).
+    Returns (child pid, read end of the pipe on which the child reports READY or ERROR)."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()  # nothing buffered is written twice
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 1
+        try:
+            code = child(write_fd)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return pid, read_fd
+
+
+def _quiet(fds: tuple[int, ...]) -> None:
+    """Point these standard descriptors at /dev/null (the command's terminal is not ours)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def adopt(lab: labmod.Lab) -> int:
     """Hand a lab this process built (`run --keep`) to an agent: a forked child that keeps the
     loaded programs and maps; returns its pid once it serves. The lab's servers and proxy were
     started by this process; the agent watches the proxy by pid (it is not the proxy's parent)."""
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the agent
-        os.close(read_fd)
-        code = 1
+    def serve(ready_fd: int) -> int:
         try:
             os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            os.close(devnull)
+            _quiet((0, 1, 2))
             if lab._proxy is not None:
                 lab._proxy = _ForeignProcess(lab._proxy.pid)  # type: ignore[assignment]
             agent = Agent(lab)
             agent.prepare()
-            _send(write_fd, "READY", {"agent": os.getpid()})
-            os.close(write_fd)
-            code = agent.serve()
         except BaseException as exc:  # noqa: BLE001 - reported to the command
-            _send(write_fd, "ERROR", [f"the lab agent could not start: {exc}"])
-        finally:
-            os._exit(code)
-    os.close(write_fd)
+            _send(ready_fd, "ERROR", [f"the lab agent could not start: {exc}"])
+            return 1
+        _send(ready_fd, "READY", {"agent": os.getpid()})
+        os.close(ready_fd)
+        return agent.serve()
+
+    pid, read_fd = _fork(serve)
     try:
         line = _read_line(read_fd, 30.0)
     finally:
         os.close(read_fd)
     kind, _, payload = line.partition(b" ")
     if kind != b"READY":
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # never an agent behind a "kept without an agent"
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        _kill_child(pid)  # never an agent behind a "kept without an agent"
         raise SetupError("\n".join(json.loads(payload)) if kind == b"ERROR" else
                          f"the agent of lab {lab.name!r} did not start")
     return pid
@@ -210,10 +216,7 @@ def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int,
                 metrics: tuple[str, int] | None = None) -> int:
     os.setsid()
     _die_with_parent(parent)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):  # stderr stays the command's until READY: compiler and verifier messages
-        os.dup2(devnull, fd)
-    os.close(devnull)
+    _quiet((0, 1))  # stderr stays the command's until READY: compiler and verifier messages
     try:
         from .datapath import Datapath  # noqa: PLC0415 - bcc is imported by the loader only
         from .policy import PolicyEngine  # noqa: PLC0415
@@ -238,14 +241,9 @@ def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int,
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, 0)  # from here on the agent outlives the command
     _send(ready_fd, "READY", {"lab": name, "status": lab.record.status, "endpoints": len(lab.record.endpoints),
-                              "node": lab.record.node, "agent": os.getpid(),
-                              "metrics": f"http://{_url_host(metrics[0])}:{metrics[1]}/metrics" if metrics else None})
+                              "node": lab.record.node, "agent": os.getpid(), "metrics": agent.metrics_url})
     os.close(ready_fd)
     return agent.serve()
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _send(fd: int, kind: str, payload: Any) -> None:
@@ -271,6 +269,13 @@ class Agent:
         self.stopping = False
         self.listener: socket.socket | None = None
         self.flows: Any = None
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_address is None:
+            return None
+        host, port = self.metrics_address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
     def prepare(self) -> None:
         rec = self.lab.record
@@ -334,12 +339,8 @@ class Agent:
         events = self.lab.datapath.poll_events(timeout_ms=timeout_ms)
         if not events:
             return
-        # Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock time like the proxy's.
-        offset = time.time() - time.monotonic_ns() / 1e9
-        for ev in events:
-            self.counters.flow_events[ev.verdict.name] += 1
-            self.flows.write(json.dumps(kernel_record(ev, self.state, self.names, offset + ev.ts_ns / 1e9),
-                                        separators=(",", ":")) + "\n")
+        self.counters.flow_events.update(ev.verdict.name for ev in events)
+        write_kernel_records(self.flows, events, self.state, self.names)
         if self.flows.tell() > MAX_FLOWS_BYTES:  # keep one previous file: a long-lived lab stays bounded
             self.flows.close()
             os.replace(self.dir / KERNEL_FLOWS, self.dir / (KERNEL_FLOWS + ".1"))
@@ -381,9 +382,8 @@ class Agent:
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "status":
-            address = self.metrics_address
             return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
-                    "metrics_url": f"http://{_url_host(address[0])}:{address[1]}/metrics" if address else None}
+                    "metrics_url": self.metrics_url}
         if op == "change":
             try:
                 reply = self.change(request)

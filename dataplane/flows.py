@@ -14,6 +14,7 @@ when read: the proxy's own lines have no `type`). `observe` merges the two by ti
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,14 @@ def kernel_record(ev: Any, state: Any, names: dict[str, str], when: float) -> di
         "tcp_flags": [name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit] if ev.protocol == 6 else [],
         "bytes": ev.length,
     }
+
+
+def write_kernel_records(out: Any, events: list[Any], state: Any, names: dict[str, str]) -> None:
+    """Append `events` to an open flows file as JSON lines (wall-clock time, like the proxy's
+    records: kernel timestamps are CLOCK_MONOTONIC)."""
+    offset = time.time() - time.monotonic_ns() / 1e9
+    for ev in events:
+        out.write(json.dumps(kernel_record(ev, state, names, offset + ev.ts_ns / 1e9), separators=(",", ":")) + "\n")
 
 
 def describe(rec: dict[str, Any]) -> str:

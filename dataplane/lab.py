@@ -133,6 +133,13 @@ def check_environment() -> None:
         raise SetupError("the 'ip' command (iproute2) is missing; run scripts/setup.sh")
 
 
+def check_absent(name: str) -> None:
+    """A lab of this name must not exist yet, not even as leftovers of a crash."""
+    if record_path(name).exists() or topology.list_netns(lab_prefix(name)):
+        raise SetupError(f"lab {name!r} is already up (or left over from a crash); "
+                         f"run 'l7lab down {name}' or 'l7lab clean {name}' first")
+
+
 def validate_lab_name(name: str) -> None:
     if not LAB_NAME_RE.match(name):
         raise SetupError(f"invalid lab name {name!r}: expected 1-20 characters a-z, 0-9 and '-', "
@@ -164,9 +171,7 @@ class Lab:
     # -- bring up ---------------------------------------------------------------------------
     def up(self) -> LabRecord:
         check_environment()
-        if record_path(self.name).exists() or topology.list_netns(lab_prefix(self.name)):
-            raise SetupError(f"lab {self.name!r} is already up (or left over from a crash); "
-                             f"run 'l7lab down {self.name}' or 'l7lab clean {self.name}' first")
+        check_absent(self.name)
         try:
             self._build()
         except BaseException:

@@ -12,8 +12,6 @@ concurrently, because a `dropped` expectation costs a whole timeout.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -141,18 +139,14 @@ class KernelExecutor:
     def _record_flows(self, events: list[Any], state: Any) -> None:
         """The same flow records a lab agent writes, so `observe` shows the run's own traffic
         (after `run --keep`, or from another terminal while the run goes on)."""
-        from .flows import KERNEL_FLOWS, address_names, kernel_record  # noqa: PLC0415
+        from .flows import KERNEL_FLOWS, address_names, write_kernel_records  # noqa: PLC0415
         from .lab import lab_dir  # noqa: PLC0415
 
         if not events:
             return
-        names = address_names(self.lab)
-        offset = time.time() - time.monotonic_ns() / 1e9
         try:
             with open(lab_dir(self.lab.name) / KERNEL_FLOWS, "a") as out:
-                for ev in events:
-                    out.write(json.dumps(kernel_record(ev, state, names, offset + ev.ts_ns / 1e9),
-                                         separators=(",", ":")) + "\n")
+                write_kernel_records(out, events, state, address_names(self.lab))
         except OSError:
             pass  # observation must never fail a run
 

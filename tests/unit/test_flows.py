@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from dataplane.datapath import FlowEvent
+from dataplane.errors import L7LabError
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, describe, kernel_record
 from dataplane.mapstate import Direction, EndpointState, MapState, RuleAttribution
+from dataplane.metrics import parse_listen
 from dataplane.reasons import DropReason, FlowVerdict, Hook
 
 
@@ -54,11 +58,6 @@ def test_tail_of_a_lab_without_records_is_empty(tmp_path: Path) -> None:
 
 
 def test_metrics_listen_only_on_loopback() -> None:
-    import pytest
-
-    from dataplane.errors import L7LabError
-    from dataplane.metrics import parse_listen
-
     assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert parse_listen("localhost:9100") == ("127.0.0.1", 9100)
     assert parse_listen("[::1]:9464") == ("::1", 9464)
