@@ -10,11 +10,19 @@ answer. The agent then lives as long as the lab does:
 - draining the ring buffer: every kernel flow event becomes a line of `flows.jsonl` in the lab
   directory (`dataplane/flows.py`), which `l7lab observe` merges with the proxy's L7 records;
 - rewriting `metrics.json` (packets and bytes by verdict, reason and direction) every second;
-- with `up --metrics HOST:PORT`, answering Prometheus scrapes on that loopback address
-  (`dataplane/metrics.py`);
+- with `up --metrics HOST:PORT`, answering Prometheus scrapes on that loopback address from a
+  thread of its own (`dataplane/metrics.py`), from a snapshot the loop takes every second: no
+  scrape, however slow, holds the loop;
+- supervising the L7 proxy (`dataplane/supervisor.py`): an exit is seen within a tick, recorded
+  in `flows.jsonl` and the metrics, shown by `status`, and the proxy restarted with backoff;
 - serving `agent.sock`: one JSON request per connection (`change`: apply / delete / relabel,
   all-or-nothing through the policy engine, then the proxy reload and the map diff that `run`
-  uses; `status`: the applied policies and the metrics).
+  uses; `status`: the applied policies, the proxy and the metrics).
+
+A change is confirmed to its caller or not applied. The client sends a deadline with it (now +
+CHANGE_BUDGET) and waits that long plus ROLLBACK_BUDGET and a margin; the agent refuses a change
+that arrives after its deadline, gives the proxy's confirmation no longer than the deadline,
+rolls back a change that finished late, and rolls back one whose reply it cannot deliver.
 
 Until READY the agent dies with the command (PR_SET_PDEATHSIG): killing `up` midway never
 leaves a builder running while `clean` removes what it made. `run --keep` hands the lab it ran
@@ -40,14 +48,20 @@ from . import lab as labmod
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
 from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
-from .metrics import LabCollector, LabCounters, MetricsListener
+from .metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
+from .supervisor import ProxySupervisor
 
 SOCKET_NAME = "agent.sock"
 METRICS_NAME = "metrics.json"
 BUILD_TIMEOUT = 300.0  # compile + namespaces + servers; the builder's own steps time out sooner
-REQUEST_TIMEOUT = 30.0  # the CLI's wait for an answer (a change may wait for the proxy)
-RECEIVE_TIMEOUT = 2.0  # the agent's wait for a request's bytes
+CHANGE_BUDGET = 10.0  # seconds from a change's sending to its last effect (the proxy's confirmation, the maps)
+PROXY_CONFIRM_TIMEOUT = 5.0  # of which a running proxy gets this long to confirm new rules (it takes milliseconds)
+ROLLBACK_BUDGET = 2.0  # seconds the agent may then take to undo a change that failed or finished late
+REPLY_MARGIN = 3.0  # the reply's way back, on a loaded machine
+REQUEST_TIMEOUT = CHANGE_BUDGET + ROLLBACK_BUDGET + REPLY_MARGIN  # the CLI's wait for a change's answer
+STATUS_TIMEOUT = 5.0  # the CLI's wait for a status answer
+RECEIVE_TIMEOUT = 2.0  # the agent's wait for a whole request
 MAX_REQUEST = 16 * 1024 * 1024
 POLL_MS = 100
 # flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes
@@ -66,8 +80,15 @@ def start(scenario: Scenario, name: str, metrics: tuple[str, int] | None = None)
     """Fork the agent, let it build lab `name` (serving Prometheus metrics on `metrics`, a
     loopback address, if given), and return its READY summary; raise what it hit."""
     labmod.check_absent(name)
+    # Bound here, before anything is built: a busy port fails at once, and the socket (inherited
+    # by the agent) lives in the root namespace whatever namespace the agent moves to.
+    server = MetricsServer(metrics) if metrics is not None else None
     parent = os.getpid()
-    pid, read_fd = _fork(lambda ready_fd: _agent_main(scenario, name, ready_fd, parent, metrics))
+    try:
+        pid, read_fd = _fork(lambda ready_fd: _agent_main(scenario, name, ready_fd, parent, server))
+    finally:
+        if server is not None:
+            server.close()  # this process's copy; the agent keeps its own
 
     def stop_waiting(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -213,7 +234,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _agent_main(scenario: Scenario, name: str, ready_fd: int, parent: int,
-                metrics: tuple[str, int] | None = None) -> int:
+                metrics: MetricsServer | None = None) -> int:
     os.setsid()
     _die_with_parent(parent)
     _quiet((0, 1))  # stderr stays the command's until READY: compiler and verifier messages
@@ -257,33 +278,31 @@ def _send(fd: int, kind: str, payload: Any) -> None:
 class Agent:
     """Serves one lab until it is taken down (or the agent is told to stop)."""
 
-    def __init__(self, lab: labmod.Lab, metrics: tuple[str, int] | None = None) -> None:
+    def __init__(self, lab: labmod.Lab, metrics: MetricsServer | None = None) -> None:
         self.lab = lab
         self.dir = labmod.lab_dir(lab.name)
         self.state = lab.policy.map_state()
-        self.metrics_address = metrics
-        self.metrics_listener: Any = None
+        self.metrics_server = metrics
         self.counters = LabCounters()
+        self.snapshot = MetricsSnapshot()  # replaced whole, never changed: the scrape threads read it
         self.proxy_records = RecordTail(self.dir)
         self.names = address_names(lab)
+        self.proxy = ProxySupervisor(lab, self._proxy_event)
         self.stopping = False
         self.listener: socket.socket | None = None
         self.flows: Any = None
 
     @property
     def metrics_url(self) -> str | None:
-        if self.metrics_address is None:
+        if self.metrics_server is None:
             return None
-        host, port = self.metrics_address
+        host, port = self.metrics_server.address
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
     def prepare(self) -> None:
         rec = self.lab.record
         rec.add(kind="process", pid=os.getpid(), start=labmod._proc_start_time(os.getpid()), netns=rec.node,
                 what="l7lab agent", log=str(self.dir / "agent.log"))
-        if self.metrics_address is not None:  # made here, in the root namespace, on loopback
-            self.metrics_listener = MetricsListener(self.metrics_address, LabCollector(
-                self.lab.name, self.counters, self.lab.datapath.metrics_detail, lambda: len(self.lab.policy.policies)))
         log = os.open(self.dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -300,6 +319,9 @@ class Agent:
         self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115 - lives as long as the agent
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._stop)
+        self.take_snapshot()
+        if self.metrics_server is not None:  # its socket was bound in the root namespace by `up`
+            self.metrics_server.serve(LabCollector(self.lab.name, lambda: self.snapshot))
 
     def _stop(self, *_: object) -> None:
         self.stopping = True
@@ -307,32 +329,26 @@ class Agent:
     def serve(self) -> int:
         print(f"l7lab agent {os.getpid()} serving lab {self.lab.name}", flush=True)
         assert self.listener is not None
-        next_metrics = 0.0
+        next_second = 0.0
         try:
             with selectors.DefaultSelector() as sel:
                 sel.register(self.listener, selectors.EVENT_READ, self._accept)
-                if self.metrics_listener is not None:
-                    sel.register(self.metrics_listener.sock, selectors.EVENT_READ, self._scrape)
                 while not self.stopping:
                     self.drain()
+                    self.proxy.tick()
                     for key, _ in sel.select(timeout=0):
                         key.data()
-                    if time.monotonic() >= next_metrics:
-                        next_metrics = time.monotonic() + 1.0
+                    if time.monotonic() >= next_second:
+                        next_second = time.monotonic() + 1.0
                         self.write_metrics()
                         if not labmod.record_path(self.lab.name).exists():
                             break  # the lab was taken down around us
         finally:
             self.listener.close()
             self.flows.close()
-            if self.metrics_listener is not None:
-                self.metrics_listener.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
         return 0
-
-    def _scrape(self) -> None:
-        for record in self.proxy_records.lines(PROXY_RECORDS):  # count what the proxy wrote since
-            self.counters.l7_records[(record.get("protocol", "").split("/")[0] or "?", record.get("verdict", "?"))] += 1
-        self.metrics_listener.accept()
 
     # -- observation ---------------------------------------------------------------------
     def drain(self, timeout_ms: int = POLL_MS) -> None:
@@ -341,19 +357,43 @@ class Agent:
             return
         self.counters.flow_events.update(ev.verdict.name for ev in events)
         write_kernel_records(self.flows, events, self.state, self.names)
+        self._rotate_flows()
+
+    def _rotate_flows(self) -> None:
         if self.flows.tell() > MAX_FLOWS_BYTES:  # keep one previous file: a long-lived lab stays bounded
             self.flows.close()
             os.replace(self.dir / KERNEL_FLOWS, self.dir / (KERNEL_FLOWS + ".1"))
             self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115
 
-    def metrics(self) -> list[dict[str, Any]]:
+    def _proxy_event(self, event: str, detail: str, pid: int | None) -> None:
+        """A proxy lifecycle record in flows.jsonl (`observe` shows it among the flows), the agent's
+        log, and at once in the metrics."""
+        print(f"proxy {event}: {detail}", flush=True)
+        if self.flows is not None:
+            self.flows.write(json.dumps({"type": "proxy", "time": round(time.time(), 6), "event": event,
+                                         "detail": detail, "pid": pid}, separators=(",", ":")) + "\n")
+            self._rotate_flows()
+        self.take_snapshot()
+
+    def metrics(self, detail: dict | None = None) -> list[dict[str, Any]]:
+        detail = self.lab.datapath.metrics_detail() if detail is None else detail
         return [{"verdict": v.name, "reason": r.name, "direction": d.name.lower(), "packets": p, "bytes": b}
-                for (v, r, d), (p, b) in sorted(self.lab.datapath.metrics_detail().items())]
+                for (v, r, d), (p, b) in sorted(detail.items())]
+
+    def take_snapshot(self, detail: dict | None = None) -> None:
+        """Read what the metrics report, here on the agent's loop, into a new immutable snapshot."""
+        for record in self.proxy_records.lines(PROXY_RECORDS):  # count what the proxy wrote since
+            self.counters.l7_records[(record.get("protocol", "").split("/")[0] or "?", record.get("verdict", "?"))] += 1
+        detail = self.lab.datapath.metrics_detail() if detail is None else detail
+        self.snapshot = MetricsSnapshot.take(self.counters, detail, policies=len(self.lab.policy.policies),
+                                             proxy_up=self.proxy.up, proxy_restarts=self.proxy.restarts)
 
     def write_metrics(self) -> None:
+        detail = self.lab.datapath.metrics_detail()
+        self.take_snapshot(detail)
         tmp = self.dir / (METRICS_NAME + ".tmp")
         with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps({"time": time.time(), "metrics": self.metrics()}))
+            tmp.write_text(json.dumps({"time": time.time(), "metrics": self.metrics(detail)}))
             os.replace(tmp, self.dir / METRICS_NAME)
 
     # -- requests --------------------------------------------------------------------------
@@ -363,47 +403,61 @@ class Agent:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
+        undo: Callable[[str], None] | None = None
         with conn:
             conn.setblocking(True)
-            conn.settimeout(RECEIVE_TIMEOUT)  # a stalled client must not stop the ring buffer's draining
             try:
-                request = json.loads(_recv_line(conn))
+                # A stalled client must not stop the ring buffer's draining: the whole request
+                # has RECEIVE_TIMEOUT, however slowly it trickles in.
+                request = json.loads(_recv_line(conn, time.monotonic() + RECEIVE_TIMEOUT))
                 if not isinstance(request, dict):
                     raise ValueError("expected a JSON object")
-                reply = self.handle(request)
+                reply, undo = self.handle(request)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 reply = {"ok": False, "errors": [f"bad request to the agent: {exc!r}"]}
             except Exception as exc:  # noqa: BLE001 - the agent outlives any one request
                 print(f"request failed: {exc!r}", flush=True)
                 reply = {"ok": False, "errors": [f"the agent failed on this request: {exc!r}"]}
-            with contextlib.suppress(OSError):
+            try:
+                conn.settimeout(RECEIVE_TIMEOUT)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError as exc:
+                if undo is not None:  # the caller is gone: it was never told, so nothing changes
+                    undo(f"its reply could not be delivered ({exc.strerror or exc})")
+                    self.counters.changes["rolled back"] += 1
+                return
+        if undo is not None:
+            self.counters.changes["applied"] += 1
+        self.take_snapshot()
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Callable[[str], None] | None]:
+        """The reply to one request, and for a change applied, how to undo it."""
         op = request.get("op")
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
-                    "metrics_url": self.metrics_url}
+                    "metrics_url": self.metrics_url, "proxy": self.proxy.status()}, None
         if op == "change":
             try:
-                reply = self.change(request)
-            except (SourceError, ErrorList) as exc:
+                return self.change(request)
+            except (SourceError, ErrorList, ChangeRefused) as exc:
                 self.counters.changes["refused"] += 1
-                return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}
+                if isinstance(exc, ChangeRefused):
+                    print(f"change refused: {exc}", flush=True)
+                return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}, None
             except L7LabError as exc:
                 self.counters.changes["rolled back"] += 1
-                return {"ok": False, "errors": [str(exc)]}
-            self.counters.changes["applied"] += 1
-            return reply
-        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change' or 'status'"]}
+                return {"ok": False, "errors": [str(exc)]}, None
+        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change' or 'status'"]}, None
 
     def policies(self) -> list[str]:
         return sorted(p.display for p in self.lab.policy.policies.values())
 
-    def change(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Apply, delete and relabel as one step: every part is checked before anything changes."""
+    def change(self, request: dict[str, Any]) -> tuple[dict[str, Any], Callable[[str], None]]:
+        """Apply, delete and relabel as one step: every part is checked before anything changes,
+        and everything is done by the request's deadline or undone."""
         from .yamlsource import load_documents  # noqa: PLC0415
 
+        deadline = _change_deadline(request)
         engine, scenario = self.lab.policy, self.lab.scenario
         errors: list[SourceError] = []
         sources: list[PolicySource] = []
@@ -426,19 +480,41 @@ class Agent:
                 errors.append(SourceError(SourceLocation("label"), f"no {r.target} {r.name!r} in lab {self.lab.name} "
                                                                    f"(known: {', '.join(sorted(known))})"))
         ErrorList.raise_if_any(errors)
+        if time.monotonic() >= deadline:  # checked again: the documents may have been slow to parse
+            raise ChangeRefused("the change arrived after its caller's deadline and was not applied")
+        self.proxy.tick()  # a proxy that died since the last tick is seen now
+        if not self.proxy.ensure_ready(deadline) and self.proxy.state == "starting":
+            raise ChangeRefused("the L7 proxy is restarting and was not ready in time; try again")
         before = self.policies()
         # apply_step replaces these whole, so the old objects are a complete snapshot to go back to.
         saved = (engine.policies, engine.pod_labels, engine.namespace_labels, engine.resolution)
+        saved_labels = {key: dict(ep.labels) for key, ep in self.lab.record.endpoints.items()}
+        old_state = self.state
         engine.apply_step(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels)))
         self.drain(timeout_ms=0)  # earlier events are named by the state they were decided under
         state = engine.map_state()
-        try:
-            stats = self.lab.sync_policy(state)
-        except Exception as exc:  # noqa: BLE001 - the proxy did not confirm, a map refused an entry, ...
+        # A running proxy confirms every change. Without one, a change is refused if it brings L7
+        # rules no proxy has confirmed; one that leaves them as they are (or removes them all)
+        # goes through, and the restarted proxy loads it.
+        proxy_confirms = self.proxy.up or (bool(state.l7) and _l7_rules(state) != _l7_rules(old_state))
+
+        def undo(why: str) -> None:
             engine.policies, engine.pod_labels, engine.namespace_labels, engine.resolution = saved
-            with contextlib.suppress(Exception):
-                self.lab.sync_policy(engine.map_state())
-            print(f"change rolled back: {exc!r}", flush=True)
+            with contextlib.suppress(Exception):  # never stop short of the maps for a slow proxy
+                self.lab.sync_policy(engine.map_state(), deadline=time.monotonic() + ROLLBACK_BUDGET,
+                                     proxy_confirms=False)
+            self.state = old_state
+            for key, labels in saved_labels.items():
+                self.lab.record.endpoints[key].labels = labels
+            with contextlib.suppress(OSError):
+                self.lab.record.save()
+            print(f"change rolled back: {why}", flush=True)
+
+        try:
+            stats = self.lab.sync_policy(state, deadline=min(deadline, time.monotonic() + PROXY_CONFIRM_TIMEOUT),
+                                         proxy_confirms=proxy_confirms)
+        except Exception as exc:  # noqa: BLE001 - the proxy did not confirm, a map refused an entry, ...
+            undo(repr(exc))
             raise L7LabError(f"the change could not be enforced and was rolled back: {exc}") from None
         self.state = state
         for r in relabels:
@@ -448,15 +524,50 @@ class Agent:
                 for key in r.remove:
                     labels.pop(key, None)
         self.lab.record.save()
+        if time.monotonic() > deadline:  # the caller is about to give up: it must not be applied unseen
+            undo("it finished after its caller's deadline")
+            raise L7LabError("the change took longer than its deadline and was rolled back; nothing changed")
         after = self.policies()
-        return {"ok": True, "policies": after, "added": sorted(set(after) - set(before)),
-                "removed": sorted(set(before) - set(after)),
-                "map_writes": stats.total if stats is not None else 0}
+        reply = {"ok": True, "policies": after, "added": sorted(set(after) - set(before)),
+                 "removed": sorted(set(before) - set(after)),
+                 "map_writes": stats.total if stats is not None else 0}
+        if not self.proxy.up:
+            reply["warnings"] = ["the L7 proxy is not running: flows redirected to it are dropped until it is back"]
+        return reply, undo
 
 
-def _recv_line(conn: socket.socket) -> bytes:
+class ChangeRefused(L7LabError):
+    """A change turned down before anything was touched."""
+
+
+def _l7_rules(state: Any) -> str:
+    """The L7 part of a map state, comparable between states."""
+    return json.dumps(state.to_json()["l7"], sort_keys=True)
+
+
+def _change_deadline(request: dict[str, Any]) -> float:
+    """The monotonic time by which a change must be done (the clock is the machine's, shared by
+    the CLI and the agent); a change past it is refused before anything is touched."""
+    deadline = request.get("deadline")
+    now = time.monotonic()
+    if deadline is None:
+        return now + CHANGE_BUDGET
+    if not isinstance(deadline, (int, float)):
+        raise TypeError("'deadline' must be a number (CLOCK_MONOTONIC seconds)")
+    if deadline <= now:
+        raise ChangeRefused(f"the change arrived {now - deadline:.1f}s after its caller's deadline "
+                         "(the agent was busy or stopped) and was not applied")
+    return min(float(deadline), now + CHANGE_BUDGET)
+
+
+def _recv_line(conn: socket.socket, deadline: float) -> bytes:
+    """One line, read by the monotonic `deadline` (socket.timeout past it)."""
     data = b""
     while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        conn.settimeout(left)
         piece = conn.recv(65536)
         if not piece:
             break
@@ -469,25 +580,35 @@ def _recv_line(conn: socket.socket) -> bytes:
 # --------------------------------------------------------------------------- the CLI's side
 
 
-def request(lab: str, payload: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
-    """Send one request to the agent of `lab` and return its reply."""
+def request(lab: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Send one request to the agent of `lab` and return its reply. A change carries its
+    deadline (now + CHANGE_BUDGET); the wait for its reply is the agent's whole budget for it
+    (REQUEST_TIMEOUT), so a change is never applied after this side gave up on it."""
     path = socket_path(lab)
     if not labmod.record_path(lab).exists():
         raise SetupError(f"lab {lab!r} is not up")
     if not path.exists():
         raise SetupError(f"lab {lab!r} has no agent (it was not built by 'l7lab up' or 'l7lab run --keep'): "
                          f"it takes no changes")
+    change = payload.get("op") == "change"
+    if timeout is None:
+        timeout = REQUEST_TIMEOUT if change else STATUS_TIMEOUT
+    started = time.monotonic()
+    if change:
+        payload = {**payload, "deadline": started + CHANGE_BUDGET}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
             sock.sendall(json.dumps(payload).encode() + b"\n")
-            line = _recv_line(sock)
+            line = _recv_line(sock, started + timeout)
         except (ConnectionRefusedError, FileNotFoundError):
             raise SetupError(f"the agent of lab {lab!r} is not running (it may have been killed); "
                              f"the lab still enforces its last policy; 'l7lab down {lab}' removes it") from None
         except OSError as exc:
-            raise SetupError(f"the agent of lab {lab!r} did not answer: {exc}") from None
+            outcome = (" the change was not applied (the agent refuses, or rolls back, a change whose caller "
+                       "gave up)" if change else "")
+            raise SetupError(f"the agent of lab {lab!r} did not answer within {timeout:g}s: {exc};{outcome}") from None
     if not line:
         raise SetupError(f"the agent of lab {lab!r} closed the connection without answering")
     return json.loads(line)

@@ -127,9 +127,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     for lab in out:
         agent_info = lab.get("agent")
         if agent_info and agent_info.get("running"):
-            caption = f"agent pid {agent_info['pid']}; policies: {', '.join(agent_info['policies']) or 'none'}"
+            caption = (f"agent pid {agent_info['pid']}; {_proxy_caption(agent_info.get('proxy'))}; "
+                       f"policies: {', '.join(agent_info['policies']) or 'none'}")
             if agent_info.get("metrics_url"):
                 caption += f"; metrics: {agent_info['metrics_url']}"
+            from rich.markup import escape  # noqa: PLC0415 - the caption carries file names and log lines
+
+            caption = escape(caption)
         elif agent_info:
             caption = f"agent not answering: {agent_info.get('error', '')}"
         else:
@@ -152,11 +156,27 @@ def _agent_status(lab: str) -> dict[str, Any] | None:
     if not agent.socket_path(lab).exists():
         return None
     try:
-        reply = agent.request(lab, {"op": "status"}, timeout=5.0)
+        reply = agent.request(lab, {"op": "status"}, timeout=agent.STATUS_TIMEOUT)
     except L7LabError as exc:
         return {"running": False, "error": str(exc)}
     return {"running": True, "pid": reply.get("pid"), "policies": reply.get("policies", []),
-            "metrics_url": reply.get("metrics_url")}
+            "metrics_url": reply.get("metrics_url"), "proxy": reply.get("proxy")}
+
+
+def _proxy_caption(proxy: dict[str, Any] | None) -> str:
+    """The L7 proxy as the agent supervises it: running, restarting or down, and since when."""
+    import time  # noqa: PLC0415
+
+    if not proxy:
+        return "proxy: unknown"
+    since = time.strftime("%H:%M:%S", time.localtime(proxy.get("since", 0)))
+    restarts = f" (restarts: {proxy['restarts']})" if proxy.get("restarts") else ""
+    if proxy.get("state") == "running":
+        return f"proxy pid {proxy.get('pid')}{restarts}"
+    if proxy.get("state") == "starting":
+        return f"proxy RESTARTING (pid {proxy.get('pid')}, down since {since}: {proxy.get('last_exit', '')}){restarts}"
+    return (f"proxy DOWN since {since} ({proxy.get('last_exit', '')}), next restart in "
+            f"{proxy.get('next_restart_in', 0):g}s{restarts}; L7 flows are dropped meanwhile")
 
 
 def _one_lab(name: str | None) -> labmod.LabRecord:
@@ -193,7 +213,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
 
     rec = _one_lab(args.lab)
     tail = RecordTail(labmod.lab_dir(rec.lab))
-    kinds = {"all": ("flow", "l7"), "l7": ("l7",), "flows": ("flow",)}[args.type]
+    kinds = {"all": ("flow", "l7", "proxy"), "l7": ("l7", "proxy"), "flows": ("flow",)}[args.type]
     deadline = time.monotonic() + args.follow if args.follow else 0.0
     while True:
         for record in tail.read():
@@ -234,6 +254,8 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
             console.print(f"applied {name}", highlight=False)
         for name in reply["removed"]:
             console.print(f"deleted {name}", highlight=False)
+        for warning in reply.get("warnings", []):
+            errconsole.print(f"warning: {warning}", highlight=False, markup=False)
         console.print(f"lab {rec.lab}: {len(reply['policies'])} policies in force, "
                       f"{reply['map_writes']} map entries written", highlight=False)
     return EXIT_OK

@@ -8,7 +8,9 @@ Two producers write JSON lines into the lab's directory (/run/l7lab/<lab>/):
 
 Both carry `time` (unix seconds), `source` and `destination` objects ({ip, port, pod,
 identity}) and `verdict`; a kernel record has `type: "flow"`, an L7 record `type: "l7"` (added
-when read: the proxy's own lines have no `type`). `observe` merges the two by time.
+when read: the proxy's own lines have no `type`). `observe` merges the two by time. The agent
+also writes `type: "proxy"` records into flows.jsonl when the L7 proxy exits or is restarted
+(`time`, `event`, `detail`, `pid`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def write_kernel_records(out: Any, events: list[Any], state: Any, names: dict[st
 
 def describe(rec: dict[str, Any]) -> str:
     """One line for people (rich markup for the verdict)."""
+    if rec.get("type") == "proxy":  # the agent's record of the L7 proxy exiting or coming back
+        return f"PROXY {rec.get('event', '')}: {rec.get('detail', '')}"
     src, dst = rec.get("source", {}), rec.get("destination", {})
     left = src.get("pod") or src.get("ip", "")
     right = f"{dst.get('pod') or dst.get('ip', '')}:{dst.get('port', '')}"

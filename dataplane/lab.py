@@ -233,15 +233,32 @@ class Lab:
             topology.attach_tc(self.record.node, ep.ifname, ingress_fd=self.datapath.program_fd("from_container"),
                                egress_fd=self.datapath.program_fd("to_container"), name=f"l7lab-{self.name}")
 
-    def sync_policy(self, state: Any) -> Any:
+    def sync_policy(self, state: Any, *, deadline: float | None = None, proxy_confirms: bool = True) -> Any:
         """A policy change: the proxy's rules, then map updates only (no recompile, no
-        reattach). Returns the datapath's SyncStats."""
+        reattach). Returns the datapath's SyncStats.
+
+        A running proxy must confirm the new rules (by the monotonic `deadline`, else within
+        5 s) before the kernel redirects by them; if it does not: SetupError, maps untouched.
+        Without a running proxy nothing can confirm them: SetupError, nothing changed. With
+        `proxy_confirms=False` (the caller knows the proxy's L7 rules do not change, or is
+        rolling back) a missing proxy is no error and a running one gets until `deadline` to
+        confirm, then the maps are written anyway. The policy file is written in every case
+        that changes something, so a proxy started later loads the policy in force."""
         if self.datapath is None:
             return None
-        if self._proxy is not None and self._proxy.poll() is None:
-            self._write_policy_file(state)
+        running = self._proxy is not None and self._proxy.poll() is None
+        if not running and proxy_confirms:
+            raise SetupError(f"the L7 proxy of lab {self.name} is not running, so nothing can confirm the L7 rules "
+                             f"of this change (log: {self.proxy_log_file})")
+        self._write_policy_file(state)
+        if running:
+            assert self._proxy is not None
             self._proxy.send_signal(signal.SIGHUP)
-            self._await_proxy_ack()
+            try:
+                self._await_proxy_ack(deadline)
+            except SetupError:
+                if proxy_confirms:
+                    raise
         return self.datapath.sync(state, interfaces=self._interfaces(state))
 
     # -- the L7 proxy -----------------------------------------------------------------------
@@ -260,26 +277,43 @@ class Lab:
         os.replace(tmp, self.policy_file)
         self._policy_digest = hashlib.sha256(data.encode()).hexdigest()
 
-    def _await_proxy_ack(self, timeout: float = 5.0) -> None:
+    @property
+    def proxy_log_file(self) -> Path:
+        return lab_dir(self.name) / "proxy.log"
+
+    def _await_proxy_ack(self, deadline: float | None = None, timeout: float = 5.0) -> None:
+        """Wait until the proxy acknowledged the policy file just written: by the monotonic
+        `deadline` if given, else within `timeout` seconds."""
         ack = Path(str(self.policy_file) + ".loaded")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        while True:
             with contextlib.suppress(OSError):
                 if ack.read_text() == self._policy_digest:
                     return
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.002)
-        raise SetupError(f"the L7 proxy of lab {self.name} did not load the new policy within {timeout:.0f}s "
-                         f"(log: {lab_dir(self.name) / 'proxy.log'})")
+        raise SetupError(f"the L7 proxy of lab {self.name} did not confirm the new policy in time "
+                         f"(log: {self.proxy_log_file})")
 
-    def start_proxy(self) -> None:
-        """Start the L7 proxy in the node namespace (again, after a crash) and wait until it listens."""
+    def start_proxy(self, wait: bool = True) -> None:
+        """Start the L7 proxy in the node namespace (again, after a crash) and, with `wait`, wait
+        until it listens. Without `wait` the caller reads the READY line from `_proxy.stdout`
+        (the lab agent restarts a dead proxy that way, without stopping its loop)."""
         from .mapstate import PROXY_PORT  # noqa: PLC0415
 
-        log = lab_dir(self.name) / "proxy.log"
+        old = self._proxy
+        if old is not None and old.poll() is not None:  # a dead proxy leaves the record and the list
+            self._servers = [p for p in self._servers if p is not old]
+            self.record.resources = [r for r in self.record.resources
+                                     if not (r.get("kind") == "process" and r.get("pid") == old.pid)]
+        log = self.proxy_log_file
         self._proxy = self._spawn("l7-proxy", self.record.node, "proxy",
                                   ["--state", str(self.policy_file), "--port", str(PROXY_PORT),
                                    "--events", str(self.proxy_events_file)], log)
-        wait_ready([("the L7 proxy", self._proxy, log)])
+        if wait:
+            wait_ready([("the L7 proxy", self._proxy, log)])
 
     def stop_proxy(self, sig: int = signal.SIGKILL) -> None:
         """Stop the proxy (tests use SIGKILL to show that redirected flows then fail closed)."""
