@@ -193,8 +193,9 @@ class _ForeignProcess:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None and (self._start is None or labmod._proc_start_time(self.pid) != self._start):
-            self.returncode = -1  # gone (its exit status belongs to its real parent)
+        if self.returncode is None and (self._start is None or labmod._proc_start_time(self.pid) != self._start
+                                        or _zombie(self.pid)):
+            self.returncode = -1  # gone (its exit status belongs to its real parent, which may not reap it)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -208,6 +209,14 @@ class _ForeignProcess:
                 raise TimeoutError(f"process {self.pid} still running")
             time.sleep(0.01)
         return self.returncode if self.returncode is not None else -1
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _read_line(fd: int, timeout: float) -> bytes:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-MIN_BACKOFF = float(os.environ.get("L7LAB_PROXY_RESTART_MIN", "0.5"))
+MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 30.0  # a proxy that ran this long resets the backoff
 START_TIMEOUT = 20.0  # from spawn to READY
