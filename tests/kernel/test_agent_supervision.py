@@ -142,6 +142,13 @@ def test_slow_metrics_clients_hold_neither_the_agent_nor_other_scrapes(tmp_path:
             out = l7lab("delete", "cnp", "auditors-read", "-n", "retail", "--lab", lab, timeout=30)
             assert out.returncode == 0 and "deleted CiliumNetworkPolicy retail/auditors-read" in out.stdout, out
             # a well-behaved scraper still gets its metrics, with the changes just made
+            # ... from the root namespace, where the listener lives: the node namespace, where the
+            # agent itself lives, has nothing on that port
+            inside = topology.socket_in(labmod.node_netns(lab))
+            inside.setblocking(True)
+            inside.settimeout(10)
+            with inside, pytest.raises(ConnectionRefusedError):
+                inside.connect(("127.0.0.1", port))
             got = wait_for("the applied changes in the metrics",
                            lambda: (s := scrape(url)).get(f'l7lab_policy_changes_total{{lab="{lab}",result="applied"}}',
                                                           0) >= 2 and s)
