@@ -183,6 +183,21 @@ def test_a_change_whose_caller_gave_up_is_never_applied() -> None:
         wait_for("the agent to refuse the late change", lambda: "change refused" in log.read_text())
         assert agent_status(lab)["agent"]["policies"] == before
         assert curl(lab, "frontend-app", INVENTORY, "-X", "DELETE").stdout.strip() == "Access denied"
+        # A caller that hangs up before the answer is never told; the agent, which applied the
+        # change, cannot deliver its reply and rolls it back.
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(labmod.lab_dir(lab) / "agent.sock"))
+                delete = {"op": "change", "delete": [{"kind": "CiliumNetworkPolicy", "name": "inventory-read-only",
+                                                      "namespace": "retail"}], "deadline": time.monotonic() + 10}
+                sock.sendall(json.dumps(delete).encode() + b"\n")
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        wait_for("the agent to roll back the undelivered change",
+                 lambda: "change rolled back: its reply could not be delivered" in log.read_text())
+        assert agent_status(lab)["agent"]["policies"] == before
+        assert curl(lab, "frontend-app", INVENTORY, "-X", "DELETE").stdout.strip() == "Access denied"
         # A change that is answered in time is confirmed and takes effect.
         out = l7lab("delete", "cnp", "inventory-read-only", "-n", "retail", "--lab", lab, "--json")
         assert out.returncode == 0 and json.loads(out.stdout)["removed"] == [READ_ONLY], out
