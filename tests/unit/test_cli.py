@@ -75,9 +75,9 @@ def test_change_verbs_reject_bad_arguments_before_touching_a_lab(tmp_path: Path)
     policy = tmp_path / "p.yaml"
     policy.write_text("kind: NetworkPolicy\n")
     out = l7lab("apply", str(policy), "--lab", "nolab")
-    assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
+    assert out.returncode == 1 and "no lab named 'nolab' is up" in out.stderr
     out = l7lab("observe", "nolab")
-    assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
+    assert out.returncode == 1 and "no lab named 'nolab' is up" in out.stderr
 
 
 def test_explain_a_dns_query() -> None:
