@@ -151,7 +151,7 @@ def _proc_start_time(pid: int) -> int | None:
 
 def check_environment() -> None:
     if os.geteuid() != 0:
-        raise SetupError("l7lab needs root to create network namespaces (run with sudo)")
+        raise SetupError("l7lab needs root to create network namespaces: run it as root")
     if shutil.which("ip") is None:
         raise SetupError("the 'ip' command (iproute2) is missing; run scripts/setup.sh")
 

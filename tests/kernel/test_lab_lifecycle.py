@@ -165,7 +165,7 @@ def test_cli_up_status_exec_down(scenario: Scenario, tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         again = subprocess.run([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO, capture_output=True, text=True)
         assert again.returncode == 1 and "already up" in again.stderr
-        status = json.loads(subprocess.run([*L7LAB, "status", name, "--json"], cwd=REPO, capture_output=True, text=True).stdout)
+        status = json.loads(subprocess.run([*L7LAB, "status", "--lab", name, "--json"], cwd=REPO, capture_output=True, text=True).stdout)
         endpoints = {e["name"]: e for e in status[0]["endpoints"]}
         assert status[0]["status"] == "up" and endpoints["shop/inventory-api"]["ip"] == "10.200.0.3"
         assert endpoints["shop/inventory-api"]["ports"] == ["8080/TCP (http-api)", "9090/TCP (metrics)"]
@@ -180,8 +180,14 @@ def test_cli_up_status_exec_down(scenario: Scenario, tmp_path: Path) -> None:
         out = subprocess.run([*L7LAB, "exec", "--lab", name, "nosuchpod", "--", "true"], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 1 and "unknown endpoint 'nosuchpod'" in out.stderr
     finally:
-        out = subprocess.run([*L7LAB, "down", name], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0 and nothing_left(name)
+        out = subprocess.run([*L7LAB, "down", "--lab", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and nothing_left(name), out.stderr
+    # down says what it removed: the namespaces, the lab's directory and its record.
+    assert f"lab {name}: removed netns {labmod.node_netns(name)}" in out.stdout
+    assert f"lab {name}: removed dir {labmod.lab_dir(name)}" in out.stdout
+    assert f"lab {name}: removed record {labmod.record_path(name)}" in out.stdout
+    gone = subprocess.run([*L7LAB, "status", name], cwd=REPO, capture_output=True, text=True)
+    assert gone.returncode == 1 and f"no lab named {name!r} is up" in gone.stderr
 
 
 def test_run_exit_codes(tmp_path: Path) -> None:

@@ -160,3 +160,22 @@ def test_explain_refuses_a_request_the_proxy_answers_400() -> None:
     assert out.returncode == 0 and "verdict: ALLOWED" in out.stdout, out.stderr
     out = l7lab(*base[:-1], "G(ET /api/inventory/1")
     assert out.returncode == 1 and "the method 'G(ET' is not an HTTP token" in out.stderr
+
+
+def test_readme_starts_as_root_without_sudo_and_names_the_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    intro, rest = readme.split("```sh\n", 1)
+    first = rest.split("```", 1)[0]
+    assert "as root" in intro or "root shell" in intro
+    assert "sudo" not in first and ".venv/bin" in first
+    commands = [line.split("#")[0].split() for line in first.splitlines() if line.strip()]
+    assert [c[0] for c in commands[:2]] == ["scripts/demo.sh", "scripts/test.sh"]
+    for script in ("scripts/demo.sh", "scripts/test.sh"):
+        assert os.access(REPO / script, os.X_OK)
+    assert 'l7lab = "dataplane.cli:main"' in (REPO / "pyproject.toml").read_text()
+    for script in (REPO / "scripts").glob("*.sh"):
+        assert not [line for line in script.read_text().splitlines() if line.startswith("#") and "sudo " in line], script
+    # Every down/clean the README shows names a lab or says --all.
+    for line in readme.splitlines():
+        if line.startswith(("l7lab down", "l7lab clean")):
+            assert "LAB" in line or "--all" in line, line
