@@ -24,6 +24,7 @@ from rich.text import Text
 from . import lab as labmod
 from .errors import ErrorList, L7LabError, SourceError
 from .runner import KernelExecutor, OracleExecutor, RunReport, run_scenario
+from .safety import UnsafePathError
 from .scenario import load_scenario
 
 EXIT_OK, EXIT_SETUP, EXIT_USAGE, EXIT_EXPECTATION = 0, 1, 2, 3
@@ -89,7 +90,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         console.print(f"lab {name} is up: {info['endpoints']} endpoints in namespace {info['node']}, "
                       f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
-                      f"'l7lab down {name}' removes them", highlight=False)
+                      f"'l7lab down {name}' removes them", soft_wrap=True)
         if info.get("metrics"):
             console.print(f"Prometheus metrics: {info['metrics']}", highlight=False)
     return EXIT_OK
@@ -122,8 +123,12 @@ def _remove_labs(args: argparse.Namespace, remove: Any, labs: list[str]) -> tupl
     for name in labs:
         try:
             report[name] = remove(name)
-        except L7LabError as exc:
+        except UnsafePathError as exc:  # raised before anything of the lab is removed
             _print_error(f"{exc}; nothing of lab {name} was removed")
+            status = EXIT_SETUP
+            continue
+        except L7LabError as exc:
+            _print_error(f"lab {name}: {exc}")
             status = EXIT_SETUP
             continue
         if not args.json:
