@@ -3,10 +3,10 @@
 Exit codes: 0 success; 1 setup error (invalid input, not root, lab already up, ...);
 2 usage error; 3 a probe did not meet its expectation.
 
-Output is plain text: markup, emoji codes and highlighting are off on both consoles, because
-what is printed carries user input (names, patterns, file names) that must come out verbatim,
-and messages are never wrapped in the middle (a long command in an error stays one line).
-Tables are for people; their cells are plain text too.
+Output is plain text: what is printed carries user input (names, patterns, file names) that
+must come out verbatim, so errors go through a console with markup, emoji codes and highlighting
+off, every message is printed as `rich.text.Text` (never parsed as markup), table cells are
+`Text` too, and messages are never wrapped in the middle (a long command stays one line).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ EXIT_OK, EXIT_SETUP, EXIT_USAGE, EXIT_EXPECTATION = 0, 1, 2, 3
 
 # Wide enough for the probe table when output goes to a file or a CI log.
 _width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-console = Console(width=_width, markup=False, emoji=False, highlight=False)
+# Markup stays on for stdout only because `observe` prints flows.describe()'s styled lines;
+# everything else is given to it as Text (see _say and _cell).
+console = Console(width=_width, emoji=False, highlight=False)
 errconsole = Console(stderr=True, width=_width, markup=False, emoji=False, highlight=False)
 
 
@@ -41,6 +43,16 @@ class UsageError(Exception):
 
 def _emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _cell(value: object) -> Text:
+    """A table cell (or title) as plain text: brackets and colons in it are the user's."""
+    return value if isinstance(value, Text) else Text(str(value))
+
+
+def _say(message: object, style: str = "") -> None:
+    """One line on stdout, verbatim and unwrapped."""
+    console.print(Text(str(message), style=style), soft_wrap=True)
 
 
 def _print_error(message: object) -> None:
@@ -88,9 +100,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(info)
     else:
-        console.print(f"lab {name} is up: {info['endpoints']} endpoints in namespace {info['node']}, "
-                      f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
-                      f"'l7lab down {name}' removes them", soft_wrap=True)
+        _say(f"lab {name} is up: {info['endpoints']} endpoints in namespace {info['node']}, "
+             f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
+             f"'l7lab down {name}' removes them")
         if info.get("metrics"):
             console.print(f"Prometheus metrics: {info['metrics']}", highlight=False)
     return EXIT_OK
@@ -116,8 +128,7 @@ def _targets(args: argparse.Namespace, every: Callable[[], list[str]]) -> list[s
 def _remove_labs(args: argparse.Namespace, remove: Any, labs: list[str]) -> tuple[dict[str, list[str]], int]:
     """Run `remove` on every lab, saying what goes; an error for one lab does not stop the others."""
     if args.all and not args.json:
-        console.print(f"{args.verb} --all: {'removing labs ' + ', '.join(labs) if labs else 'no lab is up'}",
-                      soft_wrap=True)
+        _say(f"{args.verb} --all: {'removing labs ' + ', '.join(labs) if labs else 'no lab is up'}")
     report: dict[str, list[str]] = {}
     status = EXIT_OK
     for name in labs:
@@ -133,9 +144,9 @@ def _remove_labs(args: argparse.Namespace, remove: Any, labs: list[str]) -> tupl
             continue
         if not args.json:
             for item in report[name]:
-                console.print(f"lab {name}: removed {item}", soft_wrap=True)
-            console.print(f"lab {name}: removed {len(report[name])} resources" if report[name]
-                          else f"lab {name}: nothing left to remove", soft_wrap=True)
+                _say(f"lab {name}: removed {item}")
+            _say(f"lab {name}: removed {len(report[name])} resources" if report[name]
+                 else f"lab {name}: nothing left to remove")
     return report, status
 
 
@@ -154,7 +165,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         _emit_json({"removed": [item for items in report.values() for item in items]})
     elif not args.lab:
         total = sum(len(items) for items in report.values())
-        console.print(f"clean: {total} resources removed" if total else "clean: nothing to remove")
+        _say(f"clean: {total} resources removed" if total else "clean: nothing to remove")
     return status
 
 
@@ -180,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _emit_json(out)
         return EXIT_OK
     if not out:
-        console.print("no lab is up")
+        _say("no lab is up")
     for lab in out:
         agent_info = lab.get("agent")
         if agent_info and agent_info.get("running"):
@@ -191,13 +202,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             caption = f"agent not answering: {agent_info.get('error', '')}"
         else:
             caption = "no agent: flows are not recorded and policy changes are refused" if lab["status"] == "up" else ""
-        table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left", caption=caption,
+        table = Table(title=_cell(f"lab {lab['lab']}: {lab['status']}"), title_justify="left", caption=_cell(caption),
                       caption_justify="left")
         for col in ("endpoint", "kind", "address", "ports", "interface", "labels"):
             table.add_column(col)
         for e in lab["endpoints"]:
-            table.add_row(e["name"], e["kind"], e["ip"], ", ".join(e["ports"]), e["interface"],
-                          ",".join(f"{k}={v}" for k, v in e["labels"].items()))
+            table.add_row(*map(_cell, (e["name"], e["kind"], e["ip"], ", ".join(e["ports"]), e["interface"],
+                                       ",".join(f"{k}={v}" for k, v in e["labels"].items()))))
         console.print(table)
     return EXIT_OK
 
@@ -288,11 +299,10 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
         return EXIT_SETUP
     if not as_json:
         for name in reply["added"]:
-            console.print(f"applied {name}", highlight=False)
+            _say(f"applied {name}")
         for name in reply["removed"]:
-            console.print(f"deleted {name}", highlight=False)
-        console.print(f"lab {rec.lab}: {len(reply['policies'])} policies in force, "
-                      f"{reply['map_writes']} map entries written", highlight=False)
+            _say(f"deleted {name}")
+        _say(f"lab {rec.lab}: {len(reply['policies'])} policies in force, {reply['map_writes']} map entries written")
     return EXIT_OK
 
 
@@ -347,7 +357,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: RunReport) -> None:
-    table = Table(title=f"{report.scenario} ({report.mode})", title_justify="left")
+    table = Table(title=_cell(f"{report.scenario} ({report.mode})"), title_justify="left")
     for col in ("step", "from", "to", "request", "expected", "observed", "result"):
         table.add_column(col, overflow="fold")
     if any(r.oracle is not None for r in report.results):
@@ -363,13 +373,13 @@ def _print_report(report: RunReport) -> None:
             row.append(r.oracle or "")
         if kernel:
             row.append(r.kernel or "")
-        table.add_row(*row)
+        table.add_row(*map(_cell, row))
     console.print(table)
     total = len(report.results)
     if report.passed:
-        console.print(Text(f"all {total} probes met their expectations", style="green"))
+        _say(f"all {total} probes met their expectations", style="green")
     else:
-        console.print(Text(f"{report.failed} of {total} probes did not meet their expectations", style="bold red"))
+        _say(f"{report.failed} of {total} probes did not meet their expectations", style="bold red")
 
 
 def _keep(lab: labmod.Lab) -> None:
@@ -446,7 +456,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 for e in errors:
                     _print_error(e)
             else:
-                console.print(f"{path}: valid", soft_wrap=True)
+                _say(f"{path}: valid")
     return EXIT_SETUP if any(results.values()) else EXIT_OK
 
 
@@ -474,8 +484,8 @@ def _parse_http(text: str | None, headers: list[str]) -> Any:
             raise L7LabError(f"--header expects 'Name: value', got {h!r}")
         if not is_http_token(name):
             raise L7LabError(f"--header {h!r}: {name!r} is not a valid header name (an HTTP token: "
-                             f"{HTTP_TOKEN_CHARS}, no spaces); the L7 proxy answers such a request "
-                             "400 Bad Request")
+                             f"{HTTP_TOKEN_CHARS}, no spaces): the request is malformed, and the L7 proxy "
+                             "answers it 400 Bad Request")
         if not is_header_value(value):
             raise L7LabError(f"--header {h!r}: the value has a control character; the L7 proxy answers "
                              "such a request 400 Bad Request")
@@ -508,7 +518,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(decision.to_json())
     else:
-        console.print(explain_text(decision), soft_wrap=True)
+        _say(explain_text(decision))
     return EXIT_OK
 
 

@@ -179,3 +179,15 @@ def test_readme_starts_as_root_without_sudo_and_names_the_command() -> None:
     for line in readme.splitlines():
         if line.startswith(("l7lab down", "l7lab clean")):
             assert "LAB" in line or "--all" in line, line
+
+
+def test_explain_prints_the_request_and_the_rules_verbatim() -> None:
+    out = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
+                "--to", "inventory-api:8080", "--http", "DELETE /api/inventory/:x:[bold]")
+    assert out.returncode == 0, out.stderr
+    assert ("the proxy rejects DELETE /api/inventory/:x:[bold]: character(s) '[]' not allowed in a path (400)"
+            in out.stdout.splitlines()[-1])
+    assert "[CiliumNetworkPolicy shop/protect-inventory-api spec.ingress[0]]" in out.stdout
+    out = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
+                "--to", "inventory-api:8080", "--http", "DELETE /api/inventory/:x:")
+    assert "DELETE /api/inventory/:x: matches no HTTP rule" in out.stdout
