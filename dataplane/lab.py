@@ -398,9 +398,10 @@ def _remove(path: Path, lab: str) -> bool:
 
 
 def check_record(rec: LabRecord) -> None:
-    """Everything a record lists must be the lab's own (a record file is input too: it may have
-    been edited): namespaces with the lab's prefix, directories among its paths, pids as
-    numbers. UnsafePathError names the first resource that is not, before anything is removed."""
+    """Everything a record lists for removal must be the lab's own (a record file is input too:
+    it may have been edited): namespaces with the lab's prefix, directories among its paths.
+    UnsafePathError names the first resource that is not, before anything is removed.
+    (Recorded processes are checked where they are stopped: see `_recorded_victims`.)"""
     safety.check_lab_name(rec.lab)
     for res in rec.resources:
         kind = res.get("kind")
@@ -410,10 +411,21 @@ def check_record(rec: LabRecord) -> None:
             if not isinstance(res.get("path"), str):
                 raise safety.UnsafePathError(f"lab {rec.lab!r}: a recorded directory has no path: {res!r}")
             _owned(Path(res["path"]), rec.lab)
-        elif kind == "process":
-            if not isinstance(res.get("pid"), int) or isinstance(res.get("pid"), bool) or res["pid"] <= 1:
-                raise safety.UnsafePathError(f"lab {rec.lab!r}: a recorded process has no valid pid: {res!r}")
-            safety.check_netns_name(rec.lab, res.get("netns"))
+
+
+def _recorded_victims(rec: LabRecord) -> list[dict[str, Any]]:
+    """The recorded processes to stop: only one that is still the process the lab started (same
+    start time) and lives in the lab namespace it was recorded in; a record could name any
+    process of the machine, and its start time is no secret."""
+    processes = [r for r in rec.resources if r.get("kind") == "process"]
+    valid = [r for r in processes if isinstance(r.get("pid"), int) and not isinstance(r["pid"], bool)
+             and r["pid"] > 1 and safety.lab_of_netns(str(r.get("netns", ""))) == rec.lab]
+    for r in processes:
+        if r not in valid:
+            _warn(f"lab {rec.lab}: not stopping recorded process {r!r}: not a process in one of the lab's namespaces")
+    members = {ns: set(topology.pids_in_netns(ns)) for ns in {r["netns"] for r in valid}}
+    return [r for r in valid if r.get("start") is not None and _proc_start_time(r["pid"]) == r["start"]
+            and r["pid"] in members[r["netns"]]]
 
 
 def down_from_record(rec: LabRecord) -> list[str]:
@@ -422,14 +434,9 @@ def down_from_record(rec: LabRecord) -> list[str]:
     everything, with nothing removed."""
     check_record(rec)
     removed: list[str] = []
-    processes = [r for r in rec.resources if r.get("kind") == "process"]
-    # Only kill a recorded pid if it is still the process we started (same start time), and it
-    # lives in the lab's namespace it was recorded in (a record could name any process).
-    members = {ns: set(topology.pids_in_netns(ns)) for ns in {r["netns"] for r in processes}}
-    victims = [r["pid"] for r in processes if r.get("start") is not None and _proc_start_time(r["pid"]) == r["start"]
-               and r["pid"] in members[r["netns"]]]
-    topology.kill_pids(victims)
-    removed += [f"process {r['pid']} ({r.get('what', '')})" for r in processes if r["pid"] in victims]
+    victims = _recorded_victims(rec)
+    topology.kill_pids([r["pid"] for r in victims])
+    removed += [f"process {r['pid']} ({r.get('what', '')})" for r in victims]
     for res in reversed(rec.resources):
         if res.get("kind") == "netns":
             topology.kill_pids(topology.pids_in_netns(res["name"]))

@@ -245,7 +245,6 @@ def test_a_record_that_is_a_link_is_neither_read_nor_removed(sandbox: Sandbox) -
     {"kind": "dir", "path": "/etc/netns/l7lab-keep.node"},
     {"kind": "netns", "name": "../../../etc/passwd"},
     {"kind": "netns", "name": "l7lab-keep.node"},
-    {"kind": "process", "pid": 1, "start": 0, "netns": "init"},
 ])
 def test_a_record_listing_what_the_lab_does_not_own_removes_nothing(resource: dict[str, Any],
                                                                    sandbox: Sandbox) -> None:
@@ -269,12 +268,17 @@ def test_a_record_listing_what_the_lab_does_not_own_removes_nothing(resource: di
     assert {k: v for k, v in sandbox.before.items() if lab not in k} == after
 
 
-def test_a_recorded_process_outside_the_labs_namespaces_is_not_killed(sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("netns", ["{lab}.node", "init", None, "l7lab-keep.node"])
+def test_a_recorded_process_outside_the_labs_namespaces_is_not_killed(netns: str | None, sandbox: Sandbox) -> None:
+    """A record names a process of the machine, with its (public) start time: not stopped."""
     lab = unique_lab("n")
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        sandbox.write_record(lab, [{"kind": "process", "pid": bystander.pid, "netns": f"l7lab-{lab}.node",
-                                    "start": labmod._proc_start_time(bystander.pid), "what": "not ours"}])
+        res = {"kind": "process", "pid": bystander.pid, "start": labmod._proc_start_time(bystander.pid), "what": "x"}
+        if netns is not None:
+            res["netns"] = netns.format(lab=f"l7lab-{lab}")
+        sandbox.write_record(lab, [res, {"kind": "process", "pid": 1, "start": labmod._proc_start_time(1),
+                                         "netns": f"l7lab-{lab}.node"}])
         out = sandbox.l7lab("down", lab)
         assert out.returncode == 0, out.stderr
         assert not (sandbox.run / f"{lab}.json").exists()
