@@ -2,6 +2,11 @@
 
 Exit codes: 0 success; 1 setup error (invalid input, not root, lab already up, ...);
 2 usage error; 3 a probe did not meet its expectation.
+
+Output is plain text: what is printed carries user input (names, patterns, file names) that
+must come out verbatim, so errors go through a console with markup, emoji codes and highlighting
+off, every message is printed as `rich.text.Text` (never parsed as markup), table cells are
+`Text` too, and messages are never wrapped in the middle (a long command stays one line).
 """
 
 from __future__ import annotations
@@ -10,32 +15,55 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import lab as labmod
 from .errors import ErrorList, L7LabError, SourceError
 from .runner import KernelExecutor, OracleExecutor, RunReport, run_scenario
+from .safety import UnsafePathError
 from .scenario import load_scenario
 
 EXIT_OK, EXIT_SETUP, EXIT_USAGE, EXIT_EXPECTATION = 0, 1, 2, 3
 
 # Wide enough for the probe table when output goes to a file or a CI log.
 _width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-console = Console(width=_width)
-errconsole = Console(stderr=True, width=_width)
+# Markup stays on for stdout only because `observe` prints flows.describe()'s styled lines;
+# everything else is given to it as Text (see _say and _cell).
+console = Console(width=_width, emoji=False, highlight=False)
+errconsole = Console(stderr=True, width=_width, markup=False, emoji=False, highlight=False)
+
+
+class UsageError(Exception):
+    """The command line asks for something it cannot mean (exit 2)."""
 
 
 def _emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _cell(value: object) -> Text:
+    """A table cell (or title) as plain text: brackets and colons in it are the user's."""
+    return value if isinstance(value, Text) else Text(str(value))
+
+
+def _say(message: object, style: str = "") -> None:
+    """One line on stdout, verbatim and unwrapped."""
+    console.print(Text(str(message), style=style), soft_wrap=True)
+
+
+def _print_error(message: object) -> None:
+    """One error on stderr, verbatim and unwrapped (only the 'error:' label is styled)."""
+    errconsole.print(Text.assemble(("error:", "bold red"), " ", str(message)), soft_wrap=True)
+
+
 def _error(exc: BaseException) -> int:
     errors = exc.errors if isinstance(exc, ErrorList) else [exc]
     for err in errors:
-        errconsole.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _print_error(err)
     return EXIT_SETUP
 
 
@@ -72,45 +100,85 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(info)
     else:
-        console.print(f"lab [bold]{name}[/] is up: {info['endpoints']} endpoints in namespace {info['node']}, "
-                      f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
-                      f"'l7lab down {name}' removes them", highlight=False)
+        _say(f"lab {name} is up: {info['endpoints']} endpoints in namespace {info['node']}, "
+             f"agent pid {info['agent']}; 'l7lab status' shows them, 'l7lab observe {name}' its flows, "
+             f"'l7lab down {name}' removes them")
         if info.get("metrics"):
             console.print(f"Prometheus metrics: {info['metrics']}", highlight=False)
     return EXIT_OK
 
 
+def _lab_list(labs: list[str]) -> str:
+    return f"labs up or left over: {', '.join(labs)}" if labs else "no lab is up"
+
+
+def _targets(args: argparse.Namespace, every: Callable[[], list[str]]) -> list[str]:
+    """The labs `down`/`clean` act on: the one named, or with --all every one `every` lists."""
+    if args.lab is not None:
+        if args.all:
+            raise UsageError("give a lab name or --all, not both")
+        return [args.lab]
+    labs = every()
+    if not args.all:
+        raise UsageError(f"which lab? give its name, or --all to remove every lab on this "
+                         f"machine ({_lab_list(labs)})")
+    return labs
+
+
+def _remove_labs(args: argparse.Namespace, remove: Any, labs: list[str]) -> tuple[dict[str, list[str]], int]:
+    """Run `remove` on every lab, saying what goes; an error for one lab does not stop the others."""
+    if args.all and not args.json:
+        _say(f"{args.verb} --all: {'removing labs ' + ', '.join(labs) if labs else 'no lab is up'}")
+    report: dict[str, list[str]] = {}
+    status = EXIT_OK
+    for name in labs:
+        try:
+            report[name] = remove(name)
+        except UnsafePathError as exc:  # raised before anything of the lab is removed
+            _print_error(f"{exc}; nothing of lab {name} was removed")
+            status = EXIT_SETUP
+            continue
+        except L7LabError as exc:
+            _print_error(f"lab {name}: {exc}")
+            status = EXIT_SETUP
+            continue
+        if not args.json:
+            for item in report[name]:
+                _say(f"lab {name}: removed {item}")
+            _say(f"lab {name}: removed {len(report[name])} resources" if report[name]
+                 else f"lab {name}: nothing left to remove")
+    return report, status
+
+
 def cmd_down(args: argparse.Namespace) -> int:
-    labs = [args.lab] if args.lab else labmod.running_labs()
-    report = {name: labmod.down(name) for name in labs}
+    labs = _targets(args, labmod.running_labs)
+    report, status = _remove_labs(args, labmod.down, labs)
     if args.json:
         _emit_json(report)
-    elif not labs:
-        console.print("no lab is up")
-    else:
-        for name, removed in report.items():
-            console.print(f"lab {name}: removed {len(removed)} resources" if removed else f"lab {name}: nothing left to remove")
-    return EXIT_OK
+    return status
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    removed = labmod.clean(args.lab)
+    labs = _targets(args, labmod.known_labs)
+    report, status = _remove_labs(args, labmod.clean, labs)
     if args.json:
-        _emit_json({"removed": removed})
-    else:
-        for item in removed:
-            console.print(f"removed {item}", highlight=False)
-        console.print(f"clean: {len(removed)} resources removed" if removed else "clean: nothing to remove")
-    return EXIT_OK
+        _emit_json({"removed": [item for items in report.values() for item in items]})
+    elif not args.lab:
+        total = sum(len(items) for items in report.values())
+        _say(f"clean: {total} resources removed" if total else "clean: nothing to remove")
+    return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    labs = [args.lab] if args.lab else labmod.running_labs()
+    if args.lab is not None and labmod.LabRecord.load(args.lab) is None and not labmod.has_leftovers(args.lab):
+        raise L7LabError(f"no lab named {args.lab!r} is up ({_lab_list(labmod.running_labs())})")
+    labs = [args.lab] if args.lab is not None else labmod.running_labs()
     out = []
     for name in labs:
         rec = labmod.LabRecord.load(name)
         if rec is None:
-            out.append({"lab": name, "status": "leftover (no record; run 'l7lab clean')", "endpoints": []})
+            out.append({"lab": name, "status": f"leftover (no record; 'l7lab clean {name}' removes it)",
+                        "endpoints": []})
             continue
         out.append({"lab": name, "status": rec.status, "scenario": rec.scenario, "node": rec.node,
                     "agent": _agent_status(name),
@@ -123,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _emit_json(out)
         return EXIT_OK
     if not out:
-        console.print("no lab is up")
+        _say("no lab is up")
     for lab in out:
         agent_info = lab.get("agent")
         if agent_info and agent_info.get("running"):
@@ -138,13 +206,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             caption = f"agent not answering: {agent_info.get('error', '')}"
         else:
             caption = "no agent: flows are not recorded and policy changes are refused" if lab["status"] == "up" else ""
-        table = Table(title=f"lab {lab['lab']}: {lab['status']}", title_justify="left", caption=caption,
+        table = Table(title=_cell(f"lab {lab['lab']}: {lab['status']}"), title_justify="left", caption=_cell(caption),
                       caption_justify="left")
         for col in ("endpoint", "kind", "address", "ports", "interface", "labels"):
             table.add_column(col)
         for e in lab["endpoints"]:
-            table.add_row(e["name"], e["kind"], e["ip"], ", ".join(e["ports"]), e["interface"],
-                          ",".join(f"{k}={v}" for k, v in e["labels"].items()))
+            table.add_row(*map(_cell, (e["name"], e["kind"], e["ip"], ", ".join(e["ports"]), e["interface"],
+                                       ",".join(f"{k}={v}" for k, v in e["labels"].items()))))
         console.print(table)
     return EXIT_OK
 
@@ -181,14 +249,14 @@ def _proxy_caption(proxy: dict[str, Any] | None) -> str:
 
 def _one_lab(name: str | None) -> labmod.LabRecord:
     """The record of lab `name`, or of the only lab that is up."""
-    labs = [name] if name else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
+    labs = [name] if name is not None else [n for n in labmod.running_labs() if labmod.LabRecord.load(n)]
     if not labs:
         raise L7LabError("no lab is up")
     if len(labs) > 1:
         raise L7LabError(f"several labs are up ({', '.join(labs)}): choose one with --lab")
     rec = labmod.LabRecord.load(labs[0])
     if rec is None:
-        raise L7LabError(f"lab {labs[0]!r} is not up")
+        raise L7LabError(f"no lab named {labs[0]!r} is up")
     return rec
 
 
@@ -246,18 +314,17 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
     if not reply.get("ok"):
         if not as_json:
             for err in reply.get("errors", []):
-                errconsole.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            errconsole.print(f"lab {rec.lab}: nothing changed", highlight=False)
+                _print_error(err)
+            errconsole.print(f"lab {rec.lab}: nothing changed", soft_wrap=True)
         return EXIT_SETUP
     if not as_json:
         for name in reply["added"]:
-            console.print(f"applied {name}", highlight=False)
+            _say(f"applied {name}")
         for name in reply["removed"]:
-            console.print(f"deleted {name}", highlight=False)
+            _say(f"deleted {name}")
         for warning in reply.get("warnings", []):
-            errconsole.print(f"warning: {warning}", highlight=False, markup=False)
-        console.print(f"lab {rec.lab}: {len(reply['policies'])} policies in force, "
-                      f"{reply['map_writes']} map entries written", highlight=False)
+            errconsole.print(f"warning: {warning}", soft_wrap=True)
+        _say(f"lab {rec.lab}: {len(reply['policies'])} policies in force, {reply['map_writes']} map entries written")
     return EXIT_OK
 
 
@@ -312,7 +379,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: RunReport) -> None:
-    table = Table(title=f"{report.scenario} ({report.mode})", title_justify="left")
+    table = Table(title=_cell(f"{report.scenario} ({report.mode})"), title_justify="left")
     for col in ("step", "from", "to", "request", "expected", "observed", "result"):
         table.add_column(col, overflow="fold")
     if any(r.oracle is not None for r in report.results):
@@ -323,18 +390,18 @@ def _print_report(report: RunReport) -> None:
     for r in report.results:
         row = [str(r.step + 1), r.probe.source, f"{r.probe.destination} {r.probe.protocol}", r.probe.request_text,
                r.probe.expect, r.observed.outcome + (f" ({r.observed.detail})" if r.observed.detail and not r.passed else ""),
-               "[green]pass[/]" if r.passed else f"[bold red]{r.verdict_text}[/]"]
+               Text("pass", style="green") if r.passed else Text(r.verdict_text, style="bold red")]
         if r.oracle is not None or any(x.oracle is not None for x in report.results):
             row.append(r.oracle or "")
         if kernel:
             row.append(r.kernel or "")
-        table.add_row(*row)
+        table.add_row(*map(_cell, row))
     console.print(table)
     total = len(report.results)
     if report.passed:
-        console.print(f"[green]all {total} probes met their expectations[/]")
+        _say(f"all {total} probes met their expectations", style="green")
     else:
-        console.print(f"[bold red]{report.failed} of {total} probes did not meet their expectations[/]")
+        _say(f"{report.failed} of {total} probes did not meet their expectations", style="bold red")
 
 
 def _keep(lab: labmod.Lab) -> None:
@@ -345,10 +412,10 @@ def _keep(lab: labmod.Lab) -> None:
         pid = agent.adopt(lab)
     except L7LabError as exc:
         errconsole.print(f"lab {lab.name} kept up without an agent ({exc}): it enforces its last policy; "
-                         f"'l7lab down {lab.name}' removes it", highlight=False)
+                         f"'l7lab down {lab.name}' removes it", soft_wrap=True)
         return
     errconsole.print(f"lab {lab.name} kept up (agent pid {pid}): 'l7lab observe {lab.name}' shows its flows, "
-                     f"'l7lab down {lab.name}' removes it", highlight=False)
+                     f"'l7lab down {lab.name}' removes it", soft_wrap=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -379,9 +446,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _is_scenario(path: str) -> bool:
+    """A scenario: one mapping without apiVersion and kind. An empty file (no document at all)
+    counts as one, so that `validate` rejects it with the error `run` gives."""
     from .yamlsource import load_file  # noqa: PLC0415
 
     docs = load_file(path)
+    if not docs:
+        return True
     return len(docs) == 1 and isinstance(docs[0].data, dict) and "apiVersion" not in docs[0].data and "kind" not in docs[0].data
 
 
@@ -405,26 +476,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for path, errors in results.items():
             if errors:
                 for e in errors:
-                    errconsole.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                    _print_error(e)
             else:
-                console.print(f"{path}: valid", highlight=False)
+                _say(f"{path}: valid")
     return EXIT_SETUP if any(results.values()) else EXIT_OK
 
 
 def _parse_http(text: str | None, headers: list[str]) -> Any:
+    """The request `explain` checks. What the L7 proxy would answer 400 Bad Request (a method
+    or header name that is not an HTTP token, a control character in a value) is refused here
+    with the reason: no policy verdict applies to a request the proxy never parses."""
+    from .policy.l7 import HTTP_TOKEN_CHARS, is_header_value, is_http_token  # noqa: PLC0415
     from .scenario import HttpRequest  # noqa: PLC0415
 
     if text is None:
+        if headers:
+            raise L7LabError("--header needs --http: headers belong to an HTTP request")
         return None
     parts = text.split()
     if len(parts) != 2:
         raise L7LabError(f"--http expects 'METHOD /path', got {text!r}")
+    if not is_http_token(parts[0]):
+        raise L7LabError(f"--http {text!r}: the method {parts[0]!r} is not an HTTP token ({HTTP_TOKEN_CHARS}); "
+                         "the L7 proxy answers such a request 400 Bad Request")
     hdrs = {}
     for h in headers:
         name, sep, value = h.partition(":")
         if not sep:
             raise L7LabError(f"--header expects 'Name: value', got {h!r}")
-        hdrs[name.strip()] = value.strip()
+        if not is_http_token(name):
+            raise L7LabError(f"--header {h!r}: {name!r} is not a valid header name (an HTTP token: "
+                             f"{HTTP_TOKEN_CHARS}, no spaces): the request is malformed, and the L7 proxy "
+                             "answers it 400 Bad Request")
+        if not is_header_value(value):
+            raise L7LabError(f"--header {h!r}: the value has a control character; the L7 proxy answers "
+                             "such a request 400 Bad Request")
+        hdrs[name] = value.strip(" \t")
     return HttpRequest(parts[0], parts[1], hdrs)
 
 
@@ -453,7 +540,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(decision.to_json())
     else:
-        console.print(explain_text(decision), highlight=False)
+        _say(explain_text(decision))
     return EXIT_OK
 
 
@@ -472,7 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(verb_parser=p)
         return p
+
+    def lab_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
+        """The lab as a positional argument or as --lab, as every verb that takes one accepts it."""
+        p.add_argument("lab", nargs="?", help=f"{help_text} (or --lab)")
+        p.add_argument("--lab", dest="lab_option", metavar="LAB", help=help_text)
 
     p = verb("up", "build a scenario's lab (namespaces, links, servers) and leave it running")
     p.add_argument("scenario", help="scenario YAML file")
@@ -482,15 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
 
     p = verb("down", "remove a lab: everything its record lists, then anything with its prefix")
-    p.add_argument("lab", nargs="?", help="lab name (default: every lab that is up)")
+    lab_arguments(p, "the lab to remove")
+    p.add_argument("--all", action="store_true", help="remove every lab on this machine")
     p.set_defaults(func=cmd_down)
 
-    p = verb("clean", "remove whatever carries the l7lab prefix, with or without a record")
-    p.add_argument("lab", nargs="?", help="only this lab (default: all labs)")
+    p = verb("clean", "remove whatever carries a lab's prefix, with or without a record")
+    lab_arguments(p, "the lab to remove")
+    p.add_argument("--all", action="store_true", help="remove whatever carries the l7lab prefix, every lab")
     p.set_defaults(func=cmd_clean)
 
     p = verb("status", "list running labs with their endpoints, addresses and ports")
-    p.add_argument("lab", nargs="?", help="only this lab")
+    lab_arguments(p, "only this lab")
     p.set_defaults(func=cmd_status)
 
     p = verb("exec", "run a command inside a pod or world host: l7lab exec POD -- CMD...", json_flag=False)
@@ -507,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = verb("observe", "print a running lab's flows: the kernel's L3/L4 verdicts and the proxy's L7 records")
-    p.add_argument("lab", nargs="?", help="lab name (needed when several labs are up)")
+    lab_arguments(p, "lab name (needed when several labs are up)")
     p.add_argument("--type", choices=("all", "flows", "l7"), default="all",
                    help="only kernel flow records (flows) or only L7 records (l7)")
     p.add_argument("--follow", type=float, default=0.0, metavar="SECONDS",
@@ -550,10 +645,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_lab_arguments(args: argparse.Namespace) -> None:
+    """One lab, named once: positional and --lab must agree; every lab name given (LAB, --lab,
+    up/run --name) is checked before any verb touches a path, a namespace or a process."""
+    option = getattr(args, "lab_option", None)
+    if option is not None:
+        if args.lab is not None and args.lab != option:
+            raise UsageError(f"the lab is given twice, as {args.lab!r} and --lab {option!r}")
+        args.lab = option
+    if getattr(args, "lab", None) is not None:
+        labmod.validate_lab_name(args.lab)
+    if args.verb in ("up", "run") and args.name is not None:
+        labmod.validate_lab_name(args.name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        _check_lab_arguments(args)
         return int(args.func(args))
+    except UsageError as exc:
+        args.verb_parser.print_usage(sys.stderr)
+        print(f"l7lab {args.verb}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (SourceError, ErrorList, L7LabError) as exc:
         return _error(exc)
     except KeyboardInterrupt:

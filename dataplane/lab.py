@@ -11,6 +11,10 @@ inside these namespaces (removing a namespace removes its links), per-endpoint h
 in /etc/netns/<namespace>/ (where `ip netns exec` finds them), and the record of everything made
 is /run/l7lab/<lab>.json, written *before* each resource is created so that `down` after a crash
 still knows it. `clean` needs no record at all: it removes whatever carries the prefix.
+
+Every lab name is checked (`dataplane/safety.py`) before it becomes a path or a namespace name,
+whether the user typed it or it was read back from the run directory or `ip netns list`, and
+every removal goes through `safety.remove_owned`, which refuses anything the lab does not own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import selectors
 import shutil
 import signal
@@ -30,19 +33,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import topology
+from . import safety, topology
 from .errors import SetupError
 from .scenario import GATEWAY_IP, Port, Scenario
 
-PREFIX = "l7lab-"
-RUN_DIR = Path(os.environ.get("L7LAB_RUN_DIR", "/run/l7lab"))
+PREFIX = safety.PREFIX
+# The setting as given; `run_dir()` checks it at every use (absolute, normalized, no symlink).
+RUN_DIR: str = os.environ.get("L7LAB_RUN_DIR", safety.DEFAULT_RUN_DIR)
 NETNS_ETC = Path("/etc/netns")
-LAB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
+LAB_NAME_RE = safety.LAB_NAME_RE
 SERVER_START_TIMEOUT = 20.0
 
+lab_prefix = safety.lab_prefix
 
-def lab_prefix(lab: str) -> str:
-    return f"{PREFIX}{lab}."
+
+def run_dir() -> Path:
+    """Where records and lab directories live (`L7LAB_RUN_DIR`, default /run/l7lab), checked."""
+    return safety.check_run_dir(str(RUN_DIR))
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def node_netns(lab: str) -> str:
@@ -64,11 +75,11 @@ def host_ifname(kind: str, key: str) -> str:
 
 
 def record_path(lab: str) -> Path:
-    return RUN_DIR / f"{lab}.json"
+    return run_dir() / f"{safety.check_lab_name(lab)}.json"
 
 
 def lab_dir(lab: str) -> Path:
-    return RUN_DIR / lab
+    return run_dir() / safety.check_lab_name(lab)
 
 
 @dataclass
@@ -97,7 +108,7 @@ class LabRecord:
     resources: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self) -> None:
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        run_dir().mkdir(parents=True, exist_ok=True)
         path = record_path(self.lab)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2))
@@ -110,12 +121,24 @@ class LabRecord:
 
     @classmethod
     def load(cls, lab: str) -> "LabRecord | None":
+        """The record of lab `lab` (a valid name, or SetupError); None when there is none or it
+        cannot be read as one (a link is never followed)."""
+        path = record_path(lab)
         try:
-            data = json.loads(record_path(lab).read_text())
-        except (OSError, ValueError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, encoding="utf-8") as f:
+                data = json.loads(f.read(16 << 20))
+            data["endpoints"] = {k: EndpointRecord(**v) for k, v in data.get("endpoints", {}).items()}
+            rec = cls(**data)
+        except FileNotFoundError:
             return None
-        data["endpoints"] = {k: EndpointRecord(**v) for k, v in data.get("endpoints", {}).items()}
-        return cls(**data)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            _warn(f"ignoring the record {path}: it cannot be read as a lab record ({exc})")
+            return None
+        if rec.lab != lab or not isinstance(rec.resources, list) or not all(isinstance(r, dict) for r in rec.resources):
+            _warn(f"ignoring the record {path}: it is not a record of lab {lab!r}")
+            return None
+        return rec
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -128,22 +151,21 @@ def _proc_start_time(pid: int) -> int | None:
 
 def check_environment() -> None:
     if os.geteuid() != 0:
-        raise SetupError("l7lab needs root to create network namespaces (run with sudo)")
+        raise SetupError("l7lab needs root to create network namespaces: run it as root")
     if shutil.which("ip") is None:
         raise SetupError("the 'ip' command (iproute2) is missing; run scripts/setup.sh")
 
 
 def check_absent(name: str) -> None:
     """A lab of this name must not exist yet, not even as leftovers of a crash."""
-    if record_path(name).exists() or topology.list_netns(lab_prefix(name)):
+    validate_lab_name(name)
+    if os.path.lexists(record_path(name)) or topology.list_netns(lab_prefix(name)):
         raise SetupError(f"lab {name!r} is already up (or left over from a crash); "
                          f"run 'l7lab down {name}' or 'l7lab clean {name}' first")
 
 
 def validate_lab_name(name: str) -> None:
-    if not LAB_NAME_RE.match(name):
-        raise SetupError(f"invalid lab name {name!r}: expected 1-20 characters a-z, 0-9 and '-', "
-                         "starting and ending with a letter or digit")
+    safety.check_lab_name(name)
 
 
 class Lab:
@@ -401,67 +423,174 @@ def wait_ready(started: list[tuple[str, subprocess.Popen[bytes], Path]], timeout
                 proc.stdout.close()
 
 
+def _owned(path: Path, lab: str) -> bool:
+    return safety.check_owned(path, lab, run_dir(), NETNS_ETC)
+
+
+def _remove(path: Path, lab: str) -> bool:
+    return safety.remove_owned(path, lab, run_dir(), NETNS_ETC)
+
+
+def check_record(rec: LabRecord) -> None:
+    """Everything a record lists for removal must be the lab's own (a record file is input too:
+    it may have been edited): namespaces with the lab's prefix, directories among its paths.
+    UnsafePathError names the first resource that is not, before anything is removed.
+    (Recorded processes are checked where they are stopped: see `_recorded_victims`.)"""
+    safety.check_lab_name(rec.lab)
+    for res in rec.resources:
+        kind = res.get("kind")
+        if kind == "netns":
+            safety.check_netns_name(rec.lab, res.get("name"))
+        elif kind == "dir":
+            if not isinstance(res.get("path"), str):
+                raise safety.UnsafePathError(f"lab {rec.lab!r}: a recorded directory has no path: {res!r}")
+            _owned(Path(res["path"]), rec.lab)
+
+
+def _recorded_victims(rec: LabRecord) -> list[dict[str, Any]]:
+    """The recorded processes to stop: only one that is still the process the lab started (same
+    start time) and lives in the lab namespace it was recorded in; a record could name any
+    process of the machine, and its start time is no secret."""
+    processes = [r for r in rec.resources if r.get("kind") == "process"]
+    valid = [r for r in processes if isinstance(r.get("pid"), int) and not isinstance(r["pid"], bool)
+             and r["pid"] > 1 and safety.lab_of_netns(str(r.get("netns", ""))) == rec.lab]
+    for r in processes:
+        if r not in valid:
+            _warn(f"lab {rec.lab}: not stopping recorded process {r!r}: not a process in one of the lab's namespaces")
+    members = {ns: set(topology.pids_in_netns(ns)) for ns in {r["netns"] for r in valid}}
+    return [r for r in valid if r.get("start") is not None and _proc_start_time(r["pid"]) == r["start"]
+            and r["pid"] in members[r["netns"]]]
+
+
 def down_from_record(rec: LabRecord) -> list[str]:
-    """Remove what the record lists, newest first; idempotent. Returns what was removed."""
+    """Remove what the record lists, newest first; idempotent. Returns what was removed.
+    The record is checked first (`check_record`): a resource the lab does not own stops
+    everything, with nothing removed."""
+    check_record(rec)
     removed: list[str] = []
-    processes = [r for r in rec.resources if r["kind"] == "process"]
-    # Only kill a recorded pid if it is still the process we started (same start time).
-    victims = [r["pid"] for r in processes if r.get("start") is not None and _proc_start_time(r["pid"]) == r["start"]]
-    topology.kill_pids(victims)
-    removed += [f"process {r['pid']} ({r.get('what', '')})" for r in processes if r["pid"] in victims]
+    victims = _recorded_victims(rec)
+    topology.kill_pids([r["pid"] for r in victims])
+    removed += [f"process {r['pid']} ({r.get('what', '')})" for r in victims]
     for res in reversed(rec.resources):
-        if res["kind"] == "netns":
+        if res.get("kind") == "netns":
             topology.kill_pids(topology.pids_in_netns(res["name"]))
             if topology.remove_netns(res["name"]):
                 removed.append(f"netns {res['name']}")
-        elif res["kind"] == "dir":
-            if Path(res["path"]).exists():
-                shutil.rmtree(res["path"], ignore_errors=True)
+        elif res.get("kind") == "dir":
+            if _remove(Path(res["path"]), rec.lab):
                 removed.append(f"dir {res['path']}")
-    with contextlib.suppress(FileNotFoundError):
-        record_path(rec.lab).unlink()
+    if _remove(record_path(rec.lab), rec.lab):
         removed.append(f"record {record_path(rec.lab)}")
     return removed
 
 
 def down(lab: str) -> list[str]:
-    """`l7lab down LAB`: remove what the record lists, then anything else with the prefix."""
+    """`l7lab down LAB`: remove what the record lists, then anything else with the prefix.
+    The name, the record and every path are checked before anything is removed."""
+    validate_lab_name(lab)
     rec = LabRecord.load(lab)
+    if rec is not None:
+        try:
+            check_record(rec)
+        except safety.UnsafePathError as exc:
+            raise safety.UnsafePathError(
+                f"the record {record_path(lab)} lists what lab {lab!r} does not own: {exc}; "
+                f"'l7lab clean {lab}' removes what carries the lab's prefix without reading the record") from None
+    _clean_plan(lab)  # refuses (removing nothing) if a path of the lab is a link, say
     removed = down_from_record(rec) if rec else []
     return removed + clean(lab)
 
 
+def _listed_lab(name: str, where: str) -> str | None:
+    """A lab name read back from the machine (a file name, a namespace): None, with a warning,
+    when it is not one l7lab could have made."""
+    if safety.is_lab_name(name):
+        return name
+    _warn(f"ignoring {where}: {name!r} is not a valid lab name ({safety.LAB_NAME_RULE})")
+    return None
+
+
 def running_labs() -> list[str]:
-    """Labs with a record or with namespaces still carrying their prefix."""
-    names = {p.stem for p in RUN_DIR.glob("*.json")} if RUN_DIR.is_dir() else set()
+    """Labs with a record or with namespaces still carrying their prefix (valid names only)."""
+    names: set[str | None] = set()
+    rd = run_dir()
+    if rd.is_dir():
+        names |= {_listed_lab(p.name[:-5], f"record {p}") for p in rd.iterdir() if p.name.endswith(".json")}
     for ns in topology.list_netns(PREFIX):
-        names.add(ns[len(PREFIX):].split(".", 1)[0])
-    return sorted(names)
+        lab = safety.lab_of_netns(ns)
+        if lab is None:
+            _warn(f"ignoring network namespace {ns!r}: not named l7lab-<lab>.<name> with a valid lab name")
+        names.add(lab)
+    return sorted(n for n in names if n)
+
+
+def known_labs() -> list[str]:
+    """Every lab anything is left of: running labs, and lab directories and /etc/netns entries
+    without a record or a namespace (what `clean --all` removes)."""
+    names: set[str | None] = set(running_labs())
+    rd = run_dir()
+    if rd.is_dir():
+        names |= {_listed_lab(p.name, f"directory {p}") for p in rd.iterdir()
+                  if p.is_dir() and not p.is_symlink()}
+        names |= {_listed_lab(p.name[:-4], f"file {p}") for p in rd.iterdir() if p.name.endswith(".tmp")}
+    if NETNS_ETC.is_dir():
+        for d in NETNS_ETC.iterdir():
+            if d.name.startswith(PREFIX):
+                lab = safety.lab_of_netns(d.name)
+                if lab is None:
+                    _warn(f"ignoring {d}: not named l7lab-<lab>.<name> with a valid lab name")
+                names.add(lab)
+    return sorted(n for n in names if n)
+
+
+def _clean_plan(lab: str) -> tuple[list[str], list[Path]]:
+    """The namespaces and paths `clean(lab)` removes, every one checked to be the lab's own;
+    UnsafePathError (nothing removed yet) if one is not."""
+    validate_lab_name(lab)
+    prefix = lab_prefix(lab)
+    namespaces = []
+    for ns in topology.list_netns(prefix):
+        if safety.lab_of_netns(ns) == lab:
+            namespaces.append(ns)
+        else:
+            _warn(f"ignoring network namespace {ns!r}: not a name l7lab makes")
+    paths = []
+    if NETNS_ETC.is_dir():
+        for d in sorted(NETNS_ETC.iterdir()):
+            if d.name.startswith(prefix):
+                if safety.lab_of_netns(d.name) == lab:
+                    paths.append(d)
+                else:
+                    _warn(f"ignoring {d}: not a name l7lab makes")
+    paths += [record_path(lab), record_path(lab).with_suffix(".tmp"), lab_dir(lab)]
+    paths = [p for p in paths if _owned(p, lab)]  # raises for a link; drops what is not there
+    return namespaces, paths
+
+
+def has_leftovers(lab: str) -> bool:
+    """Whether anything of lab `lab` is on this machine (what `clean LAB` would remove)."""
+    try:
+        namespaces, paths = _clean_plan(lab)
+    except safety.UnsafePathError:
+        return True
+    return bool(namespaces or paths)
 
 
 def clean(lab: str | None = None) -> list[str]:
-    """Remove whatever carries the prefix of `lab` (all labs when None), record or not."""
-    prefix = lab_prefix(lab) if lab else PREFIX
+    """Remove whatever carries the prefix of `lab`, record or not (every lab anything is left
+    of when None: `clean --all`). Returns what was removed."""
+    if lab is None:
+        return [item for name in known_labs() for item in clean(name)]
+    namespaces, paths = _clean_plan(lab)
     removed: list[str] = []
-    for ns in topology.list_netns(prefix):
+    for ns in namespaces:
         pids = topology.pids_in_netns(ns)
         topology.kill_pids(pids)
         removed += [f"process {p}" for p in pids]
         if topology.remove_netns(ns):
             removed.append(f"netns {ns}")
-    if NETNS_ETC.is_dir():
-        for d in sorted(NETNS_ETC.iterdir()):
-            if d.name.startswith(prefix):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(f"dir {d}")
-    if RUN_DIR.is_dir():
-        labs = [lab] if lab else [p.stem for p in RUN_DIR.glob("*.json")] + [p.name for p in RUN_DIR.iterdir() if p.is_dir()]
-        for name in sorted(set(labs)):
-            for path in (record_path(name), record_path(name).with_suffix(".tmp")):
-                if path.exists():
-                    path.unlink()
-                    removed.append(f"record {path}")
-            if lab_dir(name).is_dir():
-                shutil.rmtree(lab_dir(name), ignore_errors=True)
-                removed.append(f"dir {lab_dir(name)}")
+    records = (record_path(lab), record_path(lab).with_suffix(".tmp"))
+    for path in paths:
+        if _remove(path, lab):
+            removed.append(f"{'record' if path in records else 'dir'} {path}")
     return removed

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent) and run a lab scenario end to end on this kernel.
-#   sudo scripts/demo.sh [SCENARIO] [l7lab run options...]
+#   scripts/demo.sh [SCENARIO] [l7lab run options...]      (as root)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$here/scripts/setup.sh"

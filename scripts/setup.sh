@@ -15,7 +15,7 @@ venv="$here/.venv"
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "run as root (sudo $0): BCC, network namespaces and packages need it"
+[ "$(id -u)" = 0 ] || die "run as root (from a root shell, or with sudo): BCC, network namespaces and packages need it"
 command -v apt-get >/dev/null || die "apt-get not found: l7lab sets itself up on Debian 12 or Ubuntu 24.04"
 
 kernel=$(uname -r)

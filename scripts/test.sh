@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent) and run the test suite: unit tests and, as root, kernel tests
 # with real namespaces, programs and traffic. Extra arguments go to pytest.
-#   sudo scripts/test.sh [-k EXPR] ...
+#   scripts/test.sh [-k EXPR] ...      (as root)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$here/scripts/setup.sh"

@@ -36,7 +36,21 @@ _DNS_LABEL_CHARS = "[-a-zA-Z0-9_]"
 _DNS_NAME_RE = re2.compile(r"[A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*\.?",
                            options=_OPTIONS)
 _DNS_PATTERN_RE = re2.compile(r"[-A-Za-z0-9_.*]+", options=_OPTIONS)
+# An HTTP token (RFC 9110 section 5.6.2): what a header name and a method must be. The proxy
+# answers 400 Bad Request to a header line whose name is not one (proxy/http.py _TOKEN).
 _HEADER_NAME_RE = re2.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", options=_OPTIONS)
+HTTP_TOKEN_CHARS = "letters, digits and !#$%&'*+-.^_`|~"
+
+
+def is_http_token(text: str) -> bool:
+    """True when `text` is an HTTP token: a valid header name or method."""
+    return _HEADER_NAME_RE.fullmatch(text) is not None
+
+
+def is_header_value(text: str) -> bool:
+    """True when `text` has only the characters a header value may carry (HTAB, SP, VCHAR,
+    obs-text: any byte of a non-ASCII character); the proxy answers 400 to any other."""
+    return all(c == "\t" or " " <= c <= "~" or ord(c) >= 0x80 for c in text)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -124,7 +124,9 @@ def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
     ctx = _Ctx(doc)
     data = doc.data
     if not isinstance(data, dict):
-        ctx.err((), f"expected a policy manifest (a mapping with apiVersion and kind), got {describe_value(data)}")
+        # Only the type: a file that is no manifest at all (a scenario may point at any file) is never quoted.
+        what = "a list" if isinstance(data, list) else "null" if data is None else "a plain value (text or a number)"
+        ctx.err((), f"expected a policy manifest (a mapping with apiVersion and kind), got {what}")
         return [], ctx.errors
     kind = data.get("kind")
     if kind in LIST_KINDS:

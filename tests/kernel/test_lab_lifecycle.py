@@ -165,7 +165,7 @@ def test_cli_up_status_exec_down(scenario: Scenario, tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         again = subprocess.run([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO, capture_output=True, text=True)
         assert again.returncode == 1 and "already up" in again.stderr
-        status = json.loads(subprocess.run([*L7LAB, "status", name, "--json"], cwd=REPO, capture_output=True, text=True).stdout)
+        status = json.loads(subprocess.run([*L7LAB, "status", "--lab", name, "--json"], cwd=REPO, capture_output=True, text=True).stdout)
         endpoints = {e["name"]: e for e in status[0]["endpoints"]}
         assert status[0]["status"] == "up" and endpoints["shop/inventory-api"]["ip"] == "10.200.0.3"
         assert endpoints["shop/inventory-api"]["ports"] == ["8080/TCP (http-api)", "9090/TCP (metrics)"]
@@ -180,8 +180,14 @@ def test_cli_up_status_exec_down(scenario: Scenario, tmp_path: Path) -> None:
         out = subprocess.run([*L7LAB, "exec", "--lab", name, "nosuchpod", "--", "true"], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 1 and "unknown endpoint 'nosuchpod'" in out.stderr
     finally:
-        out = subprocess.run([*L7LAB, "down", name], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0 and nothing_left(name)
+        out = subprocess.run([*L7LAB, "down", "--lab", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and nothing_left(name), out.stderr
+    # down says what it removed: the namespaces, the lab's directory and its record.
+    assert f"lab {name}: removed netns {labmod.node_netns(name)}" in out.stdout
+    assert f"lab {name}: removed dir {labmod.lab_dir(name)}" in out.stdout
+    assert f"lab {name}: removed record {labmod.record_path(name)}" in out.stdout
+    gone = subprocess.run([*L7LAB, "status", name], cwd=REPO, capture_output=True, text=True)
+    assert gone.returncode == 1 and f"no lab named {name!r} is up" in gone.stderr
 
 
 def test_run_exit_codes(tmp_path: Path) -> None:
@@ -208,3 +214,31 @@ def test_run_exit_codes(tmp_path: Path) -> None:
     err = subprocess.run([*L7LAB, "run", str(invalid)], cwd=REPO, capture_output=True, text=True)
     assert err.returncode == 1 and "invalid.yaml:2: pods: must not be empty" in err.stderr
     assert nothing_left(name)
+
+
+def test_down_refuses_a_record_edited_to_reach_outside_and_clean_still_removes_the_lab(tmp_path: Path) -> None:
+    """The record is a file: one that lists a directory the lab does not own stops `down` before
+    anything is removed; `clean LAB` (which does not read it) then removes the lab."""
+    name = unique_lab("e")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("must stay\n")
+    out = subprocess.run([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    try:
+        path = labmod.record_path(name)
+        rec = json.loads(path.read_text())
+        rec["resources"].append({"kind": "dir", "path": str(outside)})
+        path.write_text(json.dumps(rec))
+        before = leftovers(name)
+        out = subprocess.run([*L7LAB, "down", name], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 1, out.stdout
+        assert f"refusing to remove {outside}: lab {name!r} owns only" in out.stderr
+        assert f"nothing of lab {name} was removed" in out.stderr
+        assert leftovers(name) == before  # every namespace, file and process of the lab is still there
+    finally:
+        out = subprocess.run([*L7LAB, "clean", name], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"lab {name}: removed netns {labmod.node_netns(name)}" in out.stdout
+    assert nothing_left(name), leftovers(name)
+    assert (outside / "canary").read_text() == "must stay\n"

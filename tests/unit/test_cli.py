@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 L7LAB = [sys.executable, "-m", "dataplane.cli"]
@@ -75,9 +78,9 @@ def test_change_verbs_reject_bad_arguments_before_touching_a_lab(tmp_path: Path)
     policy = tmp_path / "p.yaml"
     policy.write_text("kind: NetworkPolicy\n")
     out = l7lab("apply", str(policy), "--lab", "nolab")
-    assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
+    assert out.returncode == 1 and "no lab named 'nolab' is up" in out.stderr
     out = l7lab("observe", "nolab")
-    assert out.returncode == 1 and "lab 'nolab' is not up" in out.stderr
+    assert out.returncode == 1 and "no lab named 'nolab' is up" in out.stderr
 
 
 def test_explain_a_dns_query() -> None:
@@ -91,3 +94,100 @@ def test_explain_a_dns_query() -> None:
     assert text.startswith("verdict: ALLOWED") and "DNS query www.example.com matches DNS rule matchPattern *.example.com" in text
     both = l7lab("explain", scenario, "--from", "mediabot", "--to", "kube-dns", "--dns", "x.example.com", "--http", "GET /")
     assert both.returncode == 1 and "exclude each other" in both.stderr
+
+
+def test_errors_come_out_verbatim_and_unwrapped(tmp_path: Path) -> None:
+    """Brackets, regex classes and :emoji: codes in an error are the user's text: printed as is,
+    one line per error however narrow the terminal."""
+    bad = tmp_path / "markup.yaml"
+    bad.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: default}\n"
+                   "spec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress:\n  - toPorts:\n"
+                   "    - ports: [{port: '80', protocol: TCP}]\n      rules:\n        http: [{path: '[a-z0-9]+('}]\n"
+                   "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: q, namespace: default}\n"
+                   "spec:\n  podSelector: {matchLabels: {'a/b/c:x:': v}}\n")
+    out = subprocess.run([*L7LAB, "validate", str(bad)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "40", "TERM": "xterm-256color"})
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert lines == [
+        f"error: {bad}:10: CiliumNetworkPolicy default/p: spec.ingress[0].toPorts[0].rules.http[0].path: "
+        "invalid RE2 regex '[a-z0-9]+(': missing ): [a-z0-9]+(",
+        f"error: {bad}:16: NetworkPolicy default/q: spec.podSelector.matchLabels.a/b/c:x:: invalid label key "
+        "'a/b/c:x:': expected [prefix/]name"], out.stderr
+
+
+def test_a_file_a_scenario_points_at_is_named_not_quoted(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token-value\nsecond line of it\n")
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: s\nnamespaces: [{name: a}]\npods:\n- {name: p, namespace: a, ports: [{port: 80}]}\n"
+                        f"policies:\n- file: {secret}\nsteps:\n- probes: [{{from: a/p, to: a/p:80, expect: allowed}}]\n")
+    for verb in (["validate"], ["run", "--dry-run"]):
+        out = l7lab(*verb, str(scenario))
+        assert out.returncode == 1
+        assert f"{secret}:1: expected a policy manifest (a mapping with apiVersion and kind), got a plain value" in out.stderr
+        assert "s3cret" not in out.stdout + out.stderr and "second line" not in out.stdout + out.stderr
+
+
+def test_validate_rejects_an_empty_file_as_run_does(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        validated, ran = l7lab("validate", str(empty)), l7lab("run", "--dry-run", str(empty))
+        assert validated.returncode == ran.returncode == 1
+        assert f"error: {empty}: expected exactly one YAML document, found 0" in validated.stderr
+        assert validated.stderr == ran.stderr and "valid" not in validated.stdout
+
+
+def test_explain_refuses_a_request_the_proxy_answers_400() -> None:
+    from proxy.http import HttpError, parse_request  # noqa: PLC0415
+
+    scenario = str(REPO / "scenarios" / "protect-inventory-api.yaml")
+    base = ["explain", scenario, "--from", "frontend-app", "--to", "inventory-api:8080", "--http", "GET /api/inventory/1"]
+    for header in ("Bad Name: x", "X-Ok(1): x", "X-Tab\t: x", ": x", "X-Ctl: a\x01b"):
+        name, _, value = header.partition(":")
+        head = f"GET /api/inventory/1 HTTP/1.1\r\nHost: inventory-api\r\n{name}:{value}\r\n\r\n".encode()
+        with pytest.raises(HttpError) as proxy_answer:
+            parse_request(head)
+        assert proxy_answer.value.status == 400
+        out = l7lab(*base, "--header", header)
+        assert out.returncode == 1, (header, out.stdout)
+        assert f"error: --header {header!r}:" in out.stderr and "400 Bad Request" in out.stderr, out.stderr
+        assert "ALLOWED" not in out.stdout
+    # A header the proxy accepts is checked against the policy as before.
+    parse_request(b"GET /api/inventory/1 HTTP/1.1\r\nHost: inventory-api\r\nX-Good_Name!: x\r\n\r\n")
+    out = l7lab(*base, "--header", "X-Good_Name!: x")
+    assert out.returncode == 0 and "verdict: ALLOWED" in out.stdout, out.stderr
+    out = l7lab(*base[:-1], "G(ET /api/inventory/1")
+    assert out.returncode == 1 and "the method 'G(ET' is not an HTTP token" in out.stderr
+
+
+def test_readme_starts_as_root_without_sudo_and_names_the_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    intro, rest = readme.split("```sh\n", 1)
+    first = rest.split("```", 1)[0]
+    assert "as root" in intro or "root shell" in intro
+    assert "sudo" not in first and ".venv/bin" in first
+    commands = [line.split("#")[0].split() for line in first.splitlines() if line.strip()]
+    assert [c[0] for c in commands[:2]] == ["scripts/demo.sh", "scripts/test.sh"]
+    for script in ("scripts/demo.sh", "scripts/test.sh"):
+        assert os.access(REPO / script, os.X_OK)
+    assert 'l7lab = "dataplane.cli:main"' in (REPO / "pyproject.toml").read_text()
+    for script in (REPO / "scripts").glob("*.sh"):
+        assert not [line for line in script.read_text().splitlines() if line.startswith("#") and "sudo " in line], script
+    # Every down/clean the README shows names a lab or says --all.
+    for line in readme.splitlines():
+        if line.startswith(("l7lab down", "l7lab clean")):
+            assert "LAB" in line or "--all" in line, line
+
+
+def test_explain_prints_the_request_and_the_rules_verbatim() -> None:
+    out = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
+                "--to", "inventory-api:8080", "--http", "DELETE /api/inventory/:x:[bold]")
+    assert out.returncode == 0, out.stderr
+    assert ("the proxy rejects DELETE /api/inventory/:x:[bold]: character(s) '[]' not allowed in a path (400)"
+            in out.stdout.splitlines()[-1])
+    assert "[CiliumNetworkPolicy shop/protect-inventory-api spec.ingress[0]]" in out.stdout
+    out = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
+                "--to", "inventory-api:8080", "--http", "DELETE /api/inventory/:x:")
+    assert "DELETE /api/inventory/:x: matches no HTTP rule" in out.stdout
