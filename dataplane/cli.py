@@ -199,9 +199,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                        f"policies: {', '.join(agent_info['policies']) or 'none'}")
             if agent_info.get("metrics_url"):
                 caption += f"; metrics: {agent_info['metrics_url']}"
-            from rich.markup import escape  # noqa: PLC0415 - the caption carries file names and log lines
-
-            caption = escape(caption)
         elif agent_info:
             caption = f"agent not answering: {agent_info.get('error', '')}"
         else:
