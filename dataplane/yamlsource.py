@@ -93,7 +93,7 @@ class _Limit(Exception):
 class Budget:
     """Values still allowed: one file, or a scenario and every policy file it names together."""
 
-    nodes: int = limits.MAX_NODES
+    nodes: int = field(default_factory=lambda: limits.MAX_NODES)
     what: str = "one file"
 
 
