@@ -168,6 +168,8 @@ def _build(events: Iterator[yaml.Event], budget: Budget) -> list[tuple[Any, dict
         top = stack[-1] if stack else None
         path: PathKey = top.path if top is not None else ()
         if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
+            if top is not None and not (isinstance(top.value, dict) and top.key is _KEY):
+                path = path + ((len(top.value),) if isinstance(top.value, list) else (str(top.key),))
             raise _Limit(line, path, "YAML anchors and aliases (&name, *name) are not supported: "
                                      "write the value out in full")
         budget.nodes -= 1
