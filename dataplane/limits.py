@@ -84,6 +84,10 @@ MAX_REGEX_CHARS = 1_024
 # RE2's program size (instructions). Envoy refuses regexes over 100 by default; real path
 # patterns are 10-60. 1,000 leaves room while `(a{1000}){1000}`-style patterns are refused.
 MAX_REGEX_PROGRAM_SIZE = 1_000
+# Entries the policies of a lab resolve to (endpoints x remote identities x ports x protocols):
+# the size of the datapath's policy map, which cannot hold more. A few kilobytes of YAML can
+# name millions (every pod to every pod on a thousand ports); resolution stops at the bound.
+MAX_POLICY_ENTRIES = 262_144
 MAX_DNS_NAME_CHARS = 255  # matchName / matchPattern (a DNS name is at most 253)
 MAX_HEADER_NAME_CHARS = 256
 MAX_HEADER_VALUE_CHARS = 8_192  # what common HTTP servers accept for one header line
