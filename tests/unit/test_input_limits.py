@@ -499,3 +499,11 @@ def test_normalize_entries_matches_its_definition() -> None:
                                 rng.choice([0, 6, 17]) if prefix else rng.choice([0, 6]), port if prefix else 0, prefix)
                 policy[key] = PolicyEntry(verdict, PROXY_PORT if verdict == Verdict.REDIRECT else 0, (rng.randint(1, 9),))
         assert normalize_entries(policy) == _normalize_reference(policy)
+
+
+def test_apply_bounds_the_bytes_of_all_its_files_together(tmp_path: Path) -> None:
+    comment = ("#" * 99 + "\n") * (limits.MAX_CHANGE_BYTES // 100 // 2 + 100)  # a little over half the bound each
+    paths = [str(write(tmp_path, f"{name}.yaml", comment)) for name in ("a", "b")]
+    code, out, _, _ = cli_cost("apply", *paths, "--lab", "no-such-lab")
+    assert code == 1, out
+    assert f"error: {paths[1]}: the files of one apply together exceed the limit of {limits.MAX_CHANGE_BYTES} bytes" in out, out
