@@ -326,13 +326,21 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    files = []
+    from . import limits  # noqa: PLC0415
+    from .errors import SourceLocation  # noqa: PLC0415
+    from .yamlsource import Budget, load_documents, read_source  # noqa: PLC0415
+
+    # Each file is read only up to the size bound and parsed here within every bound first, so
+    # that hostile YAML is refused before it reaches the lab's agent (which checks it again).
+    files, total, budget = [], 0, Budget(what="one change")
     for path in args.files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                files.append({"path": path, "text": f.read()})
-        except OSError as exc:
-            raise L7LabError(f"{path}: cannot read: {exc.strerror}") from None
+        text = read_source(path)
+        total += len(text.encode("utf-8"))
+        if total > limits.MAX_CHANGE_BYTES:
+            raise SourceError(SourceLocation(path), f"the files of one apply together exceed the limit of "
+                                                    f"{limits.MAX_CHANGE_BYTES} bytes")
+        load_documents(text, path, budget)
+        files.append({"path": path, "text": text})
     return _change(args.lab, {"apply": files}, args.json)
 
 

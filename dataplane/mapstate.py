@@ -248,18 +248,37 @@ def lookup_policy(state: MapState, endpoint_id: int, direction: Direction, ident
 
 
 def normalize_entries(policy: dict[PolicyKey, PolicyEntry]) -> dict[PolicyKey, PolicyEntry]:
-    """Push precedence down onto narrower entries (see the module docstring)."""
+    """Push precedence down onto narrower entries (see the module docstring).
+
+    An entry takes the verdict of the broader entry of highest precedence that covers it (same
+    endpoint, direction, identity and protocol; a shorter or equal port prefix covering its
+    port), the first such entry in `policy`'s order on a tie. The covering entries are found
+    through an index by port block, at most 17 lookups per entry (one per prefix length), so
+    that a large policy costs time in proportion to its size, not to its square.
+    """
+    order = {key: i for i, key in enumerate(policy)}
+    blocks: dict[tuple, list[PolicyKey]] = {}
+    for key in policy:
+        group = (key.endpoint_id, key.direction, key.identity, key.protocol)
+        blocks.setdefault((group, key.port_prefix, key.port >> (16 - key.port_prefix)), []).append(key)
     out: dict[PolicyKey, PolicyEntry] = {}
     for key, entry in policy.items():
-        best = entry
-        for other_key, other in policy.items():
-            if other_key is key or other.verdict <= best.verdict:
-                continue
-            if (other_key.endpoint_id, other_key.direction, other_key.identity, other_key.protocol) != (
-                    key.endpoint_id, key.direction, key.identity, key.protocol):
-                continue
-            if other_key.port_prefix <= key.port_prefix and other_key.covers_port(key.port):
-                best = PolicyEntry(other.verdict, other.proxy_port,
+        group = (key.endpoint_id, key.direction, key.identity, key.protocol)
+        cover: PolicyKey | None = None
+        for prefix in range(key.port_prefix + 1):
+            for other_key in blocks.get((group, prefix, key.port >> (16 - prefix)), ()):
+                if other_key is key or not other_key.covers_port(key.port):
+                    continue
+                verdict = policy[other_key].verdict
+                if verdict <= entry.verdict:
+                    continue
+                if cover is None or verdict > policy[cover].verdict or (
+                        verdict == policy[cover].verdict and order[other_key] < order[cover]):
+                    cover = other_key
+        if cover is None:
+            out[key] = entry
+        else:
+            other = policy[cover]
+            out[key] = PolicyEntry(other.verdict, other.proxy_port,
                                    tuple(sorted(set(entry.rule_ids) | set(other.rule_ids))))
-        out[key] = best
     return out

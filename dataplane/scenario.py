@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import jsonschema
 
+from . import limits
 from .errors import ErrorList, SourceError, SourceLocation
-from .yamlsource import Document, describe_value, format_path, load_file
+from .yamlsource import Budget, Document, describe_value, format_path, load_file
 
 Protocol = Literal["TCP", "UDP"]
 Expectation = Literal["allowed", "dropped", "denied", "refused"]
@@ -268,7 +269,55 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return f"invalid label key: {err.message}"
     if v == "minItems":
         return "must not be empty"
+    if v in ("maxItems", "maxProperties", "maxLength"):
+        unit = "characters" if v == "maxLength" else "entries"
+        return f"{len(inst)} {unit}, more than the limit of {err.validator_value}"
     return err.message
+
+
+# The lists (and label mappings) of a scenario and their bounds, checked before the schema so
+# that an oversized list is refused before anything walks it. "*" is every item of a list.
+# The schema repeats each bound as maxItems/maxProperties (a unit test keeps them equal).
+LIST_BOUNDS: tuple[tuple[tuple[str, ...], int, str], ...] = (
+    (("namespaces",), limits.MAX_NAMESPACES, "namespaces"),
+    (("namespaces", "*", "labels"), limits.MAX_LABELS, "labels"),
+    (("pods",), limits.MAX_PODS, "pods"),
+    (("pods", "*", "labels"), limits.MAX_LABELS, "labels"),
+    (("pods", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
+    (("world",), limits.MAX_WORLD_HOSTS, "world hosts"),
+    (("world", "*", "dnsNames"), limits.MAX_DNS_NAMES, "DNS names"),
+    (("world", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
+    (("policies",), limits.MAX_POLICIES, "policies"),
+    (("steps",), limits.MAX_STEPS, "steps"),
+    (("steps", "*", "apply"), limits.MAX_POLICIES, "policies"),
+    (("steps", "*", "delete"), limits.MAX_DELETES, "deletions"),
+    (("steps", "*", "relabel"), limits.MAX_RELABELS, "relabels"),
+    (("steps", "*", "relabel", "*", "set"), limits.MAX_LABELS, "labels"),
+    (("steps", "*", "relabel", "*", "remove"), limits.MAX_LABELS, "labels"),
+    (("steps", "*", "probes"), limits.MAX_PROBES, "probes"),
+    (("steps", "*", "probes", "*", "http", "headers"), limits.MAX_HEADERS, "headers"),
+)
+
+
+def _matching(data: Any, pattern: tuple[str, ...], path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(path, value) of every value of `data` at `pattern` ("*": each item of a list)."""
+    if not pattern:
+        return [(path, data)]
+    head, rest = pattern[0], pattern[1:]
+    if head == "*":
+        items = list(enumerate(data)) if isinstance(data, list) else []
+    else:
+        items = [(head, data[head])] if isinstance(data, dict) and head in data else []
+    return [found for key, value in items for found in _matching(value, rest, path + (key,))]
+
+
+def _bound_errors(doc: Document) -> list[SourceError]:
+    errors = []
+    for pattern, bound, what in LIST_BOUNDS:
+        for path, value in _matching(doc.data, pattern):
+            if isinstance(value, (list, dict)) and len(value) > bound:
+                errors.append(doc.error(path, f"{len(value)} {what}, more than the limit of {bound}"))
+    return errors
 
 
 def _schema_errors(doc: Document) -> list[SourceError]:
@@ -287,10 +336,15 @@ def _schema_errors(doc: Document) -> list[SourceError]:
 class _Builder:
     """Turns a schema-valid scenario document into typed objects, collecting semantic errors."""
 
-    def __init__(self, doc: Document, path: Path) -> None:
+    def __init__(self, doc: Document, path: Path, budget: Budget | None = None) -> None:
         self.doc = doc
         self.dir = path.parent
         self.errors: list[SourceError] = []
+        # One budget of values for the scenario and every policy file it names; each file is
+        # loaded once however often it is named, and the policies of all steps count together.
+        self.budget = budget or Budget(what="a scenario and the policy files it names")
+        self.files: dict[Path, list[Document]] = {}
+        self.policy_count = 0
 
     def err(self, path: tuple, message: str) -> None:
         self.errors.append(self.doc.error(path, message))
@@ -310,21 +364,39 @@ class _Builder:
                 self.err(base + (i, "name"), f"port name {port.name!r} is used twice")
             names.add(port.name)
 
+    def policy_file(self, target: Path, where: tuple) -> list[Document] | None:
+        """The documents of a policy file, loaded once and within the scenario's bounds."""
+        key = target.resolve()
+        if key in self.files:
+            return self.files[key]
+        if len(self.files) >= limits.MAX_POLICY_FILES:
+            self.err(where, f"more than {limits.MAX_POLICY_FILES} policy files, the limit for one scenario")
+            return None
+        try:
+            docs = load_file(target, self.budget)
+        except SourceError as exc:
+            self.errors.append(SourceError(self.doc.location(where), f"cannot load policy file: {exc}"))
+            return None
+        self.files[key] = docs
+        return docs
+
     def policy_list(self, raw: list[Any], base: tuple) -> tuple[PolicySource, ...]:
         out = []
         for i, item in enumerate(raw):
             if "file" in item:
                 ref = Path(item["file"])
-                target = ref if ref.is_absolute() else self.dir / ref
-                try:
-                    docs = load_file(target)
-                except SourceError as exc:
-                    self.errors.append(SourceError(self.doc.location(base + (i, "file")),
-                                                   f"cannot load policy file: {exc}"))
+                docs = self.policy_file(ref if ref.is_absolute() else self.dir / ref, base + (i, "file"))
+                if docs is None:
                     continue
-                out.extend(PolicySource(d) for d in docs)
+                sources = [PolicySource(d) for d in docs]
             else:
-                out.append(PolicySource(self.doc.sub(base + (i,))))
+                sources = [PolicySource(self.doc.sub(base + (i,)))]
+            self.policy_count += len(sources)
+            if self.policy_count > limits.MAX_POLICIES:
+                self.err(base + (i,), f"more than {limits.MAX_POLICIES} policies in one scenario (its policies and "
+                                      f"every step's apply together); the limit is {limits.MAX_POLICIES}")
+                break
+            out.extend(sources)
         return tuple(out)
 
     def build(self, file: Path) -> Scenario:
@@ -533,14 +605,19 @@ class _Builder:
                      location=self.doc.location(where), dns=dns)
 
 
-def parse_scenario(doc: Document, file: Path) -> Scenario:
-    """Validate one scenario document; raises SourceError/ErrorList with every problem found."""
+def parse_scenario(doc: Document, file: Path, budget: Budget | None = None) -> Scenario:
+    """Validate one scenario document; raises SourceError/ErrorList with every problem found.
+
+    `budget`: what is left of the scenario's bound on values once its own file is loaded (the
+    policy files it names share it).
+    """
     if not isinstance(doc.data, dict):
         raise doc.error((), f"expected a mapping at the top of a scenario, got {describe_value(doc.data)}")
+    ErrorList.raise_if_any(_bound_errors(doc))
     errors = _schema_errors(doc)
     if errors:
         raise ErrorList(errors) if len(errors) > 1 else errors[0]
-    builder = _Builder(doc, file)
+    builder = _Builder(doc, file, budget)
     scenario = builder.build(file)
     ErrorList.raise_if_any(builder.errors)
     return scenario
@@ -565,10 +642,11 @@ def make_probe(scenario: Scenario, source: str, to: str, protocol: str = "TCP",
 def load_scenario(path: str | Path) -> Scenario:
     """Load and validate a scenario file."""
     file = Path(path)
-    docs = load_file(file)
+    budget = Budget(what="a scenario and the policy files it names")
+    docs = load_file(file, budget)
     if len(docs) != 1:
         raise SourceError(SourceLocation(str(file)), f"expected exactly one YAML document, found {len(docs)}")
-    return parse_scenario(docs[0], file)
+    return parse_scenario(docs[0], file, budget)
 
 
 __all__ = [

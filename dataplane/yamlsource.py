@@ -3,16 +3,23 @@
 `load_documents` parses one file (possibly multi-document) into plain Python data and keeps,
 for every field path, the line it was written on, so that validation errors can point at the
 exact line. Duplicate keys are an error (PyYAML silently keeps the last one).
+
+Input is bounded (`dataplane.limits`): a file is measured before it is read whole, and the
+data is built from the parser's events one at a time, without recursion, stopping at the first
+value past a bound (nesting, values, collection entries, scalar length, documents). YAML
+anchors and aliases are refused, since one alias can stand for a whole subtree ("billion
+laughs"). PyYAML's own composer would recurse per nesting level and expand every alias.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
+from . import limits
 from .errors import SourceError, SourceLocation
 
 PathKey = tuple[str | int, ...]
@@ -74,57 +81,196 @@ class Document:
         return Document(data, self.source, self.lines, self.base + tuple(path))
 
 
-def _construct(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], source: str) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise SourceError(SourceLocation(source, key_node.start_mark.line + 1, format_path(path)),
-                                  "YAML merge keys (<<) are not supported")
-            key = _construct(key_node, path + ("<key>",), {}, source)
-            if isinstance(key, (dict, list)):
-                raise SourceError(SourceLocation(source, key_node.start_mark.line + 1, format_path(path)),
-                                  "mapping keys must be scalars")
-            if key in out:
-                raise SourceError(SourceLocation(source, key_node.start_mark.line + 1, format_path(path + (str(key),))),
-                                  f"duplicate key {key!r}")
-            out[key] = _construct(value_node, path + (str(key),), lines, source)
-            lines[path + (str(key),)] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, path + (i,), lines, source) for i, item in enumerate(node.value)]
-    return _SCALARS.construct_object(node)  # safe resolution of int, float, bool, null, str
+class _Limit(Exception):
+    """Raised inside the builder; turned into a SourceError with the file name."""
+
+    def __init__(self, line: int, path: PathKey, message: str) -> None:
+        super().__init__(message)
+        self.line, self.path, self.message = line, path, message
 
 
-_SCALARS = yaml.SafeLoader("")
+@dataclass
+class Budget:
+    """Values still allowed: one file, or a scenario and every policy file it names together."""
+
+    nodes: int = field(default_factory=lambda: limits.MAX_NODES)
+    what: str = "one file"
 
 
-def load_documents(text: str, source: str) -> list[Document]:
-    """Parse every document of `text`; empty documents are skipped."""
+# libyaml's parser when PyYAML was built with it (ten times faster); the same events either way.
+_EVENT_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_RESOLVER = yaml.resolver.Resolver()
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "timestamp")}
+_MAPPING_TAGS = (None, "!", "tag:yaml.org,2002:map")
+_SEQUENCE_TAGS = (None, "!", "tag:yaml.org,2002:seq")
+_KEY = object()  # a mapping frame waiting for its next key
+
+
+class _Frame:
+    """An open list or mapping while its events arrive."""
+
+    __slots__ = ("value", "path", "key", "key_line")
+
+    def __init__(self, value: list | dict, path: PathKey) -> None:
+        self.value = value
+        self.path = path
+        self.key: Any = _KEY
+        self.key_line = 0
+
+
+def _scalar(event: yaml.ScalarEvent, line: int, path: PathKey) -> Any:
+    """A scalar resolved as PyYAML's safe loader does (int, float, bool, null, timestamp, str)."""
+    if len(event.value) > limits.MAX_SCALAR_CHARS:
+        raise _Limit(line, path, f"a value of {len(event.value)} characters is longer than the limit of "
+                                 f"{limits.MAX_SCALAR_CHARS} characters")
+    tag = event.tag
+    if tag is None or tag == "!":
+        tag = _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
+    if tag not in _SCALAR_TAGS:
+        raise _Limit(line, path, f"YAML tag {tag!r} is not supported (value {event.value[:80]!r})")
+    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise _Limit(line, path, f"invalid {tag.rsplit(':', 1)[-1]} value {event.value[:80]!r}: {problem}") from None
+
+
+def _build(events: Iterator[yaml.Event], budget: Budget) -> list[tuple[Any, dict[PathKey, int]]]:
+    """Documents as (data, lines) from a stream of parser events, without recursion.
+
+    Every bound is checked as the event arrives, so a hostile input stops at the first value
+    past a bound: nesting, values, entries of one collection, scalar length, documents; an
+    alias or anchor stops it at once (aliases are how a few hundred bytes stand for billions
+    of values).
+    """
+    docs: list[tuple[Any, dict[PathKey, int]]] = []
+    stack: list[_Frame] = []
+    lines: dict[PathKey, int] = {}
+    root: Any = None
+    for event in events:
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if isinstance(event, yaml.DocumentStartEvent):
+            if len(docs) >= limits.MAX_DOCUMENTS:
+                raise _Limit(line, (), f"more than {limits.MAX_DOCUMENTS} YAML documents in one file "
+                                       f"(the limit is {limits.MAX_DOCUMENTS})")
+            stack, lines, root = [], {}, None
+            continue
+        if isinstance(event, yaml.DocumentEndEvent):
+            docs.append((root, lines))
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            stack.pop()
+            continue
+        if not isinstance(event, yaml.NodeEvent):
+            continue  # stream start/end
+        top = stack[-1] if stack else None
+        path: PathKey = top.path if top is not None else ()
+        if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
+            if top is not None and not (isinstance(top.value, dict) and top.key is _KEY):
+                path = path + ((len(top.value),) if isinstance(top.value, list) else (str(top.key),))
+            raise _Limit(line, path, "YAML anchors and aliases (&name, *name) are not supported: "
+                                     "write the value out in full")
+        budget.nodes -= 1
+        if budget.nodes < 0:
+            raise _Limit(line, path, f"more than {limits.MAX_NODES} values in {budget.what} "
+                                     f"(the limit is {limits.MAX_NODES})")
+        if isinstance(top, _Frame) and isinstance(top.value, dict) and top.key is _KEY:
+            # A mapping key: a scalar, not a duplicate, not a merge (<<).
+            if not isinstance(event, yaml.ScalarEvent):
+                raise _Limit(line, path, "mapping keys must be scalars")
+            if event.tag is None and event.implicit[0] and event.value == "<<":
+                raise _Limit(line, path, "YAML merge keys (<<) are not supported")
+            key = _scalar(event, line, path)
+            if key in top.value:
+                raise _Limit(line, path + (str(key),), f"duplicate key {key!r}")
+            if len(top.value) >= limits.MAX_COLLECTION_ITEMS:
+                raise _Limit(line, path, f"more than {limits.MAX_COLLECTION_ITEMS} entries in one mapping "
+                                         f"(the limit is {limits.MAX_COLLECTION_ITEMS})")
+            top.key, top.key_line = key, line
+            continue
+        if top is not None:
+            if isinstance(top.value, list):
+                if len(top.value) >= limits.MAX_COLLECTION_ITEMS:
+                    raise _Limit(line, path, f"more than {limits.MAX_COLLECTION_ITEMS} items in one list "
+                                             f"(the limit is {limits.MAX_COLLECTION_ITEMS})")
+                path = path + (len(top.value),)
+            else:
+                path = path + (str(top.key),)
+        if isinstance(event, yaml.ScalarEvent):
+            value: Any = _scalar(event, line, path)
+        else:
+            if len(stack) >= limits.MAX_DEPTH:
+                raise _Limit(line, path, f"lists and mappings nest deeper than {limits.MAX_DEPTH} levels "
+                                         f"(the limit is {limits.MAX_DEPTH})")
+            mapping = isinstance(event, yaml.MappingStartEvent)
+            if event.tag not in (_MAPPING_TAGS if mapping else _SEQUENCE_TAGS):
+                raise _Limit(line, path, f"YAML tag {event.tag!r} is not supported")
+            value = {} if mapping else []
+        lines[path] = line
+        if top is None:
+            root = value
+        elif isinstance(top.value, list):
+            top.value.append(value)
+        else:
+            top.value[top.key] = value
+            lines[path] = top.key_line  # a field's line is its key's
+            top.key = _KEY
+        if not isinstance(event, yaml.ScalarEvent):
+            stack.append(_Frame(value, path))
+    return docs
+
+
+def load_documents(text: str, source: str, budget: Budget | None = None) -> list[Document]:
+    """Parse every document of `text`, within the bounds of `dataplane.limits`.
+
+    `budget` is shared when several files make up one input (a scenario and its policy files);
+    by default `text` has a budget of its own.
+    """
+    _check_size(len(text) if len(text) > limits.MAX_FILE_BYTES else len(text.encode("utf-8", "surrogatepass")), source)
+    events = yaml.parse(text, Loader=_EVENT_LOADER)
+    try:
+        built = _build(events, budget or Budget())
+    except _Limit as exc:
+        raise SourceError(SourceLocation(source, exc.line, _short_path(exc.path)), exc.message) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc)
         raise SourceError(SourceLocation(source, line), f"invalid YAML: {problem}") from None
-    docs = []
-    for node in nodes:
-        if node is None:
-            continue
-        lines: dict[PathKey, int] = {}
-        data = _construct(node, (), lines, source)
-        docs.append(Document(data, source, lines))
-    return docs
+    finally:
+        events.close()  # frees the parser at once, also when a bound stopped it midway
+    return [Document(data, source, lines) for data, lines in built]
 
 
-def load_file(path: str | Path) -> list[Document]:
-    p = Path(path)
+def _short_path(path: PathKey) -> str:
+    """A field path short enough to read: a path nested past the depth bound is cut."""
+    if len(path) <= 12:
+        return format_path(path)
+    return f"{format_path(path[:8])}...({len(path)} levels)"
+
+
+def _check_size(size: int, source: str) -> None:
+    if size > limits.MAX_FILE_BYTES:
+        raise SourceError(SourceLocation(source), f"file is larger than the limit of {limits.MAX_FILE_BYTES} bytes "
+                                                  f"({limits.MAX_FILE_BYTES // (1024 * 1024)} MiB)")
+
+
+def read_source(path: str | Path) -> str:
+    """The text of a file, read only up to the size limit: a huge file is refused, not read."""
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(limits.MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise SourceError(SourceLocation(str(path)), f"cannot read file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise SourceError(SourceLocation(str(path)), "file is not UTF-8 text") from None
-    return load_documents(text, str(path))
+    _check_size(len(data), str(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SourceError(SourceLocation(str(path), line), "file is not UTF-8 text") from None
+
+
+def load_file(path: str | Path, budget: Budget | None = None) -> list[Document]:
+    return load_documents(read_source(path), str(path), budget)

@@ -26,7 +26,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ErrorList, SourceError
+from .. import limits
+from ..errors import ErrorList, SourceError, SourceLocation
 from ..yamlsource import Document, describe_value, load_file
 from .api import (KIND_CCNP, KIND_CNP, KIND_K8S, AllPeer, CIDRPeer, EndpointPeer, Peer, Policy, PolicySpec, PortRule, PortSpec, Rule)
 from .parse_cilium import CiliumRuleParser, quote_value
@@ -83,11 +84,15 @@ class _Ctx:
                 self.err(path, f"{key} is required")
         return value
 
-    def list_(self, path: tuple, value: Any, what: str = "a list") -> list:
+    def list_(self, path: tuple, value: Any, what: str = "a list", limit: int = 0, noun: str = "items") -> list:
+        """A list field; one longer than `limit` is an error (and its items are not looked at)."""
         if value is None:
             return []
         if not isinstance(value, list):
             self.err(path, f"expected {what}, got {describe_value(value)}")
+            return []
+        if limit and len(value) > limit:
+            self.err(path, f"{len(value)} {noun}, more than the limit of {limit}")
             return []
         return value
 
@@ -103,6 +108,7 @@ class _Ctx:
 
 def parse_documents(docs: list[Document]) -> list[Policy]:
     """Parse every manifest of `docs`; raises SourceError/ErrorList listing every problem."""
+    _check_policy_count(docs)
     policies: list[Policy] = []
     errors: list[SourceError] = []
     for doc in docs:
@@ -117,6 +123,19 @@ def parse_documents(docs: list[Document]) -> list[Policy]:
         seen[p.key] = p
     ErrorList.raise_if_any(errors)
     return policies
+
+
+def _check_policy_count(docs: list[Document]) -> None:
+    """At most MAX_POLICIES policies at once (a file, a change, a scenario), counted before parsing."""
+    count = 0
+    for doc in docs:
+        data = doc.data
+        items = data.get("items") if isinstance(data, dict) and data.get("kind") in LIST_KINDS else None
+        count += len(items) if isinstance(items, list) else 1
+        if count > limits.MAX_POLICIES:
+            raise SourceError(SourceLocation(doc.source, doc.line(())),
+                              f"more than {limits.MAX_POLICIES} policies at once (the limit for one file, one change "
+                              "or one scenario)")
 
 
 def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
@@ -135,7 +154,7 @@ def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
             ctx.err(("apiVersion",), f"expected apiVersion {LIST_KINDS[kind]} for kind {kind}, got {describe_value(data.get('apiVersion'))}")
         policies: list[Policy] = []
         errors = list(ctx.errors)
-        for i, item in enumerate(ctx.list_(("items",), data.get("items"), "a list of policies")):
+        for i, item in enumerate(ctx.list_(("items",), data.get("items"), "a list of policies", limits.MAX_POLICIES, "policies")):
             got, errs = parse_document(doc.sub(("items", i)))
             if kind != "List" and isinstance(item, dict) and item.get("kind") != kind[:-4]:
                 errs.append(doc.error(("items", i, "kind"), f"expected kind {kind[:-4]} inside a {kind}, got {describe_value(item.get('kind'))}"))
@@ -202,7 +221,7 @@ class _PolicyParser(CiliumRuleParser):
                 self.err((), "spec or specs is required")
             if "spec" in data:
                 specs.append(self.cilium_spec(("spec",), data["spec"]))
-            for i, raw in enumerate(ctx.list_(("specs",), data.get("specs"), "a list of rule specs")):
+            for i, raw in enumerate(ctx.list_(("specs",), data.get("specs"), "a list of rule specs", limits.MAX_SPECS, "specs")):
                 specs.append(self.cilium_spec(("specs", i), raw))
             if "specs" in data and not data.get("specs"):
                 self.err(("specs",), "must not be empty")
@@ -252,6 +271,9 @@ class _PolicyParser(CiliumRuleParser):
         if ml is not None and not isinstance(ml, dict):
             self.err(path + ("matchLabels",), f"expected a mapping of label keys to values, got {describe_value(ml)}")
             ml = {}
+        if ml and len(ml) > limits.MAX_LABELS:
+            self.err(path + ("matchLabels",), f"{len(ml)} labels, more than the limit of {limits.MAX_LABELS}")
+            ml = {}
         for key, value in (ml or {}).items():
             k = self.label_key(path + ("matchLabels", str(key)), key, cilium, namespace_keys)
             if not isinstance(value, str):
@@ -262,7 +284,8 @@ class _PolicyParser(CiliumRuleParser):
             elif k is not None:
                 labels[k] = value
         exprs: list[Requirement] = []
-        for i, raw_e in enumerate(self.ctx.list_(path + ("matchExpressions",), sel.get("matchExpressions"), "a list of expressions")):
+        for i, raw_e in enumerate(self.ctx.list_(path + ("matchExpressions",), sel.get("matchExpressions"), "a list of expressions",
+                                                    limits.MAX_EXPRESSIONS, "expressions")):
             epath = path + ("matchExpressions", i)
             e = self.ctx.mapping(epath, raw_e, ("key", "operator", "values"), ("key", "operator"))
             if e is None or "key" not in e or "operator" not in e:
@@ -276,6 +299,9 @@ class _PolicyParser(CiliumRuleParser):
             if op in ("In", "NotIn"):
                 if not isinstance(values, list) or not values:
                     self.err(epath + ("values",), f"operator {op} needs a non-empty list of values")
+                    continue
+                if len(values) > limits.MAX_EXPRESSION_VALUES:
+                    self.err(epath + ("values",), f"{len(values)} values, more than the limit of {limits.MAX_EXPRESSION_VALUES}")
                     continue
                 if not all(isinstance(v, str) for v in values):
                     self.err(epath + ("values",), "expected a list of strings (quote numbers and booleans)")
@@ -299,7 +325,7 @@ class _PolicyParser(CiliumRuleParser):
         bare = strip_source(key)
         name_part = bare.split(":", 1)[1] if bare.startswith("reserved:") else bare
         prefix, _, name = name_part.rpartition("/")
-        if not _LABEL_NAME.match(name) or (prefix and not _DNS1123_SUBDOMAIN.match(prefix)):
+        if not _LABEL_NAME.match(name) or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix))):
             self.err(path, f"invalid label key {key!r}: expected [prefix/]name with a name of at most 63 letters, digits, '-', '_', '.'")
             return None
         return NAMESPACE_LABELS_PREFIX + bare if namespace_keys else bare
@@ -379,17 +405,19 @@ class _PolicyParser(CiliumRuleParser):
                 types = []
         rules: list[Rule] = []
         for section, peers_key in (("ingress", "from"), ("egress", "to")):
-            for i, raw_rule in enumerate(self.ctx.list_(path + (section,), spec.get(section), f"a list of {section} rules")):
+            for i, raw_rule in enumerate(self.ctx.list_(path + (section,), spec.get(section), f"a list of {section} rules",
+                                                                limits.MAX_RULES, "rules")):
                 rpath = path + (section, i)
                 r = self.ctx.mapping(rpath, raw_rule, (peers_key, "ports"))
                 if r is None:
                     continue
-                raw_peers = self.ctx.list_(rpath + (peers_key,), r.get(peers_key), "a list of peers")
+                raw_peers = self.ctx.list_(rpath + (peers_key,), r.get(peers_key), "a list of peers", limits.MAX_PEERS, "peers")
                 peers: list[Peer] = [p for j, rp in enumerate(raw_peers)
                                      if (p := self.k8s_peer(rpath + (peers_key, j), rp)) is not None]
                 if not raw_peers:
                     peers = [AllPeer()]  # omitted or empty from/to: every peer
-                ports = [p for j, rp in enumerate(self.ctx.list_(rpath + ("ports",), r.get("ports"), "a list of ports"))
+                ports = [p for j, rp in enumerate(self.ctx.list_(rpath + ("ports",), r.get("ports"), "a list of ports",
+                                                                  limits.MAX_PORT_RULES, "ports"))
                          if (p := self.port_spec(rpath + ("ports", j), rp, "TCP", ("TCP", "UDP", "SCTP"))) is not None]
                 port_rules = tuple(PortRule((p,)) for p in ports)
                 if section.capitalize() in types:
@@ -426,7 +454,7 @@ class _PolicyParser(CiliumRuleParser):
         if net is None:
             return None
         out = []
-        for i, e in enumerate(self.ctx.list_(path + ("except",), excepts, "a list of CIDRs")):
+        for i, e in enumerate(self.ctx.list_(path + ("except",), excepts, "a list of CIDRs", limits.MAX_EXCEPTS, "CIDRs")):
             sub = self.network(path + ("except", i), e)
             if sub is None:
                 continue

@@ -9,12 +9,39 @@ from __future__ import annotations
 
 from typing import Any
 
+import re2
+
+from .. import limits
 from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer,
                   FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, Rule)
 from .l7 import (DnsRule, HeaderMatch, HttpRule, compile_regex, validate_dns_name,
                  validate_dns_pattern, _HEADER_NAME_RE)
 from .selectors import (NAMESPACE_LABEL, LabelSelector)
 from ..yamlsource import describe_value
+
+
+# A first compile with little memory: RE2 stops as soon as the program outgrows it, so an
+# oversized regex costs microseconds instead of the milliseconds a full compile would take.
+_SIZE_CHECK = re2.Options()
+_SIZE_CHECK.log_errors = False
+_SIZE_CHECK.max_mem = 32 * 1024  # room for about 1,300 instructions, above MAX_REGEX_PROGRAM_SIZE
+
+
+def regex_size_error(pattern: str) -> str | None:
+    """Why a regex is too large for a rule (its text or its compiled RE2 program), or None."""
+    if len(pattern) > limits.MAX_REGEX_CHARS:
+        return (f"a regex of {len(pattern)} characters is longer than the limit of "
+                f"{limits.MAX_REGEX_CHARS} characters")
+    try:
+        size = re2.compile(pattern, options=_SIZE_CHECK).programsize
+    except re2.error as exc:
+        if b"too large" not in (exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""):
+            return None  # a syntax error: compile_regex explains it
+        size = limits.MAX_REGEX_PROGRAM_SIZE + 1
+    if size > limits.MAX_REGEX_PROGRAM_SIZE:
+        return (f"regex {pattern[:80]!r} is too large: its RE2 program exceeds the limit of "
+                f"{limits.MAX_REGEX_PROGRAM_SIZE} instructions")
+    return None
 
 
 def quote_value(value: Any) -> str:
@@ -52,7 +79,8 @@ class CiliumRuleParser:
                         dd[k] = v
         rules: list[Rule] = []
         for section in ("ingress", "ingressDeny", "egress", "egressDeny"):
-            for i, raw_rule in enumerate(self.ctx.list_(path + (section,), spec.get(section), f"a list of {section} rules")):
+            for i, raw_rule in enumerate(self.ctx.list_(path + (section,), spec.get(section), f"a list of {section} rules",
+                                                                limits.MAX_RULES, "rules")):
                 rule = self.cilium_rule(path + (section, i), section, i, raw_rule)
                 if rule is not None:
                     rules.append(rule)
@@ -74,27 +102,32 @@ class CiliumRuleParser:
         if r is None:
             return None
         peers: list[Peer] = []
-        for j, sel in enumerate(self.ctx.list_(path + (f"{d}Endpoints",), r.get(f"{d}Endpoints"), "a list of endpoint selectors")):
+        for j, sel in enumerate(self.ctx.list_(path + (f"{d}Endpoints",), r.get(f"{d}Endpoints"), "a list of endpoint selectors",
+                                             limits.MAX_PEERS, "selectors")):
             s = self.selector(path + (f"{d}Endpoints", j), sel, cilium=True)
             if self.kind == KIND_CNP and not s.names_namespace() and not s.names_reserved():
                 s = s.and_(LabelSelector(((NAMESPACE_LABEL, self.namespace),)))
             peers.append(EndpointPeer(s))
-        for j, ent in enumerate(self.ctx.list_(path + (f"{d}Entities",), r.get(f"{d}Entities"), "a list of entities")):
+        for j, ent in enumerate(self.ctx.list_(path + (f"{d}Entities",), r.get(f"{d}Entities"), "a list of entities",
+                                             limits.MAX_PEERS, "entities")):
             if ent not in ENTITIES:
                 self.err(path + (f"{d}Entities", j), f"unknown entity {quote_value(ent)}; expected one of {', '.join(ENTITIES)}")
             else:
                 peers.append(EntityPeer(ent))
-        for j, c in enumerate(self.ctx.list_(path + (f"{d}CIDR",), r.get(f"{d}CIDR"), "a list of CIDRs")):
+        for j, c in enumerate(self.ctx.list_(path + (f"{d}CIDR",), r.get(f"{d}CIDR"), "a list of CIDRs",
+                                             limits.MAX_PEERS, "CIDRs")):
             p = self.cidr_peer(path + (f"{d}CIDR", j), c, None, None)
             if p:
                 peers.append(p)
-        for j, cs in enumerate(self.ctx.list_(path + (f"{d}CIDRSet",), r.get(f"{d}CIDRSet"), "a list of CIDR sets")):
+        for j, cs in enumerate(self.ctx.list_(path + (f"{d}CIDRSet",), r.get(f"{d}CIDRSet"), "a list of CIDR sets",
+                                             limits.MAX_PEERS, "CIDR sets")):
             m = self.ctx.mapping(path + (f"{d}CIDRSet", j), cs, ("cidr", "except"), ("cidr",))
             if m is not None and "cidr" in m:
                 p = self.cidr_peer(path + (f"{d}CIDRSet", j), m["cidr"], m.get("except"), "cidr")
                 if p:
                     peers.append(p)
-        fqdns = self.ctx.list_(path + ("toFQDNs",), r.get("toFQDNs"), "a list of FQDN selectors") if "toFQDNs" in l3 else []
+        fqdns = self.ctx.list_(path + ("toFQDNs",), r.get("toFQDNs"), "a list of FQDN selectors",
+                               limits.MAX_PEERS, "FQDN selectors") if "toFQDNs" in l3 else []
         if fqdns and peers:
             self.err(path + ("toFQDNs",), "toFQDNs cannot be combined with other L3 selectors (toEndpoints, toEntities, toCIDR, toCIDRSet) in one rule")
         for j, f in enumerate(fqdns):
@@ -109,7 +142,8 @@ class CiliumRuleParser:
             if peer:
                 peers.append(FQDNPeer(peer.match_name, peer.match_pattern))
         any_l3 = any(k in r and r[k] for k in l3)
-        port_rules = [pr for j, raw_pr in enumerate(self.ctx.list_(path + ("toPorts",), r.get("toPorts"), "a list of port rules"))
+        port_rules = [pr for j, raw_pr in enumerate(self.ctx.list_(path + ("toPorts",), r.get("toPorts"), "a list of port rules",
+                                                                                  limits.MAX_PORT_RULES, "port rules"))
                       if (pr := self.cilium_port_rule(path + ("toPorts", j), raw_pr, deny)) is not None]
         if not any_l3:
             # Only toPorts: the ports apply to every peer. Nothing at all ({}): no peer.
@@ -120,6 +154,10 @@ class CiliumRuleParser:
         key, value = next(iter(m.items()))
         if not isinstance(value, str):
             self.err(path + (key,), f"expected a DNS name, got {describe_value(value)}")
+            return None
+        if len(value) > limits.MAX_DNS_NAME_CHARS:
+            self.err(path + (key,), f"a DNS {'name' if key == 'matchName' else 'pattern'} of {len(value)} characters is "
+                                    f"longer than the limit of {limits.MAX_DNS_NAME_CHARS} characters")
             return None
         try:
             if key == "matchName":
@@ -135,7 +173,8 @@ class CiliumRuleParser:
         pr = self.ctx.mapping(path, raw, ("ports", "rules"), ("ports",))
         if pr is None:
             return None
-        ports = [p for j, rp in enumerate(self.ctx.list_(path + ("ports",), pr.get("ports"), "a list of ports"))
+        ports = [p for j, rp in enumerate(self.ctx.list_(path + ("ports",), pr.get("ports"), "a list of ports",
+                                                                 limits.MAX_PORTS_PER_PORT_RULE, "ports"))
                  if (p := self.port_spec(path + ("ports", j), rp, "ANY", ("TCP", "UDP", "SCTP", "ANY"))) is not None]
         if "ports" in pr and not pr.get("ports"):
             self.err(path + ("ports",), "must not be empty")
@@ -161,12 +200,14 @@ class CiliumRuleParser:
             if "dns" in rules and p.protocol == "SCTP":
                 self.err(ppath + ("protocol",), "DNS rules apply to UDP or TCP, not SCTP")
         http: list[HttpRule] = []
-        for j, h in enumerate(self.ctx.list_(path + ("rules", "http"), rules.get("http"), "a list of HTTP rules")):
+        for j, h in enumerate(self.ctx.list_(path + ("rules", "http"), rules.get("http"), "a list of HTTP rules",
+                                                  limits.MAX_L7_RULES, "HTTP rules")):
             rule = self.http_rule(path + ("rules", "http", j), h)
             if rule is not None:
                 http.append(rule)
         dns: list[DnsRule] = []
-        for j, dr in enumerate(self.ctx.list_(path + ("rules", "dns"), rules.get("dns"), "a list of DNS rules")):
+        for j, dr in enumerate(self.ctx.list_(path + ("rules", "dns"), rules.get("dns"), "a list of DNS rules",
+                                                   limits.MAX_L7_RULES, "DNS rules")):
             dp = path + ("rules", "dns", j)
             m = self.ctx.mapping(dp, dr, ("matchName", "matchPattern"))
             if m is None:
@@ -194,6 +235,11 @@ class CiliumRuleParser:
             if v is None:
                 ok = False
                 continue
+            too_large = regex_size_error(v)
+            if too_large:
+                self.err(path + (key,), too_large)
+                ok = False
+                continue
             try:
                 compile_regex(v)
                 values[key] = v
@@ -201,19 +247,26 @@ class CiliumRuleParser:
                 self.err(path + (key,), str(exc))
                 ok = False
         headers: list[HeaderMatch] = []
-        for j, text in enumerate(self.ctx.list_(path + ("headers",), h.get("headers"), "a list of 'Name' or 'Name: value' strings")):
+        for j, text in enumerate(self.ctx.list_(path + ("headers",), h.get("headers"), "a list of 'Name' or 'Name: value' strings",
+                                                    limits.MAX_HEADERS, "headers")):
             s = self.ctx.string(path + ("headers", j), text, "a 'Name' or 'Name: value' string")
             if s is None:
                 ok = False
                 continue
             name, sep, value = s.partition(":")
             name = name.strip()
+            problem = _header_size_error(name, value)
+            if problem:
+                self.err(path + ("headers", j), problem)
+                ok = False
+                continue
             if not _HEADER_NAME_RE.fullmatch(name):
                 self.err(path + ("headers", j), f"invalid header {s!r}: expected 'Name' or 'Name: value' with a valid header name")
                 ok = False
                 continue
             headers.append(HeaderMatch(name, value.strip() if sep else None))
-        for j, hm in enumerate(self.ctx.list_(path + ("headerMatches",), h.get("headerMatches"), "a list of {name, value}")):
+        for j, hm in enumerate(self.ctx.list_(path + ("headerMatches",), h.get("headerMatches"), "a list of {name, value}",
+                                                  limits.MAX_HEADERS, "header matches")):
             hp = path + ("headerMatches", j)
             m = self.ctx.mapping(hp, hm, ("name", "value"), ("name",))
             if m is None or "name" not in m:
@@ -224,6 +277,11 @@ class CiliumRuleParser:
             if name is None or ("value" in m and value is None):
                 ok = False
                 continue
+            problem = _header_size_error(name, value or "")
+            if problem:
+                self.err(hp + ("value" if len(name) <= limits.MAX_HEADER_NAME_CHARS else "name",), problem)
+                ok = False
+                continue
             if not _HEADER_NAME_RE.fullmatch(name):
                 self.err(hp + ("name",), f"invalid header name {name!r}")
                 ok = False
@@ -232,3 +290,11 @@ class CiliumRuleParser:
         if not ok:
             return None
         return HttpRule(values.get("method", ""), values.get("path", ""), values.get("host", ""), tuple(headers))
+
+
+def _header_size_error(name: str, value: str) -> str | None:
+    if len(name) > limits.MAX_HEADER_NAME_CHARS:
+        return f"a header name of {len(name)} characters is longer than the limit of {limits.MAX_HEADER_NAME_CHARS} characters"
+    if len(value) > limits.MAX_HEADER_VALUE_CHARS:
+        return f"a header value of {len(value)} characters is longer than the limit of {limits.MAX_HEADER_VALUE_CHARS} characters"
+    return None

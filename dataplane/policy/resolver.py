@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import limits
+from ..errors import SourceError, SourceLocation
 from ..mapstate import (IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction,
                         EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, Verdict,
                         lookup_policy, normalize_entries, port_range_blocks)
@@ -109,6 +111,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
 
     selected_by: dict[tuple[int, Direction], list[tuple[Policy, PolicySpec]]] = {}
     all_contributions: dict[tuple[int, Direction], list[Contribution]] = {}
+    produced = 0  # contributions so far: each becomes at least one map entry
     all_pod_ports = [p for ep in endpoints for p in ep.ports]
     for ep in endpoints:
         enforced = {Direction.INGRESS: mode == "always", Direction.EGRESS: mode == "always"}
@@ -127,8 +130,10 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
                         enforced[d] = True
                 for ri, rule in enumerate(spec.rules):
                     d = Direction.INGRESS if rule.direction == "ingress" else Direction.EGRESS
-                    contributions[d].extend(_rule_contributions(rule, rule_ids[(pi, si, ri)], ep, identities,
-                                                                endpoints, all_pod_ports))
+                    got = _rule_contributions(rule, rule_ids[(pi, si, ri)], ep, identities, endpoints, all_pod_ports,
+                                              limits.MAX_POLICY_ENTRIES - produced)
+                    produced += len(got)
+                    contributions[d].extend(got)
         if mode == "never":
             enforced = {Direction.INGRESS: False, Direction.EGRESS: False}
             contributions = {Direction.INGRESS: [], Direction.EGRESS: []}
@@ -141,6 +146,8 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
         for d, contribs in contributions.items():
             _emit(state, ep.endpoint_id, d, contribs)
             all_contributions[(ep.endpoint_id, d)] = contribs
+            if len(state.policy) > limits.MAX_POLICY_ENTRIES and contribs:
+                raise _too_many_entries(rule_refs[contribs[-1].rule_id].rule)
     state.policy = normalize_entries(state.policy)
     for (endpoint_id, d), contribs in all_contributions.items():
         l7 = build_l7_policy(state, endpoint_id, d, contribs)
@@ -153,8 +160,17 @@ def _protocols(spec: PortSpec) -> list[int]:
     return [PROTOCOLS[p] for p in (ALL_PROTOCOLS if spec.protocol == "ANY" else (spec.protocol,))]
 
 
+def _too_many_entries(rule: Rule | None) -> SourceError:
+    where = rule.location if rule is not None and rule.location is not None else SourceLocation("policies")
+    return SourceError(where, f"the policies resolve to more than {limits.MAX_POLICY_ENTRIES} policy map entries "
+                              "(endpoints x peers x ports x protocols), more than the lab's policy map holds; "
+                              "the bound was passed at this rule")
+
+
 def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: IdentityTable,
-                        endpoints: list[EndpointInfo], all_pod_ports: list[tuple[int, str, str]]) -> list[Contribution]:
+                        endpoints: list[EndpointInfo], all_pod_ports: list[tuple[int, str, str]],
+                        room: int = limits.MAX_POLICY_ENTRIES) -> list[Contribution]:
+    """What one rule allows or denies for one endpoint; more than `room` raises (see limits)."""
     remote: set[int] = set()
     for peer in rule.peers:
         remote |= identities.select(peer)
@@ -162,6 +178,8 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
         remote = {IDENTITY_ANY}  # the wildcard covers every other identity
     out: list[Contribution] = []
     for ident in sorted(remote):
+        if len(out) > room:
+            raise _too_many_entries(rule)
         if not rule.port_rules:
             verdict = Verdict.DENY if rule.is_deny else Verdict.ALLOW
             out.append(Contribution(ident, PROTO_ANY, 0, 65535, verdict, None, rule_id))
@@ -188,6 +206,8 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
                 lo, hi = (0, 65535) if spec.port == 0 else (spec.port, spec.end_port or spec.port)
                 for proto in _protocols(spec):
                     out.append(Contribution(ident, proto, lo, hi, verdict, pr.l7, rule_id))
+    if len(out) > room:
+        raise _too_many_entries(rule)
     return out
 
 
