@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import lab as labmod
+from . import limits
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
 from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
@@ -62,7 +63,8 @@ REPLY_MARGIN = 3.0  # the reply's way back, on a loaded machine
 REQUEST_TIMEOUT = CHANGE_BUDGET + ROLLBACK_BUDGET + REPLY_MARGIN  # the CLI's wait for a change's answer
 STATUS_TIMEOUT = 5.0  # the CLI's wait for a status answer
 RECEIVE_TIMEOUT = 2.0  # the agent's wait for a whole request
-MAX_REQUEST = 16 * 1024 * 1024
+# A change carries at most MAX_CHANGE_BYTES of policy text; JSON escaping can make a byte six.
+MAX_REQUEST = 6 * limits.MAX_CHANGE_BYTES + 64 * 1024
 POLL_MS = 100
 # flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes
 MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", 64 * 1024 * 1024))
@@ -464,15 +466,22 @@ class Agent:
     def change(self, request: dict[str, Any]) -> tuple[dict[str, Any], Callable[[str], None]]:
         """Apply, delete and relabel as one step: every part is checked before anything changes,
         and everything is done by the request's deadline or undone."""
-        from .yamlsource import load_documents  # noqa: PLC0415
+        from .yamlsource import Budget, load_documents  # noqa: PLC0415
 
         deadline = _change_deadline(request)
         engine, scenario = self.lab.policy, self.lab.scenario
         errors: list[SourceError] = []
         sources: list[PolicySource] = []
+        # The files of one change share one budget of values and bytes, as `l7lab apply` checks
+        # them: splitting hostile input over many files buys nothing.
+        budget, total = Budget(what="one change"), 0
         for item in request.get("apply", []):
+            total += len(item["text"].encode("utf-8", "surrogatepass"))
+            if total > limits.MAX_CHANGE_BYTES:
+                raise SourceError(SourceLocation(item["path"]), f"the files of one change together exceed the "
+                                                                f"limit of {limits.MAX_CHANGE_BYTES} bytes")
             try:
-                sources += [PolicySource(doc) for doc in load_documents(item["text"], item["path"])]
+                sources += [PolicySource(doc) for doc in load_documents(item["text"], item["path"], budget)]
             except SourceError as exc:
                 errors.append(exc)
         deletes = [PolicyRef(d["kind"], d["name"], d.get("namespace", "")) for d in request.get("delete", [])]

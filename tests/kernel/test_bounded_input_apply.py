@@ -54,6 +54,12 @@ def test_apply_refuses_hostile_yaml_and_the_agent_keeps_working(retail: str, tmp
         assert time.monotonic() - started < AGENT_SECONDS, name
         assert reply["ok"] is False, reply
         assert any(e.startswith(f"{name}:1: ") and fragment in e for e in reply["errors"]), reply
+    # Values split over several files share one budget: each file alone is within bounds.
+    piece = "".join(f"k{i}: [{', '.join(['0'] * 8000)}]\n" for i in range(5))
+    files = [{"path": f"part{i}.yaml", "text": piece} for i in range(3)]
+    reply = agent.request(retail, {"op": "change", "apply": files}, timeout=30)
+    assert reply["ok"] is False, reply
+    assert any(e.startswith("part2.yaml:") and "values in one change" in e for e in reply["errors"]), reply
     assert peak_rss_kb(pid) - peak_before < AGENT_GROWTH_KB
 
     # The agent still answers and still applies a good change.
