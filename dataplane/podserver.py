@@ -4,12 +4,18 @@ Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endp
 /etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
 so a probe can check that the backend itself answered and what exactly reached it (or, when the
 request asks for it with X-L7lab-Response-Bytes, a large streamed body); each request is also
-appended to a JSON-lines log (the record of what a backend really received). UDP
+appended to a JSON-lines log (the record of what a backend really received), rotated to
+`requests.jsonl.1` past L7LAB_LOG_ROTATE_BYTES (see `dataplane/logfiles.py`). UDP
 datagrams are answered with JSON of what arrived, except on UDP port 53, which answers DNS
 questions from the lab's own names.
 
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
 seconds in a namespace with no DNS), and prints READY once every port is listening.
+
+In a lab it runs confined (`dataplane/confine.py`): as an unprivileged user, with the lab's
+control directory hidden. Its request log then lives in a directory of its own
+(`<lab dir>/<endpoint namespace>/requests.jsonl`, see `request_log`) that the lab opens for it
+before the control directory disappears from view and passes as an open directory (--log-dir-fd).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from pathlib import Path
 
 from aiohttp import web
+
+from .logfiles import RotatingLog
 
 # A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
 # echo (still logged like any request); with RESPONSE_CHUNKED_HEADER: yes, framed chunked.
@@ -33,9 +41,16 @@ RESPONSE_BYTES_HEADER = "X-L7lab-Response-Bytes"
 RESPONSE_CHUNKED_HEADER = "X-L7lab-Response-Chunked"
 MAX_RESPONSE_BYTES = 1 << 30
 PATTERN_PIECE = bytes(range(256)) * 1024  # 256 KiB; every piece of a large response is a prefix of it
+REQUEST_LOG = "requests.jsonl"
 
 
-def _http_app(identity: dict[str, str], log: Any) -> web.Application:
+def request_log(lab_dir: Path, endpoint_dir: str) -> Path:
+    """Where the server of one endpoint logs what it received: `endpoint_dir` is the endpoint's
+    namespace name without the lab's prefix (e.g. "pod.shop.backend"). Rotated to `.1`."""
+    return lab_dir / endpoint_dir / REQUEST_LOG
+
+
+def _http_app(identity: dict[str, str], log: RotatingLog | None) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -52,8 +67,7 @@ def _http_app(identity: dict[str, str], log: Any) -> web.Application:
             "server_port": sock[1] if sock else 0,
         }
         if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write_line(json.dumps(record))
         size = request.headers.get(RESPONSE_BYTES_HEADER)
         if size is not None:
             return await _stream_bytes(request, identity, size)
@@ -130,7 +144,7 @@ class _DnsServer(asyncio.DatagramProtocol):
     """The lab's DNS: answers A questions from the lab's own names (the namespace's hosts file),
     NXDOMAIN for names it does not know; every question is logged like an HTTP request."""
 
-    def __init__(self, identity: dict[str, str], log: Any) -> None:
+    def __init__(self, identity: dict[str, str], log: RotatingLog | None) -> None:
         self.identity, self.log = identity, log
         self.names = read_hosts()
         self.transport: asyncio.DatagramTransport | None = None
@@ -160,8 +174,8 @@ class _DnsServer(asyncio.DatagramProtocol):
         elif question.rdtype == dns.rdatatype.A:
             reply.answer.append(dns.rrset.from_text_list(question.name, 30, "IN", "A", addresses))
         if self.log is not None:
-            self.log.write(json.dumps({**self.identity, "dns": name, "type": qtype, "rcode": dns.rcode.to_text(reply.rcode()),
-                                       "client": f"{addr[0]}:{addr[1]}"}) + "\n")
+            self.log.write_line(json.dumps({**self.identity, "dns": name, "type": qtype,
+                                            "rcode": dns.rcode.to_text(reply.rcode()), "client": f"{addr[0]}:{addr[1]}"}))
         assert self.transport is not None
         self.transport.sendto(reply.to_wire(), addr)
 
@@ -181,9 +195,15 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(json.dumps(reply).encode(), addr)
 
 
-async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log_path: str | None) -> None:
+def open_log(path: str | None, dir_fd: int | None) -> RotatingLog | None:
+    """The request log: REQUEST_LOG inside an open directory, or a path, or none."""
+    if dir_fd is not None:
+        return RotatingLog(REQUEST_LOG, dir_fd=dir_fd)
+    return RotatingLog(path) if path else None
+
+
+async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: RotatingLog | None) -> None:
     identity = {"endpoint": endpoint}
-    log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the server
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(_http_app(identity, log), access_log=None, handle_signals=False)
     await runner.setup()
@@ -215,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", default="", help="comma-separated TCP ports (HTTP)")
     parser.add_argument("--udp", default="", help="comma-separated UDP ports (echo)")
     parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
+    parser.add_argument("--log-dir-fd", type=int, default=None, metavar="FD",
+                        help=f"an open directory (inherited) to write {REQUEST_LOG} in, instead of --log")
     args = parser.parse_args(argv)
     tcp = [int(p) for p in args.tcp.split(",") if p]
     udp = [int(p) for p in args.udp.split(",") if p]
@@ -224,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(serve(args.endpoint, tcp, udp, args.log))
+        log = open_log(args.log, args.log_dir_fd)
+        asyncio.run(serve(args.endpoint, tcp, udp, log))
     except OSError as exc:
         print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
         return 1
