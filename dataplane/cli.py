@@ -186,19 +186,28 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
-    """Kernel flow records (from the lab agent) and L7 records (from the proxy), merged by time."""
+    """Kernel flow records (from the lab agent) and L7 records (from the proxy), merged by time;
+    with --last / --since it starts near the end of the files instead of reading them whole."""
     import time  # noqa: PLC0415
 
-    from .flows import RecordTail, describe  # noqa: PLC0415
+    from .flows import RECORD_FILES, RecordTail, describe  # noqa: PLC0415
 
     rec = _one_lab(args.lab)
-    tail = RecordTail(labmod.lab_dir(rec.lab))
     kinds = {"all": ("flow", "l7"), "l7": ("l7",), "flows": ("flow",)}[args.type]
+    tail = RecordTail(labmod.lab_dir(rec.lab), names=tuple(n for n, k in RECORD_FILES.items() if k in kinds))
+    since = args.since() if args.since is not None else None  # relative to now, when observing starts
+    if args.last is not None:
+        tail.start_at_last(args.last)
+    elif since is not None:
+        tail.start_at_time(since)
     deadline = time.monotonic() + args.follow if args.follow else 0.0
+    first = True
     while True:
-        for record in tail.read():
-            if record["type"] not in kinds:
-                continue
+        records = [r for r in tail.read() if r["type"] in kinds and (since is None or r.get("time", 0.0) >= since)]
+        if first and args.last is not None:
+            records = records[-args.last:] if args.last else []  # the last N of all the files together
+        first = False
+        for record in records:
             if args.json:
                 print(json.dumps(record), flush=True)
             else:
@@ -206,6 +215,40 @@ def cmd_observe(args: argparse.Namespace) -> int:
         if time.monotonic() >= deadline:
             return EXIT_OK
         time.sleep(0.2)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of records (0 or more), got {text!r}")
+    return value
+
+
+def _since(text: str) -> Any:
+    """--since: a duration back from now (30s, 5m, 1h, 2d), a unix time, or an ISO 8601 time
+    (local time unless it says otherwise). Returns a function giving the start time, so that a
+    duration counts back from when observing starts."""
+    import datetime  # noqa: PLC0415
+    import re  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if match:
+        seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        return lambda: time.time() - seconds
+    try:
+        when = float(text)
+    except ValueError:
+        try:
+            when = datetime.datetime.fromisoformat(text.strip()).timestamp()
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a duration (30s, 5m, 1h, 2d), a unix time or an ISO 8601 time "
+                f"(2024-05-01T12:00:00), got {text!r}") from None
+    return lambda: when
 
 
 # --- apply / delete / label (through the lab agent) ----------------------------------------------
@@ -490,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only kernel flow records (flows) or only L7 records (l7)")
     p.add_argument("--follow", type=float, default=0.0, metavar="SECONDS",
                    help="keep printing new records for this many seconds")
+    p.add_argument("--last", type=_count, metavar="N",
+                   help="start with the last N records (read from the end of the files; with --since, "
+                        "the last N of those since WHEN)")
+    p.add_argument("--since", type=_since, metavar="WHEN",
+                   help="start with the records since WHEN: a duration back from now (30s, 5m, 1h, 2d), "
+                        "a unix time or an ISO 8601 time")
     p.set_defaults(func=cmd_observe)
 
     p = verb("apply", "apply policy manifests to a running lab (all or nothing)")

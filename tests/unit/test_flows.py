@@ -4,6 +4,10 @@ order, robust to a line still being written."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +15,12 @@ import pytest
 from dataplane.datapath import FlowEvent
 from dataplane.errors import L7LabError
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, describe, kernel_record
+from dataplane.logfiles import RotatingLog, read_all
 from dataplane.mapstate import Direction, EndpointState, MapState, RuleAttribution
 from dataplane.metrics import parse_listen
 from dataplane.reasons import DropReason, FlowVerdict, Hook
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def event(verdict: FlowVerdict, reason: DropReason = DropReason.NONE, rule_id: int = 0) -> FlowEvent:
@@ -66,3 +73,49 @@ def test_metrics_listen_only_on_loopback() -> None:
                      ("example.com:80", "not a loopback address")):
         with pytest.raises(L7LabError, match=why):
             parse_listen(bad)
+
+
+def observe(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "L7LAB_RUN_DIR": str(run_dir)}
+    return subprocess.run([sys.executable, "-m", "dataplane.cli", "observe", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture
+def recorded_lab(tmp_path: Path) -> Path:
+    """A lab as `observe` finds it (record + directory), with rotated kernel and L7 records:
+    kernel records at even seconds, L7 records at odd ones, from `now - 2000 s` on."""
+    (tmp_path / "obs.json").write_text(json.dumps({"lab": "obs", "scenario": "s.yaml", "status": "up"}))
+    lab = tmp_path / "obs"
+    lab.mkdir()
+    start = time.time() - 2000
+    flows = RotatingLog(lab / KERNEL_FLOWS, max_bytes=20_000)
+    l7 = RotatingLog(lab / PROXY_RECORDS, max_bytes=20_000)
+    for i in range(1000):
+        flows.write_line(json.dumps({"type": "flow", "time": start + 2 * i, "seq": i, "verdict": "FORWARD"}))
+        l7.write_line(json.dumps({"time": start + 2 * i + 1, "seq": i, "method": "GET", "path": f"/{i}"}))
+    flows.close()
+    l7.close()
+    assert (lab / (KERNEL_FLOWS + ".1")).exists() and (lab / (PROXY_RECORDS + ".1")).exists()
+    return tmp_path
+
+
+def test_observe_last_and_since(recorded_lab: Path) -> None:
+    out = observe(recorded_lab, "obs", "--last", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [(r["type"], r["seq"]) for r in map(json.loads, out.stdout.splitlines())] == [("l7", 998), ("flow", 999), ("l7", 999)]
+    out = observe(recorded_lab, "obs", "--last", "2", "--type", "flows", "--json")
+    assert [(r["type"], r["seq"]) for r in map(json.loads, out.stdout.splitlines())] == [("flow", 998), ("flow", 999)]
+    out = observe(recorded_lab, "obs", "--since", "30s", "--type", "l7", "--json")  # the 2000 s of records end about now
+    seqs = [r["seq"] for r in map(json.loads, out.stdout.splitlines())]
+    assert seqs and seqs[-1] == 999 and len(seqs) <= 16
+    out = observe(recorded_lab, "obs", "--since", "1h", "--json")  # both files of both kinds: every record
+    assert len(out.stdout.splitlines()) == sum(len(read_all(recorded_lab / "obs" / n)) for n in (KERNEL_FLOWS, PROXY_RECORDS))
+    out = observe(recorded_lab, "obs", "--last", "1")
+    assert out.returncode == 0 and "GET /999" in out.stdout
+
+
+def test_observe_rejects_a_bad_start(recorded_lab: Path) -> None:
+    for args, why in ((("--last", "-1"), "expected a number of records"), (("--since", "yesterday"), "expected a duration")):
+        out = observe(recorded_lab, "obs", *args)
+        assert out.returncode == 2 and why in out.stderr, out.stderr
