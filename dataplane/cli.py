@@ -181,7 +181,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if len(matches) != 1:
         names = ", ".join(sorted(rec.endpoints))
         raise L7LabError(f"{'ambiguous' if matches else 'unknown'} endpoint {args.pod!r} in lab {rec.lab}; endpoints: {names}")
-    os.execvp("ip", ["ip", "netns", "exec", matches[0].netns, *command])
+    from . import confine  # noqa: PLC0415
+
+    # As the invoking user (or --user), in a mount namespace where the lab's control directory
+    # is hidden: what a pod's own processes see (dataplane/confine.py, docs/security.md).
+    user = confine.resolve_user(args.user) if args.user is not None else confine.invoking_user()
+    os.execvp("ip", ["ip", "netns", "exec", matches[0].netns, *confine.command(user, [str(labmod.RUN_DIR)], command)])
     return EXIT_SETUP  # not reached
 
 
@@ -514,8 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lab", nargs="?", help="only this lab")
     p.set_defaults(func=cmd_status)
 
-    p = verb("exec", "run a command inside a pod or world host: l7lab exec POD -- CMD...", json_flag=False)
+    p = verb("exec", "run a command inside a pod or world host, as the invoking user with the lab's control "
+                     "directory hidden: l7lab exec POD -- CMD...", json_flag=False)
     p.add_argument("--lab", help="lab name (needed when several labs are up)")
+    p.add_argument("--user", metavar="NAME|UID",
+                   help="run as this user (default: the invoking user, the one behind sudo if run through sudo)")
     p.add_argument("pod", help="pod (name or namespace/name) or world host")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments, after --")
     p.set_defaults(func=cmd_exec)

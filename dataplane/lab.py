@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import topology
+from . import confine, topology
 from .errors import SetupError
+from .logfiles import previous, request_log, rotate_bytes
 from .scenario import GATEWAY_IP, Port, Scenario
 
 PREFIX = "l7lab-"
@@ -203,6 +204,10 @@ class Lab:
             link = topology.add_endpoint(rec.node, ns, ifname, ip, GATEWAY_IP, self.scenario.node_ip)
             # A closed port answers every probe with an ICMP error, not only the first few a second.
             topology.sysctl(ns, "net.ipv4.icmp_ratelimit", 0)
+            # Pods run unprivileged (dataplane/confine.py): let them bind any port and ping, as the
+            # safe sysctls of a Kubernetes pod allow.
+            topology.sysctl(ns, "net.ipv4.ip_unprivileged_port_start", 0)
+            topology.sysctl(ns, "net.ipv4.ping_group_range", "0 2147483647")
             ep.ifindex = link.host_ifindex
             etc = NETNS_ETC / ns
             rec.add(kind="dir", path=str(etc))
@@ -292,28 +297,51 @@ class Lab:
         lines += [f"{ip}\t{' '.join(names)}" for ip, names in self.scenario.hosts_entries()]
         return "\n".join(lines) + "\n"
 
-    def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        """Start `python -m module` inside namespace `ns` (its /etc/netns files applied), recorded."""
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", module, "--lab", self.name, *args]
+    def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path, *,
+               user: Any = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+        """Start `python -m module` inside namespace `ns` (its /etc/netns files applied), recorded.
+        With `user` (a confine.User) it runs as that user with the run directory hidden. Its
+        stderr log is rotated (NAME.1) at each start once past the logs' size cap: the processes
+        write there only when they start or fail, never per request."""
+        argv = [sys.executable, "-m", module, "--lab", self.name, *args]
+        if user is not None:
+            argv = confine.command(user, [str(RUN_DIR)], argv)
+        cmd = ["ip", "netns", "exec", ns, *argv]
+        with contextlib.suppress(OSError):
+            if log.stat().st_size > rotate_bytes():
+                os.replace(log, previous(log))
         with open(log, "ab") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    start_new_session=True, pass_fds=pass_fds,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._servers.append(proc)
         self.record.add(kind="process", pid=proc.pid, start=_proc_start_time(proc.pid), netns=ns,
                         what=f"{module} {key}", log=str(log))
         return proc
 
     def _start_servers(self, plan: list[tuple[str, str, str, str, tuple[Port, ...], dict[str, str]]]) -> None:
+        """Every endpoint's server, confined: as confine.POD_USER, the run directory hidden. Its
+        request log goes to a directory of its own, owned by that user (it rotates the log there),
+        handed to it open because the server cannot see the lab's directory."""
+        user = confine.resolve_user(confine.POD_USER)
         started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         for _kind, key, ns, _ip, ports, _labels in plan:
             tcp = ",".join(str(p.port) for p in ports if p.protocol == "TCP")
             udp = ",".join(str(p.port) for p in ports if p.protocol == "UDP")
             if not tcp and not udp:
                 continue
-            base = str(lab_dir(self.name) / ns.removeprefix(lab_prefix(self.name)))
-            log = Path(base + ".log")
-            proc = self._spawn(key, ns, "dataplane.podserver", ["--endpoint", key, "--tcp", tcp, "--udp", udp,
-                                                                "--log", base + ".requests.jsonl"], log)
+            endpoint_dir = ns.removeprefix(lab_prefix(self.name))
+            log = lab_dir(self.name) / (endpoint_dir + ".log")
+            logs = request_log(lab_dir(self.name), endpoint_dir).parent
+            logs.mkdir(mode=0o755, exist_ok=True)
+            dir_fd = os.open(logs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(dir_fd, user.uid, user.gid)
+                proc = self._spawn(key, ns, "dataplane.podserver",
+                                   ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--log-dir-fd", str(dir_fd)],
+                                   log, user=user, pass_fds=(dir_fd,))
+            finally:
+                os.close(dir_fd)
             started.append((key, proc, log))
         wait_ready(started)
 

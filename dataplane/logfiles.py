@@ -26,6 +26,7 @@ ROTATE_ENV = "L7LAB_LOG_ROTATE_BYTES"
 DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 BLOCK = 64 * 1024
 MAX_LINE = 16 * 1024 * 1024  # a "line" longer than this is not a record: skipped, never held whole
+REQUEST_LOG = "requests.jsonl"
 
 
 def rotate_bytes() -> int:
@@ -36,6 +37,13 @@ def rotate_bytes() -> int:
     except ValueError:
         return DEFAULT_ROTATE_BYTES
     return value if value > 0 else DEFAULT_ROTATE_BYTES
+
+
+def request_log(lab_dir: Path, endpoint_dir: str) -> Path:
+    """Where the server of one pod or world host logs the requests it received: `endpoint_dir`
+    is the endpoint's namespace name without the lab's prefix (e.g. "pod.shop.backend"). The
+    directory is the server's own (it runs unprivileged and rotates the log there)."""
+    return lab_dir / endpoint_dir / REQUEST_LOG
 
 
 def previous(path: Path) -> Path:

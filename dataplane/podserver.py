@@ -14,7 +14,7 @@ seconds in a namespace with no DNS), and prints READY once every port is listeni
 
 In a lab it runs confined (`dataplane/confine.py`): as an unprivileged user, with the lab's
 control directory hidden. Its request log then lives in a directory of its own
-(`<lab dir>/<endpoint namespace>/requests.jsonl`, see `request_log`) that the lab opens for it
+(`<lab dir>/<endpoint namespace>/requests.jsonl`, see `logfiles.request_log`) that the lab opens for it
 before the control directory disappears from view and passes as an open directory (--log-dir-fd).
 """
 
@@ -29,11 +29,10 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 from aiohttp import web
 
-from .logfiles import RotatingLog
+from .logfiles import REQUEST_LOG, RotatingLog
 
 # A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
 # echo (still logged like any request); with RESPONSE_CHUNKED_HEADER: yes, framed chunked.
@@ -41,13 +40,6 @@ RESPONSE_BYTES_HEADER = "X-L7lab-Response-Bytes"
 RESPONSE_CHUNKED_HEADER = "X-L7lab-Response-Chunked"
 MAX_RESPONSE_BYTES = 1 << 30
 PATTERN_PIECE = bytes(range(256)) * 1024  # 256 KiB; every piece of a large response is a prefix of it
-REQUEST_LOG = "requests.jsonl"
-
-
-def request_log(lab_dir: Path, endpoint_dir: str) -> Path:
-    """Where the server of one endpoint logs what it received: `endpoint_dir` is the endpoint's
-    namespace name without the lab's prefix (e.g. "pod.shop.backend"). Rotated to `.1`."""
-    return lab_dir / endpoint_dir / REQUEST_LOG
 
 
 def _http_app(identity: dict[str, str], log: RotatingLog | None) -> web.Application:
