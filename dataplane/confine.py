@@ -14,8 +14,8 @@ dataplane.confine ...`), it then:
    the supplementary groups and sets the real, effective and saved gid and uid;
 4. executes COMMAND (the same process: a recorded pid stays the command's).
 
-The lab's pod and world servers run this way as POD_USER (`nobody`); `l7lab exec` as the
-invoking user. A process that stays root (uid 0) could undo the mounts: root in a pod is not
+The lab's pod and world servers run this way, each as a uid and gid of its own
+(`endpoint_user`); `l7lab exec` as the invoking user. A process that stays root (uid 0) could undo the mounts: root in a pod is not
 contained, which is why nothing the lab starts in a pod stays root. docs/security.md says
 what a pod can and cannot reach.
 """
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from .errors import L7LabError
 
-POD_USER = "nobody"
+POD_ID_BASE = 0x40000000  # servers' uids and gids: 1073741824 + n, far from any account's
+_NSFS_FIRST_INODE = 0xF0000000  # the kernel numbers namespaces from here up
 
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
@@ -54,6 +55,17 @@ def resolve_user(spec: str) -> User:
     except (KeyError, ValueError, OverflowError):
         raise L7LabError(f"unknown user {spec!r}: expected a user name or uid known to this machine") from None
     return User(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def endpoint_user(netns_path: str | os.PathLike[str]) -> User:
+    """The uid and gid the server of one pod or world host runs as: its own, so that no other
+    pod's process (nor another lab's) can signal or trace it. Derived from the inode of the
+    endpoint's network namespace, which is unique among the namespaces alive on the machine;
+    no account has it."""
+    inode = os.stat(netns_path).st_ino
+    offset = inode - _NSFS_FIRST_INODE if inode >= _NSFS_FIRST_INODE else inode
+    uid = POD_ID_BASE + (offset & 0x0FFFFFFF)
+    return User(f"uid {uid}", uid, uid, "/")
 
 
 def invoking_user() -> User:
@@ -115,7 +127,8 @@ def _environment(uid: int) -> dict[str, str]:
             env.pop(key, None)
     try:
         entry = pwd.getpwuid(uid)
-    except KeyError:
+    except KeyError:  # a server's own uid: no account, no home
+        env.update(HOME="/", USER=str(uid), LOGNAME=str(uid))
         return env
     env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
     return env

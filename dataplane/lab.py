@@ -320,16 +320,16 @@ class Lab:
         return proc
 
     def _start_servers(self, plan: list[tuple[str, str, str, str, tuple[Port, ...], dict[str, str]]]) -> None:
-        """Every endpoint's server, confined: as confine.POD_USER, the run directory hidden. Its
-        request log goes to a directory of its own, owned by that user (it rotates the log there),
-        handed to it open because the server cannot see the lab's directory."""
-        user = confine.resolve_user(confine.POD_USER)
+        """Every endpoint's server, confined: as a uid of its own (confine.endpoint_user), the run
+        directory hidden. Its request log goes to a directory of its own, owned by that uid (it
+        rotates the log there), handed to it open because the server cannot see the lab's directory."""
         started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         for _kind, key, ns, _ip, ports, _labels in plan:
             tcp = ",".join(str(p.port) for p in ports if p.protocol == "TCP")
             udp = ",".join(str(p.port) for p in ports if p.protocol == "UDP")
             if not tcp and not udp:
                 continue
+            user = confine.endpoint_user(topology.NETNS_DIR / ns)
             endpoint_dir = ns.removeprefix(lab_prefix(self.name))
             log = lab_dir(self.name) / (endpoint_dir + ".log")
             logs = request_log(lab_dir(self.name), endpoint_dir).parent

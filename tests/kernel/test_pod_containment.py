@@ -1,5 +1,5 @@
-"""Pods are contained: a lab's pod and world servers run as an unprivileged user in a mount
-namespace where the lab's control directory is hidden, and `l7lab exec` runs commands the same
+"""Pods are contained: a lab's pod and world servers run unprivileged, each as a uid of its own,
+in a mount namespace where the lab's control directory is hidden, and `l7lab exec` runs commands the same
 way. From inside a pod neither the agent's socket nor the policy files are reachable, the node
 namespace cannot be entered, and a policy cannot be deleted; pod traffic, DNS and the servers'
 request logs (rotated at the logs' size cap) still work."""
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dataplane import lab as labmod
+from dataplane.confine import POD_ID_BASE
 from dataplane.logfiles import previous, read_all, request_log
 from tests.conftest import REPO, unique_lab
 from tests.kernel.test_lab_lifecycle import leftovers, nothing_left
@@ -62,15 +63,32 @@ def status_fields(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
-def test_pod_and_world_servers_run_unprivileged(lab: str) -> None:
+def server_uid(pid: int) -> int:
+    return int(status_fields(pid)["Uid"].split()[0])
+
+
+def test_pod_and_world_servers_run_unprivileged_each_as_its_own_user(lab: str) -> None:
     pids = server_pids(lab)
     assert set(pids) == {"kube-system/kube-dns", "shop/mediabot", "shop/shell", "www", "partner", "elsewhere"}
+    uids = set()
     for endpoint, pid in pids.items():
         status = status_fields(pid)
-        assert status["Uid"].split() == [str(NOBODY)] * 4, (endpoint, status["Uid"])
-        assert status["Gid"].split() == [str(NOBODY)] * 4, (endpoint, status["Gid"])
+        uid = server_uid(pid)
+        assert uid >= POD_ID_BASE and status["Uid"].split() == [str(uid)] * 4, (endpoint, status["Uid"])
+        assert status["Gid"].split() == [str(uid)] * 4, (endpoint, status["Gid"])
         assert status["Groups"] == "", (endpoint, status["Groups"])
         assert status["NoNewPrivs"] == "1" and int(status["CapEff"], 16) == 0, endpoint
+        uids.add(uid)
+    assert len(uids) == len(pids)  # no two servers share a uid: none can signal or trace another
+    # Nor can a pod's process: neither as nobody nor as another server's uid.
+    dns_server = pids["kube-system/kube-dns"]
+    signal_it = in_pod(lab, "shell", "kill", "-0", str(dns_server))
+    assert signal_it.returncode != 0 and "Operation not permitted" in signal_it.stderr, signal_it
+    shell = pids["shop/shell"]
+    as_other_server = subprocess.run(["nsenter", "-t", str(shell), "-m", "-n", "-S", str(server_uid(shell)),
+                                      "-G", str(server_uid(shell)), "--", "kill", "-0", str(dns_server)],
+                                     capture_output=True, text=True)
+    assert as_other_server.returncode != 0 and "Operation not permitted" in as_other_server.stderr, as_other_server
 
 
 def test_the_control_directory_is_hidden_from_pods(lab: str) -> None:
@@ -98,7 +116,8 @@ def test_a_pod_reaches_neither_the_agent_nor_the_node_namespace(lab: str) -> Non
                "print('connected')")
     # As the pod server itself (its uid, its mount and network namespaces).
     pid = server_pids(lab)["shop/shell"]
-    as_server = subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", "-S", str(NOBODY), "-G", str(NOBODY), "--",
+    uid = str(server_uid(pid))
+    as_server = subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", "-S", uid, "-G", uid, "--",
                                 sys.executable, "-c", connect, sock], capture_output=True, text=True)
     assert as_server.returncode == 1 and "FileNotFoundError" in as_server.stdout, as_server
     # And as a command run in the pod.
