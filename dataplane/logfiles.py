@@ -15,8 +15,11 @@ no record is lost or read twice across a rotation. All reads go through `_pread`
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +94,48 @@ class RotatingLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class BoundedStderr(io.TextIOBase):
+    """sys.stderr of a long-running process whose stderr (fd 2) is a log file: before a write
+    would take the file past the cap it is rotated (NAME -> NAME.1, a new NAME on fd 2) or,
+    where the process may not rename it (a confined pod server cannot see its directory),
+    emptied. Install with `bound_stderr()`; a process whose stderr is not a file keeps its own."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes if max_bytes is not None else rotate_bytes()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 2
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "replace")
+        with contextlib.suppress(OSError):
+            size = os.fstat(2).st_size
+            if size > 0 and size + len(data) > self.max_bytes:
+                self._rotate()
+            os.write(2, data)
+        return len(text)
+
+    def _rotate(self) -> None:
+        try:
+            path = os.readlink("/proc/self/fd/2")
+            os.replace(path, path + ".1")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError:
+            os.ftruncate(2, 0)  # O_APPEND: the next write lands at the start
+
+
+def bound_stderr(max_bytes: int | None = None) -> None:
+    """Keep this process's stderr log under the cap, if its stderr is a regular file."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.fstat(2).st_mode):
+            sys.stderr = BoundedStderr(max_bytes)
 
 
 # --------------------------------------------------------------------------- reading

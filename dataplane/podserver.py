@@ -32,7 +32,7 @@ import sys
 
 from aiohttp import web
 
-from .logfiles import REQUEST_LOG, RotatingLog
+from .logfiles import REQUEST_LOG, RotatingLog, bound_stderr
 
 # A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
 # echo (still logged like any request); with RESPONSE_CHUNKED_HEADER: yes, framed chunked.
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    bound_stderr()  # hostile requests make aiohttp log an error each: keep that log bounded
     try:
         log = open_log(args.log, args.log_dir_fd)
         asyncio.run(serve(args.endpoint, tcp, udp, log))

@@ -176,3 +176,21 @@ def test_pod_traffic_dns_and_rotated_request_logs_still_work(lab: str) -> None:
     # And observe shows the last flows without reading everything.
     observed = l7lab("observe", lab, "--last", "3", "--json")
     assert observed.returncode == 0 and 0 < len(observed.stdout.splitlines()) <= 3, observed
+
+
+def test_malformed_requests_do_not_grow_a_servers_log_without_bound(lab: str) -> None:
+    """Each malformed request makes the server log an error; its log stays under the cap even
+    though the confined server cannot see (or rename) the file."""
+    flood = ("import socket, sys\n"
+             "for i in range(int(sys.argv[2])):\n"
+             "    s = socket.create_connection((sys.argv[1], 80), timeout=10)\n"
+             "    s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: -%d\\r\\n\\r\\n' % i)\n"
+             "    s.recv(1000)\n"
+             "    s.close()\n")
+    record = labmod.LabRecord.load(lab)
+    assert record is not None
+    sent = in_pod(lab, "shell", sys.executable, "-c", flood, record.endpoints["partner"].ip, "100")
+    assert sent.returncode == 0, sent
+    log = labmod.lab_dir(lab) / "world.partner.log"
+    assert "Error handling request" in log.read_text()  # the errors are logged ...
+    assert log.stat().st_size <= CAP  # ... within the cap (100 of them take ~100 kB)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from dataplane import logfiles
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail
 from dataplane.logfiles import FollowedFile, RotatingLog, json_lines, read_all, rotate_bytes
 from proxy.events import EventLog, L7Record
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -214,3 +218,39 @@ def test_last_lines_of_small_files(tmp_path: Path, count: int) -> None:
     follower = FollowedFile(path)
     follower.start_at_last(count)
     assert [r["seq"] for r in json_lines(follower.read())] == list(range(5))[-count:]
+
+
+STDERR_WRITER = """
+import logging, sys
+from dataplane.logfiles import bound_stderr
+bound_stderr(2000)
+for i in range(100):
+    if i % 2:
+        print(f"error {i:03d} " + "x" * 80, file=sys.stderr)
+    else:
+        logging.getLogger("aiohttp.server").error("error %03d %s", i, "y" * 80)
+"""
+
+
+def test_a_process_keeps_its_stderr_log_under_the_cap(tmp_path: Path) -> None:
+    log = tmp_path / "proxy.log"
+    with open(log, "ab") as err:
+        done = subprocess.run([sys.executable, "-c", STDERR_WRITER], stderr=err, cwd=REPO)
+    assert done.returncode == 0
+    rotated = tmp_path / "proxy.log.1"
+    assert log.stat().st_size <= 2000 and rotated.exists() and rotated.stat().st_size <= 2000
+    assert log.read_text().splitlines()[-1].startswith("error 099 ")
+    assert all(line.startswith("error ") for line in (rotated.read_text() + log.read_text()).splitlines())
+
+
+def test_a_stderr_log_that_cannot_be_renamed_is_emptied_instead(tmp_path: Path) -> None:
+    """A confined server cannot see its log's directory: it starts the file over at the cap."""
+    log = tmp_path / "pod.log"
+    with open(log, "ab+") as err:
+        log.unlink()  # nothing to rename any more
+        done = subprocess.run([sys.executable, "-c", STDERR_WRITER], stderr=err, cwd=REPO)
+        assert done.returncode == 0
+        assert 0 < os.fstat(err.fileno()).st_size <= 2000
+        err.seek(0)
+        assert err.read().decode().splitlines()[-1].startswith("error 099 ")
+    assert list(tmp_path.iterdir()) == []
