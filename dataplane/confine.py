@@ -4,7 +4,8 @@ namespace where the lab's control directory is not visible.
     python -m dataplane.confine --uid UID --gid GID --hide DIR [--hide DIR ...] -- COMMAND [ARGS...]
 
 Run as root, inside the endpoint's network namespace (`ip netns exec NS python -m
-dataplane.confine ...`), it then:
+dataplane.confine ...`; a server does the same steps in its own process with `confine()`,
+after loading its code), it then:
 
 1. enters a new mount namespace and makes every mount in it private first, so that nothing
    mounted here ever propagates back to the host's namespace;
@@ -118,6 +119,16 @@ def drop_privileges(uid: int, gid: int) -> None:
     os.setresuid(uid, uid, uid)
     if uid != 0 and os.getresuid() != (uid, uid, uid):
         raise OSError(f"could not become uid {uid}")
+
+
+def confine(uid: int, gid: int, paths: list[str]) -> None:
+    """Confine the calling process (started as root) in place: hide `paths`, drop to uid/gid,
+    and leave a working directory the hidden paths cannot be reached through. A server calls
+    this once its code is loaded, so that neither the code nor Python has to be readable by
+    `uid`."""
+    hide(paths)
+    drop_privileges(uid, gid)
+    os.chdir("/")
 
 
 def _environment(uid: int) -> dict[str, str]:

@@ -297,32 +297,27 @@ class Lab:
         lines += [f"{ip}\t{' '.join(names)}" for ip, names in self.scenario.hosts_entries()]
         return "\n".join(lines) + "\n"
 
-    def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path, *,
-               user: Any = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         """Start `python -m module` inside namespace `ns` (its /etc/netns files applied), recorded.
-        With `user` (a confine.User) it runs as that user with the run directory hidden. Its
-        stderr log is rotated (NAME.1) at each start once past the logs' size cap: the processes
-        write there only when they start or fail, never per request."""
-        argv = [sys.executable, "-m", module, "--lab", self.name, *args]
-        if user is not None:
-            argv = confine.command(user, [str(RUN_DIR)], argv)
-        cmd = ["ip", "netns", "exec", ns, *argv]
+        Its stderr log past the logs' size cap is moved to NAME.1 first (the processes keep it
+        bounded while they run: `logfiles.bound_stderr`)."""
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", module, "--lab", self.name, *args]
         with contextlib.suppress(OSError):
             if log.stat().st_size > rotate_bytes():
                 os.replace(log, previous(log))
         with open(log, "ab") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, pass_fds=pass_fds,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._servers.append(proc)
         self.record.add(kind="process", pid=proc.pid, start=_proc_start_time(proc.pid), netns=ns,
                         what=f"{module} {key}", log=str(log))
         return proc
 
     def _start_servers(self, plan: list[tuple[str, str, str, str, tuple[Port, ...], dict[str, str]]]) -> None:
-        """Every endpoint's server, confined: as a uid of its own (confine.endpoint_user), the run
-        directory hidden. Its request log goes to a directory of its own, owned by that uid (it
-        rotates the log there), handed to it open because the server cannot see the lab's directory."""
+        """Every endpoint's server, confined (it confines itself once loaded): as a uid of its own
+        (confine.endpoint_user), the run directory hidden. Its request log goes to a directory of
+        its own, owned by that uid (it rotates the log there), which it opens before the lab's
+        directory disappears from its view."""
         started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         for _kind, key, ns, _ip, ports, _labels in plan:
             tcp = ",".join(str(p.port) for p in ports if p.protocol == "TCP")
@@ -334,14 +329,10 @@ class Lab:
             log = lab_dir(self.name) / (endpoint_dir + ".log")
             logs = request_log(lab_dir(self.name), endpoint_dir).parent
             logs.mkdir(mode=0o755, exist_ok=True)
-            dir_fd = os.open(logs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fchown(dir_fd, user.uid, user.gid)
-                proc = self._spawn(key, ns, "dataplane.podserver",
-                                   ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--log-dir-fd", str(dir_fd)],
-                                   log, user=user, pass_fds=(dir_fd,))
-            finally:
-                os.close(dir_fd)
+            os.chown(logs, user.uid, user.gid, follow_symlinks=False)
+            proc = self._spawn(key, ns, "dataplane.podserver",
+                               ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--log-dir", str(logs),
+                                "--uid", str(user.uid), "--gid", str(user.gid), "--hide", str(RUN_DIR)], log)
             started.append((key, proc, log))
         wait_ready(started)
 

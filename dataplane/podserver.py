@@ -12,10 +12,12 @@ questions from the lab's own names.
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
 seconds in a namespace with no DNS), and prints READY once every port is listening.
 
-In a lab it runs confined (`dataplane/confine.py`): as an unprivileged user, with the lab's
-control directory hidden. Its request log then lives in a directory of its own
-(`<lab dir>/<endpoint namespace>/requests.jsonl`, see `logfiles.request_log`) that the lab opens for it
-before the control directory disappears from view and passes as an open directory (--log-dir-fd).
+In a lab it starts as root and confines itself (`dataplane/confine.py`, with --uid, --gid and
+--hide) once everything it needs is loaded and its log directory is open: an unprivileged uid,
+the lab's control directory hidden. Loading first means the server's code and Python need not
+be readable by that uid. Its request log lives in a directory of its own
+(`<lab dir>/<endpoint namespace>/requests.jsonl`, see `logfiles.request_log`), owned by that
+uid so that it can rotate the log there through the directory it holds open.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import functools
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -187,9 +190,11 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(json.dumps(reply).encode(), addr)
 
 
-def open_log(path: str | None, dir_fd: int | None) -> RotatingLog | None:
-    """The request log: REQUEST_LOG inside an open directory, or a path, or none."""
-    if dir_fd is not None:
+def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
+    """The request log: REQUEST_LOG in a directory (held open: it may be hidden later), or a
+    path, or none."""
+    if log_dir is not None:
+        dir_fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         return RotatingLog(REQUEST_LOG, dir_fd=dir_fd)
     return RotatingLog(path) if path else None
 
@@ -227,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", default="", help="comma-separated TCP ports (HTTP)")
     parser.add_argument("--udp", default="", help="comma-separated UDP ports (echo)")
     parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
-    parser.add_argument("--log-dir-fd", type=int, default=None, metavar="FD",
-                        help=f"an open directory (inherited) to write {REQUEST_LOG} in, instead of --log")
+    parser.add_argument("--log-dir", default=None, metavar="DIR",
+                        help=f"write {REQUEST_LOG} (rotated) in DIR, instead of --log")
+    parser.add_argument("--uid", type=int, default=None, help="confine: run as this uid (started as root)")
+    parser.add_argument("--gid", type=int, default=None, help="confine: and this gid (default: the uid)")
+    parser.add_argument("--hide", action="append", default=[], metavar="DIR",
+                        help="confine: directory to hide from the server (repeatable)")
     args = parser.parse_args(argv)
     tcp = [int(p) for p in args.tcp.split(",") if p]
     udp = [int(p) for p in args.udp.split(",") if p]
@@ -238,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     bound_stderr()  # hostile requests make aiohttp log an error each: keep that log bounded
+    if DNS_PORT in udp:  # loaded now: once confined, the code need not be readable by the server's uid
+        for module in ("dns.flags", "dns.message", "dns.rcode", "dns.rdatatype", "dns.rrset"):
+            importlib.import_module(module)
     try:
-        log = open_log(args.log, args.log_dir_fd)
+        log = open_log(args.log, args.log_dir)
+        if args.uid is not None:
+            from .confine import confine  # noqa: PLC0415
+
+            confine(args.uid, args.gid if args.gid is not None else args.uid, args.hide)
         asyncio.run(serve(args.endpoint, tcp, udp, log))
     except OSError as exc:
         print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
