@@ -351,7 +351,8 @@ class FollowedFile:
                 if older is not None:
                     try:
                         old_inode = os.fstat(older).st_ino
-                        if pos is None or pos.inode == old_inode:
+                        # old_inode == inode: rotated between our two opens; what we hold is it.
+                        if old_inode != inode and (pos is None or pos.inode == old_inode):
                             for line, after in lines_from(older, pos.offset if pos is not None else 0):
                                 self.position = Position(old_inode, after)
                                 yield line

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -89,34 +90,45 @@ def test_the_proxy_event_log_rotates(tmp_path: Path) -> None:
 
 
 def test_a_follower_sees_every_record_once_while_the_writer_rotates(tmp_path: Path) -> None:
-    """A writer thread rotates every few records; a follower reading concurrently gets each record
-    exactly once, whole and in order (the cap is large enough that the writer cannot rotate twice
-    between two reads of a follower that reads continuously)."""
+    """A writer thread rotates every few hundred records while a follower reads concurrently:
+    the follower gets each record exactly once, whole and in order. (A follower that misses two
+    rotations loses the file between them, as with any rotated log; so the writer waits, before
+    each rotation, for one read that began after the previous rotation.)"""
     path = tmp_path / "l7-events.jsonl"
     total = 20_000
-    done = threading.Event()
+    rotated = threading.Condition()
+    state = {"rotations": 0, "read_since": 0}
+
+    class PacedLog(RotatingLog):
+        def rotate(self) -> None:
+            with rotated:
+                assert rotated.wait_for(lambda: state["read_since"] >= state["rotations"], timeout=60)
+                super().rotate()
+                state["rotations"] += 1
 
     def write() -> None:
-        log = RotatingLog(path, max_bytes=200_000)
+        log = PacedLog(path, max_bytes=50_000)
         for seq in range(total):
             log.write_line(record_line(seq, float(seq), pad=seq % 97))
         log.close()
-        done.set()
 
     follower = FollowedFile(path)
     seen: list[int] = []
     writer = threading.Thread(target=write)
     writer.start()
+    deadline = time.monotonic() + 120
     try:
-        while not done.is_set() or len(seen) < total:
-            batch = [r["seq"] for r in json_lines(follower.read())]
-            seen += batch
-            if done.is_set() and not batch:
-                break
+        while len(seen) < total and time.monotonic() < deadline:
+            with rotated:
+                began_after = state["rotations"]
+            seen += [r["seq"] for r in json_lines(follower.read())]
+            with rotated:
+                state["read_since"] = max(state["read_since"], began_after)
+                rotated.notify_all()
     finally:
         writer.join()
     assert seen == list(range(total))
-    assert (tmp_path / "l7-events.jsonl.1").exists()
+    assert state["rotations"] > 20 and (tmp_path / "l7-events.jsonl.1").exists()
 
 
 def test_record_tail_follows_a_rotated_proxy_log_and_skips_torn_lines(tmp_path: Path) -> None:
@@ -254,3 +266,26 @@ def test_a_stderr_log_that_cannot_be_renamed_is_emptied_instead(tmp_path: Path) 
         err.seek(0)
         assert err.read().decode().splitlines()[-1].startswith("error 099 ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rotation_between_the_followers_two_opens_repeats_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower opens NAME, then NAME.1; if the writer rotates in between, both are the same
+    file, which must be read once."""
+    path = tmp_path / PROXY_RECORDS
+    log = RotatingLog(path, max_bytes=10_000)
+    for seq in range(3):
+        log.write_line(record_line(seq, float(seq)))
+    real_open = logfiles._open_read
+
+    def open_then_rotate(target: Path) -> int | None:
+        fd = real_open(target)
+        if target == path:
+            log.rotate()  # NAME is now NAME.1
+        return fd
+
+    monkeypatch.setattr(logfiles, "_open_read", open_then_rotate)
+    follower = FollowedFile(path)
+    assert [r["seq"] for r in json_lines(follower.read())] == [0, 1, 2]
+    monkeypatch.setattr(logfiles, "_open_read", real_open)
+    log.write_line(record_line(3, 3.0))
+    assert [r["seq"] for r in json_lines(follower.read())] == [3]
