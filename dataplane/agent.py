@@ -40,6 +40,7 @@ from . import lab as labmod
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
 from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
+from .logfiles import rotate_bytes
 from .metrics import LabCollector, LabCounters, MetricsListener
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 
@@ -50,8 +51,8 @@ REQUEST_TIMEOUT = 30.0  # the CLI's wait for an answer (a change may wait for th
 RECEIVE_TIMEOUT = 2.0  # the agent's wait for a request's bytes
 MAX_REQUEST = 16 * 1024 * 1024
 POLL_MS = 100
-# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes
-MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", 64 * 1024 * 1024))
+# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes (default: every lab log's cap)
+MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", rotate_bytes()))
 _PR_SET_PDEATHSIG = 1
 
 
