@@ -6,10 +6,13 @@ size cap the file is renamed to `NAME.1` (replacing the previous one) and a new 
 so a lab that runs for days keeps at most two files of each kind. The cap is
 L7LAB_LOG_ROTATE_BYTES (bytes, default 64 MiB) for every such log.
 
-Readers never load whole files to find where to start: `last_lines` reads blocks backwards
-from the end, `first_at_or_after` bisects on the records' `time` field, and `FollowedFile`
-follows a file by inode, finishing the renamed `NAME.1` before it starts the new `NAME`, so
-no record is lost or read twice across a rotation. All reads go through `_pread`.
+Readers never load whole files to find where to start: `last_lines_offset` reads blocks
+backwards from the end, `time_offset` bisects on the records' `time` field, and
+`FollowedFile` follows a file by inode, finishing the renamed `NAME.1` before it starts the
+new `NAME`, so no record is lost or read twice across a rotation (a reader that sleeps through
+two rotations loses the file between them). All reads go through `_pread`.
+
+`BoundedStderr` keeps a long-running process's own stderr log under the same cap.
 """
 
 from __future__ import annotations
