@@ -62,7 +62,7 @@ def endpoint_user(netns_path: str | os.PathLike[str]) -> User:
     """The uid and gid the server of one pod or world host runs as: its own, so that no other
     pod's process (nor another lab's) can signal or trace it. Derived from the inode of the
     endpoint's network namespace, which is unique among the namespaces alive on the machine;
-    no account has it."""
+    no account normally has it."""
     inode = os.stat(netns_path).st_ino
     offset = inode - _NSFS_FIRST_INODE if inode >= _NSFS_FIRST_INODE else inode
     uid = POD_ID_BASE + (offset & 0x0FFFFFFF)
