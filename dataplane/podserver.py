@@ -175,6 +175,19 @@ class _DnsServer(asyncio.DatagramProtocol):
         self.transport.sendto(reply.to_wire(), addr)
 
 
+def _load_dns() -> None:
+    """Load now what answering a question loads (dnspython imports record types on first use):
+    once confined, the server's uid may not be able to read the code."""
+    for module in ("dns.flags", "dns.message", "dns.rcode", "dns.rdatatype", "dns.rrset"):
+        importlib.import_module(module)
+    import dns.message  # noqa: PLC0415
+    import dns.rrset  # noqa: PLC0415
+
+    reply = dns.message.make_response(dns.message.from_wire(dns.message.make_query("lab.", "A").to_wire()))
+    reply.answer.append(dns.rrset.from_text_list(reply.question[0].name, 30, "IN", "A", ["192.0.2.1"]))
+    reply.to_wire()
+
+
 class _UdpEcho(asyncio.DatagramProtocol):
     def __init__(self, identity: dict[str, str]) -> None:
         self.identity = identity
@@ -247,9 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     bound_stderr()  # hostile requests make aiohttp log an error each: keep that log bounded
-    if DNS_PORT in udp:  # loaded now: once confined, the code need not be readable by the server's uid
-        for module in ("dns.flags", "dns.message", "dns.rcode", "dns.rdatatype", "dns.rrset"):
-            importlib.import_module(module)
+    if DNS_PORT in udp:
+        _load_dns()
     try:
         log = open_log(args.log, args.log_dir)
         if args.uid is not None:
