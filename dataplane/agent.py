@@ -49,6 +49,7 @@ from . import limits
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
 from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
+from .logfiles import rotate_bytes
 from .metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 from .supervisor import ProxySupervisor
@@ -66,8 +67,8 @@ RECEIVE_TIMEOUT = 2.0  # the agent's wait for a whole request
 # A change carries at most MAX_CHANGE_BYTES of policy text; JSON escaping can make a byte six.
 MAX_REQUEST = 6 * limits.MAX_CHANGE_BYTES + 64 * 1024
 POLL_MS = 100
-# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes
-MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", 64 * 1024 * 1024))
+# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes (default: every lab log's cap)
+MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", rotate_bytes()))
 _PR_SET_PDEATHSIG = 1
 
 

@@ -266,24 +266,40 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if len(matches) != 1:
         names = ", ".join(sorted(rec.endpoints))
         raise L7LabError(f"{'ambiguous' if matches else 'unknown'} endpoint {args.pod!r} in lab {rec.lab}; endpoints: {names}")
-    os.execvp("ip", ["ip", "netns", "exec", matches[0].netns, *command])
+    from . import confine  # noqa: PLC0415
+
+    # As the invoking user (or --user), in a mount namespace where the lab's control directory
+    # is hidden: what a pod's own processes see (dataplane/confine.py, docs/security.md).
+    user = confine.resolve_user(args.user) if args.user is not None else confine.invoking_user()
+    os.execvp("ip", ["ip", "netns", "exec", matches[0].netns, *confine.command(user, [str(labmod.run_dir())], command)])
     return EXIT_SETUP  # not reached
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
-    """Kernel flow records (from the lab agent) and L7 records (from the proxy), merged by time."""
+    """Kernel flow records (from the lab agent) and L7 records (from the proxy), merged by time;
+    with --last / --since it starts near the end of the files instead of reading them whole."""
     import time  # noqa: PLC0415
 
-    from .flows import RecordTail, describe  # noqa: PLC0415
+    from .flows import RECORD_FILES, RecordTail, describe  # noqa: PLC0415
 
     rec = _one_lab(args.lab)
-    tail = RecordTail(labmod.lab_dir(rec.lab))
     kinds = {"all": ("flow", "l7", "proxy"), "l7": ("l7", "proxy"), "flows": ("flow",)}[args.type]
+    # The agent writes the proxy's lifecycle records ("proxy") into the kernel flows file.
+    files = tuple(n for n, k in RECORD_FILES.items() if k in kinds or (k == "flow" and "proxy" in kinds))
+    tail = RecordTail(labmod.lab_dir(rec.lab), names=files)
+    since = args.since() if args.since is not None else None  # relative to now, when observing starts
+    if args.last is not None:
+        tail.start_at_last(args.last)
+    elif since is not None:
+        tail.start_at_time(since)
     deadline = time.monotonic() + args.follow if args.follow else 0.0
+    first = True
     while True:
-        for record in tail.read():
-            if record["type"] not in kinds:
-                continue
+        records = [r for r in tail.read() if r["type"] in kinds and (since is None or r.get("time", 0.0) >= since)]
+        if first and args.last is not None:
+            records = records[-args.last:] if args.last else []  # the last N of all the files together
+        first = False
+        for record in records:
             if args.json:
                 print(json.dumps(record), flush=True)
             else:
@@ -291,6 +307,40 @@ def cmd_observe(args: argparse.Namespace) -> int:
         if time.monotonic() >= deadline:
             return EXIT_OK
         time.sleep(0.2)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of records (0 or more), got {text!r}")
+    return value
+
+
+def _since(text: str) -> Any:
+    """--since: a duration back from now (30s, 5m, 1h, 2d), a unix time, or an ISO 8601 time
+    (local time unless it says otherwise). Returns a function giving the start time, so that a
+    duration counts back from when observing starts."""
+    import datetime  # noqa: PLC0415
+    import re  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if match:
+        seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        return lambda: time.time() - seconds
+    try:
+        when = float(text)
+    except ValueError:
+        try:
+            when = datetime.datetime.fromisoformat(text.strip()).timestamp()
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a duration (30s, 5m, 1h, 2d), a unix time or an ISO 8601 time "
+                f"(2024-05-01T12:00:00), got {text!r}") from None
+    return lambda: when
 
 
 # --- apply / delete / label (through the lab agent) ----------------------------------------------
@@ -593,8 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab_arguments(p, "only this lab")
     p.set_defaults(func=cmd_status)
 
-    p = verb("exec", "run a command inside a pod or world host: l7lab exec POD -- CMD...", json_flag=False)
+    p = verb("exec", "run a command inside a pod or world host, as the invoking user with the lab's control "
+                     "directory hidden: l7lab exec POD -- CMD...", json_flag=False)
     p.add_argument("--lab", help="lab name (needed when several labs are up)")
+    p.add_argument("--user", metavar="NAME|UID",
+                   help="run as this user (default: the invoking user, the one behind sudo if run through sudo)")
     p.add_argument("pod", help="pod (name or namespace/name) or world host")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments, after --")
     p.set_defaults(func=cmd_exec)
@@ -612,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only kernel flow records (flows) or only L7 records (l7)")
     p.add_argument("--follow", type=float, default=0.0, metavar="SECONDS",
                    help="keep printing new records for this many seconds")
+    p.add_argument("--last", type=_count, metavar="N",
+                   help="start with the last N records (read from the end of the files; with --since, "
+                        "the last N of those since WHEN)")
+    p.add_argument("--since", type=_since, metavar="WHEN",
+                   help="start with the records since WHEN: a duration back from now (30s, 5m, 1h, 2d), "
+                        "a unix time or an ISO 8601 time")
     p.set_defaults(func=cmd_observe)
 
     p = verb("apply", "apply policy manifests to a running lab (all or nothing)")

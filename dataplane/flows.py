@@ -10,7 +10,9 @@ Both carry `time` (unix seconds), `source` and `destination` objects ({ip, port,
 identity}) and `verdict`; a kernel record has `type: "flow"`, an L7 record `type: "l7"` (added
 when read: the proxy's own lines have no `type`). `observe` merges the two by time. The agent
 also writes `type: "proxy"` records into flows.jsonl when the L7 proxy exits or is restarted
-(`time`, `event`, `detail`, `pid`).
+(`time`, `event`, `detail`, `pid`). Each file is renamed to NAME.1 past a size cap
+(`dataplane/logfiles.py`); `RecordTail` follows both across the rename and can start from
+their ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rich.text import Text
+
+from .logfiles import FollowedFile, json_lines
 
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
 TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
@@ -67,64 +73,71 @@ def write_kernel_records(out: Any, events: list[Any], state: Any, names: dict[st
         out.write(json.dumps(kernel_record(ev, state, names, offset + ev.ts_ns / 1e9), separators=(",", ":")) + "\n")
 
 
-def describe(rec: dict[str, Any]) -> str:
-    """One line for people (rich markup for the verdict)."""
+def describe(rec: dict[str, Any]) -> Text:
+    """One line for people. Only the verdict is styled; every other part (paths, names, details)
+    is the record's own text, never read as markup: an HTTP path like `/a[b]/:x:` prints as sent."""
     if rec.get("type") == "proxy":  # the agent's record of the L7 proxy exiting or coming back
-        return f"PROXY {rec.get('event', '')}: {rec.get('detail', '')}"
+        return Text(f"PROXY {rec.get('event', '')}: {rec.get('detail', '')}")
     src, dst = rec.get("source", {}), rec.get("destination", {})
     left = src.get("pod") or src.get("ip", "")
     right = f"{dst.get('pod') or dst.get('ip', '')}:{dst.get('port', '')}"
+    verdict = str(rec.get("verdict", ""))
     if rec.get("type") == "flow":
-        verdict = rec.get("verdict", "")
         colour = {"FORWARD": "green", "REDIRECT": "cyan", "DROP": "red", "AUDIT": "yellow"}.get(verdict, "white")
-        text = f"L3/L4 {left} -> {right} {rec.get('protocol', '')} [{colour}]{verdict}[/]"
+        rest = ""
         if rec.get("reason") not in (None, "", "NONE"):
-            text += f" {rec['reason']}"
+            rest += f" {rec['reason']}"
         if rec.get("endpoint"):
-            text += f" at {rec.get('direction', '')} of {rec['endpoint']}"
+            rest += f" at {rec.get('direction', '')} of {rec['endpoint']}"
         if rec.get("policy"):
-            text += f" by {rec['policy']}"
+            rest += f" by {rec['policy']}"
         if verdict == "REDIRECT":
-            text += f" to proxy port {rec.get('proxy_port')}"
-        return text
-    verdict = rec.get("verdict", "")
+            rest += f" to proxy port {rec.get('proxy_port')}"
+        return Text.assemble(f"L3/L4 {left} -> {right} {rec.get('protocol', '')} ", (verdict, colour), rest)
     colour = {"forwarded": "green", "denied": "red"}.get(verdict, "yellow")
     policies = ", ".join(rec.get("policies", []))
-    return (f"L7    {left} -> {right} {rec.get('method', '')} {rec.get('path', '')} [{colour}]{verdict}[/] "
-            f"{rec.get('status', '')}" + (f" ({policies})" if policies else ""))
+    return Text.assemble(f"L7    {left} -> {right} {rec.get('method', '')} {rec.get('path', '')} ", (verdict, colour),
+                         f" {rec.get('status', '')}" + (f" ({policies})" if policies else ""))
+
+
+RECORD_FILES = {KERNEL_FLOWS: "flow", PROXY_RECORDS: "l7"}
 
 
 @dataclass
 class RecordTail:
-    """Reads complete new lines from a lab's record files, remembering where it stopped."""
+    """Reads complete new lines from a lab's record files, remembering where it stopped in each
+    and following each across its rotation (`NAME.1`); `start_at_last` / `start_at_time` skip
+    to the end of the files without reading what comes before."""
 
     lab_dir: Path
-    offsets: dict[str, int] = field(default_factory=dict)
+    names: tuple[str, ...] = tuple(RECORD_FILES)
+    files: dict[str, FollowedFile] = field(default_factory=dict)
+
+    def _file(self, name: str) -> FollowedFile:
+        if name not in self.files:
+            self.files[name] = FollowedFile(self.lab_dir / name)
+        return self.files[name]
+
+    def start_at_last(self, count: int) -> None:
+        """The next read() starts with (at most) the last `count` records of each file."""
+        for name in self.names:
+            self._file(name).start_at_last(count)
+
+    def start_at_time(self, since: float) -> None:
+        """The next read() starts with the first record of each file at or after `since`."""
+        for name in self.names:
+            self._file(name).start_at_time(since)
 
     def read(self) -> list[dict[str, Any]]:
-        """New records of both files since the last call, in time order."""
+        """New records of every file since the last call, in time order."""
         out: list[dict[str, Any]] = []
-        for name, kind in ((KERNEL_FLOWS, "flow"), (PROXY_RECORDS, "l7")):
+        for name in self.names:
+            kind = RECORD_FILES.get(name, "")
             out += [{"type": kind, **rec} for rec in self.lines(name)]
         out.sort(key=lambda r: r.get("time", 0.0))
         return out
 
     def lines(self, name: str) -> Iterator[dict[str, Any]]:
-        """New complete records of one file (KERNEL_FLOWS or PROXY_RECORDS) since the last call."""
-        path = self.lab_dir / name
-        if not path.exists():
-            return
-        offset = self.offsets.get(name, 0)
-        if path.stat().st_size < offset:
-            offset = 0  # the file was replaced (the lab went down and came up again): start over
-        with open(path, "rb") as f:
-            f.seek(offset)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a line still being written: read it whole next time
-                offset += len(line)
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    continue  # a torn line after a crash; never stop observing for it
-        self.offsets[name] = offset
+        """New complete records of one file (KERNEL_FLOWS or PROXY_RECORDS) since the last call;
+        a torn line after a crash is skipped, never a reason to stop observing."""
+        return json_lines(self._file(name).read())

@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import safety, topology
+from . import confine, safety, topology
 from .errors import SetupError
+from .logfiles import previous, request_log, rotate_bytes
 from .scenario import GATEWAY_IP, Port, Scenario
 
 PREFIX = safety.PREFIX
@@ -225,6 +226,10 @@ class Lab:
             link = topology.add_endpoint(rec.node, ns, ifname, ip, GATEWAY_IP, self.scenario.node_ip)
             # A closed port answers every probe with an ICMP error, not only the first few a second.
             topology.sysctl(ns, "net.ipv4.icmp_ratelimit", 0)
+            # Pods run unprivileged (dataplane/confine.py): let them bind any port and ping, as the
+            # safe sysctls of a Kubernetes pod allow.
+            topology.sysctl(ns, "net.ipv4.ip_unprivileged_port_start", 0)
+            topology.sysctl(ns, "net.ipv4.ping_group_range", "0 2147483647")
             ep.ifindex = link.host_ifindex
             etc = NETNS_ETC / ns
             rec.add(kind="dir", path=str(etc))
@@ -349,8 +354,13 @@ class Lab:
         return "\n".join(lines) + "\n"
 
     def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        """Start `python -m module` inside namespace `ns` (its /etc/netns files applied), recorded."""
+        """Start `python -m module` inside namespace `ns` (its /etc/netns files applied), recorded.
+        Its stderr log past the logs' size cap is moved to NAME.1 first (the processes keep it
+        bounded while they run: `logfiles.bound_stderr`)."""
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", module, "--lab", self.name, *args]
+        with contextlib.suppress(OSError):
+            if log.stat().st_size > rotate_bytes():
+                os.replace(log, previous(log))
         with open(log, "ab") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -360,16 +370,25 @@ class Lab:
         return proc
 
     def _start_servers(self, plan: list[tuple[str, str, str, str, tuple[Port, ...], dict[str, str]]]) -> None:
+        """Every endpoint's server, confined (it confines itself once loaded): as a uid of its own
+        (confine.endpoint_user), the run directory hidden. Its request log goes to a directory of
+        its own, owned by that uid (it rotates the log there), which it opens before the lab's
+        directory disappears from its view."""
         started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         for _kind, key, ns, _ip, ports, _labels in plan:
             tcp = ",".join(str(p.port) for p in ports if p.protocol == "TCP")
             udp = ",".join(str(p.port) for p in ports if p.protocol == "UDP")
             if not tcp and not udp:
                 continue
-            base = str(lab_dir(self.name) / ns.removeprefix(lab_prefix(self.name)))
-            log = Path(base + ".log")
-            proc = self._spawn(key, ns, "dataplane.podserver", ["--endpoint", key, "--tcp", tcp, "--udp", udp,
-                                                                "--log", base + ".requests.jsonl"], log)
+            user = confine.endpoint_user(topology.NETNS_DIR / ns)
+            endpoint_dir = ns.removeprefix(lab_prefix(self.name))
+            log = lab_dir(self.name) / (endpoint_dir + ".log")
+            logs = request_log(lab_dir(self.name), endpoint_dir).parent
+            logs.mkdir(mode=0o755, exist_ok=True)
+            os.chown(logs, user.uid, user.gid, follow_symlinks=False)
+            proc = self._spawn(key, ns, "dataplane.podserver",
+                               ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--log-dir", str(logs),
+                                "--uid", str(user.uid), "--gid", str(user.gid), "--hide", str(run_dir())], log)
             started.append((key, proc, log))
         wait_ready(started)
 

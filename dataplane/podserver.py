@@ -4,12 +4,20 @@ Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endp
 /etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
 so a probe can check that the backend itself answered and what exactly reached it (or, when the
 request asks for it with X-L7lab-Response-Bytes, a large streamed body); each request is also
-appended to a JSON-lines log (the record of what a backend really received). UDP
+appended to a JSON-lines log (the record of what a backend really received), rotated to
+`requests.jsonl.1` past L7LAB_LOG_ROTATE_BYTES (see `dataplane/logfiles.py`). UDP
 datagrams are answered with JSON of what arrived, except on UDP port 53, which answers DNS
 questions from the lab's own names.
 
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
 seconds in a namespace with no DNS), and prints READY once every port is listening.
+
+In a lab it starts as root and confines itself (`dataplane/confine.py`, with --uid, --gid and
+--hide) once everything it needs is loaded and its log directory is open: an unprivileged uid,
+the lab's control directory hidden. Loading first means the server's code and Python need not
+be readable by that uid. Its request log lives in a directory of its own
+(`<lab dir>/<endpoint namespace>/requests.jsonl`, see `logfiles.request_log`), owned by that
+uid so that it can rotate the log there through the directory it holds open.
 """
 
 from __future__ import annotations
@@ -18,14 +26,16 @@ import argparse
 import asyncio
 import functools
 import hashlib
+import importlib
 import json
 import os
 import signal
 import socket
 import sys
-from typing import Any
 
 from aiohttp import web
+
+from .logfiles import REQUEST_LOG, RotatingLog, bound_stderr
 
 # A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
 # echo (still logged like any request); with RESPONSE_CHUNKED_HEADER: yes, framed chunked.
@@ -35,7 +45,7 @@ MAX_RESPONSE_BYTES = 1 << 30
 PATTERN_PIECE = bytes(range(256)) * 1024  # 256 KiB; every piece of a large response is a prefix of it
 
 
-def _http_app(identity: dict[str, str], log: Any) -> web.Application:
+def _http_app(identity: dict[str, str], log: RotatingLog | None) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -52,8 +62,7 @@ def _http_app(identity: dict[str, str], log: Any) -> web.Application:
             "server_port": sock[1] if sock else 0,
         }
         if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write_line(json.dumps(record))
         size = request.headers.get(RESPONSE_BYTES_HEADER)
         if size is not None:
             return await _stream_bytes(request, identity, size)
@@ -130,7 +139,7 @@ class _DnsServer(asyncio.DatagramProtocol):
     """The lab's DNS: answers A questions from the lab's own names (the namespace's hosts file),
     NXDOMAIN for names it does not know; every question is logged like an HTTP request."""
 
-    def __init__(self, identity: dict[str, str], log: Any) -> None:
+    def __init__(self, identity: dict[str, str], log: RotatingLog | None) -> None:
         self.identity, self.log = identity, log
         self.names = read_hosts()
         self.transport: asyncio.DatagramTransport | None = None
@@ -160,10 +169,23 @@ class _DnsServer(asyncio.DatagramProtocol):
         elif question.rdtype == dns.rdatatype.A:
             reply.answer.append(dns.rrset.from_text_list(question.name, 30, "IN", "A", addresses))
         if self.log is not None:
-            self.log.write(json.dumps({**self.identity, "dns": name, "type": qtype, "rcode": dns.rcode.to_text(reply.rcode()),
-                                       "client": f"{addr[0]}:{addr[1]}"}) + "\n")
+            self.log.write_line(json.dumps({**self.identity, "dns": name, "type": qtype,
+                                            "rcode": dns.rcode.to_text(reply.rcode()), "client": f"{addr[0]}:{addr[1]}"}))
         assert self.transport is not None
         self.transport.sendto(reply.to_wire(), addr)
+
+
+def _load_dns() -> None:
+    """Load now what answering a question loads (dnspython imports record types on first use):
+    once confined, the server's uid may not be able to read the code."""
+    for module in ("dns.flags", "dns.message", "dns.rcode", "dns.rdatatype", "dns.rrset"):
+        importlib.import_module(module)
+    import dns.message  # noqa: PLC0415
+    import dns.rrset  # noqa: PLC0415
+
+    reply = dns.message.make_response(dns.message.from_wire(dns.message.make_query("lab.", "A").to_wire()))
+    reply.answer.append(dns.rrset.from_text_list(reply.question[0].name, 30, "IN", "A", ["192.0.2.1"]))
+    reply.to_wire()
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -181,9 +203,17 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(json.dumps(reply).encode(), addr)
 
 
-async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log_path: str | None) -> None:
+def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
+    """The request log: REQUEST_LOG in a directory (held open: it may be hidden later), or a
+    path, or none."""
+    if log_dir is not None:
+        dir_fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return RotatingLog(REQUEST_LOG, dir_fd=dir_fd)
+    return RotatingLog(path) if path else None
+
+
+async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: RotatingLog | None) -> None:
     identity = {"endpoint": endpoint}
-    log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the server
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(_http_app(identity, log), access_log=None, handle_signals=False)
     await runner.setup()
@@ -215,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", default="", help="comma-separated TCP ports (HTTP)")
     parser.add_argument("--udp", default="", help="comma-separated UDP ports (echo)")
     parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
+    parser.add_argument("--log-dir", default=None, metavar="DIR",
+                        help=f"write {REQUEST_LOG} (rotated) in DIR, instead of --log")
+    parser.add_argument("--uid", type=int, default=None, help="confine: run as this uid (started as root)")
+    parser.add_argument("--gid", type=int, default=None, help="confine: and this gid (default: the uid)")
+    parser.add_argument("--hide", action="append", default=[], metavar="DIR",
+                        help="confine: directory to hide from the server (repeatable)")
     args = parser.parse_args(argv)
     tcp = [int(p) for p in args.tcp.split(",") if p]
     udp = [int(p) for p in args.udp.split(",") if p]
@@ -223,8 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    bound_stderr()  # hostile requests make aiohttp log an error each: keep that log bounded
+    if DNS_PORT in udp:
+        _load_dns()
     try:
-        asyncio.run(serve(args.endpoint, tcp, udp, args.log))
+        log = open_log(args.log, args.log_dir)
+        if args.uid is not None:
+            from .confine import confine  # noqa: PLC0415
+
+            confine(args.uid, args.gid if args.gid is not None else args.uid, args.hide)
+        asyncio.run(serve(args.endpoint, tcp, udp, log))
     except OSError as exc:
         print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -22,6 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
+from dataplane.logfiles import bound_stderr
+
 from .events import EventLog
 from .server import ProxyServer, install_uvloop
 from .state import Snapshot
@@ -95,6 +97,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    bound_stderr()  # errors are logged per connection: keep proxy.log under the logs' cap
     install_uvloop()
     return asyncio.run(serve(args))
 

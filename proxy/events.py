@@ -5,6 +5,9 @@ Fields: time (unix seconds), method, url, path (normalized, as matched and forwa
 status, latency_ms, verdict (forwarded | denied | error), reason, source / destination (ip, pod
 name or "", identity; destination also port), rule_ids and policies (that allowed it, or whose
 rules it failed).
+
+The file is bounded: past L7LAB_LOG_ROTATE_BYTES (default 64 MiB) it becomes NAME.1 and a new
+one begins (`dataplane.logfiles.RotatingLog`), so a busy lab keeps at most two files.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import json
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any
+
+from dataplane.logfiles import RotatingLog
 
 
 @dataclass
@@ -37,17 +42,18 @@ class L7Record:
 
 
 class EventLog:
-    """Appends records to a file (one JSON line each, flushed) and keeps the last `keep` in memory."""
+    """Appends records to a rotated file (one JSON line each, one write per line) and keeps the
+    last `keep` in memory. `max_bytes` overrides the size cap (default: L7LAB_LOG_ROTATE_BYTES)."""
 
-    def __init__(self, path: str | None = None, keep: int = 10000) -> None:
+    def __init__(self, path: str | None = None, keep: int = 10000, max_bytes: int | None = None) -> None:
         self.records: deque[L7Record] = deque(maxlen=keep)
-        self._file: TextIO | None = open(path, "a", buffering=1) if path else None
+        self._file: RotatingLog | None = RotatingLog(path, max_bytes) if path else None
 
     def emit(self, record: L7Record) -> None:
         self.records.append(record)
         if self._file is not None:
             try:
-                self._file.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+                self._file.write_line(json.dumps(record.to_json(), separators=(",", ":")))
             except OSError:
                 pass  # observability must never break enforcement
 

@@ -24,6 +24,7 @@ from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.datapath import FlowEvent
 from dataplane.lab import Lab
+from dataplane.logfiles import read_all, request_log
 from dataplane.mapstate import PROXY_PORT, Direction
 from dataplane.policy import PolicyEngine
 from dataplane.policy.l7 import L7RuleSet
@@ -174,14 +175,11 @@ class L7Lab:
 
     def requests_log_path(self, pod: str = "shop/backend") -> Path:
         ns = self.netns(pod).removeprefix(labmod.lab_prefix(self.lab.name))
-        return labmod.lab_dir(self.lab.name) / f"{ns}.requests.jsonl"
+        return request_log(labmod.lab_dir(self.lab.name), ns)
 
     def backend_requests(self, pod: str = "shop/backend") -> list[dict[str, Any]]:
-        """Every request the pod's server really received (its own JSON-lines log)."""
-        path = self.requests_log_path(pod)
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """Every request the pod's server really received (its own JSON-lines log, rotated or not)."""
+        return read_all(self.requests_log_path(pod))
 
     def proxy_events(self) -> list[dict[str, Any]]:
         path = self.lab.proxy_events_file

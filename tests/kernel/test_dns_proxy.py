@@ -24,6 +24,7 @@ import pytest
 
 from dataplane import topology
 from dataplane.lab import Lab, lab_dir, lab_prefix
+from dataplane.logfiles import read_all, request_log
 from dataplane.policy import PolicyEngine
 from dataplane.reasons import DropReason, FlowVerdict
 from dataplane.scenario import load_scenario
@@ -65,8 +66,7 @@ def ask(lab: Lab, pod: str, name: str, timeout: float = 5.0, payload: bytes | No
 
 def server_log(lab: Lab) -> list[dict[str, Any]]:
     ns = lab.record.endpoints["kube-system/kube-dns"].netns.removeprefix(lab_prefix(lab.name))
-    path = lab_dir(lab.name) / f"{ns}.requests.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_all(request_log(lab_dir(lab.name), ns))
 
 
 def proxy_records(lab: Lab) -> list[dict[str, Any]]:

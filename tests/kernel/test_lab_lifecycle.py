@@ -16,6 +16,7 @@ import pytest
 from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.lab import Lab
+from dataplane.logfiles import read_all, request_log
 from dataplane.runner import KernelExecutor, run_scenario
 from dataplane.scenario import Destination, Probe, Scenario, Step, load_scenario
 from tests.conftest import REPO, patient, unique_lab
@@ -96,10 +97,8 @@ def test_two_labs_side_by_side_do_not_interfere() -> None:
         report_a = run_scenario(a, KernelExecutor(lab_a))
         report_b = run_scenario(b, KernelExecutor(lab_b))
         assert report_a.passed and report_b.passed
-        log_a = labmod.lab_dir(a.name) / "pod.shop.inventory-api.requests.jsonl"
-        log_b = labmod.lab_dir(b.name) / "pod.shop.inventory-api.requests.jsonl"
-        paths_a = [json.loads(x)["path"] for x in log_a.read_text().splitlines()]
-        paths_b = [json.loads(x)["path"] for x in log_b.read_text().splitlines()]
+        paths_a = [r["path"] for r in read_all(request_log(labmod.lab_dir(a.name), "pod.shop.inventory-api"))]
+        paths_b = [r["path"] for r in read_all(request_log(labmod.lab_dir(b.name), "pod.shop.inventory-api"))]
         assert paths_a.count("/api/inventory/item123") == 1 and paths_b.count("/api/inventory/item123") == 1
         lab_a.down()
         assert nothing_left(a.name)
