@@ -125,7 +125,7 @@ def test_a_pod_reaches_neither_the_agent_nor_the_node_namespace(lab: str) -> Non
     assert as_exec.returncode == 1 and "FileNotFoundError" in as_exec.stdout, as_exec
     # The l7lab command itself, run in a pod, finds no lab to change: the policy stays.
     delete = in_pod(lab, "shell", *L7LAB, "delete", "cnp", "mediabot-dns", "-n", "shop", "--lab", lab)
-    assert delete.returncode == 1 and "not up" in delete.stderr, delete
+    assert delete.returncode == 1 and f"no lab named {lab!r} is up" in delete.stderr, delete
     status = l7lab("status", lab, "--json")
     assert status.returncode == 0 and "mediabot-dns" in status.stdout
     # Entering the node namespace needs privileges a pod's process does not have.
