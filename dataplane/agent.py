@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import lab as labmod
-from . import limits
+from . import limits, safety
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
 from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
@@ -321,8 +321,7 @@ class Agent:
         os.close(log)
         topology.enter_netns(rec.node)
         path = self.dir / SOCKET_NAME
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        safety.remove_owned(path, self.lab.name, labmod.run_dir(), labmod.NETNS_ETC)  # a stale socket
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         os.chmod(path, 0o600)  # root only: it changes what the kernel enforces
