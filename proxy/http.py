@@ -25,6 +25,7 @@ rules of `normalize_path`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httptools
@@ -180,6 +181,22 @@ def upgrade_accepted(offered: str, switched_to: str) -> bool:
     chosen = [t for t in switched_to.split(",") if t.strip()]
     offered_names = {_protocol_name(t) for t in offered.split(",") if t.strip()}
     return len(chosen) == 1 and _protocol_name(chosen[0]) in offered_names & FORWARDED_UPGRADES
+
+
+def headers_seen_by_rules(headers: Mapping[str, str], version: str = "1.1") -> dict[str, str]:
+    """The part of a request's headers the L7 rules see, as `parse_request` + `match_headers`
+    leave it (for the policy oracle, which judges requests it never parses): hop-by-hop headers
+    and the headers Connection names are gone; an upgrade offer is shown only as the proxy
+    forwards it (`Connection: Upgrade` + the WebSocket part of Upgrade), so an h2c offer is not
+    seen at all. Framing headers stay as given (the proxy writes equivalent ones)."""
+    connection = [t for name, value in headers.items() if name.lower() == "connection" for t in _tokens(value)]
+    hidden = _hop_by_hop(connection) - {"content-length", "transfer-encoding"}
+    out = {name: value for name, value in headers.items() if name.lower() not in hidden}
+    offer = next((value for name, value in headers.items() if name.lower() == "upgrade"), "")
+    forwarded = forwarded_upgrade(offer) if "upgrade" in connection and version == "1.1" else ""
+    if forwarded:
+        out.update({"Connection": "Upgrade", "Upgrade": forwarded})
+    return out
 
 
 def _tokens(value: str) -> list[str]:

@@ -307,3 +307,69 @@ def test_tunnel_half_close_still_delivers_the_other_direction(fresh) -> None:
     got = read_until_closed(c)
     c.close()
     assert got == b"FIRST AND LAST"
+
+
+# ------------------------------------------------------------------ the oracle sees what the rules see
+
+UPGRADE_HEADER_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend-l7, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts:
+        - ports: [{port: "PORT", protocol: TCP}]
+          rules:
+            http:
+              - {method: GET, path: /ws, headers: ["Upgrade: websocket"]}
+              - {method: GET, path: /h2, headers: ["Upgrade: h2c"]}
+              - {method: GET, path: /settings, headerMatches: [{name: HTTP2-Settings}]}
+              - {method: GET, path: /conn, headers: ["Connection: Upgrade"]}
+"""
+
+UPGRADE_HEADER_REQUESTS = [
+    {"Connection": "Upgrade", "Upgrade": "websocket"},
+    {"Connection": "Upgrade", "Upgrade": "h2c"},
+    {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"},
+    {"Connection": "upgrade", "Upgrade": "h2c, websocket"},
+    {"Upgrade": "websocket"},  # no Connection: upgrade, so no upgrade at all
+    {"HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"},
+]
+
+
+def test_the_oracle_sees_upgrade_headers_as_the_proxy_forwards_them(loop) -> None:
+    from dataplane.policy import Flow
+    from dataplane.scenario import HttpRequest
+
+    from _harness import Backend
+
+    backend = Backend(BACKEND_HOST)
+    loop.run(backend.start())
+    eng = engine(backend.port, UPGRADE_HEADER_POLICY)
+    proxy = ProxyServer(Snapshot(remap(eng.map_state(), eng)), "127.0.0.1", 0, transparent=False, mark=False,
+                        original_dst=(BACKEND_HOST, backend.port), events=EventLog())
+    loop.run(proxy.start())
+    pod = eng.scenario.pods["shop/backend"]
+    try:
+        outcomes = []
+        for path in ("/ws", "/h2", "/settings", "/conn"):
+            for headers in UPGRADE_HEADER_REQUESTS:
+                flow = Flow("shop/frontend", pod.ip, "TCP", backend.port, HttpRequest("GET", path, headers), "",
+                            "backend")
+                oracle = eng.verdict(flow).outcome
+                c = Client(proxy.port)
+                c.send((f"GET {path} HTTP/1.1\r\nHost: backend\r\n"
+                        + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode())
+                status = c.read_response().status
+                c.close()
+                outcomes.append((path, headers, status, oracle))
+                assert (status in (101, 200)) == (oracle == "allowed"), (path, headers, status, oracle)
+        allowed = [(p, h) for p, h, _, o in outcomes if o == "allowed"]
+        # Only a forwarded WebSocket upgrade is visible to the rules; h2c and HTTP2-Settings never are.
+        assert allowed == [("/ws", UPGRADE_HEADER_REQUESTS[0]), ("/ws", UPGRADE_HEADER_REQUESTS[3]),
+                           ("/conn", UPGRADE_HEADER_REQUESTS[0]), ("/conn", UPGRADE_HEADER_REQUESTS[3])]
+    finally:
+        loop.run(proxy.stop())
+        loop.run(backend.stop())
