@@ -20,6 +20,9 @@ Content-Length digits only (duplicates must be identical); Transfer-Encoding one
 last coding is `chunked` (and only that one); both CL and TE; TE on HTTP/1.0; Host missing, empty,
 duplicated or malformed; absolute-form whose authority differs from Host; fragments; and the path
 rules of `normalize_path`.
+
+Upgrades: only a WebSocket offer is forwarded (FORWARDED_UPGRADES); h2c and every other offer is
+removed and the request goes on as a plain one, so a 101 can only ever switch to WebSocket.
 """
 
 from __future__ import annotations
@@ -365,7 +368,8 @@ def parse_response(head: bytes, request: Request) -> Response:
     if cl is not None:
         resp.content_length_header = cl[0]
     if resp.status == 101:
-        resp.upgrade = (by_name.get("upgrade") or [""])[0]
+        # Every Upgrade line, joined: a 101 naming more than one protocol is refused by the relay.
+        resp.upgrade = ", ".join(by_name.get("upgrade", []))
     no_body = request.method == "HEAD" or resp.status < 200 or resp.status in (204, 304) or \
         (request.is_connect and 200 <= resp.status < 300)
     if no_body:

@@ -185,8 +185,8 @@ def test_upgrade_lists_keep_only_websocket(fresh, offer: str, forwarded: str | N
 
 
 class Always101:
-    """A broken (or hostile) backend: answers every request head with 101 to h2c, then records
-    whatever arrives after the head."""
+    """A broken (or hostile) backend: answers every request head with a 101 carrying the given
+    Upgrade line(s), then records whatever arrives after the head."""
 
     def __init__(self, loop: LoopThread, upgrade: str = "h2c") -> None:
         self.after_head = bytearray()
@@ -198,8 +198,8 @@ class Always101:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             self.heads.append(await reader.readuntil(b"\r\n\r\n"))
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %b\r\n\r\n"
-                         % self.upgrade.encode())
+            lines = b"".join(b"Upgrade: %b\r\n" % u.encode() for u in self.upgrade.split("|"))
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n%b\r\n" % lines)
             while data := await reader.read(65536):
                 self.after_head += data
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -213,6 +213,8 @@ class Always101:
     (b"GET /public/x HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", "h2c"),  # removed
     (b"GET /upgrade HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "h2c"),
     (b"GET /upgrade HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "websocket, h2c"),
+    (b"GET /upgrade HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "websocket|h2c"),
+    (b"GET /upgrade HTTP/1.0\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "websocket"),
 ])
 def test_a_101_the_proxy_did_not_ask_for_is_a_502_and_never_a_tunnel(loop, request_head: bytes,
                                                                       switched_to: str) -> None:
