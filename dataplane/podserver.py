@@ -3,7 +3,9 @@
 Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endpoint's own
 /etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
 so a probe can check that the backend itself answered and what exactly reached it (or, when the
-request asks for it with X-L7lab-Response-Bytes, a large streamed body); each request is also
+request asks for it with X-L7lab-Response-Bytes, a large streamed body; a WebSocket handshake
+is accepted, greeted with one JSON text message naming the endpoint, and every message echoed);
+each request is also
 appended to a JSON-lines log (the record of what a backend really received), rotated to
 `requests.jsonl.1` past L7LAB_LOG_ROTATE_BYTES (see `dataplane/logfiles.py`). UDP
 datagrams are answered with JSON of what arrived, except on UDP port 53, which answers DNS
@@ -33,7 +35,7 @@ import signal
 import socket
 import sys
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from .logfiles import REQUEST_LOG, RotatingLog, bound_stderr
 
@@ -66,11 +68,29 @@ def _http_app(identity: dict[str, str], log: RotatingLog | None) -> web.Applicat
         size = request.headers.get(RESPONSE_BYTES_HEADER)
         if size is not None:
             return await _stream_bytes(request, identity, size)
+        websocket = web.WebSocketResponse()
+        if websocket.can_prepare(request).ok:
+            return await _websocket_echo(request, websocket, identity)
         return web.json_response(record, headers={"X-L7lab-Backend": identity["endpoint"]})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+async def _websocket_echo(request: web.Request, websocket: web.WebSocketResponse,
+                          identity: dict[str, str]) -> web.WebSocketResponse:
+    """A WebSocket session: a greeting naming the endpoint (so a client knows the backend itself
+    answered), then every text or binary message echoed until the client closes."""
+    websocket.headers["X-L7lab-Backend"] = identity["endpoint"]
+    await websocket.prepare(request)
+    await websocket.send_str(json.dumps({"endpoint": identity["endpoint"], "websocket": "hello"}))
+    async for message in websocket:
+        if message.type == WSMsgType.TEXT:
+            await websocket.send_str(message.data)
+        elif message.type == WSMsgType.BINARY:
+            await websocket.send_bytes(message.data)
+    return websocket
 
 
 async def _stream_bytes(request: web.Request, identity: dict[str, str], size_text: str) -> web.StreamResponse:

@@ -20,11 +20,15 @@ Content-Length digits only (duplicates must be identical); Transfer-Encoding one
 last coding is `chunked` (and only that one); both CL and TE; TE on HTTP/1.0; Host missing, empty,
 duplicated or malformed; absolute-form whose authority differs from Host; fragments; and the path
 rules of `normalize_path`.
+
+Upgrades: only a WebSocket offer is forwarded (FORWARDED_UPGRADES); h2c and every other offer is
+removed and the request goes on as a plain one, so a 101 can only ever switch to WebSocket.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httptools
@@ -47,9 +51,18 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/%")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and framing headers: never forwarded as received; the
-# proxy writes its own framing and connection management.
+# proxy writes its own framing and connection management. HTTP2-Settings belongs to an h2c
+# upgrade (RFC 7540 3.2), which is never forwarded, so it is never forwarded either.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding",
-                        "content-length", "upgrade", "trailer"})
+                        "content-length", "upgrade", "trailer", "http2-settings"})
+
+# The only protocols an upgrade is forwarded to (compared by protocol name, any letter case).
+# After the backend's 101 the connection is a byte tunnel the rules cannot see into, so an
+# upgrade is forwarded only where that is the accepted price: WebSocket (Envoy forwards an
+# upgrade only for the types its configuration enables). Never h2c: every HTTP/2 request after
+# the switch would reach the backend unchecked; like Envoy's HTTP/1 codec, the proxy removes the
+# h2c offer and the request goes on as a plain HTTP/1.1 request. See docs/proxy.md "Upgrades".
+FORWARDED_UPGRADES = frozenset({"websocket"})
 
 REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable", 500: "Internal Server Error"}
@@ -76,7 +89,7 @@ class Request:
     length: int = 0
     codings: tuple[str, ...] = ()  # transfer codings before the final "chunked"
     keep_alive: bool = True
-    upgrade: str = ""  # Upgrade header of a Connection: upgrade request
+    upgrade: str = ""  # the offered upgrade protocols the proxy forwards (forwarded_upgrade); "" none
     expect_continue: bool = False
 
     @property
@@ -154,6 +167,41 @@ def _hop_by_hop(connection: list[str]) -> frozenset[str]:
     return HOP_BY_HOP | {t.lower() for t in connection}
 
 
+def _protocol_name(token: str) -> str:
+    """`websocket` of `WebSocket/13`: an Upgrade protocol token's name, lower case."""
+    return token.split("/", 1)[0].strip().lower()
+
+
+def forwarded_upgrade(value: str) -> str:
+    """The part of an Upgrade header the proxy forwards: the offered protocols that are in
+    FORWARDED_UPGRADES, as sent, in order; "" when none is (the request is then a plain one)."""
+    kept = [t.strip() for t in value.split(",") if _protocol_name(t) in FORWARDED_UPGRADES]
+    return ", ".join(kept)
+
+
+def upgrade_accepted(offered: str, switched_to: str) -> bool:
+    """True if a 101's Upgrade names exactly one protocol, and one the forwarded request offered."""
+    chosen = [t for t in switched_to.split(",") if t.strip()]
+    offered_names = {_protocol_name(t) for t in offered.split(",") if t.strip()}
+    return len(chosen) == 1 and _protocol_name(chosen[0]) in offered_names & FORWARDED_UPGRADES
+
+
+def headers_seen_by_rules(headers: Mapping[str, str], version: str = "1.1") -> dict[str, str]:
+    """The part of a request's headers the L7 rules see, as `parse_request` + `match_headers`
+    leave it (for the policy oracle, which judges requests it never parses): hop-by-hop headers
+    and the headers Connection names are gone; an upgrade offer is shown only as the proxy
+    forwards it (`Connection: Upgrade` + the WebSocket part of Upgrade), so an h2c offer is not
+    seen at all. Framing headers stay as given (the proxy writes equivalent ones)."""
+    connection = [t for name, value in headers.items() if name.lower() == "connection" for t in _tokens(value)]
+    hidden = _hop_by_hop(connection) - {"content-length", "transfer-encoding"}
+    out = {name: value for name, value in headers.items() if name.lower() not in hidden}
+    offer = next((value for name, value in headers.items() if name.lower() == "upgrade"), "")
+    forwarded = forwarded_upgrade(offer) if "upgrade" in connection and version == "1.1" else ""
+    if forwarded:
+        out.update({"Connection": "Upgrade", "Upgrade": forwarded})
+    return out
+
+
 def _tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
@@ -213,7 +261,9 @@ def parse_request(head: bytes) -> Request:
     if "upgrade" in connection and upgrades:
         if len(upgrades) != 1:
             raise HttpError(400, "more than one Upgrade header")
-        req.upgrade = upgrades[0]
+        # RFC 9110 7.8: an Upgrade in an HTTP/1.0 request is ignored; the proxy forwards as
+        # HTTP/1.1, so it must drop it itself or the backend would honour it.
+        req.upgrade = forwarded_upgrade(upgrades[0]) if version == "1.1" else ""
     expect = [t for v in by_name.get("expect", []) for t in _tokens(v)]
     req.expect_continue = "100-continue" in expect
     req.headers = [(n, v) for n, v in fields if n.lower() not in _hop_by_hop(connection)] + req.headers
@@ -318,7 +368,8 @@ def parse_response(head: bytes, request: Request) -> Response:
     if cl is not None:
         resp.content_length_header = cl[0]
     if resp.status == 101:
-        resp.upgrade = (by_name.get("upgrade") or [""])[0]
+        # Every Upgrade line, joined: a 101 naming more than one protocol is refused by the relay.
+        resp.upgrade = ", ".join(by_name.get("upgrade", []))
     no_body = request.method == "HEAD" or resp.status < 200 or resp.status in (204, 304) or \
         (request.is_connect and 200 <= resp.status < 300)
     if no_body:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from .events import EventLog, L7Record
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
-    response_head
+    response_head, upgrade_accepted
 from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
@@ -361,9 +361,15 @@ class ClientConnection:
                     await self.client.write(response_head("1.1", resp.status, resp.reason, resp.headers))
                 continue
             break
-        tunnel = (resp.status == 101 and bool(req.upgrade)) or (req.is_connect and 200 <= resp.status < 300)
-        if resp.status == 101 and not req.upgrade:
-            raise UpstreamFailed(502, "upstream switched protocols without an Upgrade request")
+        if resp.status == 101:
+            # Only an upgrade the proxy forwarded may become a tunnel: a 101 to a request whose
+            # upgrade offer was removed (h2c) or never made would hand the connection to a
+            # protocol the rules cannot check. Such an answer is a broken upstream: 502, close.
+            if not req.upgrade:
+                raise UpstreamFailed(502, "upstream switched protocols for a request without a forwarded upgrade")
+            if not upgrade_accepted(req.upgrade, resp.upgrade):
+                raise UpstreamFailed(502, f"upstream switched to {resp.upgrade!r}, not to the offered {req.upgrade!r}")
+        tunnel = resp.status == 101 or (req.is_connect and 200 <= resp.status < 300)
         keep = req.keep_alive and not tunnel
         body_kind, framed = resp.body, True
         headers = list(resp.headers)
@@ -413,30 +419,48 @@ class ClientConnection:
         except (HttpError, PeerClosed) as exc:
             raise UpstreamFailed(-1, f"upstream response body broken: {exc}") from None
         answered(resp.status)
+        if tunnel:
+            # The connection now belongs to the tunnel, with whatever the upstream already sent
+            # after the head (a fast backend writes its 101 and first frame in one go): the
+            # keep-alive bookkeeping below does not apply.
+            return resp.status, False, True
         if not resp.keep_alive or body_kind == "close" or up.stream.buf:
             self.drop_upstream()  # never reuse a connection that might carry unread bytes
         return resp.status, keep, tunnel
 
     async def tunnel(self, up: Upstream) -> None:
-        """After 101 / CONNECT 2xx: bytes both ways until either side closes."""
+        """After 101 / CONNECT 2xx: every byte both ways until either side closes.
+
+        Bytes already buffered on either side at the switch (frames the client sent right after
+        its handshake, the first frames a fast backend wrote with its 101) go first. A clean
+        end of stream from one side is passed on as a half-close (write_eof), and the other
+        direction goes on until its sender closes too; a reset or write error on either side
+        ends both directions at once."""
         async def pipe(src: BufferedStream, dst: BufferedStream) -> None:
-            try:
-                if src.buf:
-                    await dst.write(bytes(src.buf))
-                    src.buf.clear()
-                while True:
-                    data = await src.reader.read(PIECE)
-                    if not data:
-                        break
-                    await dst.write(data)
-            except (ConnectionError, OSError):
-                pass
-            finally:
+            if src.buf:
+                pending = bytes(src.buf)
+                src.buf.clear()
+                await dst.write(pending)
+            while True:
+                data = await src.reader.read(PIECE)
+                if not data:
+                    break
+                await dst.write(data)
+            if dst.writer.can_write_eof():
+                dst.writer.write_eof()
+
+        directions = [asyncio.create_task(pipe(self.client, up.stream)),
+                      asyncio.create_task(pipe(up.stream, self.client))]
+        try:
+            for finished in asyncio.as_completed(directions):
                 try:
-                    dst.writer.write_eof()
-                except (OSError, RuntimeError, AttributeError):
-                    pass
-        await asyncio.gather(pipe(self.client, up.stream), pipe(up.stream, self.client))
+                    await finished
+                except (ConnectionError, OSError, RuntimeError):
+                    break  # broken, not closed: nothing more can be carried either way
+        finally:
+            for task in directions:
+                task.cancel()
+            await asyncio.gather(*directions, return_exceptions=True)
 
 
 def install_uvloop() -> bool:

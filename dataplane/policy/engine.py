@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ErrorList, SourceError, SourceLocation
-from proxy.http import HttpError, request_path
+from proxy.http import HttpError, headers_seen_by_rules, request_path
 
 from ..mapstate import IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, MapState, Verdict, lookup_policy
 from ..scenario import HttpRequest, Probe, Scenario, Step
@@ -331,6 +331,20 @@ class _Judge:
                 return False
             if path != req.path:
                 self.trace.append(f"{where}: the proxy normalizes {req.path} to {path}")
+            seen = headers_seen_by_rules(headers)
+            kept = {k.lower() for k in seen}
+            removed = [k for k in headers if k.lower() not in kept]
+            if removed:
+                self.trace.append(f"{where}: hop-by-hop headers are not forwarded and the rules do not see them: "
+                                  f"{', '.join(removed)}")
+            offered = next((v for k, v in headers.items() if k.lower() == "upgrade"), None)
+            if "Upgrade" in seen and seen["Upgrade"] != offered:
+                self.trace.append(f"{where}: the upgrade is forwarded (and seen by the rules) as "
+                                  f"Connection: Upgrade, Upgrade: {seen['Upgrade']}")
+            elif any(k.lower() == "upgrade" for k in removed):
+                self.trace.append(f"{where}: no upgrade is forwarded (only WebSocket is, never h2c): "
+                                  "the request goes on as a plain request")
+            headers = seen
             ok, why, ids = rule_set.match_http(req.method, path, headers)
             self.trace.append(f"{where}: {req.method} {path} {why}"
                               + (f" [{'; '.join(self.rule_text(r) for r in ids)}]" if ids else ""))

@@ -4,7 +4,8 @@
   connection and the requests it parsed (with llhttp, i.e. a lenient real-world parser: what a
   smuggled request would look like to a real backend). Paths: /big/N answers N bytes
   (Content-Length), /chunked/N answers N bytes chunked, /close/N close-delimited, /upload answers
-  the size and sha256 of the request body, /upgrade answers 101 and echoes; anything else 200
+  the size and sha256 of the request body, an upgrade request is answered 101 (switching to the first protocol offered) and then
+  every byte is echoed upper-cased; anything else 200
   "ok METHOD URL".
 * `LoopThread`: one event loop in a thread hosting backend and proxy, so tests use plain sockets.
 * `Client`: raw socket helpers; `read_response` parses one response with httptools.
@@ -120,7 +121,10 @@ class Backend:
                     if parser.get_method() == b"CONNECT":
                         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
                     else:
-                        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                        # Switch to the first protocol offered (the echo below speaks any of them).
+                        offered = next((v for n, v in rec.requests[-1].headers if n.lower() == "upgrade"), "echo")
+                        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %b\r\n\r\n"
+                                     % offered.split(",")[0].strip().encode("latin-1"))
                     while True:  # echo mode
                         data = await reader.read(65536)
                         if not data:

@@ -115,9 +115,9 @@ def test_expect_continue(fresh):
 
 def test_upgrade_becomes_a_tunnel(fresh):
     c = fresh.client()
-    c.send(b"GET /upgrade HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    c.send(b"GET /upgrade HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     r = c.read_response()
-    assert r.status == 101 and r.headers["upgrade"] == "echo"
+    assert r.status == 101 and r.headers["upgrade"] == "websocket"
     c.send(b"hello tunnel")
     got = b""
     while len(got) < 12:
@@ -128,7 +128,7 @@ def test_upgrade_becomes_a_tunnel(fresh):
 
 def test_upgrade_is_checked_like_any_request(fresh):
     c = fresh.client()
-    c.send(b"GET /private HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    c.send(b"GET /private HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     assert c.read_response().status == 403
     c.close()
     assert fresh.backend.raw == b""
