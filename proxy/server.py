@@ -87,7 +87,21 @@ class ProxyServer:
         except OSError:
             self._server.close()
             raise
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.create_task(self._watch())
+        previous = loop.get_task_factory()
+
+        def owned_tasks(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future:
+            # A task a connection starts (its body upload and response relay) belongs to it: when
+            # the connection ends -- a limit, a shutdown -- its tasks are cancelled with it rather
+            # than left running against closed sockets.
+            task = previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+            conn = self._live.get(asyncio.current_task(loop))  # type: ignore[arg-type]
+            if conn is not None:
+                conn.tasks.add(task)
+                task.add_done_callback(conn.tasks.discard)
+            return task
+        loop.set_task_factory(owned_tasks)
 
     def reload(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot  # one reference swap: atomic for every request after it
@@ -210,6 +224,7 @@ class ClientConnection:
         self.response_started = False  # the current response's head has been written to the client
         # The request in flight (None between requests) and the progress last seen on it.
         self.exchange: tuple[Request, ConnectionPolicy, float] | None = None
+        self.tasks: set[asyncio.Future] = set()  # tasks it started that still run (ProxyServer.start)
         self._progress, self._progress_at = 0, 0.0
 
     def policy(self, snap: Snapshot) -> ConnectionPolicy:
@@ -222,6 +237,8 @@ class ClientConnection:
         return self._cp
 
     def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
         streams = [self.client] + ([self.upstream.stream] if self.upstream is not None else [])
         self.upstream = None
         for stream in streams:
@@ -230,7 +247,7 @@ class ClientConnection:
             # keep the socket open for ever, so it is reset after a grace period.
             transport = stream.writer.transport
             if _buffered(transport):
-                asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.abort)
+                asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _abort_if_stuck, transport)
 
     async def run(self) -> None:
         limits = self.server.limits
@@ -318,6 +335,8 @@ class ClientConnection:
             self.record(req, cp, status, "error", why, t0)
             with contextlib.suppress(Exception):
                 self.client.writer.write(_timeout_response(status))
+        for child in list(self.tasks):
+            child.cancel()
         task.cancel()
 
     # ------------------------------------------------------------------ answers from the proxy
@@ -575,6 +594,13 @@ def _buffered(transport: asyncio.BaseTransport | None) -> bool:
         return bool(transport.get_write_buffer_size())  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):
         return False
+
+
+def _abort_if_stuck(transport: asyncio.BaseTransport) -> None:
+    """Reset a closed connection whose peer still has not taken what was left to send. (A
+    transport that flushed and closed meanwhile is left alone: aborting it again is an error.)"""
+    if _buffered(transport):
+        transport.abort()  # type: ignore[attr-defined]
 
 
 def install_uvloop() -> bool:
