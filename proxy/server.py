@@ -267,10 +267,11 @@ class ClientConnection:
                 async with asyncio.timeout(limits.header_timeout):
                     head = await self.client.read_head()
             except TimeoutError:
-                await self.refuse(HttpError(408, "no complete request head in time"), None, time.monotonic())
+                await self.refuse(HttpError(408, "no complete request head in time"), None, time.monotonic(),
+                                  self.policy(self.server.snapshot))
                 return
             except HttpError as exc:
-                await self.refuse(exc, None, time.monotonic())
+                await self.refuse(exc, None, time.monotonic(), self.policy(self.server.snapshot))
                 return
             except PeerClosed:
                 return
