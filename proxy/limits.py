@@ -34,8 +34,11 @@ from dataclasses import dataclass, fields, replace
 IDLE_TIMEOUT_S = 60.0  # Cilium's proxy idle timeout; short enough that forgotten connections free their slot
 HEADER_TIMEOUT_S = 10.0  # Envoy's request_headers_timeout in its edge configuration
 PROGRESS_TIMEOUT_S = 300.0  # Envoy's stream_idle_timeout default
-MAX_CONNECTIONS = 4096  # Envoy bounds downstream connections globally too (overload manager)
-MAX_CONNECTIONS_PER_IDENTITY = 512  # one identity may take at most an eighth of the proxy
+# Each connection may hold about 2 MiB in buffers at worst (stream buffers both ways, see
+# docs/proxy.md "Limits") and two descriptors: 1024 keeps the worst case near 2 GiB, and one
+# identity's share (a quarter) near 512 MiB.
+MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS_PER_IDENTITY = 256
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked (since 4.1) and tcpi_bytes_received (since 4.6),
 # two u64 after 120 bytes of older fields; the layout only ever grows at its end.

@@ -6,7 +6,8 @@ served) and bounded buffering (a peer that does not read stops the proxy from re
 Each test runs its own proxy with short limits, in front of the recording backend of the other
 proxy tests and of a stalling backend that answers by path: /public/stall-head never answers,
 /public/stall-body sends a head and part of the body then nothing, /public/delay answers after a
-while, /upload reads the request head and then never reads again.
+while, /public/flood answers without end, /upload reads the request head and then never reads
+again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class StallBackend:
         self.closed = 0  # connections the proxy closed
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.flood_sent = 0  # /public/flood: bytes of the endless answer the proxy took so far
+        self.flood_moved_at = 0.0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, 0, limit=4096)
@@ -78,6 +81,14 @@ class StallBackend:
             if path == b"/public/stall-body":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
                 await writer.drain()
+            elif path == b"/public/flood":  # an endless answer, for a client that does not read
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40))
+                piece = b"f" * 65536
+                while True:
+                    writer.write(piece)
+                    await writer.drain()
+                    self.flood_sent += len(piece)
+                    self.flood_moved_at = time.monotonic()
             elif path == b"/public/delay":
                 await asyncio.sleep(1.5)  # longer than the idle timeout of the test
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ndelayed")
@@ -362,6 +373,18 @@ def test_a_peer_that_does_not_read_stops_the_proxy_reading(lab: LimitsLab) -> No
         except BlockingIOError:
             continue
     assert sent < 96 * 1024 * 1024, f"the proxy took {sent} bytes for a backend that reads nothing"
+    c.close()
+
+
+def test_a_client_that_does_not_read_stops_the_proxy_reading_upstream(lab: LimitsLab) -> None:
+    """An endless answer to a client that reads nothing: the proxy stops taking it from the
+    backend once the buffers on the way are full, instead of holding it in memory."""
+    proxy = lab.proxy(lab.stall, progress_timeout=30)
+    c = Client(proxy.port, FRONTEND)
+    c.send(b"GET /public/flood HTTP/1.1\r\nHost: backend\r\n\r\n")  # and never read
+    wait_for("the backend to be held back", lambda: lab.stall.flood_sent and
+             time.monotonic() - lab.stall.flood_moved_at > 2.0)
+    assert lab.stall.flood_sent < 96 * 1024 * 1024, f"the proxy took {lab.stall.flood_sent} bytes"
     c.close()
 
 
