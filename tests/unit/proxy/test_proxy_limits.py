@@ -388,6 +388,77 @@ def test_a_client_that_does_not_read_stops_the_proxy_reading_upstream(lab: Limit
     c.close()
 
 
+# --------------------------------------------------------------------------- DNS
+
+
+DNS_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns, namespace: shop}
+spec:
+  endpointSelector: {matchExpressions: [{key: app, operator: In, values: [frontend, stranger]}]}
+  egress:
+    - toEndpoints: [{matchLabels: {app: backend}}]
+      toPorts:
+        - ports: [{port: "PORT", protocol: UDP}]
+          rules:
+            dns: [{matchPattern: "*"}]
+"""
+
+
+class SilentDns(asyncio.DatagramProtocol):
+    """A DNS server on the backend's address that never answers: every query stays in flight."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []  # the question of every query that reached it
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        import dns.message
+
+        self.names.append(dns.message.from_wire(data).question[0].name.to_text(omit_final_dot=True))
+
+
+def test_dns_queries_in_flight_are_capped_per_identity(lab: LimitsLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dns.message
+
+    from proxy import dns as proxy_dns
+
+    monkeypatch.setattr(proxy_dns, "UPSTREAM_TIMEOUT_S", 60.0)  # nothing leaves flight during the test
+    server = SilentDns()
+
+    async def listen() -> tuple[asyncio.DatagramTransport, int]:
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: server, local_addr=(ADDRESSES["shop/backend"], 0))
+        return transport, transport.get_extra_info("sockname")[1]
+    transport, port = lab.loop.run(listen())
+    eng = engine(port, DNS_POLICY)
+    proxy = ProxyServer(Snapshot(remap(eng.map_state(), eng)), "127.0.0.1", 0, transparent=False, mark=False,
+                        original_dst=(ADDRESSES["shop/backend"], port), events=EventLog())
+    lab.loop.run(proxy.start())
+    lab.proxies.append(proxy)
+    try:
+        flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flood.bind((FRONTEND, 0))
+        sent = proxy_dns.MAX_IN_FLIGHT_PER_IDENTITY + 20
+        for i in range(sent):
+            flood.sendto(dns.message.make_query(f"q{i}.example", "A").to_wire(), ("127.0.0.1", proxy.port))
+        drops = wait_for("the queries over the cap to be dropped", lambda: len(
+            [r for r in records(proxy, "error") if "too many queries in flight from identity" in r.reason]) == 20)
+        assert drops
+        wait_for("the queries within the cap to reach the server",
+                 lambda: len(server.names) == proxy_dns.MAX_IN_FLIGHT_PER_IDENTITY)
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # another identity still gets through
+        other.bind((STRANGER, 0))
+        other.sendto(dns.message.make_query("other.example", "A").to_wire(), ("127.0.0.1", proxy.port))
+        wait_for("the other identity's query to reach the server", lambda: "other.example" in server.names)
+        flood.close()
+        other.close()
+    finally:
+        lab.loop.run(proxy.stop())
+        lab.proxies.remove(proxy)
+        transport.close()
+
+
 # --------------------------------------------------------------------------- settings
 
 
