@@ -63,6 +63,7 @@ class ProxyServer:
         self._live: dict[asyncio.Task, ClientConnection] = {}  # the admitted ones
         self._lingering = 0  # refused connections waiting for their client to read the 503
         self._watchdog: asyncio.Task | None = None
+        self._task_factory: tuple[Callable[..., Any], Any] | None = None  # (ours, the one before)
         self.dns: Any = None  # proxy.dns.DnsProxy once started
 
     def listening_socket(self) -> socket.socket:
@@ -101,6 +102,7 @@ class ProxyServer:
                 conn.tasks.add(task)
                 task.add_done_callback(conn.tasks.discard)
             return task
+        self._task_factory = (owned_tasks, previous)
         loop.set_task_factory(owned_tasks)
 
     def reload(self, snapshot: Snapshot) -> None:
@@ -110,6 +112,9 @@ class ProxyServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        if self._task_factory is not None and loop.get_task_factory() is self._task_factory[0]:
+            loop.set_task_factory(self._task_factory[1])
         if self.dns is not None:
             await self.dns.stop()
         if self._server is not None:
@@ -182,8 +187,12 @@ class ProxyServer:
             await asyncio.sleep(min(1.0, timeout / 4))
             now = time.monotonic()
             for task, conn in list(self._live.items()):
-                if conn.stalled(now, timeout):
-                    conn.end_stalled(task, timeout)
+                try:
+                    if conn.stalled(now, timeout):
+                        conn.end_stalled(task, timeout)
+                except Exception as exc:  # noqa: BLE001 - one connection's trouble must not stop the watch
+                    print(f"l7proxy: progress check on {conn.peer}: {exc!r}", file=sys.stderr)
+                    task.cancel()
 
 
 class Upstream:

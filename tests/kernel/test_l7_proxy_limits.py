@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import unique_lab
-from tests.kernel._l7_helpers import (L7_POLICY, L7_PORT, PLAIN_POLICY, L7Lab, PodClient, backend_json,
+from tests.kernel._l7_helpers import (L7_POLICY, PLAIN_POLICY, L7Lab, PodClient, backend_json,
                                       close_l7_lab, open_l7_lab, request_bytes)
 
 pytestmark = pytest.mark.kernel
