@@ -8,7 +8,7 @@ loaded -- fail closed). SIGTERM/SIGINT stop it cleanly (exit 0). Exit 2 if the s
 be loaded at start or the port cannot be bound.
 
 Limits (see proxy.limits; defaults in parentheses): --idle-timeout S (60), --header-timeout S (10),
---progress-timeout S (300), --max-connections N (1024), --max-connections-per-identity N (256);
+--progress-timeout S (300), --max-connections N (512), --max-connections-per-identity N (128);
 or all of them as one list, `--limits idle-timeout=5,max-connections=100` (the lab passes the
 environment variable L7LAB_PROXY_LIMITS that way); a flag of its own wins over the list. The soft
 limit on open files is raised to what max-connections needs (two descriptors per connection);

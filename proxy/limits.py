@@ -34,11 +34,11 @@ from dataclasses import dataclass, fields, replace
 IDLE_TIMEOUT_S = 60.0  # Cilium's proxy idle timeout; short enough that forgotten connections free their slot
 HEADER_TIMEOUT_S = 10.0  # Envoy's request_headers_timeout in its edge configuration
 PROGRESS_TIMEOUT_S = 300.0  # Envoy's stream_idle_timeout default
-# Each connection may hold about 2 MiB in buffers at worst (stream buffers both ways, see
-# docs/proxy.md "Limits") and two descriptors: 1024 keeps the worst case near 2 GiB, and one
-# identity's share (a quarter) near 512 MiB.
-MAX_CONNECTIONS = 1024
-MAX_CONNECTIONS_PER_IDENTITY = 256
+# A connection holds two descriptors and, at worst, about 1.3 MiB of buffers per direction (see
+# docs/proxy.md "Limits"): with 512, one stalled direction on every connection costs near
+# 660 MiB, one identity's share (a quarter) near 170 MiB. The lab's probes use at most 96 at once.
+MAX_CONNECTIONS = 512
+MAX_CONNECTIONS_PER_IDENTITY = 128
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked (since 4.1) and tcpi_bytes_received (since 4.6),
 # two u64 after 120 bytes of older fields; the layout only ever grows at its end.
