@@ -338,7 +338,8 @@ class Lab:
         log = self.proxy_log_file
         self._proxy = self._spawn("l7-proxy", self.record.node, "proxy",
                                   ["--state", str(self.policy_file), "--port", str(PROXY_PORT),
-                                   "--events", str(self.proxy_events_file)], log)
+                                   "--events", str(self.proxy_events_file),
+                                   "--limits", os.environ.get("L7LAB_PROXY_LIMITS", "")], log)
         if wait:
             wait_ready([("the L7 proxy", self._proxy, log)])
 

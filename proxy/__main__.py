@@ -7,6 +7,13 @@ cannot be loaded replaces the policy by an empty one: everything is denied until
 loaded -- fail closed). SIGTERM/SIGINT stop it cleanly (exit 0). Exit 2 if the state file cannot
 be loaded at start or the port cannot be bound.
 
+Limits (see proxy.limits; defaults in parentheses): --idle-timeout S (60), --header-timeout S (10),
+--progress-timeout S (300), --max-connections N (512), --max-connections-per-identity N (128);
+or all of them as one list, `--limits idle-timeout=5,max-connections=100` (the lab passes the
+environment variable L7LAB_PROXY_LIMITS that way); a flag of its own wins over the list. The soft
+limit on open files is raised to what max-connections needs (two descriptors per connection);
+if the hard limit is lower, max-connections is lowered to fit, with a warning.
+
 Test-only options: --host (default 0.0.0.0), --original-dst IP:PORT (every connection is treated
 as addressed to it; disables IP_TRANSPARENT), --no-mark (no SO_MARK on upstream sockets: needs
 no CAP_NET_ADMIN).
@@ -17,14 +24,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import os
+import resource
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import fields, replace
 from pathlib import Path
 
 from dataplane.logfiles import bound_stderr
 
 from .events import EventLog
+from .limits import Limits, flag_name
 from .server import ProxyServer, install_uvloop
 from .state import Snapshot
 
@@ -38,7 +50,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--events", help="append one JSON line per request to this file")
     ap.add_argument("--original-dst", help="IP:PORT: testing only; overrides getsockname()")
     ap.add_argument("--no-mark", action="store_true", help="testing only: no SO_MARK on upstream sockets")
-    return ap.parse_args(argv)
+    for f in fields(Limits):
+        kind = int if f.type in (int, "int") else float
+        ap.add_argument(f"--{flag_name(f.name)}", type=positive(kind), metavar="N" if kind is int else "SECONDS",
+                        help=f"default {f.default:g}")
+    ap.add_argument("--limits", default="", metavar="NAME=VALUE,...", help="several limits at once")
+    args = ap.parse_args(argv)
+    try:
+        limits = Limits.parse(args.limits)
+        args.limits = replace(limits, **{f.name: getattr(args, f.name) for f in fields(Limits)
+                                         if getattr(args, f.name) is not None})
+    except ValueError as exc:
+        ap.error(f"--limits (in a lab: the environment variable L7LAB_PROXY_LIMITS): {exc}")
+    return args
+
+
+def positive(kind: type) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"not {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, not {text!r}")
+        return value
+    return convert
+
+
+# Descriptors beside the client connections: the listeners, the event log, DNS queries in flight
+# (an upstream and an answer socket each), refused connections being closed, a margin.
+FD_RESERVE = 2 * 256 + 64 + 64
+
+
+def fit_open_files(limits: Limits, lab: str) -> Limits:
+    """Raise the soft RLIMIT_NOFILE to what the caps need; lower max-connections if it cannot."""
+    need = 2 * limits.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fit = max(1, (soft - FD_RESERVE) // 2)
+        print(f"l7proxy[{lab}]: only {soft} open files allowed: max-connections lowered from "
+              f"{limits.max_connections} to {fit}", file=sys.stderr, flush=True)
+        return replace(limits, max_connections=fit)
+    return limits
 
 
 def load(path: str, lab: str) -> Snapshot:
@@ -77,7 +138,8 @@ async def serve(args: argparse.Namespace) -> int:
         ip, _, port = args.original_dst.rpartition(":")
         original = (ip, int(port))
     server = ProxyServer(snapshot, args.host, args.port, transparent=original is None, mark=not args.no_mark,
-                         original_dst=original, events=EventLog(args.events))
+                         original_dst=original, events=EventLog(args.events),
+                         limits=fit_open_files(args.limits, args.lab))
     try:
         await server.start()
     except OSError as exc:

@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import dns.exception
@@ -47,6 +48,9 @@ IP_RECVORIGDSTADDR = 20  # socket.IP_RECVORIGDSTADDR (Linux); the cmsg type is I
 UPSTREAM_TIMEOUT_S = 2.0
 MAX_DATAGRAM = 65535
 MAX_IN_FLIGHT = 256
+# One source identity may hold a quarter of them: a pod flooding a server that never answers
+# (each query then waits UPSTREAM_TIMEOUT_S) leaves room for every other pod's queries.
+MAX_IN_FLIGHT_PER_IDENTITY = 64
 
 
 class DnsProxy:
@@ -60,6 +64,7 @@ class DnsProxy:
         # Each query in flight may hold an upstream socket for UPSTREAM_TIMEOUT_S: a bound keeps a
         # flood from exhausting the descriptors the HTTP side needs too.
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._by_identity: Counter[int] = Counter()  # queries in flight per source identity
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -110,11 +115,23 @@ class DnsProxy:
         if self._slots.locked():
             self.record(cp, client, dst, "", "", -1, "error", "too many queries in flight: dropped", t0)
             return
-        async with self._slots:
-            try:
-                await self._handle(snap, cp, data, client, dst, t0)
-            except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
-                self.record(cp, client, dst, "", "", -1, "error", f"internal error: {exc!r}", t0)
+        identity = cp.src_identity
+        if self._by_identity[identity] >= MAX_IN_FLIGHT_PER_IDENTITY:
+            self.record(cp, client, dst, "", "", -1, "error",
+                        f"too many queries in flight from identity {identity} "
+                        f"(at most {MAX_IN_FLIGHT_PER_IDENTITY}): dropped", t0)
+            return
+        self._by_identity[identity] += 1
+        try:
+            async with self._slots:
+                try:
+                    await self._handle(snap, cp, data, client, dst, t0)
+                except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
+                    self.record(cp, client, dst, "", "", -1, "error", f"internal error: {exc!r}", t0)
+        finally:
+            self._by_identity[identity] -= 1
+            if not self._by_identity[identity]:
+                del self._by_identity[identity]
 
     async def _handle(self, snap: "Snapshot", cp: "ConnectionPolicy", data: bytes, client: tuple[str, int],
                       dst: tuple[str, int], t0: float) -> None:

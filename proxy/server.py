@@ -17,6 +17,7 @@ nothing more forwarded (fail closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -26,15 +27,16 @@ from typing import Any, Callable
 from .events import EventLog, L7Record
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
+from .limits import ConnectionCaps, Limits, tcp_progress
 from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
 
 CONNECT_TIMEOUT_S = 5.0
-# A client gets this long to send a request head (the first, or the next on a keep-alive
-# connection): a connection that sends nothing, or a head a few bytes at a time forever, does
-# not hold the proxy's resources without end. Like Envoy's request_headers_timeout.
-REQUEST_HEAD_TIMEOUT_S = 60.0
+# The idle, header and progress timeouts and the connection caps are `Limits` (proxy.limits).
+REFUSED_LINGER_S = 2.0  # a connection over a cap: time for the client to read its 503 before the close
+MAX_LINGERING = 64  # refused connections waiting for that at once; beyond, they are closed at once
+CLOSE_GRACE_S = 2.0  # a closed connection whose peer does not read what is left is reset after this
 
 
 class UpstreamFailed(Exception):
@@ -48,14 +50,20 @@ class ProxyServer:
 
     def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = 15001, *,
                  transparent: bool = True, mark: bool = True, original_dst: tuple[str, int] | None = None,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None, limits: Limits | None = None) -> None:
         self.snapshot = snapshot  # replaced whole on reload; each request reads it once
         self.host, self.port = host, port
         self.transparent, self.mark = transparent, mark
         self.original_dst = original_dst  # tests: the "original destination" of every connection
         self.events = events or EventLog()
+        self.limits = limits or Limits()
+        self.caps = ConnectionCaps()
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[asyncio.Task] = set()
+        self._conns: set[asyncio.Task] = set()  # every connection's task, admitted or being refused
+        self._live: dict[asyncio.Task, ClientConnection] = {}  # the admitted ones
+        self._lingering = 0  # refused connections waiting for their client to read the 503
+        self._watchdog: asyncio.Task | None = None
+        self._task_factory: tuple[Callable[..., Any], Any] | None = None  # (ours, the one before)
         self.dns: Any = None  # proxy.dns.DnsProxy once started
 
     def listening_socket(self) -> socket.socket:
@@ -80,11 +88,33 @@ class ProxyServer:
         except OSError:
             self._server.close()
             raise
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.create_task(self._watch())
+        previous = loop.get_task_factory()
+
+        def owned_tasks(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future:
+            # A task a connection starts (its body upload and response relay) belongs to it: when
+            # the connection ends -- a limit, a shutdown -- its tasks are cancelled with it rather
+            # than left running against closed sockets.
+            task = previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+            conn = self._live.get(asyncio.current_task(loop))  # type: ignore[arg-type]
+            if conn is not None:
+                conn.tasks.add(task)
+                task.add_done_callback(conn.tasks.discard)
+            return task
+        self._task_factory = (owned_tasks, previous)
+        loop.set_task_factory(owned_tasks)
 
     def reload(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot  # one reference swap: atomic for every request after it
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        if self._task_factory is not None and loop.get_task_factory() is self._task_factory[0]:
+            loop.set_task_factory(self._task_factory[1])
         if self.dns is not None:
             await self.dns.stop()
         if self._server is not None:
@@ -98,21 +128,71 @@ class ProxyServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None
         self._conns.add(task)
         conn = ClientConnection(self, BufferedStream(reader, writer))
+        identity: int | None = None
         try:
             if self.original_dst is None and conn.dst[1] == self.port:
                 # Addressed to the proxy port itself (a client connecting to node:15001 directly,
                 # not a redirected flow): forwarding would loop into ourselves. Refuse it.
                 return
+            # The source identity as the lab's ipcache says (never anything the client sends):
+            # the caps count per identity, so one pod's connections never crowd out another's.
+            cp = conn.policy(self.snapshot)
+            refusal = self.caps.admit(cp.src_identity, self.limits)
+            if refusal:
+                await self._turn_away(conn, cp, refusal)
+                return
+            identity = cp.src_identity
+            self._live[task] = conn
             await conn.run()
         except (asyncio.CancelledError, ConnectionError, PeerClosed):
-            pass  # shutdown, or a peer that went away mid-exchange: just close
+            pass  # shutdown, a limit that ended it, or a peer that went away mid-exchange: just close
         except Exception as exc:  # fail closed: log, close, forward nothing more
             print(f"l7proxy: internal error on {conn.peer}: {exc!r}", file=sys.stderr)
         finally:
             conn.close()
             self._conns.discard(task)
+            if identity is not None:
+                self._live.pop(task, None)
+                self.caps.release(identity)
+
+    async def _turn_away(self, conn: "ClientConnection", cp: ConnectionPolicy, reason: str) -> None:
+        """A connection over a cap: recorded, answered 503 with `Connection: close` and closed.
+        The close waits (briefly, reading and discarding) for the client to finish sending, so
+        that unread request bytes do not turn the close into a reset that could lose the 503."""
+        conn.record(None, cp, 503, "error", reason, time.monotonic())
+        writer = conn.client.writer
+        writer.write(error_response(503))
+        if self._lingering >= MAX_LINGERING:
+            writer.transport.abort()  # many refusals at once: do not hold descriptors for them
+            return
+        self._lingering += 1
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(REFUSED_LINGER_S):
+                while await conn.client.reader.read(PIECE):
+                    pass
+        except (TimeoutError, ConnectionError, OSError, RuntimeError):
+            pass
+        finally:
+            self._lingering -= 1
+
+    async def _watch(self) -> None:
+        """Once a tick, end every exchange in flight that moved no byte for the progress timeout.
+        One timer for the whole proxy, not one per read or write."""
+        while True:
+            timeout = self.limits.progress_timeout
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for task, conn in list(self._live.items()):
+                try:
+                    if conn.stalled(now, timeout):
+                        conn.end_stalled(task, timeout)
+                except Exception as exc:  # noqa: BLE001 - one connection's trouble must not stop the watch
+                    print(f"l7proxy: progress check on {conn.peer}: {exc!r}", file=sys.stderr)
+                    task.cancel()
 
 
 class Upstream:
@@ -151,6 +231,10 @@ class ClientConnection:
         self._snap: Snapshot | None = None
         self._cp: ConnectionPolicy | None = None
         self.response_started = False  # the current response's head has been written to the client
+        # The request in flight (None between requests) and the progress last seen on it.
+        self.exchange: tuple[Request, ConnectionPolicy, float] | None = None
+        self.tasks: set[asyncio.Future] = set()  # tasks it started that still run (ProxyServer.start)
+        self._progress, self._progress_at = 0, 0.0
 
     def policy(self, snap: Snapshot) -> ConnectionPolicy:
         """Connection-level decisions, computed once per snapshot."""
@@ -162,20 +246,41 @@ class ClientConnection:
         return self._cp
 
     def close(self) -> None:
-        self.client.close()
-        if self.upstream is not None:
-            self.upstream.stream.close()
-            self.upstream = None
+        for task in list(self.tasks):
+            task.cancel()
+        streams = [self.client] + ([self.upstream.stream] if self.upstream is not None else [])
+        self.upstream = None
+        for stream in streams:
+            stream.close()
+            # close() sends what is still buffered first; a peer that does not read it would
+            # keep the socket open for ever, so it is reset after a grace period.
+            transport = stream.writer.transport
+            if _buffered(transport):
+                asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _abort_if_stuck, transport)
 
     async def run(self) -> None:
+        limits = self.server.limits
         while True:
+            if not self.client.buf:
+                # Between requests: the next one must start within the idle timeout (a new
+                # connection too); an idle connection is closed quietly, with nothing recorded.
+                try:
+                    async with asyncio.timeout(limits.idle_timeout):
+                        more = await self.client._fill()
+                except TimeoutError:
+                    return
+                if not more:
+                    return
             try:
-                head = await asyncio.wait_for(self.client.read_head(), REQUEST_HEAD_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                await self.refuse(HttpError(408, "no complete request head in time"), None, time.monotonic())
+                # From its first byte, the whole head within the header timeout (slowloris).
+                async with asyncio.timeout(limits.header_timeout):
+                    head = await self.client.read_head()
+            except TimeoutError:
+                await self.refuse(HttpError(408, "no complete request head in time"), None, time.monotonic(),
+                                  self.policy(self.server.snapshot))
                 return
             except HttpError as exc:
-                await self.refuse(exc, None, time.monotonic())
+                await self.refuse(exc, None, time.monotonic(), self.policy(self.server.snapshot))
                 return
             except PeerClosed:
                 return
@@ -190,12 +295,59 @@ class ClientConnection:
                 await self.refuse(exc, None, t0, cp)
                 return
             verdict = snap.judge(cp, req.method, req.path, req.match_headers())
-            if not verdict.allowed:
-                if not await self.deny(req, cp, verdict, t0):
+            self.begin_exchange(req, cp, t0)
+            try:
+                if not verdict.allowed:
+                    if not await self.deny(req, cp, verdict, t0):
+                        return
+                    continue
+                if not await self.forward(req, cp, verdict, t0):
                     return
-                continue
-            if not await self.forward(req, cp, verdict, t0):
-                return
+            finally:
+                self.exchange = None
+
+    # ------------------------------------------------------------------ progress of an exchange
+
+    def begin_exchange(self, req: Request, cp: ConnectionPolicy, t0: float) -> None:
+        self.exchange = (req, cp, t0)
+        self.response_started = False
+        self._progress, self._progress_at = self.progress(), time.monotonic()
+
+    def progress(self) -> int:
+        """What the kernel has moved on this connection's sockets so far (see proxy.limits)."""
+        total = tcp_progress(self.client.writer.get_extra_info("socket"))
+        if self.upstream is not None:
+            total += tcp_progress(self.upstream.stream.writer.get_extra_info("socket"))
+        return total
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """True if a request is in flight and no byte moved on it for `timeout` seconds."""
+        if self.exchange is None:
+            return False
+        seen = self.progress()
+        if seen != self._progress:
+            self._progress, self._progress_at = seen, now
+            return False
+        return now - self._progress_at >= timeout
+
+    def end_stalled(self, task: asyncio.Task, timeout: float) -> None:
+        """End an exchange that stopped moving: recorded, 408 (the request had a body: the client
+        may be the one that stopped) or 504 (the upstream owes the answer) if the client has no
+        answer yet, then the connection task is cancelled and both sockets are closed."""
+        assert self.exchange is not None
+        req, cp, t0 = self.exchange
+        self.exchange = None
+        why = f"no progress for {timeout:g} s (progress timeout)"
+        if self.response_started:
+            self.record(req, cp, 502, "error", why + " in the middle of the response", t0)
+        else:
+            status = 408 if req.body != "none" else 504
+            self.record(req, cp, status, "error", why, t0)
+            with contextlib.suppress(Exception):
+                self.client.writer.write(_timeout_response(status))
+        for child in list(self.tasks):
+            child.cancel()
+        task.cancel()
 
     # ------------------------------------------------------------------ answers from the proxy
 
@@ -461,6 +613,28 @@ class ClientConnection:
             for task in directions:
                 task.cancel()
             await asyncio.gather(*directions, return_exceptions=True)
+
+
+def _timeout_response(status: int) -> bytes:
+    """408 Request Timeout or 504 Gateway Timeout, then close."""
+    reason = "Gateway Timeout" if status == 504 else "Request Timeout"
+    body = f"{reason}\r\n".encode()
+    return response_head("1.1", status, reason, [("Content-Length", str(len(body))), ("Content-Type", "text/plain"),
+                                                 ("Connection", "close")]) + body
+
+
+def _buffered(transport: asyncio.BaseTransport | None) -> bool:
+    try:
+        return bool(transport.get_write_buffer_size())  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _abort_if_stuck(transport: asyncio.BaseTransport) -> None:
+    """Reset a closed connection whose peer still has not taken what was left to send. (A
+    transport that flushed and closed meanwhile is left alone: aborting it again is an error.)"""
+    if _buffered(transport):
+        transport.abort()  # type: ignore[attr-defined]
 
 
 def install_uvloop() -> bool:

@@ -199,9 +199,9 @@ def test_forwarded_head_is_canonical(fresh):
 
 
 def test_a_head_that_never_completes_gets_408_and_is_not_forwarded(fresh, monkeypatch):
-    import proxy.server
+    import dataclasses
 
-    monkeypatch.setattr(proxy.server, "REQUEST_HEAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(fresh.proxy, "limits", dataclasses.replace(fresh.proxy.limits, header_timeout=0.3))
     c = fresh.client()
     c.send(b"GET /public/never HTTP/1.1\r\nHost: back")  # and then nothing
     r = c.read_response()
