@@ -67,7 +67,7 @@ class BufferedStream:
                 while self.buf.startswith(b"\r\n"):
                     del self.buf[:2]  # RFC 9112 2.2: ignore empty lines before a request line
                 clean = 0
-            if lines == 0:
+            if lines == 0 and clean == 0:  # first look at this head's bytes (later: line by line)
                 head = self._whole_clean_head(first_limit)
                 if head is not None:  # the common case, checked in one pass
                     first = head[:head.find(b"\r\n")]
