@@ -262,6 +262,38 @@ def test_a_first_line_that_cannot_be_http1_is_answered_at_once(fresh, first_line
     assert fresh.backend.raw == b""
 
 
+class _ThenSilence:
+    """A reader that hands out the given bytes and then nothing, without ever closing."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def read(self, n: int) -> bytes:
+        if not self.data:
+            await asyncio.Event().wait()  # a peer that keeps the connection open and says no more
+        data, self.data = self.data[:n], self.data[n:]
+        return data
+
+
+@pytest.mark.parametrize("side, first_line, status", [
+    ("request", b"GET /public", 400), ("request", b"PRI * HTTP/2.0", 400), ("request", b"HTTP/1.1 200 OK", 400),
+    ("response", b"SSH-2.0-OpenSSH_9.2", 502), ("response", b"HTTP/2 200", 502), ("response", b"GET / HTTP/1.1", 502),
+])
+def test_the_first_line_is_judged_without_waiting_for_the_rest_of_the_head(side, first_line, status):
+    """Both sides: a first line that cannot start an HTTP/1.x message is refused as soon as its
+    CRLF is in, while the peer still holds the connection open (no end of head, no close)."""
+    from proxy.http import HttpError
+    from proxy.stream import BufferedStream
+
+    async def first_answer() -> int:
+        stream = BufferedStream(_ThenSilence(first_line + b"\r\nX: y\r\n"), None)
+        with pytest.raises(HttpError) as exc:
+            await asyncio.wait_for(stream.read_head(400 if side == "request" else 502), 10)
+        return exc.value.status
+
+    assert asyncio.run(first_answer()) == status
+
+
 # --------------------------------------------------------------------------- line limits, however split
 
 def test_a_64k_chunk_extension_is_refused_in_one_write(fresh):
@@ -314,9 +346,9 @@ async def _read(kind: str, pieces: list[bytes]):
 
     stream = BufferedStream(_Pieces(pieces), None)
     try:
-        if kind == "head":
-            head = await stream.read_head()
-            if head is not None:
+        if kind in ("head", "response"):
+            head = await stream.read_head(400 if kind == "head" else 502)
+            if head is not None and kind == "head":
                 parse_request(head)
             return ("head", head, bytes(stream.buf))
         body = b"".join([piece async for piece in stream.body("chunked", framed=False)])
@@ -399,7 +431,7 @@ _FRAGMENTS = [b"GET / HTTP/1.1", b"HTTP/1.1 200 OK", b"Host: b", b"X: v", b"\r\n
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(kind=st.sampled_from(["head", "chunked"]),
+@given(kind=st.sampled_from(["head", "response", "chunked"]),
        data=st.lists(st.sampled_from(_FRAGMENTS), max_size=30).map(b"".join),
        cuts=st.sets(st.integers(min_value=1, max_value=200), max_size=6))
 def test_any_bytes_get_the_same_answer_however_split(kind, data, cuts):
