@@ -22,6 +22,7 @@ other codings before `chunked` (which the proxy forwards as sent) are not genera
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -342,7 +343,9 @@ def requests(draw) -> Generated:
     return Generated(head.encode("latin-1") + payload, body, keep_alive)
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+# 200 examples keep the unit suite fast; L7LAB_DIFF_EXAMPLES=5000 (say) runs a longer search.
+@settings(max_examples=int(os.environ.get("L7LAB_DIFF_EXAMPLES", "200")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(requests(), min_size=1, max_size=4),
        tail=st.none() | st.sampled_from([n for n in CORPUS if CORPUS[n][1] != 200]),
        cuts=st.sets(st.integers(min_value=1, max_value=2000), max_size=5))
