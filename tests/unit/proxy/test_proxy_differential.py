@@ -25,7 +25,7 @@ import asyncio
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
 import pytest
@@ -215,6 +215,7 @@ def check_forwarded(lab: DiffLab, client_bytes: bytes, bodies: list[bytes] | Non
     records = [r for r in lab.proxy.events.records if r.method]  # one per judged request, in order
     assert len(records) == len(lab.judged), (records, lab.judged)
     decoded = proxy_bodies(client_bytes)
+    assert len(decoded) >= len(lab.judged), (decoded, lab.judged)
     expected = []  # (judged, its body, complete?) for every request the proxy let through
     for i, (judged, record) in enumerate(zip(lab.judged, records)):
         if bodies is not None and i < len(bodies):
@@ -243,8 +244,7 @@ def check_forwarded(lab: DiffLab, client_bytes: bytes, bodies: list[bytes] | Non
 
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_corpus_as_a_second_parser_reads_it(dlab, name):
-    data, expected = CORPUS[name]
-    sent = data + SMUGGLED.encode()
+    sent = CORPUS[name][0] + SMUGGLED.encode()
     dlab.exchange([sent])
     check_forwarded(dlab, sent)
     assert all(not (j.allowed and j.path in ("/private", "/admin")) for j in dlab.judged)
@@ -288,7 +288,6 @@ class Generated:
     raw: bytes
     body: bytes
     keep_alive: bool = True
-    notes: list[str] = field(default_factory=list)
 
 
 @st.composite
