@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from _harness import pattern_bytes
 
 MB = 1024 * 1024
@@ -161,3 +163,40 @@ def test_upstream_unreachable_allowed_request_is_503(fresh):
         assert fresh.proxy.events.records[-1].verdict == "error"
     finally:
         fresh.loop.run(fresh.backend.restart())
+
+
+VALID_CHUNK_EXTENSIONS = [
+    b';name="a \\"b\\" \\\\ c"',  # quoted-string with escaped quotes and an escaped backslash
+    b' ;a=b',  # BWS before ";" (RFC 9112 7.1.1)
+    b'\t; a = b',  # BWS around ";" and "="
+    b' ; a = "x;y=\\"z\\"" ; b ;c="" ',  # several, one quoted value holding ";" and "="
+]
+
+
+@pytest.mark.parametrize("ext", VALID_CHUNK_EXTENSIONS, ids=lambda e: e.decode())
+def test_valid_chunk_extensions_are_accepted_and_dropped(fresh, ext):
+    """RFC 9112 7.1.1 chunk extensions are accepted; the backend gets the same chunks with no
+    extension (re-framed from the validated sizes), so it never has to parse them itself."""
+    ext = ext.rstrip(b" ")  # nothing may follow the last extension
+    c = fresh.client()
+    c.send(b"POST /upload HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5" + ext + b"\r\nhello\r\n6" + ext + b"\r\n world\r\n0\r\n\r\n")
+    r = c.read_response()
+    assert r.status == 200
+    assert r.body.decode() == f"11 {hashlib.sha256(b'hello world').hexdigest()}"
+    assert c.request("GET", "/public").status == 200  # still in sync
+    c.close()
+    body = fresh.backend.raw.split(b"\r\n\r\n", 1)[1]
+    assert body.startswith(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("line", [
+    b"5;a=\"x", b"5;a=\"x\\\"", b"5;a=\"x\x01\"", b"5;a=\"\\\x01\"", b"5;a=\"x\x7f\"", b"5;a ", b"5 ", b" 5",
+    b"5 5", b"5;", b"5;=a", b"5;a=", b"5;a b", b"5;a=b c", b"5\x0b;a", b"0x5", b"+5", b"10000000000000005", b"g",
+])
+def test_ambiguous_chunk_size_lines_are_refused(line):
+    from proxy.http import HttpError, parse_chunk_size
+
+    with pytest.raises(HttpError) as exc:
+        parse_chunk_size(line)
+    assert exc.value.status == 400
