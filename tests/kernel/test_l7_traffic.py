@@ -239,6 +239,19 @@ def test_l7_slow_client_head_in_small_pieces(l7: L7Lab) -> None:
         [("GET", "/public/slow"), ("POST", "/upload")]
 
 
+def test_l7_request_line_without_a_version_is_answered_at_once(l7: L7Lab) -> None:
+    """The HTTP/0.9 form (`GET /path` and a line end, nothing more): 400 and a close as soon as
+    the line is complete, not a timeout's 408 (nor a wait for a blank line that never comes)."""
+    before = len(l7.backend_requests())
+    for line in (b"GET /public\r\n", b"GET /public HTTP/0.9\r\n"):
+        with l7.client() as c:
+            c.send(line)
+            resp = c.read_response()
+            assert resp.status == 400 and resp.headers.get("connection") == "close", line
+            assert c.closed()
+    assert new_records(l7, before) == []
+
+
 def test_l7_denied_body_is_access_denied_exactly(l7: L7Lab) -> None:
     """The raw bytes of a denial: what a curl user sees."""
     with l7.client() as c:
