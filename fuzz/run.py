@@ -8,6 +8,8 @@ the project's own, and dnspython's wire parser for DNS, PyYAML's and jsonschema 
 coverage guides the mutations through them; the rest is left alone, which keeps start-up short.
 Usual flags: `-runs=N`, `-max_total_time=S`, `-timeout=5` (a hang), `-artifact_prefix=DIR/`.
 
+A dictionary of the target's tokens (`fuzz/dicts/TARGET.dict`) is passed when there is one.
+
 A failure of a defect already kept as an xfail regression test (`targets.KnownDefect`) does not
 stop the run: it is counted ("fuzz: known defect NAME hit N times", printed at 1, 2, 4, 8, ...
 hits) so the run goes on looking for new findings. With FUZZ_STRICT=1 it stops the run like any
@@ -59,7 +61,11 @@ def main(argv: list[str]) -> None:
     harness = targets.TARGETS[target]
     if os.environ.get("FUZZ_STRICT") != "1":
         harness = counting_known_defects(harness, targets.KnownDefect)
-    atheris.Setup([argv[0], *argv[3:], str(corpus)], harness)
+    flags = argv[3:]
+    dictionary = Path(__file__).resolve().parent / "dicts" / f"{target}.dict"
+    if dictionary.is_file() and not any(f.startswith("-dict=") for f in flags):
+        flags.append(f"-dict={dictionary}")
+    atheris.Setup([argv[0], *flags, str(corpus)], harness)
     atheris.Fuzz()
 
 

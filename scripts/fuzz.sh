@@ -4,7 +4,8 @@
 #
 #   scripts/fuzz.sh [TARGET ...]        targets: http_request chunked_body dns_query policy_yaml
 #
-# Environment: RUNS (inputs per target), FUZZ_WORK (corpora, findings and logs; default
+# Environment: RUNS (inputs per target), MAX_SECONDS (stop a target after this long even if it
+# has not reached RUNS; the inputs it did execute are reported), FUZZ_WORK (corpora, findings and logs; default
 # /tmp/l7lab-fuzz), PYTHON (default .venv/bin/python). Prints one line per target (inputs
 # executed, crashes, hangs, seconds, exec/s, coverage, hits of known defects) and writes them to
 # $FUZZ_WORK/summary.md. Exits 1 when any target crashed or hung; the inputs are in
@@ -26,7 +27,7 @@ mkdir -p "$work/findings" "$work/logs"
 summary="$work/summary.md"
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 {
-  echo "fuzzing campaign, $(date -u +%Y-%m-%dT%H:%MZ), commit $commit, $runs inputs per target"
+  echo "fuzzing campaign, $(date -u +%Y-%m-%dT%H:%MZ), commit $commit, $runs inputs per target${MAX_SECONDS:+ or $MAX_SECONDS s}"
   echo
   echo "| target | inputs | crashes | hangs | seconds | exec/s | coverage (cov / ft) | known defects hit |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -40,7 +41,7 @@ for t in "${targets[@]}"; do
   start=$(date +%s)
   set +e
   PYTHONPATH="$here" "$python" -m fuzz.run "$t" "$work/corpus/$t" -runs="$runs" -timeout=5 \
-    -rss_limit_mb=2048 -max_len="${max_len[$t]}" -print_final_stats=1 \
+    -rss_limit_mb=2048 -max_len="${max_len[$t]}" -print_final_stats=1 ${MAX_SECONDS:+-max_total_time=$MAX_SECONDS} \
     -artifact_prefix="$work/findings/$t-" </dev/null >"$log" 2>&1
   rc=$?
   set -e
