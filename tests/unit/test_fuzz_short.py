@@ -64,6 +64,6 @@ def _known_defect_inputs() -> list:
 
 @pytest.mark.parametrize(("target", "path"), _known_defect_inputs())
 @pytest.mark.xfail(strict=True, raises=targets.KnownDefect,
-                   reason="a defect fuzzing found in proxy/http.py or proxy/stream.py, not fixed yet")
+                   reason="a defect a fuzz oracle found in proxy/http.py or proxy/stream.py, not fixed yet")
 def test_known_defect_still_fails(target: str, path: Path) -> None:
     targets.TARGETS[target](path.read_bytes())
