@@ -67,3 +67,16 @@ def _known_defect_inputs() -> list:
                    reason="a defect a fuzz oracle found in proxy/http.py or proxy/stream.py, not fixed yet")
 def test_known_defect_still_fails(target: str, path: Path) -> None:
     targets.TARGETS[target](path.read_bytes())
+
+
+@pytest.mark.parametrize("kind", ["[List]", "[CiliumNetworkPolicy]", "{NetworkPolicy: 1}"])
+def test_a_policy_kind_that_is_not_text_is_a_clear_error(kind: str, tmp_path: Path) -> None:
+    """Found by the policy_yaml target: a kind written as a list or a mapping crashed
+    `l7lab validate` with a TypeError instead of naming the file, line and field."""
+    from dataplane.policy import validate_policy_file  # noqa: PLC0415
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"apiVersion: cilium.io/v2\nkind: {kind}\nmetadata: {{name: x}}\n")
+    errors = validate_policy_file(path)
+    assert [(e.location.file, e.location.line, e.location.path) for e in errors] == [(str(path), 2, "kind")]
+    assert "expected kind NetworkPolicy" in errors[0].message
