@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dataplane.errors import ErrorList, SourceError
 from fuzz import seeds, targets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,3 +81,15 @@ def test_a_policy_kind_that_is_not_text_is_a_clear_error(kind: str, tmp_path: Pa
     errors = validate_policy_file(path)
     assert [(e.location.file, e.location.line, e.location.path) for e in errors] == [(str(path), 2, "kind")]
     assert "expected kind NetworkPolicy" in errors[0].message
+
+
+def test_unknown_fields_with_number_and_text_keys_are_a_clear_error() -> None:
+    """Found by the policy_yaml target: a scenario mapping with unknown keys that are numbers and
+    text crashed with a TypeError while naming the unknown field."""
+    from dataplane.scenario import parse_scenario  # noqa: PLC0415
+    from dataplane.yamlsource import load_documents  # noqa: PLC0415
+
+    docs = load_documents("name: x\nsettings: {1: a, b: c}\n", "s.yaml")
+    with pytest.raises((SourceError, ErrorList)) as caught:
+        parse_scenario(docs[0], Path("s.yaml"))
+    assert "s.yaml:2: settings.1: unknown field 1, 'b'" in str(caught.value)
