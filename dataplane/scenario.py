@@ -250,7 +250,7 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
     v, inst = err.validator, err.instance
     if v == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
-        extra = sorted(set(inst) - set(allowed)) if isinstance(inst, dict) else []
+        extra = sorted(set(inst) - set(allowed), key=str) if isinstance(inst, dict) else []  # keys may be numbers
         return f"unknown field {', '.join(repr(e) for e in extra)}; allowed fields: {', '.join(allowed)}"
     if v == "type":
         return f"expected {err.validator_value}, got {describe_value(inst)}"
@@ -326,7 +326,7 @@ def _schema_errors(doc: Document) -> list[SourceError]:
     for err in sorted(validator.iter_errors(doc.data), key=lambda e: (doc.line(tuple(e.absolute_path)), list(map(str, e.absolute_path)))):
         path = tuple(err.absolute_path)
         if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})), key=str)  # YAML keys may be numbers
             if extra:
                 path = path + (str(extra[0]),)
         errors.append(doc.error(path, _schema_message(err)))

@@ -130,12 +130,17 @@ def _check_policy_count(docs: list[Document]) -> None:
     count = 0
     for doc in docs:
         data = doc.data
-        items = data.get("items") if isinstance(data, dict) and data.get("kind") in LIST_KINDS else None
+        items = data.get("items") if isinstance(data, dict) and _is_list_kind(data.get("kind")) else None
         count += len(items) if isinstance(items, list) else 1
         if count > limits.MAX_POLICIES:
             raise SourceError(SourceLocation(doc.source, doc.line(())),
                               f"more than {limits.MAX_POLICIES} policies at once (the limit for one file, one change "
                               "or one scenario)")
+
+
+def _is_list_kind(kind: object) -> bool:
+    """`kind` names a List; a kind that is not text (a list, a mapping) is no kind at all."""
+    return isinstance(kind, str) and kind in LIST_KINDS
 
 
 def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
@@ -148,7 +153,7 @@ def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
         ctx.err((), f"expected a policy manifest (a mapping with apiVersion and kind), got {what}")
         return [], ctx.errors
     kind = data.get("kind")
-    if kind in LIST_KINDS:
+    if _is_list_kind(kind):
         ctx.mapping((), data, ("apiVersion", "kind", "metadata", "items"), ("items",))
         if data.get("apiVersion") not in (LIST_KINDS[kind], "v1"):
             ctx.err(("apiVersion",), f"expected apiVersion {LIST_KINDS[kind]} for kind {kind}, got {describe_value(data.get('apiVersion'))}")
@@ -162,7 +167,7 @@ def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
             errors.extend(errs)
         errors.extend(e for e in ctx.errors if e not in errors)
         return policies, errors
-    if kind not in API_VERSIONS:
+    if not isinstance(kind, str) or kind not in API_VERSIONS:
         ctx.err(("kind",), f"expected kind NetworkPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or a List of them, got {describe_value(kind)}")
         return [], ctx.errors
     policy, errors = _PolicyParser(doc, kind).parse()
