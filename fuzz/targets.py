@@ -41,7 +41,7 @@ from dataplane.policy import PolicyEngine, parse_documents
 from dataplane.scenario import PolicySource, Scenario, load_scenario, parse_scenario
 from dataplane.yamlsource import Budget, load_documents
 from proxy.dns import DnsProxy
-from proxy.http import MAX_CHUNK_LINE, HttpError, Request, normalize_path, parse_request
+from proxy.http import HttpError, Request, normalize_path, parse_request
 from proxy.state import Snapshot
 from proxy.stream import LAST_CHUNK, BufferedStream, PeerClosed
 
@@ -63,14 +63,10 @@ class KnownDefect(FuzzFailure):
         self.defect = defect
 
 
-# The defects fuzzing found that are not fixed yet, each with the test that keeps it.
-KNOWN_DEFECTS = {
-    "connection-names-host": "a Connection header naming Host strips Host from the head sent upstream "
-                             "(tests/unit/test_fuzz_short.py::test_known_defect_still_fails[http_request-...])",
-    "chunk-line-limit-split": "a chunk or trailer line longer than its limit is accepted when it arrives in one "
-                              "read and refused when split (tests/unit/test_fuzz_short.py::"
-                              "test_known_defect_still_fails[chunked_body-...])",
-}
+# The defects fuzzing found that are not fixed yet, each with the test that keeps it (none now:
+# "connection-names-host" and "chunk-line-limit-split" were fixed, and their inputs are replayed
+# from tests/unit/fuzz_corpus/).
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def _clean_http_error(exc: HttpError, allowed: tuple[int, ...] = (400, 431)) -> None:
@@ -86,15 +82,6 @@ def _visible(req: Request) -> tuple:
     return req.method, req.path, req.host, req.match_headers(), req.body, req.length, req.codings, req.upgrade
 
 
-def _connection_tokens(head: bytes) -> set[str]:
-    tokens: set[str] = set()
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep and name.lower() == b"connection":
-            tokens |= {t.strip().lower() for t in value.decode("latin-1").split(",")}
-    return tokens
-
-
 def http_request(data: bytes) -> None:
     end = data.find(b"\r\n\r\n")
     head = data[:end + 4] if end >= 0 else data + b"\r\n\r\n"
@@ -107,8 +94,6 @@ def http_request(data: bytes) -> None:
         try:
             again = parse_request(sent)
         except HttpError as exc:
-            if "host" in _connection_tokens(head) and "missing Host" in exc.reason:
-                raise KnownDefect("connection-names-host", f"{sent!r}") from None
             raise FuzzFailure(f"the head sent upstream does not parse again ({exc}): {sent!r}") from None
         if _visible(again) != _visible(req):
             raise FuzzFailure(f"re-serialized head parses differently:\n  first  {_visible(req)!r}\n"
@@ -175,11 +160,6 @@ async def _decode(stream_bytes: bytes, step: int, framed: bool) -> tuple[Any, by
     return "ok", bytes(out), rest
 
 
-def _has_long_line(data: bytes) -> bool:
-    """Some CRLF-terminated line is longer than the chunk-line limit (4096 bytes)."""
-    return any(len(line) > MAX_CHUNK_LINE for line in data.split(b"\r\n")[:-1])
-
-
 def chunked_body(data: bytes) -> None:
     if not data:
         return
@@ -188,8 +168,6 @@ def chunked_body(data: bytes) -> None:
     whole = run(_decode(stream_bytes, len(stream_bytes) + 1, framed=True))
     split = run(_decode(stream_bytes, step, framed=True))
     if whole != split:
-        if whole[0] == "ok" and split[0] == 400 and _has_long_line(stream_bytes):
-            raise KnownDefect("chunk-line-limit-split", f"in one read 'ok', in reads of {step} 400")
         raise FuzzFailure(f"the answer depends on how the bytes are split: in one read {whole[0]!r}, "
                           f"in reads of {step} {split[0]!r} (body {len(whole[1])}/{len(split[1])} bytes, "
                           f"left over {len(whole[2])}/{len(split[2])} bytes)")

@@ -259,6 +259,10 @@ def parse_request(head: bytes) -> Request:
             req.headers.append(("Content-Length", "0"))  # keep an explicit zero: some backends need it
 
     connection = [t for v in by_name.get("connection", []) for t in _tokens(v)]
+    if "host" in (t.lower() for t in connection):
+        # Connection would make Host hop-by-hop: the backend would get a request without the
+        # Host the rules judged, and route it to whatever default it has. Envoy refuses it too.
+        raise HttpError(400, "Connection names Host")
     req.keep_alive = ("close" not in connection) if version == "1.1" else ("keep-alive" in connection)
     upgrades = by_name.get("upgrade", [])
     if "upgrade" in connection and upgrades:

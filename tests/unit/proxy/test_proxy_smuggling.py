@@ -54,6 +54,9 @@ CORPUS = {
     "cl space inside": (req("GET /public HTTP/1.1", H[:-2], "Content-Length: 4 1", body=SMUGGLED), 400),
     "cl huge": (req("GET /public HTTP/1.1", H[:-2], "Content-Length: 9999999999999999999999"), 400),
     # --- header syntax
+    # Connection naming Host would strip the Host the rules judged from what the backend gets.
+    "connection names host": (req("GET /public HTTP/1.1", H[:-2], "Connection: host"), 400),
+    "connection names host, other case": (req("GET /public HTTP/1.1", H[:-2], "Connection: keep-alive, HOST"), 400),
     "obs-fold": (req("GET /public HTTP/1.1", H[:-2], "X-Foo: a", " Transfer-Encoding: chunked",
                      body="0\r\n\r\n" + SMUGGLED), 400),
     "obs-fold te value": (req("POST /upload HTTP/1.1", H[:-2], "Transfer-Encoding:", " chunked",
