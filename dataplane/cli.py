@@ -86,7 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from . import agent  # noqa: PLC0415
 
     scenario = load_scenario(args.scenario)
-    _policy_engine(scenario)  # every policy is valid before anything is built
+    engine = _policy_engine(scenario)  # every policy is valid before anything is built
     labmod.check_environment()
     name = args.name or scenario.name
     labmod.validate_lab_name(name)
@@ -96,7 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         metrics = parse_listen(args.metrics)
     # The agent builds the lab and stays with it (flows, metrics, policy changes) until `down`.
-    info = agent.start(scenario, name, metrics)
+    info = agent.start(engine, name, metrics)
     if args.json:
         _emit_json(info)
     else:

@@ -31,12 +31,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import confine, safety, topology
+from . import confine, processes, safety, topology
 from .errors import SetupError
 from .logfiles import previous, request_log, rotate_bytes
-from .scenario import GATEWAY_IP, Port, Scenario
+from .scenario import GATEWAY_IP, Port, Relabel, Scenario
+
+if TYPE_CHECKING:  # the loader imports bcc: only the caller that enforces loads it
+    from .datapath import Datapath
+    from .mapstate import MapState
+    from .policy.engine import PolicyEngine
 
 PREFIX = safety.PREFIX
 # The setting as given; `run_dir()` checks it at every use (absolute, normalized, no symlink).
@@ -142,14 +147,6 @@ class LabRecord:
         return rec
 
 
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def check_environment() -> None:
     if os.geteuid() != 0:
         raise SetupError("l7lab needs root to create network namespaces: run it as root")
@@ -172,8 +169,8 @@ def validate_lab_name(name: str) -> None:
 class Lab:
     """A scenario realized on this kernel. Use as a context manager, or up()/down()."""
 
-    def __init__(self, scenario: Scenario, name: str | None = None, *, datapath: Any = None,
-                 policy: Any = None) -> None:
+    def __init__(self, scenario: Scenario, name: str | None = None, *, datapath: Datapath | None = None,
+                 policy: PolicyEngine | None = None) -> None:
         """`datapath` (a loaded `dataplane.datapath.Datapath`) and `policy` (a policy engine)
         make the lab enforce; without them it only carries traffic. The caller owns the
         datapath (it costs a compile), so one can serve several labs one after another."""
@@ -184,7 +181,7 @@ class Lab:
         self.datapath = datapath
         self.policy = policy
         self._servers: list[subprocess.Popen[bytes]] = []
-        self._proxy: subprocess.Popen[bytes] | None = None
+        self._proxy: subprocess.Popen[bytes] | processes.WatchedProcess | None = None
         self._policy_digest = ""
 
     @property
@@ -244,7 +241,31 @@ class Lab:
         rec.status = "up"
         rec.save()
 
-    def _interfaces(self, state: Any) -> dict[int, int]:
+    def relabel(self, relabels: tuple[Relabel, ...] | list[Relabel]) -> dict[str, dict[str, str]]:
+        """Change the labels the record shows for pods (namespace labels are not recorded) and
+        persist the record. Returns the labels the changed pods had, for `set_labels` to restore."""
+        previous: dict[str, dict[str, str]] = {}
+        for r in relabels:
+            if r.target != "pod":
+                continue
+            ep = self.record.endpoints[r.name]
+            previous.setdefault(r.name, dict(ep.labels))
+            labels = dict(ep.labels)
+            labels.update(r.set)
+            for key in r.remove:
+                labels.pop(key, None)
+            ep.labels = labels
+        self.record.save()
+        return previous
+
+    def set_labels(self, labels: dict[str, dict[str, str]]) -> None:
+        """Give these endpoints exactly these labels (what `relabel` returned, to undo it) and
+        persist the record."""
+        for key, values in labels.items():
+            self.record.endpoints[key].labels = dict(values)
+        self.record.save()
+
+    def _interfaces(self, state: MapState) -> dict[int, int]:
         """Node-side ifindex -> endpoint id (0 for world links), for the datapath's anti-spoofing."""
         ids = {ep.name: ep_id for ep_id, ep in state.endpoints.items()}
         return {e.ifindex: ids.get(k, 0) for k, e in self.record.endpoints.items()}
@@ -260,7 +281,7 @@ class Lab:
             topology.attach_tc(self.record.node, ep.ifname, ingress_fd=self.datapath.program_fd("from_container"),
                                egress_fd=self.datapath.program_fd("to_container"), name=f"l7lab-{self.name}")
 
-    def sync_policy(self, state: Any, *, deadline: float | None = None, proxy_confirms: bool = True) -> Any:
+    def sync_policy(self, state: MapState, *, deadline: float | None = None, proxy_confirms: bool = True) -> Any:
         """A policy change: the proxy's rules, then map updates only (no recompile, no
         reattach). Returns the datapath's SyncStats.
 
@@ -297,7 +318,7 @@ class Lab:
     def proxy_events_file(self) -> Path:
         return lab_dir(self.name) / "l7-events.jsonl"
 
-    def _write_policy_file(self, state: Any) -> None:
+    def _write_policy_file(self, state: MapState) -> None:
         data = json.dumps(state.to_json())
         tmp = self.policy_file.with_suffix(".tmp")
         tmp.write_text(data)
@@ -324,10 +345,22 @@ class Lab:
         raise SetupError(f"the L7 proxy of lab {self.name} did not confirm the new policy in time "
                          f"(log: {self.proxy_log_file})")
 
+    @property
+    def proxy_process(self) -> subprocess.Popen[bytes] | processes.WatchedProcess | None:
+        """The L7 proxy's process (a Popen, or a `WatchedProcess` once adopted), or None."""
+        return self._proxy
+
+    def adopt_proxy(self, pid: int) -> None:
+        """Take the proxy with this pid as this lab's proxy, watched by pid: after a fork (`run
+        --keep` hands the lab to an agent) this process is not the parent of the proxy its
+        Popen names, so it cannot wait for it; it sees it go by its pid and start time."""
+        self._proxy = processes.WatchedProcess(pid)
+
     def start_proxy(self, wait: bool = True) -> None:
         """Start the L7 proxy in the node namespace (again, after a crash) and, with `wait`, wait
-        until it listens. Without `wait` the caller reads the READY line from `_proxy.stdout`
-        (the lab agent restarts a dead proxy that way, without stopping its loop)."""
+        until it listens. Without `wait` the caller reads the READY line from
+        `proxy_process.stdout` (the lab agent restarts a dead proxy that way, without stopping
+        its loop)."""
         from .mapstate import PROXY_PORT  # noqa: PLC0415
 
         old = self._proxy
@@ -336,12 +369,13 @@ class Lab:
             self.record.resources = [r for r in self.record.resources
                                      if not (r.get("kind") == "process" and r.get("pid") == old.pid)]
         log = self.proxy_log_file
-        self._proxy = self._spawn("l7-proxy", self.record.node, "proxy",
-                                  ["--state", str(self.policy_file), "--port", str(PROXY_PORT),
-                                   "--events", str(self.proxy_events_file),
-                                   "--limits", os.environ.get("L7LAB_PROXY_LIMITS", "")], log)
+        proc = self._spawn("l7-proxy", self.record.node, "proxy",
+                           ["--state", str(self.policy_file), "--port", str(PROXY_PORT),
+                            "--events", str(self.proxy_events_file),
+                            "--limits", os.environ.get("L7LAB_PROXY_LIMITS", "")], log)
+        self._proxy = proc
         if wait:
-            wait_ready([("the L7 proxy", self._proxy, log)])
+            wait_ready([("the L7 proxy", proc, log)])
 
     def stop_proxy(self, sig: int = signal.SIGKILL) -> None:
         """Stop the proxy (tests use SIGKILL to show that redirected flows then fail closed)."""
@@ -366,7 +400,7 @@ class Lab:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._servers.append(proc)
-        self.record.add(kind="process", pid=proc.pid, start=_proc_start_time(proc.pid), netns=ns,
+        self.record.add(kind="process", pid=proc.pid, start=processes.start_time(proc.pid), netns=ns,
                         what=f"{module} {key}", log=str(log))
         return proc
 
@@ -471,14 +505,14 @@ def _recorded_victims(rec: LabRecord) -> list[dict[str, Any]]:
     """The recorded processes to stop: only one that is still the process the lab started (same
     start time) and lives in the lab namespace it was recorded in; a record could name any
     process of the machine, and its start time is no secret."""
-    processes = [r for r in rec.resources if r.get("kind") == "process"]
-    valid = [r for r in processes if isinstance(r.get("pid"), int) and not isinstance(r["pid"], bool)
+    recorded = [r for r in rec.resources if r.get("kind") == "process"]
+    valid = [r for r in recorded if isinstance(r.get("pid"), int) and not isinstance(r["pid"], bool)
              and r["pid"] > 1 and safety.lab_of_netns(str(r.get("netns", ""))) == rec.lab]
-    for r in processes:
+    for r in recorded:
         if r not in valid:
             _warn(f"lab {rec.lab}: not stopping recorded process {r!r}: not a process in one of the lab's namespaces")
     members = {ns: set(topology.pids_in_netns(ns)) for ns in {r["netns"] for r in valid}}
-    return [r for r in valid if r.get("start") is not None and _proc_start_time(r["pid"]) == r["start"]
+    return [r for r in valid if r.get("start") is not None and processes.start_time(r["pid"]) == r["start"]
             and r["pid"] in members[r["netns"]]]
 
 

@@ -25,7 +25,12 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .processes import WatchedProcess
+
+if TYPE_CHECKING:
+    from .lab import Lab
 
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
@@ -45,9 +50,10 @@ def exit_text(code: int | None) -> str:
 
 
 class ProxySupervisor:
-    """Watches `lab._proxy` and restarts it. States: running, down (waiting to restart), starting."""
+    """Watches `lab.proxy_process` and restarts it. States: running, down (waiting to restart),
+    starting."""
 
-    def __init__(self, lab: Any, report: Callable[[str, str, int | None], None], *,
+    def __init__(self, lab: Lab, report: Callable[[str, str, int | None], None], *,
                  min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF) -> None:
         self.lab = lab
         self.report = report  # (event, detail, pid)
@@ -64,7 +70,7 @@ class ProxySupervisor:
 
     # -- queries ----------------------------------------------------------------------------
     def _alive(self) -> bool:
-        proxy = self.lab._proxy
+        proxy = self.lab.proxy_process
         return proxy is not None and proxy.poll() is None
 
     @property
@@ -72,7 +78,7 @@ class ProxySupervisor:
         return self.state == "running"
 
     def status(self) -> dict[str, Any]:
-        proxy = self.lab._proxy
+        proxy = self.lab.proxy_process
         out: dict[str, Any] = {"state": self.state, "pid": proxy.pid if proxy is not None and self.state != "down" else None,
                                "restarts": self.restarts, "since": self.since, "last_exit": self.last_exit}
         if self.state == "down":
@@ -83,12 +89,13 @@ class ProxySupervisor:
     def tick(self) -> None:
         now = time.monotonic()
         if self.state == "running":
-            code = self.lab._proxy.poll() if self.lab._proxy is not None else -1
+            proxy = self.lab.proxy_process
+            code = proxy.poll() if proxy is not None else -1
             if code is None:
                 if now - self._started >= STABLE_AFTER:
                     self.backoff = self.min_backoff
                 return
-            pid = self.lab._proxy.pid if self.lab._proxy is not None else None
+            pid = proxy.pid if proxy is not None else None
             self.last_exit = exit_text(code) if code != -1 or self._is_child() else "exited"
             self._go_down(f"the L7 proxy {self.last_exit}; redirected flows are dropped until it is back", pid)
         elif self.state == "down":
@@ -106,7 +113,8 @@ class ProxySupervisor:
         return self.state == "running"
 
     def _is_child(self) -> bool:
-        return hasattr(self.lab._proxy, "args")  # a Popen (ours), not a proxy watched by pid
+        proxy = self.lab.proxy_process
+        return proxy is not None and not isinstance(proxy, WatchedProcess)  # ours, not watched by pid
 
     def _go_down(self, detail: str, pid: int | None, event: str = "exited") -> None:
         self.state = "down"
@@ -127,7 +135,8 @@ class ProxySupervisor:
         self._ready_buffer = b""
 
     def _check_start(self, now: float, wait: float = 0.0) -> None:
-        proxy = self.lab._proxy
+        proxy = self.lab.proxy_process
+        assert proxy is not None  # the one _spawn started
         out = proxy.stdout
         if out is not None:
             readable, _, _ = select.select([out], [], [], wait)
@@ -160,5 +169,5 @@ class ProxySupervisor:
         if proxy.stdout is not None:
             proxy.stdout.close()
         self.last_exit = why
-        log = self.lab.proxy_log_file if hasattr(self.lab, "proxy_log_file") else ""
+        log = getattr(self.lab, "proxy_log_file", "")
         self._go_down(f"the restarted L7 proxy {why} (log: {log})", proxy.pid, "restart failed")

@@ -93,26 +93,80 @@ class Decision:
         }
 
 
+@dataclass(frozen=True)
+class EngineState:
+    """What a policy engine holds at one moment: the applied policies, the labels, and their
+    resolution. Never changed in place: a change makes a new one, so an old one is a complete
+    snapshot to go back to."""
+
+    policies: dict[tuple[str, str, str], Policy]
+    pod_labels: dict[str, dict[str, str]]
+    namespace_labels: dict[str, dict[str, str]]
+    resolution: Resolution
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A step resolved against the engine's state (`before`), not in force until committed.
+    Its map state is what the datapath and the proxy are given before the engine commits it."""
+
+    step: Step
+    before: EngineState
+    after: EngineState
+
+    @property
+    def map_state(self) -> MapState:
+        return self.after.resolution.state
+
+    @property
+    def policies(self) -> dict[tuple[str, str, str], Policy]:
+        return self.after.policies
+
+
 class PolicyEngine:
-    """Policies and labels of one lab; resolves them and judges flows."""
+    """Policies and labels of one lab; resolves them and judges flows.
+
+    A change is proposed (`propose`: checked and resolved, nothing in force), then committed
+    (`commit`); a caller that cannot enforce a proposal simply does not commit it. `snapshot`
+    and `restore` take the engine back to an earlier state (a change undone after its commit)."""
 
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
-        self.namespace_labels: dict[str, dict[str, str]] = {n: dict(ns.labels) for n, ns in scenario.namespaces.items()}
-        self.pod_labels: dict[str, dict[str, str]] = {k: dict(p.labels) for k, p in scenario.pods.items()}
-        self.policies: dict[tuple[str, str, str], Policy] = {}
         self.allocator = IdentityAllocator()
+        policies: dict[tuple[str, str, str], Policy] = {}
         for policy in parse_documents([s.document for s in scenario.policies]):
-            self.policies[policy.key] = policy
-        self.resolution: Resolution = self._resolve(self.policies, self.pod_labels, self.namespace_labels)
+            policies[policy.key] = policy
+        pods = {k: dict(p.labels) for k, p in scenario.pods.items()}
+        namespaces = {n: dict(ns.labels) for n, ns in scenario.namespaces.items()}
+        self._state = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces))
+
+    # ------------------------------------------------------------------ the state in force
+
+    @property
+    def policies(self) -> dict[tuple[str, str, str], Policy]:
+        return self._state.policies
+
+    @property
+    def pod_labels(self) -> dict[str, dict[str, str]]:
+        return self._state.pod_labels
+
+    @property
+    def namespace_labels(self) -> dict[str, dict[str, str]]:
+        return self._state.namespace_labels
+
+    @property
+    def resolution(self) -> Resolution:
+        return self._state.resolution
 
     # ------------------------------------------------------------------ state changes
 
-    def apply_step(self, step: Step) -> None:
-        """Apply, delete or relabel (probes change nothing); all-or-nothing."""
-        policies = dict(self.policies)
-        pods = {k: dict(v) for k, v in self.pod_labels.items()}
-        namespaces = {k: dict(v) for k, v in self.namespace_labels.items()}
+    def propose(self, step: Step) -> Proposal:
+        """Apply, delete or relabel (probes change nothing), resolved but not in force:
+        SourceError, or ErrorList with every error found, if any part of the step is wrong."""
+        before = self._state
+        policies = dict(before.policies)
+        pods = {k: dict(v) for k, v in before.pod_labels.items()}
+        namespaces = {k: dict(v) for k, v in before.namespace_labels.items()}
         errors: list[SourceError] = []
         if step.apply:
             try:
@@ -137,8 +191,27 @@ class PolicyEngine:
             for key in r.remove:
                 target.pop(key, None)
         ErrorList.raise_if_any(errors)
-        resolution = self._resolve(policies, pods, namespaces)
-        self.policies, self.pod_labels, self.namespace_labels, self.resolution = policies, pods, namespaces, resolution
+        after = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces))
+        return Proposal(step, before, after)
+
+    def commit(self, proposal: Proposal) -> None:
+        """Put a proposal in force. It must have been proposed against the state in force:
+        a proposal made before another commit would silently undo that one."""
+        if proposal.before is not self._state:
+            raise ValueError(f"stale proposal for step {proposal.step.index}: the engine changed since it was proposed")
+        self._state = proposal.after
+
+    def apply_step(self, step: Step) -> None:
+        """Propose and commit at once (all-or-nothing): what a dry run and a scenario step do."""
+        self.commit(self.propose(step))
+
+    def snapshot(self) -> EngineState:
+        """The state in force, to `restore` later."""
+        return self._state
+
+    def restore(self, snapshot: EngineState) -> None:
+        """Go back to a state this engine held (a committed change undone)."""
+        self._state = snapshot
 
     def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict) -> Resolution:
         sc = self.scenario
@@ -393,4 +466,4 @@ def expected_outcomes(engine: PolicyEngine) -> list[tuple[Step, Probe, Decision]
     return out
 
 
-__all__ = ["Decision", "Flow", "PolicyEngine", "expected_outcomes", "explain_text"]
+__all__ = ["Decision", "EngineState", "Flow", "PolicyEngine", "Proposal", "expected_outcomes", "explain_text"]

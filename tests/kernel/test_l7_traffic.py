@@ -159,7 +159,7 @@ def test_l7_large_responses_streamed_unchanged(l7: L7Lab) -> None:
     and a download in one exchange. Every byte arrives (the backend's SHA-256 of what it sent
     equals the client's of what it got), and the proxy's peak memory grows by far less than the
     bytes it relayed: bodies are streamed, never held whole."""
-    proxy_pid = l7.lab._proxy.pid
+    proxy_pid = l7.lab.proxy_process.pid
     rss_before = peak_rss_bytes(proxy_pid)
     relayed = 0
     with l7.client(timeout=60) as c:

@@ -21,7 +21,7 @@ import pytest
 
 from dataplane import cli
 from dataplane import lab as labmod
-from dataplane import safety
+from dataplane import processes, safety
 from dataplane.errors import SetupError
 from tests.conftest import REPO, unique_lab
 
@@ -274,10 +274,10 @@ def test_a_recorded_process_outside_the_labs_namespaces_is_not_killed(netns: str
     lab = unique_lab("n")
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        res = {"kind": "process", "pid": bystander.pid, "start": labmod._proc_start_time(bystander.pid), "what": "x"}
+        res = {"kind": "process", "pid": bystander.pid, "start": processes.start_time(bystander.pid), "what": "x"}
         if netns is not None:
             res["netns"] = netns.format(lab=f"l7lab-{lab}")
-        sandbox.write_record(lab, [res, {"kind": "process", "pid": 1, "start": labmod._proc_start_time(1),
+        sandbox.write_record(lab, [res, {"kind": "process", "pid": 1, "start": processes.start_time(1),
                                          "netns": f"l7lab-{lab}.node"}])
         out = sandbox.l7lab("down", lab)
         assert out.returncode == 0, out.stderr

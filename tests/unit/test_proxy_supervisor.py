@@ -20,18 +20,18 @@ class StandInLab:
 
     def __init__(self, script: str) -> None:
         self.script = script
-        self._proxy: Any = subprocess.Popen([sys.executable, "-c", READY_THEN_WAIT], stdout=subprocess.PIPE)
-        self._proxy.stdout.readline()
-        self._proxy.stdout.close()
+        self.proxy_process: Any = subprocess.Popen([sys.executable, "-c", READY_THEN_WAIT], stdout=subprocess.PIPE)
+        self.proxy_process.stdout.readline()
+        self.proxy_process.stdout.close()
         self.started: list[Any] = []
 
     def start_proxy(self, wait: bool = True) -> None:
         assert not wait
-        self._proxy = subprocess.Popen([sys.executable, "-c", self.script], stdout=subprocess.PIPE)
-        self.started.append(self._proxy)
+        self.proxy_process = subprocess.Popen([sys.executable, "-c", self.script], stdout=subprocess.PIPE)
+        self.started.append(self.proxy_process)
 
     def close(self) -> None:
-        for proc in [self._proxy, *self.started]:
+        for proc in [self.proxy_process, *self.started]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -50,15 +50,15 @@ def test_an_exited_proxy_is_reported_and_restarted() -> None:
     events: list[tuple[str, str, int | None]] = []
     supervisor = ProxySupervisor(lab, lambda *e: events.append(e), min_backoff=0.05, max_backoff=1.0)
     try:
-        first = lab._proxy.pid
+        first = lab.proxy_process.pid
         assert supervisor.up and supervisor.status()["pid"] == first
-        lab._proxy.kill()
+        lab.proxy_process.kill()
         run_until(supervisor, lambda: supervisor.state != "running")
         assert events[0][0] == "exited" and "killed by SIGKILL" in events[0][1] and events[0][2] == first
         assert supervisor.status()["state"] == "down" and supervisor.status()["last_exit"] == "killed by SIGKILL"
         run_until(supervisor, lambda: supervisor.up)
         assert [e[0] for e in events] == ["exited", "restarted"]
-        assert supervisor.restarts == 1 and supervisor.status()["pid"] == lab._proxy.pid != first
+        assert supervisor.restarts == 1 and supervisor.status()["pid"] == lab.proxy_process.pid != first
     finally:
         lab.close()
 
@@ -68,7 +68,7 @@ def test_failed_restarts_back_off_doubling_to_the_cap() -> None:
     events: list[tuple[str, str, int | None]] = []
     supervisor = ProxySupervisor(lab, lambda *e: events.append(e), min_backoff=0.05, max_backoff=0.2)
     try:
-        lab._proxy.kill()
+        lab.proxy_process.kill()
         run_until(supervisor, lambda: len(events) >= 5)
         assert [e[0] for e in events[:5]] == ["exited"] + ["restart failed"] * 4
         assert all("exited with code 2 before it was ready" in e[1] or "exited before it was ready" in e[1]

@@ -1,0 +1,289 @@
+"""The lab agent's service: what it does for one lab, apart from being a process.
+
+`LabService` holds a lab that is up (its datapath, policy engine and proxy) and does, on the
+agent's loop (`dataplane/agent/process.py` turns it):
+
+- `poll()`: drain the ring buffer (every kernel flow event becomes a line of `flows.jsonl`,
+  `dataplane/flows.py`) and let the proxy supervisor (`dataplane/supervisor.py`) see an exit or a
+  restart's READY line;
+- `every_second()`: rewrite `metrics.json` and take the snapshot Prometheus scrapes read
+  (`dataplane/metrics.py`); say whether the lab is still up;
+- `handle(request)`: answer one control request: `status`, or a `change` (apply / delete /
+  relabel) made all-or-nothing: the engine proposes the new state, the proxy confirms its rules
+  and the maps are written, and only then does the engine commit it. The reply comes with how to
+  undo the change, which the process part calls if the reply cannot be delivered.
+
+Deadlines: a change carries the monotonic time by which its caller stops waiting (now +
+CHANGE_BUDGET when it was sent). A change that arrives after it is refused before anything is
+touched; the proxy's confirmation gets no longer than the deadline (at most
+PROXY_CONFIRM_TIMEOUT); a change that finished late is rolled back, within ROLLBACK_BUDGET.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import lab as labmod
+from .. import limits
+from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
+from ..flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
+from ..logfiles import rotate_bytes
+from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
+from ..scenario import PolicyRef, PolicySource, Relabel, Step
+from ..supervisor import ProxySupervisor
+
+if TYPE_CHECKING:
+    from ..mapstate import MapState
+
+METRICS_NAME = "metrics.json"
+CHANGE_BUDGET = 10.0  # seconds from a change's sending to its last effect (the proxy's confirmation, the maps)
+PROXY_CONFIRM_TIMEOUT = 5.0  # of which a running proxy gets this long to confirm new rules (it takes milliseconds)
+ROLLBACK_BUDGET = 2.0  # seconds the agent may then take to undo a change that failed or finished late
+POLL_MS = 100
+# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes (default: every lab log's cap)
+MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", rotate_bytes()))
+
+Undo = Callable[[str], None]  # undoes an applied change; the argument says why
+
+
+class LabService:
+    """Serves one lab that is up: flows, metrics, proxy supervision and policy changes."""
+
+    def __init__(self, lab: labmod.Lab, metrics: MetricsServer | None = None) -> None:
+        assert lab.datapath is not None and lab.policy is not None, "the agent serves an enforcing lab"
+        self.lab = lab
+        self.datapath = lab.datapath
+        self.engine = lab.policy
+        self.dir = labmod.lab_dir(lab.name)
+        self.state = self.engine.map_state()  # the map state in force: it names the kernel's events
+        self.metrics_server = metrics
+        self.counters = LabCounters()
+        self.snapshot = MetricsSnapshot()  # replaced whole, never changed: the scrape threads read it
+        self.proxy_records = RecordTail(self.dir)
+        self.names = address_names(lab)
+        self.proxy = ProxySupervisor(lab, self._proxy_event)
+        self.flows: Any = None
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_server is None:
+            return None
+        host, port = self.metrics_server.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+    def open(self) -> None:
+        """Open the flow records and start serving metrics (in the namespace the agent runs in)."""
+        self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115 - lives as long as the agent
+        self.take_snapshot()
+        if self.metrics_server is not None:  # its socket was bound in the root namespace by `up`
+            self.metrics_server.serve(LabCollector(self.lab.name, lambda: self.snapshot))
+
+    def close(self) -> None:
+        if self.flows is not None:
+            self.flows.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+
+    # -- the loop's work -------------------------------------------------------------------
+    def poll(self) -> None:
+        """One turn of the loop: kernel events (waiting up to POLL_MS for them), then the proxy."""
+        self.drain()
+        self.proxy.tick()
+
+    def every_second(self) -> bool:
+        """The metrics, rewritten; False once the lab was taken down around the agent."""
+        self.write_metrics()
+        return labmod.record_path(self.lab.name).exists()
+
+    # -- observation ---------------------------------------------------------------------
+    def drain(self, timeout_ms: int = POLL_MS) -> None:
+        events = self.datapath.poll_events(timeout_ms=timeout_ms)
+        if not events:
+            return
+        self.counters.flow_events.update(ev.verdict.name for ev in events)
+        write_kernel_records(self.flows, events, self.state, self.names)
+        self._rotate_flows()
+
+    def _rotate_flows(self) -> None:
+        if self.flows.tell() > MAX_FLOWS_BYTES:  # keep one previous file: a long-lived lab stays bounded
+            self.flows.close()
+            os.replace(self.dir / KERNEL_FLOWS, self.dir / (KERNEL_FLOWS + ".1"))
+            self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115
+
+    def _proxy_event(self, event: str, detail: str, pid: int | None) -> None:
+        """A proxy lifecycle record in flows.jsonl (`observe` shows it among the flows), the agent's
+        log, and at once in the metrics."""
+        print(f"proxy {event}: {detail}", flush=True)
+        if self.flows is not None:
+            self.flows.write(json.dumps({"type": "proxy", "time": round(time.time(), 6), "event": event,
+                                         "detail": detail, "pid": pid}, separators=(",", ":")) + "\n")
+            self._rotate_flows()
+        self.take_snapshot()
+
+    def metrics(self, detail: dict | None = None) -> list[dict[str, Any]]:
+        detail = self.datapath.metrics_detail() if detail is None else detail
+        return [{"verdict": v.name, "reason": r.name, "direction": d.name.lower(), "packets": p, "bytes": b}
+                for (v, r, d), (p, b) in sorted(detail.items())]
+
+    def take_snapshot(self, detail: dict | None = None) -> None:
+        """Read what the metrics report, here on the agent's loop, into a new immutable snapshot."""
+        for record in self.proxy_records.lines(PROXY_RECORDS):  # count what the proxy wrote since
+            self.counters.l7_records[(record.get("protocol", "").split("/")[0] or "?", record.get("verdict", "?"))] += 1
+        detail = self.datapath.metrics_detail() if detail is None else detail
+        self.snapshot = MetricsSnapshot.take(self.counters, detail, policies=len(self.engine.policies),
+                                             proxy_up=self.proxy.up, proxy_restarts=self.proxy.restarts)
+
+    def write_metrics(self) -> None:
+        detail = self.datapath.metrics_detail()
+        self.take_snapshot(detail)
+        tmp = self.dir / (METRICS_NAME + ".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({"time": time.time(), "metrics": self.metrics(detail)}))
+            os.replace(tmp, self.dir / METRICS_NAME)
+
+    # -- requests --------------------------------------------------------------------------
+    def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo | None]:
+        """The reply to one request, and for a change applied, how to undo it."""
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
+                    "metrics_url": self.metrics_url, "proxy": self.proxy.status()}, None
+        if op == "change":
+            try:
+                return self.change(request)
+            except (SourceError, ErrorList, ChangeRefused) as exc:
+                self.counters.changes["refused"] += 1
+                if isinstance(exc, ChangeRefused):
+                    print(f"change refused: {exc}", flush=True)
+                return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}, None
+            except L7LabError as exc:
+                self.counters.changes["rolled back"] += 1
+                return {"ok": False, "errors": [str(exc)]}, None
+        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change' or 'status'"]}, None
+
+    def replied(self, undo: Undo | None, lost: OSError | None = None) -> None:
+        """The reply to a request was delivered (`lost` None) or could not be: a change whose
+        caller was never told is undone, so nothing changes unseen."""
+        if lost is not None:
+            if undo is not None:
+                undo(f"its reply could not be delivered ({lost.strerror or lost})")
+                self.counters.changes["rolled back"] += 1
+            return
+        if undo is not None:
+            self.counters.changes["applied"] += 1
+        self.take_snapshot()
+
+    def policies(self) -> list[str]:
+        return sorted(p.display for p in self.engine.policies.values())
+
+    def change(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo]:
+        """Apply, delete and relabel as one step: every part is checked before anything changes,
+        and everything is done by the request's deadline or undone."""
+        from ..yamlsource import Budget, load_documents  # noqa: PLC0415
+
+        deadline = _change_deadline(request)
+        engine, scenario = self.engine, self.lab.scenario
+        errors: list[SourceError] = []
+        sources: list[PolicySource] = []
+        # The files of one change share one budget of values and bytes, as `l7lab apply` checks
+        # them: splitting hostile input over many files buys nothing.
+        budget, total = Budget(what="one change"), 0
+        for item in request.get("apply", []):
+            total += len(item["text"].encode("utf-8", "surrogatepass"))
+            if total > limits.MAX_CHANGE_BYTES:
+                raise SourceError(SourceLocation(item["path"]), f"the files of one change together exceed the "
+                                                                f"limit of {limits.MAX_CHANGE_BYTES} bytes")
+            try:
+                sources += [PolicySource(doc) for doc in load_documents(item["text"], item["path"], budget)]
+            except SourceError as exc:
+                errors.append(exc)
+        deletes = [PolicyRef(d["kind"], d["name"], d.get("namespace", "")) for d in request.get("delete", [])]
+        for ref in deletes:
+            if (ref.kind, ref.namespace, ref.name) not in engine.policies:
+                what = f"{ref.kind} {ref.namespace + '/' if ref.namespace else ''}{ref.name}"
+                errors.append(SourceError(SourceLocation("delete"), f"no policy {what} is applied "
+                                                                    f"(applied: {', '.join(self.policies()) or 'none'})"))
+        relabels = [Relabel(r["target"], r["name"], dict(r.get("set", {})), tuple(r.get("remove", ())))
+                    for r in request.get("relabel", [])]
+        for r in relabels:
+            known = scenario.pods if r.target == "pod" else scenario.namespaces
+            if r.name not in known:
+                errors.append(SourceError(SourceLocation("label"), f"no {r.target} {r.name!r} in lab {self.lab.name} "
+                                                                   f"(known: {', '.join(sorted(known))})"))
+        ErrorList.raise_if_any(errors)
+        if time.monotonic() >= deadline:  # checked again: the documents may have been slow to parse
+            raise ChangeRefused("the change arrived after its caller's deadline and was not applied")
+        self.proxy.tick()  # a proxy that died since the last tick is seen now
+        if not self.proxy.ensure_ready(deadline) and self.proxy.state == "starting":
+            raise ChangeRefused("the L7 proxy is restarting and was not ready in time; try again")
+        before = self.policies()
+        proposal = engine.propose(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels)))
+        self.drain(timeout_ms=0)  # earlier events are named by the state they were decided under
+        old_state, state = self.state, proposal.map_state
+        # A running proxy confirms every change. Without one, a change is refused if it brings L7
+        # rules no proxy has confirmed; one that leaves them as they are (or removes them all)
+        # goes through, and the restarted proxy loads it.
+        proxy_confirms = self.proxy.up or (bool(state.l7) and _l7_rules(state) != _l7_rules(old_state))
+
+        def restore_maps() -> None:
+            with contextlib.suppress(Exception):  # never stop short of the maps for a slow proxy
+                self.lab.sync_policy(old_state, deadline=time.monotonic() + ROLLBACK_BUDGET, proxy_confirms=False)
+            self.state = old_state
+
+        try:
+            stats = self.lab.sync_policy(state, deadline=min(deadline, time.monotonic() + PROXY_CONFIRM_TIMEOUT),
+                                         proxy_confirms=proxy_confirms)
+        except Exception as exc:  # noqa: BLE001 - the proxy did not confirm, a map refused an entry, ...
+            restore_maps()  # the engine never committed the proposal: it still holds the old state
+            print(f"change rolled back: {exc!r}", flush=True)
+            raise L7LabError(f"the change could not be enforced and was rolled back: {exc}") from None
+        engine.commit(proposal)
+        self.state = state
+        previous_labels = self.lab.relabel(relabels)
+
+        def undo(why: str) -> None:
+            engine.restore(proposal.before)
+            restore_maps()
+            with contextlib.suppress(OSError):
+                self.lab.set_labels(previous_labels)
+            print(f"change rolled back: {why}", flush=True)
+
+        if time.monotonic() > deadline:  # the caller is about to give up: it must not be applied unseen
+            undo("it finished after its caller's deadline")
+            raise L7LabError("the change took longer than its deadline and was rolled back; nothing changed")
+        after = self.policies()
+        reply = {"ok": True, "policies": after, "added": sorted(set(after) - set(before)),
+                 "removed": sorted(set(before) - set(after)),
+                 "map_writes": stats.total if stats is not None else 0}
+        if not self.proxy.up:
+            reply["warnings"] = ["the L7 proxy is not running: flows redirected to it are dropped until it is back"]
+        return reply, undo
+
+
+class ChangeRefused(L7LabError):
+    """A change turned down before anything was touched."""
+
+
+def _l7_rules(state: MapState) -> str:
+    """The L7 part of a map state, comparable between states."""
+    return json.dumps(state.to_json()["l7"], sort_keys=True)
+
+
+def _change_deadline(request: dict[str, Any]) -> float:
+    """The monotonic time by which a change must be done (the clock is the machine's, shared by
+    the CLI and the agent); a change past it is refused before anything is touched."""
+    deadline = request.get("deadline")
+    now = time.monotonic()
+    if deadline is None:
+        return now + CHANGE_BUDGET
+    if not isinstance(deadline, (int, float)):
+        raise TypeError("'deadline' must be a number (CLOCK_MONOTONIC seconds)")
+    if deadline <= now:
+        raise ChangeRefused(f"the change arrived {now - deadline:.1f}s after its caller's deadline "
+                         "(the agent was busy or stopped) and was not applied")
+    return min(float(deadline), now + CHANGE_BUDGET)
