@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .probes import Observation, run_probe
 from .scenario import Probe, Scenario, Step
+
+if TYPE_CHECKING:
+    from .lab import Lab
+    from .policy.engine import PolicyEngine
 
 PROBE_CONCURRENCY = 32
 
@@ -96,7 +100,7 @@ class KernelExecutor:
 
     mode = "kernel"
 
-    def __init__(self, lab: Any, policy: Any = None) -> None:
+    def __init__(self, lab: Lab, policy: PolicyEngine | None = None) -> None:
         self.lab = lab
         self.policy = policy  # a policy engine, when one is wired in; used as the referee
 
@@ -170,7 +174,7 @@ class OracleExecutor:
 
     mode = "dry-run"
 
-    def __init__(self, policy: Any) -> None:
+    def __init__(self, policy: PolicyEngine) -> None:
         self.policy = policy
 
     def apply_step(self, step: Step) -> None:

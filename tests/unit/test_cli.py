@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,58 @@ def test_explain_prints_the_request_and_the_rules_verbatim() -> None:
     out = l7lab("explain", str(REPO / "scenarios" / "protect-inventory-api.yaml"), "--from", "frontend-app",
                 "--to", "inventory-api:8080", "--http", "DELETE /api/inventory/:x:")
     assert "DELETE /api/inventory/:x: matches no HTTP rule" in out.stdout
+
+
+def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> None:
+    import argparse  # noqa: PLC0415
+
+    from dataplane import cli  # noqa: PLC0415
+    from dataplane.cli.common import Verbs  # noqa: PLC0415
+
+    def verbs_of(group: object) -> list[str]:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        group.register(Verbs(sub))  # type: ignore[attr-defined]
+        return list(sub.choices)
+
+    groups = {g.__name__.rsplit(".", 1)[1]: verbs_of(g) for g in cli.GROUPS}
+    assert groups == {"lifecycle": ["up", "down", "clean", "status", "exec"], "run": ["run"],
+                      "observe": ["observe"], "changes": ["apply", "delete", "label"],
+                      "check": ["validate", "explain"]}
+    listed = re.findall(r"^    (\w+) ", l7lab("--help").stdout, re.M)
+    assert listed == [verb for verbs in groups.values() for verb in verbs]
+    for verbs in groups.values():  # every verb runs its own command and answers --json where it did
+        for verb in verbs:
+            args = cli.build_parser().parse_args([verb, *{"up": ["s"], "run": ["s"], "exec": ["p"],
+                                                          "apply": ["f"], "delete": ["k", "n"],
+                                                          "label": ["pod", "p", "k=v"], "validate": ["f"],
+                                                          "explain": ["s", "--from", "a", "--to", "b"]}.get(verb, [])])
+            assert args.func.__name__ == f"cmd_{verb}" and hasattr(args, "json") == (verb != "exec")
+
+
+def test_up_hands_the_engine_it_validated_with_to_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policies are parsed and resolved once: the engine `up` validates with is the one the
+    agent enforces with (it forks with it)."""
+    from dataplane import agent, cli, policy  # noqa: PLC0415
+    from dataplane import lab as labmod  # noqa: PLC0415
+
+    built: list[object] = []
+
+    class CountingEngine(policy.PolicyEngine):
+        def __init__(self, scenario: object) -> None:
+            super().__init__(scenario)  # type: ignore[arg-type]
+            built.append(self)
+
+    handed: list[object] = []
+
+    def start(engine: object, name: str, metrics: object = None) -> dict[str, object]:
+        handed.append(engine)
+        return {"lab": name, "endpoints": 0, "node": "n", "agent": 1, "metrics": None}
+
+    monkeypatch.setattr(policy, "PolicyEngine", CountingEngine)
+    monkeypatch.setattr(agent, "start", start)
+    monkeypatch.setattr(labmod, "check_environment", lambda: None)
+    path = REPO / "scenarios" / "protect-inventory-api.yaml"
+    assert cli.main(["up", "--json", "--name", "handed", str(path)]) == cli.EXIT_OK
+    assert len(built) == 1 and handed == built
+    assert handed[0].scenario.path == str(path) and handed[0].policies  # type: ignore[attr-defined]

@@ -1,0 +1,126 @@
+"""Verbs that read files only (no root, no kernel): `validate` checks scenario and policy files,
+`explain` shows the oracle's verdict for one flow and why."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import ErrorList, L7LabError, SourceError
+from ..scenario import load_scenario
+from .common import EXIT_OK, EXIT_SETUP, Verbs, emit_json, policy_engine, print_error, say
+
+
+def _is_scenario(path: str) -> bool:
+    """A scenario: one mapping without apiVersion and kind. An empty file (no document at all)
+    counts as one, so that `validate` rejects it with the error `run` gives."""
+    from ..yamlsource import load_file  # noqa: PLC0415
+
+    docs = load_file(path)
+    if not docs:
+        return True
+    return len(docs) == 1 and isinstance(docs[0].data, dict) and "apiVersion" not in docs[0].data and "kind" not in docs[0].data
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..policy import validate_policy_file  # noqa: PLC0415
+
+    results: dict[str, list[str]] = {}
+    for path in args.files:
+        errors: list[BaseException] = []
+        try:
+            if _is_scenario(path):
+                policy_engine(load_scenario(path))  # the scenario and every policy it applies
+            else:
+                errors.extend(validate_policy_file(path))
+        except (SourceError, ErrorList) as exc:
+            errors.extend(exc.errors if isinstance(exc, ErrorList) else [exc])
+        results[path] = [str(e) for e in errors]
+    if args.json:
+        emit_json({"valid": not any(results.values()), "files": results})
+    else:
+        for path, errors in results.items():
+            if errors:
+                for e in errors:
+                    print_error(e)
+            else:
+                say(f"{path}: valid")
+    return EXIT_SETUP if any(results.values()) else EXIT_OK
+
+
+def _parse_http(text: str | None, headers: list[str]) -> Any:
+    """The request `explain` checks. What the L7 proxy would answer 400 Bad Request (a method
+    or header name that is not an HTTP token, a control character in a value) is refused here
+    with the reason: no policy verdict applies to a request the proxy never parses."""
+    from ..policy.l7 import HTTP_TOKEN_CHARS, is_header_value, is_http_token  # noqa: PLC0415
+    from ..scenario import HttpRequest  # noqa: PLC0415
+
+    if text is None:
+        if headers:
+            raise L7LabError("--header needs --http: headers belong to an HTTP request")
+        return None
+    parts = text.split()
+    if len(parts) != 2:
+        raise L7LabError(f"--http expects 'METHOD /path', got {text!r}")
+    if not is_http_token(parts[0]):
+        raise L7LabError(f"--http {text!r}: the method {parts[0]!r} is not an HTTP token ({HTTP_TOKEN_CHARS}); "
+                         "the L7 proxy answers such a request 400 Bad Request")
+    hdrs = {}
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise L7LabError(f"--header expects 'Name: value', got {h!r}")
+        if not is_http_token(name):
+            raise L7LabError(f"--header {h!r}: {name!r} is not a valid header name (an HTTP token: "
+                             f"{HTTP_TOKEN_CHARS}, no spaces): the request is malformed, and the L7 proxy "
+                             "answers it 400 Bad Request")
+        if not is_header_value(value):
+            raise L7LabError(f"--header {h!r}: the value has a control character; the L7 proxy answers "
+                             "such a request 400 Bad Request")
+        hdrs[name] = value.strip(" \t")
+    return HttpRequest(parts[0], parts[1], hdrs)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ..policy import Flow, explain_text  # noqa: PLC0415
+    from ..scenario import make_probe  # noqa: PLC0415
+
+    scenario = load_scenario(args.scenario)
+    engine = policy_engine(scenario)
+    last = len(scenario.steps) if args.step is None else args.step - 1
+    if not 0 <= last <= len(scenario.steps):
+        raise L7LabError(f"--step must be between 1 and {len(scenario.steps) + 1}, got {args.step}")
+    for step in scenario.steps[:last]:
+        if step.kind != "probes":
+            engine.apply_step(step)
+    dns = None
+    if args.dns:
+        if args.http:
+            raise L7LabError("--http and --dns exclude each other: a flow is an HTTP request or a DNS query")
+        from ..scenario import DnsQuery  # noqa: PLC0415
+
+        dns = DnsQuery(args.dns.rstrip(".").lower())
+    protocol = args.protocol or ("UDP" if dns else "TCP")
+    probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns)
+    decision = engine.verdict(Flow.from_probe(probe))
+    if args.json:
+        emit_json(decision.to_json())
+    else:
+        say(explain_text(decision))
+    return EXIT_OK
+
+
+def register(verbs: Verbs) -> None:
+    """Add validate and explain."""
+    p = verbs.add("validate", "check scenario and policy files; report every error found", cmd_validate)
+    p.add_argument("files", nargs="+", metavar="FILE")
+
+    p = verbs.add("explain", "show, step by step, the verdict the policy gives a flow and why", cmd_explain)
+    p.add_argument("scenario", help="scenario YAML file")
+    p.add_argument("--from", dest="source", required=True, metavar="POD", help="source pod")
+    p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
+    p.add_argument("--protocol", choices=("TCP", "UDP"), help="default TCP (UDP with --dns)")
+    p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
+    p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
+    p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP) to check against DNS rules")
+    p.add_argument("--step", type=int, help="the policy state before step N (default: after every step)")
