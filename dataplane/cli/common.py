@@ -47,8 +47,8 @@ class UsageError(Exception):
 class Verbs:
     """The subcommands of `l7lab`: each group of verbs adds its own (`register(verbs)`)."""
 
-    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-        self._sub = sub
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub  # what ArgumentParser.add_subparsers returned (its class is argparse's own)
 
     def add(self, name: str, help_text: str, func: Command, json_flag: bool = True) -> argparse.ArgumentParser:
         """A verb running `func(args)`; with `json_flag`, it takes --json."""
