@@ -39,7 +39,7 @@ from .logfiles import previous, request_log, rotate_bytes
 from .scenario import GATEWAY_IP, Port, Relabel, Scenario
 
 if TYPE_CHECKING:  # the loader imports bcc: only the caller that enforces loads it
-    from .datapath import Datapath
+    from .datapath import Datapath, SyncStats
     from .mapstate import MapState
     from .policy.engine import PolicyEngine
 
@@ -281,7 +281,8 @@ class Lab:
             topology.attach_tc(self.record.node, ep.ifname, ingress_fd=self.datapath.program_fd("from_container"),
                                egress_fd=self.datapath.program_fd("to_container"), name=f"l7lab-{self.name}")
 
-    def sync_policy(self, state: MapState, *, deadline: float | None = None, proxy_confirms: bool = True) -> Any:
+    def sync_policy(self, state: MapState, *, deadline: float | None = None,
+                    proxy_confirms: bool = True) -> SyncStats | None:
         """A policy change: the proxy's rules, then map updates only (no recompile, no
         reattach). Returns the datapath's SyncStats.
 
