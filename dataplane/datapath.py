@@ -21,15 +21,14 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from . import abi
 from .abi import Direction, DropReason, FlowVerdict, Hook
+from .bpfsource import BPF_DIR, MAIN_SOURCE
 from .errors import SetupError
 from .mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAMS = ("from_container", "to_container")
 
 
@@ -220,7 +219,7 @@ class Datapath:
                                      ct_map_size=ct_map_size)
         cflags = _cflags(self.defines)
         try:
-            self._bpf = BPF(src_file=str(BPF_DIR / "datapath.c").encode(), cflags=cflags)
+            self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(), cflags=cflags)
             self._fns = {name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
         except Exception as exc:  # BCC raises plain Exception on compile/verifier failure
             raise SetupError(f"BCC could not compile or load bpf/datapath.c: {exc}") from exc

@@ -17,7 +17,8 @@ import pytest
 
 from dataplane import abi
 from dataplane.abi import CField, DropReason, FlowVerdict, Hook
-from dataplane.datapath import BPF_DIR, FlowEvent, pack_endpoint, pack_ipcache, pack_policy
+from dataplane.bpfsource import BPF_DIR
+from dataplane.datapath import FlowEvent, pack_endpoint, pack_ipcache, pack_policy
 from dataplane.mapstate import EndpointState, PolicyEntry, PolicyKey
 
 SOURCES = sorted([*(BPF_DIR / "lib").glob("*.h"), *BPF_DIR.glob("*.c")])
