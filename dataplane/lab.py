@@ -362,7 +362,7 @@ class Lab:
         until it listens. Without `wait` the caller reads the READY line from
         `proxy_process.stdout` (the lab agent restarts a dead proxy that way, without stopping
         its loop)."""
-        from .mapstate import PROXY_PORT  # noqa: PLC0415
+        from .abi import PROXY_PORT  # noqa: PLC0415
 
         old = self._proxy
         if old is not None and old.poll() is not None:  # a dead proxy leaves the record and the list
