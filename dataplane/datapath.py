@@ -19,14 +19,13 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from .bpfsource import BPF_DIR, MAIN_SOURCE
 from .errors import SetupError
 from .mapstate import Direction, MapState, PolicyKey, PolicyEntry, EndpointState
 from .reasons import DropReason, FlowVerdict, Hook
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAMS = ("from_container", "to_container")
 
 # skb->mark layout (bpf/lib/common.h): magic in 0xf00.
@@ -207,7 +206,7 @@ class Datapath:
                   f"-DPOLICY_MAP_SIZE={policy_map_size}", f"-DCT_MAP_SIZE={ct_map_size}",
                   "-Wno-unused-function"]
         try:
-            self._bpf = BPF(src_file=str(BPF_DIR / "datapath.c").encode(), cflags=cflags)
+            self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(), cflags=cflags)
             self._fns = {name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
         except Exception as exc:  # BCC raises plain Exception on compile/verifier failure
             raise SetupError(f"BCC could not compile or load bpf/datapath.c: {exc}") from exc

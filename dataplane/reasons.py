@@ -12,7 +12,9 @@ import enum
 import re
 from pathlib import Path
 
-DROP_HEADER = Path(__file__).resolve().parent.parent / "bpf" / "lib" / "drop.h"
+from .bpfsource import bpf_header
+
+DROP_HEADER = bpf_header("drop.h")
 
 
 class FlowVerdict(enum.IntEnum):
