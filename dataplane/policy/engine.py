@@ -79,7 +79,6 @@ class Decision:
     audited: bool = False
     l7: L7Verdict | None = None  # the L7 verdict, when the flow reached the proxy's rules
 
-
     def to_json(self) -> dict[str, Any]:
         f = self.flow
         return {
@@ -300,7 +299,9 @@ class _Judge:
         sets = [AppliedSet(f"L7 {direction.name.lower()} of {self.state.endpoints[endpoint_id].name}",
                            self.state.l7_rules(endpoint_id, direction, remote, flow.port))
                 for endpoint_id, direction, remote in redirects]
-        protocol = protocol_for(sets, flow.protocol)
+        # A transport no proxy side serves (SCTP under a protocol-ANY redirect) is judged as the
+        # TCP side would judge it: only an allow-all set lets it through.
+        protocol = protocol_for(sets, flow.protocol) or protocol_for(sets, "TCP")
         notes: list[str] = []
         if protocol == "dns":
             if not flow.dns_name:
