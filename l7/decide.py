@@ -37,6 +37,11 @@ class AppliedSet:
     where: str
     rules: L7RuleSet | None  # None: REDIRECT without an L7 set: every request refused
 
+    @classmethod
+    def of(cls, direction: str, endpoint: str, rules: L7RuleSet | None) -> "AppliedSet":
+        """The set of `endpoint`'s `direction` ("INGRESS" | "EGRESS"), named as both sides name it."""
+        return cls(f"L7 {direction.lower()} of {endpoint}", rules)
+
 
 @dataclass(frozen=True)
 class SetStep:

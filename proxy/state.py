@@ -50,6 +50,7 @@ class ConnectionPolicy:
     refusal: str = ""  # non-empty: deny every request with this reason (fail closed)
     protocol: str = ""  # the L7 protocol its requests are spoken in ("http", "dns"): its handler
 
+
 class Snapshot:
     """An immutable, indexed MapState (never mutated after construction)."""
 
@@ -94,8 +95,8 @@ class Snapshot:
             if drops and not ep.audit:
                 cp.refusal = f"{direction.name.lower()} policy of {ep.name} drops this flow at L3/L4"
             elif verdict == Verdict.REDIRECT:
-                cp.sets.append(AppliedSet(f"L7 {direction.name.lower()} of {ep.name}",
-                                          state.l7_rules(ep.endpoint_id, direction, remote, dst_port)))
+                cp.sets.append(AppliedSet.of(direction.name, ep.name,
+                                             state.l7_rules(ep.endpoint_id, direction, remote, dst_port)))
         if not cp.sets and not cp.refusal:
             cp.refusal = "no L7 redirect applies to this connection"
         cp.protocol = protocol_for(cp.sets, _TRANSPORTS.get(protocol, ""))

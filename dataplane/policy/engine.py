@@ -255,7 +255,7 @@ class _Judge:
                               + ", ".join(sorted({p.display + (f' {s.path}' if len(p.specs) > 1 else '') for p, s in selecting})))
         else:
             self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): no policy selects it in this direction")
-        enforced = ep.ingress_enforced if direction == Direction.INGRESS else ep.egress_enforced
+        enforced = ep.enforced(direction)
         verdict, found = lookup_policy(self.state, endpoint_id, direction, remote, protocol, flow.port)
         for key, entry in found:
             rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)
@@ -296,8 +296,8 @@ class _Judge:
         """The request through the L7 sets of every REDIRECT, by `l7.decide.decide`: the same
         decision the proxy makes (proxy.state), written out set by set."""
         d, flow = self.decision, self.flow
-        sets = [AppliedSet(f"L7 {direction.name.lower()} of {self.state.endpoints[endpoint_id].name}",
-                           self.state.l7_rules(endpoint_id, direction, remote, flow.port))
+        sets = [AppliedSet.of(direction.name, self.state.endpoints[endpoint_id].name,
+                              self.state.l7_rules(endpoint_id, direction, remote, flow.port))
                 for endpoint_id, direction, remote in redirects]
         # A transport no proxy side serves (SCTP under a protocol-ANY redirect) is judged as the
         # TCP side would judge it: only an allow-all set lets it through.
