@@ -26,10 +26,9 @@ from typing import Any
 
 from rich.text import Text
 
+from .abi import PROTOCOL_NAMES as PROTOCOLS, TCP_FLAG_NAMES
 from .logfiles import FollowedFile, json_lines
 
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
-TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 KERNEL_FLOWS = "flows.jsonl"
 PROXY_RECORDS = "l7-events.jsonl"
 

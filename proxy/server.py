@@ -31,7 +31,7 @@ from .handlers import DATAGRAM_HANDLERS
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
 from .limits import ConnectionCaps, Limits, tcp_progress
-from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
+from .marks import IP_TRANSPARENT, PROXY_PORT, SO_MARK, from_proxy_mark
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
 
@@ -51,7 +51,7 @@ class UpstreamFailed(Exception):
 class ProxyServer:
     """Owns the listener, the current policy snapshot and the event log."""
 
-    def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = 15001, *,
+    def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = PROXY_PORT, *,
                  transparent: bool = True, mark: bool = True, original_dst: tuple[str, int] | None = None,
                  events: EventLog | None = None, limits: Limits | None = None,
                  datagram_handlers: Mapping[str, Callable[[ProxyContext], DatagramHandler]] | None = None) -> None:

@@ -1,7 +1,8 @@
 /* common.h - constants shared by every part of the datapath.
  *
- * Tunables come from the loader as -D cflags (dataplane/datapath.py); the defaults here make
- * the sources compile on their own. Never patch these by string replacement.
+ * Every value here has its Python twin in dataplane/abi.py, the one place Python declares
+ * them; tests/kernel/test_abi_compiled.py compiles these headers and compares each constant and each
+ * struct field with that module. Never patch these by string replacement.
  */
 #ifndef L7LAB_COMMON_H
 #define L7LAB_COMMON_H
@@ -15,50 +16,33 @@
 #include <linux/udp.h>
 #include <linux/icmp.h>
 
-#ifndef AUDIT_ALL            /* 1: every would-be drop passes and is reported as AUDIT */
-#define AUDIT_ALL 0
-#endif
-#ifndef DEBUG                /* 1: bpf_trace_printk on drops (cat /sys/kernel/tracing/trace_pipe) */
-#define DEBUG 0
-#endif
-#ifndef POLICY_MAP_SIZE
-#define POLICY_MAP_SIZE 262144
-#endif
-#ifndef IPCACHE_MAP_SIZE
-#define IPCACHE_MAP_SIZE 65536
-#endif
-#ifndef ENDPOINTS_MAP_SIZE
-#define ENDPOINTS_MAP_SIZE 4096
-#endif
-#ifndef CT_MAP_SIZE
-#define CT_MAP_SIZE 65536
-#endif
-#ifndef FRAG_MAP_SIZE        /* datagrams in flight whose later fragments are expected */
-#define FRAG_MAP_SIZE 8192
-#endif
-#ifndef FRAG_LIFETIME_S      /* how long a first fragment vouches for its later ones (ipfrag_time) */
-#define FRAG_LIFETIME_S 30
-#endif
-#ifndef EVENTS_PAGES         /* ring buffer size in pages (power of two) */
-#define EVENTS_PAGES 64
-#endif
-#ifndef CT_LIFETIME_TCP_S    /* established TCP */
-#define CT_LIFETIME_TCP_S 21600
-#endif
-#ifndef CT_LIFETIME_OTHER_S  /* UDP, ICMP, other protocols, and TCP before the handshake completes */
-#define CT_LIFETIME_OTHER_S 60
-#endif
-#ifndef CT_LIFETIME_CLOSE_S  /* after FIN or RST */
-#define CT_LIFETIME_CLOSE_S 10
+/* Tunables are parameters of this code whose values live in dataplane/abi.py (c_defines): the
+ * loader passes every one of them as a -D cflag, so they are written once. A compile without
+ * them is a mistake, not a default.
+ *   AUDIT_ALL            1: every would-be drop passes and is reported as AUDIT
+ *   DEBUG                1: bpf_trace_printk on drops (cat /sys/kernel/tracing/trace_pipe)
+ *   *_MAP_SIZE           max entries of each map (bpf/datapath.c)
+ *   EVENTS_PAGES         ring buffer size in pages (power of two)
+ *   FRAG_LIFETIME_S      how long a first fragment vouches for its later ones (ipfrag_time)
+ *   CT_LIFETIME_TCP_S    established TCP
+ *   CT_LIFETIME_OTHER_S  UDP, ICMP, other protocols, and TCP before the handshake completes
+ *   CT_LIFETIME_CLOSE_S  after FIN or RST
+ */
+#if !defined(AUDIT_ALL) || !defined(DEBUG) || !defined(POLICY_MAP_SIZE) || !defined(IPCACHE_MAP_SIZE) || \
+    !defined(ENDPOINTS_MAP_SIZE) || !defined(CT_MAP_SIZE) || !defined(FRAG_MAP_SIZE) || \
+    !defined(METRICS_MAP_SIZE) || !defined(IF_BIND_MAP_SIZE) || !defined(EVENTS_PAGES) || \
+    !defined(FRAG_LIFETIME_S) || !defined(CT_LIFETIME_TCP_S) || !defined(CT_LIFETIME_OTHER_S) || \
+    !defined(CT_LIFETIME_CLOSE_S)
+#error "datapath tunables come from dataplane/abi.py c_defines() as -D cflags"
 #endif
 
-/* Reserved identities (Cilium pkg/identity/numericidentity.go), as in dataplane/mapstate.py. */
+/* Reserved identities (Cilium pkg/identity/numericidentity.go). */
 #define IDENTITY_ANY   0
 #define IDENTITY_HOST  1
 #define IDENTITY_WORLD 2
 
-/* Policy directions and per-entry verdicts: the numeric values of mapstate.Direction and
- * mapstate.Verdict (ordered by precedence so that combining entries is max()). */
+/* Policy directions and per-entry verdicts: the numeric values of abi.Direction and
+ * abi.Verdict (ordered by precedence so that combining entries is max()). */
 #define DIR_INGRESS 0
 #define DIR_EGRESS  1
 #define POLICY_NONE     0
@@ -88,7 +72,7 @@
 #define HOOK_FROM_CONTAINER 0
 #define HOOK_TO_CONTAINER   1
 
-/* endpoint_info.flags, from mapstate.EndpointState */
+/* endpoint_info.flags, from mapstate.EndpointState (abi.EP_F_*) */
 #define EP_F_INGRESS_ENFORCED 0x01
 #define EP_F_EGRESS_ENFORCED  0x02
 #define EP_F_AUDIT            0x04
