@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import abi
+from . import abi, abicheck
 from .abi import Direction, DropReason, FlowVerdict, Hook
 from .bpfsource import BPF_DIR, MAIN_SOURCE
 from .errors import SetupError
@@ -226,7 +226,7 @@ class Datapath:
         self._tables = {name: self._bpf.get_table(name.encode()) for name in abi.MAPS}
         drift = [m for name, layout in abi.MAPS.items() for side, mine, theirs in
                  (("key", layout.key, self.map_types(name)[0]), ("value", layout.value, self.map_types(name)[1]))
-                 for m in abi.map_type_mismatches(name, side, mine, theirs)]
+                 for m in abicheck.map_type_mismatches(name, side, mine, theirs)]
         if drift:
             raise SetupError("layout drift between bpf/lib/maps.h and dataplane/abi.py: " + "; ".join(drift))
         # What sync() last wrote, per map: raw key -> (raw value, Python key for reports).
@@ -386,13 +386,13 @@ def _ring_buffer_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
 
 
 def probe_c_abi(constants: list[str], structs: list[type[ctypes.Structure]],
-                defines: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, tuple[int, list[abi.CField]]]]:
-    """Ask the compiler what the datapath's headers say: compile `abi.probe_source` with the
+                defines: dict[str, int] | None = None) -> abicheck.ProbeResult:
+    """Ask the compiler what the datapath's headers say: compile `abicheck.probe_source` with the
     datapath's include path and cflags, run it once (BPF_PROG_TEST_RUN, needs root) and return
-    the value of each constant expression and, per struct, its size and fields (abi.read_probe)."""
+    the value of each constant expression and, per struct, its size and fields (abicheck.read_probe)."""
     from bcc import BPF  # noqa: PLC0415 - the loader is the one place l7lab imports bcc
 
-    source = abi.probe_source(constants, structs)
+    source = abicheck.probe_source(constants, structs)
     # The probe includes parse.h for its constants, not for its functions: their accessors stay undefined.
     cflags = [*_cflags(defines if defines is not None else abi.c_defines()), "-Wno-undefined-internal"]
     bpf = BPF(text=source.encode(), cflags=cflags)
@@ -403,7 +403,7 @@ def probe_c_abi(constants: list[str], structs: list[type[ctypes.Structure]],
         values = [int(table[table.Key(i)].value) for i in range(len(table))]
         field_types = {s.c_name: _ring_buffer_fields(bpf, f"abi_t_{s.c_name}")  # type: ignore[attr-defined]
                        for s in structs}
-        return abi.read_probe(constants, structs, values, field_types)
+        return abicheck.read_probe(constants, structs, values, field_types)
     finally:
         bpf.cleanup()
 

@@ -1,5 +1,5 @@
-"""dataplane/abi.py and bpf/lib/*.h declare the same constants and structs, and the checks that
-say so fail when they should.
+"""dataplane/abi.py and bpf/lib/*.h declare the same constants and structs, and the checks of
+dataplane/abicheck.py that say so fail when they should.
 
 The unit tier reads the headers as text (no compiler): every number a header defines is either
 declared in abi.py with the same value or listed as the C side's own; the enums of drop.h match
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dataplane import abi
-from dataplane.abi import CField, DropReason, FlowVerdict, Hook
+from dataplane import abi, abicheck
+from dataplane.abi import DropReason, FlowVerdict, Hook
+from dataplane.abicheck import CField
 from dataplane.bpfsource import BPF_DIR
 from dataplane.datapath import FlowEvent, pack_endpoint, pack_ipcache, pack_policy
 from dataplane.mapstate import EndpointState, PolicyEntry, PolicyKey
@@ -33,7 +34,7 @@ def test_every_number_a_header_defines_is_declared_in_abi() -> None:
     assert SOURCES, f"no C sources under {BPF_DIR}"
     seen: dict[str, int] = {}
     for path in SOURCES:
-        for name, value in abi.header_constants(path.read_text()).items():
+        for name, value in abicheck.header_constants(path.read_text()).items():
             seen[name] = value
             if name in abi.C_PRIVATE_NAMES:
                 continue
@@ -46,19 +47,19 @@ def test_every_number_a_header_defines_is_declared_in_abi() -> None:
 
 
 def test_drop_header_enums_mirror_abi() -> None:
-    found = abi.header_constants(_text("drop.h"))
+    found = abicheck.header_constants(_text("drop.h"))
     assert {n[len("REASON_"):]: v for n, v in found.items() if n.startswith("REASON_")} == \
         {r.name: r.value for r in DropReason}
     assert {n[len("VERDICT_"):]: v for n, v in found.items() if n.startswith("VERDICT_")} == \
         {v.name: v.value for v in FlowVerdict}
-    hooks = abi.header_constants(_text("common.h"))
+    hooks = abicheck.header_constants(_text("common.h"))
     assert {n[len("HOOK_"):]: v for n, v in hooks.items() if n.startswith("HOOK_")} == {h.name: h.value for h in Hook}
 
 
 def test_tunables_come_only_from_abi() -> None:
     """The headers give the tunables no value of their own and refuse to compile without them."""
     common = _text("common.h")
-    defined = {name for path in SOURCES for name in abi.header_constants(path.read_text())}
+    defined = {name for path in SOURCES for name in abicheck.header_constants(path.read_text())}
     for name in abi.c_defines():
         assert name not in defined, f"{name} has a value in a header: it belongs to abi.c_defines()"
         assert f"!defined({name})" in common, f"common.h does not insist on -D{name}"
@@ -69,7 +70,7 @@ def test_tunables_come_only_from_abi() -> None:
 
 
 def test_every_struct_of_maps_h_is_declared() -> None:
-    assert set(abi.header_structs(_text("maps.h"))) == {s.c_name for s in abi.STRUCTS}
+    assert set(abicheck.header_structs(_text("maps.h"))) == {s.c_name for s in abi.STRUCTS}
 
 
 def test_declared_offsets_are_checked_on_import() -> None:
@@ -80,18 +81,18 @@ def test_declared_offsets_are_checked_on_import() -> None:
 
 
 def test_struct_check_finds_swapped_retyped_and_moved_fields() -> None:
-    compiled = abi.declared_fields(abi.CCtKey)  # what a compiler reports for the real struct
-    assert abi.struct_mismatches(abi.CCtKey, compiled, 16) == []
+    compiled = abicheck.declared_fields(abi.CCtKey)  # what a compiler reports for the real struct
+    assert abicheck.struct_mismatches(abi.CCtKey, compiled, 16) == []
     swapped = abi.c_struct("ct_key", 16, [("saddr", abi.BE32, 0), ("daddr", abi.BE32, 4), ("dport", abi.BE16, 8),
                                           ("sport", abi.BE16, 10), ("proto", abi.U8, 12), ("pad", abi.U8 * 3, 13)])
-    assert any("fields" in m for m in abi.struct_mismatches(swapped, compiled, 16))
+    assert any("fields" in m for m in abicheck.struct_mismatches(swapped, compiled, 16))
     host_order = abi.c_struct("ct_key", 16, [("saddr", abi.BE32, 0), ("daddr", abi.BE32, 4), ("sport", abi.U16, 8),
                                              ("dport", abi.BE16, 10), ("proto", abi.U8, 12), ("pad", abi.U8 * 3, 13)])
-    assert abi.struct_mismatches(host_order, compiled, 16) == ["struct ct_key.sport: type u16 in Python, __be16 in C"]
+    assert abicheck.struct_mismatches(host_order, compiled, 16) == ["struct ct_key.sport: type u16 in Python, __be16 in C"]
     moved = [CField(f.name, f.c_type, f.offset + (1 if f.name == "proto" else 0), f.size) for f in compiled]
-    assert abi.struct_mismatches(abi.CCtKey, moved, 16) == [
+    assert abicheck.struct_mismatches(abi.CCtKey, moved, 16) == [
         "struct ct_key.proto: offset 12 size 1 in Python, offset 13 size 1 in C"]
-    assert abi.struct_mismatches(abi.CCtKey, compiled, 20) == ["struct ct_key: Python has 16 bytes, C has 20"]
+    assert abicheck.struct_mismatches(abi.CCtKey, compiled, 20) == ["struct ct_key: Python has 16 bytes, C has 20"]
 
 
 def test_map_type_check_compares_field_by_field() -> None:
@@ -105,33 +106,33 @@ def test_map_type_check_compares_field_by_field() -> None:
         _fields_ = [("identity", ctypes.c_uint), ("endpoint_id", ctypes.c_ushort), ("pad", ctypes.c_ubyte),
                     ("flags", ctypes.c_ubyte)]
 
-    assert abi.map_type_mismatches("endpoints", "value", abi.CEndpointInfo, BccEndpointInfo) == []
-    assert abi.map_type_mismatches("endpoints", "value", abi.CEndpointInfo, BccSwapped) != []
-    assert abi.map_type_mismatches("endpoints", "key", abi.BE32, ctypes.c_uint) == []
-    assert abi.map_type_mismatches("endpoints", "key", abi.BE32, ctypes.c_ushort) != []
+    assert abicheck.map_type_mismatches("endpoints", "value", abi.CEndpointInfo, BccEndpointInfo) == []
+    assert abicheck.map_type_mismatches("endpoints", "value", abi.CEndpointInfo, BccSwapped) != []
+    assert abicheck.map_type_mismatches("endpoints", "key", abi.BE32, ctypes.c_uint) == []
+    assert abicheck.map_type_mismatches("endpoints", "key", abi.BE32, ctypes.c_ushort) != []
 
 
 def test_constant_check_finds_changed_and_missing_values() -> None:
     compiled = dict(abi.C_CONSTANTS)
-    assert abi.constant_mismatches(abi.C_CONSTANTS, compiled) == []
+    assert abicheck.constant_mismatches(abi.C_CONSTANTS, compiled) == []
     compiled["MARK_MAGIC_DECIDED"] = 0xD00
     del compiled["REASON_FRAGMENT"]
-    assert abi.constant_mismatches(abi.C_CONSTANTS, compiled) == [
+    assert abicheck.constant_mismatches(abi.C_CONSTANTS, compiled) == [
         "MARK_MAGIC_DECIDED: 3584 in Python, 3328 in C", "REASON_FRAGMENT: 9 in Python, not evaluated on the C side"]
 
 
 def test_probe_program_asks_for_every_constant_and_field() -> None:
     structs = [abi.CIfBinding, abi.CMetricsKey]
-    source = abi.probe_source(["MARK_MAGIC_MASK", "IPPROTO_TCP"], structs)
+    source = abicheck.probe_source(["MARK_MAGIC_MASK", "IPPROTO_TCP"], structs)
     assert "(u64)(MARK_MAGIC_MASK)" in source and "__builtin_offsetof(struct metrics_key, direction)" in source
     assert "abi_t_if_binding.ringbuf_output" in source
     values = [0xF00, 6, 4, 0, 2, 2, 2, 4, 0, 1, 1, 1, 2, 1, 3, 1]
     types = {"if_binding": [("endpoint_id", "u16"), ("pad", "u16")],
              "metrics_key": [("verdict", "u8"), ("reason", "u8"), ("direction", "u8"), ("pad", "u8")]}
-    consts, layouts = abi.read_probe(["MARK_MAGIC_MASK", "IPPROTO_TCP"], structs, values, types)
+    consts, layouts = abicheck.read_probe(["MARK_MAGIC_MASK", "IPPROTO_TCP"], structs, values, types)
     assert consts == {"MARK_MAGIC_MASK": 0xF00, "IPPROTO_TCP": 6}
     assert layouts["if_binding"] == (4, [CField("endpoint_id", "u16", 0, 2), CField("pad", "u16", 2, 2)])
-    assert abi.struct_mismatches(abi.CMetricsKey, layouts["metrics_key"][1], layouts["metrics_key"][0]) == []
+    assert abicheck.struct_mismatches(abi.CMetricsKey, layouts["metrics_key"][1], layouts["metrics_key"][0]) == []
 
 
 def test_packing_goes_through_the_declared_structs() -> None:

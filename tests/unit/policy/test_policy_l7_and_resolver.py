@@ -11,8 +11,8 @@ from l7.dns import DnsRule, fqdn_matches
 from l7.http import HttpRule
 from l7.regex import compile_regex
 
-from _policy_helpers import engine
-from test_policy_cilium_semantics import L7_API, TOPO, cnp
+from tests.support.policy import CILIUM_TOPOLOGY as TOPO
+from tests.support.policy import L7_API, cnp, engine
 
 
 @pytest.mark.parametrize("pattern,name,expected", [

@@ -12,7 +12,7 @@ from l7.ruleset import L7Policy, L7RuleSet
 from proxy.http import HttpError, normalize_path, parse_request
 from proxy.marks import MARK_MAGIC_FROM_PROXY, from_proxy_mark, identity_of_mark
 
-from _harness import engine
+from tests.support.loopback import engine
 
 
 def test_l7_types_round_trip():
