@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dataplane.logfiles import FollowedFile, json_lines
 
-from _harness import Client
+from tests.support.http import Client
 
 REPO = Path(__file__).resolve().parents[3]
 CAP = 8192

@@ -14,7 +14,7 @@ import pytest
 
 from dataplane.mapstate import MapState
 
-from _harness import Client, pattern_bytes
+from tests.support.http import Client, pattern_bytes
 
 REPO = Path(__file__).resolve().parents[3]
 MB = 1024 * 1024
