@@ -9,7 +9,7 @@ Modules: `api` (rule model), `parse` (parsing + validation), `selectors` (label 
 from .api import Policy
 from .engine import Decision, Flow, PolicyEngine, expected_outcomes, explain_text
 from .l7 import L7Policy, L7RuleSet
-from .parse import parse_documents, parse_policy_sources, validate_policy_file
+from .parse import parse_documents, validate_policy_file
 
 __all__ = ["Decision", "Flow", "L7Policy", "L7RuleSet", "Policy", "PolicyEngine", "expected_outcomes",
-           "explain_text", "parse_documents", "parse_policy_sources", "validate_policy_file"]
+           "explain_text", "parse_documents", "validate_policy_file"]
