@@ -193,6 +193,43 @@ def lookup_policy(state: MapState, endpoint_id: int, direction: Direction, ident
     return Verdict(verdict), found
 
 
+@dataclass(frozen=True)
+class DirectionLookup:
+    """One direction of a flow as the datapath judges it: an endpoint's egress (the remote is
+    the destination) or ingress (the remote is the source), and what `lookup_policy` found."""
+
+    endpoint: EndpointState
+    direction: Direction
+    remote_identity: int
+    verdict: Verdict
+    found: list[tuple[PolicyKey, PolicyEntry]]
+
+    @property
+    def enforced(self) -> bool:
+        return self.endpoint.enforced(self.direction)
+
+    @property
+    def drops(self) -> bool:
+        """Dropped at L3/L4, unless the endpoint is in audit mode: a DENY, or no entry where
+        the direction is enforced."""
+        return self.verdict == Verdict.DENY or (self.verdict == Verdict.NONE and self.enforced)
+
+
+def flow_lookups(state: MapState, source: EndpointState | None, destination: EndpointState | None,
+                 source_identity: int, destination_identity: int, protocol: int,
+                 port: int) -> list[DirectionLookup]:
+    """The lookups a flow meets, in the datapath's order: the source endpoint's egress, then the
+    destination endpoint's ingress (a side that is not a lab endpoint has none). The oracle
+    traces them and the proxy takes from them which L7 sets apply: one walk for both."""
+    out = []
+    for ep, direction, remote in ((source, Direction.EGRESS, destination_identity),
+                                  (destination, Direction.INGRESS, source_identity)):
+        if ep is not None:
+            verdict, found = lookup_policy(state, ep.endpoint_id, direction, remote, protocol, port)
+            out.append(DirectionLookup(ep, direction, remote, verdict, found))
+    return out
+
+
 def normalize_entries(policy: dict[PolicyKey, PolicyEntry]) -> dict[PolicyKey, PolicyEntry]:
     """Push precedence down onto narrower entries (docs/datapath.md, "Precedence").
 
