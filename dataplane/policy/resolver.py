@@ -242,7 +242,7 @@ def build_l7_policy(state: MapState, endpoint_id: int, direction: Direction,
                     if c.rule_id not in rule_set.allow_all_rule_ids:
                         rule_set.allow_all_rule_ids.append(c.rule_id)
                     continue
-                for protocol, rules in c.l7.by_protocol():
-                    rule_set.add(protocol, rules, c.rule_id)
+                for l7_protocol, rules in c.l7.by_protocol():  # not `protocol`: the L4 one is still in use
+                    rule_set.add(l7_protocol, rules, c.rule_id)
     return l7
 
