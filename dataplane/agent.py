@@ -48,8 +48,8 @@ from . import lab as labmod
 from . import limits, safety
 from . import topology
 from .errors import ErrorList, L7LabError, SetupError, SourceError, SourceLocation
-from .flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
-from .logfiles import rotate_bytes
+from .flowrecord import Flow, ProxyEvent
+from .flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from .metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
 from .scenario import PolicyRef, PolicySource, Relabel, Scenario, Step
 from .supervisor import ProxySupervisor
@@ -67,8 +67,6 @@ RECEIVE_TIMEOUT = 2.0  # the agent's wait for a whole request
 # A change carries at most MAX_CHANGE_BYTES of policy text; JSON escaping can make a byte six.
 MAX_REQUEST = 6 * limits.MAX_CHANGE_BYTES + 64 * 1024
 POLL_MS = 100
-# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes (default: every lab log's cap)
-MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", rotate_bytes()))
 _PR_SET_PDEATHSIG = 1
 
 
@@ -298,11 +296,11 @@ class Agent:
         self.counters = LabCounters()
         self.snapshot = MetricsSnapshot()  # replaced whole, never changed: the scrape threads read it
         self.proxy_records = RecordTail(self.dir)
-        self.names = address_names(lab)
+        self.directory = Directory.of_lab(lab)
         self.proxy = ProxySupervisor(lab, self._proxy_event)
         self.stopping = False
         self.listener: socket.socket | None = None
-        self.flows: Any = None
+        self.flows: FlowLog | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -327,7 +325,7 @@ class Agent:
         os.chmod(path, 0o600)  # root only: it changes what the kernel enforces
         self.listener.listen(16)
         self.listener.setblocking(False)
-        self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115 - lives as long as the agent
+        self.flows = FlowLog(self.dir)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._stop)
         self.take_snapshot()
@@ -356,7 +354,8 @@ class Agent:
                             break  # the lab was taken down around us
         finally:
             self.listener.close()
-            self.flows.close()
+            if self.flows is not None:
+                self.flows.close()
             if self.metrics_server is not None:
                 self.metrics_server.close()
         return 0
@@ -367,23 +366,15 @@ class Agent:
         if not events:
             return
         self.counters.flow_events.update(ev.verdict.name for ev in events)
-        write_kernel_records(self.flows, events, self.state, self.names)
-        self._rotate_flows()
-
-    def _rotate_flows(self) -> None:
-        if self.flows.tell() > MAX_FLOWS_BYTES:  # keep one previous file: a long-lived lab stays bounded
-            self.flows.close()
-            os.replace(self.dir / KERNEL_FLOWS, self.dir / (KERNEL_FLOWS + ".1"))
-            self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115
+        if self.flows is not None:
+            self.flows.write(kernel_flows(events, self.state, self.directory))
 
     def _proxy_event(self, event: str, detail: str, pid: int | None) -> None:
         """A proxy lifecycle record in flows.jsonl (`observe` shows it among the flows), the agent's
         log, and at once in the metrics."""
         print(f"proxy {event}: {detail}", flush=True)
         if self.flows is not None:
-            self.flows.write(json.dumps({"type": "proxy", "time": round(time.time(), 6), "event": event,
-                                         "detail": detail, "pid": pid}, separators=(",", ":")) + "\n")
-            self._rotate_flows()
+            self.flows.write([ProxyEvent(round(time.time(), 6), event, detail, pid)])
         self.take_snapshot()
 
     def metrics(self, detail: dict | None = None) -> list[dict[str, Any]]:
@@ -393,8 +384,9 @@ class Agent:
 
     def take_snapshot(self, detail: dict | None = None) -> None:
         """Read what the metrics report, here on the agent's loop, into a new immutable snapshot."""
-        for record in self.proxy_records.lines(PROXY_RECORDS):  # count what the proxy wrote since
-            self.counters.l7_records[(record.get("protocol", "").split("/")[0] or "?", record.get("verdict", "?"))] += 1
+        for record in self.proxy_records.records(PROXY_RECORDS):  # count what the proxy wrote since
+            if isinstance(record, Flow) and record.l7 is not None:
+                self.counters.l7_records[(record.l7.protocol or "?", record.verdict.value)] += 1
         detail = self.lab.datapath.metrics_detail() if detail is None else detail
         self.snapshot = MetricsSnapshot.take(self.counters, detail, policies=len(self.lab.policy.policies),
                                              proxy_up=self.proxy.up, proxy_restarts=self.proxy.restarts)

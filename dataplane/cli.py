@@ -31,7 +31,7 @@ EXIT_OK, EXIT_SETUP, EXIT_USAGE, EXIT_EXPECTATION = 0, 1, 2, 3
 
 # Wide enough for the probe table when output goes to a file or a CI log.
 _width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-# Markup stays on for stdout only because `observe` prints flows.describe()'s styled lines;
+# Markup stays on for stdout only because `observe` prints flowrender.describe()'s styled lines;
 # everything else is given to it as Text (see _say and _cell).
 console = Console(width=_width, emoji=False, highlight=False)
 errconsole = Console(stderr=True, width=_width, markup=False, emoji=False, highlight=False)
@@ -280,13 +280,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
     with --last / --since it starts near the end of the files instead of reading them whole."""
     import time  # noqa: PLC0415
 
-    from .flows import RECORD_FILES, RecordTail, describe  # noqa: PLC0415
+    from .flowrecord import record_type  # noqa: PLC0415
+    from .flowrender import describe, json_line  # noqa: PLC0415
+    from .flows import OBSERVE_TYPES, RecordTail  # noqa: PLC0415
 
     rec = _one_lab(args.lab)
-    kinds = {"all": ("flow", "l7", "proxy"), "l7": ("l7", "proxy"), "flows": ("flow",)}[args.type]
-    # The agent writes the proxy's lifecycle records ("proxy") into the kernel flows file.
-    files = tuple(n for n, k in RECORD_FILES.items() if k in kinds or (k == "flow" and "proxy" in kinds))
-    tail = RecordTail(labmod.lab_dir(rec.lab), names=files)
+    kinds = OBSERVE_TYPES[args.type]
+    tail = RecordTail.of_types(labmod.lab_dir(rec.lab), kinds)
     since = args.since() if args.since is not None else None  # relative to now, when observing starts
     if args.last is not None:
         tail.start_at_last(args.last)
@@ -295,13 +295,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.follow if args.follow else 0.0
     first = True
     while True:
-        records = [r for r in tail.read() if r["type"] in kinds and (since is None or r.get("time", 0.0) >= since)]
+        records = [r for r in tail.read() if record_type(r) in kinds and (since is None or r.time >= since)]
         if first and args.last is not None:
             records = records[-args.last:] if args.last else []  # the last N of all the files together
         first = False
         for record in records:
             if args.json:
-                print(json.dumps(record), flush=True)
+                print(json_line(record), flush=True)
             else:
                 console.print(describe(record), highlight=False, soft_wrap=True)
         if time.monotonic() >= deadline:

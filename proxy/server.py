@@ -24,7 +24,10 @@ import sys
 import time
 from typing import Any, Callable
 
-from .events import EventLog, L7Record
+from dataplane.flowrecord import Verdict
+from l7.http import HttpFlow
+
+from .events import EventLog, l7_flow, redirect_direction
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
 from .limits import ConnectionCaps, Limits, tcp_progress
@@ -382,13 +385,13 @@ class ClientConnection:
 
     def record(self, req: Request | None, cp: ConnectionPolicy | None, status: int, verdict: str, reason: str,
                t0: float, rv: RequestVerdict | None = None) -> None:
-        src = {"ip": self.peer[0], "pod": cp.src_name if cp else "", "identity": cp.src_identity if cp else None}
-        dst = {"ip": self.dst[0], "port": self.dst[1], "pod": cp.dst_name if cp else "",
-               "identity": cp.dst_identity if cp else None}
-        self.server.events.emit(L7Record(
-            req.method if req else "", f"http://{req.host}{req.path}" if req else "", req.path if req else "",
-            f"HTTP/{req.version}" if req else "", status, round((time.monotonic() - t0) * 1000, 3), verdict, reason,
-            src, dst, list(rv.rule_ids) if rv else [], list(rv.policies) if rv else []))
+        self.server.events.emit(l7_flow(
+            self.server.snapshot, Verdict(verdict), self.peer, self.dst,
+            src_identity=cp.src_identity if cp else None, dst_identity=cp.dst_identity if cp else None,
+            direction=redirect_direction(cp), summary=reason, latency_ms=round((time.monotonic() - t0) * 1000, 3),
+            rule_ids=rv.rule_ids if rv else (), policies=rv.policies if rv else (),
+            http=HttpFlow(req.method, f"http://{req.host}{req.path}", req.path, f"HTTP/{req.version}", status)
+            if req else HttpFlow("", "", "", "", status)))
 
     # ------------------------------------------------------------------ forwarding
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import socket
 import sys
@@ -28,7 +29,7 @@ import httptools
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))
 
-from dataplane.mapstate import EndpointState, MapState  # noqa: E402
+from dataplane.mapstate import MapState  # noqa: E402
 
 RAW_CAP = 2 * 1024 * 1024  # raw bytes kept per backend connection (large uploads are only counted)
 
@@ -347,6 +348,5 @@ def remap(state: MapState, engine) -> MapState:
         ident = moved.ipcache.pop(f"{pod.ip}/32")
         moved.ipcache[f"{ADDRESSES[key]}/32"] = ident
     for eid, ep in list(moved.endpoints.items()):
-        moved.endpoints[eid] = EndpointState(ep.endpoint_id, ep.name, ADDRESSES[ep.name], ep.identity,
-                                             ep.ingress_enforced, ep.egress_enforced, ep.audit)
+        moved.endpoints[eid] = dataclasses.replace(ep, ip=ADDRESSES[ep.name])
     return moved
