@@ -167,16 +167,16 @@ def test_apply_label_delete_change_enforcement_at_once(retail: str, tmp_path: Pa
     out = l7lab("label", "pod", "reporting", "role=auditor", "--lab", retail)
     assert out.returncode == 0, out.stderr
     assert reaches(retail, "reporting", url, True)
-    # Records carry the labels in force when they are made: the drops before the relabel
-    # without the new label, the kernel's redirect and the proxy's record after it with it.
+    # Records carry the labels in force when they are made: the drop before the relabel without
+    # the new label, the kernel's verdict on the connection after it with it.
     def from_reporting(records: list[Record]) -> list[Flow]:
         return [r for r in records if isinstance(r, Flow) and r.source.name == "retail/reporting"]
-    seen = observe(retail, lambda rs: any(r.type == "L7" and r.verdict == "forwarded" for r in from_reporting(rs)))
-    mine = from_reporting(seen)
+    mine = from_reporting(observe(retail, lambda rs: any(r.verdict == "FORWARD" for r in from_reporting(rs))))
     assert mine[0].verdict == "DROP" and "role" not in mine[0].source.labels
-    after = [r for r in mine if r.verdict in ("REDIRECT", "forwarded")]
-    assert {r.type for r in after} == {FlowType.L3_L4, FlowType.L7}
-    assert all(r.source.labels["role"] == "auditor" and r.source.labels["app"] == "reporting" for r in after)
+    after = [r for r in mine if r.verdict == "FORWARD"]
+    assert after and all(r.type == FlowType.L3_L4 for r in after)
+    assert all(r.source.labels["role"] == "auditor" and r.source.labels["app"] == "reporting"
+               and r.policy.policies == ("CiliumNetworkPolicy retail/auditors-read",) for r in after)
     status = agent_status(retail)
     assert {e["name"]: e for e in status["endpoints"]}["retail/reporting"]["labels"] == {"app": "reporting", "role": "auditor"}
     assert "CiliumNetworkPolicy retail/auditors-read" in status["agent"]["policies"]
