@@ -142,7 +142,7 @@ def test_l7_events_one_record_per_request_and_kernel_redirect(l7: L7Lab) -> None
     assert events
     assert {(e.verdict, e.proxy_port) for e in events} == {(FlowVerdict.REDIRECT, PROXY_PORT)}
     assert all(state.rules[e.rule_id].policy == L7_POLICY_NAME for e in events)
-    assert {(e.src_identity, e.dst_identity) for e in events} == {(src["identity"], dst["identity"])}
+    assert {(e.src_identity, e.dst_identity) for e in events} == {(src[2], dst[2])}
 
 
 def test_l7_policy_change_reaches_the_proxy(l7: L7Lab) -> None:
