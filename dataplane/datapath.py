@@ -5,9 +5,11 @@ program fds for the topology code to attach, write a `MapState` into the BPF map
 against what it wrote last, and read back metrics and flow events. It also runs programs on
 test packets (BPF_PROG_TEST_RUN) for tests and benchmarks.
 
-Map layouts are packed here with `struct` and must match bpf/lib/maps.h byte for byte; the
-constructor checks every size against the compiled map so a drift fails at start, not silently.
-`bcc` is imported inside `Datapath.__init__`, so `FlowEvent`, the constants and the packing
+Map keys and values and the flow event are the ctypes structs of dataplane/abi.py, which also
+holds every constant shared with bpf/lib/*.h and the tunables passed to the compiler as -D
+cflags; the constructor checks each map's types against those BCC derived from the compiled
+program, so a drift fails at start, not silently (tests/kernel/test_abi_compiled.py checks every field).
+`bcc` is imported inside `Datapath.__init__` and `probe_c_abi`, so `FlowEvent` and the packing
 helpers can be imported on machines without BCC.
 """
 
@@ -19,63 +21,35 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from . import abi, abicheck
+from .abi import Direction, DropReason, FlowVerdict, Hook
+from .bpfsource import BPF_DIR, MAIN_SOURCE
 from .errors import SetupError
-from .mapstate import Direction, MapState, PolicyKey, PolicyEntry, EndpointState
-from .reasons import DropReason, FlowVerdict, Hook
+from .mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAMS = ("from_container", "to_container")
 
-# skb->mark layout (bpf/lib/common.h): magic in 0xf00.
-MARK_MAGIC_MASK = 0x0F00
-MARK_MAGIC_TO_PROXY = 0x0200  # ip rule fwmark 0x200/0xf00 lookup 2004
-MARK_MAGIC_FROM_PROXY = 0x0A00
-MARK_MAGIC_DECIDED = 0x0E00
 
-EP_F_INGRESS_ENFORCED = 0x01
-EP_F_EGRESS_ENFORCED = 0x02
-EP_F_AUDIT = 0x04
-
-POLICY_FIXED_PREFIX = 64  # identity, endpoint id, direction, protocol; the port prefix follows
-
-# name: (key format, value format) -- see bpf/lib/maps.h
-LAYOUTS: dict[str, tuple[str, str]] = {
-    "ipcache": ("<I4s", "<II"),
-    "endpoints": ("4s", "<IHBB"),
-    "policy": ("<IIHBB2sH", "<BBHI"),
-    "conntrack": ("<4s4s2s2sB3x", "<QQIIHB5x"),
-    "metrics": ("<BBBx", "<QQ"),
-    "if_bind": ("<I", "<HH"),
-    # {saddr, daddr, IP id, proto} -> {expires_ns, sport, dport, policy_port, tcp_flags}
-    "fragments": ("<4s4s2sBx", "<Q2s2sHBx"),
-}
-EVENT_FORMAT = "<Q4s4sHHBBBBIIHHIHBBII4x"
-EVENT_SIZE = struct.calcsize(EVENT_FORMAT)  # 56
-
-
-def from_proxy_mark(identity: int) -> int:
-    """The SO_MARK the proxy sets on an upstream socket for a client of `identity` (Cilium's
-    identity-in-mark: identity bits 0..15 in mark bits 16..31, bits 16..23 in bits 0..7)."""
-    return ((identity & 0xFFFF) << 16) | MARK_MAGIC_FROM_PROXY | ((identity >> 16) & 0xFF)
+def _cflags(defines: dict[str, int]) -> list[str]:
+    return [f"-I{BPF_DIR}", *(f"-D{name}={value}" for name, value in defines.items()), "-Wno-unused-function"]
 
 
 # -- packing (pure) -------------------------------------------------------------------------------
 def pack_ipcache(prefix: str, identity: int) -> tuple[bytes, bytes]:
     net = ipaddress.IPv4Network(prefix, strict=False)
-    return (struct.pack(LAYOUTS["ipcache"][0], net.prefixlen, net.network_address.packed),
-            struct.pack(LAYOUTS["ipcache"][1], identity, 0))
+    return (bytes(abi.CIpcacheKey(prefixlen=net.prefixlen, addr=int(net.network_address))),
+            bytes(abi.CIpcacheValue(identity=identity, flags=0)))
 
 
 def pack_endpoint(ep: EndpointState) -> tuple[bytes, bytes]:
     if not 1 <= ep.endpoint_id <= 0xFFFF:
         raise ValueError(f"endpoint id {ep.endpoint_id} of {ep.name} is outside 1..65535")
-    flags = ((EP_F_INGRESS_ENFORCED if ep.ingress_enforced else 0)
-             | (EP_F_EGRESS_ENFORCED if ep.egress_enforced else 0) | (EP_F_AUDIT if ep.audit else 0))
-    addr = ipaddress.IPv4Address(ep.ip.split("/")[0])
-    return addr.packed, struct.pack(LAYOUTS["endpoints"][1], ep.identity, ep.endpoint_id, flags, 0)
+    flags = ((abi.EP_F_INGRESS_ENFORCED if ep.ingress_enforced else 0)
+             | (abi.EP_F_EGRESS_ENFORCED if ep.egress_enforced else 0) | (abi.EP_F_AUDIT if ep.audit else 0))
+    key = abi.MAPS["endpoints"].key(abi.ipv4_be32(ep.ip.split("/")[0]))
+    return bytes(key), bytes(abi.CEndpointInfo(identity=ep.identity, endpoint_id=ep.endpoint_id, flags=flags))
 
 
 def pack_policy(key: PolicyKey, entry: PolicyEntry) -> tuple[bytes, bytes]:
@@ -85,11 +59,16 @@ def pack_policy(key: PolicyKey, entry: PolicyEntry) -> tuple[bytes, bytes]:
         raise ValueError(f"{key}: port prefix must be 0..16")
     # Only the prefix bits of the port are meaningful; keep the rest zero so equal keys are equal.
     port = key.port & (0xFFFF << (16 - key.port_prefix)) & 0xFFFF
-    k = struct.pack(LAYOUTS["policy"][0], POLICY_FIXED_PREFIX + key.port_prefix, key.identity,
-                    key.endpoint_id, int(key.direction), key.protocol, struct.pack("!H", port), 0)
+    k = abi.CPolicyKey(prefixlen=abi.POLICY_FIXED_PREFIX + key.port_prefix, identity=key.identity,
+                       endpoint_id=key.endpoint_id, direction=int(key.direction), protocol=key.protocol, port=port)
     rule = entry.rule_ids[0] if entry.rule_ids else 0
-    v = struct.pack(LAYOUTS["policy"][1], int(entry.verdict), 0, entry.proxy_port, rule)
-    return k, v
+    v = abi.CPolicyValue(verdict=int(entry.verdict), proxy_port=entry.proxy_port, rule_id=rule)
+    return bytes(k), bytes(v)
+
+
+def pack_if_binding(ifindex: int, endpoint_id: int) -> tuple[bytes, bytes]:
+    """Anti-spoofing: interface `ifindex` may send from endpoint `endpoint_id` (0: a world link)."""
+    return bytes(abi.MAPS["if_bind"].key(ifindex)), bytes(abi.CIfBinding(endpoint_id=endpoint_id))
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -139,11 +118,11 @@ class FlowEvent:
 
     @classmethod
     def decode(cls, raw: bytes) -> "FlowEvent":
-        (ts, saddr, daddr, sport, dport, proto, verdict, reason, direction, sid, did, sep, dep,
-         rule, pport, flags, hook, ifindex, length) = struct.unpack(EVENT_FORMAT, raw[:EVENT_SIZE])
-        return cls(ts, str(ipaddress.IPv4Address(saddr)), str(ipaddress.IPv4Address(daddr)), sport, dport,
-                   proto, FlowVerdict(verdict), DropReason(reason), Direction(direction), sid, did, sep, dep,
-                   rule, pport, flags, Hook(hook), ifindex, length)
+        e = abi.CFlowEvent.from_buffer_copy(raw[:ctypes.sizeof(abi.CFlowEvent)])
+        return cls(e.ts_ns, str(ipaddress.IPv4Address(e.saddr)), str(ipaddress.IPv4Address(e.daddr)), e.sport,
+                   e.dport, e.proto, FlowVerdict(e.verdict), DropReason(e.reason), Direction(e.direction),
+                   e.src_identity, e.dst_identity, e.src_endpoint, e.dst_endpoint, e.rule_id, e.proxy_port,
+                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len)
 
 
 @dataclass(frozen=True)
@@ -173,8 +152,7 @@ class _TestRunAttr(ctypes.Structure):  # union bpf_attr, BPF_PROG_TEST_RUN membe
                 ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
 
 
-SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff); offsets below from include/uapi/linux/bpf.h
-SKB_OFF_MARK, SKB_OFF_INGRESS_IFINDEX, SKB_OFF_IFINDEX = 8, 36, 40
+SKB_CTX_SIZE, SKB_OFF_MARK, SKB_OFF_INGRESS_IFINDEX = abi.SKB_CTX_SIZE, abi.SKB_OFF_MARK, abi.SKB_OFF_INGRESS_IFINDEX
 BPF_PROG_TEST_RUN = 10
 SYS_BPF = 321  # x86_64
 
@@ -191,33 +169,66 @@ def _load_libbpf_test_run() -> Callable[..., int] | None:
     return None
 
 
+def _prog_test_run(test_run_fn: Callable[..., int] | None, fd: int, prog: str, packet: bytes, repeat: int,
+                   mark: int, ingress_ifindex: int) -> TestRunResult:
+    """BPF_PROG_TEST_RUN of program fd `fd` on one packet (libbpf if present, else the syscall)."""
+    data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 512)
+    ctx_in = ctypes.create_string_buffer(SKB_CTX_SIZE)
+    struct.pack_into("<I", ctx_in, SKB_OFF_MARK, mark)
+    struct.pack_into("<I", ctx_in, SKB_OFF_INGRESS_IFINDEX, ingress_ifindex)
+    ctx_out = ctypes.create_string_buffer(SKB_CTX_SIZE)
+    if test_run_fn is not None:
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
+                            data_out=ctypes.addressof(data_out), data_size_in=len(packet),
+                            data_size_out=len(data_out), ctx_in=ctypes.addressof(ctx_in),
+                            ctx_out=ctypes.addressof(ctx_out), ctx_size_in=SKB_CTX_SIZE,
+                            ctx_size_out=SKB_CTX_SIZE, repeat=repeat)
+        rc = test_run_fn(fd, ctypes.byref(opts))
+        err = -rc if rc < 0 else 0
+        result = (opts.retval, opts.data_size_out, opts.duration)
+    else:
+        attr = _TestRunAttr(prog_fd=fd, data_size_in=len(packet), data_size_out=len(data_out),
+                            data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
+                            repeat=repeat, ctx_size_in=SKB_CTX_SIZE, ctx_size_out=SKB_CTX_SIZE,
+                            ctx_in=ctypes.addressof(ctx_in), ctx_out=ctypes.addressof(ctx_out))
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
+        err = ctypes.get_errno() if rc < 0 else 0
+        result = (attr.retval, attr.data_size_out, attr.duration)
+    if err:
+        raise OSError(err, f"BPF_PROG_TEST_RUN on {prog}: {os.strerror(err)}")
+    retval, size_out, duration = result
+    (mark_out,) = struct.unpack_from("<I", ctx_out, SKB_OFF_MARK)
+    return TestRunResult(retval, data_out.raw[:size_out], duration, mark_out)
+
+
 # -- the loader -----------------------------------------------------------------------------------
 class Datapath:
     """Both tc programs, compiled once, and their maps. Use as a context manager or close()."""
 
-    def __init__(self, *, audit: bool = False, debug: bool = False, policy_map_size: int = 262144,
-                 ct_map_size: int = 65536) -> None:
+    def __init__(self, *, audit: bool = False, debug: bool = False, policy_map_size: int = abi.POLICY_MAP_SIZE,
+                 ct_map_size: int = abi.CT_MAP_SIZE) -> None:
         try:
             from bcc import BPF  # noqa: PLC0415 - the one place l7lab imports bcc
         except ImportError as exc:
             raise SetupError("cannot import bcc: install the distribution's python3-bpfcc and create "
                              "the venv with --system-site-packages (scripts/setup.sh)") from exc
         self.audit = audit
-        cflags = [f"-I{BPF_DIR}", f"-DAUDIT_ALL={int(audit)}", f"-DDEBUG={int(debug)}",
-                  f"-DPOLICY_MAP_SIZE={policy_map_size}", f"-DCT_MAP_SIZE={ct_map_size}",
-                  "-Wno-unused-function"]
+        self.defines = abi.c_defines(audit=audit, debug=debug, policy_map_size=policy_map_size,
+                                     ct_map_size=ct_map_size)
+        cflags = _cflags(self.defines)
         try:
-            self._bpf = BPF(src_file=str(BPF_DIR / "datapath.c").encode(), cflags=cflags)
+            self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(), cflags=cflags)
             self._fns = {name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
         except Exception as exc:  # BCC raises plain Exception on compile/verifier failure
             raise SetupError(f"BCC could not compile or load bpf/datapath.c: {exc}") from exc
-        self._tables = {name: self._bpf.get_table(name.encode()) for name in LAYOUTS}
-        for name, (kfmt, vfmt) in LAYOUTS.items():
-            t = self._tables[name]
-            leaf = getattr(t, "sLeaf", t.Leaf)  # per-CPU tables: one CPU's value
-            sizes = (ctypes.sizeof(t.Key), ctypes.sizeof(leaf)), (struct.calcsize(kfmt), struct.calcsize(vfmt))
-            if sizes[0] != sizes[1]:
-                raise SetupError(f"map {name}: layout drift between bpf/lib/maps.h {sizes[0]} and datapath.py {sizes[1]}")
+        self._tables = {name: self._bpf.get_table(name.encode()) for name in abi.MAPS}
+        drift = [m for name, layout in abi.MAPS.items() for side, mine, theirs in
+                 (("key", layout.key, self.map_types(name)[0]), ("value", layout.value, self.map_types(name)[1]))
+                 for m in abicheck.map_type_mismatches(name, side, mine, theirs)]
+        if drift:
+            raise SetupError("layout drift between bpf/lib/maps.h and dataplane/abi.py: " + "; ".join(drift))
         # What sync() last wrote, per map: raw key -> (raw value, Python key for reports).
         self._written: dict[str, dict[bytes, tuple[bytes, Any]]] = {"policy": {}, "ipcache": {}, "endpoints": {},
                                                                      "if_bind": {}}
@@ -232,6 +243,21 @@ class Datapath:
         if name not in self._fns:
             raise KeyError(f"no program {name!r}; have {', '.join(PROGRAMS)}")
         return self._fns[name].fd
+
+    def map_types(self, name: str) -> tuple[type, type]:
+        """The key and value ctypes BCC derived from map `name` of the compiled program (per-CPU
+        maps: one CPU's value)."""
+        t = self._tables[name]
+        return t.Key, getattr(t, "sLeaf", t.Leaf)
+
+    def ring_buffer_fields(self, name: str = "events") -> list[tuple[str, str]]:
+        """(field, C type) of the struct the program writes into ring buffer `name`, as BCC
+        recorded it from the compiled source (typedef names kept: "__be32")."""
+        return _ring_buffer_fields(self._bpf, name)
+
+    def map_max_entries(self, name: str) -> int:
+        """max_entries of map `name` as the kernel created it."""
+        return int(self._tables[name].max_entries)
 
     # -- map state --------------------------------------------------------------------------------
     def sync(self, state: MapState, interfaces: dict[int, int] | None = None) -> SyncStats:
@@ -252,7 +278,7 @@ class Datapath:
             k, v = pack_endpoint(ep)
             desired["endpoints"][k] = (v, ep.ip)
         if interfaces is not None:
-            desired["if_bind"] = {struct.pack("<I", i): (struct.pack("<HH", e, 0), i) for i, e in interfaces.items()}
+            desired["if_bind"] = {k: (v, i) for i, e in interfaces.items() for k, v in [pack_if_binding(i, e)]}
         stats = SyncStats()
         order = [m for m in ("policy", "ipcache", "endpoints", "if_bind") if m in desired]
         for name in order:
@@ -307,7 +333,8 @@ class Datapath:
         out: dict[tuple[FlowVerdict, DropReason, Direction], tuple[int, int]] = {}
         table = self._tables["metrics"]
         for key, percpu in table.items():
-            verdict, reason, direction = struct.unpack("<BBBx", bytes(key))
+            k = abi.CMetricsKey.from_buffer_copy(bytes(key))
+            verdict, reason, direction = k.verdict, k.reason, k.direction
             pkts = sum(v.packets for v in percpu)
             nbytes = sum(v.bytes for v in percpu)
             out[(FlowVerdict(verdict), DropReason(reason), Direction(direction))] = (pkts, nbytes)
@@ -333,36 +360,8 @@ class Datapath:
                       ingress_ifindex: int = 0) -> TestRunResult:
         """As test_run, with skb->mark and skb->ingress_ifindex set on the way in and the mark read
         back. The packet runs in the caller's network namespace (socket lookups happen there)."""
-        fd = self.program_fd(prog)
-        data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
-        data_out = ctypes.create_string_buffer(len(packet) + 512)
-        ctx_in = ctypes.create_string_buffer(SKB_CTX_SIZE)
-        struct.pack_into("<I", ctx_in, SKB_OFF_MARK, mark)
-        struct.pack_into("<I", ctx_in, SKB_OFF_INGRESS_IFINDEX, ingress_ifindex)
-        ctx_out = ctypes.create_string_buffer(SKB_CTX_SIZE)
-        if self._test_run_fn is not None:
-            opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
-                                data_out=ctypes.addressof(data_out), data_size_in=len(packet),
-                                data_size_out=len(data_out), ctx_in=ctypes.addressof(ctx_in),
-                                ctx_out=ctypes.addressof(ctx_out), ctx_size_in=SKB_CTX_SIZE,
-                                ctx_size_out=SKB_CTX_SIZE, repeat=repeat)
-            rc = self._test_run_fn(fd, ctypes.byref(opts))
-            err = -rc if rc < 0 else 0
-            result = (opts.retval, opts.data_size_out, opts.duration)
-        else:
-            attr = _TestRunAttr(prog_fd=fd, data_size_in=len(packet), data_size_out=len(data_out),
-                                data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
-                                repeat=repeat, ctx_size_in=SKB_CTX_SIZE, ctx_size_out=SKB_CTX_SIZE,
-                                ctx_in=ctypes.addressof(ctx_in), ctx_out=ctypes.addressof(ctx_out))
-            libc = ctypes.CDLL(None, use_errno=True)
-            rc = libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
-            err = ctypes.get_errno() if rc < 0 else 0
-            result = (attr.retval, attr.data_size_out, attr.duration)
-        if err:
-            raise OSError(err, f"BPF_PROG_TEST_RUN on {prog}: {os.strerror(err)}")
-        retval, size_out, duration = result
-        (mark_out,) = struct.unpack_from("<I", ctx_out, SKB_OFF_MARK)
-        return TestRunResult(retval, data_out.raw[:size_out], duration, mark_out)
+        return _prog_test_run(self._test_run_fn, self.program_fd(prog), prog, packet, repeat, mark,
+                              ingress_ifindex)
 
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -378,5 +377,35 @@ class Datapath:
         self.close()
 
 
-__all__ = ["Datapath", "FlowEvent", "SyncStats", "TestRunResult", "from_proxy_mark",
-           "MARK_MAGIC_MASK", "MARK_MAGIC_TO_PROXY", "MARK_MAGIC_FROM_PROXY", "MARK_MAGIC_DECIDED"]
+def _ring_buffer_fields(bpf: Any, name: str) -> list[tuple[str, str]]:
+    from bcc import lib  # noqa: PLC0415 - the loader is the one place l7lab imports bcc
+
+    rows = [lib.bpf_perf_event_field(bpf.module, name.encode(), i).decode()
+            for i in range(lib.bpf_perf_event_fields(bpf.module, name.encode()))]
+    return [(field, c_type) for field, c_type in (row.split("#", 1) for row in rows)]
+
+
+def probe_c_abi(constants: list[str], structs: list[type[ctypes.Structure]],
+                defines: dict[str, int] | None = None) -> abicheck.ProbeResult:
+    """Ask the compiler what the datapath's headers say: compile `abicheck.probe_source` with the
+    datapath's include path and cflags, run it once (BPF_PROG_TEST_RUN, needs root) and return
+    the value of each constant expression and, per struct, its size and fields (abicheck.read_probe)."""
+    from bcc import BPF  # noqa: PLC0415 - the loader is the one place l7lab imports bcc
+
+    source = abicheck.probe_source(constants, structs)
+    # The probe includes parse.h for its constants, not for its functions: their accessors stay undefined.
+    cflags = [*_cflags(defines if defines is not None else abi.c_defines()), "-Wno-undefined-internal"]
+    bpf = BPF(text=source.encode(), cflags=cflags)
+    try:
+        fn = bpf.load_func(b"abi_probe", BPF.SCHED_CLS)
+        _prog_test_run(_load_libbpf_test_run(), fn.fd, "abi_probe", bytes(64), 1, 0, 0)
+        table = bpf.get_table(b"abi_values")
+        values = [int(table[table.Key(i)].value) for i in range(len(table))]
+        field_types = {s.c_name: _ring_buffer_fields(bpf, f"abi_t_{s.c_name}")  # type: ignore[attr-defined]
+                       for s in structs}
+        return abicheck.read_probe(constants, structs, values, field_types)
+    finally:
+        bpf.cleanup()
+
+
+__all__ = ["Datapath", "FlowEvent", "SyncStats", "TestRunResult", "probe_c_abi"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .abi import PROTOCOL_NAMES as PROTOCOLS, TCP_FLAG_NAMES
 from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
                          Verdict, record_from_json)
 from .flowrender import json_line
@@ -35,8 +36,6 @@ from .logfiles import FollowedFile, RotatingLog, json_lines, rotate_bytes
 from .mapstate import Direction, MapState
 from .reasons import Hook
 
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
-TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 KERNEL_FLOWS = "flows.jsonl"
 PROXY_RECORDS = "l7-events.jsonl"
 RECORD_FILES = (KERNEL_FLOWS, PROXY_RECORDS)

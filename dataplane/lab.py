@@ -328,7 +328,7 @@ class Lab:
         """Start the L7 proxy in the node namespace (again, after a crash) and, with `wait`, wait
         until it listens. Without `wait` the caller reads the READY line from `_proxy.stdout`
         (the lab agent restarts a dead proxy that way, without stopping its loop)."""
-        from .mapstate import PROXY_PORT  # noqa: PLC0415
+        from .abi import PROXY_PORT  # noqa: PLC0415
 
         old = self._proxy
         if old is not None and old.poll() is not None:  # a dead proxy leaves the record and the list

@@ -6,7 +6,9 @@ diffs two `MapState`s into map updates; `lookup_policy` is the Python twin of th
 program performs, so that the oracle answers exactly what the kernel answers.
 
 Identities follow Cilium's numbering (pkg/identity/numericidentity.go): reserved identities
-below 256, label-set identities from 256 up, CIDR identities from 2^24 up.
+below 256, label-set identities from 256 up, CIDR identities from 2^24 up. They, the protocol
+numbers, the proxy port and the `Direction`/`Verdict` enums are the datapath's ABI, declared in
+abi.py and re-exported here.
 
 Policy lookup (mirrors bpf/lib/policy.h)
 ----------------------------------------
@@ -38,57 +40,15 @@ it into DENY; a REDIRECT range turns the allows inside it into REDIRECT with its
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 from dataclasses import dataclass, field
 
-# Reserved identities (Cilium pkg/identity/numericidentity.go).
-IDENTITY_ANY = 0
-IDENTITY_HOST = 1
-IDENTITY_WORLD = 2
-IDENTITY_UNMANAGED = 3
-IDENTITY_HEALTH = 4
-IDENTITY_INIT = 5
-IDENTITY_REMOTE_NODE = 6
-IDENTITY_KUBE_APISERVER = 7
-IDENTITY_INGRESS = 8
-IDENTITY_WORLD_IPV4 = 9
-IDENTITY_FIRST_LABEL_BASED = 256
-IDENTITY_FIRST_CIDR = 1 << 24
-
-RESERVED_IDENTITIES: dict[str, int] = {
-    "host": IDENTITY_HOST,
-    "world": IDENTITY_WORLD,
-    "unmanaged": IDENTITY_UNMANAGED,
-    "health": IDENTITY_HEALTH,
-    "init": IDENTITY_INIT,
-    "remote-node": IDENTITY_REMOTE_NODE,
-    "kube-apiserver": IDENTITY_KUBE_APISERVER,
-    "ingress": IDENTITY_INGRESS,
-}
-
-PROXY_PORT = 15001  # the L7 proxy's transparent listener inside the node namespace
-
-PROTO_ANY = 0
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_SCTP = 132
-PROTOCOLS: dict[str, int] = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ICMP": PROTO_ICMP}
-
-
-class Direction(enum.IntEnum):
-    INGRESS = 0
-    EGRESS = 1
-
-
-class Verdict(enum.IntEnum):
-    """Per-entry verdict; ordered by precedence so that combining entries is `max`."""
-
-    NONE = 0  # no entry matched
-    ALLOW = 1
-    REDIRECT = 2
-    DENY = 3
+# Constants and enums shared with the datapath are declared once, in abi.py; the resolver, the
+# oracle and the proxy have always imported them from here.
+from .abi import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HEALTH,  # noqa: F401
+                  IDENTITY_HOST, IDENTITY_INGRESS, IDENTITY_INIT, IDENTITY_KUBE_APISERVER, IDENTITY_REMOTE_NODE,
+                  IDENTITY_UNMANAGED, IDENTITY_WORLD, IDENTITY_WORLD_IPV4, PROTO_ANY, PROTO_ICMP, PROTO_SCTP,
+                  PROTO_TCP, PROTO_UDP, PROTOCOLS, PROXY_PORT, RESERVED_IDENTITIES, Direction, Verdict)
 
 
 @dataclass(frozen=True, order=True)

@@ -30,10 +30,10 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .abi import MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY
+
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
-TO_PROXY_MARK = 0x200
-TO_PROXY_MASK = 0xF00
 PROXY_ROUTE_TABLE = 2004
 PROXY_RULE_PRIORITY = 9
 IFNAMSIZ = 15
@@ -212,7 +212,7 @@ def setup_node(ns: str, addresses: list[str]) -> None:
         lo = ipr.link_lookup(ifname="lo")[0]
         for addr in addresses:
             ipr.addr("add", index=lo, address=addr, prefixlen=32)
-        ipr.rule("add", fwmark=TO_PROXY_MARK, fwmask=TO_PROXY_MASK, table=PROXY_ROUTE_TABLE,
+        ipr.rule("add", fwmark=MARK_MAGIC_TO_PROXY, fwmask=MARK_MAGIC_MASK, table=PROXY_ROUTE_TABLE,
                  priority=PROXY_RULE_PRIORITY)
         ipr.route("add", dst="0.0.0.0/0", type="local", table=PROXY_ROUTE_TABLE, oif=lo, scope="host")
     sysctl(ns, "net.ipv4.ip_forward", 1)

@@ -1,6 +1,6 @@
 """`python -m proxy`: run the L7 proxy of one lab (inside the lab's node namespace).
 
-    python -m proxy --lab NAME --state /run/l7lab/NAME/policy.json [--port 15001] [--events FILE]
+    python -m proxy --lab NAME --state /run/l7lab/NAME/policy.json [--port PORT (15001)] [--events FILE]
 
 Prints `READY <host>:<port>` on stdout once listening. SIGHUP reloads the state file (a file that
 cannot be loaded replaces the policy by an empty one: everything is denied until a good file is
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
+from dataplane.abi import PROXY_PORT
 from dataplane.logfiles import bound_stderr
 
 from .events import EventLog
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m proxy", description="l7lab transparent HTTP proxy")
     ap.add_argument("--lab", required=True, help="lab name (for messages)")
     ap.add_argument("--state", required=True, help="MapState JSON written by the lab")
-    ap.add_argument("--port", type=int, default=15001)
+    ap.add_argument("--port", type=int, default=PROXY_PORT)
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--events", help="append one JSON line per request to this file")
     ap.add_argument("--original-dst", help="IP:PORT: testing only; overrides getsockname()")

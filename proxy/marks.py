@@ -1,4 +1,8 @@
-"""skb->mark values the proxy uses, in one place (the layout is bpf/lib/common.h's).
+"""skb->mark values the proxy sets, and the socket options it sets them with.
+
+The mark layout is the datapath's (bpf/lib/common.h) and is declared once, for Python, in
+dataplane/abi.py (with the proxy's listening port, PROXY_PORT); this module re-exports what the
+proxy needs:
 
     bits  8..11  (0x00000f00)  magic
         0x200  TO_PROXY    set by from_container with bpf_sk_assign (not used by the proxy)
@@ -13,21 +17,11 @@ check: the proxy already decided.
 
 from __future__ import annotations
 
-MARK_MAGIC_MASK = 0x00000F00
-MARK_MAGIC_TO_PROXY = 0x00000200
-MARK_MAGIC_FROM_PROXY = 0x00000A00
+from dataplane.abi import (MARK_MAGIC_FROM_PROXY, MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY, PROXY_PORT,
+                           from_proxy_mark, identity_of_mark)
 
 SO_MARK = 36  # socket.SO_MARK (Linux); spelled out because older Pythons lack the constant
 IP_TRANSPARENT = 19  # socket.IP_TRANSPARENT (Linux)
 
-
-def from_proxy_mark(identity: int) -> int:
-    """SO_MARK value for an upstream socket carrying traffic of source `identity`."""
-    return MARK_MAGIC_FROM_PROXY | ((identity & 0xFFFF) << 16) | ((identity >> 16) & 0xFF)
-
-
-def identity_of_mark(mark: int) -> int | None:
-    """Inverse of `from_proxy_mark` (None if the mark is not a from-proxy mark)."""
-    if mark & MARK_MAGIC_MASK != MARK_MAGIC_FROM_PROXY:
-        return None
-    return ((mark >> 16) & 0xFFFF) | ((mark & 0xFF) << 16)
+__all__ = ["IP_TRANSPARENT", "MARK_MAGIC_FROM_PROXY", "MARK_MAGIC_MASK", "MARK_MAGIC_TO_PROXY", "PROXY_PORT",
+           "SO_MARK", "from_proxy_mark", "identity_of_mark"]

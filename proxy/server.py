@@ -31,7 +31,7 @@ from .events import EventLog, l7_flow, redirect_direction
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
 from .limits import ConnectionCaps, Limits, tcp_progress
-from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
+from .marks import IP_TRANSPARENT, PROXY_PORT, SO_MARK, from_proxy_mark
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
 
@@ -51,7 +51,7 @@ class UpstreamFailed(Exception):
 class ProxyServer:
     """Owns the listener, the current policy snapshot and the event log."""
 
-    def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = 15001, *,
+    def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = PROXY_PORT, *,
                  transparent: bool = True, mark: bool = True, original_dst: tuple[str, int] | None = None,
                  events: EventLog | None = None, limits: Limits | None = None) -> None:
         self.snapshot = snapshot  # replaced whole on reload; each request reads it once

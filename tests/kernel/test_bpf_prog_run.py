@@ -11,7 +11,6 @@ import ctypes
 import os
 import pickle
 import socket
-import struct
 import subprocess
 import time
 from collections import Counter
@@ -21,8 +20,9 @@ from dataclasses import replace
 import pytest
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6, Raw, fragment  # type: ignore[import-untyped]
 
-from dataplane.datapath import (LAYOUTS, MARK_MAGIC_DECIDED, MARK_MAGIC_MASK, Datapath,
-                                FlowEvent, from_proxy_mark)
+from dataplane import abi
+from dataplane.abi import MARK_MAGIC_DECIDED, MARK_MAGIC_MASK, PROXY_PORT, from_proxy_mark
+from dataplane.datapath import Datapath, FlowEvent
 from dataplane.mapstate import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD,
                                 PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Direction,
                                 EndpointState, MapState, PolicyEntry, PolicyKey, Verdict,
@@ -36,7 +36,6 @@ TC_ACT_OK, TC_ACT_SHOT = 0, 2
 ING, EG = Direction.INGRESS, Direction.EGRESS
 A, B, C, NODE, WORLD_HOST = "10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.255.254", "203.0.113.7"
 ID_A, ID_B, ID_C, ID_CIDR = 256, 257, 258, IDENTITY_FIRST_CIDR + 1
-PROXY_PORT = 15001
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -461,12 +460,10 @@ def put(d: Datapath, name: str, key: bytes, value: bytes) -> None:
 
 def frag_entry(src: str, dst: str, ip_id: int, proto: int, sport: int, dport: int,
                lifetime_s: float = 30.0) -> tuple[bytes, bytes]:
-    key = struct.pack(LAYOUTS["fragments"][0], socket.inet_aton(src), socket.inet_aton(dst),
-                      struct.pack("!H", ip_id), proto)
+    key = abi.CFragKey(saddr=abi.ipv4_be32(src), daddr=abi.ipv4_be32(dst), id=ip_id, proto=proto)
     expires = max(0, time.monotonic_ns() + int(lifetime_s * 1e9))  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-    value = struct.pack(LAYOUTS["fragments"][1], expires, struct.pack("!H", sport), struct.pack("!H", dport),
-                        dport, 0)
-    return key, value
+    value = abi.CFragEntry(expires_ns=expires, sport=sport, dport=dport, policy_port=dport)
+    return bytes(key), bytes(value)
 
 
 def test_bpf_fragments_of_an_allowed_flow_pass(dp: Datapath) -> None:
@@ -587,10 +584,10 @@ def test_bpf_later_fragment_of_redirected_flow_drops(dp: Datapath) -> None:
     retval, _, events = run(dp, later)
     assert (retval, events[0].reason, events[0].proxy_port, events[0].rule_id) == (
         TC_ACT_SHOT, DropReason.FRAGMENT, PROXY_PORT, 41)
-    ct_key = struct.pack(LAYOUTS["conntrack"][0], socket.inet_aton(A), socket.inet_aton(B),
-                         struct.pack("!H", 40107), struct.pack("!H", 80), PROTO_TCP)
-    ct_val = struct.pack(LAYOUTS["conntrack"][1], time.monotonic_ns() + 60 * 10**9, 1, ID_A, 41, PROXY_PORT, 0)
-    put(dp, "conntrack", ct_key, ct_val)
+    ct_key = abi.CCtKey(saddr=abi.ipv4_be32(A), daddr=abi.ipv4_be32(B), sport=40107, dport=80, proto=PROTO_TCP)
+    ct_val = abi.CCtEntry(expires_ns=time.monotonic_ns() + 60 * 10**9, packets=1, src_identity=ID_A, rule_id=41,
+                          proxy_port=PROXY_PORT)
+    put(dp, "conntrack", bytes(ct_key), bytes(ct_val))
     retval, _, events = run(dp, later)
     assert (retval, events[0].reason, events[0].proxy_port) == (TC_ACT_SHOT, DropReason.FRAGMENT, PROXY_PORT)
 

@@ -88,6 +88,7 @@ static __always_inline void frag_record(const struct pkt *p)
 #define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
 #define TCPF_RST 0x04
+#define TCPF_PSH 0x08
 #define TCPF_ACK 0x10
 
 /* Returns PARSE_IPV4 (p filled), PARSE_ARP, or a drop reason (> 0). */

@@ -2,8 +2,10 @@
  *
  * The maps themselves are declared in bpf/datapath.c, and so are the accessors' bodies: BCC
  * rewrites map syntax (map.lookup()) only in the main file of a compile, so headers call these
- * forward-declared wrappers instead. Layouts are packed by hand (explicit padding) and the
- * loader packs the same bytes with Python's struct module; it checks the sizes at start-up.
+ * forward-declared wrappers instead. Layouts are packed by hand (explicit padding); Python
+ * declares each struct once, field by field with its offset, in dataplane/abi.py, and
+ * tests/kernel/test_abi_compiled.py compares every field (name, type, byte order, offset, size) with
+ * what the compiler makes of this file.
  */
 #ifndef L7LAB_MAPS_H
 #define L7LAB_MAPS_H

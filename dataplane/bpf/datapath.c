@@ -15,8 +15,8 @@ BPF_HASH(endpoints, __be32, struct endpoint_info, ENDPOINTS_MAP_SIZE);
 BPF_LPM_TRIE(policy, struct policy_key, struct policy_value, POLICY_MAP_SIZE);
 BPF_TABLE("lru_hash", struct ct_key, struct ct_entry, conntrack, CT_MAP_SIZE);
 BPF_TABLE("lru_hash", struct frag_key, struct frag_entry, fragments, FRAG_MAP_SIZE);
-BPF_PERCPU_HASH(metrics, struct metrics_key, struct metrics_value, 1024);
-BPF_HASH(if_bind, u32, struct if_binding, 4096);
+BPF_PERCPU_HASH(metrics, struct metrics_key, struct metrics_value, METRICS_MAP_SIZE);
+BPF_HASH(if_bind, u32, struct if_binding, IF_BIND_MAP_SIZE);
 BPF_RINGBUF_OUTPUT(events, EVENTS_PAGES);
 
 #include "lib/parse.h"

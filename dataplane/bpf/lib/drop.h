@@ -1,5 +1,6 @@
-/* drop.h - flow verdicts and drop reasons; mirrored by dataplane/reasons.py (a unit test parses
- * this file and checks both agree: keep the "NAME = value," one-per-line form).
+/* drop.h - flow verdicts and drop reasons; mirrored by dataplane/abi.py (the unit tier parses
+ * this file, keep the "NAME = value," one-per-line form; the kernel tier compiles it and
+ * compares every value).
  */
 #ifndef L7LAB_DROP_H
 #define L7LAB_DROP_H
