@@ -38,7 +38,7 @@ from dataplane.mapstate import PROTO_TCP, Direction, MapState, PolicyEntry, Poli
 from dataplane.policy import PolicyEngine
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents
-from tests.kernel._l7_helpers import PodClient
+from tests.support.l7_lab import PodClient
 
 ROUNDS = 9
 SIZES = (10, 1_000, 10_000)  # policy entries / iptables rules, for new connections

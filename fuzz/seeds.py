@@ -1,8 +1,8 @@
 """Seed corpora, built from what the project already tests, and the kept findings.
 
-* http_request: every raw request of the smuggling corpus (`tests/unit/proxy/test_proxy_smuggling`,
-  also run through the kernel redirect by `tests/kernel/test_l7_attack_corpus.py`) and a few
-  well-formed requests of each target form;
+* http_request: every raw request of the smuggling corpus (`tests/support/attacks.py`, sent to the
+  proxy by `tests/unit/proxy/test_proxy_smuggling.py` and through the kernel redirect by
+  `tests/kernel/test_l7_attack_corpus.py`) and a few well-formed requests of each target form;
 * chunked_body: the bodies of that corpus' chunked requests and hand-made chunk forms
   (extensions, quoted strings, trailers, long lines), each behind a read-size byte;
 * dns_query: queries built with dnspython (allowed, refused, several questions, other opcodes,
@@ -27,7 +27,7 @@ REGRESSIONS = ROOT / "tests" / "unit" / "fuzz_corpus"
 
 
 def _http() -> list[bytes]:
-    from tests.unit.proxy.test_proxy_smuggling import CORPUS  # noqa: PLC0415 - test data, loaded on demand
+    from tests.support.attacks import CORPUS  # noqa: PLC0415 - test data, loaded on demand
 
     seeds = [raw for raw, _status in CORPUS.values()]
     h = b"Host: backend\r\n"
@@ -46,7 +46,7 @@ def _http() -> list[bytes]:
 
 
 def _chunked() -> list[bytes]:
-    from tests.unit.proxy.test_proxy_smuggling import CORPUS  # noqa: PLC0415
+    from tests.support.attacks import CORPUS  # noqa: PLC0415
 
     bodies = []
     for raw, _status in CORPUS.values():

@@ -6,6 +6,7 @@ metrics port fails `up` before anything is built."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,11 +24,14 @@ from dataplane import topology
 from dataplane.flowrecord import ProxyEvent, record_from_json
 from dataplane.mapstate import PROXY_PORT
 from tests.conftest import unique_lab
-from tests.kernel.test_lab_agent import (AUDITOR_POLICY, L7LAB, READ_ONLY, RETAIL, agent_status, curl,
-                                         free_loopback_port, l7lab, observe, reaches, scrape)
-from tests.kernel.test_lab_lifecycle import leftovers, nothing_left
+from tests.support import wait
+from tests.support.cli_lab import (AUDITOR_POLICY, L7LAB, READ_ONLY, RETAIL, agent_status, curl, free_loopback_port,
+                                   l7lab, leftovers, nothing_left, observe, reaches, scrape)
 
 pytestmark = pytest.mark.kernel
+
+# Most checks here run `l7lab status` or read files: poll them at a gentle pace.
+wait_for = functools.partial(wait.wait_for, every=0.1)
 
 INVENTORY = "http://inventory-api:8080/api/inventory/1"
 PAYMENTS_POST_ONLY = "CiliumNetworkPolicy retail/payments-post-only"
@@ -60,17 +63,6 @@ def lab_up(*extra: str) -> Iterator[str]:
     finally:
         assert l7lab("down", name).returncode == 0
         assert nothing_left(name), leftovers(name)
-
-
-def wait_for(what: str, check: Any, timeout: float = 30.0, every: float = 0.1) -> Any:
-    """Poll `check()` until it returns something true; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def proxy_pid(lab: str) -> int:

@@ -11,9 +11,9 @@ import pytest
 
 from dataplane import agent
 from tests.conftest import unique_lab
-from tests.kernel.test_lab_agent import AUDITOR_POLICY, agent_status, l7lab, retail  # noqa: F401 - retail is a fixture
-from tests.kernel.test_lab_lifecycle import leftovers, nothing_left
-from tests.unit.test_input_limits import ALIAS_BOMB, DEEP_BLOCK, DEEP_FLOW
+from tests.support.cli_lab import AUDITOR_POLICY, agent_status, l7lab
+from tests.support.cli_lab import leftovers, nothing_left
+from tests.support.attacks import ALIAS_BOMB, DEEP_BLOCK, DEEP_FLOW
 
 pytestmark = pytest.mark.kernel
 
@@ -32,7 +32,7 @@ def peak_rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
-def test_apply_refuses_hostile_yaml_and_the_agent_keeps_working(retail: str, tmp_path: Path) -> None:  # noqa: F811
+def test_apply_refuses_hostile_yaml_and_the_agent_keeps_working(retail: str, tmp_path: Path) -> None:
     pid = agent_status(retail)["agent"]["pid"]
     peak_before = peak_rss_kb(pid)
 

@@ -17,7 +17,7 @@ import pytest
 from dataplane import topology
 from dataplane.policy import PolicyEngine
 from dataplane.probes import run_probe
-from tests.kernel._kernel_helpers import (KernelLab, knp, make_probe, make_scenario, oracle_outcome, pair_probes)
+from tests.support.kernel_lab import KernelLab, knp, make_probe, make_scenario, oracle_outcome, pair_probes
 
 SERVER_EGRESS_DENIED = knp("deny-egress", "x", """
     podSelector: {matchLabels: {pod: a}}

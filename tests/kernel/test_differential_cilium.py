@@ -18,8 +18,8 @@ import pytest
 from dataplane.lab import node_netns
 from dataplane.policy import Flow, PolicyEngine
 from dataplane.probes import run_probe
-from tests.kernel._kernel_helpers import (PODS, PORTS_ALL, WORLD, closed_port_probes, KernelLab, all_pod_pairs, ccnp, cnp,
-                                          knp, make_probe, make_scenario, pair_probes)
+from tests.support.kernel_lab import (PODS, PORTS_ALL, WORLD, closed_port_probes, KernelLab, all_pod_pairs,
+                                      ccnp, cnp, knp, make_probe, make_scenario, pair_probes)
 
 Expect = tuple[str, str, int, str, str]
 

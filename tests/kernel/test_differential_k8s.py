@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from dataplane.policy import PolicyEngine
-from tests.kernel._kernel_helpers import (PODS, PORTS_ALL, WORLD, closed_port_probes, KernelLab, all_pod_pairs, knp,
-                                          make_scenario, pair_probes)
+from tests.support.kernel_lab import (PODS, PORTS_ALL, WORLD, closed_port_probes, KernelLab, all_pod_pairs,
+                                      knp, make_scenario, pair_probes)
 
 Expect = tuple[str, str, int, str, str]  # (source, destination, port, protocol, outcome)
 

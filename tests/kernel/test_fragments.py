@@ -24,8 +24,8 @@ from dataplane.datapath import FlowEvent
 from dataplane.policy import PolicyEngine
 from dataplane.reasons import DropReason, FlowVerdict
 from dataplane.scenario import Scenario
-from tests.kernel import _kernel_helpers as helpers
-from tests.kernel._kernel_helpers import KernelLab, knp
+from tests.support import kernel_lab as helpers
+from tests.support.kernel_lab import KernelLab, knp
 
 LAB_PREFIX = "frag"  # the module's lab (fixture `klab` in tests/kernel/conftest.py)
 PORT = 81

@@ -1,5 +1,5 @@
 """The request-smuggling / normalization corpus of the proxy's loopback tests
-(`tests/unit/proxy/test_proxy_smuggling.CORPUS`), sent through a real lab: from the frontend pod
+(`tests.support.attacks.CORPUS`), sent through a real lab: from the frontend pod
 to backend:8080, redirected in the kernel to the lab's proxy, forwarded to the backend pod's own
 HTTP server (aiohttp, not the loopback harness' recording backend).
 
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import unique_lab
-from tests.kernel._l7_helpers import ACCESS_DENIED, L7Lab, close_l7_lab, open_l7_lab
-from tests.unit.proxy.test_proxy_smuggling import CORPUS, SMUGGLED
+from tests.support.attacks import CORPUS, SMUGGLED
+from tests.support.l7_lab import ACCESS_DENIED, L7Lab, close_l7_lab, open_l7_lab
 
 pytestmark = pytest.mark.kernel
 

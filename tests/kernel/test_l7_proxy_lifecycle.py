@@ -19,9 +19,10 @@ from dataplane.mapstate import PROXY_PORT
 from dataplane.policy import PolicyEngine
 from dataplane.reasons import DropReason, FlowVerdict
 from tests.conftest import unique_lab
-from tests.kernel._l7_helpers import (CONNECT_DROP_TIMEOUT, IO_TIMEOUT, L7_POLICY_NAME, L7_PORT, PLAIN_POLICY, PLAIN_PORT,
-                                      L7Lab, assert_denied, backend_json, close_l7_lab, l7_policy, make_scenario,
-                                      open_l7_lab, request_bytes)
+from tests.support.http import request_bytes
+from tests.support.l7_lab import (CONNECT_DROP_TIMEOUT, IO_TIMEOUT, L7_POLICY_NAME, L7_PORT, PLAIN_POLICY,
+                                  PLAIN_PORT, L7Lab, assert_denied, backend_json, close_l7_lab, l7_policy,
+                                  make_scenario, open_l7_lab)
 
 pytestmark = pytest.mark.kernel
 

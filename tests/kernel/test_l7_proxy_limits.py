@@ -23,14 +23,15 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
 from dataplane.flowrecord import Flow
 from tests.conftest import unique_lab
-from tests.kernel._l7_helpers import (L7_POLICY, PLAIN_POLICY, L7Lab, PodClient, backend_json,
-                                      close_l7_lab, open_l7_lab, request_bytes)
+from tests.support.http import request_bytes
+from tests.support.l7_lab import (L7_POLICY, PLAIN_POLICY, L7Lab, PodClient, backend_json, close_l7_lab,
+                                  open_l7_lab)
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -74,30 +75,6 @@ def limits(l7: L7Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str
     l7.lab.start_proxy()
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def closed_by_proxy(c: PodClient, timeout: float = DEADLINE) -> bool:
-    """Wait (bounded) for the proxy to end the connection: EOF or reset, after whatever was unread."""
-    c.sock.settimeout(timeout)
-    try:
-        while c.sock.recv(1 << 20):
-            pass
-    except ConnectionResetError:
-        pass
-    except (TimeoutError, socket.timeout):
-        return False
-    return True
-
-
 def errors(l7: L7Lab, reason: str) -> list[Flow]:
     return [e for e in l7.proxy_events() if e.verdict == "error" and reason in e.summary]
 
@@ -116,7 +93,7 @@ def refused_503(l7: L7Lab, pod: str, path: str) -> None:
         resp = c.read_response()
         assert (resp.status, resp.headers.get("connection")) == (503, "close"), resp
         assert "x-l7lab-backend" not in resp.headers
-        assert closed_by_proxy(c)
+        assert c.closed_by_peer(DEADLINE)
 
 
 def test_connection_caps_refuse_a_pod_past_its_share_while_others_are_served(l7: L7Lab, limits) -> None:  # noqa: ANN001
@@ -181,7 +158,7 @@ def test_slowloris_heads_are_closed_while_others_are_served(l7: L7Lab, limits) -
             c.sock.settimeout(DEADLINE)
             resp = c.read_response()
             assert (resp.status, resp.headers.get("connection")) == (408, "close"), resp
-            assert closed_by_proxy(c)
+            assert c.closed_by_peer(DEADLINE)
     finally:
         for c in slow:
             c.close()
@@ -197,7 +174,7 @@ def test_idle_keep_alive_connection_is_closed(l7: L7Lab, limits) -> None:  # noq
     tag = uuid.uuid4().hex[:8]
     c = served(l7, "shop/frontend", f"/public/{tag}/then-idle")
     try:
-        assert closed_by_proxy(c)  # nothing more sent: the proxy closes it, without an answer
+        assert c.closed_by_peer(DEADLINE)  # nothing more sent: the proxy closes it, without an answer
         assert c.buf == b""
     finally:
         c.close()
@@ -215,19 +192,11 @@ def test_a_pod_that_stops_reading_is_cut_and_a_slow_reader_is_not(l7: L7Lab, lim
         c.send(request_bytes("GET", f"/public/{tag}/slow", headers={"X-L7lab-Response-Bytes": str(size)}))
         digest, got, started = hashlib.sha256(), 0, time.monotonic()
 
-        def slow_fill() -> None:
-            time.sleep(0.003)
-            data = c.sock.recv(4096)
-            if not data:
-                raise ConnectionError("connection closed")
-            c.buf += data
-        c._fill = slow_fill  # type: ignore[method-assign]
-
         def sink(piece: bytes) -> None:
             nonlocal got
             digest.update(piece)
             got += len(piece)
-        resp = c.read_response(sink=sink)
+        resp = c.read_response(sink=sink, pace=(0.003, 4096))
         assert (resp.status, got, digest.hexdigest()) == (200, size, resp.headers["x-l7lab-body-sha256"])
         assert time.monotonic() - started > 2.5  # slower than the timeout, or the test means nothing
     assert not errors(l7, "progress timeout")
@@ -241,13 +210,6 @@ def test_a_pod_that_stops_reading_is_cut_and_a_slow_reader_is_not(l7: L7Lab, lim
         assert (cut.http.path, cut.source.name) == (f"/public/{tag}/stuck", "shop/frontend")
         with served(l7, "shop/stranger", f"/public/{tag}/other"):  # the proxy serves on
             pass
-        received = 0
-        stuck.sock.settimeout(DEADLINE)
-        try:
-            while data := stuck.sock.recv(1 << 20):
-                received += len(data)
-        except ConnectionResetError:
-            pass
-        assert received < big
+        assert stuck.count_until_closed(DEADLINE) < big
     finally:
         stuck.close()

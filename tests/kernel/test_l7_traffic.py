@@ -19,9 +19,9 @@ import pytest
 
 from dataplane.reasons import DropReason, FlowVerdict
 from tests.conftest import unique_lab
-from tests.unit.proxy._harness import Resp
-from tests.kernel._l7_helpers import (ACCESS_DENIED, CONNECT_DROP_TIMEOUT, L7_PORT, L7Lab, assert_denied,
-                                      backend_json, close_l7_lab, open_l7_lab, request_bytes)
+from tests.support.http import Resp, request_bytes
+from tests.support.l7_lab import (ACCESS_DENIED, CONNECT_DROP_TIMEOUT, L7_PORT, L7Lab, assert_denied,
+                                  backend_json, close_l7_lab, open_l7_lab)
 
 pytestmark = pytest.mark.kernel
 
@@ -139,18 +139,7 @@ def read_big(c, headers: dict[str, str], slow: bool = False) -> tuple[Resp, int,
     c.send(request_bytes("GET", "/public/big", headers=headers))
     if slow:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-
-        def slow_fill() -> None:
-            time.sleep(0.002)
-            data = c.sock.recv(8192)
-            if not data:
-                raise ConnectionError("connection closed")
-            c.buf += data
-        c._fill = slow_fill
-    try:
-        resp = c.read_response(sink=sink)
-    finally:
-        c.__dict__.pop("_fill", None)
+    resp = c.read_response(sink=sink, pace=(0.002, 8192) if slow else None)
     return resp, size, digest.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """Upgrades on real redirected connections: the h2c bypass is closed, WebSocket tunnels work.
 
 The backend pod runs, besides its own server (HTTP and WebSocket on 8080), two servers started
-in its namespace by this test (tests/upgrade_backends.py):
+in its namespace by this test (tests/support/upgrade_backends.py):
     8081  hypercorn, which really honours `Upgrade: h2c` (checked directly from the pod itself);
           the L7 rule allows only `GET /allowed` there
     8082  a WebSocket server that writes its 101 and its first message in one write
@@ -19,17 +19,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import h2.config
-import h2.connection
 import pytest
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Message, RejectConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, RejectConnection, TextMessage
 
 from dataplane import topology
 from tests.conftest import REPO, unique_lab
-from tests.kernel._l7_helpers import IO_TIMEOUT, L7_PORT, L7Lab, PodClient, assert_denied, close_l7_lab, \
-    open_l7_lab
-from tests.upgrade_backends import GREETING
+from tests.support.http import WebSocketClient, h2_after_upgrade
+from tests.support.l7_lab import IO_TIMEOUT, L7_PORT, L7Lab, assert_denied, close_l7_lab, open_l7_lab
+from tests.support.upgrade_backends import GREETING
 
 pytestmark = pytest.mark.kernel
 
@@ -58,13 +55,13 @@ spec:
 
 
 class PodBackend:
-    """A tests/upgrade_backends.py server in a pod's namespace, bound to the pod's address."""
+    """A tests/support/upgrade_backends.py server in a pod's namespace, bound to the pod's address."""
 
     def __init__(self, netns: str, kind: str, ip: str, port: int, log: Path) -> None:
         self.log = log
         log.touch()
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "tests.upgrade_backends",
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "tests.support.upgrade_backends",
                                       kind, ip, str(port), str(log)], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
@@ -103,31 +100,9 @@ def lab(datapath, tmp_path_factory) -> Iterator[tuple[L7Lab, PodBackend, PodBack
         close_l7_lab(l7)
 
 
-def h2_after_upgrade(method: str, path: str) -> tuple[bytes, bytes]:
-    """(HTTP2-Settings, the connection preface + a HEADERS frame for `method path`, stream 3)."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    settings = conn.initiate_upgrade_connection()
-    conn.send_headers(3, [(":method", method), (":path", path), (":authority", "backend"), (":scheme", "http")],
-                      end_stream=True)
-    return settings, conn.data_to_send()
-
-
 def h2c_upgrade(path: str, settings: bytes, version: str = "1.1") -> bytes:
     return (f"GET {path} HTTP/{version}\r\nHost: backend\r\nConnection: Upgrade, HTTP2-Settings\r\n"
             f"Upgrade: h2c\r\nHTTP2-Settings: {settings.decode()}\r\n\r\n").encode()
-
-
-def rest_until_closed(c: PodClient) -> bytes:
-    data = c.buf
-    while True:
-        try:
-            piece = c.sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not piece:
-            break
-        data += piece
-    return data
 
 
 def wait_for_line(backend: PodBackend, line: str, timeout: float = IO_TIMEOUT) -> bool:
@@ -170,7 +145,7 @@ def test_h2c_upgrade_through_the_proxy_is_a_plain_get(lab, version: str, one_wri
             resp = c.read_response()
             c.send_tolerant(frames)
         assert resp.status == 200 and resp.body == b"seen GET /allowed", resp  # no 101
-        rest = rest_until_closed(c)
+        rest = c.rest_until_closed()
     # HTTP/1.1 keeps the connection: the preface is read as the next request and refused.
     assert rest == b"" if version == "1.0" else rest.startswith(b"HTTP/1.1 400 "), rest[:80]
     new = h2c.lines()[before:]
@@ -187,41 +162,12 @@ def test_h2c_upgrade_of_a_denied_request_is_denied(lab) -> None:
     assert h2c.lines()[before:] == []
 
 
-class PodWebSocket:
-    """A WebSocket client (wsproto) whose socket lives in the frontend pod."""
-
-    def __init__(self, l7: L7Lab, port: int) -> None:
-        self.c = l7.client(port=port)
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.events: list = []
-
-    def __enter__(self) -> "PodWebSocket":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.c.close()
-
-    def handshake(self, path: str) -> object:
-        self.c.send(self.ws.send(Request(host="backend", target=path)))
-        return self.next_event()
-
-    def next_event(self) -> object:
-        while not self.events:
-            data = self.c.sock.recv(65536)
-            assert data, "the connection was closed"
-            self.ws.receive_data(data)
-            self.events += list(self.ws.events())
-        return self.events.pop(0)
-
-    def send_text(self, text: str) -> None:
-        self.c.send(self.ws.send(Message(data=text)))
-
-
 @pytest.mark.parametrize("port", [L7_PORT, FAST_WS_PORT], ids=["pod-server", "one-write-backend"])
 def test_websocket_frames_both_ways_through_the_proxy(lab, port: int) -> None:
     l7, _, fast = lab
-    with PodWebSocket(l7, port) as ws:
-        assert isinstance(ws.handshake("/ws"), AcceptConnection)
+    with WebSocketClient(l7.client(port=port)) as ws:
+        ws.handshake("/ws")
+        assert isinstance(ws.next_event(), AcceptConnection)
         greeting = ws.next_event()
         assert isinstance(greeting, TextMessage)
         if port == FAST_WS_PORT:
@@ -239,7 +185,8 @@ def test_websocket_frames_both_ways_through_the_proxy(lab, port: int) -> None:
 def test_websocket_handshake_on_a_denied_path_is_denied(lab) -> None:
     l7, _, _ = lab
     before = len(l7.backend_requests())
-    with PodWebSocket(l7, L7_PORT) as ws:
-        event = ws.handshake("/private")
+    with WebSocketClient(l7.client(port=L7_PORT)) as ws:
+        ws.handshake("/private")
+        event = ws.next_event()
         assert isinstance(event, RejectConnection) and event.status_code == 403
     assert l7.backend_requests()[before:] == []

@@ -8,44 +8,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dataplane import lab as labmod
-from dataplane.flowrecord import Flow, FlowType, Record, record_from_json, record_type
+from dataplane.flowrecord import Flow, FlowType, Record, record_type
 from tests.conftest import REPO, unique_lab
-from tests.kernel.test_lab_lifecycle import leftovers, nothing_left
+from tests.support.cli_lab import (AUDITOR_POLICY, L7LAB, NO_PROXY, READ_ONLY, RETAIL, agent_status, curl,
+                                   free_loopback_port, l7lab, leftovers, nothing_left, observe, reaches, scrape)
 
 pytestmark = pytest.mark.kernel
-
-L7LAB = [sys.executable, "-m", "dataplane.cli"]
-RETAIL = REPO / "scenarios" / "retail.yaml"
-READ_ONLY = "CiliumNetworkPolicy retail/inventory-read-only"
-
-AUDITOR_POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: auditors-read
-  namespace: retail
-spec:
-  endpointSelector:
-    matchLabels: {app: inventory-api}
-  ingress:
-    - fromEndpoints:
-        - matchLabels: {role: auditor}
-      toPorts:
-        - ports: [{port: "8080", protocol: TCP}]
-"""
 
 BROKEN_POLICY = """\
 apiVersion: cilium.io/v2
@@ -56,59 +33,6 @@ spec:
   ingress:
     - fromCIDR: [300.1.1.1/8]
 """
-
-
-def l7lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def retail() -> Iterator[str]:
-    name = unique_lab("ag")
-    up = l7lab("up", str(RETAIL), "--name", name)
-    assert up.returncode == 0, up.stderr
-    try:
-        yield name
-    finally:
-        assert l7lab("down", name).returncode == 0
-        assert nothing_left(name), leftovers(name)
-
-
-def curl(lab: str, pod: str, url: str, *extra: str, max_time: str = "10") -> subprocess.CompletedProcess[str]:
-    return l7lab("exec", "--lab", lab, pod, "--", "curl", "-s", "-m", max_time, *extra, url)
-
-
-def reaches(lab: str, pod: str, url: str, expect: bool) -> bool:
-    """True if the backend itself answered; False if the connection timed out (dropped). A probe
-    expected to pass gets a patient timeout (a loaded machine is slow, not dropping); one
-    expected to be dropped waits one second."""
-    out = curl(lab, pod, url, max_time="10" if expect else "1")
-    if out.returncode == 28:
-        return False
-    assert out.returncode == 0, out
-    host = url.split("//", 1)[1].split(":", 1)[0].split("/", 1)[0]
-    assert json.loads(out.stdout)["endpoint"] == f"retail/{host}", out.stdout  # that server itself answered
-    return True
-
-
-def observe(lab: str, until: Callable[[list[Record]], bool], *args: str) -> list[Record]:
-    """`observe --json` read back as flow records until they satisfy `until` (the agent writes
-    flows within ~0.1 s; the deadline is for a loaded machine, where it may take seconds)."""
-    deadline = time.monotonic() + 30
-    while True:
-        out = l7lab("observe", lab, "--json", *args)
-        assert out.returncode == 0, out.stderr
-        records = [record_from_json(json.loads(line)) for line in out.stdout.splitlines()]
-        assert None not in records, out.stdout  # every line observe prints is a record
-        if until(records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
-
-
-def agent_status(lab: str) -> dict[str, Any]:
-    out = l7lab("status", lab, "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)[0]
 
 
 def test_observe_shows_kernel_flows_and_l7_records(retail: str) -> None:
@@ -285,28 +209,6 @@ def test_run_keep_hands_the_lab_to_an_agent() -> None:
     finally:
         assert l7lab("down", name).returncode == 0
     assert nothing_left(name), leftovers(name)
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never via a proxy
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (samples only)."""
-    with NO_PROXY.open(url, timeout=10) as resp:
-        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
-        text = resp.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
 
 
 def test_up_serves_prometheus_metrics_on_loopback() -> None:

@@ -4,10 +4,8 @@ teardown that leaves nothing behind, even after the process that built the lab w
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +18,9 @@ from dataplane.logfiles import read_all, request_log
 from dataplane.runner import KernelExecutor, run_scenario
 from dataplane.scenario import Destination, Probe, Scenario, Step, load_scenario
 from tests.conftest import REPO, patient, unique_lab
+from tests.support.cli_lab import L7LAB, leftovers, nothing_left
 
 CONNECTIVITY = REPO / "scenarios" / "connectivity.yaml"
-L7LAB = [sys.executable, "-m", "dataplane.cli"]
 
 
 def all_pairs_step(scenario: Scenario) -> Step:
@@ -36,28 +34,6 @@ def all_pairs_step(scenario: Scenario) -> Step:
                 probes.append(Probe(src.key, Destination(kind, name, ip, port.port), port.protocol, "allowed",
                                     None, 5.0, scenario.steps[0].probes[0].location))
     return Step(0, "all pairs", probes=tuple(probes))
-
-
-def leftovers(name: str) -> dict[str, list[str]]:
-    prefix = labmod.lab_prefix(name)
-    return {
-        "netns": topology.list_netns(prefix),
-        "etc": sorted(p.name for p in labmod.NETNS_ETC.glob(prefix + "*")) if labmod.NETNS_ETC.is_dir() else [],
-        "record": [str(p) for p in (labmod.record_path(name), labmod.lab_dir(name)) if p.exists()],
-        # pod servers and the proxy (--lab NAME), and the lab agent (the forked `up`/`run --name NAME`)
-        "processes": [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-                      if f"--lab {name} " in line or re.search(rf" (up|run) .*--name {re.escape(name)}( |$)", line)],
-    }
-
-
-def nothing_left(name: str, wait: float = 5.0) -> bool:
-    """True once nothing of lab `name` is left (processes killed just now may take a moment to go)."""
-    deadline = time.monotonic() + wait
-    while any(leftovers(name).values()):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from dataplane.mapstate import Direction
 from dataplane.policy import Flow, PolicyEngine
 from dataplane.reasons import DropReason, FlowVerdict, Hook
-from tests.kernel._kernel_helpers import (KernelLab, cnp, knp, make_probe, make_scenario, pair_probes)
+from tests.support.kernel_lab import KernelLab, cnp, knp, make_probe, make_scenario, pair_probes
 
 POLICIES = (knp("deny-all", "x", "podSelector: {}") + "---\n"
             + knp("allow-y", "x", """

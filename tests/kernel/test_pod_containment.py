@@ -19,7 +19,7 @@ from dataplane import lab as labmod
 from dataplane.confine import POD_ID_BASE
 from dataplane.logfiles import previous, read_all, request_log
 from tests.conftest import REPO, unique_lab
-from tests.kernel.test_lab_lifecycle import leftovers, nothing_left
+from tests.support.cli_lab import leftovers, nothing_left
 
 pytestmark = pytest.mark.kernel
 

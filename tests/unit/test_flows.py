@@ -136,10 +136,8 @@ def test_dns_records_say_the_question_not_a_method_and_path() -> None:
 
 def test_a_relabel_shows_in_the_labels_of_later_kernel_records() -> None:
     """Labels come from the map state in force when the record is made, not from the lab's start."""
-    sys.path.insert(0, str(REPO / "tests" / "unit" / "policy"))
-    from _policy_helpers import scenario  # noqa: PLC0415
-
     from dataplane.policy import PolicyEngine  # noqa: PLC0415
+    from tests.support.policy import scenario  # noqa: PLC0415
 
     engine = PolicyEngine(scenario("""\
 name: relabel

@@ -28,18 +28,12 @@ from dataplane.policy import validate_policy_file
 from dataplane.scenario import LIST_BOUNDS, load_scenario, schema
 from dataplane.yamlsource import load_documents
 from tests.conftest import REPO
+from tests.support.attacks import ALIAS_BOMB, DEEP_BLOCK, DEEP_FLOW
 
 CPU_SECONDS = 1.0  # the issue's bound: refused within a second
 MEMORY_GROWTH_KB = 64 * 1024  # far below the gigabytes the unbounded parser took
 CHILD_ADDRESS_SPACE = 2 * 1024 ** 3  # an unbounded parse dies here instead of swapping the machine
 CHILD_TIMEOUT = 60
-
-# Billion laughs: nine levels of nine aliases each, 9**9 strings from under 400 bytes.
-ALIAS_BOMB = "".join(
-    f"{chr(ord('a') + i)}: &{chr(ord('a') + i)} [" + ",".join([f"*{chr(ord('a') + i - 1)}" if i else '"lol"'] * 9) + "]\n"
-    for i in range(9))
-DEEP_FLOW = "[" * 100_000 + "]" * 100_000 + "\n"
-DEEP_BLOCK = "- " * 100_000 + "x\n"
 
 SCENARIO_HEAD = "name: limits\nnamespaces: [{name: shop}]\npods:\n  - {name: web, namespace: shop, ports: [{port: 80}]}\n"
 POLICY_HEAD = """\

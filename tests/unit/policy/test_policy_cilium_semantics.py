@@ -5,49 +5,9 @@ pkg/k8s/apis/cilium.io/utils (namespace scoping of CNP selectors), PR #12890 (CC
 
 from __future__ import annotations
 
-from _policy_helpers import engine, outcome
+from tests.support.policy import CILIUM_TOPOLOGY as TOPO
+from tests.support.policy import L7_API, ccnp, cnp, engine, outcome
 
-TOPO = """\
-name: cilium
-namespaces:
-  - {name: shop, labels: {team: shop}}
-  - {name: ops, labels: {team: ops}}
-pods:
-  - {name: frontend, namespace: shop, labels: {app: frontend}, ports: [{port: 80}]}
-  - {name: api, namespace: shop, labels: {app: api}, ports: [{port: 8080}, {port: 9090}, {port: 53, protocol: UDP}]}
-  - {name: frontend, namespace: ops, labels: {app: frontend}, ports: [{port: 80}]}
-world:
-  - {name: www, address: 203.0.113.10, dnsNames: [www.example.com], ports: [{port: 80}, {port: 443}]}
-  - {name: deep, address: 203.0.113.11, dnsNames: [a.b.example.com], ports: [{port: 80}]}
-  - {name: apex, address: 203.0.113.12, dnsNames: [example.com], ports: [{port: 80}]}
-  - {name: other, address: 198.51.100.5, dnsNames: [www.example.org], ports: [{port: 80}]}
-"""
-
-
-def cnp(spec: str, name: str = "p", namespace: str = "shop") -> str:
-    import textwrap
-    return (f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n"
-            + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n")
-
-
-def ccnp(spec: str, name: str = "c") -> str:
-    import textwrap
-    return (f"apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n"
-            + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n")
-
-
-L7_API = cnp("""
-endpointSelector: {matchLabels: {app: api}}
-ingress:
-  - fromEndpoints: [{matchLabels: {app: frontend}}]
-    toPorts:
-      - ports: [{port: "8080", protocol: TCP}]
-        rules:
-          http:
-            - {method: GET, path: "/api/.*"}
-            - {method: "PUT|POST", path: /submit, headers: ["X-Token: s3cret"]}
-            - {method: DELETE, host: "admin\\\\.shop", headerMatches: [{name: X-Admin}]}
-""")
 
 
 def test_l7_http_full_match_case_sensitive():

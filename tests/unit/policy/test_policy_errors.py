@@ -9,7 +9,7 @@ import pytest
 from dataplane.errors import ErrorList, SourceError
 from dataplane.policy import validate_policy_file
 
-from _policy_helpers import policy_docs
+from tests.support.policy import policy_docs
 
 CNP_HEAD = """\
 apiVersion: cilium.io/v2
@@ -250,7 +250,7 @@ def test_validate_policy_file(tmp_path):
 
 
 def test_step_delete_unknown_policy_and_atomic_apply():
-    from _policy_helpers import engine
+    from tests.support.policy import engine
     eng = engine(extra="""\
 steps:
   - name: bad apply

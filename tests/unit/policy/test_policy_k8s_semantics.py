@@ -5,7 +5,7 @@ a,b,c; ports 80/81 TCP/UDP). Expectations are ours, not copied."""
 
 from __future__ import annotations
 
-from _policy_helpers import engine, matrix, outcome
+from tests.support.policy import engine, matrix, outcome
 
 DENY_ALL_INGRESS_X = """
 apiVersion: networking.k8s.io/v1

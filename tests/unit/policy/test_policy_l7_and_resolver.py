@@ -9,8 +9,8 @@ from dataplane.mapstate import (IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WOR
 from dataplane.policy import L7Policy
 from dataplane.policy.l7 import DnsRule, HttpRule, fqdn_matches, compile_regex
 
-from _policy_helpers import engine
-from test_policy_cilium_semantics import L7_API, TOPO, cnp
+from tests.support.policy import CILIUM_TOPOLOGY as TOPO
+from tests.support.policy import L7_API, cnp, engine
 
 
 @pytest.mark.parametrize("pattern,name,expected", [

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _harness import ADDRESSES, Backend, Client, LoopThread, engine, remap  # noqa: E402
-from proxy.events import EventLog  # noqa: E402
-from proxy.server import ProxyServer  # noqa: E402
-from proxy.state import Snapshot  # noqa: E402
+from proxy.events import EventLog
+from proxy.server import ProxyServer
+from proxy.state import Snapshot
+from tests.support.http import Client
+from tests.support.loopback import ADDRESSES, Backend, LoopThread, engine, remap
 
 
 class Lab:

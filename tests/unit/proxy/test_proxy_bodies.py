@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from _harness import pattern_bytes
+from tests.support.http import pattern_bytes
 
 MB = 1024 * 1024
 

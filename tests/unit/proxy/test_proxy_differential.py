@@ -29,16 +29,17 @@ from dataclasses import dataclass
 
 import h11
 import pytest
-from _harness import ADDRESSES, Backend, LoopThread, engine, remap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_proxy_smuggling import CORPUS, SMUGGLED, _Pieces
 
 from proxy.events import EventLog
 from proxy.http import MAX_HEAD, HttpError, parse_request
 from proxy.server import ProxyServer
 from proxy.state import Snapshot
 from proxy.stream import BufferedStream, PeerClosed
+from tests.support.attacks import CORPUS, SMUGGLED
+from tests.support.http import Pieces
+from tests.support.loopback import ADDRESSES, Backend, LoopThread, engine, remap
 
 
 class CaptureBackend(Backend):
@@ -190,7 +191,7 @@ def proxy_bodies(client_bytes: bytes) -> list[bytes | None]:
     """The body of each request as the proxy's own reader decodes the client's bytes (None where
     the body is refused), in order: what the backend must receive."""
     async def decode() -> list[bytes | None]:
-        stream = BufferedStream(_Pieces([client_bytes]), None)
+        stream = BufferedStream(Pieces([client_bytes]), None)
         out: list[bytes | None] = []
         while True:
             try:

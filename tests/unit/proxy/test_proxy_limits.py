@@ -15,36 +15,23 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _harness import ADDRESSES, Backend, Client, LoopThread, engine, remap  # noqa: E402
-from proxy import __main__ as proxy_main  # noqa: E402
-from proxy.events import EventLog  # noqa: E402
-from proxy.limits import Limits  # noqa: E402
-from proxy.server import ProxyServer  # noqa: E402
-from proxy.state import Snapshot  # noqa: E402
+from proxy import __main__ as proxy_main
+from proxy.events import EventLog
+from proxy.limits import Limits
+from proxy.server import ProxyServer
+from proxy.state import Snapshot
+from tests.support.http import Client
+from tests.support.loopback import ADDRESSES, Backend, LoopThread, engine, remap
+from tests.support.wait import wait_for
 
 FRONTEND, STRANGER = ADDRESSES["shop/frontend"], ADDRESSES["shop/stranger"]
 DEADLINE = 20.0  # "eventually": generous on a loaded machine; the limits under test are < 1 s
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = DEADLINE) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class StallBackend:
@@ -140,19 +127,6 @@ def lab() -> Iterator[LimitsLab]:
     lab.close()
 
 
-def closed_by_proxy(c: Client, timeout: float = DEADLINE) -> bool:
-    """Wait (bounded) for the proxy to close: EOF or reset, whatever was still unread."""
-    c.sock.settimeout(timeout)
-    try:
-        while c.sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
-    except (TimeoutError, socket.timeout):
-        return False
-    return True
-
-
 def records(proxy: ProxyServer, verdict: str | None = None) -> list:
     return [r for r in proxy.events.records if verdict is None or r.verdict == verdict]
 
@@ -164,10 +138,10 @@ def test_idle_keep_alive_connection_is_closed_quietly(lab: LimitsLab) -> None:
     proxy = lab.proxy(lab.backend, idle_timeout=0.5)
     c = Client(proxy.port, FRONTEND)
     assert c.request("GET", "/public/a").status == 200
-    assert closed_by_proxy(c)  # nothing more sent: closed after the idle timeout, no 408
+    assert c.closed_by_peer(DEADLINE)  # nothing more sent: closed after the idle timeout, no 408
     assert c.buf == b""
     silent = Client(proxy.port, FRONTEND)  # a new connection that never sends a byte
-    assert closed_by_proxy(silent)
+    assert silent.closed_by_peer(DEADLINE)
     assert [(r.http.path, r.http.code) for r in records(proxy)] == [("/public/a", 200)]  # idle closes are not errors
 
 
@@ -213,7 +187,7 @@ def test_slowloris_heads_get_408_while_others_are_served(lab: LimitsLab) -> None
         c.sock.settimeout(DEADLINE)
         resp = c.read_response()
         assert (resp.status, resp.headers.get("connection")) == (408, "close")
-        assert closed_by_proxy(c)
+        assert c.closed_by_peer(DEADLINE)
     assert "/public/slowloris" not in [s.url for s in lab.backend.requests]
     timeouts = [r for r in records(proxy, "error") if r.http.code == 408]
     assert len(timeouts) == 3 and all(r.summary == "no complete request head in time" for r in timeouts)
@@ -230,9 +204,9 @@ def test_upstream_that_stops_sending_mid_body_is_cut(lab: LimitsLab) -> None:
     with pytest.raises(ConnectionError):
         c.read_response(sink=got.append)  # 1000 of the announced 100000 bytes, then the close
     assert 0 < len(b"".join(got) + c.buf) < 100000
-    (rec,) = wait_for("the record of the cut exchange", lambda: records(proxy, "error"))
+    (rec,) = wait_for("the record of the cut exchange", lambda: records(proxy, "error"), DEADLINE)
     assert (rec.http.path, rec.http.code) == ("/public/stall-body", 502) and "progress timeout" in rec.summary
-    wait_for("the upstream connection to be closed", lambda: lab.stall.closed >= 1)
+    wait_for("the upstream connection to be closed", lambda: lab.stall.closed >= 1, DEADLINE)
 
 
 def test_upstream_that_never_answers_gets_504(lab: LimitsLab) -> None:
@@ -241,7 +215,7 @@ def test_upstream_that_never_answers_gets_504(lab: LimitsLab) -> None:
     c.sock.settimeout(DEADLINE)
     resp = c.request("GET", "/public/stall-head")
     assert (resp.status, resp.headers.get("connection")) == (504, "close")
-    assert closed_by_proxy(c)
+    assert c.closed_by_peer(DEADLINE)
     (rec,) = records(proxy, "error")
     assert rec.http.code == 504 and "no progress for 0.5 s" in rec.summary
 
@@ -253,7 +227,7 @@ def test_client_that_stops_sending_its_body_gets_408(lab: LimitsLab) -> None:
     c.send(b"POST /upload HTTP/1.1\r\nHost: backend\r\nContent-Length: 100000\r\n\r\n" + b"u" * 1000)
     resp = c.read_response()  # and nothing more is sent
     assert (resp.status, resp.headers.get("connection")) == (408, "close")
-    assert closed_by_proxy(c)
+    assert c.closed_by_peer(DEADLINE)
     assert not [s for s in lab.backend.requests if s.url == "/upload" and s.body_len == 100000]
     assert [(r.http.path, r.http.code) for r in records(proxy, "error")] == [("/upload", 408)]
     other = Client(proxy.port, FRONTEND)  # the proxy serves on
@@ -266,16 +240,9 @@ def test_client_that_stops_reading_is_cut(lab: LimitsLab) -> None:
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     size = 256 * 1024 * 1024
     c.send(b"GET /big/%d HTTP/1.1\r\nHost: backend\r\n\r\n" % size)  # and never read
-    (rec,) = wait_for("the record of the cut exchange", lambda: records(proxy, "error"))
+    (rec,) = wait_for("the record of the cut exchange", lambda: records(proxy, "error"), DEADLINE)
     assert (rec.http.path, rec.http.code) == (f"/big/{size}", 502) and "progress timeout" in rec.summary
-    received = 0
-    c.sock.settimeout(DEADLINE)
-    try:
-        while data := c.sock.recv(1 << 20):
-            received += len(data)
-    except ConnectionResetError:
-        pass
-    assert received < size
+    assert c.count_until_closed(DEADLINE) < size
 
 
 def test_slow_but_moving_transfer_is_never_cut(lab: LimitsLab) -> None:
@@ -286,17 +253,8 @@ def test_slow_but_moving_transfer_is_never_cut(lab: LimitsLab) -> None:
     size = 4 * 1024 * 1024
     c.send(b"GET /big/%d HTTP/1.1\r\nHost: backend\r\n\r\n" % size)
     started = time.monotonic()
-
-    def slow_fill() -> None:
-        time.sleep(0.003)
-        data = c.sock.recv(4096)
-        if not data:
-            raise ConnectionError("connection closed")
-        c.buf += data
-    c._fill = slow_fill  # type: ignore[method-assign]
-    got = []
-    resp = c.read_response(sink=got.append)
-    del c._fill
+    got: list[bytes] = []
+    resp = c.read_response(sink=got.append, pace=(0.003, 4096))
     assert resp.status == 200 and sum(map(len, got)) == size
     assert time.monotonic() - started > 2.0  # it did take longer than the timeout: the test means something
     assert not records(proxy, "error")
@@ -318,7 +276,7 @@ def refused(proxy: ProxyServer, source: str) -> None:
     c.send(b"GET /public/over HTTP/1.1\r\nHost: backend\r\n\r\n")
     resp = c.read_response()
     assert (resp.status, resp.headers.get("connection")) == (503, "close")
-    assert closed_by_proxy(c)
+    assert c.closed_by_peer(DEADLINE)
 
 
 def test_connection_caps_per_identity_and_overall(lab: LimitsLab) -> None:
@@ -338,7 +296,7 @@ def test_connection_caps_per_identity_and_overall(lab: LimitsLab) -> None:
     # Held connections still work; once one closes, its identity may open another.
     assert a[1].request("GET", "/public/again").status == 200
     a[0].close()
-    wait_for("a new connection of the frontend to be admitted", lambda: _served(proxy, FRONTEND))
+    wait_for("a new connection of the frontend to be admitted", lambda: _served(proxy, FRONTEND), DEADLINE)
     b.close()
 
 
@@ -450,7 +408,7 @@ def test_dns_queries_in_flight_are_capped_per_identity(lab: LimitsLab, monkeypat
         other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # another identity still gets through
         other.bind((STRANGER, 0))
         other.sendto(dns.message.make_query("other.example", "A").to_wire(), ("127.0.0.1", proxy.port))
-        wait_for("the other identity's query to reach the server", lambda: "other.example" in server.names)
+        wait_for("the other identity's query to reach the server", lambda: "other.example" in server.names, DEADLINE)
         flood.close()
         other.close()
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 from dataplane.flowrecord import Flow
 from dataplane.logfiles import FollowedFile, json_lines
 
-from _harness import Client
+from tests.support.http import Client
 
 REPO = Path(__file__).resolve().parents[3]
 CAP = 32768  # bytes: dozens of records per file, so the follower (every 10 requests) misses no rotation

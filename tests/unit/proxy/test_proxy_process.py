@@ -15,7 +15,7 @@ import pytest
 from dataplane.flowrecord import Flow
 from dataplane.mapstate import MapState
 
-from _harness import Client, pattern_bytes
+from tests.support.http import Client, pattern_bytes
 
 REPO = Path(__file__).resolve().parents[3]
 MB = 1024 * 1024

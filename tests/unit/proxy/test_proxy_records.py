@@ -3,10 +3,10 @@ is made: a relabel (which reaches the proxy as a new snapshot) shows in the next
 
 from __future__ import annotations
 
-from _harness import engine, remap
 from dataplane.flowrecord import FlowType, TracePoint
 from dataplane.scenario import Relabel, Step
 from proxy.state import Snapshot
+from tests.support.loopback import engine, remap
 
 
 def test_a_relabel_shows_in_the_labels_of_later_records(fresh) -> None:

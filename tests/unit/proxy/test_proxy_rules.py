@@ -10,7 +10,7 @@ from dataplane.policy import Flow
 from dataplane.scenario import HttpRequest
 from proxy.state import Snapshot
 
-from _harness import Client
+from tests.support.http import Client
 
 # (method, path, extra headers, host) -> expected
 CASES = [

@@ -10,7 +10,7 @@ from dataplane.policy.l7 import DnsRule, HeaderMatch, HttpRule, L7Policy, L7Rule
 from proxy.http import HttpError, normalize_path, parse_request
 from proxy.marks import MARK_MAGIC_FROM_PROXY, from_proxy_mark, identity_of_mark
 
-from _harness import engine
+from tests.support.loopback import engine
 
 
 def test_l7_types_round_trip():

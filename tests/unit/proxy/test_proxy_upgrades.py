@@ -11,18 +11,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import h2.config
-import h2.connection
 import pytest
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Message, Request, TextMessage
+from wsproto.events import AcceptConnection, TextMessage
 
 from proxy.events import EventLog
 from proxy.server import ProxyServer
 from proxy.state import Snapshot
-from tests.upgrade_backends import GREETING, listening_socket, serve_fast_websocket, serve_h2c
-
-from _harness import ADDRESSES, Client, LoopThread, engine, remap
+from tests.support.http import Client, WebSocketClient, h2_after_upgrade
+from tests.support.loopback import ADDRESSES, LoopThread, engine, remap
+from tests.support.upgrade_backends import GREETING, listening_socket, serve_fast_websocket, serve_h2c
 
 BACKEND_HOST = ADDRESSES["shop/backend"]
 
@@ -75,30 +72,6 @@ async def _event() -> asyncio.Event:
     return asyncio.Event()
 
 
-def h2_request_after_upgrade(method: str, path: str) -> tuple[bytes, bytes]:
-    """(HTTP2-Settings value, the HTTP/2 bytes a client sends once the server has switched):
-    the connection preface and a real HEADERS frame for `method path` on stream 3."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    settings = conn.initiate_upgrade_connection()  # also queues the preface
-    conn.send_headers(3, [(":method", method), (":path", path), (":authority", "backend"), (":scheme", "http")],
-                      end_stream=True)
-    return settings, conn.data_to_send()
-
-
-def read_until_closed(c: Client) -> bytes:
-    c.sock.settimeout(10)
-    data = c.buf
-    while True:
-        try:
-            piece = c.sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not piece:
-            break
-        data += piece
-    return data
-
-
 H2C_VARIANTS = {
     "with-settings": ("1.1", "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: {s}\r\n"),
     "without-settings": ("1.1", "Connection: Upgrade\r\nUpgrade: h2c\r\n"),
@@ -112,7 +85,7 @@ H2C_VARIANTS = {
 def test_h2c_upgrade_is_a_plain_request_and_http2_never_reaches_the_backend(h2c, variant: str) -> None:
     proxy, log = h2c
     version, upgrade_headers = H2C_VARIANTS[variant]
-    settings, h2_bytes = h2_request_after_upgrade("DELETE", f"/secret/{variant}")
+    settings, h2_bytes = h2_after_upgrade("DELETE", f"/secret/{variant}")
     head = (f"GET /public/{variant} HTTP/{version}\r\nHost: backend\r\n"
             + upgrade_headers.format(s=settings.decode()) + "\r\n").encode()
     c = proxy.client()
@@ -122,7 +95,7 @@ def test_h2c_upgrade_is_a_plain_request_and_http2_never_reaches_the_backend(h2c,
     # with HTTP/2 -- and if it does anyway, its frames are not an HTTP/1 request.
     assert r.status == 200 and r.body == f"seen GET /public/{variant}".encode(), r
     c.send(h2_bytes)
-    rest = read_until_closed(c)
+    rest = c.rest_until_closed(10)
     c.close()
     if version == "1.1":  # the HTTP/2 preface read as the next HTTP/1 request: 400, close
         assert rest.startswith(b"HTTP/1.1 400 "), rest[:80]
@@ -136,7 +109,7 @@ def test_the_h2c_backend_does_switch_when_asked_directly(h2c) -> None:
     """The test's backend really honours h2c (otherwise the test above proves nothing)."""
     proxy, log = h2c
     port = proxy.proxy.original_dst[1]
-    settings, h2_bytes = h2_request_after_upgrade("DELETE", "/secret/direct")
+    settings, h2_bytes = h2_after_upgrade("DELETE", "/secret/direct")
     with socket.create_connection((BACKEND_HOST, port), timeout=10) as s:
         s.sendall(b"GET /public/direct HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade, HTTP2-Settings\r\n"
                   b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n" + h2_bytes)
@@ -257,39 +230,16 @@ def fast_ws(loop: LoopThread) -> Iterator[tuple[ProxyTo, Path]]:
             server.close()
 
 
-class WsClient:
-    """A WebSocket client (wsproto) over a raw socket to the proxy."""
-
-    def __init__(self, c: Client) -> None:
-        self.c = c
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.events: list = []
-
-    def handshake(self, path: str, extra: bytes = b"") -> None:
-        self.c.send(self.ws.send(Request(host="backend", target=path)) + extra)
-
-    def next_event(self):
-        while not self.events:
-            data = self.c.sock.recv(65536)
-            assert data, "the tunnel was closed"
-            self.ws.receive_data(data)
-            self.events += [e for e in self.ws.events()]
-        return self.events.pop(0)
-
-    def send_text(self, text: str) -> bytes:
-        return self.ws.send(Message(data=text))
-
-
 def test_fast_backend_101_and_first_frame_in_one_write_then_echo(fast_ws) -> None:
     proxy, log = fast_ws
-    ws = WsClient(proxy.client())
+    ws = WebSocketClient(proxy.client())
     ws.c.sock.settimeout(10)
     ws.handshake("/upgrade")
     assert isinstance(ws.next_event(), AcceptConnection)
     first = ws.next_event()
     assert isinstance(first, TextMessage) and first.data == GREETING
     for i in range(5):  # several frames after the handshake, each echoed
-        ws.c.send(ws.send_text(f"frame {i}"))
+        ws.send_text(f"frame {i}")
         echo = ws.next_event()
         assert isinstance(echo, TextMessage) and echo.data == f"frame {i}"
     ws.c.close()
@@ -306,7 +256,7 @@ def test_tunnel_half_close_still_delivers_the_other_direction(fresh) -> None:
     assert c.read_response().status == 101
     c.send(b"and last")
     c.sock.shutdown(socket.SHUT_WR)
-    got = read_until_closed(c)
+    got = c.rest_until_closed(10)
     c.close()
     assert got == b"FIRST AND LAST"
 
@@ -345,7 +295,7 @@ def test_the_oracle_sees_upgrade_headers_as_the_proxy_forwards_them(loop) -> Non
     from dataplane.policy import Flow
     from dataplane.scenario import HttpRequest
 
-    from _harness import Backend
+    from tests.support.loopback import Backend
 
     backend = Backend(BACKEND_HOST)
     loop.run(backend.start())

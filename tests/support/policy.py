@@ -1,5 +1,5 @@
 """Helpers for the policy tests: build a scenario and an engine from YAML strings and ask the
-oracle about flows by pod name."""
+oracle about flows by pod name; the topologies and policies several policy test modules share."""
 
 from __future__ import annotations
 
@@ -65,3 +65,46 @@ def matrix(eng: PolicyEngine, port: int = 80, protocol: str = "TCP") -> dict[tup
 
 def policy_docs(text: str, source: str = "policies/x.yaml"):
     return parse_documents(load_documents(textwrap.dedent(text), source))
+
+
+# A Cilium-flavoured topology: two namespaces, a frontend in each, an API pod with TCP and UDP
+# ports, and world hosts with DNS names (for toFQDNs).
+CILIUM_TOPOLOGY = """\
+name: cilium
+namespaces:
+  - {name: shop, labels: {team: shop}}
+  - {name: ops, labels: {team: ops}}
+pods:
+  - {name: frontend, namespace: shop, labels: {app: frontend}, ports: [{port: 80}]}
+  - {name: api, namespace: shop, labels: {app: api}, ports: [{port: 8080}, {port: 9090}, {port: 53, protocol: UDP}]}
+  - {name: frontend, namespace: ops, labels: {app: frontend}, ports: [{port: 80}]}
+world:
+  - {name: www, address: 203.0.113.10, dnsNames: [www.example.com], ports: [{port: 80}, {port: 443}]}
+  - {name: deep, address: 203.0.113.11, dnsNames: [a.b.example.com], ports: [{port: 80}]}
+  - {name: apex, address: 203.0.113.12, dnsNames: [example.com], ports: [{port: 80}]}
+  - {name: other, address: 198.51.100.5, dnsNames: [www.example.org], ports: [{port: 80}]}
+"""
+
+
+def cnp(spec: str, name: str = "p", namespace: str = "shop") -> str:
+    return (f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n"
+            + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n")
+
+
+def ccnp(spec: str, name: str = "c") -> str:
+    return (f"apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n"
+            + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n")
+
+
+L7_API = cnp("""
+endpointSelector: {matchLabels: {app: api}}
+ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts:
+      - ports: [{port: "8080", protocol: TCP}]
+        rules:
+          http:
+            - {method: GET, path: "/api/.*"}
+            - {method: "PUT|POST", path: /submit, headers: ["X-Token: s3cret"]}
+            - {method: DELETE, host: "admin\\\\.shop", headerMatches: [{name: X-Admin}]}
+""")

@@ -32,7 +32,7 @@ from dataplane.yamlsource import load_documents
 
 DROP_TIMEOUT = 0.4  # for probes the oracle expects to be dropped
 PASS_TIMEOUT = 3.0  # for probes the oracle expects to be answered
-HERE = SourceLocation("tests/kernel/_kernel_helpers.py")
+HERE = SourceLocation("tests/support/kernel_lab.py")
 
 PORTS_ALL = (("TCP", 80), ("TCP", 81), ("UDP", 80), ("UDP", 81))
 PORTS_TWO = (("TCP", 80), ("UDP", 81))

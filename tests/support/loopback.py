@@ -1,4 +1,5 @@
-"""Test plumbing for the proxy (no root, loopback only).
+"""The proxy's loopback harness (no root): a recording backend, an event loop in a thread, and
+the policy state of a three-pod topology moved onto 127.0.0.x addresses.
 
 * `Backend`: an asyncio HTTP server on 127.0.0.x that records the exact raw bytes of every
   connection and the requests it parsed (with llhttp, i.e. a lenient real-world parser: what a
@@ -8,9 +9,9 @@
   every byte is echoed upper-cased; anything else 200
   "ok METHOD URL".
 * `LoopThread`: one event loop in a thread hosting backend and proxy, so tests use plain sockets.
-* `Client`: raw socket helpers; `read_response` parses one response with httptools.
-* `lab_state()`: a MapState from real CiliumNetworkPolicy YAML via the oracle, remapped so pods
-  live on 127.0.0.x.
+* `tests.support.http.Client`: the raw client the tests talk to the proxy with.
+* `engine()` and `remap()`: the oracle for real CiliumNetworkPolicy YAML (`POLICY`, which the
+  attack corpus is written against) and its MapState with every pod moved to 127.0.0.x.
 """
 
 from __future__ import annotations
@@ -18,18 +19,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import socket
-import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httptools
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))
-
-from dataplane.mapstate import MapState  # noqa: E402
+from dataplane.mapstate import MapState
+from tests.support.policy import scenario
 
 RAW_CAP = 2 * 1024 * 1024  # raw bytes kept per backend connection (large uploads are only counted)
 
@@ -186,10 +183,6 @@ async def _stream(writer: asyncio.StreamWriter, n: int, frame) -> None:
         await writer.drain()
 
 
-def pattern_bytes(n: int, seed: int = 7) -> bytes:
-    return bytes((i * seed + (i >> 8)) & 0xFF for i in range(n))
-
-
 class LoopThread:
     """An event loop running in a daemon thread; `run(coro)` executes a coroutine there."""
 
@@ -204,95 +197,6 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-
-
-@dataclass
-class Resp:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-class Client:
-    """A raw TCP client bound to a chosen 127.0.0.x source (its pod identity)."""
-
-    def __init__(self, proxy_port: int, source: str = "127.0.0.2") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=30, source_address=(source, 0))
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def request(self, method: str = "GET", path: str = "/", headers: dict | None = None, body: bytes = b"",
-                host: str = "backend") -> Resp:
-        hs = {"Host": host, **(headers or {})}
-        if body:
-            hs["Content-Length"] = str(len(body))
-        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hs.items()) + "\r\n"
-        self.send(head.encode() + body)
-        return self.read_response(head_only=method == "HEAD")
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 20)
-        if not data:
-            raise ConnectionError("connection closed")
-        self.buf += data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def _take(self, n: int, sink) -> None:
-        while n:
-            if not self.buf:
-                self._fill()
-            piece, self.buf = self.buf[:n], self.buf[n:]
-            n -= len(piece)
-            sink(piece)
-
-    def read_response(self, head_only: bool = False, sink=None) -> Resp:
-        """One response (a plain, independent parser: stops exactly at the message boundary).
-        With `sink`, body pieces go to sink(piece) instead of being kept."""
-        status_line = self._line()
-        status = int(status_line.split(b" ")[1])
-        headers: dict[str, str] = {}
-        while line := self._line():
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body: list[bytes] = []
-        out = sink or body.append
-        if head_only or status in (101, 204, 304) or 100 <= status < 200:
-            pass
-        elif headers.get("transfer-encoding", "").endswith("chunked"):
-            while size := int(self._line().split(b";")[0], 16):
-                self._take(size, out)
-                assert self._line() == b""
-            while self._line():
-                pass
-        elif "content-length" in headers:
-            self._take(int(headers["content-length"]), out)
-        else:  # close-delimited
-            while True:
-                try:
-                    self._fill()
-                except ConnectionError:
-                    break
-            out(self.buf)
-            self.buf = b""
-        return Resp(status, headers, b"".join(body))
-
-    def closed(self) -> bool:
-        """True if the proxy closed the connection (EOF) with nothing more to read."""
-        self.sock.settimeout(5)
-        try:
-            return self.sock.recv(1) == b"" and not self.buf
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --------------------------------------------------------------------------- policy state
@@ -335,8 +239,7 @@ ADDRESSES = {"shop/frontend": "127.0.0.2", "shop/backend": "127.0.0.3", "shop/st
 
 
 def engine(port: int, policy: str = POLICY):
-    from _policy_helpers import scenario
-    from dataplane.policy import PolicyEngine
+    from dataplane.policy import PolicyEngine  # noqa: PLC0415
     return PolicyEngine(scenario(TOPOLOGY.replace("PORT", str(port)),
                                  textwrap.dedent(policy).replace("PORT", str(port)) if policy else ""))
 

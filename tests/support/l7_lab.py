@@ -1,5 +1,5 @@
 """Plumbing for the L7 real-traffic tests: a lab whose backend pod is protected by the same
-CiliumNetworkPolicy the proxy's loopback tests use (`tests/unit/proxy/_harness.POLICY`, so the
+CiliumNetworkPolicy the proxy's loopback tests use (`tests.support.loopback.POLICY`, so the
 attack corpus keeps its meaning), raw HTTP clients whose sockets live in a pod's namespace, the
 backend's own record of what it received, and the oracle's judgement of a request.
 
@@ -31,8 +31,8 @@ from dataplane.policy import PolicyEngine
 from dataplane.policy.l7 import L7RuleSet
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents
-from tests.unit.proxy._harness import POLICY as CORPUS_POLICY_TEMPLATE
-from tests.unit.proxy._harness import Client, Resp
+from tests.support.http import Client, Resp
+from tests.support.loopback import POLICY as CORPUS_POLICY_TEMPLATE
 
 L7_PORT = 8080  # backend port behind the proxy
 PLAIN_PORT = 9090  # backend port allowed at L3/L4 only
@@ -99,8 +99,8 @@ spec:
 
 
 class PodClient(Client):
-    """The loopback harness' raw HTTP client (same response parser), its socket opened inside a
-    pod's network namespace so its packets cross the node like the pod's own traffic."""
+    """The raw HTTP client of the loopback tests (same response parser), its socket opened inside
+    a pod's network namespace so its packets cross the node like the pod's own traffic."""
 
     def __init__(self, netns: str, dst: tuple[str, int], timeout: float = IO_TIMEOUT,
                  connect_timeout: float = IO_TIMEOUT) -> None:
@@ -116,27 +116,6 @@ class PodClient(Client):
         sock.settimeout(timeout)
         self.sock = sock
         self.buf = b""
-
-    def __enter__(self) -> "PodClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send_tolerant(self, data: bytes) -> None:
-        """sendall, tolerating the peer closing first (it may refuse a head before reading it all)."""
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
-def request_bytes(method: str, path: str, *, host: str = "backend", headers: dict[str, str] | None = None,
-                  body: bytes = b"") -> bytes:
-    hs = {"Host": host, **(headers or {})}
-    if (body or method in ("POST", "PUT")) and "Transfer-Encoding" not in hs:
-        hs.setdefault("Content-Length", str(len(body)))
-    return (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hs.items()) + "\r\n").encode() + body
 
 
 def backend_json(resp: Resp) -> dict[str, Any]:
