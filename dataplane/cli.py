@@ -541,7 +541,7 @@ def _parse_http(text: str | None, headers: list[str]) -> Any:
     """The request `explain` checks. What the L7 proxy would answer 400 Bad Request (a method
     or header name that is not an HTTP token, a control character in a value) is refused here
     with the reason: no policy verdict applies to a request the proxy never parses."""
-    from .policy.l7 import HTTP_TOKEN_CHARS, is_header_value, is_http_token  # noqa: PLC0415
+    from l7.http import HTTP_TOKEN_CHARS, is_header_value, is_http_token  # noqa: PLC0415
     from .scenario import HttpRequest  # noqa: PLC0415
 
     if text is None:

@@ -53,7 +53,7 @@ def pack_endpoint(ep: EndpointState) -> tuple[bytes, bytes]:
 
 
 def pack_policy(key: PolicyKey, entry: PolicyEntry) -> tuple[bytes, bytes]:
-    if key.protocol == 0 and (key.port or key.port_prefix):
+    if key.protocol == abi.PROTO_ANY and (key.port or key.port_prefix):
         raise ValueError(f"{key}: an any-protocol entry cannot have a port")
     if not 0 <= key.port_prefix <= 16:
         raise ValueError(f"{key}: port prefix must be 0..16")

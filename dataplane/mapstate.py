@@ -43,6 +43,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from l7.ruleset import L7Policy, L7RuleSet
+
 # Constants and enums shared with the datapath are declared once, in abi.py; the resolver, the
 # oracle and the proxy have always imported them from here.
 from .abi import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HEALTH,  # noqa: F401
@@ -97,6 +99,10 @@ class EndpointState:
     # (the agent's and the proxy's, which loads this state) name them as they are now.
     labels: tuple[tuple[str, str], ...] = ()
 
+    def enforced(self, direction: Direction) -> bool:
+        """Whether "no entry" drops in `direction` (default deny)."""
+        return self.ingress_enforced if direction == Direction.INGRESS else self.egress_enforced
+
 
 @dataclass
 class MapState:
@@ -107,7 +113,7 @@ class MapState:
     policy: dict[PolicyKey, PolicyEntry] = field(default_factory=dict)
     rules: dict[int, RuleAttribution] = field(default_factory=dict)
     # L7 rule sets by (endpoint id, direction, proxy port); opaque to the loader, read by the proxy.
-    l7: dict[tuple[int, int, int], object] = field(default_factory=dict)
+    l7: dict[tuple[int, int, int], L7Policy] = field(default_factory=dict)
 
     def identity_of(self, ip: str) -> int:
         """Longest-prefix match of `ip` in the ipcache, as the datapath does; world if none."""
@@ -118,6 +124,12 @@ class MapState:
             if addr in net and net.prefixlen > best_len:
                 best_len, best = net.prefixlen, identity
         return best
+
+    def l7_rules(self, endpoint_id: int, direction: Direction, remote_identity: int, port: int) -> L7RuleSet | None:
+        """The L7 rule set a REDIRECT of this endpoint, direction, peer and port sends requests
+        through (the peer's own set, else the any-peer set); None if there is none."""
+        l7 = self.l7.get((endpoint_id, int(direction), PROXY_PORT))
+        return l7.lookup(remote_identity, port) if l7 is not None else None
 
     # ------------------------------------------------------------------ JSON (the proxy's state file)
     # The L7 proxy is a separate process; the lab writes this encoding to
@@ -146,8 +158,6 @@ class MapState:
     @classmethod
     def from_json(cls, data: dict) -> "MapState":
         """Inverse of `to_json`; raises ValueError on an unknown format."""
-        from .policy.l7 import L7Policy  # lazy: this module stays free of the policy package
-
         if data.get("format") != cls.STATE_FORMAT:
             raise ValueError(f"unsupported map state format {data.get('format')!r} (expected {cls.STATE_FORMAT})")
         state = cls()

@@ -29,7 +29,7 @@ import atheris
 INSTRUMENTED = {
     "http_request": ["proxy.http", "fuzz.targets"],
     "chunked_body": ["proxy.http", "proxy.stream", "fuzz.targets"],
-    "dns_query": ["proxy.dns", "proxy.state", "dataplane.policy.l7", "dns", "fuzz.targets"],
+    "dns_query": ["proxy.dns", "proxy.state", "l7.dns", "l7.decide", "dns", "fuzz.targets"],
     "policy_yaml": ["dataplane", "yaml", "jsonschema", "fuzz.targets"],
 }
 

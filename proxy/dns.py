@@ -34,6 +34,7 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 
 from dataplane.flowrecord import Verdict
 from dataplane.mapstate import PROTO_UDP
@@ -43,7 +44,7 @@ from .events import l7_flow, redirect_direction
 from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from .context import ProxyContext
     from .state import ConnectionPolicy, RequestVerdict, Snapshot
 
 IP_RECVORIGDSTADDR = 20  # socket.IP_RECVORIGDSTADDR (Linux); the cmsg type is IP_ORIGDSTADDR (same value)
@@ -56,9 +57,10 @@ MAX_IN_FLIGHT_PER_IDENTITY = 64
 
 
 class DnsProxy:
-    """UDP listener of one proxy process; shares its snapshot, marks and event log."""
+    """UDP listener of one proxy process; shares its snapshot, marks and event log (the
+    `ProxyContext` it is given: the proxy server, or a stand-in in tests)."""
 
-    def __init__(self, server: "ProxyServer") -> None:
+    def __init__(self, server: "ProxyContext") -> None:
         self.server = server
         self.sock: socket.socket | None = None
         self.port = 0
@@ -155,7 +157,7 @@ class DnsProxy:
             self.answer(dst, client, reply.to_wire())
             return
         question = query.question[0]
-        name = question.name.to_text(omit_final_dot=True).lower()
+        name = asked_name(question)
         qtype = dns.rdatatype.to_text(question.rdtype)
         verdict = snap.judge_dns(cp, name)
         if not verdict.allowed:
@@ -234,6 +236,11 @@ class DnsProxy:
             dst_identity=cp.dst_identity, direction=redirect_direction(cp), summary=reason,
             latency_ms=round((time.monotonic() - t0) * 1000, 3), rule_ids=rv.rule_ids if rv else (),
             policies=rv.policies if rv else (), dns=DnsFlow(name, (qtype,) if qtype else (), rcode)))
+
+
+def asked_name(question: dns.rrset.RRset) -> str:
+    """The name a question asks, as it is judged and recorded: lower case, no final dot."""
+    return question.name.to_text(omit_final_dot=True).lower()
 
 
 def _original_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:

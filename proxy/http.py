@@ -10,7 +10,8 @@ accepted obs-fold, some whitespace, and chunk extensions that others reject acro
 cannot be stopped at a message boundary when pipelined requests share a read (the next head would
 be parsed before we validated it), and it knows nothing of HEAD when framing responses. The checks
 are therefore our own, over the raw head bytes, with compiled regexes (C speed); httptools is used
-for absolute-form URL parsing (`httptools.parse_url`). See docs/proxy.md for every decision.
+for absolute-form URL parsing (`httptools.parse_url`, in `l7.http.request_path`). See docs/proxy.md
+for every decision.
 
 Request checks (all answer 400 unless noted): request line `method SP target SP HTTP/1.0|1.1`,
 method a token; header lines `token ":" OWS value OWS` with value chars HTAB/SP/VCHAR/obs-text only,
@@ -28,10 +29,19 @@ removed and the request goes on as a plain one, so a 101 can only ever switch to
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import httptools
+# What the rules see of a request is the `l7` seam's (shared with the policy oracle): the
+# request target's normalization, the hop-by-hop and upgrade rules, and the error they raise.
+from l7.http import FORWARDED_UPGRADES, HOP_BY_HOP, HttpError, forwarded_upgrade, headers_seen_by_rules, \
+    normalize_path, request_path
+from l7.http import HOST_RE as _HOST
+from l7.http import header_tokens as _tokens
+from l7.http import hop_by_hop as _hop_by_hop
+from l7.http import upgrade_protocol_name as _protocol_name
+
+__all__ = ["FORWARDED_UPGRADES", "HOP_BY_HOP", "HttpError", "Request", "Response", "forwarded_upgrade",
+           "headers_seen_by_rules", "normalize_path", "parse_request", "parse_response", "request_path"]
 
 MAX_HEAD = 60 * 1024  # Envoy's default max_request_headers_kb
 MAX_REQUEST_LINE = 16 * 1024
@@ -44,7 +54,6 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff
 # Field value chars: HTAB, SP, VCHAR, obs-text. CR and LF are excluded, so this also rejects
 # bare CR and bare LF inside a line; a line starting with SP/HTAB (obs-fold) fails the token.
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)")
-_HOST = re.compile(r"(?:[A-Za-z0-9\-._~%!$&'()*+,;=]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 # RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ), and
 # RFC 9110 5.6.4: quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE, qdtext = HTAB / SP / "!" /
 # %x23-5B / %x5D-7E / obs-text, quoted-pair = "\" ( HTAB / SP / VCHAR / obs-text ). Nothing else:
@@ -55,35 +64,9 @@ _BWS = rb"[\t ]*"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:" + _BWS + rb";" + _BWS + _TOKEN +
                          rb"(?:" + _BWS + rb"=" + _BWS + rb"(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*")
-_HEX = frozenset("0123456789abcdefABCDEF")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/%")
-
-# Hop-by-hop headers (RFC 9110 7.6.1) and framing headers: never forwarded as received; the
-# proxy writes its own framing and connection management. HTTP2-Settings belongs to an h2c
-# upgrade (RFC 7540 3.2), which is never forwarded, so it is never forwarded either.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding",
-                        "content-length", "upgrade", "trailer", "http2-settings"})
-
-# The only protocols an upgrade is forwarded to (compared by protocol name, any letter case).
-# After the backend's 101 the connection is a byte tunnel the rules cannot see into, so an
-# upgrade is forwarded only where that is the accepted price: WebSocket (Envoy forwards an
-# upgrade only for the types its configuration enables). Never h2c: every HTTP/2 request after
-# the switch would reach the backend unchecked; like Envoy's HTTP/1 codec, the proxy removes the
-# h2c offer and the request goes on as a plain HTTP/1.1 request. See docs/proxy.md "Upgrades".
-FORWARDED_UPGRADES = frozenset({"websocket"})
 
 REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable", 500: "Internal Server Error"}
-
-
-class HttpError(Exception):
-    """A message the proxy refuses; `status` is what to answer (the connection is then closed)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status}: {reason}")
-        self.status = status
-        self.reason = reason
 
 
 @dataclass
@@ -170,49 +153,11 @@ def _split_head(head: bytes, first_line_limit: int) -> tuple[bytes, list[tuple[s
     return first, fields
 
 
-def _hop_by_hop(connection: list[str]) -> frozenset[str]:
-    """The standard hop-by-hop set plus every header the Connection header names (RFC 9110
-    7.6.1): they concern this hop only, so they are neither forwarded nor seen by the rules."""
-    return HOP_BY_HOP | {t.lower() for t in connection}
-
-
-def _protocol_name(token: str) -> str:
-    """`websocket` of `WebSocket/13`: an Upgrade protocol token's name, lower case."""
-    return token.split("/", 1)[0].strip().lower()
-
-
-def forwarded_upgrade(value: str) -> str:
-    """The part of an Upgrade header the proxy forwards: the offered protocols that are in
-    FORWARDED_UPGRADES, as sent, in order; "" when none is (the request is then a plain one)."""
-    kept = [t.strip() for t in value.split(",") if _protocol_name(t) in FORWARDED_UPGRADES]
-    return ", ".join(kept)
-
-
 def upgrade_accepted(offered: str, switched_to: str) -> bool:
     """True if a 101's Upgrade names exactly one protocol, and one the forwarded request offered."""
     chosen = [t for t in switched_to.split(",") if t.strip()]
     offered_names = {_protocol_name(t) for t in offered.split(",") if t.strip()}
     return len(chosen) == 1 and _protocol_name(chosen[0]) in offered_names & FORWARDED_UPGRADES
-
-
-def headers_seen_by_rules(headers: Mapping[str, str], version: str = "1.1") -> dict[str, str]:
-    """The part of a request's headers the L7 rules see, as `parse_request` + `match_headers`
-    leave it (for the policy oracle, which judges requests it never parses): hop-by-hop headers
-    and the headers Connection names are gone; an upgrade offer is shown only as the proxy
-    forwards it (`Connection: Upgrade` + the WebSocket part of Upgrade), so an h2c offer is not
-    seen at all. Framing headers stay as given (the proxy writes equivalent ones)."""
-    connection = [t for name, value in headers.items() if name.lower() == "connection" for t in _tokens(value)]
-    hidden = _hop_by_hop(connection) - {"content-length", "transfer-encoding"}
-    out = {name: value for name, value in headers.items() if name.lower() not in hidden}
-    offer = next((value for name, value in headers.items() if name.lower() == "upgrade"), "")
-    forwarded = forwarded_upgrade(offer) if "upgrade" in connection and version == "1.1" else ""
-    if forwarded:
-        out.update({"Connection": "Upgrade", "Upgrade": forwarded})
-    return out
-
-
-def _tokens(value: str) -> list[str]:
-    return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
 def _content_length(values: list[str], status: int) -> int:
@@ -295,85 +240,6 @@ def check_status_line(line: bytes) -> None:
     an upstream's first line is complete; parse_response parses it again with the head)."""
     if _STATUS_LINE.fullmatch(line) is None:
         raise HttpError(502, f"upstream sent a malformed status line {line[:60]!r}")
-
-
-def request_path(method: str, target: str, host: str) -> str:
-    """The normalized path+query from the request target (origin, absolute, authority, asterisk)."""
-    if "#" in target:
-        raise HttpError(400, "fragment in request target")
-    if method == "CONNECT":
-        if not _HOST.fullmatch(target) or ":" not in target.rsplit("]", 1)[-1]:
-            raise HttpError(400, "CONNECT needs an authority-form target host:port")
-        return target
-    if target == "*":
-        if method != "OPTIONS":
-            raise HttpError(400, "asterisk-form is for OPTIONS only")
-        return target
-    if target.startswith("/"):
-        path, sep, query = target.partition("?")
-        return normalize_path(path) + sep + query
-    if target[:7].lower() == "http://":
-        try:
-            url = httptools.parse_url(target.encode("ascii"))
-        except httptools.HttpParserInvalidURLError:
-            raise HttpError(400, "invalid absolute-form target") from None
-        if url.userinfo or url.fragment or not url.host:
-            raise HttpError(400, "absolute-form target with userinfo, fragment or no host")
-        authority = target[7:].split("/", 1)[0].split("?", 1)[0]
-        if authority.lower() != host.lower():
-            # RFC 9112 3.2.2 lets the URI win over Host; a proxy that matched on one and a backend
-            # that routes on the other is a bypass, so a mismatch is refused.
-            raise HttpError(400, f"absolute-form authority {authority!r} differs from Host {host!r}")
-        path = (url.path or b"/").decode("ascii")
-        query = url.query.decode("ascii") if url.query is not None else None
-        return normalize_path(path) + ("?" + query if query is not None else "")
-    raise HttpError(400, f"unsupported request target {target[:60]!r}")
-
-
-def normalize_path(path: str) -> str:
-    """Envoy's default-on normalizations, strictly.
-
-    1. characters outside RFC 3986 pchar and "/" -> 400; backslash -> 400
-    2. percent-decoding of unreserved characters (%2e -> ".", %7E -> "~"); other escapes kept
-       with uppercase hex; %2F and %5C (escaped slashes) -> 400 (Envoy's REJECT_REQUEST action:
-       backends disagree on whether they separate segments, so we refuse rather than guess);
-       a "%" not followed by two hex digits -> 400
-    3. dot-segment removal (RFC 3986 5.2.4), then merging of repeated slashes (Envoy's order);
-       "..;x" / ".;x" segments -> 400 (servlet path parameters; stricter than Envoy)
-    """
-    if "\\" in path:
-        raise HttpError(400, "backslash in path")
-    bad = set(path) - _PATH_CHARS
-    if bad:
-        raise HttpError(400, f"character(s) {''.join(sorted(bad))!r} not allowed in a path")
-    if "%" in path:
-        pieces = path.split("%")
-        out = [pieces[0]]
-        for piece in pieces[1:]:
-            hx = piece[:2]
-            if len(hx) < 2 or not set(hx) <= _HEX:
-                raise HttpError(400, "invalid percent-encoding in path")
-            char = chr(int(hx, 16))
-            if char in "/\\":
-                raise HttpError(400, "escaped slash or backslash (%2F/%5C) in path")
-            out.append((char if char in _UNRESERVED else "%" + hx.upper()) + piece[2:])
-        path = "".join(out)
-    segments = path.split("/")[1:]
-    if any(seg.startswith((".;", "..;")) for seg in segments):
-        # Servlet containers treat "..;x" as ".." (path parameters): "/public/..;/private" would
-        # be "/private" to Tomcat but "/public/..;/private" to the rules. Stricter than Envoy.
-        raise HttpError(400, "dot segment with path parameters")
-    kept: list[str] = []
-    for i, seg in enumerate(segments):
-        if seg in (".", ".."):
-            if seg == ".." and kept:
-                kept.pop()
-            if i == len(segments) - 1:
-                kept.append("")  # "/a/b/.." -> "/a/": a trailing dot segment leaves a directory
-        else:
-            kept.append(seg)
-    path = "/" + "/".join(kept)
-    return re.sub("/{2,}", "/", path)
 
 
 def parse_response(head: bytes, request: Request) -> Response:

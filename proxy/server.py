@@ -22,12 +22,15 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Mapping
 from typing import Any, Callable
 
 from dataplane.flowrecord import Verdict
 from l7.http import HttpFlow
 
+from .context import DatagramHandler, ProxyContext
 from .events import EventLog, l7_flow, redirect_direction
+from .handlers import DATAGRAM_HANDLERS
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
 from .limits import ConnectionCaps, Limits, tcp_progress
@@ -53,7 +56,8 @@ class ProxyServer:
 
     def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = PROXY_PORT, *,
                  transparent: bool = True, mark: bool = True, original_dst: tuple[str, int] | None = None,
-                 events: EventLog | None = None, limits: Limits | None = None) -> None:
+                 events: EventLog | None = None, limits: Limits | None = None,
+                 datagram_handlers: Mapping[str, Callable[[ProxyContext], DatagramHandler]] | None = None) -> None:
         self.snapshot = snapshot  # replaced whole on reload; each request reads it once
         self.host, self.port = host, port
         self.transparent, self.mark = transparent, mark
@@ -67,7 +71,9 @@ class ProxyServer:
         self._lingering = 0  # refused connections waiting for their client to read the 503
         self._watchdog: asyncio.Task | None = None
         self._task_factory: tuple[Callable[..., Any], Any] | None = None  # (ours, the one before)
-        self.dns: Any = None  # proxy.dns.DnsProxy once started
+        # The datagram protocols (DNS), each with its own socket on the same port number.
+        self.datagram_handlers = DATAGRAM_HANDLERS if datagram_handlers is None else datagram_handlers
+        self.datagram: dict[str, DatagramHandler] = {}  # by protocol name, once started
 
     def listening_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -80,15 +86,18 @@ class ProxyServer:
         return sock
 
     async def start(self) -> None:
-        from .dns import DnsProxy  # noqa: PLC0415 - the UDP (DNS) side on the same port number
-
         sock = self.listening_socket()
         self.port = sock.getsockname()[1]
         self._server = await asyncio.start_server(self._accept, sock=sock, limit=PIECE)
-        self.dns = DnsProxy(self)
         try:
-            await self.dns.start()
+            for name, make in self.datagram_handlers.items():
+                handler = make(self)
+                await handler.start()
+                self.datagram[name] = handler
         except OSError:
+            for handler in self.datagram.values():
+                await handler.stop()
+            self.datagram.clear()
             self._server.close()
             raise
         loop = asyncio.get_running_loop()
@@ -118,8 +127,8 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         if self._task_factory is not None and loop.get_task_factory() is self._task_factory[0]:
             loop.set_task_factory(self._task_factory[1])
-        if self.dns is not None:
-            await self.dns.stop()
+        for handler in self.datagram.values():
+            await handler.stop()
         if self._server is not None:
             self._server.close()
         for task in list(self._conns):
@@ -143,13 +152,16 @@ class ProxyServer:
             # The source identity as the lab's ipcache says (never anything the client sends):
             # the caps count per identity, so one pod's connections never crowd out another's.
             cp = conn.policy(self.snapshot)
+            serve = STREAM_HANDLERS.get(cp.protocol)
+            if serve is None:
+                return  # no handler speaks the protocol of the rules that apply: fail closed
             refusal = self.caps.admit(cp.src_identity, self.limits)
             if refusal:
                 await self._turn_away(conn, cp, refusal)
                 return
             identity = cp.src_identity
             self._live[task] = conn
-            await conn.run()
+            await serve(conn)
         except (asyncio.CancelledError, ConnectionError, PeerClosed):
             pass  # shutdown, a limit that ended it, or a peer that went away mid-exchange: just close
         except Exception as exc:  # fail closed: log, close, forward nothing more
@@ -616,6 +628,12 @@ class ClientConnection:
             for task in directions:
                 task.cancel()
             await asyncio.gather(*directions, return_exceptions=True)
+
+
+# The stream (TCP) protocols, by the name of their rules in the `l7` registry: the connection
+# is served by the handler of the protocol of the rule sets that apply to it (proxy.handlers
+# lists the datagram ones). HTTP is `ClientConnection` above.
+STREAM_HANDLERS: dict[str, Callable[[ClientConnection], Awaitable[None]]] = {"http": ClientConnection.run}
 
 
 def _timeout_response(status: int) -> bytes:

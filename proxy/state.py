@@ -4,45 +4,35 @@ The lab writes `MapState.to_json()` to /run/l7lab/<lab>/policy.json and sends SI
 loads it into an immutable `Snapshot` and swaps one reference, so each request is judged
 entirely under the old or entirely under the new state.
 
-Decision (mirrors `dataplane.policy.engine._Judge`, the oracle, call for call):
+Per connection (`connection`), the same walk the oracle makes (`dataplane.policy.engine._Judge`):
   * source identity: ipcache longest match of the peer address (never anything the client says);
     destination identity: ipcache longest match of the original destination address;
   * the source endpoint's EGRESS L7 set applies if `lookup_policy(src_ep, EGRESS, dst_identity,
-    TCP, port)` is REDIRECT, the destination endpoint's INGRESS set if `lookup_policy(dst_ep,
-    INGRESS, src_identity, TCP, port)` is REDIRECT; a request must pass every set that applies;
-  * the set is `state.l7[(ep, direction, PROXY_PORT)].lookup(remote identity, port)`; no set
-    means "refused by the proxy"; a DNS-only set lets an HTTP request through only if allow-all;
-    otherwise `L7RuleSet.match_http(method, path, headers)` decides;
-  * DNS (UDP): `connection(..., PROTO_UDP)` and `judge_dns(name)`: `L7RuleSet.match_dns`;
+    protocol, port)` is REDIRECT, the destination endpoint's INGRESS set if `lookup_policy(dst_ep,
+    INGRESS, src_identity, protocol, port)` is REDIRECT; the set is `MapState.l7_rules`;
   * fail closed: a connection for which no REDIRECT applies, or which either direction drops at
-    L3/L4 (DENY, or no entry while enforced and not in audit mode), gets 403 for every request.
+    L3/L4 (DENY, or no entry while enforced and not in audit mode), is refused every request.
+
+Per request, the verdict is `l7.decide.decide` -- the function the oracle calls too -- with the
+protocol's own judge (`l7.http.judge`, `l7.dns.judge`): every applicable set must allow.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dataplane.mapstate import (PROTO_TCP, PROXY_PORT, Direction, EndpointState, MapState, Verdict,
-                                lookup_policy)
-from dataplane.policy.l7 import L7RuleSet
+from dataplane.mapstate import PROTO_TCP, PROTOCOLS, Direction, MapState, Verdict, lookup_policy
+from l7.decide import AppliedSet, L7Verdict, decide, protocol_for
+from l7.http import HttpRequestView
 
+# A request's verdict, as the proxy acts on it and records it.
+RequestVerdict = L7Verdict
 
-@dataclass(frozen=True)
-class AppliedSet:
-    """One L7 rule set a request must pass."""
-
-    endpoint: EndpointState
-    direction: Direction
-    remote_identity: int
-    rules: L7RuleSet | None  # None: REDIRECT without an L7 set: every request refused
-
-    @property
-    def where(self) -> str:
-        return f"L7 {self.direction.name.lower()} of {self.endpoint.name}"
+_TRANSPORTS = {number: name for name, number in PROTOCOLS.items()}
 
 
 @dataclass
@@ -58,14 +48,7 @@ class ConnectionPolicy:
     dst_name: str = ""
     sets: list[AppliedSet] = field(default_factory=list)
     refusal: str = ""  # non-empty: deny every request with this reason (fail closed)
-
-
-@dataclass
-class RequestVerdict:
-    allowed: bool
-    why: str
-    rule_ids: tuple[int, ...] = ()  # the rules that allowed it
-    policies: tuple[str, ...] = ()  # allowed: the policies of rule_ids; denied: the policies it failed
+    protocol: str = ""  # the L7 protocol its requests are spoken in ("http", "dns"): its handler
 
 
 class Snapshot:
@@ -108,50 +91,28 @@ class Snapshot:
             if ep is None:
                 continue
             verdict, _ = lookup_policy(state, ep.endpoint_id, direction, remote, protocol, dst_port)
-            enforced = ep.ingress_enforced if direction == Direction.INGRESS else ep.egress_enforced
-            drops = verdict == Verdict.DENY or (verdict == Verdict.NONE and enforced)
+            drops = verdict == Verdict.DENY or (verdict == Verdict.NONE and ep.enforced(direction))
             if drops and not ep.audit:
                 cp.refusal = f"{direction.name.lower()} policy of {ep.name} drops this flow at L3/L4"
             elif verdict == Verdict.REDIRECT:
-                l7 = state.l7.get((ep.endpoint_id, int(direction), PROXY_PORT))
-                rules = l7.lookup(remote, dst_port) if l7 is not None else None
-                cp.sets.append(AppliedSet(ep, direction, remote, rules))
+                cp.sets.append(AppliedSet.of(direction.name, ep.name,
+                                             state.l7_rules(ep.endpoint_id, direction, remote, dst_port)))
         if not cp.sets and not cp.refusal:
             cp.refusal = "no L7 redirect applies to this connection"
+        cp.protocol = protocol_for(cp.sets, _TRANSPORTS.get(protocol, ""))
         return cp
 
+    def judge_request(self, cp: ConnectionPolicy, protocol: str, request: Any) -> RequestVerdict:
+        """One request of `protocol` on the connection `cp`: `l7.decide.decide`."""
+        return decide(protocol, request, cp.sets, self.policy_of, cp.refusal)
+
     def judge(self, cp: ConnectionPolicy, method: str, path: str, headers: dict[str, str]) -> RequestVerdict:
-        """An HTTP request: `L7RuleSet.match_http` in every applicable set."""
-        def match(rs: L7RuleSet) -> tuple[bool, str, tuple[int, ...], list]:
-            if rs.dns and not rs.http:
-                return rs.allow_all, "DNS-only rule set" + (" (allow-all)" if rs.allow_all else ""), (), rs.http
-            return (*rs.match_http(method, path, headers), rs.http)
-        return self._every_set(cp, match)
+        """An HTTP request (path normalized, headers as forwarded: `proxy.http.Request`)."""
+        return self.judge_request(cp, "http", HttpRequestView(method, path, headers))
 
     def judge_dns(self, cp: ConnectionPolicy, name: str) -> RequestVerdict:
-        """A DNS question for `name`: `L7RuleSet.match_dns` (matchName / matchPattern, or an
-        allow without L7 rules) in every applicable set."""
-        return self._every_set(cp, lambda rs: (*rs.match_dns(name), rs.dns))
-
-    def _every_set(self, cp: ConnectionPolicy,
-                   match: Callable[[L7RuleSet], tuple[bool, str, tuple[int, ...], list]]) -> RequestVerdict:
-        """Every applicable set must allow; the first that refuses decides (as the oracle).
-        `match(rules)` -> (allowed, why, rule ids that allowed, the (rule, id) pairs it tried)."""
-        if cp.refusal:
-            return RequestVerdict(False, cp.refusal)
-        ids: list[int] = []
-        whys = []
-        for applied in cp.sets:
-            rs = applied.rules
-            if rs is None:
-                return RequestVerdict(False, f"{applied.where}: no L7 rule set for this peer and port")
-            ok, why, got, tried = match(rs)
-            whys.append(f"{applied.where}: {why}")
-            if not ok:
-                failed = sorted({self.policy_of(i) for _, i in tried})
-                return RequestVerdict(False, f"{applied.where}: {why}", (), tuple(failed))
-            ids.extend(i for i in got if i not in ids)
-        return RequestVerdict(True, "; ".join(whys), tuple(ids), tuple(sorted({self.policy_of(i) for i in ids})))
+        """A DNS question for `name`."""
+        return self.judge_request(cp, "dns", name)
 
     def policy_of(self, rule_id: int) -> str:
         ref = self.state.rules.get(rule_id)

@@ -13,11 +13,13 @@ Label keys are kept in Cilium's form without the source prefix: `app`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from l7.dns import DnsRule
+from l7.http import HttpRule
+
 from ..errors import SourceLocation
-from .l7 import DnsRule, HttpRule
 from .selectors import LabelSelector
 
 KIND_K8S = "NetworkPolicy"
@@ -127,6 +129,10 @@ class L7Rules:
     @property
     def kind(self) -> str:
         return "http" if self.http else "dns"
+
+    def by_protocol(self) -> list[tuple[str, tuple]]:
+        """(protocol name in the `l7` registry, its rules) for every protocol: one field each."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
 
 
 @dataclass(frozen=True)

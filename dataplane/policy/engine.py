@@ -24,9 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ErrorList, SourceError, SourceLocation
-from proxy.http import HttpError, headers_seen_by_rules, request_path
+from l7.decide import AppliedSet, L7Verdict, decide, protocol_for
+from l7.http import HttpError, view_request
+from l7.protocol import protocol as l7_protocol
 
+from ..errors import ErrorList, SourceError, SourceLocation
 from ..mapstate import IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, MapState, Verdict, lookup_policy
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
@@ -75,6 +77,7 @@ class Decision:
     ingress: str = "n/a"
     rule_ids: list[int] = field(default_factory=list)
     audited: bool = False
+    l7: L7Verdict | None = None  # the L7 verdict, when the flow reached the proxy's rules
 
     def to_json(self) -> dict[str, Any]:
         f = self.flow
@@ -236,9 +239,8 @@ class _Judge:
                 return d
         else:
             self.trace.append("ingress: destination is not a lab endpoint; no ingress policy applies")
-        for endpoint_id, direction, remote in redirects:
-            if not self.l7(endpoint_id, direction, remote):
-                return d
+        if redirects and not self.l7(redirects):
+            return d
         self.listening(dst_pod)
         return d
 
@@ -253,7 +255,7 @@ class _Judge:
                               + ", ".join(sorted({p.display + (f' {s.path}' if len(p.specs) > 1 else '') for p, s in selecting})))
         else:
             self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): no policy selects it in this direction")
-        enforced = ep.ingress_enforced if direction == Direction.INGRESS else ep.egress_enforced
+        enforced = ep.enforced(direction)
         verdict, found = lookup_policy(self.state, endpoint_id, direction, remote, protocol, flow.port)
         for key, entry in found:
             rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)
@@ -290,70 +292,56 @@ class _Judge:
         d.outcome = "dropped"
         return False
 
-    def l7(self, endpoint_id: int, direction: Direction, remote: int) -> bool:
+    def l7(self, redirects: list[tuple[int, Direction, int]]) -> bool:
+        """The request through the L7 sets of every REDIRECT, by `l7.decide.decide`: the same
+        decision the proxy makes (proxy.state), written out set by set."""
         d, flow = self.decision, self.flow
-        l7 = self.state.l7.get((endpoint_id, int(direction), PROXY_PORT))
-        rule_set = l7.lookup(remote, flow.port) if l7 is not None else None
-        ep = self.state.endpoints[endpoint_id]
-        where = f"L7 {direction.name.lower()} of {ep.name}"
-        if flow.protocol == "UDP" and not flow.dns_name:
-            # The UDP side of the proxy speaks DNS only: it cannot answer what it cannot parse.
-            self.trace.append(f"{where}: not a DNS query: the DNS proxy drops it")
-            d.outcome = "dropped"
-            return False
-        if rule_set is None:
-            self.trace.append(f"{where}: no L7 rule set for this peer and port: request refused by the proxy")
-            d.outcome = "denied" if flow.protocol == "TCP" else "refused"
-            return False
-        if flow.dns_name or (rule_set.dns and not rule_set.http):
+        sets = [AppliedSet.of(direction.name, self.state.endpoints[endpoint_id].name,
+                              self.state.l7_rules(endpoint_id, direction, remote, flow.port))
+                for endpoint_id, direction, remote in redirects]
+        # A transport no proxy side serves (SCTP under a protocol-ANY redirect) is judged as the
+        # TCP side would judge it: only an allow-all set lets it through.
+        protocol = protocol_for(sets, flow.protocol) or protocol_for(sets, "TCP")
+        notes: list[str] = []
+        if protocol == "dns":
             if not flow.dns_name:
-                ok, why, ids = (rule_set.allow_all, "not a DNS query" if not rule_set.allow_all else "allow-all", ())
-            else:
-                ok, why, ids = rule_set.match_dns(flow.dns_name)
-            self.trace.append(f"{where}: DNS query {flow.dns_name or '(none)'} {why}")
-            if not ok:
-                # A DNS question no rule allows is answered REFUSED; a TCP connection meets the
-                # HTTP side of the proxy, which answers 403 to what no HTTP rule allows.
-                d.outcome = "refused" if flow.dns_name else "denied"
+                # The UDP side of the proxy speaks DNS only: it cannot answer what it cannot parse.
+                self.trace.append(f"{sets[0].where}: not a DNS query: the DNS proxy drops it")
+                d.outcome = "dropped"
                 return False
+            request: object = flow.dns_name
         else:
             req = flow.http or HttpRequest()
-            headers = dict(req.headers)
-            if not any(k.lower() == "host" for k in headers) and flow.destination_name:
-                headers["Host"] = flow.destination_name
-            host = next((v for k, v in headers.items() if k.lower() == "host"), "")
             try:
-                # The rules see the request target as the proxy forwards it: normalized.
-                path = request_path(req.method, req.path, host)
+                # The rules see the request as the proxy forwards it: normalized.
+                request, notes = view_request(req.method, req.path, req.headers, flow.destination_name)
             except HttpError as exc:
-                self.trace.append(f"{where}: the proxy rejects {req.method} {req.path}: {exc.reason} ({exc.status})")
+                self.trace.append(f"{sets[0].where}: the proxy rejects {req.method} {req.path}: "
+                                  f"{exc.reason} ({exc.status})")
                 d.outcome = "denied"
                 return False
-            if path != req.path:
-                self.trace.append(f"{where}: the proxy normalizes {req.path} to {path}")
-            seen = headers_seen_by_rules(headers)
-            kept = {k.lower() for k in seen}
-            removed = [k for k in headers if k.lower() not in kept]
-            if removed:
-                self.trace.append(f"{where}: hop-by-hop headers are not forwarded and the rules do not see them: "
-                                  f"{', '.join(removed)}")
-            offered = next((v for k, v in headers.items() if k.lower() == "upgrade"), None)
-            if "Upgrade" in seen and seen["Upgrade"] != offered:
-                self.trace.append(f"{where}: the upgrade is forwarded (and seen by the rules) as "
-                                  f"Connection: Upgrade, Upgrade: {seen['Upgrade']}")
-            elif any(k.lower() == "upgrade" for k in removed):
-                self.trace.append(f"{where}: no upgrade is forwarded (only WebSocket is, never h2c): "
-                                  "the request goes on as a plain request")
-            headers = seen
-            ok, why, ids = rule_set.match_http(req.method, path, headers)
-            self.trace.append(f"{where}: {req.method} {path} {why}"
+        proto = l7_protocol(protocol)
+        verdict = d.l7 = decide(protocol, request, sets, self.policy_of)
+        for step in verdict.steps:
+            where = step.applied.where
+            if step.verdict is None:
+                self.trace.append(f"{where}: no L7 rule set for this peer and port: request refused by the proxy")
+                continue
+            self.trace.extend(f"{where}: {note}" for note in notes)
+            ids = step.verdict.rule_ids
+            self.trace.append(f"{where}: {proto.describe(request)} {step.verdict.why}"
                               + (f" [{'; '.join(self.rule_text(r) for r in ids)}]" if ids else ""))
-            if not ok:
-                self.trace.append("  the proxy answers 403 Access denied")
-                d.outcome = "denied"
-                return False
-        d.rule_ids.extend(r for r in ids if r not in d.rule_ids)
+            d.rule_ids.extend(r for r in ids if r not in d.rule_ids)
+        if not verdict.allowed:
+            if verdict.steps and verdict.steps[-1].verdict is not None and proto.refusal_note:
+                self.trace.append(f"  {proto.refusal_note}")
+            d.outcome = proto.refused_as
+            return False
         return True
+
+    def policy_of(self, rule_id: int) -> str:
+        ref = self.state.rules.get(rule_id)
+        return ref.policy if ref is not None else f"rule {rule_id}"
 
     def listening(self, dst_pod: str | None) -> None:
         sc, flow = self.engine.scenario, self.flow

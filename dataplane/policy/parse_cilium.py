@@ -11,11 +11,13 @@ from typing import Any
 
 import re2
 
+from l7.dns import DnsRule, validate_dns_name, validate_dns_pattern
+from l7.http import HeaderMatch, HttpRule, is_http_token
+from l7.regex import compile_regex
+
 from .. import limits
 from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer,
                   FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, Rule)
-from .l7 import (DnsRule, HeaderMatch, HttpRule, compile_regex, validate_dns_name,
-                 validate_dns_pattern, _HEADER_NAME_RE)
 from .selectors import (NAMESPACE_LABEL, LabelSelector)
 from ..yamlsource import describe_value
 
@@ -260,7 +262,7 @@ class CiliumRuleParser:
                 self.err(path + ("headers", j), problem)
                 ok = False
                 continue
-            if not _HEADER_NAME_RE.fullmatch(name):
+            if not is_http_token(name):
                 self.err(path + ("headers", j), f"invalid header {s!r}: expected 'Name' or 'Name: value' with a valid header name")
                 ok = False
                 continue
@@ -282,7 +284,7 @@ class CiliumRuleParser:
                 self.err(hp + ("value" if len(name) <= limits.MAX_HEADER_NAME_CHARS else "name",), problem)
                 ok = False
                 continue
-            if not _HEADER_NAME_RE.fullmatch(name):
+            if not is_http_token(name):
                 self.err(hp + ("name",), f"invalid header name {name!r}")
                 ok = False
                 continue

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from l7.ruleset import L7Policy, L7RuleSet
+
 from .. import limits
 from ..errors import SourceError, SourceLocation
 from ..mapstate import (IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction,
@@ -42,7 +44,6 @@ from ..mapstate import (IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY
                         lookup_policy, normalize_entries, port_range_blocks)
 from .api import L7Rules, Policy, PolicySpec, PortSpec, Rule
 from .identity import IdentityTable
-from .l7 import L7Policy, L7RuleSet
 
 ALLOW_LOCALHOST = "allow-localhost (Cilium default: the local host reaches local pods)"
 ALL_PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -249,11 +250,7 @@ def build_l7_policy(state: MapState, endpoint_id: int, direction: Direction,
                     if c.rule_id not in rule_set.allow_all_rule_ids:
                         rule_set.allow_all_rule_ids.append(c.rule_id)
                     continue
-                for h in c.l7.http:
-                    if (h, c.rule_id) not in rule_set.http:
-                        rule_set.http.append((h, c.rule_id))
-                for d in c.l7.dns:
-                    if (d, c.rule_id) not in rule_set.dns:
-                        rule_set.dns.append((d, c.rule_id))
+                for protocol, rules in c.l7.by_protocol():
+                    rule_set.add(protocol, rules, c.rule_id)
     return l7
 

@@ -14,7 +14,7 @@ import pytest
 
 from dataplane import topology
 from dataplane.datapath import Datapath
-from dataplane.mapstate import (IDENTITY_WORLD, PROTO_TCP, Direction, EndpointState, MapState,
+from dataplane.mapstate import (IDENTITY_WORLD, PROTO_TCP, PROXY_PORT, Direction, EndpointState, MapState,
                                 PolicyEntry, PolicyKey, Verdict)
 from dataplane.reasons import DropReason, FlowVerdict
 from dataplane.scenario import GATEWAY_IP
@@ -22,7 +22,7 @@ from tests.conftest import require_kernel
 
 pytestmark = pytest.mark.kernel
 
-POD_IP, NODE_IP, ORIG_DST, PROXY_PORT = "10.77.0.1", "10.77.255.254", "198.51.100.9", 15001
+POD_IP, NODE_IP, ORIG_DST = "10.77.0.1", "10.77.255.254", "198.51.100.9"
 IP_TRANSPARENT = 19
 
 

@@ -28,7 +28,7 @@ from dataplane.lab import Lab
 from dataplane.logfiles import read_all, request_log
 from dataplane.mapstate import PROXY_PORT, Direction
 from dataplane.policy import PolicyEngine
-from dataplane.policy.l7 import L7RuleSet
+from l7.ruleset import L7RuleSet
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents
 from tests.support.http import Client, Resp

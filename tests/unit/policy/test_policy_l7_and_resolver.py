@@ -7,7 +7,9 @@ import pytest
 from dataplane.mapstate import (IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, PROXY_PORT, Direction,
                                 Verdict, lookup_policy)
 from dataplane.policy import L7Policy
-from dataplane.policy.l7 import DnsRule, HttpRule, fqdn_matches, compile_regex
+from l7.dns import DnsRule, fqdn_matches
+from l7.http import HttpRule
+from l7.regex import compile_regex
 
 from tests.support.policy import CILIUM_TOPOLOGY as TOPO
 from tests.support.policy import L7_API, cnp, engine
