@@ -4,7 +4,7 @@ The lab writes `MapState.to_json()` to /run/l7lab/<lab>/policy.json and sends SI
 loads it into an immutable `Snapshot` and swaps one reference, so each request is judged
 entirely under the old or entirely under the new state.
 
-Per connection (`connection`), the same walk the oracle makes (`dataplane.policy.engine._Judge`):
+Per connection (`connection`), the walk the oracle traces (`dataplane.mapstate.flow_lookups`):
   * source identity: ipcache longest match of the peer address (never anything the client says);
     destination identity: ipcache longest match of the original destination address;
   * the source endpoint's EGRESS L7 set applies if `lookup_policy(src_ep, EGRESS, dst_identity,
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataplane.mapstate import PROTO_TCP, PROTOCOLS, Direction, MapState, Verdict, lookup_policy
+from dataplane.mapstate import PROTO_TCP, PROTOCOLS, MapState, Verdict, flow_lookups
 from l7.decide import AppliedSet, L7Verdict, decide, protocol_for
 from l7.http import HttpRequestView
 
@@ -86,17 +86,13 @@ class Snapshot:
         src_ep, dst_ep = self.by_ip.get(src_ip), self.by_ip.get(dst_ip)
         cp.src_name = src_ep.name if src_ep else ""
         cp.dst_name = dst_ep.name if dst_ep else ""
-        for ep, direction, remote in ((src_ep, Direction.EGRESS, cp.dst_identity),
-                                      (dst_ep, Direction.INGRESS, cp.src_identity)):
-            if ep is None:
-                continue
-            verdict, _ = lookup_policy(state, ep.endpoint_id, direction, remote, protocol, dst_port)
-            drops = verdict == Verdict.DENY or (verdict == Verdict.NONE and ep.enforced(direction))
-            if drops and not ep.audit:
+        for look in flow_lookups(state, src_ep, dst_ep, cp.src_identity, cp.dst_identity, protocol, dst_port):
+            ep, direction = look.endpoint, look.direction
+            if look.drops and not ep.audit:
                 cp.refusal = f"{direction.name.lower()} policy of {ep.name} drops this flow at L3/L4"
-            elif verdict == Verdict.REDIRECT:
+            elif look.verdict == Verdict.REDIRECT:
                 cp.sets.append(AppliedSet.of(direction.name, ep.name,
-                                             state.l7_rules(ep.endpoint_id, direction, remote, dst_port)))
+                                             state.l7_rules(ep.endpoint_id, direction, look.remote_identity, dst_port)))
         if not cp.sets and not cp.refusal:
             cp.refusal = "no L7 redirect applies to this connection"
         cp.protocol = protocol_for(cp.sets, _TRANSPORTS.get(protocol, ""))

@@ -29,7 +29,8 @@ from l7.http import HttpError, view_request
 from l7.protocol import protocol as l7_protocol
 
 from ..errors import ErrorList, SourceError, SourceLocation
-from ..mapstate import IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, MapState, Verdict, lookup_policy
+from ..mapstate import (IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, DirectionLookup, MapState, Verdict,
+                        flow_lookups)
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
 from .identity import IdentityAllocator, IdentityTable
@@ -226,16 +227,19 @@ class _Judge:
                               "no policy applies")
             self.listening(dst_pod)
             return d
+        # The lookups the datapath makes (the proxy takes its L7 sets from the same walk).
+        src_ep = self.state.endpoints[self.engine.endpoint_id(src_pod)] if src_pod is not None else None
+        dst_ep = self.state.endpoints[self.engine.endpoint_id(dst_pod)] if dst_pod is not None else None
+        lookups = {look.direction: look for look in
+                   flow_lookups(self.state, src_ep, dst_ep, src_identity, dst_identity, protocol, flow.port)}
         redirects: list[tuple[int, Direction, int]] = []  # (endpoint id, direction, remote identity)
-        if src_pod is not None:
-            ok = self.direction(self.engine.endpoint_id(src_pod), Direction.EGRESS, dst_identity, protocol, redirects)
-            if not ok:
+        if Direction.EGRESS in lookups:
+            if not self.direction(lookups[Direction.EGRESS], redirects):
                 return d
         else:
             self.trace.append("egress: source is not a lab endpoint; no egress policy applies")
-        if dst_pod is not None:
-            ok = self.direction(self.engine.endpoint_id(dst_pod), Direction.INGRESS, src_identity, protocol, redirects)
-            if not ok:
+        if Direction.INGRESS in lookups:
+            if not self.direction(lookups[Direction.INGRESS], redirects):
                 return d
         else:
             self.trace.append("ingress: destination is not a lab endpoint; no ingress policy applies")
@@ -244,10 +248,10 @@ class _Judge:
         self.listening(dst_pod)
         return d
 
-    def direction(self, endpoint_id: int, direction: Direction, remote: int, protocol: int,
-                  redirects: list) -> bool:
-        d, flow = self.decision, self.flow
-        ep = self.state.endpoints[endpoint_id]
+    def direction(self, look: DirectionLookup, redirects: list) -> bool:
+        d = self.decision
+        ep, direction, remote = look.endpoint, look.direction, look.remote_identity
+        endpoint_id = ep.endpoint_id
         name = direction.name.lower()
         selecting = self.engine.resolution.selected_by.get((endpoint_id, direction), [])
         if selecting:
@@ -255,8 +259,7 @@ class _Judge:
                               + ", ".join(sorted({p.display + (f' {s.path}' if len(p.specs) > 1 else '') for p, s in selecting})))
         else:
             self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): no policy selects it in this direction")
-        enforced = ep.enforced(direction)
-        verdict, found = lookup_policy(self.state, endpoint_id, direction, remote, protocol, flow.port)
+        enforced, verdict, found = look.enforced, look.verdict, look.found
         for key, entry in found:
             rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)
             self.trace.append(f"  entry identity={self.ids.describe(key.identity)} proto={_PROTO_NAMES.get(key.protocol, key.protocol)} "
