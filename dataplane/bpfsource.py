@@ -17,8 +17,3 @@ BPF_DIR: Path = Path(__file__).resolve().parent / "bpf"
 
 MAIN_SOURCE: Path = BPF_DIR / "datapath.c"
 """The one compilation unit: every map and both tc programs."""
-
-
-def bpf_header(name: str) -> Path:
-    """The path of one header under `bpf/lib/` (for example `"drop.h"`)."""
-    return BPF_DIR / "lib" / name

@@ -10,32 +10,8 @@ below 256, label-set identities from 256 up, CIDR identities from 2^24 up. They,
 numbers, the proxy port and the `Direction`/`Verdict` enums are the datapath's ABI, declared in
 abi.py and re-exported here.
 
-Policy lookup (mirrors bpf/lib/policy.h)
-----------------------------------------
-An entry key is (endpoint id, direction, remote identity, protocol, port, port prefix length).
-Remote identity 0 means "any identity"; protocol 0 means "any protocol" and then the port is
-always wildcarded (prefix length 0). A port range is stored as the aligned power-of-two blocks
-that cover it, each block being (first port, prefix length over the 16 port bits).
-
-For a packet the datapath performs four lookups, from most to least specific:
-
-    1. (identity, protocol, port)   longest port-prefix match
-    2. (identity, ANY protocol)
-    3. (ANY identity, protocol, port) longest port-prefix match
-    4. (ANY identity, ANY protocol)
-
-and combines the entries found with the precedence DENY > REDIRECT > ALLOW (the numeric
-values of `Verdict` are ordered so that the combination is `max`). No entry found means no
-match: the packet is dropped if enforcement is on for that endpoint and direction. Enforcement
-decides only the fate of "no match": DENY and REDIRECT entries apply whether it is on or not
-(a policy with `enableDefaultDeny: false` still denies and redirects what it names).
-
-Because lookups 1 and 3 are longest-prefix matches, a narrow entry hides a broader one with the
-same identity and protocol. The resolver therefore pushes precedence down before it emits the
-state: an entry covered by a broader entry of higher precedence (same endpoint, direction,
-identity and protocol) takes the broader entry's verdict (a DENY range turns the allows inside
-it into DENY; a REDIRECT range turns the allows inside it into REDIRECT with its proxy port).
-`normalize_entries` does this and the resolver must call it.
+Policy lookup: `lookup_policy` mirrors bpf/lib/policy.h and `normalize_entries` pushes precedence
+down; both are explained once, in docs/datapath.md ("Precedence").
 """
 
 from __future__ import annotations
@@ -255,7 +231,7 @@ def flow_lookups(state: MapState, source: EndpointState | None, destination: End
 
 
 def normalize_entries(policy: dict[PolicyKey, PolicyEntry]) -> dict[PolicyKey, PolicyEntry]:
-    """Push precedence down onto narrower entries (see the module docstring).
+    """Push precedence down onto narrower entries (docs/datapath.md, "Precedence").
 
     An entry takes the verdict of the broader entry of highest precedence that covers it (same
     endpoint, direction, identity and protocol; a shorter or equal port prefix covering its

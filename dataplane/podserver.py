@@ -123,11 +123,6 @@ async def _stream_bytes(request: web.Request, identity: dict[str, str], size_tex
     return response
 
 
-def pattern_bytes(size: int) -> bytes:
-    """The first `size` bytes of the pattern large responses carry (for checks in tests)."""
-    return (PATTERN_PIECE * (size // len(PATTERN_PIECE) + 1))[:size]
-
-
 @functools.lru_cache(maxsize=64)
 def pattern_sha256(size: int) -> str:
     digest = hashlib.sha256()

@@ -2,9 +2,9 @@
 
 A scenario file names namespaces, pods, world hosts, the policies applied at start and ordered
 steps (policy changes, or probes with expected outcomes). Structure is checked against the JSON
-Schema shipped in `schema/scenario.schema.json` (the same file the docs publish); meaning is
-checked here (references, addresses, duplicates). Every error names the file, the line and the
-field path. Policies stay raw manifests (`PolicySource`); `dataplane.policy` parses them.
+Schema shipped in `schema/scenario.schema.json` (the one schema file; the docs link to it);
+meaning is checked here (references, addresses, duplicates). Every error names the file, the
+line and the field path. Policies stay raw manifests (`PolicySource`); `dataplane.policy` parses them.
 
 Nothing here touches the kernel.
 """

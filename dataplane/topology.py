@@ -252,12 +252,6 @@ def add_endpoint(node_ns: str, endpoint_ns: str, host_ifname: str, ip: str, gate
     return EndpointLink(host_ifname, index)
 
 
-def link_index(ns: str, ifname: str) -> int | None:
-    with _ipr(ns) as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
-
-
 # --- BPF attachment ----------------------------------------------------------------------------
 
 

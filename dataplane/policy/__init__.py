@@ -11,7 +11,7 @@ from l7.ruleset import L7Policy, L7RuleSet
 
 from .api import Policy
 from .engine import Decision, Flow, PolicyEngine, expected_outcomes, explain_text
-from .parse import parse_documents, parse_policy_sources, validate_policy_file
+from .parse import parse_documents, validate_policy_file
 
 __all__ = ["Decision", "Flow", "L7Policy", "L7RuleSet", "Policy", "PolicyEngine", "expected_outcomes",
-           "explain_text", "parse_documents", "parse_policy_sources", "validate_policy_file"]
+           "explain_text", "parse_documents", "validate_policy_file"]

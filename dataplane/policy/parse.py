@@ -174,11 +174,6 @@ def parse_document(doc: Document) -> tuple[list[Policy], list[SourceError]]:
     return ([policy] if policy is not None else []), errors
 
 
-def parse_policy_sources(sources) -> list[Policy]:
-    """Parse scenario `PolicySource`s (each wraps one Document)."""
-    return parse_documents([s.document for s in sources])
-
-
 def validate_policy_file(path: str | Path) -> list[SourceError]:
     """Every error in a policy file (empty list when the file is valid)."""
     try:

@@ -1,16 +1,8 @@
 """Resolution: policies + lab state -> `MapState` (per-endpoint entries, L7 rule sets).
 
-Precedence (the same rules bpf/lib/policy.h and `mapstate.lookup_policy` apply)
-------------------------------------------------------------------------------
-    DENY      an ingressDeny/egressDeny rule matched: drop, whatever else allows it
-    REDIRECT  an allow whose port rule carries L7 (http/dns) rules: hand to the proxy
-    ALLOW     an L3/L4 allow
-    NONE      nothing matched: drop when the direction is enforced, pass when it is not
-
-Allows are a union over every rule of every policy that selects the endpoint. Entries on one
-key combine with `max`; a broad entry of higher precedence is pushed down onto narrower ones by
-`mapstate.normalize_entries`. The attribution of an entry lists the rules that produced its
-winning verdict.
+Precedence (DENY > REDIRECT > ALLOW > none, entries pushed down by `mapstate.normalize_entries`)
+is explained once, in docs/datapath.md ("Precedence"). The attribution of an entry lists the
+rules that produced its winning verdict.
 
 L7 merge (Cilium pkg/policy/l4.go, "wildcard L3/L4 rules"): for a remote identity X and a port
 p that end up REDIRECTed, the proxy's rule set is the union of the L7 rules of every allow

@@ -76,10 +76,6 @@ class LabelSelector:
         return all(labels.get(k) == v for k, v in self.match_labels) and \
             all(r.matches(labels) for r in self.match_expressions)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.match_labels and not self.match_expressions
-
     def keys(self) -> set[str]:
         return {k for k, _ in self.match_labels} | {r.key for r in self.match_expressions}
 
@@ -88,11 +84,6 @@ class LabelSelector:
 
     def names_reserved(self) -> bool:
         return any(k.startswith(RESERVED_PREFIX) for k in self.keys())
-
-    def with_labels(self, extra: Mapping[str, str]) -> "LabelSelector":
-        merged = dict(self.match_labels)
-        merged.update(extra)
-        return LabelSelector(tuple(sorted(merged.items())), self.match_expressions)
 
     def and_(self, other: "LabelSelector") -> "LabelSelector":
         """Both selectors must match (K8s namespaceSelector AND podSelector in one peer)."""
@@ -121,14 +112,3 @@ def pod_identity_labels(pod_labels: Mapping[str, str], namespace: str,
     # Kubernetes sets this label on every namespace (since 1.21); NetworkPolicy relies on it.
     labels.setdefault(NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name", namespace)
     return labels
-
-
-def display_labels(labels: Mapping[str, str]) -> list[str]:
-    """Labels as Cilium prints them: 'k8s:app=frontend', 'reserved:host'."""
-    out = []
-    for k, v in sorted(labels.items()):
-        if k.startswith(RESERVED_PREFIX) or k.startswith("cidr:") or k.startswith("fqdn:"):
-            out.append(k + (f"={v}" if v else ""))
-        else:
-            out.append(f"k8s:{k}={v}")
-    return out

@@ -1,4 +1,5 @@
-"""Fixtures of the real-traffic tests that share one lab per module."""
+"""Fixtures of the kernel tests: the lab a real-traffic module shares, a lab brought up with
+`l7lab up`, and the datapaths the tests on test packets (BPF_PROG_TEST_RUN) run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from dataplane import runner
-from tests.conftest import unique_lab
+from dataplane.datapath import Datapath
+from tests.conftest import require_kernel, unique_lab
 from tests.support.cli_lab import RETAIL, l7lab, leftovers, nothing_left
 from tests.support.kernel_lab import KernelLab, close_lab, open_lab
 
@@ -40,3 +42,30 @@ def retail() -> Iterator[str]:
     finally:
         assert l7lab("down", name).returncode == 0
         assert nothing_left(name), leftovers(name)
+
+
+@pytest.fixture(scope="session")
+def dp(datapath: Datapath) -> Datapath:
+    """The session's shared datapath (tests/conftest.py) for the tests that run the programs on test
+    packets (tests/kernel/test_bpf_*.py): one compile serves every test."""
+    return datapath
+
+
+@pytest.fixture(scope="session")
+def dp_audit() -> Iterator[Datapath]:
+    """A second datapath compiled in audit mode (-DAUDIT_ALL=1)."""
+    require_kernel()
+    with Datapath(audit=True) as d:
+        yield d
+
+
+@pytest.fixture(autouse=True)
+def _fresh_datapath(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test on the programs alone (`dp`, `dp_audit`) starts with no tracked flows and no pending
+    events."""
+    for name in ("dp", "dp_audit"):
+        if name in request.fixturenames:
+            d = request.getfixturevalue(name)
+            d.flush_conntrack()
+            d.poll_events()
+    yield

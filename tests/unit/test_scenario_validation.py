@@ -151,10 +151,15 @@ def test_shipped_scenarios_are_valid() -> None:
         load_scenario(file)
 
 
-def test_documented_schema_is_the_one_enforced() -> None:
-    documented = json.loads((REPO / "docs" / "scenario.schema.json").read_text())
-    assert documented == schema()
-    jsonschema.Draft202012Validator.check_schema(documented)
+def test_one_schema_file_shipped_enforced_and_linked_from_the_docs() -> None:
+    shipped = REPO / "dataplane" / "schema" / "scenario.schema.json"
+    found = sorted(p for top in ("dataplane", "docs", "proxy", "l7", "scenarios", "tests")
+                   for p in (REPO / top).rglob("*schema*.json"))
+    assert found == [shipped]
+    assert json.loads(shipped.read_text()) == schema()
+    jsonschema.Draft202012Validator.check_schema(schema())
+    assert "](../dataplane/schema/scenario.schema.json)" in (REPO / "docs" / "scenarios.md").read_text()
+    assert "](dataplane/schema/scenario.schema.json)" in (REPO / "README.md").read_text()
 
 
 def test_annotated_example_in_docs_matches_the_schema() -> None:

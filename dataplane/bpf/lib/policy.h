@@ -1,33 +1,7 @@
 /* policy.h - the policy lookup: the C twin of dataplane/mapstate.py lookup_policy().
  *
- * Precedence (as in Cilium's bpf/lib/policy.h, simplified to four lookups):
- *
- *   For (endpoint, direction, remote identity, protocol, port) the datapath looks up, from the
- *   most to the least specific:
- *
- *     1. (identity, proto, port)   longest match on the port prefix (port ranges are stored
- *                                  as aligned power-of-two blocks)
- *     2. (identity, ANY proto)
- *     3. (ANY identity, proto, port)  longest match on the port prefix
- *     4. (ANY identity, ANY proto)
- *
- *   Every entry found takes part; the result is the highest verdict:
- *
- *       DENY (3)  >  REDIRECT (2)  >  ALLOW (1)  >  no entry (0)
- *
- *   so an explicit deny always wins, a redirect wins over a plain allow (the L7 proxy then
- *   checks the request), and "no entry" drops only where enforcement is on for that endpoint
- *   and direction (an endpoint not selected by any policy is not isolated).
- *
- *   Because 1 and 3 are longest-prefix matches, a narrow entry hides a broader one of the same
- *   identity and protocol; the resolver pushes precedence down onto narrower entries before
- *   it emits them (mapstate.normalize_entries), so the answer is the same as if every covering
- *   entry had been consulted.
- *
- *   Attribution: the rule id reported is the one of the first entry, in lookup order, that
- *   carries the winning verdict; the proxy port of a REDIRECT comes from the same entry.
- *   Entries apply whatever the enforcement flags say: enforcement only decides what happens
- *   when nothing matched.
+ * The four lookups and the precedence of their verdicts are explained once, in
+ * docs/datapath.md ("Precedence").
  */
 #ifndef L7LAB_POLICY_H
 #define L7LAB_POLICY_H
