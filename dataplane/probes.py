@@ -29,7 +29,6 @@ from typing import Any, Callable
 from . import topology
 from .scenario import Probe
 
-OUTCOMES = ("allowed", "dropped", "denied", "refused", "error")
 ACCESS_DENIED_BODY = b"Access denied\r\n"
 MAX_RESPONSE = 1 << 20
 

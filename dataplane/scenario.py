@@ -132,9 +132,6 @@ class DnsQuery:
         return f"DNS {self.type} {self.name}"
 
 
-DNS_TYPES = ("A", "AAAA", "TXT", "CNAME", "MX", "NS", "SOA", "SRV", "PTR", "ANY")
-
-
 @dataclass(frozen=True)
 class Probe:
     source: str  # pod key

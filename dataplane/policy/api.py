@@ -25,10 +25,8 @@ from .selectors import LabelSelector
 KIND_K8S = "NetworkPolicy"
 KIND_CNP = "CiliumNetworkPolicy"
 KIND_CCNP = "CiliumClusterwideNetworkPolicy"
-POLICY_KINDS = (KIND_K8S, KIND_CNP, KIND_CCNP)
 
 Section = Literal["ingress", "egress", "ingressDeny", "egressDeny"]
-SECTIONS: tuple[Section, ...] = ("ingress", "egress", "ingressDeny", "egressDeny")
 
 # Cilium entities (pkg/policy/api/entity.go). `all` is the wildcard; `cluster` is every
 # identity inside the cluster; `world` is the world identity plus every CIDR/FQDN identity.
