@@ -2,8 +2,10 @@
 
 A connection assigned to the listener by bpf_sk_assign keeps its original tuple, so
 `getsockname()` of the accepted socket is the original destination (tests override it with
-`original_dst`). Per request: read and validate the head (proxy.http), judge it under the
-current policy snapshot (proxy.state), then either answer 403 (reading and discarding the body so
+`original_dst`). A connection is served by the handler of the L7 protocol of the rule sets that
+apply to it (STREAM_HANDLERS below: HTTP, `ClientConnection`). Per request: read and validate
+the head (proxy.http), judge it under the current policy snapshot (proxy.state, which calls the
+oracle's own decision in `l7.decide`), then either answer 403 (reading and discarding the body so
 the connection stays usable) or forward the re-serialized request upstream and stream the
 response back. Requests on one client connection are handled strictly in order, which keeps
 pipelined answers in order. The upstream connection (SO_MARK = from-proxy magic + source
