@@ -1,115 +1,159 @@
-"""Flow records: the one format in which a lab reports what happened to its traffic.
+"""Flows of a lab: kernel events decoded into flow records, the one writer of flows.jsonl, and
+the reader that follows a lab's record files.
 
-Two producers write JSON lines into the lab's directory (/run/l7lab/<lab>/):
+A lab keeps its records in its directory (/run/l7lab/<lab>/):
 
-    flows.jsonl      the kernel's L3/L4 events (one per new-flow verdict and per drop), written
-                     by the lab agent from the datapath's ring buffer: `kernel_record()` here
-    l7-events.jsonl  the L7 proxy's records (one per HTTP request): `proxy/events.py`
+    flows.jsonl      L3_L4 records (one per new-flow verdict and per drop at the tc hooks) and
+                     the agent's PROXY events; written only through `FlowLog`, by the lab agent
+                     (or by `l7lab run` for the lab it runs, before any agent exists)
+    l7-events.jsonl  L7 records (one per HTTP request and per DNS question), written by the L7
+                     proxy process (`proxy/events.py`)
 
-Both carry `time` (unix seconds), `source` and `destination` objects ({ip, port, pod,
-identity}) and `verdict`; a kernel record has `type: "flow"`, an L7 record `type: "l7"` (added
-when read: the proxy's own lines have no `type`). `observe` merges the two by time. The agent
-also writes `type: "proxy"` records into flows.jsonl when the L7 proxy exits or is restarted
-(`time`, `event`, `detail`, `pid`). Each file is renamed to NAME.1 past a size cap
-(`dataplane/logfiles.py`); `RecordTail` follows both across the rename and can start from
-their ends.
+Every line of both is a `dataplane.flowrecord` record as JSON. Each file is renamed to NAME.1
+past a size cap (`dataplane/logfiles.py`); `RecordTail` follows both across the rename, can
+start from their ends, and returns typed records merged by time.
+
+Names and labels are looked up when a record is made, never cached from the lab's start: a pod
+relabelled by `l7lab label` shows its new labels in every later record. Labels come from the
+map state in force (`EndpointState.labels`, the identity's labels), which the proxy loads too,
+so both kinds of records agree on them.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.text import Text
-
 from .abi import PROTOCOL_NAMES as PROTOCOLS, TCP_FLAG_NAMES
-from .logfiles import FollowedFile, json_lines
+from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
+                         Verdict, record_from_json)
+from .flowrender import json_line
+from .logfiles import FollowedFile, RotatingLog, json_lines, rotate_bytes
+from .mapstate import Direction, MapState
+from .reasons import Hook
 
 KERNEL_FLOWS = "flows.jsonl"
 PROXY_RECORDS = "l7-events.jsonl"
+RECORD_FILES = (KERNEL_FLOWS, PROXY_RECORDS)
+# The record types each file holds (the agent's PROXY events go to flows.jsonl), and what
+# `observe --type` shows.
+TYPES_IN_FILE = {KERNEL_FLOWS: ("L3_L4", "PROXY"), PROXY_RECORDS: ("L7",)}
+OBSERVE_TYPES = {"all": ("L3_L4", "L7", "PROXY"), "l7": ("L7", "PROXY"), "flows": ("L3_L4",)}
+TRACE_POINTS = {Hook.FROM_CONTAINER: TracePoint.FROM_ENDPOINT, Hook.TO_CONTAINER: TracePoint.TO_ENDPOINT}
 
 
-def address_names(lab: Any) -> dict[str, str]:
-    """Address -> name for a lab's flow records: its pods and world hosts, and "node" (the
-    node's own stack, which is also where the L7 proxy's upstream connections come from)."""
-    names = {ep.ip: key for key, ep in lab.record.endpoints.items()}
-    names[lab.scenario.node_ip] = "node"
-    return names
+def flows_rotate_bytes() -> int:
+    """flows.jsonl's cap: L7LAB_FLOWS_ROTATE_BYTES, else every lab log's cap."""
+    return int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", rotate_bytes()))
 
 
-def kernel_record(ev: Any, state: Any, names: dict[str, str], when: float) -> dict[str, Any]:
-    """A datapath FlowEvent as a flow record; `names` maps addresses to pod / world host names,
-    `state` (the MapState in force) names the endpoint and the policy rule that decided."""
+# --------------------------------------------------------------------------- who is who
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Who an address is in a lab: its pods and world hosts, and "node" (the node's own stack,
+    which is also where the L7 proxy's upstream connections come from)."""
+
+    pods: dict[str, str] = field(default_factory=dict)  # ip -> "namespace/pod"
+    hosts: dict[str, str] = field(default_factory=dict)  # ip -> world host name or "node"
+
+    @classmethod
+    def of_lab(cls, lab: Any) -> "Directory":
+        """From the lab's current record (`lab.record.endpoints`) and its scenario's node address."""
+        pods: dict[str, str] = {}
+        hosts: dict[str, str] = {}
+        for key, ep in lab.record.endpoints.items():
+            (pods if ep.kind == "pod" else hosts)[ep.ip] = key
+        hosts[lab.scenario.node_ip] = "node"
+        return cls(pods, hosts)
+
+    def endpoint(self, ip: str, port: int, identity: int, labels: dict[str, dict[str, str]]) -> Endpoint:
+        """The endpoint at `ip`, with the labels `labels` (ip -> labels, from the map state) give it."""
+        pod = self.pods.get(ip, "")
+        namespace, _, name = pod.partition("/")
+        return Endpoint(ip, port, identity, namespace if name else "", name, self.hosts.get(ip, ""),
+                        dict(labels.get(ip, {})))
+
+
+def endpoint_labels(state: MapState) -> dict[str, dict[str, str]]:
+    """ip -> labels of every endpoint of a map state."""
+    return {ep.ip: dict(ep.labels) for ep in state.endpoints.values()}
+
+
+# --------------------------------------------------------------------------- kernel events
+
+
+def kernel_flow(ev: Any, state: MapState, directory: Directory, when: float,
+                labels: dict[str, dict[str, str]] | None = None) -> Flow:
+    """A datapath `FlowEvent` as a flow record. `state` (the MapState in force) gives the rule
+    that decided and the endpoints' labels (pass `labels` from `endpoint_labels(state)` to
+    reuse them across a batch); `directory` names the addresses; `when` is unix time."""
+    labels = endpoint_labels(state) if labels is None else labels
     rule = state.rules.get(ev.rule_id) if ev.rule_id else None
-    endpoint = state.endpoints.get(ev.endpoint_id)
-    return {
-        "type": "flow",
-        "time": round(when, 6),
-        "verdict": ev.verdict.name,
-        "reason": ev.reason.name,
-        "direction": ev.direction.name.lower(),
-        "endpoint": endpoint.name if endpoint is not None else "",
-        "hook": ev.hook.name.lower(),
-        "protocol": PROTOCOLS.get(ev.protocol, str(ev.protocol)),
-        "source": {"ip": ev.src, "port": ev.sport, "pod": names.get(ev.src, ""), "identity": ev.src_identity},
-        "destination": {"ip": ev.dst, "port": ev.dport, "pod": names.get(ev.dst, ""), "identity": ev.dst_identity},
-        "policy": f"{rule.policy} {rule.section}[{rule.rule_index}]" if rule is not None else "",
-        "proxy_port": ev.proxy_port,
-        "tcp_flags": [name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit] if ev.protocol == 6 else [],
-        "bytes": ev.length,
-    }
+    attribution = PolicyAttribution(
+        (rule.rule_id,), (rule.policy,), (f"{rule.policy} {rule.section}[{rule.rule_index}]",)) if rule else \
+        PolicyAttribution()
+    protocol = PROTOCOLS.get(ev.protocol, str(ev.protocol))
+    flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == 6 else ()
+    return Flow(
+        time=round(when, 6), type=FlowType.L3_L4, verdict=Verdict(ev.verdict.name),
+        source=directory.endpoint(ev.src, ev.sport, ev.src_identity, labels),
+        destination=directory.endpoint(ev.dst, ev.dport, ev.dst_identity, labels),
+        l4=L4(protocol, flags),
+        direction=TrafficDirection.EGRESS if ev.direction == Direction.EGRESS else TrafficDirection.INGRESS,
+        trace_point=TRACE_POINTS.get(ev.hook, TracePoint.FROM_ENDPOINT), drop_reason=ev.reason.name,
+        policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length)
 
 
-def write_kernel_records(out: Any, events: list[Any], state: Any, names: dict[str, str]) -> None:
-    """Append `events` to an open flows file as JSON lines (wall-clock time, like the proxy's
-    records: kernel timestamps are CLOCK_MONOTONIC)."""
+def kernel_flows(events: Iterable[Any], state: MapState, directory: Directory) -> list[Flow]:
+    """Flow records of a batch of events, in wall-clock time (kernel timestamps are
+    CLOCK_MONOTONIC)."""
     offset = time.time() - time.monotonic_ns() / 1e9
-    for ev in events:
-        out.write(json.dumps(kernel_record(ev, state, names, offset + ev.ts_ns / 1e9), separators=(",", ":")) + "\n")
+    labels = endpoint_labels(state)
+    return [kernel_flow(ev, state, directory, offset + ev.ts_ns / 1e9, labels) for ev in events]
 
 
-def describe(rec: dict[str, Any]) -> Text:
-    """One line for people. Only the verdict is styled; every other part (paths, names, details)
-    is the record's own text, never read as markup: an HTTP path like `/a[b]/:x:` prints as sent."""
-    if rec.get("type") == "proxy":  # the agent's record of the L7 proxy exiting or coming back
-        return Text(f"PROXY {rec.get('event', '')}: {rec.get('detail', '')}")
-    src, dst = rec.get("source", {}), rec.get("destination", {})
-    left = src.get("pod") or src.get("ip", "")
-    right = f"{dst.get('pod') or dst.get('ip', '')}:{dst.get('port', '')}"
-    verdict = str(rec.get("verdict", ""))
-    if rec.get("type") == "flow":
-        colour = {"FORWARD": "green", "REDIRECT": "cyan", "DROP": "red", "AUDIT": "yellow"}.get(verdict, "white")
-        rest = ""
-        if rec.get("reason") not in (None, "", "NONE"):
-            rest += f" {rec['reason']}"
-        if rec.get("endpoint"):
-            rest += f" at {rec.get('direction', '')} of {rec['endpoint']}"
-        if rec.get("policy"):
-            rest += f" by {rec['policy']}"
-        if verdict == "REDIRECT":
-            rest += f" to proxy port {rec.get('proxy_port')}"
-        return Text.assemble(f"L3/L4 {left} -> {right} {rec.get('protocol', '')} ", (verdict, colour), rest)
-    colour = {"forwarded": "green", "denied": "red"}.get(verdict, "yellow")
-    policies = ", ".join(rec.get("policies", []))
-    return Text.assemble(f"L7    {left} -> {right} {rec.get('method', '')} {rec.get('path', '')} ", (verdict, colour),
-                         f" {rec.get('status', '')}" + (f" ({policies})" if policies else ""))
+# --------------------------------------------------------------------------- the one writer
 
 
-RECORD_FILES = {KERNEL_FLOWS: "flow", PROXY_RECORDS: "l7"}
+class FlowLog:
+    """The writer of a lab's flows.jsonl: one JSON line per record, one write per line, renamed
+    to flows.jsonl.1 past its cap (`flows_rotate_bytes()` unless `max_bytes` says otherwise),
+    so a long-lived lab keeps at most two files."""
+
+    def __init__(self, lab_dir: Path, max_bytes: int | None = None) -> None:
+        self.path = Path(lab_dir) / KERNEL_FLOWS
+        self._log = RotatingLog(self.path, flows_rotate_bytes() if max_bytes is None else max_bytes)
+
+    def write(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self._log.write_line(json_line(record))
+
+    def close(self) -> None:
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- reading back
 
 
 @dataclass
 class RecordTail:
-    """Reads complete new lines from a lab's record files, remembering where it stopped in each
-    and following each across its rotation (`NAME.1`); `start_at_last` / `start_at_time` skip
-    to the end of the files without reading what comes before."""
+    """Reads complete new records from a lab's record files, remembering where it stopped in
+    each and following each across its rotation (`NAME.1`); `start_at_last` / `start_at_time`
+    skip to the end of the files without reading what comes before."""
 
     lab_dir: Path
-    names: tuple[str, ...] = tuple(RECORD_FILES)
+    names: tuple[str, ...] = RECORD_FILES
+
+    @classmethod
+    def of_types(cls, lab_dir: Path, types: tuple[str, ...]) -> "RecordTail":
+        """A tail of only the files that can hold records of `types`."""
+        return cls(lab_dir, tuple(n for n in RECORD_FILES if set(TYPES_IN_FILE[n]) & set(types)))
     files: dict[str, FollowedFile] = field(default_factory=dict)
 
     def _file(self, name: str) -> FollowedFile:
@@ -127,16 +171,19 @@ class RecordTail:
         for name in self.names:
             self._file(name).start_at_time(since)
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[Record]:
         """New records of every file since the last call, in time order."""
-        out: list[dict[str, Any]] = []
+        out: list[Record] = []
         for name in self.names:
-            kind = RECORD_FILES.get(name, "")
-            out += [{"type": kind, **rec} for rec in self.lines(name)]
-        out.sort(key=lambda r: r.get("time", 0.0))
+            out += self.records(name)
+        out.sort(key=lambda r: r.time)
         return out
 
-    def lines(self, name: str) -> Iterator[dict[str, Any]]:
+    def records(self, name: str) -> Iterator[Record]:
         """New complete records of one file (KERNEL_FLOWS or PROXY_RECORDS) since the last call;
-        a torn line after a crash is skipped, never a reason to stop observing."""
-        return json_lines(self._file(name).read())
+        a torn line after a crash, or one that is not a record, is skipped, never a reason to
+        stop observing."""
+        for data in json_lines(self._file(name).read()):
+            record = record_from_json(data)
+            if record is not None:
+                yield record

@@ -71,6 +71,9 @@ class EndpointState:
     ingress_enforced: bool
     egress_enforced: bool
     audit: bool = False
+    # The identity's labels, sorted: not written to any BPF map, carried so that flow records
+    # (the agent's and the proxy's, which loads this state) name them as they are now.
+    labels: tuple[tuple[str, str], ...] = ()
 
     def enforced(self, direction: Direction) -> bool:
         """Whether "no entry" drops in `direction` (default deny)."""
@@ -117,7 +120,7 @@ class MapState:
             "ipcache": dict(self.ipcache),
             "endpoints": [{"endpoint_id": e.endpoint_id, "name": e.name, "ip": e.ip, "identity": e.identity,
                            "ingress_enforced": e.ingress_enforced, "egress_enforced": e.egress_enforced,
-                           "audit": e.audit} for e in self.endpoints.values()],
+                           "audit": e.audit, "labels": dict(e.labels)} for e in self.endpoints.values()],
             "policy": [{"endpoint_id": k.endpoint_id, "direction": int(k.direction), "identity": k.identity,
                         "protocol": k.protocol, "port": k.port, "port_prefix": k.port_prefix,
                         "verdict": int(v.verdict), "proxy_port": v.proxy_port, "rule_ids": list(v.rule_ids)}
@@ -138,7 +141,8 @@ class MapState:
         for e in data.get("endpoints", ()):
             state.endpoints[int(e["endpoint_id"])] = EndpointState(
                 int(e["endpoint_id"]), e["name"], e["ip"], int(e["identity"]), bool(e["ingress_enforced"]),
-                bool(e["egress_enforced"]), bool(e.get("audit", False)))
+                bool(e["egress_enforced"]), bool(e.get("audit", False)),
+                tuple(sorted((str(k), str(v)) for k, v in e.get("labels", {}).items())))
         for p in data.get("policy", ()):
             key = PolicyKey(int(p["endpoint_id"]), Direction(p["direction"]), int(p["identity"]), int(p["protocol"]),
                             int(p.get("port", 0)), int(p.get("port_prefix", 0)))

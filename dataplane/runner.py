@@ -15,6 +15,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import flowrecord
+from .flowrender import outcome
+from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
 from .scenario import Probe, Scenario, Step
 
@@ -127,46 +130,34 @@ class KernelExecutor:
         if not getattr(self.lab, "enforcing", False):
             return
         events = self.lab.datapath.poll_events()
-        first: dict[tuple, Any] = {}
-        for ev in events:
-            first.setdefault((ev.src, ev.sport, ev.dst, ev.dport, ev.protocol), ev)
-        state = self.policy.map_state()
-        self._record_flows(events, state)
+        flows = kernel_flows(events, self.policy.map_state(), Directory.of_lab(self.lab))
+        self._record_flows(flows)
+        first: dict[tuple, flowrecord.Flow] = {}
+        for flow in flows:
+            first.setdefault((flow.source.ip, flow.source.port, flow.destination.ip, flow.destination.port,
+                              flow.l4.protocol), flow)
         for r in results:
             src_ip = self.lab.record.endpoints[r.probe.source].ip
-            proto = 6 if r.probe.protocol == "TCP" else 17
-            ev = first.get((src_ip, r.observed.extra.get("sport"), r.probe.destination.ip, r.probe.destination.port, proto))
-            if ev is not None:
-                r.kernel = describe_event(ev, state)
+            flow = first.get((src_ip, r.observed.extra.get("sport"), r.probe.destination.ip,
+                              r.probe.destination.port, r.probe.protocol))
+            if flow is not None:
+                r.kernel = outcome(flow)
 
-
-    def _record_flows(self, events: list[Any], state: Any) -> None:
-        """The same flow records a lab agent writes, so `observe` shows the run's own traffic
-        (after `run --keep`, or from another terminal while the run goes on)."""
-        from .flows import KERNEL_FLOWS, address_names, write_kernel_records  # noqa: PLC0415
+    def _record_flows(self, flows: list[flowrecord.Flow]) -> None:
+        """Into the lab's flows.jsonl, through the same writer as a lab agent, so `observe`
+        shows the run's own traffic (after `run --keep`, or from another terminal meanwhile)."""
         from .lab import lab_dir  # noqa: PLC0415
 
-        if not events:
+        if not flows:
             return
         try:
-            with open(lab_dir(self.lab.name) / KERNEL_FLOWS, "a") as out:
-                write_kernel_records(out, events, state, address_names(self.lab))
+            log = FlowLog(lab_dir(self.lab.name))
+            try:
+                log.write(flows)
+            finally:
+                log.close()
         except OSError:
             pass  # observation must never fail a run
-
-
-def describe_event(ev: Any, state: Any) -> str:
-    """'DROP POLICY_DENIED ingress of shop/api' / 'FORWARD by CiliumNetworkPolicy shop/x ingress[0]'."""
-    text = ev.verdict.name
-    if ev.reason.name != "NONE":
-        text += f" {ev.reason.name}"
-    endpoint = state.endpoints.get(ev.endpoint_id)
-    if endpoint is not None:
-        text += f" at {ev.direction.name.lower()} of {endpoint.name}"
-    rule = state.rules.get(ev.rule_id) if ev.rule_id else None
-    if rule is not None:
-        text += f" by {rule.policy} {rule.section}[{rule.rule_index}]"
-    return text
 
 
 class OracleExecutor:

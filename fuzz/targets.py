@@ -249,7 +249,7 @@ def dns_query(data: bytes) -> None:
     records = proxy.server.events.records
     if len(records) != 1:
         raise FuzzFailure(f"expected one record per datagram, got {len(records)}")
-    reason = records[0].reason
+    reason = records[0].summary
     if "internal error" in reason:
         raise FuzzFailure(f"the DNS proxy failed on a datagram: {reason}")
     if len(proxy.answers) > 1:

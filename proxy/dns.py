@@ -13,8 +13,8 @@ HTTP listener); IP_RECVORIGDSTADDR gives each datagram's original destination. T
 
 Answers leave from a transparent socket bound to the original destination, so the client sees
 them come from the server it asked, and conntrack sees the reply of the client's own flow.
-One L7 record per query: method = the record type, path = the name, protocol "DNS", status =
-the rcode (0 NOERROR, 3 NXDOMAIN, 5 REFUSED).
+One L7 flow record per query (`proxy/events.py`), its DNS part the name, the question type and
+the rcode sent (0 NOERROR, 3 NXDOMAIN, 5 REFUSED; -1 when nothing was sent).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from dataplane.flowrecord import Verdict
 from dataplane.mapstate import PROTO_UDP
+from l7.dns import DnsFlow
 
-from .events import L7Record
+from .events import l7_flow, redirect_direction
 from .marks import IP_TRANSPARENT, SO_MARK, from_proxy_mark
 
 if TYPE_CHECKING:
@@ -229,11 +231,11 @@ class DnsProxy:
 
     def record(self, cp: "ConnectionPolicy", client: tuple[str, int], dst: tuple[str, int], qtype: str, name: str,
                rcode: int, verdict: str, reason: str, t0: float, rv: "RequestVerdict | None" = None) -> None:
-        src = {"ip": client[0], "pod": cp.src_name, "identity": cp.src_identity}
-        dest = {"ip": dst[0], "port": dst[1], "pod": cp.dst_name, "identity": cp.dst_identity}
-        self.server.events.emit(L7Record(
-            qtype, f"dns:{name}" if name else "", name, "DNS", rcode, round((time.monotonic() - t0) * 1000, 3),
-            verdict, reason, src, dest, list(rv.rule_ids) if rv else [], list(rv.policies) if rv else []))
+        self.server.events.emit(l7_flow(
+            self.server.snapshot, Verdict(verdict), client, dst, src_identity=cp.src_identity,
+            dst_identity=cp.dst_identity, direction=redirect_direction(cp), summary=reason,
+            latency_ms=round((time.monotonic() - t0) * 1000, 3), rule_ids=rv.rule_ids if rv else (),
+            policies=rv.policies if rv else (), dns=DnsFlow(name, (qtype,) if qtype else (), rcode)))
 
 
 def asked_name(question: dns.rrset.RRset) -> str:

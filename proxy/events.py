@@ -1,10 +1,12 @@
-"""L7 records: one JSON object per request, appended as a line to the events file and kept in
-memory (bounded) for tests and for whoever embeds the proxy.
+"""The proxy's flow records: one L7 `dataplane.flowrecord.Flow` per HTTP request and per DNS
+question, appended as a JSON line to the events file and kept in memory (bounded) for tests and
+for whoever embeds the proxy.
 
-Fields: time (unix seconds), method, url, path (normalized, as matched and forwarded), protocol,
-status, latency_ms, verdict (forwarded | denied | error), reason, source / destination (ip, pod
-name or "", identity; destination also port), rule_ids and policies (that allowed it, or whose
-rules it failed).
+`l7_flow` builds the record the same way for both protocols: the two endpoints as the policy
+snapshot in force names them when the record is made (pod, namespace, the identity's labels;
+a relabel reaches the proxy as a new snapshot, so later records carry the new labels), the
+proxy's verdict (forwarded | denied | error) and why, the rules behind it, the latency, and the
+HTTP or DNS part (`l7.http.HttpFlow`, `l7.dns.DnsFlow`).
 
 The file is bounded: past L7LAB_LOG_ROTATE_BYTES (default 64 MiB) it becomes NAME.1 and a new
 one begins (`dataplane.logfiles.RotatingLog`), so a busy lab keeps at most two files.
@@ -12,33 +14,53 @@ one begins (`dataplane.logfiles.RotatingLog`), so a busy lab keeps at most two f
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, TracePoint,
+                                  TrafficDirection, Verdict)
+from dataplane.flowrender import json_line
 from dataplane.logfiles import RotatingLog
+from l7.dns import DnsFlow
+from l7.http import HttpFlow
 
 
-@dataclass
-class L7Record:
-    method: str
-    url: str
-    path: str
-    protocol: str
-    status: int
-    latency_ms: float
-    verdict: str  # forwarded | denied | error
-    reason: str
-    source: dict[str, Any]
-    destination: dict[str, Any]
-    rule_ids: list[int] = field(default_factory=list)
-    policies: list[str] = field(default_factory=list)
-    time: float = field(default_factory=time.time)
+def _endpoint(snapshot: Any, ip: str, port: int, identity: int | None) -> Endpoint:
+    ep = snapshot.by_ip.get(ip)
+    if ep is None:
+        return Endpoint(ip, port, identity or 0)
+    namespace, _, pod = ep.name.partition("/")
+    return Endpoint(ip, port, identity if identity is not None else ep.identity, namespace, pod, "", dict(ep.labels))
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+
+def redirect_direction(cp: Any) -> TrafficDirection:
+    """The direction of the first L7 rule set that applies to a connection (`cp`, a
+    `proxy.state.ConnectionPolicy`, or None): the source's egress before the destination's
+    ingress, the redirect that brought the request here; UNKNOWN when none applies."""
+    if cp is None or not cp.sets:
+        return TrafficDirection.UNKNOWN
+    # An applied set is named "L7 <direction> of <endpoint>" by both sides (l7.decide.AppliedSet.of).
+    word = cp.sets[0].where.split(" ")[1:2]
+    return TrafficDirection(word[0]) if word and word[0] in ("ingress", "egress") else TrafficDirection.UNKNOWN
+
+
+def l7_flow(snapshot: Any, verdict: Verdict, client: tuple[str, int], dst: tuple[str, int], *,
+            src_identity: int | None, dst_identity: int | None, direction: TrafficDirection, summary: str,
+            latency_ms: float, rule_ids: tuple[int, ...] = (), policies: tuple[str, ...] = (),
+            http: HttpFlow | None = None, dns: DnsFlow | None = None) -> Flow:
+    """An L7 record. `snapshot` is the proxy's policy snapshot in force now (a
+    `proxy.state.Snapshot`: its `by_ip` endpoints and `state.rules`); `rule_ids` the rules that
+    allowed the request, `policies` the policies that allowed it or whose rules it failed."""
+    rules = tuple(f"{r.policy} {r.section}[{r.rule_index}]" for r in map(snapshot.state.rules.get, rule_ids)
+                  if r is not None)
+    return Flow(
+        time=round(time.time(), 6), type=FlowType.L7, verdict=verdict,
+        source=_endpoint(snapshot, client[0], client[1], src_identity),
+        destination=_endpoint(snapshot, dst[0], dst[1], dst_identity),
+        l4=L4("UDP" if dns is not None else "TCP"), direction=direction, trace_point=TracePoint.PROXY,
+        summary=summary, policy=PolicyAttribution(tuple(rule_ids), tuple(policies), rules),
+        l7=L7(latency_ms, http, dns))
 
 
 class EventLog:
@@ -46,14 +68,14 @@ class EventLog:
     last `keep` in memory. `max_bytes` overrides the size cap (default: L7LAB_LOG_ROTATE_BYTES)."""
 
     def __init__(self, path: str | None = None, keep: int = 10000, max_bytes: int | None = None) -> None:
-        self.records: deque[L7Record] = deque(maxlen=keep)
+        self.records: deque[Flow] = deque(maxlen=keep)
         self._file: RotatingLog | None = RotatingLog(path, max_bytes) if path else None
 
-    def emit(self, record: L7Record) -> None:
+    def emit(self, record: Flow) -> None:
         self.records.append(record)
         if self._file is not None:
             try:
-                self._file.write_line(json.dumps(record.to_json(), separators=(",", ":")))
+                self._file.write_line(json_line(record))
             except OSError:
                 pass  # observability must never break enforcement
 

@@ -2,8 +2,10 @@
 
 A connection assigned to the listener by bpf_sk_assign keeps its original tuple, so
 `getsockname()` of the accepted socket is the original destination (tests override it with
-`original_dst`). Per request: read and validate the head (proxy.http), judge it under the
-current policy snapshot (proxy.state), then either answer 403 (reading and discarding the body so
+`original_dst`). A connection is served by the handler of the L7 protocol of the rule sets that
+apply to it (STREAM_HANDLERS below: HTTP, `ClientConnection`). Per request: read and validate
+the head (proxy.http), judge it under the current policy snapshot (proxy.state, which calls the
+oracle's own decision in `l7.decide`), then either answer 403 (reading and discarding the body so
 the connection stays usable) or forward the re-serialized request upstream and stream the
 response back. Requests on one client connection are handled strictly in order, which keeps
 pipelined answers in order. The upstream connection (SO_MARK = from-proxy magic + source
@@ -25,8 +27,11 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, Callable
 
+from dataplane.flowrecord import Verdict
+from l7.http import HttpFlow
+
 from .context import DatagramHandler, ProxyContext
-from .events import EventLog, L7Record
+from .events import EventLog, l7_flow, redirect_direction
 from .handlers import DATAGRAM_HANDLERS
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
@@ -394,13 +399,13 @@ class ClientConnection:
 
     def record(self, req: Request | None, cp: ConnectionPolicy | None, status: int, verdict: str, reason: str,
                t0: float, rv: RequestVerdict | None = None) -> None:
-        src = {"ip": self.peer[0], "pod": cp.src_name if cp else "", "identity": cp.src_identity if cp else None}
-        dst = {"ip": self.dst[0], "port": self.dst[1], "pod": cp.dst_name if cp else "",
-               "identity": cp.dst_identity if cp else None}
-        self.server.events.emit(L7Record(
-            req.method if req else "", f"http://{req.host}{req.path}" if req else "", req.path if req else "",
-            f"HTTP/{req.version}" if req else "", status, round((time.monotonic() - t0) * 1000, 3), verdict, reason,
-            src, dst, list(rv.rule_ids) if rv else [], list(rv.policies) if rv else []))
+        self.server.events.emit(l7_flow(
+            self.server.snapshot, Verdict(verdict), self.peer, self.dst,
+            src_identity=cp.src_identity if cp else None, dst_identity=cp.dst_identity if cp else None,
+            direction=redirect_direction(cp), summary=reason, latency_ms=round((time.monotonic() - t0) * 1000, 3),
+            rule_ids=rv.rule_ids if rv else (), policies=rv.policies if rv else (),
+            http=HttpFlow(req.method, f"http://{req.host}{req.path}", req.path, f"HTTP/{req.version}", status)
+            if req else HttpFlow("", "", "", "", status)))
 
     # ------------------------------------------------------------------ forwarding
 

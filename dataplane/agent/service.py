@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 from .. import lab as labmod
 from .. import limits
 from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
-from ..flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail, address_names, write_kernel_records
-from ..logfiles import rotate_bytes
+from ..flowrecord import Flow, ProxyEvent
+from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
 from ..scenario import PolicyRef, PolicySource, Relabel, Step
 from ..supervisor import ProxySupervisor
@@ -45,8 +45,6 @@ CHANGE_BUDGET = 10.0  # seconds from a change's sending to its last effect (the 
 PROXY_CONFIRM_TIMEOUT = 5.0  # of which a running proxy gets this long to confirm new rules (it takes milliseconds)
 ROLLBACK_BUDGET = 2.0  # seconds the agent may then take to undo a change that failed or finished late
 POLL_MS = 100
-# flows.jsonl is rotated to flows.jsonl.1 beyond this many bytes (default: every lab log's cap)
-MAX_FLOWS_BYTES = int(os.environ.get("L7LAB_FLOWS_ROTATE_BYTES", rotate_bytes()))
 
 Undo = Callable[[str], None]  # undoes an applied change; the argument says why
 
@@ -65,9 +63,9 @@ class LabService:
         self.counters = LabCounters()
         self.snapshot = MetricsSnapshot()  # replaced whole, never changed: the scrape threads read it
         self.proxy_records = RecordTail(self.dir)
-        self.names = address_names(lab)
+        self.directory = Directory.of_lab(lab)
         self.proxy = ProxySupervisor(lab, self._proxy_event)
-        self.flows: Any = None
+        self.flows: FlowLog | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -78,7 +76,7 @@ class LabService:
 
     def open(self) -> None:
         """Open the flow records and start serving metrics (in the namespace the agent runs in)."""
-        self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115 - lives as long as the agent
+        self.flows = FlowLog(self.dir)
         self.take_snapshot()
         if self.metrics_server is not None:  # its socket was bound in the root namespace by `up`
             self.metrics_server.serve(LabCollector(self.lab.name, lambda: self.snapshot))
@@ -106,23 +104,15 @@ class LabService:
         if not events:
             return
         self.counters.flow_events.update(ev.verdict.name for ev in events)
-        write_kernel_records(self.flows, events, self.state, self.names)
-        self._rotate_flows()
-
-    def _rotate_flows(self) -> None:
-        if self.flows.tell() > MAX_FLOWS_BYTES:  # keep one previous file: a long-lived lab stays bounded
-            self.flows.close()
-            os.replace(self.dir / KERNEL_FLOWS, self.dir / (KERNEL_FLOWS + ".1"))
-            self.flows = open(self.dir / KERNEL_FLOWS, "a", buffering=1)  # noqa: SIM115
+        if self.flows is not None:
+            self.flows.write(kernel_flows(events, self.state, self.directory))
 
     def _proxy_event(self, event: str, detail: str, pid: int | None) -> None:
         """A proxy lifecycle record in flows.jsonl (`observe` shows it among the flows), the agent's
         log, and at once in the metrics."""
         print(f"proxy {event}: {detail}", flush=True)
         if self.flows is not None:
-            self.flows.write(json.dumps({"type": "proxy", "time": round(time.time(), 6), "event": event,
-                                         "detail": detail, "pid": pid}, separators=(",", ":")) + "\n")
-            self._rotate_flows()
+            self.flows.write([ProxyEvent(round(time.time(), 6), event, detail, pid)])
         self.take_snapshot()
 
     def metrics(self, detail: dict | None = None) -> list[dict[str, Any]]:
@@ -132,8 +122,9 @@ class LabService:
 
     def take_snapshot(self, detail: dict | None = None) -> None:
         """Read what the metrics report, here on the agent's loop, into a new immutable snapshot."""
-        for record in self.proxy_records.lines(PROXY_RECORDS):  # count what the proxy wrote since
-            self.counters.l7_records[(record.get("protocol", "").split("/")[0] or "?", record.get("verdict", "?"))] += 1
+        for record in self.proxy_records.records(PROXY_RECORDS):  # count what the proxy wrote since
+            if isinstance(record, Flow) and record.l7 is not None:
+                self.counters.l7_records[(record.l7.protocol or "?", record.verdict.value)] += 1
         detail = self.datapath.metrics_detail() if detail is None else detail
         self.snapshot = MetricsSnapshot.take(self.counters, detail, policies=len(self.engine.policies),
                                              proxy_up=self.proxy.up, proxy_restarts=self.proxy.restarts)

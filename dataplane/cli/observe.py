@@ -4,7 +4,6 @@ records and its lifecycle), merged by time, from the end of the files or a point
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from .. import lab as labmod
@@ -16,13 +15,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
     with --last / --since it starts near the end of the files instead of reading them whole."""
     import time  # noqa: PLC0415
 
-    from ..flows import RECORD_FILES, RecordTail, describe  # noqa: PLC0415
+    from ..flowrecord import record_type  # noqa: PLC0415
+    from ..flowrender import describe, json_line  # noqa: PLC0415
+    from ..flows import OBSERVE_TYPES, RecordTail  # noqa: PLC0415
 
     rec = one_lab(args.lab)
-    kinds = {"all": ("flow", "l7", "proxy"), "l7": ("l7", "proxy"), "flows": ("flow",)}[args.type]
-    # The agent writes the proxy's lifecycle records ("proxy") into the kernel flows file.
-    files = tuple(n for n, k in RECORD_FILES.items() if k in kinds or (k == "flow" and "proxy" in kinds))
-    tail = RecordTail(labmod.lab_dir(rec.lab), names=files)
+    kinds = OBSERVE_TYPES[args.type]
+    tail = RecordTail.of_types(labmod.lab_dir(rec.lab), kinds)
     since = args.since() if args.since is not None else None  # relative to now, when observing starts
     if args.last is not None:
         tail.start_at_last(args.last)
@@ -31,13 +30,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.follow if args.follow else 0.0
     first = True
     while True:
-        records = [r for r in tail.read() if r["type"] in kinds and (since is None or r.get("time", 0.0) >= since)]
+        records = [r for r in tail.read() if record_type(r) in kinds and (since is None or r.time >= since)]
         if first and args.last is not None:
             records = records[-args.last:] if args.last else []  # the last N of all the files together
         first = False
         for record in records:
             if args.json:
-                print(json.dumps(record), flush=True)
+                print(json_line(record), flush=True)
             else:
                 console.print(describe(record), highlight=False, soft_wrap=True)
         if time.monotonic() >= deadline:

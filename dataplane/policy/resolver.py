@@ -135,7 +135,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
                 Contribution(IDENTITY_HOST, PROTO_ANY, 0, 65535, Verdict.ALLOW, None, localhost_id))
         state.endpoints[ep.endpoint_id] = EndpointState(
             ep.endpoint_id, ep.key, ep.ip, identities.pod_identity[ep.key],
-            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit)
+            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit, tuple(sorted(ep.labels.items())))
         for d, contribs in contributions.items():
             _emit(state, ep.endpoint_id, d, contribs)
             all_contributions[(ep.endpoint_id, d)] = contribs

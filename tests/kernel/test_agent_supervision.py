@@ -16,12 +16,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dataplane import lab as labmod
 from dataplane import topology
+from dataplane.flowrecord import ProxyEvent, record_from_json
 from dataplane.mapstate import PROXY_PORT
 from tests.conftest import unique_lab
 from tests.support import wait
@@ -71,10 +71,10 @@ def proxy_pid(lab: str) -> int:
     return int(proxy["pid"])
 
 
-def proxy_records(lab: str) -> list[dict[str, Any]]:
+def proxy_records(lab: str) -> list[ProxyEvent]:
     out = l7lab("observe", lab, "--json")
     assert out.returncode == 0, out.stderr
-    return [r for r in map(json.loads, out.stdout.splitlines()) if r["type"] == "proxy"]
+    return [r for r in map(record_from_json, map(json.loads, out.stdout.splitlines())) if isinstance(r, ProxyEvent)]
 
 
 def samples(url: str, lab: str) -> dict[str, float]:
@@ -129,9 +129,9 @@ def test_slow_metrics_clients_hold_neither_the_agent_nor_other_scrapes(tmp_path:
             out = l7lab("apply", "--lab", lab, str(policy), timeout=30)
             assert out.returncode == 0 and "applied CiliumNetworkPolicy retail/auditors-read" in out.stdout, out
             assert not reaches(lab, "reporting", INVENTORY, False)
-            drops = observe(lab, lambda r: any(x["type"] == "flow" and x["verdict"] == "DROP"
-                                               and x["source"]["pod"] == "retail/reporting" for x in r))
-            assert any(r["type"] == "flow" and r["verdict"] == "DROP" for r in drops), drops
+            drops = observe(lab, lambda r: any(x.type == "L3_L4" and x.verdict == "DROP"
+                                               and x.source.name == "retail/reporting" for x in r))
+            assert any(r.type == "L3_L4" and r.verdict == "DROP" for r in drops), drops
             out = l7lab("delete", "cnp", "auditors-read", "-n", "retail", "--lab", lab, timeout=30)
             assert out.returncode == 0 and "deleted CiliumNetworkPolicy retail/auditors-read" in out.stdout, out
             # a well-behaved scraper still gets its metrics, with the changes just made
@@ -236,12 +236,12 @@ def test_a_killed_proxy_is_seen_recorded_and_restarted(tmp_path: Path) -> None:
         finally:
             os.kill(agent, signal.SIGCONT)
         with taken:
-            wait_for("a failed restart", lambda: any(r["event"] == "restart failed" for r in proxy_records(lab)))
+            wait_for("a failed restart", lambda: any(r.event == "restart failed" for r in proxy_records(lab)))
             records = proxy_records(lab)
-            assert records[0]["event"] == "exited" and "killed by SIGKILL" in records[0]["detail"]
-            assert records[0]["pid"] == pid
-            failed = next(r for r in records if r["event"] == "restart failed")
-            assert "before it was ready" in failed["detail"]
+            assert records[0].event == "exited" and "killed by SIGKILL" in records[0].detail
+            assert records[0].pid == pid
+            failed = next(r for r in records if r.event == "restart failed")
+            assert "before it was ready" in failed.detail
             proxy = agent_status(lab)["agent"]["proxy"]
             assert proxy["state"] in ("down", "starting") and proxy["restarts"] == 0, proxy
             text = l7lab("status", lab).stdout
@@ -272,7 +272,7 @@ def test_a_killed_proxy_is_seen_recorded_and_restarted(tmp_path: Path) -> None:
         assert json.loads(curl(lab, "frontend-app", INVENTORY).stdout)["endpoint"] == "retail/inventory-api"
         assert curl(lab, "frontend-app", INVENTORY, "-X", "DELETE").stdout.strip() == "Access denied"
         assert not reaches(lab, "reporting", INVENTORY, False)  # the refused L7 policy never took effect
-        assert any(r["event"] == "restarted" and r["pid"] == proxy["pid"] for r in proxy_records(lab))
+        assert any(r.event == "restarted" and r.pid == proxy["pid"] for r in proxy_records(lab))
         assert wait_for("the restart in the metrics", lambda: samples(url, lab) == {"up": 1, "restarts": 1})
         # A change with L7 rules is confirmed by the restarted proxy.
         out = l7lab("apply", "--lab", lab, str(reads))
@@ -292,7 +292,7 @@ def test_run_keep_agent_restarts_the_proxy_it_did_not_start() -> None:
                  and p["pid"] != pid, timeout=60, every=0.2)
         assert json.loads(curl(name, "frontend-app", INVENTORY).stdout)["endpoint"] == "retail/inventory-api"
         assert curl(name, "frontend-app", INVENTORY, "-X", "DELETE").stdout.strip() == "Access denied"
-        assert [r["event"] for r in proxy_records(name)] == ["exited", "restarted"]
+        assert [r.event for r in proxy_records(name)] == ["exited", "restarted"]
     finally:
         assert l7lab("down", name).returncode == 0
     assert nothing_left(name), leftovers(name)

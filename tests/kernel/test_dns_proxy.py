@@ -23,6 +23,7 @@ import dns.rrset
 import pytest
 
 from dataplane import topology
+from dataplane.flowrecord import Flow
 from dataplane.lab import Lab, lab_dir, lab_prefix
 from dataplane.logfiles import read_all, request_log
 from dataplane.policy import PolicyEngine
@@ -69,9 +70,9 @@ def server_log(lab: Lab) -> list[dict[str, Any]]:
     return read_all(request_log(lab_dir(lab.name), ns))
 
 
-def proxy_records(lab: Lab) -> list[dict[str, Any]]:
+def proxy_records(lab: Lab) -> list[Flow]:
     path = lab.proxy_events_file
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [Flow.from_json(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_allowed_names_are_answered_by_the_server_and_others_refused_by_the_proxy(lab: Lab) -> None:
@@ -90,14 +91,15 @@ def test_allowed_names_are_answered_by_the_server_and_others_refused_by_the_prox
     assert {r["client"].split(":")[0] for r in seen} == {lab.scenario.node_ip}
     # One L7 record per query, in order, attributed to the policy.
     records = proxy_records(lab)[records_before:]
-    assert [(r["path"], r["protocol"], r["status"], r["verdict"]) for r in records] == [
+    assert [(r.dns.query, r.l7.protocol, r.dns.rcode, r.verdict) for r in records] == [
         ("www.example.com", "DNS", 0, "forwarded"), ("nothing-here.example.com", "DNS", 3, "forwarded"),
         ("www.example.org", "DNS", 5, "denied"), ("api.partner.example.com", "DNS", 5, "denied"),
         ("example.com", "DNS", 5, "denied")]
-    assert all(r["source"]["pod"] == "shop/mediabot" and r["destination"]["pod"] == "kube-system/kube-dns"
-               and r["method"] == "A" for r in records)
-    assert records[0]["policies"] == ["CiliumNetworkPolicy shop/mediabot-dns"]
-    assert records[2]["policies"] == ["CiliumNetworkPolicy shop/mediabot-dns"]  # the policy whose rules it failed
+    assert all(r.source.name == "shop/mediabot" and r.destination.name == "kube-system/kube-dns"
+               and r.destination.port == 53 and r.l4.protocol == "UDP" and r.dns.qtypes == ("A",)
+               and r.direction == "egress" for r in records)
+    assert records[0].policy.policies == ("CiliumNetworkPolicy shop/mediabot-dns",)
+    assert records[2].policy.policies == ("CiliumNetworkPolicy shop/mediabot-dns",)  # the policy whose rules it failed
 
 
 def test_a_pod_without_dns_rules_asks_the_server_directly(lab: Lab) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dataplane.flowrecord import Endpoint, Flow
 from dataplane.mapstate import PROXY_PORT
 from dataplane.policy import PolicyEngine
 from dataplane.reasons import DropReason, FlowVerdict
@@ -106,8 +107,8 @@ def test_l7_events_one_record_per_request_and_kernel_redirect(l7: L7Lab) -> None
                + b"0x5\r\nhello\r\n0\r\n\r\n")
         assert c.read_response().status == 400
 
-    def mine() -> list[dict]:
-        return [r for r in l7.proxy_events() if r["url"].startswith(f"http://{host}/")]
+    def mine() -> list[Flow]:
+        return [r for r in l7.proxy_events() if r.http.url.startswith(f"http://{host}/")]
 
     deadline = time.monotonic() + IO_TIMEOUT  # records are written once a response is done
     while len(mine()) < len(sent) + 1 and time.monotonic() < deadline:
@@ -115,32 +116,34 @@ def test_l7_events_one_record_per_request_and_kernel_redirect(l7: L7Lab) -> None
     records = mine()
     assert len(records) == len(sent) + 1, records
     # in order within a connection; the two connections' records may interleave
-    records = [r for r in records if r["verdict"] != "error"] + [r for r in records if r["verdict"] == "error"]
+    records = [r for r in records if r.verdict != "error"] + [r for r in records if r.verdict == "error"]
 
     state = l7.engine.map_state()
-    src = {"ip": l7.ip("shop/frontend"), "pod": "shop/frontend", "identity": l7.identity("shop/frontend")}
-    dst = {"ip": l7.ip("shop/backend"), "port": L7_PORT, "pod": "shop/backend",
-           "identity": l7.identity("shop/backend")}
-    assert src["identity"] >= 256 and dst["identity"] >= 256 and src["identity"] != dst["identity"]
+
+    def who(ep: Endpoint) -> tuple:
+        return ep.ip, ep.name, ep.identity, ep.labels.get("app")
+    src = (l7.ip("shop/frontend"), "shop/frontend", l7.identity("shop/frontend"), "frontend")
+    dst = (l7.ip("shop/backend"), "shop/backend", l7.identity("shop/backend"), "backend")
+    assert src[2] >= 256 and dst[2] >= 256 and src[2] != dst[2]
     for rec, (method, path, _, status, verdict) in zip(records, sent):
-        assert (rec["method"], rec["path"], rec["status"], rec["verdict"]) == (method, path, status, verdict)
-        assert rec["url"] == f"http://{host}{path}" and rec["protocol"] == "HTTP/1.1"
-        assert rec["source"] == src and rec["destination"] == dst
-        assert rec["policies"] == [L7_POLICY_NAME], rec
+        assert (rec.http.method, rec.http.path, rec.http.code, rec.verdict) == (method, path, status, verdict)
+        assert rec.http.url == f"http://{host}{path}" and rec.http.protocol == "HTTP/1.1"
+        assert who(rec.source) == src and who(rec.destination) == dst and rec.destination.port == L7_PORT
+        assert rec.policy.policies == (L7_POLICY_NAME,), rec
         if verdict == "forwarded":
-            assert rec["rule_ids"] and all(state.rules[i].policy == L7_POLICY_NAME for i in rec["rule_ids"])
+            assert rec.policy.rule_ids and all(state.rules[i].policy == L7_POLICY_NAME for i in rec.policy.rule_ids)
         else:
-            assert rec["rule_ids"] == [] and "no HTTP rule" in rec["reason"]
+            assert rec.policy.rule_ids == () and "no HTTP rule" in rec.summary
     bad = records[-1]
-    assert (bad["method"], bad["path"], bad["status"], bad["verdict"]) == ("POST", "/upload", 400, "error")
-    assert bad["source"] == src and bad["destination"] == dst
+    assert (bad.http.method, bad.http.path, bad.http.code, bad.verdict) == ("POST", "/upload", 400, "error")
+    assert who(bad.source) == src and who(bad.destination) == dst
 
     # The kernel's side of the same flows: REDIRECT to the proxy port, attributed to the policy.
     events = l7.events_for(l7.datapath.poll_events(timeout_ms=200), "shop/frontend", "shop/backend", L7_PORT)
     assert events
     assert {(e.verdict, e.proxy_port) for e in events} == {(FlowVerdict.REDIRECT, PROXY_PORT)}
     assert all(state.rules[e.rule_id].policy == L7_POLICY_NAME for e in events)
-    assert {(e.src_identity, e.dst_identity) for e in events} == {(src["identity"], dst["identity"])}
+    assert {(e.src_identity, e.dst_identity) for e in events} == {(src[2], dst[2])}
 
 
 def test_l7_policy_change_reaches_the_proxy(l7: L7Lab) -> None:
@@ -173,9 +176,9 @@ def test_l7_policy_change_reaches_the_proxy(l7: L7Lab) -> None:
         expected = [(f"/v2/{tag}", "forwarded"), (f"/public/{tag}/new", "denied"),
                     (f"/public/{tag}/old-again", "denied"), (f"/v2/{tag}/old", "forwarded")]
         paths = {p for p, _ in expected}
-        records = [r for r in l7.wait_proxy_events(start + 4)[start:] if r["path"] in paths]
-        assert sorted((r["path"], r["verdict"]) for r in records) == sorted(expected)
-        assert {p for r in records for p in r["policies"]} == {"CiliumNetworkPolicy shop/backend-l7-v2"}
+        records = [r for r in l7.wait_proxy_events(start + 4)[start:] if r.http.path in paths]
+        assert sorted((r.http.path, r.verdict) for r in records) == sorted(expected)
+        assert {p for r in records for p in r.policy.policies} == {"CiliumNetworkPolicy shop/backend-l7-v2"}
     finally:
         old.close()
         l7.lab.policy = original

@@ -23,10 +23,10 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
+from dataplane.flowrecord import Flow
 from tests.conftest import unique_lab
 from tests.support.http import request_bytes
 from tests.support.l7_lab import (L7_POLICY, PLAIN_POLICY, L7Lab, PodClient, backend_json, close_l7_lab,
@@ -75,8 +75,8 @@ def limits(l7: L7Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str
     l7.lab.start_proxy()
 
 
-def errors(l7: L7Lab, reason: str) -> list[dict[str, Any]]:
-    return [e for e in l7.proxy_events() if e["verdict"] == "error" and reason in e["reason"]]
+def errors(l7: L7Lab, reason: str) -> list[Flow]:
+    return [e for e in l7.proxy_events() if e.verdict == "error" and reason in e.summary]
 
 
 def served(l7: L7Lab, pod: str, path: str) -> PodClient:
@@ -109,12 +109,12 @@ def test_connection_caps_refuse_a_pod_past_its_share_while_others_are_served(l7:
         frontend = l7.identity("shop/frontend")
         per_identity = wait_for("the per-identity refusal record",
                                 lambda: errors(l7, "max-connections-per-identity 3"))
-        assert per_identity[-1]["status"] == 503
-        assert per_identity[-1]["source"] == {"ip": l7.ip("shop/frontend"), "pod": "shop/frontend",
-                                              "identity": frontend}
-        assert f"identity {frontend} already has 3 connections open" in per_identity[-1]["reason"]
+        assert per_identity[-1].http.code == 503
+        source = per_identity[-1].source
+        assert (source.ip, source.name, source.identity) == (l7.ip("shop/frontend"), "shop/frontend", frontend)
+        assert f"identity {frontend} already has 3 connections open" in per_identity[-1].summary
         overall = wait_for("the overall refusal record", lambda: errors(l7, "(max-connections 5)"))
-        assert overall[-1]["source"]["pod"] == "shop/stranger" and overall[-1]["status"] == 503
+        assert overall[-1].source.name == "shop/stranger" and overall[-1].http.code == 503
         # The held connections still work, and a closed one frees its slot for its pod.
         held[0].send(request_bytes("GET", f"/public/{tag}/again"))
         assert backend_json(held[0].read_response())["path"] == f"/public/{tag}/again"
@@ -166,7 +166,7 @@ def test_slowloris_heads_are_closed_while_others_are_served(l7: L7Lab, limits) -
     assert f"/public/{tag}/slowloris" not in [r["path"] for r in l7.backend_requests()]
     timeouts = wait_for("the 408 records", lambda: len(errors(l7, "no complete request head in time")) >= 4 and
                         errors(l7, "no complete request head in time"))
-    assert {e["source"]["pod"] for e in timeouts} == {"shop/frontend"} and {e["status"] for e in timeouts} == {408}
+    assert {e.source.name for e in timeouts} == {"shop/frontend"} and {e.http.code for e in timeouts} == {408}
 
 
 def test_idle_keep_alive_connection_is_closed(l7: L7Lab, limits) -> None:  # noqa: ANN001
@@ -207,7 +207,7 @@ def test_a_pod_that_stops_reading_is_cut_and_a_slow_reader_is_not(l7: L7Lab, lim
         stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         stuck.send(request_bytes("GET", f"/public/{tag}/stuck", headers={"X-L7lab-Response-Bytes": str(big)}))
         (cut,) = wait_for("the progress timeout record", lambda: errors(l7, "progress timeout"))
-        assert (cut["path"], cut["source"]["pod"]) == (f"/public/{tag}/stuck", "shop/frontend")
+        assert (cut.http.path, cut.source.name) == (f"/public/{tag}/stuck", "shop/frontend")
         with served(l7, "shop/stranger", f"/public/{tag}/other"):  # the proxy serves on
             pass
         assert stuck.count_until_closed(DEADLINE) < big

@@ -285,4 +285,4 @@ def test_l7_peer_without_rights_is_dropped_in_the_kernel(l7: L7Lab) -> None:
     drops = l7.events_for(l7.datapath.poll_events(timeout_ms=200), "shop/stranger", "shop/backend", L7_PORT)
     assert drops and {(e.verdict, e.reason) for e in drops} == {(FlowVerdict.DROP, DropReason.POLICY_DENIED)}
     assert len(l7.backend_requests()) == before
-    assert all(r["source"]["ip"] != l7.ip("shop/stranger") for r in l7.proxy_events()[events_before:])
+    assert all(r.source.ip != l7.ip("shop/stranger") for r in l7.proxy_events()[events_before:])

@@ -13,11 +13,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dataplane import lab as labmod
+from dataplane.flowrecord import Flow, FlowType, Record, record_type
 from tests.conftest import REPO, unique_lab
 from tests.support.cli_lab import (AUDITOR_POLICY, L7LAB, NO_PROXY, READ_ONLY, RETAIL, agent_status, curl,
                                    free_loopback_port, l7lab, leftovers, nothing_left, observe, reaches, scrape)
@@ -42,32 +42,35 @@ def test_observe_shows_kernel_flows_and_l7_records(retail: str) -> None:
     assert json.loads(curl(retail, "frontend-app", inventory).stdout)["endpoint"] == "retail/inventory-api"
     assert not reaches(retail, "reporting", inventory, False)
 
-    def complete(records: list[dict[str, Any]]) -> bool:
-        return (len([r for r in records if r["type"] == "l7"]) >= 2
-                and any(r["type"] == "flow" and r["verdict"] == "DROP" for r in records))
+    def complete(records: list[Record]) -> bool:
+        return (len([r for r in records if r.type == "L7"]) >= 2
+                and any(r.type == "L3_L4" and r.verdict == "DROP" for r in records))
     records = observe(retail, complete)
-    l7 = [r for r in records if r["type"] == "l7"]
-    assert [(r["method"], r["status"], r["verdict"]) for r in l7] == [("DELETE", 403, "denied"), ("GET", 200, "forwarded")]
-    assert all(r["source"]["pod"] == "retail/frontend-app" and r["destination"]["pod"] == "retail/inventory-api"
-               and READ_ONLY in r["policies"] for r in l7)
-    flows = [r for r in records if r["type"] == "flow"]
-    redirects = [f for f in flows if f["verdict"] == "REDIRECT"]
+    assert all(isinstance(r, Flow) for r in records)
+    l7 = [r for r in records if r.type == "L7"]
+    assert [(r.http.method, r.http.code, r.verdict) for r in l7] == [("DELETE", 403, "denied"), ("GET", 200, "forwarded")]
+    assert all(r.source.name == "retail/frontend-app" and r.destination.name == "retail/inventory-api"
+               and READ_ONLY in r.policy.policies and r.source.labels["app"] == "frontend-app"
+               and r.direction == "ingress" and r.trace_point == "proxy" for r in l7)
+    flows = [r for r in records if r.type == "L3_L4"]
+    redirects = [f for f in flows if f.verdict == "REDIRECT"]
     # One kernel record per connection handed to the proxy, beside the proxy's record of it.
     assert len(redirects) == 2 and all(
-        (f["source"]["pod"], f["destination"]["pod"], f["destination"]["port"], f["protocol"]) ==
+        (f.source.name, f.destination.name, f.destination.port, f.l4.protocol) ==
         ("retail/frontend-app", "retail/inventory-api", 8080, "TCP")
-        and f["policy"] == f"{READ_ONLY} ingress[0]" and f["proxy_port"] == 15001 for f in redirects)
-    drops = [f for f in flows if f["verdict"] == "DROP"]
-    assert drops and all((f["source"]["pod"], f["reason"], f["direction"], f["endpoint"]) ==
+        and f.policy.rules == (f"{READ_ONLY} ingress[0]",) and f.proxy_port == 15001
+        and f.destination.labels["app"] == "inventory-api" for f in redirects)
+    drops = [f for f in flows if f.verdict == "DROP"]
+    assert drops and all((f.source.name, f.drop_reason, f.direction, f.deciding_endpoint.name) ==
                          ("retail/reporting", "POLICY_DENIED", "ingress", "retail/inventory-api") for f in drops)
-    assert all("SYN" in f["tcp_flags"] for f in drops)
+    assert all("SYN" in f.l4.tcp_flags and f.trace_point == "from-endpoint" for f in drops)
     # One stream on one clock: each connection's kernel REDIRECT comes before the proxy's
     # record of its request, and the second connection after the first request.
-    story = [(r["type"], r.get("verdict")) for r in records
-             if r["type"] == "l7" or (r["verdict"] == "REDIRECT" and r["source"]["pod"] == "retail/frontend-app")]
-    assert story == [("flow", "REDIRECT"), ("l7", "denied"), ("flow", "REDIRECT"), ("l7", "forwarded")]
+    story = [(r.type, r.verdict) for r in records
+             if r.type == "L7" or (r.verdict == "REDIRECT" and r.source.name == "retail/frontend-app")]
+    assert story == [("L3_L4", "REDIRECT"), ("L7", "denied"), ("L3_L4", "REDIRECT"), ("L7", "forwarded")]
     only_l7 = observe(retail, lambda r: True, "--type", "l7")
-    assert {r["type"] for r in only_l7} == {"l7"} and len(only_l7) == 2
+    assert {record_type(r) for r in only_l7} == {"L7"} and len(only_l7) == 2
     text = l7lab("observe", retail).stdout
     assert "DELETE /api/inventory/1 denied 403" in text
     assert "retail/reporting -> retail/inventory-api:8080 TCP DROP POLICY_DENIED at ingress of retail/inventory-api" in text
@@ -88,6 +91,16 @@ def test_apply_label_delete_change_enforcement_at_once(retail: str, tmp_path: Pa
     out = l7lab("label", "pod", "reporting", "role=auditor", "--lab", retail)
     assert out.returncode == 0, out.stderr
     assert reaches(retail, "reporting", url, True)
+    # Records carry the labels in force when they are made: the drop before the relabel without
+    # the new label, the kernel's verdict on the connection after it with it.
+    def from_reporting(records: list[Record]) -> list[Flow]:
+        return [r for r in records if isinstance(r, Flow) and r.source.name == "retail/reporting"]
+    mine = from_reporting(observe(retail, lambda rs: any(r.verdict == "FORWARD" for r in from_reporting(rs))))
+    assert mine[0].verdict == "DROP" and "role" not in mine[0].source.labels
+    after = [r for r in mine if r.verdict == "FORWARD"]
+    assert after and all(r.type == FlowType.L3_L4 for r in after)
+    assert all(r.source.labels["role"] == "auditor" and r.source.labels["app"] == "reporting"
+               and r.policy.policies == ("CiliumNetworkPolicy retail/auditors-read",) for r in after)
     status = agent_status(retail)
     assert {e["name"]: e for e in status["endpoints"]}["retail/reporting"]["labels"] == {"app": "reporting", "role": "auditor"}
     assert "CiliumNetworkPolicy retail/auditors-read" in status["agent"]["policies"]
@@ -177,21 +190,21 @@ def test_run_keep_hands_the_lab_to_an_agent() -> None:
         status = agent_status(name)
         assert status["agent"]["running"] and READ_ONLY in status["agent"]["policies"]
         # The run's own probes are in the flow records too.
-        ran = observe(name, lambda r: any(x["verdict"] == "REDIRECT" and x["source"]["pod"] == "retail/frontend-app"
-                                          for x in r) and any(x["verdict"] == "DROP" and
-                                                              x["source"]["pod"] == "retail/reporting" for x in r),
+        ran = observe(name, lambda r: any(x.verdict == "REDIRECT" and x.source.name == "retail/frontend-app"
+                                          for x in r) and any(x.verdict == "DROP" and
+                                                              x.source.name == "retail/reporting" for x in r),
                       "--type", "flows")
-        assert any(r["verdict"] == "REDIRECT" and r["source"]["pod"] == "retail/frontend-app" for r in ran)
-        assert any(r["verdict"] == "DROP" and r["source"]["pod"] == "retail/reporting" for r in ran)
+        assert any(r.verdict == "REDIRECT" and r.source.name == "retail/frontend-app" for r in ran)
+        assert any(r.verdict == "DROP" and r.source.name == "retail/reporting" for r in ran)
         url = "http://inventory-api:8080/api/inventory/1"
         assert not reaches(name, "reporting", url, False)
         # The agent reloads the proxy it did not start (by pid) and diffs the maps it inherited.
         assert l7lab("label", "pod", "reporting", "app=frontend-app", "--lab", name).returncode == 0
         assert reaches(name, "reporting", url, True)
         assert curl(name, "reporting", url, "-X", "DELETE").stdout.strip() == "Access denied"
-        records = observe(name, lambda r: any(x["type"] == "flow" and x["source"]["pod"] == "retail/reporting"
-                                              and x["verdict"] == "REDIRECT" for x in r))
-        assert any(r["type"] == "flow" and r["source"]["pod"] == "retail/reporting" and r["verdict"] == "DROP"
+        records = observe(name, lambda r: any(x.type == "L3_L4" and x.source.name == "retail/reporting"
+                                              and x.verdict == "REDIRECT" for x in r))
+        assert any(r.type == "L3_L4" and r.source.name == "retail/reporting" and r.verdict == "DROP"
                    for r in records)
     finally:
         assert l7lab("down", name).returncode == 0
@@ -242,7 +255,7 @@ def test_up_refuses_a_metrics_address_off_loopback() -> None:
 
 def test_flow_records_are_rotated_and_observe_follows() -> None:
     name = unique_lab("fr")
-    env = {**os.environ, "L7LAB_FLOWS_ROTATE_BYTES": "1500"}  # a few records per file
+    env = {**os.environ, "L7LAB_FLOWS_ROTATE_BYTES": "1500"}  # a record or two per file
     try:
         up = subprocess.run([*L7LAB, "up", str(RETAIL), "--name", name], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env=env)
@@ -254,19 +267,19 @@ def test_flow_records_are_rotated_and_observe_follows() -> None:
         while not (flows.with_name("flows.jsonl.1")).exists():
             assert time.monotonic() < deadline, "flows.jsonl was never rotated"
             time.sleep(0.1)
-        assert flows.with_name("flows.jsonl.1").stat().st_size > 1500
+        assert flows.with_name("flows.jsonl.1").stat().st_size > 0
 
-        def probe_and_observe() -> list[dict[str, Any]]:
+        def probe_and_observe() -> list[Record]:
             assert not reaches(name, "reporting", "http://inventory-api:8080/", False)
             out = l7lab("observe", name, "--json", "--type", "flows")
             assert out.returncode == 0, out.stderr
-            return [json.loads(line) for line in out.stdout.splitlines()]
+            return [Flow.from_json(json.loads(line)) for line in out.stdout.splitlines()]
         # A probe's records can push the new file over the limit again (it is rotated once more,
         # and is empty until the next record): probe until observe reads records of this file.
         deadline = time.monotonic() + 60
         while not (records := probe_and_observe()):
             assert time.monotonic() < deadline, "observe never showed a record of the current file"
-        assert all(r["verdict"] == "DROP" and r["source"]["pod"] == "retail/reporting" for r in records)
+        assert all(r.verdict == "DROP" and r.source.name == "retail/reporting" for r in records)
     finally:
         assert l7lab("down", name).returncode == 0
     assert nothing_left(name), leftovers(name)

@@ -16,6 +16,7 @@ from typing import Any
 
 from dataplane import lab as labmod
 from dataplane import topology
+from dataplane.flowrecord import Record, record_from_json
 from tests.conftest import REPO
 
 L7LAB = [sys.executable, "-m", "dataplane.cli"]
@@ -59,14 +60,15 @@ def reaches(lab: str, pod: str, url: str, expect: bool) -> bool:
     return True
 
 
-def observe(lab: str, until: Callable[[list[dict[str, Any]]], bool], *args: str) -> list[dict[str, Any]]:
-    """`observe --json` until its records satisfy `until` (the agent writes flows within ~0.1 s;
-    the deadline is for a loaded machine, where it may take seconds)."""
+def observe(lab: str, until: Callable[[list[Record]], bool], *args: str) -> list[Record]:
+    """`observe --json` read back as flow records until they satisfy `until` (the agent writes
+    flows within ~0.1 s; the deadline is for a loaded machine, where it may take seconds)."""
     deadline = time.monotonic() + 30
     while True:
         out = l7lab("observe", lab, "--json", *args)
         assert out.returncode == 0, out.stderr
-        records = [json.loads(line) for line in out.stdout.splitlines()]
+        records = [record_from_json(json.loads(line)) for line in out.stdout.splitlines()]
+        assert None not in records, out.stdout  # every line observe prints is a record
         if until(records) or time.monotonic() > deadline:
             return records
         time.sleep(0.1)

@@ -23,6 +23,7 @@ from typing import Any
 from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.datapath import FlowEvent
+from dataplane.flowrecord import Flow
 from dataplane.lab import Lab
 from dataplane.logfiles import read_all, request_log
 from dataplane.mapstate import PROXY_PORT, Direction
@@ -160,13 +161,14 @@ class L7Lab:
         """Every request the pod's server really received (its own JSON-lines log, rotated or not)."""
         return read_all(self.requests_log_path(pod))
 
-    def proxy_events(self) -> list[dict[str, Any]]:
+    def proxy_events(self) -> list[Flow]:
+        """The proxy's L7 records (its events file) so far."""
         path = self.lab.proxy_events_file
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [Flow.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
-    def wait_proxy_events(self, count: int, timeout: float = IO_TIMEOUT) -> list[dict[str, Any]]:
+    def wait_proxy_events(self, count: int, timeout: float = IO_TIMEOUT) -> list[Flow]:
         """The proxy writes a record once a response is done, possibly just after the client has
         it: wait (bounded) until at least `count` records are there."""
         deadline = time.monotonic() + timeout

@@ -17,6 +17,7 @@ the policy state of a three-pod topology moved onto 127.0.0.x addresses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import textwrap
 import threading
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from dataplane.mapstate import EndpointState, MapState
+from dataplane.mapstate import MapState
 from tests.support.policy import scenario
 
 RAW_CAP = 2 * 1024 * 1024  # raw bytes kept per backend connection (large uploads are only counted)
@@ -250,6 +251,5 @@ def remap(state: MapState, engine) -> MapState:
         ident = moved.ipcache.pop(f"{pod.ip}/32")
         moved.ipcache[f"{ADDRESSES[key]}/32"] = ident
     for eid, ep in list(moved.endpoints.items()):
-        moved.endpoints[eid] = EndpointState(ep.endpoint_id, ep.name, ADDRESSES[ep.name], ep.identity,
-                                             ep.ingress_enforced, ep.egress_enforced, ep.audit)
+        moved.endpoints[eid] = dataclasses.replace(ep, ip=ADDRESSES[ep.name])
     return moved

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from dataplane import logfiles
+from dataplane.flowrecord import L4, L7, Endpoint, Flow, FlowType, Verdict
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS, RecordTail
+from l7.http import HttpFlow
 from dataplane.logfiles import FollowedFile, RotatingLog, json_lines, read_all, rotate_bytes
-from proxy.events import EventLog, L7Record
+from proxy.events import EventLog
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +41,9 @@ def bytes_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def record_line(seq: int, when: float, pad: int = 0) -> str:
-    return json.dumps({"seq": seq, "time": when, "pad": "x" * pad})
+    """A flow record as small as the format allows (`RecordTail` reads it as one, its `bytes`
+    the sequence number), with `seq` and padding for the tests that read raw lines."""
+    return json.dumps({"time": when, "type": "L7", "verdict": "forwarded", "bytes": seq, "seq": seq, "pad": "x" * pad})
 
 
 def test_the_cap_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,10 +87,11 @@ def test_the_proxy_event_log_rotates(tmp_path: Path) -> None:
     path = tmp_path / "l7-events.jsonl"
     events = EventLog(str(path), max_bytes=5000)
     for i in range(200):
-        events.emit(L7Record("GET", f"/p/{i}", f"/p/{i}", "HTTP/1.1", 200, 1.0, "forwarded", "", {}, {}))
+        events.emit(Flow(float(i), FlowType.L7, Verdict.FORWARDED, Endpoint("10.0.0.2", 1), Endpoint("10.0.0.3", 80),
+                         L4("TCP"), l7=L7(1.0, http=HttpFlow("GET", f"/p/{i}", f"/p/{i}", "HTTP/1.1", 200))))
     events.close()
     assert path.stat().st_size <= 5000 and (tmp_path / "l7-events.jsonl.1").stat().st_size <= 5000
-    assert read_all(path)[-1]["path"] == "/p/199"
+    assert Flow.from_json(read_all(path)[-1]).l7 == L7(1.0, http=HttpFlow("GET", "/p/199", "/p/199", "HTTP/1.1", 200))
 
 
 def test_a_follower_sees_every_record_once_while_the_writer_rotates(tmp_path: Path) -> None:
@@ -134,17 +139,17 @@ def test_a_follower_sees_every_record_once_while_the_writer_rotates(tmp_path: Pa
 def test_record_tail_follows_a_rotated_proxy_log_and_skips_torn_lines(tmp_path: Path) -> None:
     log = RotatingLog(tmp_path / PROXY_RECORDS, max_bytes=400)
     tail = RecordTail(tmp_path)
-    log.write_line(record_line(0, 1.0, pad=100))
-    assert [r["seq"] for r in tail.read()] == [0]
+    log.write_line(record_line(0, 1.0, pad=40))
+    assert [r.bytes for r in tail.read()] == [0]
     for seq in range(1, 4):  # 0..2 fill the file, 3 rotates it
-        log.write_line(record_line(seq, 1.0 + seq, pad=100))
+        log.write_line(record_line(seq, 1.0 + seq, pad=40))
     assert (tmp_path / (PROXY_RECORDS + ".1")).exists()
     with open(tmp_path / PROXY_RECORDS, "a") as f:
-        f.write('{"seq": 99, "ti')  # still being written
-    assert [r["seq"] for r in tail.read()] == [1, 2, 3]
+        f.write('{"seq": 99, "type": "L7", "verdict": "forwarded", "bytes": 99, "ti')  # still being written
+    assert [r.bytes for r in tail.read()] == [1, 2, 3]
     with open(tmp_path / PROXY_RECORDS, "a") as f:
         f.write('me": 9.0}\nnot json\n')
-    assert [(r["type"], r["seq"]) for r in tail.read()] == [("l7", 99)]
+    assert [(r.type, r.bytes) for r in tail.read()] == [("L7", 99)]
 
 
 # --------------------------------------------------------------------------- from the end
@@ -154,7 +159,7 @@ def big_log(path: Path, lines: int, start: float = 1_000_000.0, step: float = 0.
     """A log of `lines` records of ~200 bytes, time increasing by `step`."""
     with open(path, "w") as f:
         for seq in range(lines):
-            f.write(record_line(seq, round(start + seq * step, 6), pad=150) + "\n")
+            f.write(record_line(seq, round(start + seq * step, 6), pad=100) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +177,13 @@ def test_last_records_read_only_the_end_of_a_big_file(big: Path, bytes_read: lis
     tail = RecordTail(big, names=(KERNEL_FLOWS,))
     tail.start_at_last(25)
     records = tail.read()
-    assert [r["seq"] for r in records] == list(range(299_975, 300_000))
+    assert [r.bytes for r in records] == list(range(299_975, 300_000))
     assert bytes_read[0] < 4 * logfiles.BLOCK  # a few blocks, not 60 MB
     # Following on from there reads only what is new.
     try:
         with open(big / KERNEL_FLOWS, "a") as f:
             f.write(record_line(300_000, 1_004_000.0) + "\n")
-        assert [r["seq"] for r in tail.read()] == [300_000]
+        assert [r.bytes for r in tail.read()] == [300_000]
         assert bytes_read[0] < 5 * logfiles.BLOCK
     finally:
         os.truncate(big / KERNEL_FLOWS, size)
@@ -189,7 +194,7 @@ def test_last_records_reach_into_the_rotated_file(tmp_path: Path, bytes_read: li
     big_log(tmp_path / PROXY_RECORDS, 3, start=10_000.0)
     tail = RecordTail(tmp_path, names=(PROXY_RECORDS,))
     tail.start_at_last(5)
-    assert [(r["type"], r["seq"]) for r in tail.read()] == [("l7", 49_998), ("l7", 49_999), ("l7", 0), ("l7", 1), ("l7", 2)]
+    assert [(r.type, r.bytes) for r in tail.read()] == [("L7", 49_998), ("L7", 49_999), ("L7", 0), ("L7", 1), ("L7", 2)]
     assert bytes_read[0] < 4 * logfiles.BLOCK
 
 
@@ -197,7 +202,7 @@ def test_since_bisects_a_big_file(big: Path, bytes_read: list[int]) -> None:
     tail = RecordTail(big, names=(KERNEL_FLOWS,))
     since = 1_001_000.0 + 299_990 * 0.01  # the last ten records
     tail.start_at_time(since)
-    assert [r["seq"] for r in tail.read()] == list(range(299_990, 300_000))
+    assert [r.bytes for r in tail.read()] == list(range(299_990, 300_000))
     assert bytes_read[0] < 200 * logfiles.BLOCK  # a few blocks per bisection step, not the whole file
 
 

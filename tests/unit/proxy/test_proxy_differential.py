@@ -213,7 +213,7 @@ def proxy_bodies(client_bytes: bytes) -> list[bytes | None]:
 def check_forwarded(lab: DiffLab, client_bytes: bytes, bodies: list[bytes] | None = None) -> list[str]:
     """The differential check for one exchange; returns the verdicts of the judged requests.
     `bodies`: the bodies the client meant (generated), checked on top of the proxy's decoding."""
-    records = [r for r in lab.proxy.events.records if r.method]  # one per judged request, in order
+    records = [r for r in lab.proxy.events.records if r.http.method]  # one per judged request, in order
     assert len(records) == len(lab.judged), (records, lab.judged)
     decoded = proxy_bodies(client_bytes)
     assert len(decoded) >= len(lab.judged), (decoded, lab.judged)
@@ -363,4 +363,4 @@ def test_generated_requests_as_a_second_parser_reads_them(dlab, batch, tail, cut
     verdicts = check_forwarded(dlab, data, [g.body for g in used])
     assert len(verdicts) >= len(used) and "error" not in verdicts[:len(used)], verdicts
     for record in list(dlab.proxy.events.records)[:len(used)]:
-        assert record.status in (200, 403), record  # the backend (llhttp, a third parser) agreed too
+        assert record.http.code in (200, 403), record  # the backend (llhttp, a third parser) agreed too

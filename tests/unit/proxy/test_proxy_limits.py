@@ -142,7 +142,7 @@ def test_idle_keep_alive_connection_is_closed_quietly(lab: LimitsLab) -> None:
     assert c.buf == b""
     silent = Client(proxy.port, FRONTEND)  # a new connection that never sends a byte
     assert silent.closed_by_peer(DEADLINE)
-    assert [(r.path, r.status) for r in records(proxy)] == [("/public/a", 200)]  # idle closes are not errors
+    assert [(r.http.path, r.http.code) for r in records(proxy)] == [("/public/a", 200)]  # idle closes are not errors
 
 
 def test_idle_timeout_never_cuts_a_request_in_flight(lab: LimitsLab) -> None:
@@ -189,8 +189,8 @@ def test_slowloris_heads_get_408_while_others_are_served(lab: LimitsLab) -> None
         assert (resp.status, resp.headers.get("connection")) == (408, "close")
         assert c.closed_by_peer(DEADLINE)
     assert "/public/slowloris" not in [s.url for s in lab.backend.requests]
-    timeouts = [r for r in records(proxy, "error") if r.status == 408]
-    assert len(timeouts) == 3 and all(r.reason == "no complete request head in time" for r in timeouts)
+    timeouts = [r for r in records(proxy, "error") if r.http.code == 408]
+    assert len(timeouts) == 3 and all(r.summary == "no complete request head in time" for r in timeouts)
 
 
 # --------------------------------------------------------------------------- progress timeout
@@ -205,7 +205,7 @@ def test_upstream_that_stops_sending_mid_body_is_cut(lab: LimitsLab) -> None:
         c.read_response(sink=got.append)  # 1000 of the announced 100000 bytes, then the close
     assert 0 < len(b"".join(got) + c.buf) < 100000
     (rec,) = wait_for("the record of the cut exchange", lambda: records(proxy, "error"), DEADLINE)
-    assert (rec.path, rec.status) == ("/public/stall-body", 502) and "progress timeout" in rec.reason
+    assert (rec.http.path, rec.http.code) == ("/public/stall-body", 502) and "progress timeout" in rec.summary
     wait_for("the upstream connection to be closed", lambda: lab.stall.closed >= 1, DEADLINE)
 
 
@@ -217,7 +217,7 @@ def test_upstream_that_never_answers_gets_504(lab: LimitsLab) -> None:
     assert (resp.status, resp.headers.get("connection")) == (504, "close")
     assert c.closed_by_peer(DEADLINE)
     (rec,) = records(proxy, "error")
-    assert rec.status == 504 and "no progress for 0.5 s" in rec.reason
+    assert rec.http.code == 504 and "no progress for 0.5 s" in rec.summary
 
 
 def test_client_that_stops_sending_its_body_gets_408(lab: LimitsLab) -> None:
@@ -229,7 +229,7 @@ def test_client_that_stops_sending_its_body_gets_408(lab: LimitsLab) -> None:
     assert (resp.status, resp.headers.get("connection")) == (408, "close")
     assert c.closed_by_peer(DEADLINE)
     assert not [s for s in lab.backend.requests if s.url == "/upload" and s.body_len == 100000]
-    assert [(r.path, r.status) for r in records(proxy, "error")] == [("/upload", 408)]
+    assert [(r.http.path, r.http.code) for r in records(proxy, "error")] == [("/upload", 408)]
     other = Client(proxy.port, FRONTEND)  # the proxy serves on
     assert other.request("GET", "/public/after").status == 200
 
@@ -241,7 +241,7 @@ def test_client_that_stops_reading_is_cut(lab: LimitsLab) -> None:
     size = 256 * 1024 * 1024
     c.send(b"GET /big/%d HTTP/1.1\r\nHost: backend\r\n\r\n" % size)  # and never read
     (rec,) = wait_for("the record of the cut exchange", lambda: records(proxy, "error"), DEADLINE)
-    assert (rec.path, rec.status) == (f"/big/{size}", 502) and "progress timeout" in rec.reason
+    assert (rec.http.path, rec.http.code) == (f"/big/{size}", 502) and "progress timeout" in rec.summary
     assert c.count_until_closed(DEADLINE) < size
 
 
@@ -286,12 +286,12 @@ def test_connection_caps_per_identity_and_overall(lab: LimitsLab) -> None:
     b = admitted(proxy, STRANGER)  # another identity is still served
     refused(proxy, STRANGER)  # the proxy as a whole is full now
     errors = records(proxy, "error")
-    assert [r.status for r in errors] == [503, 503]
+    assert [r.http.code for r in errors] == [503, 503]
     frontend = proxy.snapshot.identity_of(FRONTEND)
-    assert errors[0].source == {"ip": FRONTEND, "pod": "shop/frontend", "identity": frontend}
-    assert errors[0].reason == (f"connection limit: identity {frontend} already has 2 connections open "
+    assert (errors[0].source.ip, errors[0].source.name, errors[0].source.identity) == (FRONTEND, "shop/frontend", frontend)
+    assert errors[0].summary == (f"connection limit: identity {frontend} already has 2 connections open "
                                 "(max-connections-per-identity 2)")
-    assert errors[1].reason == "connection limit: the proxy already has 3 connections open (max-connections 3)"
+    assert errors[1].summary == "connection limit: the proxy already has 3 connections open (max-connections 3)"
     assert "/public/over" not in [s.url for s in lab.backend.requests]
     # Held connections still work; once one closes, its identity may open another.
     assert a[1].request("GET", "/public/again").status == 200
@@ -401,7 +401,7 @@ def test_dns_queries_in_flight_are_capped_per_identity(lab: LimitsLab, monkeypat
         for i in range(sent):
             flood.sendto(dns.message.make_query(f"q{i}.example", "A").to_wire(), ("127.0.0.1", proxy.port))
         drops = wait_for("the queries over the cap to be dropped", lambda: len(
-            [r for r in records(proxy, "error") if "too many queries in flight from identity" in r.reason]) == 20)
+            [r for r in records(proxy, "error") if "too many queries in flight from identity" in r.summary]) == 20)
         assert drops
         wait_for("the queries within the cap to reach the server",
                  lambda: len(server.names) == proxy_dns.MAX_IN_FLIGHT_PER_IDENTITY)

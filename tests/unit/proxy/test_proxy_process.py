@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dataplane.flowrecord import Flow
 from dataplane.mapstate import MapState
 
 from tests.support.http import Client, pattern_bytes
@@ -69,9 +70,9 @@ def test_ready_reload_terminate(fresh, proc):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert "cannot load" in proc.stderr.read()
-    records = [json.loads(l) for l in proc.events.read_text().splitlines()]
-    assert records[0]["verdict"] == "forwarded" and records[0]["path"] == "/public"
-    assert {r["verdict"] for r in records} == {"forwarded", "denied"}
+    records = [Flow.from_json(json.loads(line)) for line in proc.events.read_text().splitlines()]
+    assert records[0].verdict == "forwarded" and records[0].http.path == "/public"
+    assert {r.verdict for r in records} == {"forwarded", "denied"}
 
 
 def test_memory_is_not_the_body_size(fresh, proc):

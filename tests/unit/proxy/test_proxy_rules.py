@@ -129,7 +129,7 @@ def test_unknown_source_is_world_and_refused(fresh):
     assert c.request("GET", "/public").status == 403
     c.close()
     assert fresh.backend.raw == b""
-    assert fresh.proxy.events.records[-1].source["identity"] == 2  # world
+    assert fresh.proxy.events.records[-1].source.identity == 2  # world
 
 
 def test_state_without_rules_denies_everything(fresh):
@@ -169,14 +169,18 @@ def test_events(fresh):
     c.request("GET", "/nope")
     c.close()
     ok, denied = list(fresh.proxy.events.records)
-    assert (ok.verdict, ok.status, ok.method, ok.path, ok.protocol) == ("forwarded", 200, "GET", "/public/e", "HTTP/1.1")
-    assert ok.url == "http://backend/public/e"
-    assert ok.source["pod"] == "shop/frontend" and ok.destination["pod"] == "shop/backend"
-    assert ok.source["identity"] == fresh.engine.identities.pod_identity["shop/frontend"]
-    assert ok.policies == ["CiliumNetworkPolicy shop/backend-l7"] and ok.rule_ids
-    assert (denied.verdict, denied.status) == ("denied", 403)
-    assert denied.policies == ["CiliumNetworkPolicy shop/backend-l7"] and denied.rule_ids == []
-    assert ok.latency_ms >= 0
+    assert ok.http is not None and ok.l7 is not None and ok.l7.latency_ms >= 0
+    assert (ok.verdict, ok.http.code, ok.http.method, ok.http.path, ok.http.protocol) == ("forwarded", 200, "GET", "/public/e", "HTTP/1.1")
+    assert ok.http.url == "http://backend/public/e"
+    assert ok.source.name == "shop/frontend" and ok.destination.name == "shop/backend"
+    assert ok.source.labels["app"] == "frontend" and ok.destination.labels["app"] == "backend"
+    assert ok.direction == "ingress" and ok.trace_point == "proxy" and ok.l4.protocol == "TCP"
+    assert ok.source.identity == fresh.engine.identities.pod_identity["shop/frontend"]
+    assert ok.policy.policies == ("CiliumNetworkPolicy shop/backend-l7",) and ok.policy.rule_ids
+    assert all(r.startswith("CiliumNetworkPolicy shop/backend-l7 ingress[") for r in ok.policy.rules)
+    assert (denied.verdict, denied.http.code) == ("denied", 403)
+    assert denied.policy.policies == ("CiliumNetworkPolicy shop/backend-l7",) and denied.policy.rule_ids == ()
+    assert ok.l7.latency_ms >= 0
 
 
 def test_connection_to_the_proxy_port_itself_is_refused(fresh):
