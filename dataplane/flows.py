@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .abi import PROTOCOL_NAMES as PROTOCOLS, TCP_FLAG_NAMES
+from .abi import PROTO_TCP, PROTOCOL_NAMES as PROTOCOLS, TCP_FLAG_NAMES
 from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
                          Verdict, record_from_json)
 from .flowrender import json_line
@@ -99,7 +99,7 @@ def kernel_flow(ev: Any, state: MapState, directory: Directory, when: float,
         (rule.rule_id,), (rule.policy,), (f"{rule.policy} {rule.section}[{rule.rule_index}]",)) if rule else \
         PolicyAttribution()
     protocol = PROTOCOLS.get(ev.protocol, str(ev.protocol))
-    flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == 6 else ()
+    flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == PROTO_TCP else ()
     return Flow(
         time=round(when, 6), type=FlowType.L3_L4, verdict=Verdict(ev.verdict.name),
         source=directory.endpoint(ev.src, ev.sport, ev.src_identity, labels),
