@@ -34,7 +34,8 @@ import pytest
 
 from dataplane import topology
 from dataplane.lab import Lab
-from dataplane.mapstate import PROTO_TCP, Direction, MapState, PolicyEntry, PolicyKey, Verdict
+from dataplane.mapstate import MapState, PolicyEntry, PolicyKey
+from dataplane.abi import Direction, PROTO_TCP, Verdict
 from dataplane.policy import PolicyEngine
 from dataplane.scenario import Scenario, parse_scenario
 from dataplane.yamlsource import load_documents

@@ -21,7 +21,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from dataplane.mapstate import (PROTO_TCP, Direction, EndpointState, MapState, PolicyEntry, PolicyKey, Verdict)
+from dataplane.mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
+from dataplane.abi import Direction, PROTO_TCP, Verdict
 
 SIZES = (10, 1_000, 10_000, 100_000)
 REPEAT = 20_000

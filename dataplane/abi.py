@@ -5,7 +5,7 @@ about lives here, and nowhere else in Python: reserved identities, policy direct
 verdicts, flow verdicts, drop reasons and hooks, skb->mark magics, endpoint and conntrack flags,
 the policy LPM fixed prefix, protocol numbers, the proxy port, the map sizes and lifetimes the
 loader passes to the compiler, and the key/value layout of every map plus the flow event.
-Other modules import from here (mapstate and reasons re-export the names they always offered).
+Every other module imports them from here.
 
 How the two sides stay in step (the model is Cilium's pkg/datapath/alignchecker):
 

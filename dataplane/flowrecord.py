@@ -12,7 +12,7 @@ proxy process builds its records with it. The JSON shape is documented in
 docs/observability.md; `to_json`/`from_json` are each other's inverse (tests/unit/test_flows.py).
 
 Verdict words: an L3_L4 record says what the datapath did (FORWARD, DROP, REDIRECT, AUDIT, the
-names of `dataplane.reasons.FlowVerdict`), an L7 record what the proxy did with the request
+names of `dataplane.abi.FlowVerdict`), an L7 record what the proxy did with the request
 (forwarded, denied, error). These are the words `observe`, the metrics' labels and the
 scenarios have always shown, so they stay.
 """
@@ -159,7 +159,7 @@ class Flow:
     l4: L4
     direction: TrafficDirection = TrafficDirection.UNKNOWN
     trace_point: TracePoint = TracePoint.FROM_ENDPOINT
-    drop_reason: str = ""  # L3_L4: a `dataplane.reasons.DropReason` name ("NONE" if not dropped)
+    drop_reason: str = ""  # L3_L4: a `dataplane.abi.DropReason` name ("NONE" if not dropped)
     summary: str = ""  # L7: why the proxy decided so, in words
     policy: PolicyAttribution = field(default_factory=PolicyAttribution)
     proxy_port: int = 0  # L3_L4 REDIRECT: the proxy's port

@@ -33,8 +33,8 @@ from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record
                          Verdict, record_from_json)
 from .flowrender import json_line
 from .logfiles import FollowedFile, RotatingLog, json_lines, rotate_bytes
-from .mapstate import Direction, MapState
-from .reasons import Hook
+from .mapstate import MapState
+from .abi import Direction, Hook
 
 KERNEL_FLOWS = "flows.jsonl"
 PROXY_RECORDS = "l7-events.jsonl"

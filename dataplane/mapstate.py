@@ -8,7 +8,7 @@ program performs, so that the oracle answers exactly what the kernel answers.
 Identities follow Cilium's numbering (pkg/identity/numericidentity.go): reserved identities
 below 256, label-set identities from 256 up, CIDR identities from 2^24 up. They, the protocol
 numbers, the proxy port and the `Direction`/`Verdict` enums are the datapath's ABI, declared in
-abi.py and re-exported here.
+abi.py.
 
 Policy lookup: `lookup_policy` mirrors bpf/lib/policy.h and `normalize_entries` pushes precedence
 down; both are explained once, in docs/datapath.md ("Precedence").
@@ -21,12 +21,7 @@ from dataclasses import dataclass, field
 
 from l7.ruleset import L7Policy, L7RuleSet
 
-# Constants and enums shared with the datapath are declared once, in abi.py; the resolver, the
-# oracle and the proxy have always imported them from here.
-from .abi import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HEALTH,  # noqa: F401
-                  IDENTITY_HOST, IDENTITY_INGRESS, IDENTITY_INIT, IDENTITY_KUBE_APISERVER, IDENTITY_REMOTE_NODE,
-                  IDENTITY_UNMANAGED, IDENTITY_WORLD, IDENTITY_WORLD_IPV4, PROTO_ANY, PROTO_ICMP, PROTO_SCTP,
-                  PROTO_TCP, PROTO_UDP, PROTOCOLS, PROXY_PORT, RESERVED_IDENTITIES, Direction, Verdict)
+from .abi import IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, PROXY_PORT, Direction, Verdict
 
 
 @dataclass(frozen=True, order=True)

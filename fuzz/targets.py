@@ -36,7 +36,7 @@ import dns.opcode
 import dns.rcode
 
 from dataplane.errors import ErrorList, SourceError
-from dataplane.mapstate import PROTO_UDP
+from dataplane.abi import PROTO_UDP
 from dataplane.policy import PolicyEngine, parse_documents
 from dataplane.scenario import PolicySource, Scenario, load_scenario, parse_scenario
 from dataplane.yamlsource import Budget, load_documents

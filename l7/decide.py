@@ -32,15 +32,22 @@ NO_RULE_SET = "no L7 rule set for this peer and port"
 
 @dataclass(frozen=True)
 class AppliedSet:
-    """One L7 rule set a request must pass, and where it comes from ("L7 egress of ns/pod")."""
+    """One L7 rule set a request must pass, and where it comes from: the `direction`
+    ("ingress" | "egress") of `endpoint` ("ns/pod") whose L3/L4 lookup said REDIRECT."""
 
-    where: str
+    direction: str
+    endpoint: str
     rules: L7RuleSet | None  # None: REDIRECT without an L7 set: every request refused
 
     @classmethod
     def of(cls, direction: str, endpoint: str, rules: L7RuleSet | None) -> "AppliedSet":
-        """The set of `endpoint`'s `direction` ("INGRESS" | "EGRESS"), named as both sides name it."""
-        return cls(f"L7 {direction.lower()} of {endpoint}", rules)
+        """The set of `endpoint`'s `direction` (any case: "INGRESS" | "egress")."""
+        return cls(direction.lower(), endpoint, rules)
+
+    @property
+    def where(self) -> str:
+        """How both sides name the set in verdicts and traces: "L7 egress of ns/pod"."""
+        return f"L7 {self.direction} of {self.endpoint}"
 
 
 @dataclass(frozen=True)

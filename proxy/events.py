@@ -40,9 +40,8 @@ def redirect_direction(cp: Any) -> TrafficDirection:
     ingress, the redirect that brought the request here; UNKNOWN when none applies."""
     if cp is None or not cp.sets:
         return TrafficDirection.UNKNOWN
-    # An applied set is named "L7 <direction> of <endpoint>" by both sides (l7.decide.AppliedSet.of).
-    word = cp.sets[0].where.split(" ")[1:2]
-    return TrafficDirection(word[0]) if word and word[0] in ("ingress", "egress") else TrafficDirection.UNKNOWN
+    direction = cp.sets[0].direction
+    return TrafficDirection(direction) if direction in ("ingress", "egress") else TrafficDirection.UNKNOWN
 
 
 def l7_flow(snapshot: Any, verdict: Verdict, client: tuple[str, int], dst: tuple[str, int], *,

@@ -1,8 +1,8 @@
 """skb->mark values the proxy sets, and the socket options it sets them with.
 
 The mark layout is the datapath's (bpf/lib/common.h) and is declared once, for Python, in
-dataplane/abi.py (with the proxy's listening port, PROXY_PORT); this module re-exports what the
-proxy needs:
+dataplane/abi.py (`from_proxy_mark`, `identity_of_mark`, with the proxy's listening port,
+PROXY_PORT); this module holds the Linux socket options the proxy sets them with:
 
     bits  8..11  (0x00000f00)  magic
         0x200  TO_PROXY    set by from_container with bpf_sk_assign (not used by the proxy)
@@ -17,11 +17,5 @@ check: the proxy already decided.
 
 from __future__ import annotations
 
-from dataplane.abi import (MARK_MAGIC_FROM_PROXY, MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY, PROXY_PORT,
-                           from_proxy_mark, identity_of_mark)
-
 SO_MARK = 36  # socket.SO_MARK (Linux); spelled out because older Pythons lack the constant
 IP_TRANSPARENT = 19  # socket.IP_TRANSPARENT (Linux)
-
-__all__ = ["IP_TRANSPARENT", "MARK_MAGIC_FROM_PROXY", "MARK_MAGIC_MASK", "MARK_MAGIC_TO_PROXY", "PROXY_PORT",
-           "SO_MARK", "from_proxy_mark", "identity_of_mark"]

@@ -36,7 +36,8 @@ from .handlers import DATAGRAM_HANDLERS
 from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
     response_head, upgrade_accepted
 from .limits import ConnectionCaps, Limits, tcp_progress
-from .marks import IP_TRANSPARENT, PROXY_PORT, SO_MARK, from_proxy_mark
+from .marks import IP_TRANSPARENT, SO_MARK
+from dataplane.abi import PROXY_PORT, from_proxy_mark
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataplane.mapstate import PROTO_TCP, PROTOCOLS, MapState, Verdict, flow_lookups
+from dataplane.mapstate import MapState, flow_lookups
+from dataplane.abi import PROTOCOLS, PROTO_TCP, Verdict
 from l7.decide import AppliedSet, L7Verdict, decide, protocol_for
 from l7.http import HttpRequestView
 

@@ -29,8 +29,8 @@ from l7.http import HttpError, view_request
 from l7.protocol import protocol as l7_protocol
 
 from ..errors import ErrorList, SourceError, SourceLocation
-from ..mapstate import (IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, DirectionLookup, MapState, Verdict,
-                        flow_lookups)
+from ..abi import IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, Verdict
+from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
 from .identity import IdentityAllocator, IdentityTable

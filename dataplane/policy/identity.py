@@ -36,8 +36,8 @@ from typing import Iterable, Mapping
 
 from l7.dns import fqdn_matches
 
-from ..mapstate import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HOST,
-                        IDENTITY_WORLD, RESERVED_IDENTITIES)
+from ..abi import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HOST, IDENTITY_WORLD,
+                   RESERVED_IDENTITIES)
 from .api import AllPeer, CIDRPeer, EndpointPeer, EntityPeer, FQDNPeer, Peer, Policy
 
 CLUSTER_RESERVED = ("host", "remote-node", "health", "init", "unmanaged", "kube-apiserver", "ingress")

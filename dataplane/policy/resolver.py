@@ -31,9 +31,9 @@ from l7.ruleset import L7Policy, L7RuleSet
 
 from .. import limits
 from ..errors import SourceError, SourceLocation
-from ..mapstate import (IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction,
-                        EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, Verdict,
-                        lookup_policy, normalize_entries, port_range_blocks)
+from ..abi import IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction, Verdict
+from ..mapstate import (EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, lookup_policy,
+                        normalize_entries, port_range_blocks)
 from .api import L7Rules, Policy, PolicySpec, PortSpec, Rule
 from .identity import IdentityTable
 

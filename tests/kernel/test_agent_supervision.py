@@ -22,7 +22,7 @@ import pytest
 from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.flowrecord import ProxyEvent, record_from_json
-from dataplane.mapstate import PROXY_PORT
+from dataplane.abi import PROXY_PORT
 from tests.conftest import unique_lab
 from tests.support import wait
 from tests.support.cli_lab import (AUDITOR_POLICY, L7LAB, READ_ONLY, RETAIL, agent_status, curl, free_loopback_port,

@@ -8,8 +8,9 @@ import pytest
 from scapy.all import ICMP, IP, TCP  # type: ignore[import-untyped]
 from dataplane.abi import MARK_MAGIC_DECIDED, MARK_MAGIC_MASK
 from dataplane.datapath import Datapath
-from dataplane.mapstate import PROTO_ANY, PROTO_TCP, PolicyKey
-from dataplane.reasons import DropReason
+from dataplane.mapstate import PolicyKey
+from dataplane.abi import PROTO_ANY, PROTO_TCP
+from dataplane.abi import DropReason
 from tests.support.prog_run import (A, B, C, EG, ID_A, ING, TC_ACT_OK, TC_ACT_SHOT, allow, base_state, eth,
                                     packet, run)
 

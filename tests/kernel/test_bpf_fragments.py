@@ -13,8 +13,8 @@ from scapy.all import ICMP, IP, TCP, UDP, Raw, fragment  # type: ignore[import-u
 from dataplane import abi
 from dataplane.abi import MARK_MAGIC_DECIDED, MARK_MAGIC_MASK, PROXY_PORT
 from dataplane.datapath import Datapath
-from dataplane.mapstate import PROTO_TCP, PROTO_UDP
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import PROTO_TCP, PROTO_UDP
+from dataplane.abi import DropReason, FlowVerdict
 from tests.support.prog_run import (A, B, C, EG, ID_A, ING, NODE, TC_ACT_OK, TC_ACT_SHOT, base_state, eth,
                                     packet, redirect_state, run)
 

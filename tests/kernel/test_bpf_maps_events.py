@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 
 from dataplane.datapath import Datapath
-from dataplane.mapstate import PROTO_TCP, Direction, MapState, PolicyEntry, PolicyKey, Verdict
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.mapstate import MapState, PolicyEntry, PolicyKey
+from dataplane.abi import Direction, PROTO_TCP, Verdict
+from dataplane.abi import DropReason, FlowVerdict
 from tests.conftest import require_kernel
 from tests.support.prog_run import (A, B, C, EG, ID_A, ID_B, ID_C, ING, MALFORMED, PROBES, TC_ACT_OK,
                                     TC_ACT_SHOT, WORLD_HOST, allow, base_state, expect_verdict, oracle,

@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 from scapy.all import ARP, IP, TCP, Raw  # type: ignore[import-untyped]
 from dataplane.datapath import Datapath
-from dataplane.mapstate import IDENTITY_ANY, PROTO_ANY, PolicyKey
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.mapstate import PolicyKey
+from dataplane.abi import IDENTITY_ANY, PROTO_ANY
+from dataplane.abi import DropReason, FlowVerdict
 from tests.support.prog_run import (A, B, EG, ING, MALFORMED, TC_ACT_OK, TC_ACT_SHOT, allow, base_state, eth,
                                     run)
 

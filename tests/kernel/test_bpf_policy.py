@@ -12,9 +12,9 @@ import pytest
 from scapy.all import IP, TCP  # type: ignore[import-untyped]
 from dataplane.abi import MARK_MAGIC_DECIDED, MARK_MAGIC_MASK
 from dataplane.datapath import Datapath
-from dataplane.mapstate import (IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTO_TCP, MapState, PolicyEntry,
-                                PolicyKey, Verdict)
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.mapstate import MapState, PolicyEntry, PolicyKey
+from dataplane.abi import IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTO_TCP, Verdict
+from dataplane.abi import DropReason, FlowVerdict
 from tests.support.prog_run import (A, B, C, EG, ING, NODE, PROBES, TC_ACT_OK, TC_ACT_SHOT, WORLD_HOST, allow,
                                     base_state, eth, expect_verdict, oracle, packet, run)
 

@@ -15,8 +15,9 @@ import pytest
 from scapy.all import IP, TCP  # type: ignore[import-untyped]
 from dataplane.abi import MARK_MAGIC_DECIDED, PROXY_PORT, from_proxy_mark
 from dataplane.datapath import Datapath
-from dataplane.mapstate import IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyKey, Verdict
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.mapstate import PolicyEntry, PolicyKey
+from dataplane.abi import IDENTITY_HOST, PROTO_TCP, PROTO_UDP, Verdict
+from dataplane.abi import DropReason, FlowVerdict
 from tests.support.prog_run import (A, B, ID_A, ING, NODE, TC_ACT_OK, TC_ACT_SHOT, base_state, eth, oracle,
                                     packet, redirect_state, run)
 

@@ -14,9 +14,9 @@ import pytest
 
 from dataplane import topology
 from dataplane.datapath import Datapath
-from dataplane.mapstate import (IDENTITY_WORLD, PROTO_TCP, PROXY_PORT, Direction, EndpointState, MapState,
-                                PolicyEntry, PolicyKey, Verdict)
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
+from dataplane.abi import Direction, IDENTITY_WORLD, PROTO_TCP, PROXY_PORT, Verdict
+from dataplane.abi import DropReason, FlowVerdict
 from dataplane.scenario import GATEWAY_IP
 from tests.conftest import require_kernel
 

@@ -27,7 +27,7 @@ from dataplane.flowrecord import Flow
 from dataplane.lab import Lab, lab_dir, lab_prefix
 from dataplane.logfiles import read_all, request_log
 from dataplane.policy import PolicyEngine
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import DropReason, FlowVerdict
 from dataplane.scenario import load_scenario
 from tests.conftest import REPO, unique_lab
 

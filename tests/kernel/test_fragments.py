@@ -22,7 +22,7 @@ import pytest
 from dataplane import topology
 from dataplane.datapath import FlowEvent
 from dataplane.policy import PolicyEngine
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import DropReason, FlowVerdict
 from dataplane.scenario import Scenario
 from tests.support import kernel_lab as helpers
 from tests.support.kernel_lab import KernelLab, knp

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from dataplane.flowrecord import Endpoint, Flow
-from dataplane.mapstate import PROXY_PORT
+from dataplane.abi import PROXY_PORT
 from dataplane.policy import PolicyEngine
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import DropReason, FlowVerdict
 from tests.conftest import unique_lab
 from tests.support.http import request_bytes
 from tests.support.l7_lab import (CONNECT_DROP_TIMEOUT, IO_TIMEOUT, L7_POLICY_NAME, L7_PORT, PLAIN_POLICY,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import DropReason, FlowVerdict
 from tests.conftest import unique_lab
 from tests.support.http import Resp, request_bytes
 from tests.support.l7_lab import (ACCESS_DENIED, CONNECT_DROP_TIMEOUT, L7_PORT, L7Lab, assert_denied,

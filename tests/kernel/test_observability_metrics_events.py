@@ -13,9 +13,9 @@ from collections import Counter
 
 import pytest
 
-from dataplane.mapstate import Direction
+from dataplane.abi import Direction
 from dataplane.policy import Flow, PolicyEngine
-from dataplane.reasons import DropReason, FlowVerdict, Hook
+from dataplane.abi import DropReason, FlowVerdict, Hook
 from tests.support.kernel_lab import KernelLab, cnp, knp, make_probe, make_scenario, pair_probes
 
 POLICIES = (knp("deny-all", "x", "podSelector: {}") + "---\n"

@@ -26,7 +26,7 @@ from dataplane.datapath import FlowEvent
 from dataplane.flowrecord import Flow
 from dataplane.lab import Lab
 from dataplane.logfiles import read_all, request_log
-from dataplane.mapstate import PROXY_PORT, Direction
+from dataplane.abi import Direction, PROXY_PORT
 from dataplane.policy import PolicyEngine
 from l7.ruleset import L7RuleSet
 from dataplane.scenario import Scenario, parse_scenario

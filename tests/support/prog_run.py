@@ -10,11 +10,11 @@ from __future__ import annotations
 from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw  # type: ignore[import-untyped]
 from dataplane.abi import PROXY_PORT
 from dataplane.datapath import Datapath, FlowEvent
-from dataplane.mapstate import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ANY,
-                                PROTO_ICMP, PROTO_TCP, PROTO_UDP, Direction, EndpointState, MapState,
-                                PolicyEntry, PolicyKey, Verdict, lookup_policy, normalize_entries,
+from dataplane.mapstate import (EndpointState, MapState, PolicyEntry, PolicyKey, lookup_policy, normalize_entries,
                                 port_range_blocks)
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import (Direction, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ANY,
+                           PROTO_ICMP, PROTO_TCP, PROTO_UDP, Verdict)
+from dataplane.abi import DropReason, FlowVerdict
 
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 ING, EG = Direction.INGRESS, Direction.EGRESS

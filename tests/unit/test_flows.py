@@ -22,9 +22,10 @@ from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttrib
 from dataplane.flowrender import describe, json_line, outcome
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flow
 from dataplane.logfiles import RotatingLog, read_all
-from dataplane.mapstate import Direction, EndpointState, MapState, RuleAttribution
+from dataplane.mapstate import EndpointState, MapState, RuleAttribution
+from dataplane.abi import Direction
 from dataplane.metrics import parse_listen
-from dataplane.reasons import DropReason, FlowVerdict, Hook
+from dataplane.abi import DropReason, FlowVerdict, Hook
 from dataplane.scenario import Relabel, Step
 from l7.dns import DnsFlow
 from l7.http import HttpFlow

@@ -15,7 +15,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +434,7 @@ def every_pod_to_every_port(pods: int, rules: int) -> str:
     """A few kilobytes: `pods` pods with distinct labels, one policy letting every pod reach every
     pod on `rules` ports (entries: pods x pods x ports x three protocols)."""
     ingress = ",".join(f"{{fromEndpoints: [{{}}], toPorts: [{{ports: [{{port: '{1000 + i}'}}]}}]}}" for i in range(rules))
-    return (f"name: wide\nsettings: {{podCIDR: 10.200.0.0/16}}\npods: ["
+    return ("name: wide\nsettings: {podCIDR: 10.200.0.0/16}\npods: ["
             + ",".join(f"{{name: p{i}, labels: {{app: a{i}}}}}" for i in range(pods)) + "]\n"
             + "policies:\n  - {apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: wide}, "
             + f"spec: {{endpointSelector: {{}}, ingress: [{ingress}]}}}}\n")
@@ -478,8 +477,8 @@ def _normalize_reference(policy: dict) -> dict:
 def test_normalize_entries_matches_its_definition() -> None:
     import random  # noqa: PLC0415
 
-    from dataplane.mapstate import (PROXY_PORT, Direction, PolicyEntry, PolicyKey, Verdict,  # noqa: PLC0415
-                                    normalize_entries, port_range_blocks)
+    from dataplane.mapstate import PolicyEntry, PolicyKey, normalize_entries, port_range_blocks
+    from dataplane.abi import Direction, PROXY_PORT, Verdict
 
     rng = random.Random(8)
     for _ in range(200):

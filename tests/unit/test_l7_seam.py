@@ -18,7 +18,7 @@ from pathlib import Path
 import dns.message
 import pytest
 
-from dataplane.mapstate import PROTO_TCP, PROTO_UDP, PROXY_PORT, Direction
+from dataplane.abi import Direction, PROTO_TCP, PROTO_UDP, PROXY_PORT
 from dataplane.policy import Decision, Flow, PolicyEngine
 from dataplane.scenario import HttpRequest, parse_scenario
 from dataplane.yamlsource import load_documents
@@ -285,6 +285,6 @@ def test_every_protocol_is_registered_once_with_a_transport():
     """The registry the proxy dispatches on: HTTP on TCP, DNS on UDP; a set holding a protocol's
     rules picks that protocol, an empty set falls back to the transport's first."""
     assert {(p.name, p.transport) for p in protocols().values()} == {("http", "TCP"), ("dns", "UDP")}
-    dns_only = [AppliedSet("x", L7RuleSet(dns=[(object(), 1)]))]
+    dns_only = [AppliedSet("ingress", "ns/x", L7RuleSet(dns=[(object(), 1)]))]
     assert protocol_for(dns_only, "UDP") == "dns" and protocol_for(dns_only, "TCP") == "http"
-    assert protocol_for([AppliedSet("x", None)], "UDP") == "dns"
+    assert protocol_for([AppliedSet("ingress", "ns/x", None)], "UDP") == "dns"

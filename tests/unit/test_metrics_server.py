@@ -16,8 +16,8 @@ import pytest
 from dataplane import metrics
 from dataplane.errors import L7LabError
 from dataplane.metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
-from dataplane.mapstate import Direction
-from dataplane.reasons import DropReason, FlowVerdict
+from dataplane.abi import Direction
+from dataplane.abi import DropReason, FlowVerdict
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

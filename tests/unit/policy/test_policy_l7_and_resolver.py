@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.mapstate import (IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, PROXY_PORT, Direction,
-                                Verdict, lookup_policy)
+from dataplane.mapstate import lookup_policy
+from dataplane.abi import Direction, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, PROXY_PORT, Verdict
 from dataplane.policy import L7Policy
 from l7.dns import DnsRule, fqdn_matches
 from l7.http import HttpRule
