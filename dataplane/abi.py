@@ -1,4 +1,4 @@
-"""The ABI between the Python side of l7lab and the BPF datapath (bpf/lib/*.h), declared once.
+"""The ABI between the Python side of l7lab and the BPF datapath (dataplane/bpf/lib/*.h), declared once.
 
 Responsibility: every number and every struct layout that both the C programs and Python know
 about lives here, and nowhere else in Python: reserved identities, policy directions and
@@ -78,7 +78,7 @@ TCP_FLAG_NAMES: tuple[tuple[int, str], ...] = (
 PROXY_PORT = 15001  # the L7 proxy's transparent listener inside the node namespace
 
 
-# -- enums (bpf/lib/common.h, bpf/lib/drop.h) ---------------------------------------------------
+# -- enums (dataplane/bpf/lib/common.h, dataplane/bpf/lib/drop.h) ---------------------------------------------------
 class Direction(enum.IntEnum):
     """Policy direction (DIR_* in common.h)."""
 
@@ -201,7 +201,7 @@ def c_defines(*, audit: bool = False, debug: bool = False, policy_map_size: int 
     }
 
 
-# -- struct layouts (bpf/lib/maps.h) ------------------------------------------------------------
+# -- struct layouts (dataplane/bpf/lib/maps.h) ------------------------------------------------------------
 U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 BE16, BE32 = ctypes.c_uint16.__ctype_be__, ctypes.c_uint32.__ctype_be__  # __be16, __be32
 
@@ -339,11 +339,11 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
 
 @dataclass(frozen=True)
 class MapLayout:
-    """Key and value type of one BPF map of bpf/datapath.c (per-CPU maps: one CPU's value)."""
+    """Key and value type of one BPF map of dataplane/bpf/datapath.c (per-CPU maps: one CPU's value)."""
 
     key: type
     value: type
-    size_define: str  # the -D name bpf/datapath.c sizes the map with
+    size_define: str  # the -D name dataplane/bpf/datapath.c sizes the map with
 
     @property
     def max_entries(self) -> int:

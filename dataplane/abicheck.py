@@ -1,4 +1,4 @@
-"""Comparing the declarations of dataplane/abi.py with the C side (bpf/lib/*.h).
+"""Comparing the declarations of dataplane/abi.py with the C side (dataplane/bpf/lib/*.h).
 
 Responsibility: the checker functions (each returns the list of differences, empty when both
 sides agree), the probe program that makes the compiler tell what it sees, and the reading of

@@ -1,12 +1,12 @@
 """The datapath loader: the only module of l7lab that imports `bcc`.
 
-Responsibility: compile bpf/datapath.c once (both tc programs, sharing every map), hand out the
+Responsibility: compile dataplane/bpf/datapath.c once (both tc programs, sharing every map), hand out the
 program fds for the topology code to attach, write a `MapState` into the BPF maps as a diff
 against what it wrote last, and read back metrics and flow events. It also runs programs on
 test packets (BPF_PROG_TEST_RUN) for tests and benchmarks.
 
 Map keys and values and the flow event are the ctypes structs of dataplane/abi.py, which also
-holds every constant shared with bpf/lib/*.h and the tunables passed to the compiler as -D
+holds every constant shared with dataplane/bpf/lib/*.h and the tunables passed to the compiler as -D
 cflags; the constructor checks each map's types against those BCC derived from the compiled
 program, so a drift fails at start, not silently (tests/kernel/test_abi_compiled.py checks every field).
 `bcc` is imported inside `Datapath.__init__` and `probe_c_abi`, so `FlowEvent` and the packing
@@ -89,7 +89,7 @@ class SyncStats:
 
 @dataclass(frozen=True)
 class FlowEvent:
-    """One flow event from the ring buffer (struct flow_event in bpf/lib/maps.h)."""
+    """One flow event from the ring buffer (struct flow_event in dataplane/bpf/lib/maps.h)."""
 
     ts_ns: int
     src: str
@@ -222,13 +222,13 @@ class Datapath:
             self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(), cflags=cflags)
             self._fns = {name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
         except Exception as exc:  # BCC raises plain Exception on compile/verifier failure
-            raise SetupError(f"BCC could not compile or load bpf/datapath.c: {exc}") from exc
+            raise SetupError(f"BCC could not compile or load dataplane/bpf/datapath.c: {exc}") from exc
         self._tables = {name: self._bpf.get_table(name.encode()) for name in abi.MAPS}
         drift = [m for name, layout in abi.MAPS.items() for side, mine, theirs in
                  (("key", layout.key, self.map_types(name)[0]), ("value", layout.value, self.map_types(name)[1]))
                  for m in abicheck.map_type_mismatches(name, side, mine, theirs)]
         if drift:
-            raise SetupError("layout drift between bpf/lib/maps.h and dataplane/abi.py: " + "; ".join(drift))
+            raise SetupError("layout drift between dataplane/bpf/lib/maps.h and dataplane/abi.py: " + "; ".join(drift))
         # What sync() last wrote, per map: raw key -> (raw value, Python key for reports).
         self._written: dict[str, dict[bytes, tuple[bytes, Any]]] = {"policy": {}, "ipcache": {}, "endpoints": {},
                                                                      "if_bind": {}}

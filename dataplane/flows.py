@@ -26,15 +26,17 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .abi import PROTO_TCP, PROTOCOL_NAMES as PROTOCOLS, TCP_FLAG_NAMES
+from .abi import PROTO_TCP, PROTOCOL_NAMES, TCP_FLAG_NAMES, Direction, Hook
 from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
                          Verdict, record_from_json)
 from .flowrender import json_line
 from .logfiles import FollowedFile, RotatingLog, json_lines, rotate_bytes
 from .mapstate import MapState
-from .abi import Direction, Hook
+
+if TYPE_CHECKING:
+    from .datapath import FlowEvent
 
 KERNEL_FLOWS = "flows.jsonl"
 PROXY_RECORDS = "l7-events.jsonl"
@@ -88,7 +90,7 @@ def endpoint_labels(state: MapState) -> dict[str, dict[str, str]]:
 # --------------------------------------------------------------------------- kernel events
 
 
-def kernel_flow(ev: Any, state: MapState, directory: Directory, when: float,
+def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: float,
                 labels: dict[str, dict[str, str]] | None = None) -> Flow:
     """A datapath `FlowEvent` as a flow record. `state` (the MapState in force) gives the rule
     that decided and the endpoints' labels (pass `labels` from `endpoint_labels(state)` to
@@ -96,9 +98,9 @@ def kernel_flow(ev: Any, state: MapState, directory: Directory, when: float,
     labels = endpoint_labels(state) if labels is None else labels
     rule = state.rules.get(ev.rule_id) if ev.rule_id else None
     attribution = PolicyAttribution(
-        (rule.rule_id,), (rule.policy,), (f"{rule.policy} {rule.section}[{rule.rule_index}]",)) if rule else \
+        (rule.rule_id,), (rule.policy,), (rule.text,)) if rule else \
         PolicyAttribution()
-    protocol = PROTOCOLS.get(ev.protocol, str(ev.protocol))
+    protocol = PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol))
     flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == PROTO_TCP else ()
     return Flow(
         time=round(when, 6), type=FlowType.L3_L4, verdict=Verdict(ev.verdict.name),
@@ -110,7 +112,7 @@ def kernel_flow(ev: Any, state: MapState, directory: Directory, when: float,
         policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length)
 
 
-def kernel_flows(events: Iterable[Any], state: MapState, directory: Directory) -> list[Flow]:
+def kernel_flows(events: Iterable[FlowEvent], state: MapState, directory: Directory) -> list[Flow]:
     """Flow records of a batch of events, in wall-clock time (kernel timestamps are
     CLOCK_MONOTONIC)."""
     offset = time.time() - time.monotonic_ns() / 1e9

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import confine, processes, safety, topology
 from .errors import SetupError
+from .flows import PROXY_RECORDS
 from .logfiles import previous, request_log, rotate_bytes
 from .scenario import GATEWAY_IP, Port, Relabel, Scenario
 
@@ -317,7 +318,7 @@ class Lab:
 
     @property
     def proxy_events_file(self) -> Path:
-        return lab_dir(self.name) / "l7-events.jsonl"
+        return lab_dir(self.name) / PROXY_RECORDS
 
     def _write_policy_file(self, state: MapState) -> None:
         data = json.dumps(state.to_json())

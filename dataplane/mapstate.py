@@ -10,7 +10,7 @@ below 256, label-set identities from 256 up, CIDR identities from 2^24 up. They,
 numbers, the proxy port and the `Direction`/`Verdict` enums are the datapath's ABI, declared in
 abi.py.
 
-Policy lookup: `lookup_policy` mirrors bpf/lib/policy.h and `normalize_entries` pushes precedence
+Policy lookup: `lookup_policy` mirrors dataplane/bpf/lib/policy.h and `normalize_entries` pushes precedence
 down; both are explained once, in docs/datapath.md ("Precedence").
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from l7.decide import AppliedSet
 from l7.ruleset import L7Policy, L7RuleSet
 
 from .abi import IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, PROXY_PORT, Direction, Verdict
@@ -56,6 +57,11 @@ class RuleAttribution:
     rule_index: int  # index of the rule inside the policy (ingress[i] / egress[i] / ...)
     section: str  # "ingress", "egress", "ingressDeny", "egressDeny"
 
+    @property
+    def text(self) -> str:
+        """How flow records and traces name the rule: "Kind ns/name ingress[0]"."""
+        return f"{self.policy} {self.section}[{self.rule_index}]"
+
 
 @dataclass(frozen=True)
 class EndpointState:
@@ -86,6 +92,11 @@ class MapState:
     # L7 rule sets by (endpoint id, direction, proxy port); opaque to the loader, read by the proxy.
     l7: dict[tuple[int, int, int], L7Policy] = field(default_factory=dict)
 
+    def policy_of(self, rule_id: int) -> str:
+        """The policy a rule belongs to, as verdicts name it (the oracle's and the proxy's alike)."""
+        ref = self.rules.get(rule_id)
+        return ref.policy if ref is not None else f"rule {rule_id}"
+
     def identity_of(self, ip: str) -> int:
         """Longest-prefix match of `ip` in the ipcache, as the datapath does; world if none."""
         addr = ipaddress.ip_address(ip)
@@ -101,6 +112,13 @@ class MapState:
         through (the peer's own set, else the any-peer set); None if there is none."""
         l7 = self.l7.get((endpoint_id, int(direction), PROXY_PORT))
         return l7.lookup(remote_identity, port) if l7 is not None else None
+
+    def applied_l7_set(self, endpoint: EndpointState, direction: Direction, remote_identity: int,
+                       port: int) -> AppliedSet:
+        """The L7 set a REDIRECT of `endpoint`'s `direction` applies, named as the oracle and the
+        proxy both name it (its rules None when the redirect has no L7 set for this peer and port)."""
+        return AppliedSet.of(direction.name, endpoint.name,
+                             self.l7_rules(endpoint.endpoint_id, direction, remote_identity, port))
 
     # ------------------------------------------------------------------ JSON (the proxy's state file)
     # The L7 proxy is a separate process; the lab writes this encoding to

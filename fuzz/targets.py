@@ -41,7 +41,8 @@ from dataplane.policy import PolicyEngine, parse_documents
 from dataplane.scenario import PolicySource, Scenario, load_scenario, parse_scenario
 from dataplane.yamlsource import Budget, load_documents
 from proxy.dns import DnsProxy
-from proxy.http import HttpError, Request, normalize_path, parse_request
+from l7.http import HttpError, normalize_path
+from proxy.http import Request, parse_request
 from proxy.state import Snapshot
 from proxy.stream import LAST_CHUNK, BufferedStream, PeerClosed
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import dns as _dns
 from . import http as _http
 from .protocol import protocols
 
@@ -60,11 +59,6 @@ class L7RuleSet:
     def match_http(self, method: str, path: str, headers: Mapping[str, str]) -> tuple[bool, str, tuple[int, ...]]:
         """(allowed, why, rule ids) of the set's HTTP rules for one request (`l7.http.match`)."""
         allowed, why, ids, _ = _http.match(self, _http.HttpRequestView(method, path, headers))
-        return allowed, why, ids
-
-    def match_dns(self, name: str) -> tuple[bool, str, tuple[int, ...]]:
-        """(allowed, why, rule ids) of the set's DNS rules for one question (`l7.dns.judge`)."""
-        allowed, why, ids, _ = _dns.judge(self, name)
         return allowed, why, ids
 
     def __eq__(self, other: object) -> bool:

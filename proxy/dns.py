@@ -36,13 +36,12 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from dataplane.abi import PROTO_UDP, from_proxy_mark
 from dataplane.flowrecord import Verdict
-from dataplane.abi import PROTO_UDP
 from l7.dns import DnsFlow
 
 from .events import l7_flow, redirect_direction
 from .marks import IP_TRANSPARENT, SO_MARK
-from dataplane.abi import from_proxy_mark
 
 if TYPE_CHECKING:
     from .context import ProxyContext

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, TracePoint,
                                   TrafficDirection, Verdict)
@@ -25,8 +25,11 @@ from dataplane.logfiles import RotatingLog
 from l7.dns import DnsFlow
 from l7.http import HttpFlow
 
+if TYPE_CHECKING:
+    from .state import ConnectionPolicy, Snapshot
 
-def _endpoint(snapshot: Any, ip: str, port: int, identity: int | None) -> Endpoint:
+
+def _endpoint(snapshot: Snapshot, ip: str, port: int, identity: int | None) -> Endpoint:
     ep = snapshot.by_ip.get(ip)
     if ep is None:
         return Endpoint(ip, port, identity or 0)
@@ -34,7 +37,7 @@ def _endpoint(snapshot: Any, ip: str, port: int, identity: int | None) -> Endpoi
     return Endpoint(ip, port, identity if identity is not None else ep.identity, namespace, pod, "", dict(ep.labels))
 
 
-def redirect_direction(cp: Any) -> TrafficDirection:
+def redirect_direction(cp: ConnectionPolicy | None) -> TrafficDirection:
     """The direction of the first L7 rule set that applies to a connection (`cp`, a
     `proxy.state.ConnectionPolicy`, or None): the source's egress before the destination's
     ingress, the redirect that brought the request here; UNKNOWN when none applies."""
@@ -44,14 +47,14 @@ def redirect_direction(cp: Any) -> TrafficDirection:
     return TrafficDirection(direction) if direction in ("ingress", "egress") else TrafficDirection.UNKNOWN
 
 
-def l7_flow(snapshot: Any, verdict: Verdict, client: tuple[str, int], dst: tuple[str, int], *,
+def l7_flow(snapshot: Snapshot, verdict: Verdict, client: tuple[str, int], dst: tuple[str, int], *,
             src_identity: int | None, dst_identity: int | None, direction: TrafficDirection, summary: str,
             latency_ms: float, rule_ids: tuple[int, ...] = (), policies: tuple[str, ...] = (),
             http: HttpFlow | None = None, dns: DnsFlow | None = None) -> Flow:
     """An L7 record. `snapshot` is the proxy's policy snapshot in force now (a
     `proxy.state.Snapshot`: its `by_ip` endpoints and `state.rules`); `rule_ids` the rules that
     allowed the request, `policies` the policies that allowed it or whose rules it failed."""
-    rules = tuple(f"{r.policy} {r.section}[{r.rule_index}]" for r in map(snapshot.state.rules.get, rule_ids)
+    rules = tuple(r.text for r in map(snapshot.state.rules.get, rule_ids)
                   if r is not None)
     return Flow(
         time=round(time.time(), 6), type=FlowType.L7, verdict=verdict,

@@ -33,15 +33,12 @@ from dataclasses import dataclass, field
 
 # What the rules see of a request is the `l7` seam's (shared with the policy oracle): the
 # request target's normalization, the hop-by-hop and upgrade rules, and the error they raise.
-from l7.http import FORWARDED_UPGRADES, HOP_BY_HOP, HttpError, forwarded_upgrade, headers_seen_by_rules, \
-    normalize_path, request_path
+from l7.http import FORWARDED_UPGRADES, HttpError, forwarded_upgrade, request_path
 from l7.http import HOST_RE as _HOST
 from l7.http import header_tokens as _tokens
 from l7.http import hop_by_hop as _hop_by_hop
 from l7.http import upgrade_protocol_name as _protocol_name
 
-__all__ = ["FORWARDED_UPGRADES", "HOP_BY_HOP", "HttpError", "Request", "Response", "forwarded_upgrade",
-           "headers_seen_by_rules", "normalize_path", "parse_request", "parse_response", "request_path"]
 
 MAX_HEAD = 60 * 1024  # Envoy's default max_request_headers_kb
 MAX_REQUEST_LINE = 16 * 1024

@@ -27,17 +27,17 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, Callable
 
+from dataplane.abi import PROXY_PORT, from_proxy_mark
 from dataplane.flowrecord import Verdict
-from l7.http import HttpFlow
+from l7.http import HttpError, HttpFlow
 
 from .context import DatagramHandler, ProxyContext
 from .events import EventLog, l7_flow, redirect_direction
 from .handlers import DATAGRAM_HANDLERS
-from .http import HttpError, Request, denied_response, error_response, parse_request, parse_response, \
-    response_head, upgrade_accepted
+from .http import (Request, denied_response, error_response, parse_request, parse_response, response_head,
+                   upgrade_accepted)
 from .limits import ConnectionCaps, Limits, tcp_progress
 from .marks import IP_TRANSPARENT, SO_MARK
-from dataplane.abi import PROXY_PORT, from_proxy_mark
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
 
@@ -284,7 +284,7 @@ class ClientConnection:
                 # connection too); an idle connection is closed quietly, with nothing recorded.
                 try:
                     async with asyncio.timeout(limits.idle_timeout):
-                        more = await self.client._fill()
+                        more = await self.client.fill()
                 except TimeoutError:
                     return
                 if not more:

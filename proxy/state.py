@@ -26,14 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.mapstate import MapState, flow_lookups
-from dataplane.abi import PROTOCOLS, PROTO_TCP, Verdict
+from dataplane.abi import PROTO_TCP, PROTOCOL_NAMES, Verdict
 from l7.decide import AppliedSet, L7Verdict, decide, protocol_for
 from l7.http import HttpRequestView
 
 # A request's verdict, as the proxy acts on it and records it.
 RequestVerdict = L7Verdict
-
-_TRANSPORTS = {number: name for name, number in PROTOCOLS.items()}
 
 
 @dataclass
@@ -92,16 +90,15 @@ class Snapshot:
             if look.drops and not ep.audit:
                 cp.refusal = f"{direction.name.lower()} policy of {ep.name} drops this flow at L3/L4"
             elif look.verdict == Verdict.REDIRECT:
-                cp.sets.append(AppliedSet.of(direction.name, ep.name,
-                                             state.l7_rules(ep.endpoint_id, direction, look.remote_identity, dst_port)))
+                cp.sets.append(state.applied_l7_set(ep, direction, look.remote_identity, dst_port))
         if not cp.sets and not cp.refusal:
             cp.refusal = "no L7 redirect applies to this connection"
-        cp.protocol = protocol_for(cp.sets, _TRANSPORTS.get(protocol, ""))
+        cp.protocol = protocol_for(cp.sets, PROTOCOL_NAMES.get(protocol, ""))
         return cp
 
     def judge_request(self, cp: ConnectionPolicy, protocol: str, request: Any) -> RequestVerdict:
         """One request of `protocol` on the connection `cp`: `l7.decide.decide`."""
-        return decide(protocol, request, cp.sets, self.policy_of, cp.refusal)
+        return decide(protocol, request, cp.sets, self.state.policy_of, cp.refusal)
 
     def judge(self, cp: ConnectionPolicy, method: str, path: str, headers: dict[str, str]) -> RequestVerdict:
         """An HTTP request (path normalized, headers as forwarded: `proxy.http.Request`)."""
@@ -111,6 +108,3 @@ class Snapshot:
         """A DNS question for `name`."""
         return self.judge_request(cp, "dns", name)
 
-    def policy_of(self, rule_id: int) -> str:
-        ref = self.state.rules.get(rule_id)
-        return ref.policy if ref is not None else f"rule {rule_id}"

@@ -18,8 +18,9 @@ import re
 import sys
 from typing import AsyncIterator
 
-from .http import MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_REQUEST_LINE, HttpError, check_status_line, \
-    parse_chunk_size, parse_request_line, validate_trailer
+from l7.http import HttpError
+from .http import (MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_REQUEST_LINE, check_status_line, parse_chunk_size,
+                   parse_request_line, validate_trailer)
 
 PIECE = 256 * 1024
 LAST_CHUNK = b"0\r\n\r\n"  # one object: relays tell the terminator from data by identity
@@ -37,7 +38,8 @@ class BufferedStream:
         self.writer = writer
         self.buf = bytearray()
 
-    async def _fill(self) -> bool:
+    async def fill(self) -> bool:
+        """Read what the peer has sent next into the buffer; False when it has closed."""
         try:
             data = await self.reader.read(PIECE)
         except (ConnectionError, OSError):
@@ -86,7 +88,7 @@ class BufferedStream:
             end = self._line_end(line_start, clean, max(0, limit), error_status, too_large, what)
             if end < 0:
                 clean = len(self.buf)
-                if not await self._fill():
+                if not await self.fill():
                     if not self.buf:
                         return None
                     raise PeerClosed("connection closed inside a message head")
@@ -160,12 +162,12 @@ class BufferedStream:
                 del self.buf[:end + 2]
                 return line
             clean = len(self.buf)
-            if not await self._fill():
+            if not await self.fill():
                 raise PeerClosed("connection closed inside a framing line")
 
     async def read_some(self, n: int) -> bytes:
         """Up to n bytes (at least one); PeerClosed at end of stream."""
-        if not self.buf and not await self._fill():
+        if not self.buf and not await self.fill():
             raise PeerClosed("connection closed inside a body")
         data = bytes(self.buf[:n])
         del self.buf[:n]
@@ -173,7 +175,7 @@ class BufferedStream:
 
     async def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
-            if not await self._fill():
+            if not await self.fill():
                 raise PeerClosed("connection closed inside a body")
         data = bytes(self.buf[:n])
         del self.buf[:n]
@@ -195,7 +197,7 @@ class BufferedStream:
                 yield piece
         elif kind == "close":
             while True:
-                if not self.buf and not await self._fill():
+                if not self.buf and not await self.fill():
                     return
                 data = bytes(self.buf)
                 self.buf.clear()

@@ -124,10 +124,6 @@ class L7Rules:
     http: tuple[HttpRule, ...] = ()
     dns: tuple[DnsRule, ...] = ()
 
-    @property
-    def kind(self) -> str:
-        return "http" if self.http else "dns"
-
     def by_protocol(self) -> list[tuple[str, tuple]]:
         """(protocol name in the `l7` registry, its rules) for every protocol: one field each."""
         return [(f.name, getattr(self, f.name)) for f in fields(self)]

@@ -24,12 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from l7.decide import AppliedSet, L7Verdict, decide, protocol_for
+from l7.decide import L7Verdict, decide, protocol_for
 from l7.http import HttpError, view_request
 from l7.protocol import protocol as l7_protocol
 
 from ..errors import ErrorList, SourceError, SourceLocation
-from ..abi import IDENTITY_HOST, PROTOCOLS, PROXY_PORT, Direction, Verdict
+from ..abi import IDENTITY_HOST, PROTO_ANY, PROTOCOL_NAMES, PROTOCOLS, PROXY_PORT, Direction, Verdict
 from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
@@ -244,7 +244,7 @@ class PolicyEngine:
         return _Judge(self, flow).run()
 
 
-_PROTO_NAMES = {0: "any", **{v: k for k, v in PROTOCOLS.items()}}
+_PROTO_NAMES = {PROTO_ANY: "any", **PROTOCOL_NAMES}
 
 
 def _port_text(port: int, prefix: int) -> str:
@@ -372,8 +372,7 @@ class _Judge:
         """The request through the L7 sets of every REDIRECT, by `l7.decide.decide`: the same
         decision the proxy makes (proxy.state), written out set by set."""
         d, flow = self.decision, self.flow
-        sets = [AppliedSet.of(direction.name, self.state.endpoints[endpoint_id].name,
-                              self.state.l7_rules(endpoint_id, direction, remote, flow.port))
+        sets = [self.state.applied_l7_set(self.state.endpoints[endpoint_id], direction, remote, flow.port)
                 for endpoint_id, direction, remote in redirects]
         # A transport no proxy side serves (SCTP under a protocol-ANY redirect) is judged as the
         # TCP side would judge it: only an allow-all set lets it through.
@@ -397,7 +396,7 @@ class _Judge:
                 d.outcome = "denied"
                 return False
         proto = l7_protocol(protocol)
-        verdict = d.l7 = decide(protocol, request, sets, self.policy_of)
+        verdict = d.l7 = decide(protocol, request, sets, self.state.policy_of)
         for step in verdict.steps:
             where = step.applied.where
             if step.verdict is None:
@@ -414,10 +413,6 @@ class _Judge:
             d.outcome = proto.refused_as
             return False
         return True
-
-    def policy_of(self, rule_id: int) -> str:
-        ref = self.state.rules.get(rule_id)
-        return ref.policy if ref is not None else f"rule {rule_id}"
 
     def listening(self, dst_pod: str | None) -> None:
         sc, flow = self.engine.scenario, self.flow

@@ -1,4 +1,4 @@
-"""dataplane/abi.py and bpf/lib/*.h declare the same constants and structs, and the checks of
+"""dataplane/abi.py and dataplane/bpf/lib/*.h declare the same constants and structs, and the checks of
 dataplane/abicheck.py that say so fail when they should.
 
 The unit tier reads the headers as text (no compiler): every number a header defines is either

@@ -141,7 +141,8 @@ def test_validate_rejects_an_empty_file_as_run_does(tmp_path: Path) -> None:
 
 
 def test_explain_refuses_a_request_the_proxy_answers_400() -> None:
-    from proxy.http import HttpError, parse_request  # noqa: PLC0415
+    from l7.http import HttpError  # noqa: PLC0415
+    from proxy.http import parse_request  # noqa: PLC0415
 
     scenario = str(REPO / "scenarios" / "protect-inventory-api.yaml")
     base = ["explain", scenario, "--from", "frontend-app", "--to", "inventory-api:8080", "--http", "GET /api/inventory/1"]

@@ -26,7 +26,8 @@ from l7.decide import AppliedSet, decide, protocol_for
 from l7.protocol import protocols
 from l7.ruleset import L7RuleSet
 from proxy.dns import asked_name
-from proxy.http import HttpError, parse_request
+from l7.http import HttpError
+from proxy.http import parse_request
 from proxy.state import RequestVerdict, Snapshot
 
 SCENARIO = """\

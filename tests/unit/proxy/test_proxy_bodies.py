@@ -195,7 +195,8 @@ def test_valid_chunk_extensions_are_accepted_and_dropped(fresh, ext):
     b"5 5", b"5;", b"5;=a", b"5;a=", b"5;a b", b"5;a=b c", b"5\x0b;a", b"0x5", b"+5", b"10000000000000005", b"g",
 ])
 def test_ambiguous_chunk_size_lines_are_refused(line):
-    from proxy.http import HttpError, parse_chunk_size
+    from l7.http import HttpError
+    from proxy.http import parse_chunk_size
 
     with pytest.raises(HttpError) as exc:
         parse_chunk_size(line)

@@ -33,7 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.events import EventLog
-from proxy.http import MAX_HEAD, HttpError, parse_request
+from l7.http import HttpError
+from proxy.http import MAX_HEAD, parse_request
 from proxy.server import ProxyServer
 from proxy.state import Snapshot
 from proxy.stream import BufferedStream, PeerClosed

@@ -141,7 +141,7 @@ class _ThenSilence:
 def test_the_first_line_is_judged_without_waiting_for_the_rest_of_the_head(side, first_line, status):
     """Both sides: a first line that cannot start an HTTP/1.x message is refused as soon as its
     CRLF is in, while the peer still holds the connection open (no end of head, no close)."""
-    from proxy.http import HttpError
+    from l7.http import HttpError
     from proxy.stream import BufferedStream
 
     async def first_answer() -> int:
@@ -185,7 +185,8 @@ def test_an_overlong_request_line_is_refused_when_its_crlf_arrives(fresh):
 async def _read(kind: str, pieces: list[bytes]):
     """What the proxy makes of these bytes: ("head", head), ("body", decoded body, rest) or
     (status, reason) for a refusal, "closed" for a message cut short."""
-    from proxy.http import HttpError, parse_request
+    from l7.http import HttpError
+    from proxy.http import parse_request
     from proxy.stream import BufferedStream, PeerClosed
 
     stream = BufferedStream(Pieces(pieces), None)

@@ -9,7 +9,8 @@ from dataplane.mapstate import MapState
 from l7.dns import DnsRule
 from l7.http import HeaderMatch, HttpRule
 from l7.ruleset import L7Policy, L7RuleSet
-from proxy.http import HttpError, normalize_path, parse_request
+from l7.http import HttpError, normalize_path
+from proxy.http import parse_request
 from dataplane.abi import MARK_MAGIC_FROM_PROXY, from_proxy_mark, identity_of_mark
 
 from tests.support.loopback import engine
