@@ -111,15 +111,13 @@ class KernelExecutor:
         if self.policy is None:
             raise NotImplementedError("policy steps need the policy engine")
         self.policy.apply_step(step)
-        sync = getattr(self.lab, "sync_policy", None)
-        if sync is not None:
-            sync(self.policy.map_state())
+        self.lab.sync_policy(self.policy.map_state())
 
     async def observe(self, probe: Probe) -> Observation:
         return await run_probe(probe, self.lab.record.endpoints[probe.source].netns)
 
     def oracle(self, probe: Probe) -> str | None:
-        if self.policy is None or not getattr(self.lab, "enforcing", False):
+        if self.policy is None or not self.lab.enforcing:
             return None
         from .policy import Flow  # noqa: PLC0415 - only with a policy engine
 
@@ -127,7 +125,7 @@ class KernelExecutor:
 
     def finish_step(self, results: list[ProbeResult]) -> None:
         """Attach to each probe the first event the datapath emitted for its flow."""
-        if not getattr(self.lab, "enforcing", False):
+        if not self.lab.enforcing:
             return
         events = self.lab.datapath.poll_events()
         flows = kernel_flows(events, self.policy.map_state(), Directory.of_lab(self.lab))
