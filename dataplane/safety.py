@@ -102,7 +102,10 @@ def _normalized(path: Path) -> str:
 
 def owned_root(path: Path, lab: str, run_dir: Path, netns_etc: Path) -> Path:
     """The path among the lab's own (see the module docstring) that `path` is or lies in;
-    UnsafePathError when there is none. Only the spelling is checked here."""
+    UnsafePathError when there is none. Only the spelling is checked here; the lab name is
+    checked again, so that no caller can widen what it owns ("..", "/", "" never pass)."""
+    if not is_lab_name(lab):
+        raise UnsafePathError(f"refusing to remove {path}: {lab!r} is not a lab name")
     text = _normalized(path)
     p = Path(text)
     exact = {run_dir / lab, run_dir / f"{lab}.json", run_dir / f"{lab}.tmp"}

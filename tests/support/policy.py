@@ -108,3 +108,21 @@ ingress:
             - {method: "PUT|POST", path: /submit, headers: ["X-Token: s3cret"]}
             - {method: DELETE, host: "admin\\\\.shop", headerMatches: [{name: X-Admin}]}
 """)
+
+
+# Two pods of namespace x; a admits only b (NetworkPolicy allow-b). Tests of policy changes
+# prepend `name: ...` and append their own `steps:`.
+TWO_PODS_ALLOW_B = """\
+namespaces:
+  - {name: x}
+pods:
+  - {name: a, namespace: x, labels: {app: a}, ports: [{port: 80}]}
+  - {name: b, namespace: x, labels: {app: b}, ports: [{port: 80}]}
+policies:
+  - apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: allow-b, namespace: x}
+    spec:
+      podSelector: {matchLabels: {app: a}}
+      ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]
+"""

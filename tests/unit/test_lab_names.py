@@ -160,6 +160,14 @@ def test_owned_paths_are_the_labs_own_only(sandbox: Sandbox) -> None:
                  etc, etc / "l7lab-xy.node", etc / "l7lab-x", Path("/etc"), Path("relative/x")):
         with pytest.raises(safety.UnsafePathError, match="refusing to remove"):
             safety.owned_root(path, "x", run, etc)
+    # A lab name that is not one never owns anything, even a path spelled inside it.
+    (run / "x").mkdir(parents=True, exist_ok=True)
+    for bad in ("..", "../x", "x/..", "", "x/y", "/x"):
+        with pytest.raises(safety.UnsafePathError, match="is not a lab name"):
+            safety.owned_root(run / "x", bad, run, etc)
+        with pytest.raises(safety.UnsafePathError, match="is not a lab name"):
+            safety.remove_owned(run / "x", bad, run, etc)
+    assert (run / "x").is_dir()  # refused before anything was removed
 
 
 def test_removal_refuses_links_and_never_follows_them(sandbox: Sandbox) -> None:

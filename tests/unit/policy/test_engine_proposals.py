@@ -12,21 +12,9 @@ from dataplane.errors import ErrorList, SourceError
 from dataplane.policy.engine import Flow, PolicyEngine
 from dataplane.scenario import parse_scenario
 from dataplane.yamlsource import load_documents
+from tests.support.policy import TWO_PODS_ALLOW_B
 
-SCENARIO = """\
-name: proposals
-namespaces:
-  - {name: x}
-pods:
-  - {name: a, namespace: x, labels: {app: a}, ports: [{port: 80}]}
-  - {name: b, namespace: x, labels: {app: b}, ports: [{port: 80}]}
-policies:
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: allow-b, namespace: x}
-    spec:
-      podSelector: {matchLabels: {app: a}}
-      ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]
+SCENARIO = "name: proposals\n" + TWO_PODS_ALLOW_B + """\
 steps:
   - name: relabel b
     relabel:
