@@ -8,6 +8,11 @@
 #   3. .venv on the system Python with --system-site-packages (so it sees bcc), with l7lab
 #      and its test tools installed
 #   4. a self-check: BCC compiles and loads a small tc program
+#
+#   scripts/setup.sh --test   also installs what only the tests use: Prometheus (the metrics and
+#                             dashboard tests scrape a lab with it), Chromium and its WebDriver (the
+#                             service-map test drives the page headless) and jq (the docs' recipes).
+#                             Their services are never started: the tests run them on loopback.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +28,14 @@ system_python=/usr/bin/python3
 
 # --- 1. distribution packages -----------------------------------------------------------------
 packages=(python3-bpfcc python3-venv python3-pip iproute2 procps iputils-ping curl ca-certificates)
+test_services=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) test_services=1 ;;
+    *) die "unknown option $arg (expected --test or nothing)" ;;
+  esac
+done
+[ "$test_services" = 1 ] && packages+=(prometheus chromium chromium-driver jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,7 +61,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2 || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || die "apt-get install ${missing[*]} failed"
+  # No package service is started while installing (Debian's prometheus would listen on every
+  # interface): policy-rc.d refuses every start, and is removed again unless it was there before.
+  policy_rc=/usr/sbin/policy-rc.d
+  own_policy_rc=0
+  if [ ! -e "$policy_rc" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy_rc" && chmod 755 "$policy_rc" && own_policy_rc=1
+  fi
+  status=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || status=$?
+  [ "$own_policy_rc" = 1 ] && rm -f "$policy_rc"
+  [ "$status" = 0 ] || die "apt-get install ${missing[*]} failed"
 fi
 
 # --- 2. headers where BCC looks for them --------------------------------------------------------

@@ -4,6 +4,6 @@
 #   scripts/test.sh [-k EXPR] ...      (as root)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$here/scripts/setup.sh"
+bash "$here/scripts/setup.sh" --test
 cd "$here"
 exec "$here/.venv/bin/python" -m pytest tests -p no:cacheprovider "$@"
