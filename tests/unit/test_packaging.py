@@ -1,6 +1,6 @@
 """A wheel of l7lab carries everything the package reads at run time: the eBPF C sources the
-loader compiles, the scenario schema and the service map's page. (tests/kernel/test_install.py installs such a wheel
-into a fresh venv and runs a lab with it.)"""
+loader compiles, the scenario schema and the service map's page. (tests/kernel/test_install.py
+installs such a wheel into a fresh venv and runs a lab with it.)"""
 
 from __future__ import annotations
 
