@@ -131,8 +131,9 @@ class Edge:
                 "last": self.recent[-1].time if self.recent else 0.0, "ports": ports[:8]}
 
     def detail(self) -> dict[str, Any]:
-        """The summary and the recent records, newest first."""
-        return {**self.summary(), "flows": [flow_detail(f) for f in reversed(self.recent)]}
+        """The summary and the recent records, newest first (the kernel's and the proxy's
+        records arrive from two files, so arrival order is not quite time order)."""
+        return {**self.summary(), "flows": [flow_detail(f) for f in sorted(self.recent, key=lambda f: f.time, reverse=True)]}
 
 
 class ServiceMap:
