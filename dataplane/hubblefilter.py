@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 
 from l7.regex import compile_regex
 
+from .abi import RESERVED_IDENTITIES  # the reserved identities `--identity` takes by name
+
 HubbleFlow = dict[str, Any]
 
 # flow.proto's Verdict enum, as `--verdict` takes it.
@@ -50,9 +52,6 @@ AGENT_EVENT_TYPE = EVENT_TYPES["agent"]
 TRACE_POINTS = {"to-endpoint": 0, "to-proxy": 1, "to-host": 2, "to-stack": 3, "to-overlay": 4, "from-endpoint": 5,
                 "from-proxy": 6, "from-host": 7, "from-stack": 8, "from-overlay": 9, "from-network": 10,
                 "to-network": 11, "from-crypto": 12, "to-crypto": 13}
-# pkg/identity: the reserved identities `--identity` takes by name.
-RESERVED_IDENTITIES = {"host": 1, "world": 2, "unmanaged": 3, "health": 4, "init": 5, "remote-node": 6,
-                       "kube-apiserver": 7, "ingress": 8, "world-ipv4": 9, "world-ipv6": 10}
 L4_PROTOCOLS = {"tcp": ("TCP",), "udp": ("UDP",), "sctp": ("SCTP",), "icmp": ("ICMPv4", "ICMPv6"),
                 "icmpv4": ("ICMPv4",), "icmpv6": ("ICMPv6",)}
 L7_PROTOCOLS = {"http": "http", "dns": "dns", "kafka": "kafka"}
