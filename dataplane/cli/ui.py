@@ -26,7 +26,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         else:
             say(f"service map of lab {rec.lab} at {url} (loopback only; Ctrl-C to stop)")
 
-    server.run(rec.lab, labmod.lab_dir(rec.lab), service_map, sock, ready)
+    def lab_nodes() -> list[graph.MapNode] | None:
+        now = labmod.LabRecord.load(rec.lab)
+        return graph.lab_nodes(now.endpoints) if now is not None else None
+
+    server.run(rec.lab, labmod.lab_dir(rec.lab), service_map, sock, ready, lab_nodes)
     return EXIT_OK
 
 

@@ -131,8 +131,9 @@ class Edge:
                 "last": self.recent[-1].time if self.recent else 0.0, "ports": ports[:8]}
 
     def detail(self) -> dict[str, Any]:
-        """The summary and the recent records, newest first."""
-        return {**self.summary(), "flows": [flow_detail(f) for f in reversed(self.recent)]}
+        """The summary and the recent records, newest first (the kernel's and the proxy's
+        records arrive from two files, so arrival order is not quite time order)."""
+        return {**self.summary(), "flows": [flow_detail(f) for f in sorted(self.recent, key=lambda f: f.time, reverse=True)]}
 
 
 class ServiceMap:
@@ -140,10 +141,21 @@ class ServiceMap:
     edges changed, `graph` and `edge` give the API's bodies."""
 
     def __init__(self, nodes: list[MapNode], max_edges: int = MAX_EDGES) -> None:
-        self.nodes = {n.id: n for n in nodes}
-        self.by_ip = {n.ip: n.id for n in nodes if n.ip}
+        self.nodes: dict[str, MapNode] = {}
+        self.by_ip: dict[str, str] = {}
+        self.set_nodes(nodes)
         self.edges: OrderedDict[tuple[str, str], Edge] = OrderedDict()  # least recently active first
         self.max_edges = max_edges
+
+    def set_nodes(self, nodes: list[MapNode]) -> bool:
+        """The lab's nodes as its record now says (labels change with `l7lab label`); True if
+        anything changed. Edges are kept: they are named by node ids, which do not change."""
+        by_id = {n.id: n for n in nodes}
+        if by_id == self.nodes:
+            return False
+        self.nodes = by_id
+        self.by_ip = {n.ip: n.id for n in nodes if n.ip}
+        return True
 
     def node_id(self, ep: Endpoint) -> str:
         """Which node an endpoint of a record is: a pod by name, a world host or the node by its

@@ -7,7 +7,8 @@ and live updates as Server-Sent Events. aiohttp, loopback only.
     GET /api/events             text/event-stream: one `data:` JSON line per batch of changes,
                                 {"nodes": [...], "edges": [...]} (the edges that changed, whole),
                                 {"lab_up": bool} when the lab's directory comes or goes, or
-                                {"resync": true} when this client fell behind (fetch the graph again)
+                                {"resync": true} when this client fell behind or the lab's nodes
+                                changed (a pod relabelled): fetch the graph again
 
 The server reads the lab's record files (`RecordTail`: flows.jsonl and l7-events.jsonl under
 /run/l7lab/<lab>/) from near their end, `START_RECORDS` of each, so starting is quick however
@@ -38,11 +39,12 @@ from aiohttp import web
 from ..errors import L7LabError
 from ..flows import RecordTail
 from ..metrics import parse_listen as parse_loopback_listen
-from .graph import ServiceMap
+from .graph import MapNode, ServiceMap
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 START_RECORDS = 5000  # records read back from the end of each file at start
 POLL_SECONDS = 0.25  # how often the record files are read for new records
+NODES_EVERY = 8  # polls between two looks at the lab's record (its pods' labels may change)
 HEARTBEAT_SECONDS = 15.0  # an idle event stream sends a comment this often (finds closed clients)
 CLIENT_QUEUE = 256  # updates buffered per live client before it is told to resync
 
@@ -185,11 +187,20 @@ async def events(request: web.Request) -> web.StreamResponse:
 # --------------------------------------------------------------------------- the app
 
 
-async def follow_records(app: web.Application, tail: RecordTail, lab_dir: Path) -> None:
-    """Read new records, count them into the map, and tell the live clients what changed."""
+async def follow_records(app: web.Application, tail: RecordTail, lab_dir: Path,
+                         lab_nodes: Callable[[], list[MapNode] | None] | None) -> None:
+    """Read new records, count them into the map, and tell the live clients what changed;
+    every `NODES_EVERY` polls, take the lab's nodes again from `lab_nodes` (None: the lab's
+    record is gone, keep the last ones), and have the clients reload the graph if they changed."""
     service_map, hub, info = app[MAP_KEY], app[HUB_KEY], app[INFO_KEY]
+    polls = 0
     while True:
         await asyncio.sleep(POLL_SECONDS)
+        polls += 1
+        if lab_nodes is not None and polls % NODES_EVERY == 0:
+            nodes = await asyncio.to_thread(lab_nodes)
+            if nodes is not None and service_map.set_nodes(nodes):
+                hub.publish({"resync": True})
         try:
             records = await asyncio.to_thread(tail.read)
         except OSError:
@@ -203,9 +214,10 @@ async def follow_records(app: web.Application, tail: RecordTail, lab_dir: Path) 
             hub.publish({"lab_up": lab_up})
 
 
-def make_app(lab: str, lab_dir: Path, service_map: ServiceMap, start_records: int = START_RECORDS) -> web.Application:
+def make_app(lab: str, lab_dir: Path, service_map: ServiceMap, start_records: int = START_RECORDS,
+             lab_nodes: Callable[[], list[MapNode] | None] | None = None) -> web.Application:
     """The server of one lab's map: reads the last `start_records` records of each file before
-    it answers, then follows the files."""
+    it answers, then follows the files (and the lab's nodes through `lab_nodes`, if given)."""
     app = web.Application(middlewares=[loopback_host_only])
     app[MAP_KEY] = service_map
     app[HUB_KEY] = Hub()
@@ -216,7 +228,7 @@ def make_app(lab: str, lab_dir: Path, service_map: ServiceMap, start_records: in
         tail = RecordTail(lab_dir)
         tail.start_at_last(start_records)
         service_map.add(await asyncio.to_thread(tail.read))
-        task = asyncio.create_task(follow_records(app, tail, lab_dir))
+        task = asyncio.create_task(follow_records(app, tail, lab_dir, lab_nodes))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +263,7 @@ async def serve(app: web.Application, sock: socket.socket, ready: Callable[[str]
         await runner.cleanup()
 
 
-def run(lab: str, lab_dir: Path, service_map: ServiceMap, sock: socket.socket, ready: Callable[[str], None]) -> None:
+def run(lab: str, lab_dir: Path, service_map: ServiceMap, sock: socket.socket, ready: Callable[[str], None],
+        lab_nodes: Callable[[], list[MapNode] | None] | None = None) -> None:
     """Serve the map of lab `lab` on `sock` until interrupted (Ctrl-C or SIGTERM end it cleanly)."""
-    asyncio.run(serve(make_app(lab, lab_dir, service_map), sock, ready))
+    asyncio.run(serve(make_app(lab, lab_dir, service_map, lab_nodes=lab_nodes), sock, ready))

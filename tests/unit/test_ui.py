@@ -60,7 +60,7 @@ def http(when: float, verdict: Verdict, method: str, code: int, src: Endpoint = 
     rules = (f"{READ_ONLY} ingress[0]",) if verdict == Verdict.FORWARDED else ()
     return Flow(when, FlowType.L7, verdict, src, dst, L4("TCP"), TrafficDirection.INGRESS,
                 policy=PolicyAttribution((), (READ_ONLY,), rules),
-                l7=L7(0.4, http=HttpFlow(method=method, url=f"http://inventory-api:8080/api/inventory/1",
+                l7=L7(0.4, http=HttpFlow(method=method, url="http://inventory-api:8080/api/inventory/1",
                                          path="/api/inventory/1", protocol="HTTP/1.1", code=code)))
 
 
@@ -265,3 +265,27 @@ def test_the_ui_verb_names_what_is_wrong_before_serving(tmp_path: Path) -> None:
     assert out.returncode == 1 and "no lab is up" in out.stderr, out
     out = ui("nolab", "--listen", "127.0.0.1:1")
     assert out.returncode == 1 and "no lab named 'nolab' is up" in out.stderr, out
+
+
+def test_a_relabelled_pod_reaches_the_page_as_a_resync(tmp_path: Path) -> None:
+    lab_dir = tmp_path / "retail"
+    write_records(lab_dir, [http(1, Verdict.FORWARDED, "GET", 200)])
+    current = endpoints()  # the lab's record, as `l7lab label` changes it
+
+    def nodes_now() -> list[graph.MapNode]:
+        return lab_nodes(current)
+
+    async def scenario() -> None:
+        app = server.make_app("retail", lab_dir, ServiceMap(nodes_now()), lab_nodes=nodes_now)
+        async with TestClient(TestServer(app)) as client:
+            events = await client.get("/api/events")
+            current["retail/reporting"] = SimpleNamespace(kind="pod", ip=REPORTING.ip,
+                                                          labels={"app": "reporting", "role": "auditor"})
+            assert await read_event(events.content) == {"resync": True}
+            events.close()
+            nodes = {n["id"]: n for n in (await (await client.get("/api/graph")).json())["nodes"]}
+            assert nodes["retail/reporting"]["labels"] == {"app": "reporting", "role": "auditor"}
+            edge = (await (await client.get("/api/graph")).json())["edges"][0]
+            assert (edge["from"], edge["to"]) == ("retail/frontend-app", "retail/inventory-api")  # kept
+
+    asyncio.run(scenario())

@@ -10,7 +10,7 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-const NODE_W = 150, NODE_H = 34, PAD = 28, GAP = 40, COLUMN_STEP = 58;
+const NODE_W = 150, NODE_H = 34, PAD = 28, GAP = 40, COLUMN_STEP = 58, EDGE_ROOM = 24;
 const CLASS_LABEL = {"forwarded": "forwarded", "audit": "audit", "l7-denied": "L7-denied", "dropped": "dropped"};
 const RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"};
 
@@ -59,15 +59,19 @@ function layout(nodes) {
   let bottom = top;
   for (const [namespace, pods] of [...byNamespace.entries()].sort()) {
     pods.sort(byId);
+    // Pods on a circle, from the top left: two side by side, three a triangle, four a square;
+    // the box is as large as the pods' extent, with room for the edges that curve between them.
     const r = pods.length < 2 ? 0 : Math.max(110, pods.length * 36);
-    const w = 2 * r + NODE_W + 2 * PAD, h = 2 * r + NODE_H + 2 * PAD + 10;
-    boxes.push({x, y: top, w, h, title: `namespace ${namespace}`, cls: "namespace"});
-    const cx = x + w / 2, cy = top + h / 2 + 5;
-    pods.forEach((n, i) => {
-      // Round the circle from the top left: two side by side, three a triangle, four a square.
+    const spots = pods.map((n, i) => {
       const a = -Math.PI / 2 - Math.PI / pods.length + (2 * Math.PI * i) / pods.length;
-      pos.set(n.id, {x: cx + r * Math.cos(a), y: cy + r * Math.sin(a)});
+      return {x: r * Math.cos(a), y: r * Math.sin(a)};
     });
+    const minX = Math.min(...spots.map((s) => s.x)), maxX = Math.max(...spots.map((s) => s.x));
+    const minY = Math.min(...spots.map((s) => s.y)), maxY = Math.max(...spots.map((s) => s.y));
+    const w = maxX - minX + NODE_W + 2 * PAD, h = maxY - minY + NODE_H + 2 * PAD + 2 * EDGE_ROOM;
+    boxes.push({x, y: top, w, h, title: `namespace ${namespace}`, cls: "namespace"});
+    pods.forEach((n, i) => pos.set(n.id, {x: x + PAD + NODE_W / 2 + spots[i].x - minX,
+                                          y: top + PAD + EDGE_ROOM + NODE_H / 2 + spots[i].y - minY}));
     x += w + GAP;
     bottom = Math.max(bottom, top + h);
   }
@@ -95,7 +99,7 @@ function edgeGeometry(a, b) {
     return {d: `M${s.x},${s.y} C${s.x - 10},${s.y - 50} ${e.x + 10},${e.y - 50} ${e.x},${e.y}`, mid: {x: a.x, y: a.y - NODE_H / 2 - 38}};
   }
   const dx = b.x - a.x, dy = b.y - a.y, len = Math.hypot(dx, dy);
-  const bend = Math.max(30, 0.18 * len);
+  const bend = Math.max(40, 0.22 * len);
   const c = {x: (a.x + b.x) / 2 - (dy / len) * bend, y: (a.y + b.y) / 2 + (dx / len) * bend};
   const s = border(a, c), e = border(b, c);
   const mid = {x: 0.25 * s.x + 0.5 * c.x + 0.25 * e.x, y: 0.25 * s.y + 0.5 * c.y + 0.25 * e.y};
@@ -109,9 +113,10 @@ function render() {
   const nodes = [...state.nodes.values()];
   const {pos, boxes, width, height} = layout(nodes);
   svg.replaceChildren();
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
+  // The whole map fits the area beside the panel (scaled down, never up past 1:1).
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.style.maxWidth = `${width}px`;
+  svg.style.maxHeight = `${height}px`;
 
   const defs = el("defs");
   for (const cls of Object.keys(CLASS_LABEL)) {
@@ -189,7 +194,7 @@ function requestText(f) {
   }
   if (f.dns) {
     const rcode = f.dns.rcode < 0 ? "no answer" : `${RCODES[f.dns.rcode] || "RCODE " + f.dns.rcode} (${f.dns.rcode})`;
-    return `DNS ${f.dns.qtypes.join(",")} ${f.dns.query} → ${rcode}`;
+    return `DNS ${f.dns.query ? `${f.dns.qtypes.join(",")} ${f.dns.query}` : "(not a DNS query)"} → ${rcode}`;
   }
   return `${f.protocol}${f.port ? " :" + f.port : ""}`;
 }
@@ -215,16 +220,22 @@ function showDetail(detail) {
   for (const f of detail.flows) {
     const row = html("tr", "flow");
     row.dataset.verdict = f.class;
-    if (f.summary) row.title = f.summary;
     row.append(html("td", "time", formatTime(f.time)));
     const verdict = html("td", "verdict");
     verdict.append(html("span", `tag ${f.class}`, verdictText(f)));
     if (f.direction) verdict.append(" ", html("span", "direction", f.direction));
     row.append(verdict, html("td", "request", requestText(f)));
     const policy = html("td", "policy");
-    if (!f.policies.length && !f.rules.length) policy.append(html("div", "", f.class === "dropped" ? "no rule allows it" : "—"));
-    for (const p of f.policies) policy.append(html("div", "policy-name", p));
+    if (!f.policies.length && !f.rules.length) {
+      policy.append(html("div", "", f.drop_reason === "POLICY_DENIED" ? "no rule allows it (default deny)" : "—"));
+    }
+    // A rule names its policy ("Kind ns/name ingress[0]"): a policy is listed alone only when
+    // no rule of it is (a denied request names the policies whose rules it failed).
+    for (const p of f.policies.filter((p) => !f.rules.some((r) => r.startsWith(p + " ")))) {
+      policy.append(html("div", "policy-name", p));
+    }
     for (const r of f.rules) policy.append(html("div", "rule", r));
+    if (f.type === "L7" && f.summary) policy.append(html("div", "why", f.summary));  // the proxy's reason, in words
     row.append(policy);
     body.append(row);
   }
