@@ -71,6 +71,7 @@ class Endpoint:
     pod: str = ""  # a pod's name
     host: str = ""  # a world host's name, or "node" for the lab node's own stack
     labels: dict[str, str] = field(default_factory=dict)  # the identity's labels (pods)
+    endpoint_id: int = 0  # the lab endpoint's id (a pod's); 0 for anything else, or unknown
 
     @property
     def name(self) -> str:
@@ -79,13 +80,14 @@ class Endpoint:
 
     def to_json(self) -> dict[str, Any]:
         return {"ip": self.ip, "port": self.port, "identity": self.identity, "namespace": self.namespace,
-                "pod": self.pod, "host": self.host, "labels": dict(sorted(self.labels.items()))}
+                "pod": self.pod, "host": self.host, "labels": dict(sorted(self.labels.items())),
+                "endpoint_id": self.endpoint_id}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Endpoint":
         return cls(str(data.get("ip", "")), int(data.get("port") or 0), int(data.get("identity") or 0),
                    str(data.get("namespace", "")), str(data.get("pod", "")), str(data.get("host", "")),
-                   {str(k): str(v) for k, v in (data.get("labels") or {}).items()})
+                   {str(k): str(v) for k, v in (data.get("labels") or {}).items()}, int(data.get("endpoint_id") or 0))
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,11 @@ class L7:
     latency_ms: float = 0.0  # from the first byte of the request to the answer's record
     http: HttpFlow | None = None
     dns: DnsFlow | None = None
+    latency_ns: int = 0  # the same latency in nanoseconds (Hubble's unit); derived from latency_ms when 0
+
+    def __post_init__(self) -> None:
+        if not self.latency_ns and self.latency_ms:
+            object.__setattr__(self, "latency_ns", round(self.latency_ms * 1e6))
 
     @property
     def protocol(self) -> str:
@@ -135,7 +142,7 @@ class L7:
         return self.http.protocol.split("/")[0] if self.http is not None else ""
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"latency_ms": self.latency_ms}
+        out: dict[str, Any] = {"latency_ms": self.latency_ms, "latency_ns": self.latency_ns}
         if self.http is not None:
             out["http"] = self.http.to_json()
         if self.dns is not None:
@@ -146,7 +153,8 @@ class L7:
     def from_json(cls, data: dict[str, Any]) -> "L7":
         return cls(float(data.get("latency_ms", 0.0)),
                    HttpFlow.from_json(data["http"]) if data.get("http") is not None else None,
-                   DnsFlow.from_json(data["dns"]) if data.get("dns") is not None else None)
+                   DnsFlow.from_json(data["dns"]) if data.get("dns") is not None else None,
+                   int(data.get("latency_ns") or 0))
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,12 @@ class Flow:
     proxy_port: int = 0  # L3_L4 REDIRECT: the proxy's port
     bytes: int = 0  # L3_L4: length of the packet that made the record
     l7: L7 | None = None
+    # L3_L4: what the deciding map entry names, as Cilium's policy verdicts number it
+    # (POLICY_MATCH_* in dataplane/hubble.py): 0 none (no entry; default deny or allow), 1 L3
+    # only (a peer identity, any port), 2 L3-L4 (peer and port), 3 L4 only (any peer, a port),
+    # 4 all (any peer, any port), 5 L3-Proto, 6 Proto-Only (a protocol with any port)
+    policy_match_type: int = 0
+    ifindex: int = 0  # L3_L4: the interface of the hook that made the record
 
     @property
     def http(self) -> HttpFlow | None:
@@ -187,6 +201,7 @@ class Flow:
             "trace_point": self.trace_point.value, "l4": self.l4.to_json(),
             "source": self.source.to_json(), "destination": self.destination.to_json(),
             "policy": self.policy.to_json(), "proxy_port": self.proxy_port, "bytes": self.bytes,
+            "policy_match_type": self.policy_match_type, "ifindex": self.ifindex,
         }
         if self.l7 is not None:
             out["l7"] = self.l7.to_json()
@@ -202,7 +217,8 @@ class Flow:
             TracePoint(data.get("trace_point", TracePoint.FROM_ENDPOINT.value)), str(data.get("drop_reason", "")),
             str(data.get("summary", "")), PolicyAttribution.from_json(data.get("policy") or {}),
             int(data.get("proxy_port", 0)), int(data.get("bytes", 0)),
-            L7.from_json(data["l7"]) if data.get("l7") is not None else None)
+            L7.from_json(data["l7"]) if data.get("l7") is not None else None,
+            int(data.get("policy_match_type") or 0), int(data.get("ifindex") or 0))
 
 
 PROXY_EVENT_TYPE = "PROXY"

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .abi import PROTO_TCP, PROTOCOL_NAMES, TCP_FLAG_NAMES, Direction, Hook
+from .abi import IDENTITY_ANY, PROTO_ANY, PROTO_TCP, PROTOCOL_NAMES, TCP_FLAG_NAMES, Direction, DropReason, Hook
 from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
                          Verdict, record_from_json)
 from .flowrender import json_line
+from .hubble import POLICY_MATCH_NONE, policy_match_type
 from .logfiles import FollowedFile, RotatingLog, json_lines, rotate_bytes
-from .mapstate import MapState
+from .mapstate import MapState, lookup_policy
 
 if TYPE_CHECKING:
     from .datapath import FlowEvent
@@ -74,12 +75,13 @@ class Directory:
         hosts[lab.scenario.node_ip] = "node"
         return cls(pods, hosts)
 
-    def endpoint(self, ip: str, port: int, identity: int, labels: dict[str, dict[str, str]]) -> Endpoint:
+    def endpoint(self, ip: str, port: int, identity: int, labels: dict[str, dict[str, str]],
+                 endpoint_id: int = 0) -> Endpoint:
         """The endpoint at `ip`, with the labels `labels` (ip -> labels, from the map state) give it."""
         pod = self.pods.get(ip, "")
         namespace, _, name = pod.partition("/")
         return Endpoint(ip, port, identity, namespace if name else "", name, self.hosts.get(ip, ""),
-                        dict(labels.get(ip, {})))
+                        dict(labels.get(ip, {})), endpoint_id)
 
 
 def endpoint_labels(state: MapState) -> dict[str, dict[str, str]]:
@@ -88,6 +90,24 @@ def endpoint_labels(state: MapState) -> dict[str, dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- kernel events
+
+
+def decided_match_type(ev: FlowEvent, state: MapState) -> int:
+    """What the map entry that decided names (a peer identity, a protocol, a port), as Cilium's
+    policy verdicts number it; POLICY_MATCH_NONE when no entry decided (default deny, or a
+    direction without policy). The entry is the one `lookup_policy` finds for the event's
+    endpoint, direction, peer and port that carries the event's rule (else the one of highest
+    precedence), the same walk the datapath made."""
+    if not ev.endpoint_id or ev.reason not in (DropReason.NONE, DropReason.POLICY_EXPLICIT_DENY):
+        return POLICY_MATCH_NONE  # no entry decided: default deny, or not a policy decision at all
+    remote = ev.src_identity if ev.direction == Direction.INGRESS else ev.dst_identity
+    _, found = lookup_policy(state, ev.endpoint_id, ev.direction, remote, ev.protocol, ev.dport)
+    if not found:
+        return POLICY_MATCH_NONE
+    key, _ = next(((k, e) for k, e in found if ev.rule_id in e.rule_ids),
+                  max(found, key=lambda hit: hit[1].verdict))
+    return policy_match_type(key.identity != IDENTITY_ANY, key.protocol != PROTO_ANY, key.port_prefix > 0)
+
 
 
 def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: float,
@@ -104,12 +124,13 @@ def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: floa
     flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == PROTO_TCP else ()
     return Flow(
         time=round(when, 6), type=FlowType.L3_L4, verdict=Verdict(ev.verdict.name),
-        source=directory.endpoint(ev.src, ev.sport, ev.src_identity, labels),
-        destination=directory.endpoint(ev.dst, ev.dport, ev.dst_identity, labels),
+        source=directory.endpoint(ev.src, ev.sport, ev.src_identity, labels, ev.src_endpoint),
+        destination=directory.endpoint(ev.dst, ev.dport, ev.dst_identity, labels, ev.dst_endpoint),
         l4=L4(protocol, flags),
         direction=TrafficDirection.EGRESS if ev.direction == Direction.EGRESS else TrafficDirection.INGRESS,
         trace_point=TRACE_POINTS.get(ev.hook, TracePoint.FROM_ENDPOINT), drop_reason=ev.reason.name,
-        policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length)
+        policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length,
+        policy_match_type=decided_match_type(ev, state), ifindex=ev.ifindex)
 
 
 def kernel_flows(events: Iterable[FlowEvent], state: MapState, directory: Directory) -> list[Flow]:

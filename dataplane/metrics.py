@@ -56,12 +56,13 @@ CONNECTION_DEADLINE = 10.0  # seconds for a whole exchange, however slowly the c
 MAX_CONNECTIONS = 32  # served at once; more are closed at once
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """'127.0.0.1:9464' (or 'localhost:9464', '[::1]:9464') -> (host, port); loopback only."""
+def parse_listen(text: str, flag: str = "--metrics") -> tuple[str, int]:
+    """'127.0.0.1:9464' (or 'localhost:9464', '[::1]:9464') -> (host, port); loopback only.
+    `flag` names the option in the error (`l7lab ui --listen` takes the same form)."""
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise L7LabError(f"--metrics expects HOST:PORT on loopback, e.g. 127.0.0.1:9464; got {text!r}")
+        raise L7LabError(f"{flag} expects HOST:PORT on loopback, e.g. 127.0.0.1:9464; got {text!r}")
     if host == "localhost":
         host = "127.0.0.1"
     try:
@@ -69,7 +70,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     except ValueError:
         loopback = False
     if not loopback:
-        raise L7LabError(f"--metrics: {host!r} is not a loopback address; the lab listens on loopback only "
+        raise L7LabError(f"{flag}: {host!r} is not a loopback address; the lab listens on loopback only "
                          "(127.0.0.0/8 or ::1)")
     return host, int(port_text)
 

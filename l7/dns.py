@@ -35,14 +35,23 @@ class DnsFlow:
     query: str  # the name asked, lower case, without the trailing dot ("" if unparseable)
     qtypes: tuple[str, ...]  # question types, e.g. ("A",)
     rcode: int  # the RCODE of the answer sent to the client (0 NOERROR, 5 REFUSED); -1: none sent
+    # The upstream answer relayed to the client (empty when the proxy answered itself or none
+    # was sent): the addresses of its A/AAAA records, the smallest TTL of its answer records,
+    # the CNAME targets (without the trailing dot) and the type of each answer record.
+    ips: tuple[str, ...] = ()
+    ttl: int = 0
+    cnames: tuple[str, ...] = ()
+    rrtypes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"query": self.query, "qtypes": list(self.qtypes), "rcode": self.rcode}
+        return {"query": self.query, "qtypes": list(self.qtypes), "rcode": self.rcode, "ips": list(self.ips),
+                "ttl": self.ttl, "cnames": list(self.cnames), "rrtypes": list(self.rrtypes)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DnsFlow":
         return cls(str(data.get("query", "")), tuple(str(t) for t in data.get("qtypes", ())),
-                   int(data.get("rcode", -1)))
+                   int(data.get("rcode", -1)), tuple(str(i) for i in data.get("ips") or ()), int(data.get("ttl") or 0),
+                   tuple(str(c) for c in data.get("cnames") or ()), tuple(str(t) for t in data.get("rrtypes") or ()))
 
 
 # ---------------------------------------------------------------------------- names and patterns

@@ -40,15 +40,34 @@ class HttpFlow:
     path: str  # the request target as the rules matched it and as it was forwarded
     protocol: str  # "HTTP/1.1"
     code: int  # the status code sent to the client; 0 when none was sent
+    # The request's headers as the rules saw them (`recorded_headers` bounds them); () in
+    # records written before headers were recorded.
+    headers: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "url": self.url, "path": self.path, "protocol": self.protocol,
-                "code": self.code}
+                "code": self.code, "headers": [[name, value] for name, value in self.headers]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "HttpFlow":
         return cls(str(data.get("method", "")), str(data.get("url", "")), str(data.get("path", "")),
-                   str(data.get("protocol", "")), int(data.get("code", 0)))
+                   str(data.get("protocol", "")), int(data.get("code", 0)),
+                   tuple((str(h[0]), str(h[1])) for h in data.get("headers") or () if len(h) == 2))
+
+
+# A record keeps at most this many headers, each value cut to this many characters: a request
+# may carry up to MAX_HEADERS (proxy/http.py) lines of up to 60 KiB, and one record per request
+# must stay one small line of the events file.
+RECORDED_HEADERS = 32
+RECORDED_HEADER_VALUE = 256
+
+
+def recorded_headers(headers: dict[str, str] | list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The headers a record keeps: the first RECORDED_HEADERS, values cut to
+    RECORDED_HEADER_VALUE characters (a cut value ends with "...")."""
+    items = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    return tuple((name, value if len(value) <= RECORDED_HEADER_VALUE else value[:RECORDED_HEADER_VALUE - 3] + "...")
+                 for name, value in items[:RECORDED_HEADERS])
 
 
 # ---------------------------------------------------------------------------- tokens and values

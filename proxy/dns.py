@@ -171,11 +171,12 @@ class DnsProxy:
             self.record(cp, client, dst, qtype, name, -1, "error", "no answer from the server", t0, verdict)
             return
         try:
-            rcode = dns.message.from_wire(answer).rcode()
+            parsed = dns.message.from_wire(answer)
         except dns.exception.DNSException:
             self.record(cp, client, dst, qtype, name, -1, "error", "the server's answer is not DNS: dropped", t0, verdict)
             return
-        self.record(cp, client, dst, qtype, name, rcode, "forwarded", verdict.why, t0, verdict)
+        self.record(cp, client, dst, qtype, name, parsed.rcode(), "forwarded", verdict.why, t0, verdict,
+                    upstream=parsed)
         self.answer(dst, client, answer)
 
     async def ask_upstream(self, cp: "ConnectionPolicy", dst: tuple[str, int], data: bytes,
@@ -230,12 +231,40 @@ class DnsProxy:
             sock.close()
 
     def record(self, cp: "ConnectionPolicy", client: tuple[str, int], dst: tuple[str, int], qtype: str, name: str,
-               rcode: int, verdict: str, reason: str, t0: float, rv: "RequestVerdict | None" = None) -> None:
+               rcode: int, verdict: str, reason: str, t0: float, rv: "RequestVerdict | None" = None,
+               upstream: dns.message.Message | None = None) -> None:
+        answer = answer_record(upstream) if upstream is not None else {}
         self.server.events.emit(l7_flow(
             self.server.snapshot, Verdict(verdict), client, dst, src_identity=cp.src_identity,
             dst_identity=cp.dst_identity, direction=redirect_direction(cp), summary=reason,
             latency_ms=round((time.monotonic() - t0) * 1000, 3), rule_ids=rv.rule_ids if rv else (),
-            policies=rv.policies if rv else (), dns=DnsFlow(name, (qtype,) if qtype else (), rcode)))
+            policies=rv.policies if rv else (), dns=DnsFlow(name, (qtype,) if qtype else (), rcode, **answer)))
+
+
+# A record keeps at most this many addresses, names and types of an answer (an answer may carry
+# hundreds of records; the record of one question stays one small line).
+RECORDED_ANSWERS = 32
+
+
+def answer_record(message: dns.message.Message) -> dict:
+    """The DnsFlow fields of an upstream answer relayed to the client: the addresses of its A and
+    AAAA records, the smallest TTL of its answer records, the CNAME targets (lower case, no final
+    dot) and the type of each answer record (bounded to RECORDED_ANSWERS each)."""
+    ips: list[str] = []
+    cnames: list[str] = []
+    rrtypes: list[str] = []
+    ttls: list[int] = []
+    for rrset in message.answer:
+        ttls.append(rrset.ttl)
+        kind = dns.rdatatype.to_text(rrset.rdtype)
+        for rdata in rrset:
+            rrtypes.append(kind)
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                ips.append(rdata.address)
+            elif rrset.rdtype == dns.rdatatype.CNAME:
+                cnames.append(rdata.target.to_text(omit_final_dot=True).lower())
+    return {"ips": tuple(ips[:RECORDED_ANSWERS]), "ttl": min(ttls, default=0),
+            "cnames": tuple(cnames[:RECORDED_ANSWERS]), "rrtypes": tuple(rrtypes[:RECORDED_ANSWERS])}
 
 
 def asked_name(question: dns.rrset.RRset) -> str:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from dataplane.abi import PROXY_PORT, from_proxy_mark
 from dataplane.flowrecord import Verdict
-from l7.http import HttpError, HttpFlow
+from l7.http import HttpError, HttpFlow, recorded_headers
 
 from .context import DatagramHandler, ProxyContext
 from .events import EventLog, l7_flow, redirect_direction
@@ -405,7 +405,8 @@ class ClientConnection:
             src_identity=cp.src_identity if cp else None, dst_identity=cp.dst_identity if cp else None,
             direction=redirect_direction(cp), summary=reason, latency_ms=round((time.monotonic() - t0) * 1000, 3),
             rule_ids=rv.rule_ids if rv else (), policies=rv.policies if rv else (),
-            http=HttpFlow(req.method, f"http://{req.host}{req.path}", req.path, f"HTTP/{req.version}", status)
+            http=HttpFlow(req.method, f"http://{req.host}{req.path}", req.path, f"HTTP/{req.version}", status,
+                          recorded_headers(req.match_headers()))
             if req else HttpFlow("", "", "", "", status)))
 
     # ------------------------------------------------------------------ forwarding

@@ -55,7 +55,7 @@ DIRECTORY = Directory({"10.0.0.2": "shop/web", "10.0.0.3": "shop/api"}, {"203.0.
 def test_kernel_flow_names_pods_labels_endpoint_and_rule() -> None:
     flow = kernel_flow(event(FlowVerdict.REDIRECT, rule_id=7), state(), DIRECTORY, 1700000000.5)
     assert (flow.type, flow.verdict, flow.drop_reason) == (FlowType.L3_L4, Verdict.REDIRECT, "NONE")
-    assert flow.source == Endpoint("10.0.0.2", 40000, 300, "shop", "web", "", {"app": "web"})
+    assert flow.source == Endpoint("10.0.0.2", 40000, 300, "shop", "web", "", {"app": "web"}, endpoint_id=1)
     assert flow.destination.name == "shop/api" and flow.destination.labels == {"app": "api"}
     assert flow.direction == TrafficDirection.INGRESS and flow.trace_point == TracePoint.FROM_ENDPOINT
     assert flow.l4 == L4("TCP", ("SYN", "ACK")) and flow.bytes == 60 and flow.proxy_port == 15001

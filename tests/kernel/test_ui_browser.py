@@ -1,0 +1,108 @@
+"""The service map in a real browser: a lab of the retail scenario brought up with `l7lab up`,
+`l7lab ui` serving it on loopback, Debian's headless Chromium showing the page, and real traffic
+from the pods. Everything asserted is read from the page's DOM, as a user sees it: the edge
+frontend-app -> inventory-api turns L7-denied once a DELETE is answered 403 (without a reload),
+its side panel names the policy and the DELETE with its 403, and the edge reporting ->
+inventory-api shows as dropped. A screenshot of the page is kept as the test's artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+from dataplane import lab as labmod
+from tests.conftest import REPO, unique_lab
+from tests.support.browser import chromium, keep_screenshot, ui_server
+from tests.support.cli_lab import RETAIL, curl, l7lab, leftovers, nothing_left, reaches
+
+pytestmark = pytest.mark.kernel
+
+DEADLINE = 60.0  # seconds for the page to show what the traffic did (a loaded machine is slow)
+FRONTEND, INVENTORY, REPORTING = "retail/frontend-app", "retail/inventory-api", "retail/reporting"
+
+
+def inventory_policy() -> str:
+    """The policy guarding inventory-api, as flow records name it, read from the scenario's file."""
+    for doc in yaml.safe_load_all((REPO / "scenarios" / "policies" / "retail.yaml").read_text()):
+        if doc["spec"]["endpointSelector"]["matchLabels"].get("app") == "inventory-api":
+            return f"{doc['kind']} {doc['metadata']['namespace']}/{doc['metadata']['name']}"
+    raise AssertionError("no policy selects inventory-api in scenarios/policies/retail.yaml")
+
+
+def edge(driver: WebDriver, source: str, destination: str, kind: str = "g.edge") -> WebElement | None:
+    found = driver.find_elements(By.CSS_SELECTOR, f'{kind}[data-from="{source}"][data-to="{destination}"]')
+    return found[0] if found else None
+
+
+def edge_verdict(driver: WebDriver, source: str, destination: str) -> str:
+    element = edge(driver, source, destination)
+    return element.get_attribute("data-verdict") or "" if element is not None else ""
+
+
+def open_edge(driver: WebDriver, source: str, destination: str) -> list[WebElement]:
+    """Click the edge (on its count, at the middle of its curve) and wait for its side panel;
+    the panel's rows, newest first."""
+    edge(driver, source, destination, "g.edge-badge").click()
+    wait = WebDriverWait(driver, DEADLINE)
+    wait.until(lambda d: d.find_element(By.ID, "detail").is_displayed()
+               and d.find_element(By.ID, "detail").get_attribute("data-from") == source
+               and d.find_element(By.ID, "detail").get_attribute("data-to") == destination)
+    return wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-flows tbody tr.flow"))
+
+
+def cells(row: WebElement) -> dict[str, str]:
+    return {name: row.find_element(By.CSS_SELECTOR, f"td.{name}").text
+            for name in ("time", "verdict", "request", "policy")}
+
+
+def test_the_service_map_shows_what_the_policies_did_live(tmp_path: Path) -> None:
+    name = unique_lab("ui")
+    up = l7lab("up", str(RETAIL), "--name", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        record = labmod.LabRecord.load(name)
+        assert record is not None
+        inventory = f"http://{record.endpoints[INVENTORY].ip}:8080/api/inventory/1"
+        policy = inventory_policy()
+        with ui_server(name, tmp_path / "ui.log") as url, chromium(tmp_path / "chromium-profile") as driver:
+            driver.get(url)
+            wait = WebDriverWait(driver, DEADLINE)
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "live")
+            assert driver.find_element(By.ID, "lab").text == f"lab {name}"
+            pods = {e.get_attribute("data-id") for e in driver.find_elements(By.CSS_SELECTOR, 'g.node[data-kind="pod"]')}
+            assert pods == {FRONTEND, INVENTORY, "retail/payment-gateway", REPORTING}
+            assert edge(driver, FRONTEND, INVENTORY) is None  # nothing sent yet
+            driver.execute_script("window.sameDocument = true")  # gone if the page reloads
+
+            denied = curl(name, "frontend-app", inventory, "-X", "DELETE")
+            assert denied.returncode == 0 and denied.stdout.strip() == "Access denied", denied
+            wait.until(lambda d: edge_verdict(d, FRONTEND, INVENTORY) == "l7-denied")
+            assert not reaches(name, "reporting", inventory, False)
+            wait.until(lambda d: edge_verdict(d, REPORTING, INVENTORY) == "dropped")
+            assert driver.execute_script("return window.sameDocument === true")  # updated live, not reloaded
+
+            rows = [cells(r) for r in open_edge(driver, REPORTING, INVENTORY)]
+            assert rows and all(r["verdict"] == "DROP POLICY_DENIED ingress" and r["request"] == "TCP :8080"
+                                for r in rows), rows
+            rows = [cells(r) for r in open_edge(driver, FRONTEND, INVENTORY)]
+            denials = [r for r in rows if r["verdict"] == "L7 denied ingress"]
+            assert len(denials) == 1, rows
+            assert denials[0]["request"].replace("\n", " ") == "DELETE /api/inventory/1 → 403"
+            assert policy in denials[0]["policy"].splitlines()
+            # the kernel's verdict on the connection names the rule that sent it to the proxy
+            assert any(r["verdict"].startswith("REDIRECT") and f"{policy} ingress[0]" in r["policy"].splitlines()
+                       for r in rows), rows
+            assert driver.find_element(By.CSS_SELECTOR, "#detail-summary .tag").text == "L7-denied"
+
+            shot = keep_screenshot(driver, tmp_path / "service-map.png")
+            assert shot.stat().st_size > 10_000  # a page, not a blank image
+    finally:
+        down = l7lab("down", name)
+        assert down.returncode == 0, down.stderr
+        assert nothing_left(name), leftovers(name)
