@@ -28,9 +28,10 @@ Beside them, one counter of l7lab's own (Hubble's drop metric names no policy):
     l7lab_policy_drops_total{lab,policy_kind,policy_namespace,policy_name,direction,match,reason,CTX}
 
 one per flow a policy dropped (a policy-verdict flow or an L7 request with verdict DROPPED),
-by the policy that dropped it: the flow's `*_denied_by`, or for a default deny (no rule matched
-on an endpoint a policy isolates) the policies that select the endpoint in that direction, as
-`isolating(endpoint_id, direction)` names them.
+by the policy that dropped it: the flow's `*_denied_by`, or, when it names none (a default deny:
+no rule matched on an endpoint a policy isolates; an L7 request of a protocol the redirect's
+rules do not cover), the policies that isolate the deciding endpoint in that direction, as
+`isolating(namespace, pod, direction)` names them.
 
 Cardinality is bounded: the context labels name the lab's own pods, namespaces and workloads
 (a scenario's handful; world hosts have none); methods, protocols and DNS query types outside
@@ -84,7 +85,8 @@ DNS_TYPES = frozenset({"A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "T
                        "DNSKEY", "HTTPS", "SVCB", "NAPTR", "OPT", "RRSIG", "NSEC", "NSEC3", "AXFR", "IXFR"})
 
 Labels = tuple[str, ...]
-Isolating = Callable[[int, str], list[tuple[str, str, str]]]  # (endpoint id, "INGRESS"/"EGRESS") -> (kind, namespace, name)
+# (pod namespace, pod name, "INGRESS"/"EGRESS") -> (kind, namespace, name) of the policies isolating it there
+Isolating = Callable[[str, str, str], list[tuple[str, str, str]]]
 
 
 @dataclass(frozen=True)
@@ -393,8 +395,8 @@ class HubbleCounters:
         if found or self.isolating is None or direction not in ("INGRESS", "EGRESS"):
             return found
         endpoint = flow.get("destination" if direction == "INGRESS" else "source") or {}
-        endpoint_id = int(endpoint.get("ID") or 0)
-        return sorted(set(self.isolating(endpoint_id, direction))) if endpoint_id else []
+        namespace, pod = str(endpoint.get("namespace") or ""), str(endpoint.get("pod_name") or "")
+        return sorted(set(self.isolating(namespace, pod, direction))) if namespace and pod else []
 
 
 def _le(bound: float) -> str:

@@ -88,8 +88,13 @@ class Prometheus:
         return data["result"]
 
     def values(self, expr: str, *by: str) -> dict[tuple[str, ...], float]:
-        """An instant query as {(values of the `by` labels): value}."""
-        return {tuple(r["metric"].get(label, "") for label in by): float(r["value"][1]) for r in self.query(expr)}
+        """An instant query as {(values of the `by` labels): value}, the series that share
+        them summed."""
+        out: dict[tuple[str, ...], float] = {}
+        for r in self.query(expr):
+            key = tuple(r["metric"].get(label, "") for label in by)
+            out[key] = out.get(key, 0.0) + float(r["value"][1])
+        return out
 
 
 # --------------------------------------------------------------------------- the dashboard

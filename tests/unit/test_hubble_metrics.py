@@ -5,15 +5,27 @@ a Prometheus scrapes."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from dataplane.hubblemetrics import (CONTEXT_LABELS, DURATION_BUCKETS, METRIC_NAMES, HubbleCounters,
                                      HubbleSnapshot, context_values)
+from dataplane import lab as labmod
+from dataplane.agent import LabService
+from dataplane.flowrecord import L4, L7, Endpoint, Flow, FlowType, PolicyAttribution, TrafficDirection, Verdict
+from dataplane.flowrender import json_line
 from dataplane.metrics import LabCollector, LabCounters, MetricsSnapshot
+from dataplane.policy.engine import PolicyEngine
+from dataplane.scenario import parse_scenario
+from dataplane.yamlsource import load_documents
+from l7.http import HttpFlow
+from tests.support.policy import TWO_PODS_ALLOW_B
 
 
 def endpoint(ns: str, pod: str, ident: int, ep_id: int) -> dict[str, Any]:
@@ -200,9 +212,9 @@ def test_the_policy_that_dropped_a_flow() -> None:
     """Denied-by names it (an explicit deny, an L7 denial); a default deny is the isolating policy's."""
     isolating_calls = []
 
-    def isolating(endpoint_id: int, direction: str) -> list[tuple[str, str, str]]:
-        isolating_calls.append((endpoint_id, direction))
-        return [("CiliumNetworkPolicy", "retail", "inventory-read-only")] if endpoint_id == 12 else []
+    def isolating(namespace: str, pod: str, direction: str) -> list[tuple[str, str, str]]:
+        isolating_calls.append((namespace, pod, direction))
+        return [("CiliumNetworkPolicy", "retail", "inventory-read-only")] if pod == "inventory-api" else []
 
     flows = (policy_drop() + policy_drop() + http("DELETE", 403, denied=True)
              + policy_drop(reason="POLICY_DENY", ingress_denied_by=[{**READ_ONLY, "name": "deny-reporting"}])
@@ -216,7 +228,18 @@ def test_the_policy_that_dropped_a_flow() -> None:
         ("CiliumNetworkPolicy", "retail", "deny-reporting", "ingress", "none", "POLICY_DENY", *c): 1,
         ("", "", "", "ingress", "none", "POLICY_DENIED", *pay): 1,  # nothing isolates it here: no policy to name
     }
-    assert set(isolating_calls) == {(12, "INGRESS"), (14, "INGRESS")}  # the deciding endpoint, by its direction
+    # the deciding endpoint (ingress: the destination), asked only when no deny names a policy
+    assert set(isolating_calls) == {("retail", "inventory-api", "INGRESS"), ("retail", "payment-gateway", "INGRESS")}
+
+
+def test_an_l7_denial_naming_no_policy_is_the_isolating_policys() -> None:
+    """A request of a protocol the redirect's rules do not cover (HTTP on a DNS-only port) is
+    denied naming no policy: the policy isolating the deciding endpoint (egress: the source) is named."""
+    request, _response = dns("x.example.org", 5, denied=True)
+    del request["egress_denied_by"]
+    snap = counted([request], lambda ns, pod, d: [("CiliumNetworkPolicy", ns, f"{pod}-{d.lower()}")])
+    assert snap.value("l7lab_policy_drops_total", policy_name="mediabot-egress", policy_namespace="shop",
+                      match="l7/dns", direction="egress") == 1
 
 
 def test_client_chosen_values_are_bounded() -> None:
@@ -234,7 +257,7 @@ def scrape(snapshot: MetricsSnapshot) -> dict[str, Any]:
 
 
 def test_the_scrape_carries_every_hubble_family_beside_l7labs() -> None:
-    counters = HubbleCounters(lambda _e, _d: [("CiliumNetworkPolicy", "retail", "inventory-read-only")])
+    counters = HubbleCounters(lambda _n, _p, _d: [("CiliumNetworkPolicy", "retail", "inventory-read-only")])
     flows = (policy_drop() + redirect() + http("DELETE", 403, denied=True) + dns("x.example.org", 5, denied=True)
              + dns("www.example.com", 0, denied=False, ips=["203.0.113.20"]))
     for flow in flows:
@@ -261,3 +284,53 @@ def test_families_are_present_before_any_flow() -> None:
     parsed, _ = scrape(MetricsSnapshot())
     assert {"hubble_flows_processed", "hubble_drop", "hubble_http_request_duration_seconds",
             "l7lab_policy_drops"} <= set(parsed)
+
+
+# --------------------------------------------------------------------------- fed by the agent
+
+
+def test_the_agent_counts_the_proxys_records_and_names_the_isolating_policy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service counts each L7 record it reads as its Hubble flows, and a default deny of an
+    endpoint is the drop of the policies that isolate it in that direction."""
+    class NoKernel:
+        def poll_events(self, timeout_ms: int = 0) -> list:
+            return []
+
+        def metrics_detail(self) -> dict:
+            return {}
+
+        def sync(self, state: Any, interfaces: dict[int, int]) -> None:
+            return None
+
+    monkeypatch.setattr(labmod, "RUN_DIR", os.path.realpath(tmp_path))
+    (doc,) = load_documents("name: hm\n" + TWO_PODS_ALLOW_B, "hm.yaml")
+    scenario = parse_scenario(doc, Path("hm.yaml"))
+    lab = labmod.Lab(scenario, "hm-test", datapath=NoKernel(), policy=PolicyEngine(scenario))  # type: ignore[arg-type]
+    labmod.lab_dir(lab.name).mkdir(parents=True)
+    lab.record.save()
+    svc = LabService(lab)
+    svc.proxy.next_attempt = float("inf")
+    svc.open()
+    try:
+        a, b = scenario.pods["x/a"], scenario.pods["x/b"]
+        a_id = svc.engine.endpoint_id("x/a")
+        assert svc.isolating_policies("x", "a", "INGRESS") == [("NetworkPolicy", "x", "allow-b")]
+        assert svc.isolating_policies("x", "a", "EGRESS") == []  # allow-b isolates a's ingress only
+        assert svc.isolating_policies("x", "b", "INGRESS") == []
+        assert svc.isolating_policies("x", "nobody", "INGRESS") == []
+        record = Flow(1764561600.2, FlowType.L7, Verdict.DENIED,
+                      Endpoint(b.ip, 40000, 300, "x", "b", labels={"app": "b"}),
+                      Endpoint(a.ip, 80, 301, "x", "a", labels={"app": "a"}, endpoint_id=a_id),
+                      L4("TCP"), TrafficDirection.INGRESS,
+                      policy=PolicyAttribution(policies=("NetworkPolicy x/allow-b",)),
+                      l7=L7(0.5, HttpFlow(method="DELETE", url="http://a/x", path="/x", protocol="HTTP/1.1", code=403)))
+        with (labmod.lab_dir(lab.name) / "l7-events.jsonl").open("a") as f:
+            f.write(json_line(record) + "\n")
+        svc.take_snapshot()
+        snap = svc.snapshot.hubble
+        assert snap.value("hubble_http_requests_total", method="DELETE", destination_pod="a") == 1
+        assert snap.value("hubble_http_responses_total", status="403") == 1
+        assert snap.value("l7lab_policy_drops_total", policy_name="allow-b", match="l7/http") == 1
+    finally:
+        svc.close()
