@@ -133,7 +133,8 @@ class Edge:
     def detail(self) -> dict[str, Any]:
         """The summary and the recent records, newest first (the kernel's and the proxy's
         records arrive from two files, so arrival order is not quite time order)."""
-        return {**self.summary(), "flows": [flow_detail(f) for f in sorted(self.recent, key=lambda f: f.time, reverse=True)]}
+        newest_first = sorted(self.recent, key=lambda f: f.time, reverse=True)
+        return {**self.summary(), "flows": [flow_detail(f) for f in newest_first]}
 
 
 class ServiceMap:

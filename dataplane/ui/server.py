@@ -30,6 +30,7 @@ import ipaddress
 import json
 import signal
 import socket
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -197,21 +198,24 @@ async def follow_records(app: web.Application, tail: RecordTail, lab_dir: Path,
     while True:
         await asyncio.sleep(POLL_SECONDS)
         polls += 1
-        if lab_nodes is not None and polls % NODES_EVERY == 0:
-            nodes = await asyncio.to_thread(lab_nodes)
-            if nodes is not None and service_map.set_nodes(nodes):
-                hub.publish({"resync": True})
         try:
-            records = await asyncio.to_thread(tail.read)
-        except OSError:
-            records = []  # the lab is going down under us: keep the map as it was
-        keys = service_map.add(records)
-        if keys:
-            hub.publish(service_map.update(keys))
-        lab_up = lab_dir.is_dir()
-        if lab_up != info["lab_up"]:
-            info["lab_up"] = lab_up
-            hub.publish({"lab_up": lab_up})
+            if lab_nodes is not None and polls % NODES_EVERY == 0:
+                nodes = await asyncio.to_thread(lab_nodes)
+                if nodes is not None and service_map.set_nodes(nodes):
+                    hub.publish({"resync": True})
+            try:
+                records = await asyncio.to_thread(tail.read)
+            except OSError:
+                records = []  # the lab is going down under us: keep the map as it was
+            keys = service_map.add(records)
+            if keys:
+                hub.publish(service_map.update(keys))
+            lab_up = lab_dir.is_dir()
+            if lab_up != info["lab_up"]:
+                info["lab_up"] = lab_up
+                hub.publish({"lab_up": lab_up})
+        except Exception:  # noqa: BLE001 - a bug here must not freeze the page for good: say it, go on
+            traceback.print_exc()
 
 
 def make_app(lab: str, lab_dir: Path, service_map: ServiceMap, start_records: int = START_RECORDS,

@@ -102,6 +102,8 @@ def test_the_service_map_shows_what_the_policies_did_live(tmp_path: Path) -> Non
 
             shot = keep_screenshot(driver, tmp_path / "service-map.png")
             assert shot.stat().st_size > 10_000  # a page, not a blank image
+            # The page ran without an error: no script error, nothing blocked by its CSP, no 404.
+            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         down = l7lab("down", name)
         assert down.returncode == 0, down.stderr

@@ -77,6 +77,7 @@ def edges_of(smap: ServiceMap) -> dict[tuple[str, str], str]:
 
 
 def test_each_verdict_has_its_class_and_an_edge_shows_its_worst_recent_one() -> None:
+    assert {graph.edge_class(http(0, v, "GET", 200)) for v in Verdict} <= set(EdgeClass)  # every verdict has one
     smap = ServiceMap(lab_nodes(endpoints()))
     inv = ("retail/frontend-app", "retail/inventory-api")
     redirect = f"{READ_ONLY} ingress[0]"
