@@ -3,7 +3,7 @@ question, appended as a JSON line to the events file and kept in memory (bounded
 for whoever embeds the proxy.
 
 `l7_flow` builds the record the same way for both protocols: the two endpoints as the policy
-snapshot in force names them when the record is made (pod, namespace, the identity's labels;
+snapshot in force names them when the record is made (pod, namespace, endpoint id, the identity's labels;
 a relabel reaches the proxy as a new snapshot, so later records carry the new labels), the
 proxy's verdict (forwarded | denied | error) and why, the rules behind it, the latency, and the
 HTTP or DNS part (`l7.http.HttpFlow`, `l7.dns.DnsFlow`).
@@ -34,7 +34,8 @@ def _endpoint(snapshot: Snapshot, ip: str, port: int, identity: int | None) -> E
     if ep is None:
         return Endpoint(ip, port, identity or 0)
     namespace, _, pod = ep.name.partition("/")
-    return Endpoint(ip, port, identity if identity is not None else ep.identity, namespace, pod, "", dict(ep.labels))
+    return Endpoint(ip, port, identity if identity is not None else ep.identity, namespace, pod, "", dict(ep.labels),
+                    ep.endpoint_id)
 
 
 def redirect_direction(cp: ConnectionPolicy | None) -> TrafficDirection:

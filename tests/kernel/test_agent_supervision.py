@@ -247,8 +247,8 @@ def test_a_killed_proxy_is_seen_recorded_and_restarted(tmp_path: Path) -> None:
             text = l7lab("status", lab).stdout
             assert "proxy DOWN since" in text or "proxy RESTARTING" in text, text
             assert samples(url, lab) == {"up": 0, "restarts": 0}
-            text = l7lab("observe", lab).stdout
-            assert "PROXY exited: the L7 proxy killed by SIGKILL" in text, text
+            text = l7lab("observe", lab, "--type", "agent").stdout
+            assert "AGENT_EVENT_UNKNOWN (type: proxy exited, notification: the L7 proxy killed by SIGKILL" in text, text
 
             # L7 traffic fails closed meanwhile; L3/L4 verdicts are unchanged.
             assert not reaches(lab, "frontend-app", INVENTORY, False)

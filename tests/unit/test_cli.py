@@ -209,7 +209,7 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
 
     groups = {g.__name__.rsplit(".", 1)[1]: verbs_of(g) for g in cli.GROUPS}
     assert groups == {"lifecycle": ["up", "down", "clean", "status", "exec"], "run": ["run"],
-                      "observe": ["observe"], "changes": ["apply", "delete", "label"],
+                      "observe": ["observe", "monitor"], "changes": ["apply", "delete", "label"],
                       "check": ["validate", "explain"], "ui": ["ui"]}
     listed = re.findall(r"^    (\w+) ", l7lab("--help").stdout, re.M)
     assert listed == [verb for verbs in groups.values() for verb in verbs]
