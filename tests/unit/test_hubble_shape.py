@@ -53,7 +53,9 @@ def lab_state() -> MapState:
 
 
 DIRECTORY = Directory({"10.200.0.2": "retail/frontend-app", "10.200.0.3": "retail/inventory-api",
-                       "10.200.0.5": "retail/reporting"}, {"10.200.0.1": "node", "203.0.113.20": "www"})
+                       "10.200.0.5": "retail/reporting"},
+                      {"10.200.0.1": "node", "203.0.113.20": "www", "203.0.113.22": "partner"},
+                      {"203.0.113.20": ("www.example.com",)})
 
 
 def kernel(verdict: FlowVerdict, reason: DropReason = DropReason.NONE, *, rule_id: int = 0, src: str = "10.200.0.2",
@@ -204,9 +206,14 @@ def test_world_hosts_and_the_node_are_reserved_identities_with_names() -> None:
                     dst_endpoint=0, direction=Direction.EGRESS, dport=80)
     verdict = hubble_flows(record, NODE)[0]
     assert verdict["destination"] == {"identity": 16777217, "labels": ["reserved:world"]}
-    assert verdict["destination_names"] == ["www"] and verdict["traffic_direction"] == "EGRESS"
-    assert compact(verdict) == ("Dec  1 06:59:13.004: retail/frontend-app:40512 (ID:256) <> www:80 (ID:16777217) "
-                                "policy-verdict:none EGRESS DENIED (TCP Flags: SYN)")
+    assert verdict["destination_names"] == ["www.example.com"] and verdict["traffic_direction"] == "EGRESS"
+    assert compact(verdict) == ("Dec  1 06:59:13.004: retail/frontend-app:40512 (ID:256) <> www.example.com:80 "
+                                "(ID:16777217) policy-verdict:none EGRESS DENIED (TCP Flags: SYN)")
+    unnamed = kernel(FlowVerdict.DROP, DropReason.POLICY_DENIED, dst="203.0.113.22", dst_identity=2, dst_endpoint=0,
+                     direction=Direction.EGRESS, dport=80)
+    drop = hubble_flows(unnamed, NODE)[1]
+    assert drop["destination_names"] == ["partner"]  # no DNS name in the scenario: the lab's name of the host
+    assert "<> partner:80 (world) Policy denied DROPPED" in compact(drop)
     node = kernel(FlowVerdict.FORWARD, rule_id=3, src="10.200.0.1", src_identity=1, src_endpoint=0, dport=9090)
     assert hubble_flows(node, NODE)[0]["source"] == {"identity": 1, "labels": ["reserved:host"]}
     assert compact(hubble_flows(node, NODE)[0]).startswith("Dec  1 06:59:13.004: 10.200.0.1:40512 (host) -> ")
@@ -321,6 +328,9 @@ def test_new_record_fields_round_trip_and_old_lines_still_read() -> None:
     record = kernel(FlowVerdict.REDIRECT, rule_id=2)
     assert (record.policy_match_type, record.ifindex, record.source.endpoint_id) == (2, 5, 11)
     assert Flow.from_json(record.to_json()) == record
+    world = kernel(FlowVerdict.FORWARD, dst="203.0.113.20", dst_identity=2, dst_endpoint=0, dport=80)
+    assert world.destination.dns_names == ("www.example.com",)
+    assert Flow.from_json(json.loads(json.dumps(world.to_json()))) == world
     dns = dns_record(Verdict.FORWARDED, "a.example.com", 0, ips=("192.0.2.1", "192.0.2.2"), ttl=60,
                      cnames=("b.example.com",), rrtypes=("CNAME", "A", "A"))
     assert Flow.from_json(json.loads(json.dumps(dns.to_json()))) == dns
