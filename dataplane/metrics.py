@@ -24,6 +24,10 @@ are accepted: the lab never listens on the machine's real interfaces.
     l7lab_policy_changes_total{lab,result}        changes applied / rolled back or refused
     l7lab_proxy_up{lab}                           1 while the L7 proxy runs, else 0
     l7lab_proxy_restarts_total{lab}               restarts of the L7 proxy by the agent
+
+and, beside them, Hubble's metrics with Hubble's names and labels (`hubble_flows_processed_total`,
+`hubble_drop_total`, `hubble_http_requests_total`, ...) and `l7lab_policy_drops_total`, counted
+from the Hubble flows of every record by `dataplane/hubblemetrics.py`; docs/metrics.md lists them all.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import L7LabError
+from .hubblemetrics import HubbleCounters, HubbleSnapshot, families
 
 READ_TIMEOUT = 5.0  # seconds a client may stay silent in the middle of a request
 CONNECTION_DEADLINE = 10.0  # seconds for a whole exchange, however slowly the client trickles
@@ -73,10 +78,11 @@ def parse_listen(text: str, flag: str = "--metrics") -> tuple[str, int]:
 class LabCounters:
     """What the agent counts itself; touched only on the agent's loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, hubble: HubbleCounters | None = None) -> None:
         self.flow_events: Counter[str] = Counter()
         self.l7_records: Counter[tuple[str, str]] = Counter()
         self.changes: Counter[str] = Counter()
+        self.hubble = hubble if hubble is not None else HubbleCounters()
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,13 @@ class MetricsSnapshot:
     policies: int = 0
     proxy_up: bool = False
     proxy_restarts: int = 0
+    hubble: HubbleSnapshot = field(default_factory=HubbleSnapshot)
 
     @classmethod
     def take(cls, counters: LabCounters, datapath: Mapping[tuple[Any, Any, Any], tuple[int, int]], *,
              policies: int, proxy_up: bool, proxy_restarts: int) -> "MetricsSnapshot":
         return cls(dict(datapath), dict(counters.flow_events), dict(counters.l7_records), dict(counters.changes),
-                   policies, proxy_up, proxy_restarts)
+                   policies, proxy_up, proxy_restarts, counters.hubble.snapshot())
 
 
 class LabCollector(Collector):
@@ -133,6 +140,7 @@ class LabCollector(Collector):
                                        labels=["lab"])
         restarts.add_metric([self.lab], snap.proxy_restarts)
         yield restarts
+        yield from families(snap.hubble, self.lab)
 
     def _counter(self, name: str, documentation: str, labels: list[str],
                  samples: Iterable[tuple[tuple[str, ...], int]]) -> CounterMetricFamily:

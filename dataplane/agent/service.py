@@ -7,7 +7,9 @@ agent's loop (`dataplane/agent/process.py` turns it):
   `dataplane/flows.py`) and let the proxy supervisor (`dataplane/supervisor.py`) see an exit or a
   restart's READY line;
 - `every_second()`: rewrite `metrics.json` and take the snapshot Prometheus scrapes read
-  (`dataplane/metrics.py`); say whether the lab is still up;
+  (`dataplane/metrics.py`); say whether the lab is still up. Every record the agent writes
+  (kernel flows) or reads (the proxy's L7 records) is counted as the Hubble flows it gives
+  (`dataplane/hubble.py`) by Hubble's metric handlers (`dataplane/hubblemetrics.py`);
 - `handle(request)`: answer one control request: `status`, or a `change` (apply / delete /
   relabel) made all-or-nothing: the engine proposes the new state, the proxy confirms its rules
   and the maps are written, and only then does the engine commit it. The reply comes with how to
@@ -32,7 +34,10 @@ from .. import lab as labmod
 from .. import limits
 from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
 from ..flowrecord import Flow, ProxyEvent
+from ..abi import Direction
 from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
+from ..hubble import hubble_flows, node_name
+from ..hubblemetrics import HubbleCounters
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
 from ..scenario import PolicyRef, PolicySource, Relabel, Step
 from ..supervisor import ProxySupervisor
@@ -60,7 +65,8 @@ class LabService:
         self.dir = labmod.lab_dir(lab.name)
         self.state = self.engine.map_state()  # the map state in force: it names the kernel's events
         self.metrics_server = metrics
-        self.counters = LabCounters()
+        self.counters = LabCounters(HubbleCounters(self.isolating_policies))
+        self.node_name = node_name(lab.name)
         self.snapshot = MetricsSnapshot()  # replaced whole, never changed: the scrape threads read it
         self.proxy_records = RecordTail(self.dir)
         self.directory = Directory.of_lab(lab)
@@ -104,8 +110,27 @@ class LabService:
         if not events:
             return
         self.counters.flow_events.update(ev.verdict.name for ev in events)
+        records = kernel_flows(events, self.state, self.directory)
+        self.count_hubble(records)
         if self.flows is not None:
-            self.flows.write(kernel_flows(events, self.state, self.directory))
+            self.flows.write(records)
+
+    def count_hubble(self, records: list[Flow]) -> None:
+        """Hubble's metrics of these records: each record's Hubble flows, through every handler."""
+        for record in records:
+            for flow in hubble_flows(record, self.node_name):
+                self.counters.hubble.process(flow)
+
+    def isolating_policies(self, namespace: str, pod: str, direction: str) -> list[tuple[str, str, str]]:
+        """(kind, namespace, name) of the policies that make pod `namespace/pod` enforce
+        `direction` ("INGRESS"/"EGRESS"): the ones a default deny there is due to."""
+        key = f"{namespace}/{pod}"
+        if key not in self.lab.scenario.pods:
+            return []
+        d = Direction.INGRESS if direction == "INGRESS" else Direction.EGRESS
+        selecting = self.engine.resolution.selected_by.get((self.engine.endpoint_id(key), d), [])
+        return [(p.kind, p.namespace, p.name) for p, spec in selecting
+                if (spec.enforces_ingress if d == Direction.INGRESS else spec.enforces_egress)]
 
     def _proxy_event(self, event: str, detail: str, pid: int | None) -> None:
         """A proxy lifecycle record in flows.jsonl (`observe` shows it among the flows), the agent's
@@ -125,6 +150,7 @@ class LabService:
         for record in self.proxy_records.records(PROXY_RECORDS):  # count what the proxy wrote since
             if isinstance(record, Flow) and record.l7 is not None:
                 self.counters.l7_records[(record.l7.protocol or "?", record.verdict.value)] += 1
+                self.count_hubble([record])
         detail = self.datapath.metrics_detail() if detail is None else detail
         self.snapshot = MetricsSnapshot.take(self.counters, detail, policies=len(self.engine.policies),
                                              proxy_up=self.proxy.up, proxy_restarts=self.proxy.restarts)
