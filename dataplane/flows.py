@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,23 @@ def endpoint_labels(state: MapState) -> dict[str, dict[str, str]]:
 # --------------------------------------------------------------------------- kernel events
 
 
+_by_side: tuple[weakref.ref[MapState], dict[tuple[int, Direction], MapState]] | None = None
+
+
+def _entries_of(state: MapState) -> dict[tuple[int, Direction], MapState]:
+    """The state's policy entries by (endpoint id, direction), each as a MapState of its own, so
+    that a lookup walks one endpoint's entries, not the whole lab's. Built once per map state
+    (a change of policy gives a new MapState; the one in force is kept here by a weak reference)."""
+    global _by_side  # noqa: PLW0603 - a one-entry cache of the state in force
+    if _by_side is not None and _by_side[0]() is state:
+        return _by_side[1]
+    index: dict[tuple[int, Direction], MapState] = {}
+    for key, entry in state.policy.items():
+        index.setdefault((key.endpoint_id, key.direction), MapState()).policy[key] = entry
+    _by_side = (weakref.ref(state), index)
+    return index
+
+
 def decided_match_type(ev: FlowEvent, state: MapState) -> int:
     """What the map entry that decided names (a peer identity, a protocol, a port), as Cilium's
     policy verdicts number it; POLICY_MATCH_NONE when no entry decided (default deny, or a
@@ -101,7 +119,10 @@ def decided_match_type(ev: FlowEvent, state: MapState) -> int:
     if not ev.endpoint_id or ev.reason not in (DropReason.NONE, DropReason.POLICY_EXPLICIT_DENY):
         return POLICY_MATCH_NONE  # no entry decided: default deny, or not a policy decision at all
     remote = ev.src_identity if ev.direction == Direction.INGRESS else ev.dst_identity
-    _, found = lookup_policy(state, ev.endpoint_id, ev.direction, remote, ev.protocol, ev.dport)
+    entries = _entries_of(state).get((ev.endpoint_id, ev.direction))
+    if not entries:
+        return POLICY_MATCH_NONE
+    _, found = lookup_policy(entries, ev.endpoint_id, ev.direction, remote, ev.protocol, ev.dport)
     if not found:
         return POLICY_MATCH_NONE
     key, _ = next(((k, e) for k, e in found if ev.rule_id in e.rule_ids),
