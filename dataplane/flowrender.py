@@ -2,7 +2,7 @@
 
     json_line(record)   the record as one compact JSON line: what flows.jsonl, l7-events.jsonl
                         and `observe --json` carry (docs/observability.md)
-    describe(record)    one line for people: what `observe` prints
+    describe(record)    one line for people, in l7lab's own words (`observe` prints Hubble's: dataplane/hubble.py)
     outcome(flow)       the verdict part of that line: what `run` shows in its kernel column
 
 Text is the record's own: only the verdict is styled, and every other part (paths, names,

@@ -33,7 +33,9 @@ AGENT_EVENT_UNKNOWN = "AGENT_EVENT_UNKNOWN"
 def agent_event(event: ProxyEvent, node: str) -> HubbleFlow:
     """A ProxyEvent as a Hubble agent event, with the time and node name beside it as Hubble's
     GetAgentEventsResponse carries them."""
-    detail = event.detail if event.pid is None else f"{event.detail} (pid {event.pid})"
+    detail = event.detail
+    if event.pid is not None and f"pid {event.pid}" not in detail:
+        detail += f" (pid {event.pid})"
     return {"agent_event": {"type": AGENT_EVENT_UNKNOWN,
                             "unknown": {"type": f"proxy {event.event}", "notification": detail}},
             "node_name": node, "time": rfc3339(event.time)}

@@ -263,3 +263,24 @@ def test_monitor_bad_type_and_bounded_run(lab: Path) -> None:
     assert out.returncode == 2 and "--type: expected a sub-type name or number after drop:" in out.stderr, out
     out = l7lab(lab, "monitor", "obs", "--for", "0.3", "--json")
     assert out.returncode == 0 and out.stdout == "", out  # nothing new in 0.3 s; the history is not shown
+
+
+def test_monitor_shows_agent_events_as_notifications(lab: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-m", "dataplane.cli", "monitor", "obs", "--type", "agent"], cwd=REPO,
+                             env=env(lab), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while not line:  # until the monitor, reading from the end of the files, sees one
+            write(lab, [ProxyEvent(time.time(), "restarted", "the L7 proxy is back (pid 77, restart 1)", 77),
+                        kernel(20, REPORTING, INVENTORY, Verdict.DROP, 40020)])
+            try:
+                line = read_line(child.stdout, min(deadline, time.monotonic() + 1))
+            except AssertionError:
+                assert time.monotonic() < deadline, "monitor printed nothing"
+    finally:
+        code = interrupted(child)
+    assert code == 0 and line == ">> proxy restarted: the L7 proxy is back (pid 77, restart 1)\n", line
+    rest = child.stdout.read()
+    assert "drop" not in rest, rest  # --type agent: no flows
+
