@@ -12,7 +12,6 @@ from .hubble import (AUDIT, DROP_REASON_OF_NUMBER, DROP_REASONS, DROPPED, EVENT_
                      EVENT_TRACE, FORWARDED, MONITOR_L7_VERDICTS, POLICY_MATCH_NAMES, REDIRECTED)
 
 
-
 def _connection(flow: dict[str, Any]) -> str:
     """The monitor's connection summary: '10.0.0.1:40512 -> 10.0.0.2:8080 tcp SYN'."""
     ip = flow.get("IP", {})
@@ -102,7 +101,8 @@ def _monitor_l7(flow: dict[str, Any]) -> str:
         return f"{head} {http.get('method', '')} {http.get('url', '')} => {code}"
     if "dns" in l7:
         dns = l7["dns"]
-        text = f"{head} DNS {dns.get('observation_source', '')}: {dns.get('query', '')} {','.join(dns.get('qtypes', []))}"
+        qtypes = ",".join(dns.get("qtypes", []))
+        text = f"{head} DNS {dns.get('observation_source', '')}: {dns.get('query', '')} {qtypes}"
         if l7.get("type") == "RESPONSE":
             text += f" TTL: {dns.get('ttl', 0)} Answer: '{','.join(dns.get('ips', []))}'"
             if dns.get("cnames"):

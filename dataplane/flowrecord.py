@@ -72,6 +72,7 @@ class Endpoint:
     host: str = ""  # a world host's name, or "node" for the lab node's own stack
     labels: dict[str, str] = field(default_factory=dict)  # the identity's labels (pods)
     endpoint_id: int = 0  # the lab endpoint's id (a pod's); 0 for anything else, or unknown
+    dns_names: tuple[str, ...] = ()  # a world host's DNS names, as the scenario gives them
 
     @property
     def name(self) -> str:
@@ -81,13 +82,14 @@ class Endpoint:
     def to_json(self) -> dict[str, Any]:
         return {"ip": self.ip, "port": self.port, "identity": self.identity, "namespace": self.namespace,
                 "pod": self.pod, "host": self.host, "labels": dict(sorted(self.labels.items())),
-                "endpoint_id": self.endpoint_id}
+                "endpoint_id": self.endpoint_id, "dns_names": list(self.dns_names)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Endpoint":
         return cls(str(data.get("ip", "")), int(data.get("port") or 0), int(data.get("identity") or 0),
                    str(data.get("namespace", "")), str(data.get("pod", "")), str(data.get("host", "")),
-                   {str(k): str(v) for k, v in (data.get("labels") or {}).items()}, int(data.get("endpoint_id") or 0))
+                   {str(k): str(v) for k, v in (data.get("labels") or {}).items()}, int(data.get("endpoint_id") or 0),
+                   tuple(str(n) for n in data.get("dns_names") or ()))
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class Directory:
 
     pods: dict[str, str] = field(default_factory=dict)  # ip -> "namespace/pod"
     hosts: dict[str, str] = field(default_factory=dict)  # ip -> world host name or "node"
+    dns_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ip -> a world host's DNS names
 
     @classmethod
     def of_lab(cls, lab: Any) -> "Directory":
@@ -74,7 +75,8 @@ class Directory:
         for key, ep in lab.record.endpoints.items():
             (pods if ep.kind == "pod" else hosts)[ep.ip] = key
         hosts[lab.scenario.node_ip] = "node"
-        return cls(pods, hosts)
+        names = {host.address: host.dns_names for host in lab.scenario.world.values() if host.dns_names}
+        return cls(pods, hosts, names)
 
     def endpoint(self, ip: str, port: int, identity: int, labels: dict[str, dict[str, str]],
                  endpoint_id: int = 0) -> Endpoint:
@@ -82,7 +84,7 @@ class Directory:
         pod = self.pods.get(ip, "")
         namespace, _, name = pod.partition("/")
         return Endpoint(ip, port, identity, namespace if name else "", name, self.hosts.get(ip, ""),
-                        dict(labels.get(ip, {})), endpoint_id)
+                        dict(labels.get(ip, {})), endpoint_id, self.dns_names.get(ip, ()))
 
 
 def endpoint_labels(state: MapState) -> dict[str, dict[str, str]]:

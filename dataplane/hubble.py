@@ -170,8 +170,11 @@ def _endpoint(ep: Endpoint) -> dict[str, Any]:
 
 
 def _names(ep: Endpoint) -> list[str]:
-    """A world host's name (Hubble's source_names / destination_names hold DNS names)."""
-    return [ep.host] if ep.host and ep.host != "node" and not ep.namespace else []
+    """A world host's DNS names (Hubble's source_names / destination_names), else its name in
+    the lab (a host the scenario gives no DNS name)."""
+    if ep.namespace or not ep.host or ep.host == "node":
+        return []
+    return list(ep.dns_names) or [ep.host]
 
 
 def _pruned(data: dict[str, Any]) -> dict[str, Any]:

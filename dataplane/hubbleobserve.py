@@ -105,13 +105,26 @@ class Observer:
 
     def history(self) -> list[tuple[Record, list[HubbleFlow]]]:
         """What the files hold that the window admits; with `last`, only the last N events (or
-        records). Without filters, `--last N` reads just the ends of the files (every record
-        gives at least one event); with filters it reads them whole to find the last N that pass."""
+        records). Without filters, `--last N` reads just the end of each file, N records back,
+        unless those show fewer than N (agent events, which the Hubble outputs leave out): then
+        that file is read whole, as every file is with filters, to find the last N shown."""
         if self.last is not None and not self.window.filters and self.window.since is None:
-            self.tail.start_at_last(self.last)
-        elif self.window.since is not None:
-            self.tail.start_at_time(self.window.since)
-        shown = list(self._shown(self.tail.read()))
+            records: list[Record] = []
+            for name in self.tail.names:
+                one = RecordTail(self.lab_dir, (name,))
+                one.start_at_last(self.last)
+                got = one.read()
+                if self._count(list(self._shown(got))) < self.last:
+                    one = RecordTail(self.lab_dir, (name,))
+                    got = one.read()
+                self.tail.files[name] = one.files[name]  # follow() goes on from there
+                records += got
+            records.sort(key=lambda r: r.time)
+            shown = list(self._shown(records))
+        else:
+            if self.window.since is not None:
+                self.tail.start_at_time(self.window.since)
+            shown = list(self._shown(self.tail.read()))
         if self.last is None:
             return shown
         if self.by_record:
@@ -125,6 +138,9 @@ class Observer:
             else:
                 out.append((record, [event]))
         return out
+
+    def _count(self, shown: list[tuple[Record, list[HubbleFlow]]]) -> int:
+        return len(shown) if self.by_record else sum(len(events) for _, events in shown)
 
     def follow(self, deadline: float | None = None, every: float = 0.2) -> Iterator[tuple[Record, list[HubbleFlow]]]:
         """New records as they are written, until `deadline` (time.monotonic()) or forever."""

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 
+import dns.message
+import dns.rrset
 import pytest
 
 from dataplane.abi import Direction, DropReason, FlowVerdict, Hook, Verdict as MapVerdict
 from dataplane.ciliummonitor import monitor_line
 from dataplane.datapath import FlowEvent
-from dataplane.flowrecord import Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, TracePoint, TrafficDirection, Verdict
+from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, TracePoint, TrafficDirection,
+                                  Verdict)
 from dataplane.flows import Directory, kernel_flow
 from dataplane.hubble import (compact, dict_text, event_type_name, hubble_flows, jsonpb, node_name, policy_ref,
                               rfc3339)
 from dataplane.mapstate import EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution
 from l7.dns import DnsFlow
 from l7.http import RECORDED_HEADER_VALUE, RECORDED_HEADERS, HttpFlow, recorded_headers
+from proxy.dns import RECORDED_ANSWERS, answer_record
 
 NODE = node_name("shp")
 WHEN = 1796108353.004943  # 2026-12-01T06:59:13.004943Z
@@ -49,7 +53,9 @@ def lab_state() -> MapState:
 
 
 DIRECTORY = Directory({"10.200.0.2": "retail/frontend-app", "10.200.0.3": "retail/inventory-api",
-                       "10.200.0.5": "retail/reporting"}, {"10.200.0.1": "node", "203.0.113.20": "www"})
+                       "10.200.0.5": "retail/reporting"},
+                      {"10.200.0.1": "node", "203.0.113.20": "www", "203.0.113.22": "partner"},
+                      {"203.0.113.20": ("www.example.com",)})
 
 
 def kernel(verdict: FlowVerdict, reason: DropReason = DropReason.NONE, *, rule_id: int = 0, src: str = "10.200.0.2",
@@ -200,9 +206,14 @@ def test_world_hosts_and_the_node_are_reserved_identities_with_names() -> None:
                     dst_endpoint=0, direction=Direction.EGRESS, dport=80)
     verdict = hubble_flows(record, NODE)[0]
     assert verdict["destination"] == {"identity": 16777217, "labels": ["reserved:world"]}
-    assert verdict["destination_names"] == ["www"] and verdict["traffic_direction"] == "EGRESS"
-    assert compact(verdict) == ("Dec  1 06:59:13.004: retail/frontend-app:40512 (ID:256) <> www:80 (ID:16777217) "
-                                "policy-verdict:none EGRESS DENIED (TCP Flags: SYN)")
+    assert verdict["destination_names"] == ["www.example.com"] and verdict["traffic_direction"] == "EGRESS"
+    assert compact(verdict) == ("Dec  1 06:59:13.004: retail/frontend-app:40512 (ID:256) <> www.example.com:80 "
+                                "(ID:16777217) policy-verdict:none EGRESS DENIED (TCP Flags: SYN)")
+    unnamed = kernel(FlowVerdict.DROP, DropReason.POLICY_DENIED, dst="203.0.113.22", dst_identity=2, dst_endpoint=0,
+                     direction=Direction.EGRESS, dport=80)
+    drop = hubble_flows(unnamed, NODE)[1]
+    assert drop["destination_names"] == ["partner"]  # no DNS name in the scenario: the lab's name of the host
+    assert "<> partner:80 (world) Policy denied DROPPED" in compact(drop)
     node = kernel(FlowVerdict.FORWARD, rule_id=3, src="10.200.0.1", src_identity=1, src_endpoint=0, dport=9090)
     assert hubble_flows(node, NODE)[0]["source"] == {"identity": 1, "labels": ["reserved:host"]}
     assert compact(hubble_flows(node, NODE)[0]).startswith("Dec  1 06:59:13.004: 10.200.0.1:40512 (host) -> ")
@@ -317,6 +328,9 @@ def test_new_record_fields_round_trip_and_old_lines_still_read() -> None:
     record = kernel(FlowVerdict.REDIRECT, rule_id=2)
     assert (record.policy_match_type, record.ifindex, record.source.endpoint_id) == (2, 5, 11)
     assert Flow.from_json(record.to_json()) == record
+    world = kernel(FlowVerdict.FORWARD, dst="203.0.113.20", dst_identity=2, dst_endpoint=0, dport=80)
+    assert world.destination.dns_names == ("www.example.com",)
+    assert Flow.from_json(json.loads(json.dumps(world.to_json()))) == world
     dns = dns_record(Verdict.FORWARDED, "a.example.com", 0, ips=("192.0.2.1", "192.0.2.2"), ttl=60,
                      cnames=("b.example.com",), rrtypes=("CNAME", "A", "A"))
     assert Flow.from_json(json.loads(json.dumps(dns.to_json()))) == dns
@@ -337,3 +351,32 @@ def test_recorded_headers_are_bounded() -> None:
     assert len(kept) == RECORDED_HEADERS and kept[0][0] == "X-H0"
     assert all(len(value) == RECORDED_HEADER_VALUE and value.endswith("...") for _, value in kept)
     assert recorded_headers({"Host": "a"}) == (("Host", "a"),)
+
+
+def test_the_dns_proxy_records_the_answer_it_relays() -> None:
+    query = dns.message.make_query("www.example.com", "A")
+    answer = dns.message.make_response(query)
+    answer.answer.append(dns.rrset.from_text("www.example.com.", 300, "IN", "CNAME", "Edge.Example.NET."))
+    answer.answer.append(dns.rrset.from_text("edge.example.net.", 60, "IN", "A", "192.0.2.7", "192.0.2.8"))
+    recorded = answer_record(dns.message.from_wire(answer.to_wire()))
+    assert sorted(recorded.pop("ips")) == ["192.0.2.7", "192.0.2.8"]  # in the answer's order, which DNS leaves open
+    assert recorded == {"ttl": 60, "cnames": ("edge.example.net",), "rrtypes": ("CNAME", "A", "A")}
+    many = dns.message.make_response(query)
+    many.answer.append(dns.rrset.from_text("www.example.com.", 5, "IN", "A",
+                                           *(f"198.51.100.{i}" for i in range(RECORDED_ANSWERS + 8))))
+    kept = answer_record(many)
+    assert len(kept["ips"]) == len(kept["rrtypes"]) == RECORDED_ANSWERS
+    assert answer_record(dns.message.make_response(query)) == {"ips": (), "ttl": 0, "cnames": (), "rrtypes": ()}
+
+
+def test_an_error_and_an_audit_in_cilium_monitor_words() -> None:
+    unreachable = hubble_flows(http_record(Verdict.ERROR, 0, "GET", policies=()), NODE)[0]
+    assert monitor_line(unreachable) == (
+        "<- Request http from 11 ([k8s:app=frontend-app k8s:io.kubernetes.pod.namespace=retail]) to 12 "
+        "([k8s:app=inventory-api k8s:io.kubernetes.pod.namespace=retail]), identity 256->257, verdict Error "
+        "GET http://inventory-api:8080/api/inventory/item123 => 0")
+    audit, trace = hubble_flows(kernel(FlowVerdict.AUDIT, src="10.200.0.5", src_identity=260, src_endpoint=13), NODE)
+    assert monitor_line(audit) == ("Policy verdict log: flow 0x0 local EP ID 12, remote ID 260, proto 6, ingress, "
+                                   "action audit, auditMode enabled, match none, "
+                                   "10.200.0.5:40512 -> 10.200.0.3:8080 tcp SYN")
+    assert monitor_line(trace).startswith("-> endpoint 12 flow 0x0 , identity 260->257 state new ifindex 5")

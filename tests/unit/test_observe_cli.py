@@ -143,6 +143,18 @@ def test_last_counts_the_flows_that_pass(lab: Path) -> None:
     assert [(r["type"], r["verdict"]) for r in map(json.loads, records)] == [("L3_L4", "DROP"), ("L7", "denied")]
 
 
+def test_last_reaches_past_records_that_show_nothing(lab: Path) -> None:
+    """The proxy's notes at the end of a file are no flows: --last N still finds N flows."""
+    for name in (KERNEL_FLOWS, PROXY_RECORDS):
+        (lab / "obs" / name).unlink()
+    write(lab, [request(0, "GET", 200, 39000), kernel(1, REPORTING, INVENTORY, Verdict.DROP, 40000)] +
+          [ProxyEvent(START + 2 + i, "restarted", "the L7 proxy is back", 100 + i) for i in range(3)])
+    assert kinds(flows(lab, "--last", "1")) == ["DROPPED drop"]
+    assert kinds(flows(lab, "--last", "5")) == ["FORWARDED l7 REQUEST GET", "FORWARDED l7 RESPONSE GET",
+                                                "DROPPED policy-verdict", "DROPPED drop"]
+    assert len(l7lab(lab, "observe", "obs", "--json", "--last", "2").stdout.splitlines()) == 2  # records: the notes
+
+
 def test_since_and_until(lab: Path) -> None:
     window = flows(lab, "--since", str(START + 1.5), "--until", str(START + 4.5))
     assert kinds(window) == ["REDIRECTED policy-verdict", "FORWARDED trace", "DROPPED l7 REQUEST DELETE",
