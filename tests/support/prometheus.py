@@ -33,31 +33,11 @@ def scrape_config(targets: list[str], job: str = "l7lab") -> str:
     }, indent=2)
 
 
-class Prometheus:
-    """One Prometheus process; `stop()` (always, in a finally) ends it."""
+class PrometheusAPI:
+    """The HTTP API of a Prometheus at `url`."""
 
-    def __init__(self, tmp_path: Path, targets: list[str]) -> None:
-        self.dir = tmp_path / "prometheus"
-        self.dir.mkdir()
-        config = self.dir / "prometheus.yml"
-        config.write_text(scrape_config(targets))
-        self.port = free_loopback_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = self.dir / "prometheus.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+    def __init__(self, url: str) -> None:
+        self.url = url
 
     def _get(self, path: str, **params: str) -> Any:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}" if params else self.url + path
@@ -65,17 +45,6 @@ class Prometheus:
             body = json.loads(resp.read())
         assert body["status"] == "success", body
         return body["data"]
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, f"prometheus exited: {self.log.read_text()[-2000:]}"
-        try:
-            with NO_PROXY.open(self.url + "/-/ready", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
-    def wait_ready(self) -> None:
-        wait_for("prometheus to be ready", self.ready, every=0.2)
 
     def targets_up(self) -> bool:
         active = self._get("/api/v1/targets")["activeTargets"]
@@ -95,6 +64,44 @@ class Prometheus:
             key = tuple(r["metric"].get(label, "") for label in by)
             out[key] = out.get(key, 0.0) + float(r["value"][1])
         return out
+
+
+class Prometheus(PrometheusAPI):
+    """One Prometheus process; `stop()` (always, in a finally) ends it."""
+
+    def __init__(self, tmp_path: Path, targets: list[str]) -> None:
+        self.dir = tmp_path / "prometheus"
+        self.dir.mkdir()
+        config = self.dir / "prometheus.yml"
+        config.write_text(scrape_config(targets))
+        self.port = free_loopback_port()
+        super().__init__(f"http://127.0.0.1:{self.port}")
+        self.log = self.dir / "prometheus.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={self.dir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, f"prometheus exited: {self.log.read_text()[-2000:]}"
+        try:
+            with NO_PROXY.open(self.url + "/-/ready", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self) -> None:
+        wait_for("prometheus to be ready", self.ready, every=0.2)
 
 
 # --------------------------------------------------------------------------- the dashboard
