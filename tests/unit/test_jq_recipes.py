@@ -1,8 +1,9 @@
 """The jq recipes of docs/observe.md work on l7lab's flows as they work on `hubble observe -o
 jsonpb`: each runs exactly as the docs write it (jq, sort, uniq: the real tools) over the lines
-`observe -o jsonpb` prints for records a real lab wrote (tests/unit/records/, kept from runs of
-scenarios/retail.yaml and scenarios/dns-policy.yaml), and prints exactly the output the docs
-show. The recipes are written here too, and must be the docs' text: they cannot drift apart."""
+`l7lab observe LAB -o jsonpb` prints (its reader and printer, over a lab directory holding the
+records a real lab wrote: tests/unit/records/, kept from runs of scenarios/retail.yaml and
+scenarios/dns-policy.yaml), and prints exactly the output the docs show. The recipes are written
+here too, and must be the docs' text: they cannot drift apart."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from dataplane.flowrecord import Flow, record_from_json
-from dataplane.hubble import hubble_flows, jsonpb, node_name
+from dataplane.cli.observe import Printer
+from dataplane.flowrecord import record_from_json, record_type
+from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS
+from dataplane.hubbleobserve import Observer, Window
 from tests.conftest import REPO
 
 RECORDS = {"shp1": REPO / "tests" / "unit" / "records" / "retail.jsonl",
@@ -45,13 +49,16 @@ def documented() -> list[tuple[str, list[str]]]:
     return out
 
 
-def observe_jsonpb(lab: str) -> str:
-    """What `l7lab observe LAB -o jsonpb` prints for the lab's records: every record's Hubble
-    flows, in time order, one GetFlowsResponse per line."""
-    records = [record_from_json(json.loads(line)) for line in RECORDS[lab].read_text().splitlines()]
-    flows = sorted((r for r in records if isinstance(r, Flow)), key=lambda r: r.time)
-    return "".join(json.dumps(jsonpb(f), separators=(",", ":")) + "\n"
-                   for r in flows for f in hubble_flows(r, node_name(lab)))
+def observe_jsonpb(lab: str, lab_dir: Path) -> str:
+    """What `l7lab observe LAB -o jsonpb` prints for a lab whose files hold the kept records:
+    the reader and the printer of `observe` over a lab directory of those files."""
+    lines = RECORDS[lab].read_text().splitlines()
+    kernel = [line for line in lines if record_type(record_from_json(json.loads(line))) != "L7"]
+    (lab_dir / KERNEL_FLOWS).write_text("".join(line + "\n" for line in kernel))
+    (lab_dir / PROXY_RECORDS).write_text("".join(line + "\n" for line in lines if line not in kernel))
+    printer = Printer("jsonpb")
+    return "".join(printer.text(event) + "\n" for _, events in Observer(lab_dir, lab, Window()).history()
+                   for event in events)
 
 
 def test_the_docs_show_the_recipes_this_test_runs() -> None:
@@ -59,13 +66,13 @@ def test_the_docs_show_the_recipes_this_test_runs() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(RECIPES)))
-def test_each_recipe_prints_what_the_docs_show(index: int) -> None:
+def test_each_recipe_prints_what_the_docs_show(index: int, tmp_path: Path) -> None:
     assert shutil.which("jq"), "jq is installed by scripts/setup.sh --test"
     command, shown = documented()[index]
     observe, pipeline = command.split(" | ", 1)
     lab = observe.split()[2]
-    out = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], input=observe_jsonpb(lab), capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "LC_ALL": "C"})
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], input=observe_jsonpb(lab, tmp_path),
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "LC_ALL": "C"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == shown
     assert shown  # a recipe that selects nothing proves nothing
