@@ -60,12 +60,14 @@ TCP_FLAGS = ("SYN", "FIN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
 # Flags that name one filter each; `not` is the negation. In the order `observe --help` lists them.
 FILTER_FLAGS = ("verdict", "type", "pod", "from-pod", "to-pod", "namespace", "from-namespace", "to-namespace",
                 "label", "from-label", "to-label", "identity", "from-identity", "to-identity", "ip", "from-ip",
-                "to-ip", "protocol", "port", "from-port", "to-port", "tcp-flags", "traffic-direction",
-                "http-method", "http-path", "http-url", "http-status")
+                "to-ip", "fqdn", "from-fqdn", "to-fqdn", "protocol", "port", "from-port", "to-port", "tcp-flags",
+                "traffic-direction", "http-method", "http-path", "http-url", "http-status")
 # flows_filter.go's conflict groups (of the flags l7lab has): two flags of one group cannot be
 # given together (to the whitelist, or together to the blacklist).
-CONFLICTS = (("from-ip", "ip", "from-namespace", "namespace"), ("from-ip", "ip", "from-pod", "pod"),
-             ("to-ip", "ip", "to-namespace", "namespace"), ("to-ip", "ip", "to-pod", "pod"),
+CONFLICTS = (("from-fqdn", "from-ip", "ip", "fqdn", "from-namespace", "namespace"),
+             ("from-fqdn", "from-ip", "ip", "fqdn", "from-pod", "pod"),
+             ("to-fqdn", "to-ip", "ip", "fqdn", "to-namespace", "namespace"),
+             ("to-fqdn", "to-ip", "ip", "fqdn", "to-pod", "pod"),
              ("to-pod", "namespace"), ("from-pod", "namespace"), ("label", "from-label"), ("label", "to-label"),
              ("port", "to-port"), ("port", "from-port"), ("identity", "to-identity"), ("identity", "from-identity"))
 
@@ -200,6 +202,8 @@ class FlowFilter:
     destination_identity: list[int] = field(default_factory=list)
     source_ip: list[Any] = field(default_factory=list)  # ip_network
     destination_ip: list[Any] = field(default_factory=list)
+    source_fqdn: list[Any] = field(default_factory=list)  # compiled patterns
+    destination_fqdn: list[Any] = field(default_factory=list)
     source_port: list[int] = field(default_factory=list)
     destination_port: list[int] = field(default_factory=list)
     verdict: list[str] = field(default_factory=list)
@@ -238,6 +242,10 @@ class FlowFilter:
         for side, nets in (("source", self.source_ip), ("destination", self.destination_ip)):
             if nets:
                 tests.append(lambda f, s=side, n=tuple(nets): _ip(f, s, n))
+        for side, patterns in (("source_names", self.source_fqdn), ("destination_names", self.destination_fqdn)):
+            if patterns:
+                tests.append(lambda f, s=side, p=tuple(patterns): any(
+                    x.match(str(n)) for n in f.get(s) or () for x in p))
         if self.protocol:
             tests.append(lambda f, p=tuple(self.protocol): _protocol(f, p))
         for side, ports in (("source_port", self.source_port), ("destination_port", self.destination_port)):
@@ -385,6 +393,15 @@ def _network(flag: str, value: str) -> Any:
         raise FilterError(flag, f"expected an IP address or a CIDR (10.0.0.1, 10.0.0.0/24), got {value!r}") from None
 
 
+def _fqdn(flag: str, value: str) -> Any:
+    """Hubble's FQDN pattern (pkg/hubble/filters/patterns.go): a name, any case, an optional
+    trailing dot, `*` for any run of letters, digits, dashes and dots; the whole name matches."""
+    pattern = value.strip().removesuffix(".").lower()
+    if not pattern or pattern.endswith(".") or not re.fullmatch(r"[-0-9_a-z.*]+", pattern):
+        raise FilterError(flag, f"expected a DNS name or pattern (www.example.com, *.example.com), got {value!r}")
+    return re.compile("".join(r"[-.0-9a-z]*" if c == "*" else re.escape(c) for c in pattern) + r"\Z")
+
+
 def _regex(flag: str, value: str) -> Any:
     try:
         return compile_regex(value)
@@ -445,9 +462,10 @@ class FilterTracker:
             if len(given) > 1:
                 raise FilterError("", f"filters --{given[0]} and --{given[1]} cannot be combined")
         side, _, what = flag.partition("-") if flag.startswith(("from-", "to-")) else ("", "", flag)
-        attribute = {"pod": "pod", "label": "label", "identity": "identity", "ip": "ip", "port": "port"}.get(what)
+        attribute = {"pod": "pod", "label": "label", "identity": "identity", "ip": "ip", "port": "port",
+                     "fqdn": "fqdn"}.get(what)
         if attribute is not None:
-            parsed = {"pod": _pod_name, "label": _selector, "identity": _identity, "ip": _network,
+            parsed = {"pod": _pod_name, "label": _selector, "identity": _identity, "ip": _network, "fqdn": _fqdn,
                       "port": lambda f, v: _number(f, v, "a port number (0-65535)", 65535)}[what](flag, value)
             if side == "from":
                 self.both(f"source_{attribute}", parsed)

@@ -407,6 +407,12 @@ def test_dns_world_and_drops(dns: Lab) -> None:
     # (a dropped SYN may be sent again: sets, not counts)
     assert {(name(f, "source"), f["IP"]["destination"]) for f in world} == {
         (p.source, p.destination.ip) for p in want.world}
+    # World hosts by DNS name: a pattern's `*` spans dots, as Hubble's.
+    named = dns.observe("--to-fqdn", "*.example.com", "--type", "policy-verdict")
+    assert {(name(f, "source"), f["IP"]["destination"]) for f in named} == {
+        (p.source, p.destination.ip) for p in want.world if p.destination.dns_name.endswith(".example.com")}
+    assert dns.observe("--fqdn", "www.example.org") == dns.observe("--to-ip", next(
+        p.destination.ip for p in want.world if p.destination.dns_name == "www.example.org"))
     drops = dns.observe("--from-label", "app=mediabot", "--type", "drop")
     assert {f["IP"]["destination"] for f in drops} == {p.destination.ip for p in want.dropped}
     assert dns.observe("--to-identity", "world", "--verdict", "FORWARDED", "--type", "policy-verdict") == [

@@ -20,7 +20,7 @@ REPORTING = {"ID": 13, "identity": 259, "namespace": "retail", "pod_name": "repo
              "labels": ["k8s:app=reporting", "k8s:io.kubernetes.pod.namespace=retail"]}
 DNS = {"ID": 21, "identity": 300, "namespace": "kube-system", "pod_name": "kube-dns",
        "labels": ["k8s:io.kubernetes.pod.namespace=kube-system", "k8s:k8s-app=kube-dns"]}
-WORLD = {"identity": 2, "labels": ["reserved:world"]}
+WORLD = {"identity": 16777216, "labels": ["reserved:world"]}
 IPS = {id(FRONTEND): "10.10.0.11", id(INVENTORY): "10.10.0.12", id(REPORTING): "10.10.0.13", id(DNS): "10.10.0.53",
        id(WORLD): "203.0.113.20"}
 
@@ -72,7 +72,7 @@ FORWARD = flow(INVENTORY, REPORTING, dport=80, event={"type": 5})
 FORWARD_TRACE = flow(INVENTORY, REPORTING, dport=80, event={"type": 4}, flags=("SYN", "ACK"))
 DNS_QUERY = flow(FRONTEND, DNS, proto="UDP", dport=53, direction="EGRESS",
                  dns={"query": "www.example.com.", "qtypes": ["A"], "observation_source": "proxy"})
-WORLD_FLOW = flow(FRONTEND, WORLD, dport=80, direction="EGRESS")
+WORLD_FLOW = {**flow(FRONTEND, WORLD, dport=80, direction="EGRESS"), "destination_names": ["www.example.com"]}
 ICMP = flow(FRONTEND, REPORTING, proto="ICMPv4")
 AGENT = {"agent_event": {"type": "AGENT_EVENT_UNKNOWN", "unknown": {"type": "proxy exited", "notification": "..."}}}
 ALL = {name: value for name, value in globals().items() if isinstance(value, dict) and (
@@ -172,7 +172,8 @@ def test_selector_syntax() -> None:
 
 def test_identity() -> None:
     assert shown("--identity", "259") == shown("--pod", "retail/reporting")
-    assert shown("--to-identity", "world") == {"WORLD_FLOW"}
+    assert shown("--to-identity", "16777216") == {"WORLD_FLOW"}
+    assert shown("--to-identity", "world") == set()  # www.example.com has its FQDN identity
     assert shown("--from-identity", "257", "--to-identity", "300") == {"DNS_QUERY"}
 
 
@@ -228,6 +229,16 @@ def test_tcp_flags_and_direction() -> None:
     assert shown("--traffic-direction", "egress") == {"DNS_QUERY", "WORLD_FLOW"}
 
 
+def test_fqdn() -> None:
+    assert shown("--to-fqdn", "www.example.com") == {"WORLD_FLOW"}
+    assert shown("--to-fqdn", "WWW.example.com.") == {"WORLD_FLOW"}  # any case, a trailing dot
+    assert shown("--fqdn", "*.example.com") == {"WORLD_FLOW"}
+    assert shown("--fqdn", "*") == {"WORLD_FLOW"}  # only flows with a name
+    assert shown("--to-fqdn", "example.com") == set()  # the whole name
+    assert shown("--from-fqdn", "*.example.com") == set()
+    assert shown("--to-fqdn", "*.example.org", "--to-fqdn", "www.*.com") == {"WORLD_FLOW"}
+
+
 def test_ip() -> None:
     assert shown("--to-ip", "203.0.113.0/24") == {"WORLD_FLOW"}
     assert shown("--ip", "10.10.0.53") == {"DNS_QUERY"}
@@ -270,6 +281,9 @@ def test_agent_events_pass_only_type_filters() -> None:
     (("--tcp-flags", "syn,hello"), "--tcp-flags: expected TCP flags"),
     (("--traffic-direction", "up"), "--traffic-direction: expected ingress or egress"),
     (("--to-ip", "10.0.0.300"), "--to-ip: expected an IP address or a CIDR"),
+    (("--to-fqdn", "www example.com"), "--to-fqdn: expected a DNS name or pattern"),
+    (("--fqdn", "."), "--fqdn: expected a DNS name or pattern"),
+    (("--fqdn", "x", "--to-ip", "10.0.0.1"), "filters --to-ip and --fqdn cannot be combined"),
     (("--not",), "--not: a trailing --not"),
     (("--not", "--not", "--verdict", "DROPPED"), "--not: consecutive --not"),
     (("--label", "a", "--from-label", "b"), "filters --label and --from-label cannot be combined"),

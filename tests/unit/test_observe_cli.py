@@ -106,6 +106,13 @@ def kinds(found: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def test_observe_offers_every_filter_flag() -> None:
+    from dataplane.cli.observe import FILTER_HELP  # noqa: PLC0415
+    from dataplane.hubblefilter import FILTER_FLAGS  # noqa: PLC0415
+
+    assert tuple(FILTER_HELP) == FILTER_FLAGS
+
+
 def test_outputs_show_every_flow_once(lab: Path) -> None:
     every = flows(lab)
     # 3 redirects (policy verdict + trace each), 3 requests (+ a response each), 1 drop (policy
