@@ -100,6 +100,10 @@ def test_allowed_names_are_answered_by_the_server_and_others_refused_by_the_prox
                and r.direction == "egress" for r in records)
     assert records[0].policy.policies == ("CiliumNetworkPolicy shop/mediabot-dns",)
     assert records[2].policy.policies == ("CiliumNetworkPolicy shop/mediabot-dns",)  # the policy whose rules it failed
+    # The record keeps the answer it relayed (Hubble's dns.ips / ttl / rrtypes); a refusal has none.
+    www_answer = next(rrset for rrset in www.answer)
+    assert (records[0].dns.ips, records[0].dns.ttl, records[0].dns.rrtypes) == (("203.0.113.20",), www_answer.ttl, ("A",))
+    assert (records[2].dns.ips, records[2].dns.rrtypes) == ((), ())
 
 
 def test_a_pod_without_dns_rules_asks_the_server_directly(lab: Lab) -> None:

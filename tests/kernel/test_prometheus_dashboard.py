@@ -36,8 +36,7 @@ from dataplane.probes import Observation, run_probe
 from dataplane.scenario import Probe, load_scenario
 from tests.conftest import REPO, patient, unique_lab
 from tests.support.cli_lab import RETAIL, free_loopback_port, l7lab, leftovers, nothing_left, scrape
-from tests.support.prometheus import (ALL, Prometheus, panel_queries, sane, stable, substitute, totals,
-                                      wait_until_scraped)
+from tests.support.prometheus import ALL, Prometheus, panel_queries, sane, substitute, totals, wait_until_scraped
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.kernel
@@ -104,14 +103,18 @@ def lab_totals(lab: MetricsLab) -> dict[str, float]:
 
 
 def settled(lab: MetricsLab) -> dict[str, float]:
-    """The lab's totals once its agent counted every L7 request sent so far (the proxy's
-    records are the last to arrive) and nothing changes any more."""
+    """The lab's totals once its agent counted every L7 request sent so far (the proxy's records
+    are the last to arrive) and every Hubble flow of the records its files hold."""
     l7_probes = sum(1 for p, _o in lab.sent if (pod(p.source), p.http is not None, p.dns is not None)
                     in (("frontend-app", True, False), ("mediabot", False, True)))
     wait_for(f"{l7_probes} L7 requests counted by lab {lab.name}",
              lambda: (lambda t: t["hubble_http_requests_total"] + t["hubble_dns_queries_total"])(lab_totals(lab))
              >= l7_probes)
-    return stable(lambda: lab_totals(lab))
+
+    def caught_up() -> dict[str, float] | None:
+        totals = lab_totals(lab)
+        return totals if totals["hubble_flows_processed_total"] == len(hubble(lab)) else None
+    return wait_for(f"lab {lab.name} to count every record", caught_up, every=0.2)
 
 
 def hubble(lab: MetricsLab) -> list[dict]:

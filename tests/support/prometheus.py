@@ -10,7 +10,6 @@ import json
 import math
 import re
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -150,18 +149,3 @@ def wait_until_scraped(prom: Prometheus, lab_totals: dict[str, float], timeout: 
                 return False
         return True
     wait_for(f"prometheus to scrape {sorted(lab_totals)}", caught_up, timeout=timeout, every=0.5)
-
-
-def stable(read: Any, settle: float = 1.5, timeout: float = 60.0) -> Any:
-    """The value of `read()` once it stopped changing for `settle` seconds (the agent counts what
-    the kernel and the proxy write within a second or so; a loaded machine takes longer)."""
-    deadline = time.monotonic() + timeout
-    last, since = read(), time.monotonic()
-    while True:
-        time.sleep(0.25)
-        now = read()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= settle:
-            return last
-        assert time.monotonic() < deadline, "the lab's metrics kept changing"
