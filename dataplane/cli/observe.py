@@ -282,8 +282,11 @@ def _when(text: str) -> Any:
 def register(verbs: Verbs) -> None:
     """Add observe and monitor."""
     p = verbs.add("observe", "print a running lab's flows as Hubble shows them: the kernel's verdicts and the "
-                             "proxy's L7 requests, filtered with hubble observe's flags", cmd_observe)
+                             "proxy's L7 requests, filtered with hubble observe's flags", cmd_observe, json_flag=False)
     lab_arguments(p, "lab name (needed when several labs are up)")
+    p.add_argument("--json", action="store_true",
+                   help="print l7lab's own records (the lines of the record files, docs/observability.md), "
+                        "not Hubble's flows; the filters choose the records one of whose flows passes")
     p.add_argument("-o", "--output", choices=OUTPUTS, default=None,
                    help="Hubble's output: compact (the default, one line per flow), dict, json (one flow object "
                         "per line), jsonpb (one {\"flow\": ...} per line). --json prints l7lab's own records instead")
@@ -300,8 +303,9 @@ def register(verbs: Verbs) -> None:
     filter_arguments(p, ("not", *FILTER_HELP))
 
     m = verbs.add("monitor", "stream a running lab's datapath and proxy events as cilium monitor prints them, "
-                             "until interrupted", cmd_monitor)
+                             "until interrupted", cmd_monitor, json_flag=False)
     lab_arguments(m, "lab name (needed when several labs are up)")
+    m.add_argument("--json", action="store_true", help="one Hubble flow object per line (as observe -o json)")
     m.add_argument("--for", dest="for_seconds", type=_seconds, metavar="SECONDS",
                    help="stop after this many seconds (for scripts)")
     filter_arguments(m, ("type",))
