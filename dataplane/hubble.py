@@ -37,15 +37,16 @@ EVENT_TYPE_NAMES = {EVENT_DROP: "drop", EVENT_TRACE: "trace", EVENT_POLICY_VERDI
 
 # -- verdicts (flow.proto Verdict) ---------------------------------------------------------------
 FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED = "FORWARDED", "DROPPED", "ERROR", "AUDIT", "REDIRECTED"
-VERDICTS = ("VERDICT_UNKNOWN", FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, "TRACED", "TRANSLATED")
+VERDICTS = ("VERDICT_UNKNOWN", FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, "TRACED", "TRANSLATED")  # by number
 # l7lab's record verdict -> Hubble's verdict of the policy-verdict / L7 request flow
 VERDICT_OF = {Verdict.FORWARD: FORWARDED, Verdict.REDIRECT: REDIRECTED, Verdict.AUDIT: AUDIT, Verdict.DROP: DROPPED,
               Verdict.FORWARDED: FORWARDED, Verdict.DENIED: DROPPED, Verdict.ERROR: ERROR}
 # accesslog.FlowVerdict words, as `cilium monitor` prints an L7 record
 MONITOR_L7_VERDICTS = {FORWARDED: "Forwarded", DROPPED: "Denied", ERROR: "Error", REDIRECTED: "Redirected"}
 
-# -- trace observation points: (monitor sub_type, flow.proto name, monitor's own words) -----------
-# The proto numbers TO_ENDPOINT 101 because the monitor's 0 would read as "unknown" in protojson.
+# -- trace observation points: flow.proto name -> (the event's sub_type, the name Hubble prints) ---
+# (pkg/monitor/api/types.go Trace*). The proto numbers TO_ENDPOINT 101, not 0, so that protojson
+# never leaves it out; the event's sub_type stays 0.
 TRACE_POINTS: dict[str, tuple[int, str]] = {
     "TO_ENDPOINT": (0, "to-endpoint"), "TO_PROXY": (1, "to-proxy"), "TO_HOST": (2, "to-host"),
     "TO_STACK": (3, "to-stack"), "TO_OVERLAY": (4, "to-overlay"), "FROM_ENDPOINT": (5, "from-endpoint"),
