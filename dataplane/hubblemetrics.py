@@ -35,7 +35,7 @@ rules do not cover), the policies that isolate the deciding endpoint in that dir
 
 Cardinality is bounded: the context labels name the lab's own pods, namespaces and workloads
 (a scenario's handful; world hosts have none); methods, protocols and DNS query types outside
-the standard sets count as "OTHER"; status and rcode are small integers and names; policies
+the standard sets count as "OTHER" (and so does a DNS message asking more than two types); status and rcode are small integers and names; policies
 are those applied to the lab. Nothing a client sends can create series without bound.
 
 This module is pure: dicts in, numbers out; no I/O, no lab.
@@ -197,8 +197,12 @@ def _is_reply(flow: Mapping[str, Any]) -> bool:
     return bool(value.get("value")) if isinstance(value, Mapping) else bool(value)
 
 
+MAX_QTYPES = 2  # a question carries one type; a message with more is labelled OTHER, not by every mix
+
+
 def _qtypes(dns: Mapping[str, Any]) -> str:
-    return ",".join(_bounded(str(q), DNS_TYPES) for q in dns.get("qtypes") or [])
+    qtypes = [_bounded(str(q), DNS_TYPES) for q in dns.get("qtypes") or []]
+    return ",".join(qtypes) if len(qtypes) <= MAX_QTYPES else OTHER
 
 
 def _latency_seconds(l7: Mapping[str, Any]) -> float:

@@ -247,6 +247,12 @@ def test_client_chosen_values_are_bounded() -> None:
     snap = counted(flows)
     assert {k[-3:] for k in snap.counters["hubble_http_requests_total"]} == {("OTHER", "OTHER", "server")}
     assert snap.value("hubble_http_requests_total", method="OTHER") == 3
+    many = dns("x.example.com", 0, denied=False)
+    many[0]["l7"]["dns"]["qtypes"] = ["A", "TYPE65280"]
+    mixed = dns("x.example.com", 0, denied=False)
+    mixed[0]["l7"]["dns"]["qtypes"] = ["A", "AAAA", "MX", "TXT"]
+    qtypes = {k[-2] for k in counted(many[:1] + mixed[:1]).counters["hubble_dns_queries_total"]}
+    assert qtypes == {"A,OTHER", "OTHER"}
 
 
 def scrape(snapshot: MetricsSnapshot) -> dict[str, Any]:
