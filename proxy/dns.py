@@ -234,10 +234,11 @@ class DnsProxy:
                rcode: int, verdict: str, reason: str, t0: float, rv: "RequestVerdict | None" = None,
                upstream: dns.message.Message | None = None) -> None:
         answer = answer_record(upstream) if upstream is not None else {}
+        elapsed_ns = round((time.monotonic() - t0) * 1e9)
         self.server.events.emit(l7_flow(
             self.server.snapshot, Verdict(verdict), client, dst, src_identity=cp.src_identity,
             dst_identity=cp.dst_identity, direction=redirect_direction(cp), summary=reason,
-            latency_ms=round((time.monotonic() - t0) * 1000, 3), rule_ids=rv.rule_ids if rv else (),
+            latency_ms=round(elapsed_ns / 1e6, 3), latency_ns=elapsed_ns, rule_ids=rv.rule_ids if rv else (),
             policies=rv.policies if rv else (), dns=DnsFlow(name, (qtype,) if qtype else (), rcode, **answer)))
 
 

@@ -51,10 +51,11 @@ def redirect_direction(cp: ConnectionPolicy | None) -> TrafficDirection:
 def l7_flow(snapshot: Snapshot, verdict: Verdict, client: tuple[str, int], dst: tuple[str, int], *,
             src_identity: int | None, dst_identity: int | None, direction: TrafficDirection, summary: str,
             latency_ms: float, rule_ids: tuple[int, ...] = (), policies: tuple[str, ...] = (),
-            http: HttpFlow | None = None, dns: DnsFlow | None = None) -> Flow:
+            http: HttpFlow | None = None, dns: DnsFlow | None = None, latency_ns: int = 0) -> Flow:
     """An L7 record. `snapshot` is the proxy's policy snapshot in force now (a
     `proxy.state.Snapshot`: its `by_ip` endpoints and `state.rules`); `rule_ids` the rules that
-    allowed the request, `policies` the policies that allowed it or whose rules it failed."""
+    allowed the request, `policies` the policies that allowed it or whose rules it failed;
+    `latency_ns` the latency at full resolution (else derived from `latency_ms`)."""
     rules = tuple(r.text for r in map(snapshot.state.rules.get, rule_ids)
                   if r is not None)
     return Flow(
@@ -63,7 +64,7 @@ def l7_flow(snapshot: Snapshot, verdict: Verdict, client: tuple[str, int], dst: 
         destination=_endpoint(snapshot, dst[0], dst[1], dst_identity),
         l4=L4("UDP" if dns is not None else "TCP"), direction=direction, trace_point=TracePoint.PROXY,
         summary=summary, policy=PolicyAttribution(tuple(rule_ids), tuple(policies), rules),
-        l7=L7(latency_ms, http, dns))
+        l7=L7(latency_ms, http, dns, latency_ns))
 
 
 class EventLog:

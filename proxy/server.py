@@ -400,10 +400,12 @@ class ClientConnection:
 
     def record(self, req: Request | None, cp: ConnectionPolicy | None, status: int, verdict: str, reason: str,
                t0: float, rv: RequestVerdict | None = None) -> None:
+        elapsed_ns = round((time.monotonic() - t0) * 1e9)
         self.server.events.emit(l7_flow(
             self.server.snapshot, Verdict(verdict), self.peer, self.dst,
             src_identity=cp.src_identity if cp else None, dst_identity=cp.dst_identity if cp else None,
-            direction=redirect_direction(cp), summary=reason, latency_ms=round((time.monotonic() - t0) * 1000, 3),
+            direction=redirect_direction(cp), summary=reason, latency_ms=round(elapsed_ns / 1e6, 3),
+            latency_ns=elapsed_ns,
             rule_ids=rv.rule_ids if rv else (), policies=rv.policies if rv else (),
             http=HttpFlow(req.method, f"http://{req.host}{req.path}", req.path, f"HTTP/{req.version}", status,
                           recorded_headers(req.match_headers()))
