@@ -32,9 +32,9 @@ EXIT_OK, EXIT_SETUP, EXIT_USAGE, EXIT_EXPECTATION = 0, 1, 2, 3
 
 # Wide enough for the probe table when output goes to a file or a CI log.
 _width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-# Markup stays on for stdout only because `observe` prints flowrender.describe()'s styled lines;
-# everything else is given to it as Text (see say and cell).
-console = Console(width=_width, emoji=False, highlight=False)
+# Markup is off on both: styled output is given as Text (see say and cell), and anything else
+# printed (names, addresses) comes out as written.
+console = Console(width=_width, markup=False, emoji=False, highlight=False)
 errconsole = Console(stderr=True, width=_width, markup=False, emoji=False, highlight=False)
 
 Command = Callable[[argparse.Namespace], int]
