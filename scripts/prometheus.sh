@@ -16,8 +16,9 @@ target=$1
 port=${2:-9090}
 [[ $target =~ ^(127\.[0-9]+\.[0-9]+\.[0-9]+|localhost|\[::1\]):[0-9]+$ ]] ||
   { echo "$0: LAB_METRICS_ADDRESS must be a loopback HOST:PORT as given to 'l7lab up --metrics', got '$target'" >&2; exit 2; }
-[[ $port =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) ||
+[[ $port =~ ^[0-9]{1,5}$ ]] && (( 10#$port >= 1 && 10#$port <= 65535 )) ||
   { echo "$0: PROMETHEUS_PORT must be a port number, got '$port'" >&2; exit 2; }
+port=$((10#$port))
 prometheus=$(command -v prometheus || true)
 [[ -n $prometheus ]] || { echo "$0: prometheus is not installed (Debian: apt-get install prometheus)" >&2; exit 1; }
 

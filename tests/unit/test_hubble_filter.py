@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from dataplane.hubblefilter import FilterError, Filters, parse_filters, parse_selector
+from dataplane.hubblefilter import FilterError, Filters, parse_filters
+from dataplane.labelselector import parse_selector
 
 FRONTEND = {"ID": 11, "identity": 257, "namespace": "retail", "pod_name": "frontend-app",
             "labels": ["k8s:app=frontend-app", "k8s:io.kubernetes.pod.namespace=retail"],
