@@ -33,7 +33,10 @@ EVENT_DROP = 1
 EVENT_TRACE = 4
 EVENT_POLICY_VERDICT = 5
 EVENT_L7 = 129  # MessageTypeAccessLog
-EVENT_TYPE_NAMES = {EVENT_DROP: "drop", EVENT_TRACE: "trace", EVENT_POLICY_VERDICT: "policy-verdict", EVENT_L7: "l7"}
+EVENT_AGENT = 130  # MessageTypeAgent: l7lab's notes about its L7 proxy
+# every MessageTypeNames entry `--type` takes, the ones l7lab never gives included
+EVENT_TYPE_NAMES = {EVENT_DROP: "drop", 2: "debug", 3: "capture", EVENT_TRACE: "trace",
+                    EVENT_POLICY_VERDICT: "policy-verdict", 7: "trace-sock", EVENT_L7: "l7", EVENT_AGENT: "agent"}
 
 # -- verdicts (flow.proto Verdict) ---------------------------------------------------------------
 FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED = "FORWARDED", "DROPPED", "ERROR", "AUDIT", "REDIRECTED"
@@ -52,6 +55,7 @@ TRACE_POINTS: dict[str, tuple[int, str]] = {
     "TO_STACK": (3, "to-stack"), "TO_OVERLAY": (4, "to-overlay"), "FROM_ENDPOINT": (5, "from-endpoint"),
     "FROM_PROXY": (6, "from-proxy"), "FROM_HOST": (7, "from-host"), "FROM_STACK": (8, "from-stack"),
     "FROM_OVERLAY": (9, "from-overlay"), "FROM_NETWORK": (10, "from-network"), "TO_NETWORK": (11, "to-network"),
+    "FROM_CRYPTO": (12, "from-crypto"), "TO_CRYPTO": (13, "to-crypto"),
 }
 TRACE_POINT_OF_SUBTYPE = {number: name for name, (number, _) in TRACE_POINTS.items()}
 

@@ -22,6 +22,9 @@ pkg/hubble/filters/*.go matches them):
   blacklist filter. As in Hubble, all `--not` flags of one command line build one blacklist, so
   `--not --verdict DROPPED --not --protocol udp` hides dropped UDP flows only.
 - Some flags cannot be combined (`--label` with `--from-label`, `--port` with `--to-port`, ...).
+- An HTTP flag (`--http-status`, `--http-method`, `--http-path`, `--http-url`) needs an event
+  type criterion that can match L7 flows: none, or one naming `l7` (pkg/hubble/filters/http.go);
+  with only other types the filter is refused, where it would match nothing.
 
 Label selectors (`--label`) are read and matched by `dataplane/labelselector.py`. Values are
 checked when the flag is read; a bad one raises `FilterError` naming the flag and what
@@ -41,20 +44,20 @@ from urllib.parse import urlsplit
 from l7.regex import compile_regex
 
 from .abi import RESERVED_IDENTITIES  # the reserved identities `--identity` takes by name
+from .hubble import EVENT_AGENT, EVENT_L7, EVENT_TRACE, EVENT_TYPE_NAMES, VERDICTS
+from .hubble import TRACE_POINTS as TRACE_OBSERVATION_POINTS
 from .labelselector import Requirement, flow_labels, parse_selector
 
 HubbleFlow = dict[str, Any]
 
-# flow.proto's Verdict enum, as `--verdict` takes it.
-VERDICTS = ("VERDICT_UNKNOWN", "FORWARDED", "DROPPED", "ERROR", "AUDIT", "REDIRECTED", "TRACED", "TRANSLATED")
-# pkg/monitor/api: MessageTypeNames (the event types `--type` takes) and TraceObservationPoints
-# (the sub-types of `trace`, as `--type trace:to-endpoint`).
-EVENT_TYPES = {"drop": 1, "debug": 2, "capture": 3, "trace": 4, "policy-verdict": 5, "trace-sock": 7,
-               "l7": 129, "agent": 130}
-AGENT_EVENT_TYPE = EVENT_TYPES["agent"]
-TRACE_POINTS = {"to-endpoint": 0, "to-proxy": 1, "to-host": 2, "to-stack": 3, "to-overlay": 4, "from-endpoint": 5,
-                "from-proxy": 6, "from-host": 7, "from-stack": 8, "from-overlay": 9, "from-network": 10,
-                "to-network": 11, "from-crypto": 12, "to-crypto": 13}
+# The vocabulary is dataplane/hubble.py's (one table per concept, mirrored from Cilium), read
+# the way the flags name it: flow.proto's Verdict names (`--verdict`, VERDICTS), pkg/monitor/api's
+# MessageTypeNames (`--type drop`) and TraceObservationPoints (`--type trace:to-endpoint`).
+EVENT_TYPES = {name: number for number, name in EVENT_TYPE_NAMES.items()}
+AGENT_EVENT_TYPE = EVENT_AGENT
+TRACE_POINTS = {name: number for number, name in TRACE_OBSERVATION_POINTS.values()}
+# A message type and its sub-type are one byte each in the datapath's notification header.
+EVENT_TYPE_MAX = 255
 L4_PROTOCOLS = {"tcp": ("TCP",), "udp": ("UDP",), "sctp": ("SCTP",), "icmp": ("ICMPv4", "ICMPv6"),
                 "icmpv4": ("ICMPv4",), "icmpv6": ("ICMPv6",)}
 L7_PROTOCOLS = {"http": "http", "dns": "dns", "kafka": "kafka"}
@@ -267,38 +270,49 @@ def _event_type(flow: HubbleFlow, types: tuple[EventTypeFilter, ...]) -> bool:
 # --------------------------------------------------------------------------- from flags
 
 
+def _decimal(text: str, top: int) -> int | None:
+    """`text` as a number from 0 to `top`, else None. ASCII digits only, as Go's strconv reads
+    them (Python's int() also takes other scripts' digits, and refuses very long ones)."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]+", text) or len(text.lstrip("0")) > len(str(top)):
+        return None
+    number = int(text)
+    return number if number <= top else None
+
+
 def _number(flag: str, value: str, what: str, top: int) -> int:
-    if not re.fullmatch(r"\d+", value.strip()) or int(value) > top:
+    number = _decimal(value, top)
+    if number is None:
         raise FilterError(flag, f"expected {what}, got {value!r}")
-    return int(value)
+    return number
 
 
 def _identity(flag: str, value: str) -> int:
     if value in RESERVED_IDENTITIES:
         return RESERVED_IDENTITIES[value]
-    if not re.fullmatch(r"\d+", value.strip()) or int(value) > 0xFFFFFFFF:
+    number = _decimal(value, 0xFFFFFFFF)
+    if number is None:
         raise FilterError(flag, f"expected a numeric security identity or one of {', '.join(RESERVED_IDENTITIES)}, "
                                 f"got {value!r}")
-    return int(value)
+    return number
 
 
 def _event_type_filter(flag: str, value: str) -> EventTypeFilter:
     kind, sep, sub = value.partition(":")
-    if kind in EVENT_TYPES:
-        number = EVENT_TYPES[kind]
-    elif re.fullmatch(r"\d+", kind):
-        number = int(kind)
-    else:
-        raise FilterError(flag, f"expected an event type ({', '.join(EVENT_TYPES)}) or its number, "
-                                f"optionally :SUBTYPE (trace:to-endpoint), got {value!r}")
+    number = EVENT_TYPES[kind] if kind in EVENT_TYPES else _decimal(kind, EVENT_TYPE_MAX)
+    if number is None:
+        raise FilterError(flag, f"expected an event type ({', '.join(EVENT_TYPES)}) or its number "
+                                f"(0-{EVENT_TYPE_MAX}), optionally :SUBTYPE (trace:to-endpoint), got {value!r}")
     if not sep:
         return EventTypeFilter(number)
-    if number == EVENT_TYPES["trace"] and sub in TRACE_POINTS:
+    if number == EVENT_TRACE and sub in TRACE_POINTS:
         return EventTypeFilter(number, TRACE_POINTS[sub])
-    if not re.fullmatch(r"\d+", sub):
-        known = f" ({', '.join(TRACE_POINTS)})" if number == EVENT_TYPES["trace"] else ""
-        raise FilterError(flag, f"expected a sub-type name{known} or number after {kind}:, got {sub!r}")
-    return EventTypeFilter(number, int(sub))
+    sub_number = _decimal(sub, EVENT_TYPE_MAX)
+    if sub_number is None:
+        known = f" ({', '.join(TRACE_POINTS)})" if number == EVENT_TRACE else ""
+        raise FilterError(flag, f"expected a sub-type name{known} or number (0-{EVENT_TYPE_MAX}) after {kind}:, "
+                                f"got {sub!r}")
+    return EventTypeFilter(number, sub_number)
 
 
 def _network(flag: str, value: str) -> Any:
@@ -354,6 +368,7 @@ class FilterTracker:
     source_namespaces: list[str] = field(default_factory=list)
     destination_namespaces: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)  # the --type values, for the error below
 
     def _sides(self) -> tuple[FlowFilter, FlowFilter]:
         self.left = self.left or FlowFilter()
@@ -397,6 +412,7 @@ class FilterTracker:
             self.both("verdict", value.upper())
         elif flag == "type":
             self.both("event_type", _event_type_filter(flag, value))
+            self.types.append(value)
         elif flag == "protocol":
             if value.lower() not in L4_PROTOCOLS and value.lower() not in L7_PROTOCOLS:
                 raise FilterError(flag, f"expected one of {', '.join([*L4_PROTOCOLS, *L7_PROTOCOLS])}, got {value!r}")
@@ -440,8 +456,26 @@ class FilterTracker:
                         if "/" in pod and pod.split("/")[0] != ns:
                             raise FilterError("", f"namespace conflict: {ns!r} does not contain {pod!r}")
 
+    def _check_http_types(self) -> None:
+        """pkg/hubble/filters/http.go: an HTTP criterion needs an event type filter that can match
+        L7 events (none at all, or one naming type l7). Hubble refuses the filter otherwise; it
+        would match nothing, as `--http-status 403 --type drop` would."""
+        for ff in (self.left, self.right):
+            if ff is None or not ff.event_type or any(t.type == EVENT_L7 for t in ff.event_type):
+                continue
+            for flag, what, given in (("http-status", "HTTP status code", ff.http_status),
+                                      ("http-method", "HTTP method", ff.http_method),
+                                      ("http-path", "HTTP path", ff.http_path),
+                                      ("http-url", "HTTP URL", ff.http_url)):
+                if given:
+                    types = " ".join(f"--type {t}" for t in self.types)
+                    raise FilterError(flag, f"cannot be combined with {types}: filtering by {what} requires the "
+                                            f"event type filter to match 'l7' events (add --type l7, or leave "
+                                            f"--type out)")
+
     def filters(self) -> list[FlowFilter]:
         """The filters, with the namespaces applied to their pods (flowFilters())."""
+        self._check_http_types()
         if self.left is None and self.right is None and not (
                 self.namespaces or self.source_namespaces or self.destination_namespaces):
             return []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -75,7 +76,12 @@ class _FilterFlag(argparse.Action):
         flags = list(getattr(namespace, "filter_flags", None) or [])
         name = self.dest.removeprefix("filter_").replace("_", "-")
         if name == "type" and values in OLD_TYPES:
-            flags += [(name, v) for v in OLD_TYPES[values]]
+            negated = bool(flags) and flags[-1][0] == "not"
+            if negated and not OLD_TYPES[values]:
+                raise argparse.ArgumentError(None, f"--type {values} filters nothing; it cannot be negated")
+            # `--not` negates one flag: a negated word that stands for several types negates each.
+            for i, value in enumerate(OLD_TYPES[values]):
+                flags += [("not", ""), (name, value)] if negated and i else [(name, value)]
         else:
             flags.append((name, "" if values is None or values == [] else str(values)))
         namespace.filter_flags = flags
@@ -235,21 +241,22 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of flows (0 or more), got {text!r}")
-    return value
+    """--last N: 0 to sys.maxsize (the longest list Python can keep), ASCII digits."""
+    digits = text.strip()
+    if not re.fullmatch(r"[0-9]+", digits) or len(digits.lstrip("0")) > len(str(sys.maxsize)) \
+            or int(digits) > sys.maxsize:
+        raise argparse.ArgumentTypeError(f"expected a number of flows (0 or more, at most {sys.maxsize}), "
+                                         f"got {text!r}")
+    return int(digits)
 
 
 def _seconds(text: str) -> float:
+    """--follow-for / --for: a finite number of seconds, 0 or more (inf and nan are no time)."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds (0 or more), got {text!r}")
     return value
 
@@ -264,8 +271,12 @@ def _when(text: str) -> Any:
     import datetime  # noqa: PLC0415
 
     spec = text.strip()
-    if re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+", spec):
-        seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", spec))
+    expected = argparse.ArgumentTypeError(f"expected a duration (30s, 5m, 1h30m, 2d), a unix time or an ISO 8601 "
+                                          f"time (2026-05-01T12:00:00Z), got {text!r}")
+    if re.fullmatch(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+", spec):
+        seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)", spec))
+        if not math.isfinite(seconds):  # a duration of more digits than a float holds
+            raise expected
         return lambda: time.time() - seconds
     try:
         when = float(spec)
@@ -273,9 +284,9 @@ def _when(text: str) -> Any:
         try:
             when = datetime.datetime.fromisoformat(spec.replace("Z", "+00:00")).timestamp()
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a duration (30s, 5m, 1h30m, 2d), a unix time or an ISO 8601 time "
-                f"(2026-05-01T12:00:00Z), got {text!r}") from None
+            raise expected from None
+    if not math.isfinite(when):  # nan, inf: no point in time (nan would compare false with every flow)
+        raise expected
     return lambda: when
 
 

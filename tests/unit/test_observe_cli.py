@@ -186,6 +186,13 @@ def test_agent_events_with_type_agent_and_in_records(lab: Path) -> None:
     only_l7 = l7lab(lab, "observe", "obs", "--json", "--type", "l7").stdout.splitlines()
     assert {json.loads(r)["type"] for r in only_l7} == {"L7"} and len(only_l7) == 3
     assert len(l7lab(lab, "observe", "obs", "--json", "--type", "all").stdout.splitlines()) == len(RECORDS)
+    # --not negates each type `flows` stands for: what is left is the L7 flows.
+    assert {f["event_type"]["type"] for f in flows(lab, "--not", "--type", "flows")} == {129}
+
+
+def test_largest_last_shows_every_flow(lab: Path) -> None:
+    assert len(flows(lab, "--last", "9223372036854775807")) == 14
+    assert len(flows(lab, "--last", "9223372036854775807", "--verdict", "DROPPED")) == 4
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -200,9 +207,33 @@ def test_agent_events_with_type_agent_and_in_records(lab: Path) -> None:
     (("--json", "-o", "json"), "--json prints l7lab's own records and -o/--output Hubble's flows: choose one"),
     (("--until", "1m", "--follow"), "--until ends a window in the past"),
     (("-o", "table"), "argument -o/--output: invalid choice: 'table'"),
-    (("--last", "-1"), "argument --last: expected a number of flows (0 or more)"),
+    (("--last", "-1"), "argument --last: expected a number of flows (0 or more,"),
     (("--since", "yesterday"), "argument --since: expected a duration (30s, 5m, 1h30m, 2d)"),
     (("--follow-for", "soon"), "argument --follow-for: expected a number of seconds"),
+    # Numbers out of range: a usage error, never a traceback.
+    (("--last", "99999999999999999999"), "argument --last: expected a number of flows (0 or more, at most "
+                                         "9223372036854775807), got '99999999999999999999'"),
+    (("--last", "9" * 5000), "argument --last: expected a number of flows"),
+    (("--last", "nan"), "argument --last: expected a number of flows"),
+    (("--follow-for", "inf"), "argument --follow-for: expected a number of seconds (0 or more), got 'inf'"),
+    (("--follow-for", "1e400"), "argument --follow-for: expected a number of seconds"),
+    (("--follow-for", "nan"), "argument --follow-for: expected a number of seconds"),
+    (("--since", "nan"), "argument --since: expected a duration (30s, 5m, 1h30m, 2d), a unix time or an ISO 8601"),
+    (("--until", "nan"), "argument --until: expected a duration"),
+    (("--since", "inf"), "argument --since: expected a duration"),
+    (("--until=-1e400",), "argument --until: expected a duration"),
+    (("--since", "9" * 400 + "s"), "argument --since: expected a duration"),  # more seconds than a float holds
+    (("--port", "9" * 5000), "--port: expected a port number (0-65535)"),
+    (("--identity", "99999999999999999999"), "--identity: expected a numeric security identity"),
+    (("--type", "99999999999999999999"), "--type: expected an event type"),
+    (("--http-status", "99999999999999999999"), "--http-status: expected a status code"),
+    # HTTP filters need --type l7 (or no --type), as in Hubble; they would show nothing.
+    (("--http-status", "403", "--type", "drop"), "--http-status: cannot be combined with --type drop"),
+    (("--http-method", "GET", "--type", "policy-verdict"), "--http-method: cannot be combined with --type "
+                                                           "policy-verdict"),
+    (("--type", "flows", "--http-path", "^/api"), "--http-path: cannot be combined with --type policy-verdict "
+                                                  "--type drop --type trace"),
+    (("--not", "--type", "all"), "--type all filters nothing; it cannot be negated"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_flag(lab: Path, args: tuple[str, ...], message: str) -> None:
     out = l7lab(lab, "observe", "obs", *args)
@@ -279,7 +310,10 @@ def test_monitor_streams_only_what_comes_next(lab: Path) -> None:
 
 def test_monitor_bad_type_and_bounded_run(lab: Path) -> None:
     out = l7lab(lab, "monitor", "obs", "--type", "drop:x")
-    assert out.returncode == 2 and "--type: expected a sub-type name or number after drop:" in out.stderr, out
+    assert out.returncode == 2 and "--type: expected a sub-type name or number (0-255) after drop:" in out.stderr, out
+    for seconds in ("inf", "1e400", "nan", "-1"):
+        out = l7lab(lab, "monitor", "obs", "--for", seconds)
+        assert out.returncode == 2 and "argument --for: expected a number of seconds (0 or more)" in out.stderr, out
     out = l7lab(lab, "monitor", "obs", "--for", "0.3", "--json")
     assert out.returncode == 0 and out.stdout == "", out  # nothing new in 0.3 s; the history is not shown
 
