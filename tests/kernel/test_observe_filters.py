@@ -351,9 +351,17 @@ def test_outputs(retail: Lab) -> None:
 def test_bad_values_are_usage_errors(retail: Lab) -> None:
     for args, message in ((("--verdict", "DENIED"), "--verdict: expected one of FORWARDED"),
                           (("--http-path", "(("), "--http-path: expected a regular expression"),
-                          (("--to-port", "eighty"), "--to-port: expected a port number")):
+                          (("--to-port", "eighty"), "--to-port: expected a port number"),
+                          (("--http-status", "403", "--type", "drop"), "--http-status: cannot be combined with "
+                                                                       "--type drop"),
+                          (("--last", "99999999999999999999"), "argument --last: expected a number of flows"),
+                          (("--since", "nan"), "argument --since: expected a duration")):
         out = l7lab("observe", retail.name, *args)
-        assert out.returncode == 2 and message in out.stderr, out
+        assert out.returncode == 2 and message in out.stderr and out.stdout == "", out
+    # With l7 among the types the HTTP filter stands, and shows the denied requests' 403 answers.
+    denied = retail.observe("--type", "l7", "--type", "drop", "--http-status", "403")
+    assert denied and denied == retail.observe("--http-status", "403")
+    assert {(f["verdict"], f["l7"]["type"]) for f in denied} == {("FORWARDED", "RESPONSE")}
 
 
 # --------------------------------------------------------------------------- dns-policy
