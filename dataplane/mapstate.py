@@ -63,6 +63,14 @@ class RuleAttribution:
         return f"{self.policy} {self.section}[{self.rule_index}]"
 
 
+PolicyName = tuple[str, str, str]  # (kind, namespace, name); namespace "" for a cluster-wide kind
+
+
+def policy_display(kind: str, namespace: str, name: str) -> str:
+    """How verdicts name a policy: "Kind namespace/name", or "Kind name" for a cluster-wide one."""
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+
+
 @dataclass(frozen=True)
 class EndpointState:
     endpoint_id: int  # 1..65535, stable for a pod within a lab
@@ -75,10 +83,18 @@ class EndpointState:
     # The identity's labels, sorted: not written to any BPF map, carried so that flow records
     # (the agent's and the proxy's, which loads this state) name them as they are now.
     labels: tuple[tuple[str, str], ...] = ()
+    # The policies whose selection of this endpoint makes each direction enforced, as
+    # (kind, namespace, name), sorted: the ones a default deny there is due to. Not written to
+    # any BPF map; carried so that the metrics and the service map name them alike.
+    ingress_isolated_by: tuple[PolicyName, ...] = ()
+    egress_isolated_by: tuple[PolicyName, ...] = ()
 
     def enforced(self, direction: Direction) -> bool:
         """Whether "no entry" drops in `direction` (default deny)."""
         return self.ingress_enforced if direction == Direction.INGRESS else self.egress_enforced
+
+    def isolated_by(self, direction: Direction) -> tuple[PolicyName, ...]:
+        return self.ingress_isolated_by if direction == Direction.INGRESS else self.egress_isolated_by
 
 
 @dataclass
@@ -96,6 +112,15 @@ class MapState:
         """The policy a rule belongs to, as verdicts name it (the oracle's and the proxy's alike)."""
         ref = self.rules.get(rule_id)
         return ref.policy if ref is not None else f"rule {rule_id}"
+
+    def isolating_policies(self, pod: str, direction: Direction) -> list[PolicyName]:
+        """The policies that make pod `pod` ("namespace/name") enforce `direction`: the ones a
+        default deny there (a drop no rule explains) is due to. [] for what is no endpoint.
+        The one answer the metrics (`l7lab_policy_drops_total`) and the service map give."""
+        for ep in self.endpoints.values():
+            if ep.name == pod:
+                return list(ep.isolated_by(direction))
+        return []
 
     def identity_of(self, ip: str) -> int:
         """Longest-prefix match of `ip` in the ipcache, as the datapath does; world if none."""
@@ -133,7 +158,10 @@ class MapState:
             "ipcache": dict(self.ipcache),
             "endpoints": [{"endpoint_id": e.endpoint_id, "name": e.name, "ip": e.ip, "identity": e.identity,
                            "ingress_enforced": e.ingress_enforced, "egress_enforced": e.egress_enforced,
-                           "audit": e.audit, "labels": dict(e.labels)} for e in self.endpoints.values()],
+                           "audit": e.audit, "labels": dict(e.labels),
+                           "ingress_isolated_by": [list(p) for p in e.ingress_isolated_by],
+                           "egress_isolated_by": [list(p) for p in e.egress_isolated_by]}
+                          for e in self.endpoints.values()],
             "policy": [{"endpoint_id": k.endpoint_id, "direction": int(k.direction), "identity": k.identity,
                         "protocol": k.protocol, "port": k.port, "port_prefix": k.port_prefix,
                         "verdict": int(v.verdict), "proxy_port": v.proxy_port, "rule_ids": list(v.rule_ids)}
@@ -155,7 +183,8 @@ class MapState:
             state.endpoints[int(e["endpoint_id"])] = EndpointState(
                 int(e["endpoint_id"]), e["name"], e["ip"], int(e["identity"]), bool(e["ingress_enforced"]),
                 bool(e["egress_enforced"]), bool(e.get("audit", False)),
-                tuple(sorted((str(k), str(v)) for k, v in e.get("labels", {}).items())))
+                tuple(sorted((str(k), str(v)) for k, v in e.get("labels", {}).items())),
+                _policy_names(e.get("ingress_isolated_by", ())), _policy_names(e.get("egress_isolated_by", ())))
         for p in data.get("policy", ()):
             key = PolicyKey(int(p["endpoint_id"]), Direction(p["direction"]), int(p["identity"]), int(p["protocol"]),
                             int(p.get("port", 0)), int(p.get("port_prefix", 0)))
@@ -168,6 +197,10 @@ class MapState:
             key7 = (int(entry["endpoint_id"]), int(entry["direction"]), int(entry["proxy_port"]))
             state.l7[key7] = L7Policy.from_json(entry["policy"])
         return state
+
+
+def _policy_names(items: object) -> tuple[PolicyName, ...]:
+    return tuple((str(kind), str(namespace), str(name)) for kind, namespace, name in items)  # type: ignore[attr-defined]
 
 
 def port_range_blocks(lo: int, hi: int) -> list[tuple[int, int]]:

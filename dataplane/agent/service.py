@@ -123,14 +123,10 @@ class LabService:
 
     def isolating_policies(self, namespace: str, pod: str, direction: str) -> list[tuple[str, str, str]]:
         """(kind, namespace, name) of the policies that make pod `namespace/pod` enforce
-        `direction` ("INGRESS"/"EGRESS"): the ones a default deny there is due to."""
-        key = f"{namespace}/{pod}"
-        if key not in self.lab.scenario.pods:
-            return []
+        `direction` ("INGRESS"/"EGRESS") under the map state in force: the ones a default deny
+        there is due to (`MapState.isolating_policies`, which the service map asks too)."""
         d = Direction.INGRESS if direction == "INGRESS" else Direction.EGRESS
-        selecting = self.engine.resolution.selected_by.get((self.engine.endpoint_id(key), d), [])
-        return [(p.kind, p.namespace, p.name) for p, spec in selecting
-                if (spec.enforces_ingress if d == Direction.INGRESS else spec.enforces_egress)]
+        return self.state.isolating_policies(f"{namespace}/{pod}", d)
 
     def _proxy_event(self, event: str, detail: str, pid: int | None) -> None:
         """A proxy lifecycle record in flows.jsonl (`observe` shows it among the flows), the agent's

@@ -109,6 +109,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
     for ep in endpoints:
         enforced = {Direction.INGRESS: mode == "always", Direction.EGRESS: mode == "always"}
         contributions: dict[Direction, list[Contribution]] = {Direction.INGRESS: [], Direction.EGRESS: []}
+        isolating: dict[Direction, set[tuple[str, str, str]]] = {Direction.INGRESS: set(), Direction.EGRESS: set()}
         for d in Direction:
             selected_by[(ep.endpoint_id, d)] = []
         for pi, policy in enumerate(policies):
@@ -119,6 +120,8 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
                     has_rules = any(r.direction == d.name.lower() for r in spec.rules)
                     if flag or has_rules:
                         selected_by[(ep.endpoint_id, d)].append((policy, spec))
+                    if flag:
+                        isolating[d].add(policy.key)
                     if flag and mode == "default":
                         enforced[d] = True
                 for ri, rule in enumerate(spec.rules):
@@ -130,12 +133,14 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
         if mode == "never":
             enforced = {Direction.INGRESS: False, Direction.EGRESS: False}
             contributions = {Direction.INGRESS: [], Direction.EGRESS: []}
+            isolating = {Direction.INGRESS: set(), Direction.EGRESS: set()}
         if enforced[Direction.INGRESS]:
             contributions[Direction.INGRESS].append(
                 Contribution(IDENTITY_HOST, PROTO_ANY, 0, 65535, Verdict.ALLOW, None, localhost_id))
         state.endpoints[ep.endpoint_id] = EndpointState(
             ep.endpoint_id, ep.key, ep.ip, identities.pod_identity[ep.key],
-            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit, tuple(sorted(ep.labels.items())))
+            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit, tuple(sorted(ep.labels.items())),
+            tuple(sorted(isolating[Direction.INGRESS])), tuple(sorted(isolating[Direction.EGRESS])))
         for d, contribs in contributions.items():
             _emit(state, ep.endpoint_id, d, contribs)
             all_contributions[(ep.endpoint_id, d)] = contribs

@@ -12,6 +12,17 @@ and counts the records by **verdict class**:
     dropped     the kernel dropped the flow (any drop reason), or the proxy could not serve the
                 request (malformed, over a limit, no answer upstream: Hubble's ERROR)
 
+A red edge names who dropped it: a drop no rule explains (a default deny) names, in its row's
+`isolated_by`, the policies whose selection of the deciding pod makes that direction enforced,
+as the lab's map state says (`MapState.isolating_policies`, the lookup the metrics' policy-drop
+counter makes too; the server loads the state from the lab's policy.json and again after each
+`l7lab apply`).
+
+Edges from the lab node whose records carry a pod's identity, not the host's, are the L7
+proxy's upstream connections: the proxy, in the node's stack, opens them on behalf of that pod,
+and the datapath passes them without a policy lookup, as Cilium passes traffic from its proxy.
+Such an edge says on whose behalf (`proxy_upstream_for`).
+
 An edge's class is the worst class among its recent records, in the order
 dropped > l7-denied > audit > forwarded: one denied DELETE among GETs paints the edge
 l7-denied for as long as it is among the edge's last `RECENT_PER_EDGE` records. The map keeps
@@ -29,12 +40,17 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..flowrecord import Endpoint, Flow, FlowType, Record, Verdict
+from ..abi import Direction
+from ..flowrecord import Endpoint, Flow, FlowType, Record, TrafficDirection, Verdict
+from ..mapstate import MapState, policy_display
 
 RECENT_PER_EDGE = 50  # records kept per edge (the side panel's list, and what "recent" means)
 MAX_EDGES = 2000  # edges kept; past it the edge that was quiet longest is forgotten
+MAX_PODS_PER_IDENTITY = 16  # pods remembered per identity from the records (a lab has a handful)
 NODE_ID = "node"  # the lab node's own stack, as the records name it
 DNS_LABEL = ("k8s-app", "kube-dns")
+FIRST_POD_IDENTITY = 256  # Cilium's label-set identities: 256 up to the CIDR identities at 2^24
+FIRST_CIDR_IDENTITY = 1 << 24
 
 
 class EdgeClass(str, enum.Enum):
@@ -95,14 +111,47 @@ def lab_nodes(endpoints: dict[str, Any]) -> list[MapNode]:
     return nodes
 
 
-def flow_detail(flow: Flow) -> dict[str, Any]:
-    """One row of an edge's side panel: when, what was decided, by which policy and rule, and
-    for an L7 record the request and its answer."""
+def is_pod_identity(identity: int) -> bool:
+    return FIRST_POD_IDENTITY <= identity < FIRST_CIDR_IDENTITY
+
+
+def default_denied(flow: Flow) -> bool:
+    """A flow a policy stopped (or, in audit mode, would have) while naming no policy: no rule
+    matched where the direction is enforced (kernel), or no L7 rule covers it (proxy)."""
+    if flow.policy.policies:
+        return False
+    return (flow.verdict == Verdict.DROP and flow.drop_reason == "POLICY_DENIED") or \
+        flow.verdict in (Verdict.AUDIT, Verdict.DENIED)
+
+
+def isolated_by(flow: Flow, state: MapState | None) -> list[str]:
+    """For a default-denied flow, the policies that isolate the deciding pod in the flow's
+    direction (the destination's ingress, the source's egress), as verdicts name them; [] for
+    any other flow, or with no map state to ask."""
+    if state is None or not default_denied(flow):
+        return []
+    if flow.direction == TrafficDirection.INGRESS:
+        side, direction = flow.destination, Direction.INGRESS
+    elif flow.direction == TrafficDirection.EGRESS:
+        side, direction = flow.source, Direction.EGRESS
+    else:
+        return []
+    if not side.namespace:
+        return []
+    return [policy_display(*ref) for ref in state.isolating_policies(f"{side.namespace}/{side.pod}", direction)]
+
+
+def flow_detail(flow: Flow, state: MapState | None = None) -> dict[str, Any]:
+    """One row of an edge's side panel: when, what was decided, by which policy and rule (for
+    a default deny, the policies isolating the pod, as `state` names them), and for an L7
+    record the request and its answer."""
     out: dict[str, Any] = {
         "time": flow.time, "type": flow.type.value, "verdict": flow.verdict.value, "class": edge_class(flow).value,
         "drop_reason": flow.drop_reason if flow.verdict == Verdict.DROP else "",
         "direction": flow.direction.value, "protocol": flow.l4.protocol, "port": flow.destination.port,
-        "policies": list(flow.policy.policies), "rules": list(flow.policy.rules), "summary": flow.summary,
+        "source_identity": flow.source.identity,
+        "policies": list(flow.policy.policies), "rules": list(flow.policy.rules),
+        "isolated_by": isolated_by(flow, state), "summary": flow.summary,
         "http": None, "dns": None,
     }
     if flow.http is not None:
@@ -124,17 +173,25 @@ class Edge:
     def verdict(self) -> EdgeClass:
         return worst(edge_class(f) for f in self.recent)
 
-    def summary(self) -> dict[str, Any]:
+    def upstream_identities(self) -> list[int]:
+        """The pod identities the node's records on this edge carry: the pods the L7 proxy
+        connected upstream for ([] for an edge not from the node, or the node's own traffic)."""
+        if self.source != NODE_ID:
+            return []
+        return sorted({f.source.identity for f in self.recent if is_pod_identity(f.source.identity)})
+
+    def summary(self, upstream_for: list[str] | None = None) -> dict[str, Any]:
         ports = sorted({f.destination.port for f in self.recent if f.destination.port})
         return {"from": self.source, "to": self.destination, "verdict": self.verdict.value,
                 "counts": {c.value: self.counts[c] for c in EdgeClass},
-                "last": self.recent[-1].time if self.recent else 0.0, "ports": ports[:8]}
+                "last": self.recent[-1].time if self.recent else 0.0, "ports": ports[:8],
+                "proxy_upstream_for": upstream_for or []}
 
-    def detail(self) -> dict[str, Any]:
+    def detail(self, upstream_for: list[str] | None = None, state: MapState | None = None) -> dict[str, Any]:
         """The summary and the recent records, newest first (the kernel's and the proxy's
         records arrive from two files, so arrival order is not quite time order)."""
         newest_first = sorted(self.recent, key=lambda f: f.time, reverse=True)
-        return {**self.summary(), "flows": [flow_detail(f) for f in newest_first]}
+        return {**self.summary(upstream_for), "flows": [flow_detail(f, state) for f in newest_first]}
 
 
 class ServiceMap:
@@ -147,6 +204,27 @@ class ServiceMap:
         self.set_nodes(nodes)
         self.edges: OrderedDict[tuple[str, str], Edge] = OrderedDict()  # least recently active first
         self.max_edges = max_edges
+        self.policy_state: MapState | None = None  # the lab's map state in force (policy.json)
+        self.pods_by_identity: dict[int, set[str]] = {}  # as records name pods: when there is no map state
+
+    def set_policy_state(self, state: MapState | None) -> None:
+        """The lab's map state as policy.json now holds it (after an `l7lab apply`, the new one)."""
+        self.policy_state = state
+
+    def pods_of(self, identity: int) -> list[str]:
+        """The pods that carry a security identity (pods with the same labels share one): by
+        the map state if there is one, else as the records have named them."""
+        if self.policy_state is not None:
+            pods = sorted(ep.name for ep in self.policy_state.endpoints.values() if ep.identity == identity)
+            if pods:
+                return pods
+        return sorted(self.pods_by_identity.get(identity, ()))
+
+    def upstream_for(self, edge: Edge) -> list[str]:
+        """On whose behalf the L7 proxy made an edge's connections: the pods of the identities
+        its records carry (an identity no pod is known to have is named by its number)."""
+        return [pod for identity in edge.upstream_identities()
+                for pod in (self.pods_of(identity) or [f"identity {identity}"])]
 
     def set_nodes(self, nodes: list[MapNode]) -> bool:
         """The lab's nodes as its record now says (labels change with `l7lab label`); True if
@@ -187,6 +265,11 @@ class ServiceMap:
                     changed.pop(gone, None)
             else:
                 self.edges.move_to_end(key)
+            for side in (record.source, record.destination):
+                if side.namespace and is_pod_identity(side.identity):
+                    pods = self.pods_by_identity.setdefault(side.identity, set())
+                    if len(pods) < MAX_PODS_PER_IDENTITY:
+                        pods.add(f"{side.namespace}/{side.pod}")
             edge.counts[edge_class(record)] += 1
             edge.recent.append(record)
             changed[key] = None
@@ -201,13 +284,14 @@ class ServiceMap:
         """Every node (the lab's, and any other an edge names) and every edge's summary."""
         ids = dict.fromkeys([*self.nodes, *(i for key in self.edges for i in key)])
         return {"nodes": [self.node(i).to_json() for i in ids],
-                "edges": [e.summary() for e in self.edges.values()],
+                "edges": [e.summary(self.upstream_for(e)) for e in self.edges.values()],
                 "classes": [c.value for c in sorted(EdgeClass, key=SEVERITY.__getitem__, reverse=True)]}
 
     def update(self, keys: list[tuple[str, str]]) -> dict[str, Any]:
         """What a live update says about changed edges: their nodes and their summaries."""
-        return {"nodes": self.nodes_of(keys), "edges": [self.edges[k].summary() for k in keys if k in self.edges]}
+        return {"nodes": self.nodes_of(keys),
+                "edges": [self.edges[k].summary(self.upstream_for(self.edges[k])) for k in keys if k in self.edges]}
 
     def edge(self, source: str, destination: str) -> dict[str, Any] | None:
         edge = self.edges.get((source, destination))
-        return edge.detail() if edge is not None else None
+        return edge.detail(self.upstream_for(edge), self.policy_state) if edge is not None else None

@@ -10,6 +10,10 @@ and live updates as Server-Sent Events. aiohttp, loopback only.
                                 {"resync": true} when this client fell behind or the lab's nodes
                                 changed (a pod relabelled): fetch the graph again
 
+The lab's map state (/run/l7lab/<lab>/policy.json, which the lab rewrites on every `l7lab
+apply`) is read at start and again when the file changes (`PolicyFile`): it names the policies
+a default deny is due to.
+
 The server reads the lab's record files (`RecordTail`: flows.jsonl and l7-events.jsonl under
 /run/l7lab/<lab>/) from near their end, `START_RECORDS` of each, so starting is quick however
 long the lab has run, then follows them every `POLL_SECONDS`. What it keeps is bounded by the
@@ -39,6 +43,7 @@ from aiohttp import web
 
 from ..errors import L7LabError
 from ..flows import RecordTail
+from ..mapstate import MapState
 from ..metrics import parse_listen as parse_loopback_listen
 from .graph import MapNode, ServiceMap
 
@@ -88,6 +93,38 @@ def bind_listen(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+class PolicyFile:
+    """The lab's map state from its policy.json, read again whenever the file is replaced
+    (the lab writes it whole and renames it into place, so a read never sees half of it)."""
+
+    NAME = "policy.json"
+
+    def __init__(self, lab_dir: Path) -> None:
+        self.path = lab_dir / self.NAME
+        self.seen: tuple[int, int, int] | None = None
+
+    def changed(self) -> tuple[bool, MapState | None]:
+        """(whether the file changed since the last call, the state it now holds: None when it
+        is gone or unreadable, e.g. a lab without the L7 proxy)."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            stamp = None
+        else:
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self.seen:
+            return False, None
+        self.seen = stamp
+        if stamp is None:
+            return True, None
+        try:
+            return True, MapState.from_json(json.loads(self.path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"l7lab ui: cannot read {self.path} ({exc}); policies of default denies are not named",
+                  flush=True)
+            return True, None
 
 
 class Hub:
@@ -189,19 +226,28 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def follow_records(app: web.Application, tail: RecordTail, lab_dir: Path,
-                         lab_nodes: Callable[[], list[MapNode] | None] | None) -> None:
+                         lab_nodes: Callable[[], list[MapNode] | None] | None,
+                         policy_file: PolicyFile) -> None:
     """Read new records, count them into the map, and tell the live clients what changed;
     every `NODES_EVERY` polls, take the lab's nodes again from `lab_nodes` (None: the lab's
-    record is gone, keep the last ones), and have the clients reload the graph if they changed."""
+    record is gone, keep the last ones) and its map state from `policy_file` (kept when the
+    file is gone), and have the clients reload the graph if either changed."""
     service_map, hub, info = app[MAP_KEY], app[HUB_KEY], app[INFO_KEY]
     polls = 0
     while True:
         await asyncio.sleep(POLL_SECONDS)
         polls += 1
         try:
-            if lab_nodes is not None and polls % NODES_EVERY == 0:
-                nodes = await asyncio.to_thread(lab_nodes)
-                if nodes is not None and service_map.set_nodes(nodes):
+            if polls % NODES_EVERY == 0:
+                resync = False
+                if lab_nodes is not None:
+                    nodes = await asyncio.to_thread(lab_nodes)
+                    resync = nodes is not None and service_map.set_nodes(nodes)
+                changed, state = await asyncio.to_thread(policy_file.changed)
+                if changed and state is not None:
+                    service_map.set_policy_state(state)
+                    resync = True
+                if resync:
                     hub.publish({"resync": True})
             try:
                 records = await asyncio.to_thread(tail.read)
@@ -232,7 +278,10 @@ def make_app(lab: str, lab_dir: Path, service_map: ServiceMap, start_records: in
         tail = RecordTail(lab_dir)
         tail.start_at_last(start_records)
         service_map.add(await asyncio.to_thread(tail.read))
-        task = asyncio.create_task(follow_records(app, tail, lab_dir, lab_nodes))
+        policy_file = PolicyFile(lab_dir)
+        _, state = await asyncio.to_thread(policy_file.changed)
+        service_map.set_policy_state(state)
+        task = asyncio.create_task(follow_records(app, tail, lab_dir, lab_nodes, policy_file))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -3,7 +3,9 @@
 from the pods. Everything asserted is read from the page's DOM, as a user sees it: the edge
 frontend-app -> inventory-api turns L7-denied once a DELETE is answered 403 (without a reload),
 its side panel names the policy and the DELETE with its 403, and the edge reporting ->
-inventory-api shows as dropped. A screenshot of the page is kept as the test's artifact."""
+inventory-api shows as dropped, its panel naming the policy that isolates inventory-api (read
+from scenarios/policies/retail.yaml). An allowed GET makes the edge lab node -> inventory-api,
+which the page labels as the L7 proxy's upstream leg on behalf of frontend-app. A screenshot of the page is kept as the test's artifact."""
 
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ def test_the_service_map_shows_what_the_policies_did_live(tmp_path: Path) -> Non
             rows = [cells(r) for r in open_edge(driver, REPORTING, INVENTORY)]
             assert rows and all(r["verdict"] == "DROP POLICY_DENIED ingress" and r["request"] == "TCP :8080"
                                 for r in rows), rows
+            # a default deny names the policy whose selection of inventory-api enforces its ingress
+            assert all(r["policy"] == f"default deny: isolated by {policy}" for r in rows), rows
             rows = [cells(r) for r in open_edge(driver, FRONTEND, INVENTORY)]
             denials = [r for r in rows if r["verdict"] == "L7 denied ingress"]
             assert len(denials) == 1, rows
@@ -99,6 +103,19 @@ def test_the_service_map_shows_what_the_policies_did_live(tmp_path: Path) -> Non
             assert any(r["verdict"].startswith("REDIRECT") and f"{policy} ingress[0]" in r["policy"].splitlines()
                        for r in rows), rows
             assert driver.find_element(By.CSS_SELECTOR, "#detail-summary .tag").text == "L7-denied"
+            assert not driver.find_element(By.ID, "detail-note").is_displayed()
+
+            # An allowed GET: the proxy forwards it on a connection of its own, from the lab node's
+            # stack with frontend-app's identity; the page says whose it is.
+            allowed = curl(name, "frontend-app", inventory)
+            assert allowed.returncode == 0, allowed
+            wait.until(lambda d: edge_verdict(d, "node", INVENTORY) == "forwarded")
+            upstream = [cells(r) for r in open_edge(driver, "node", INVENTORY)]
+            assert upstream and all(r["verdict"] == "FORWARD ingress" and
+                                    r["policy"] == "none looked up: the L7 proxy's own connection"
+                                    for r in upstream), upstream
+            note = driver.find_element(By.ID, "detail-note")
+            assert note.is_displayed() and note.text.startswith(f"L7 proxy upstream on behalf of {FRONTEND}:"), note.text
 
             shot = keep_screenshot(driver, tmp_path / "service-map.png")
             assert shot.stat().st_size > 10_000  # a page, not a blank image

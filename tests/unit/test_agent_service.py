@@ -115,3 +115,16 @@ def test_a_change_past_its_deadline_touches_nothing(service: LabService) -> None
     reply, undo = service.handle({**RELABEL, "deadline": time.monotonic() - 1})
     assert not reply["ok"] and undo is None and "after its caller's deadline" in reply["errors"][0]
     assert service.engine.snapshot() is before and len(service.datapath.synced) == synced  # type: ignore[attr-defined]
+
+
+def test_the_metrics_credit_a_default_deny_to_the_policies_isolating_the_pod_now(service: LabService) -> None:
+    """The policy-drop counter's lookup is the map state's (`MapState.isolating_policies`, which
+    the service map asks too), under the state in force: a deleted policy isolates no more."""
+    assert service.isolating_policies("x", "a", "INGRESS") == [("NetworkPolicy", "x", "allow-b")]
+    assert service.isolating_policies("x", "a", "EGRESS") == []
+    assert service.isolating_policies("x", "b", "INGRESS") == []
+    reply, undo = service.handle({"op": "change", "delete": [{"kind": "NetworkPolicy", "name": "allow-b",
+                                                              "namespace": "x"}]})
+    assert reply["ok"], reply
+    service.replied(undo)
+    assert service.isolating_policies("x", "a", "INGRESS") == []

@@ -17,12 +17,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from dataplane.abi import Direction
 from dataplane.errors import L7LabError
 from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, ProxyEvent, TrafficDirection,
                                   Verdict)
 from dataplane.flowrender import json_line
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS
 from dataplane.logfiles import RotatingLog
+from dataplane.mapstate import MapState
+from dataplane.policy import PolicyEngine
+from dataplane.scenario import load_scenario
 from dataplane.ui import graph, server
 from dataplane.ui.graph import EdgeClass, ServiceMap, lab_nodes
 from l7.dns import DnsFlow
@@ -288,5 +292,86 @@ def test_a_relabelled_pod_reaches_the_page_as_a_resync(tmp_path: Path) -> None:
             assert nodes["retail/reporting"]["labels"] == {"app": "reporting", "role": "auditor"}
             edge = (await (await client.get("/api/graph")).json())["edges"][0]
             assert (edge["from"], edge["to"]) == ("retail/frontend-app", "retail/inventory-api")  # kept
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- who dropped it, on whose behalf
+
+
+def retail_state() -> MapState:
+    """The retail scenario's map state as the lab writes it to policy.json (through its JSON)."""
+    engine = PolicyEngine(load_scenario(REPO / "scenarios" / "retail.yaml"))
+    return MapState.from_json(json.loads(json.dumps(engine.map_state().to_json())))
+
+
+def test_a_default_deny_names_the_policy_isolating_the_pod_as_the_metrics_do() -> None:
+    state = retail_state()
+    # The one lookup: the agent's metrics ask it (LabService.isolating_policies), and so does the map.
+    assert state.isolating_policies("retail/inventory-api", Direction.INGRESS) == \
+        [("CiliumNetworkPolicy", "retail", "inventory-read-only")]
+    assert state.isolating_policies("retail/inventory-api", Direction.EGRESS) == []  # no egress policy selects it
+    assert state.isolating_policies("retail/reporting", Direction.INGRESS) == []
+    smap = ServiceMap(lab_nodes(endpoints()))
+    smap.set_policy_state(state)
+    smap.add([kernel(1, Verdict.DROP, REPORTING, INVENTORY, reason="POLICY_DENIED"),
+              kernel(2, Verdict.REDIRECT, FRONTEND, INVENTORY, f"{READ_ONLY} ingress[0]")])
+    drop = smap.edge("retail/reporting", "retail/inventory-api")["flows"][0]
+    assert (drop["policies"], drop["isolated_by"]) == ([], [READ_ONLY])
+    redirect = smap.edge("retail/frontend-app", "retail/inventory-api")["flows"][0]
+    assert redirect["isolated_by"] == []  # a rule decided it: that rule is named, not the isolation
+    # An egress default deny is the source's: none isolates reporting's egress, so none is named.
+    egress = Flow(3, FlowType.L3_L4, Verdict.DROP, REPORTING, Endpoint(WWW_IP, 80), L4("TCP", ("SYN",)),
+                  TrafficDirection.EGRESS, drop_reason="POLICY_DENIED")
+    assert graph.flow_detail(egress, state)["isolated_by"] == []
+    assert graph.flow_detail(kernel(4, Verdict.DROP, REPORTING, INVENTORY, reason="POLICY_DENIED"))["isolated_by"] == []
+
+
+def test_an_edge_from_the_node_carrying_a_pods_identity_is_the_proxys_upstream_leg() -> None:
+    state = retail_state()
+    frontend_identity = next(ep.identity for ep in state.endpoints.values() if ep.name == "retail/frontend-app")
+    node_for_frontend = Endpoint("10.10.0.1", 41000, frontend_identity, host="node")
+    node_itself = Endpoint("10.10.0.1", 41001, 1, host="node")
+    smap = ServiceMap(lab_nodes(endpoints()))
+    smap.set_policy_state(state)
+    smap.add([kernel(1, Verdict.FORWARD, node_for_frontend, INVENTORY),
+              kernel(2, Verdict.FORWARD, node_itself, REPORTING)])
+    upstream = {(e["from"], e["to"]): e["proxy_upstream_for"] for e in smap.graph()["edges"]}
+    assert upstream == {("node", "retail/inventory-api"): ["retail/frontend-app"],  # kept: it is real traffic
+                        ("node", "retail/reporting"): []}  # the host's identity: the node's own traffic
+    assert smap.edge("node", "retail/inventory-api")["proxy_upstream_for"] == ["retail/frontend-app"]
+    # Without a map state, the identity is resolved through the records that named the pod.
+    smap = ServiceMap(lab_nodes(endpoints()))
+    upstream_leg = Endpoint("10.10.0.1", 41000, FRONTEND.identity, host="node")
+    smap.add([kernel(1, Verdict.FORWARD, upstream_leg, INVENTORY)])
+    assert smap.edge("node", "retail/inventory-api")["proxy_upstream_for"] == [f"identity {FRONTEND.identity}"]
+    smap.add([http(2, Verdict.FORWARDED, "GET", 200)])  # names frontend-app with its identity
+    assert smap.edge("node", "retail/inventory-api")["proxy_upstream_for"] == ["retail/frontend-app"]
+
+
+def test_the_server_reads_the_policies_from_policy_json_and_again_after_an_apply(tmp_path: Path) -> None:
+    lab_dir = tmp_path / "retail"
+    write_records(lab_dir, [kernel(1, Verdict.DROP, REPORTING, INVENTORY, reason="POLICY_DENIED")])
+    data = retail_state().to_json()
+    (lab_dir / "policy.json").write_text(json.dumps(data))
+    edge = {"from": "retail/reporting", "to": "retail/inventory-api"}
+
+    async def scenario() -> None:
+        app = server.make_app("retail", lab_dir, ServiceMap(lab_nodes(endpoints())))
+        async with TestClient(TestServer(app)) as client:
+            detail = await (await client.get("/api/edge", params=edge)).json()
+            assert detail["flows"][0]["isolated_by"] == [READ_ONLY]
+            events = await client.get("/api/events")
+            # `l7lab apply` of a renamed policy: the lab replaces policy.json whole
+            for ep in data["endpoints"]:
+                if ep["name"] == "retail/inventory-api":
+                    ep["ingress_isolated_by"] = [["CiliumNetworkPolicy", "retail", "inventory-locked"]]
+            tmp = lab_dir / "policy.json.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, lab_dir / "policy.json")
+            assert await read_event(events.content) == {"resync": True}
+            events.close()
+            detail = await (await client.get("/api/edge", params=edge)).json()
+            assert detail["flows"][0]["isolated_by"] == ["CiliumNetworkPolicy retail/inventory-locked"]
 
     asyncio.run(scenario())

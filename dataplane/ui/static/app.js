@@ -147,7 +147,8 @@ function render() {
     const selected = state.selected === edgeKey(edge.from, edge.to);
     if (selected) g.classList.add("selected");
     const title = el("title", {}, `${edge.from} → ${edge.to}: ${CLASS_LABEL[edge.verdict]} (` +
-      Object.entries(edge.counts).filter(([, v]) => v).map(([k, v]) => `${CLASS_LABEL[k]} ${v}`).join(", ") + ")");
+      Object.entries(edge.counts).filter(([, v]) => v).map(([k, v]) => `${CLASS_LABEL[k]} ${v}`).join(", ") + ")" +
+      (edge.proxy_upstream_for.length ? `\nL7 proxy upstream on behalf of ${edge.proxy_upstream_for.join(", ")}` : ""));
     g.append(title);
     g.append(el("path", {class: "hit", d}));
     g.append(el("path", {class: "line", d, "marker-end": `url(#arrow-${edge.verdict})`}));
@@ -199,6 +200,9 @@ function requestText(f) {
   return `${f.protocol}${f.port ? " :" + f.port : ""}`;
 }
 
+// Cilium's label-set identities (pods): 256 up to the CIDR identities at 2^24.
+const isPodIdentity = (identity) => identity >= 256 && identity < 2 ** 24;
+
 function verdictText(f) {
   if (f.type === "L7") return `L7 ${f.verdict}`;
   return f.drop_reason ? `${f.verdict} ${f.drop_reason}` : f.verdict;
@@ -215,6 +219,12 @@ function showDetail(detail) {
   summary.replaceChildren(html("span", `tag ${detail.verdict}`, CLASS_LABEL[detail.verdict]), " ",
     Object.entries(detail.counts).map(([k, v]) => `${CLASS_LABEL[k]} ${v}`).join(" · ") +
     (detail.ports.length ? ` · port ${detail.ports.join(", ")}` : "") + ` · the last ${detail.flows.length} flows, newest first`);
+  // The node's connections that carry a pod's identity are the L7 proxy's, made for that pod.
+  const note = document.getElementById("detail-note");
+  note.hidden = !detail.proxy_upstream_for.length;
+  note.textContent = detail.proxy_upstream_for.length ?
+    `L7 proxy upstream on behalf of ${detail.proxy_upstream_for.join(", ")}: the proxy in the lab node's stack ` +
+    "forwards the requests it allowed; the datapath passes its connections without a policy lookup" : "";
   const body = document.querySelector("#detail-flows tbody");
   body.replaceChildren();
   for (const f of detail.flows) {
@@ -226,7 +236,12 @@ function showDetail(detail) {
     if (f.direction) verdict.append(" ", html("span", "direction", f.direction));
     row.append(verdict, html("td", "request", requestText(f)));
     const policy = html("td", "policy");
-    if (!f.policies.length && !f.rules.length) {
+    if (f.isolated_by.length) {
+      // A default deny: no rule allows it, where these policies make the pod enforce the direction.
+      policy.append(html("div", "isolated-by", `default deny: isolated by ${f.isolated_by.join(", ")}`));
+    } else if (detail.from === "node" && isPodIdentity(f.source_identity) && !f.policies.length) {
+      policy.append(html("div", "", "none looked up: the L7 proxy's own connection"));
+    } else if (!f.policies.length && !f.rules.length) {
       policy.append(html("div", "", f.drop_reason === "POLICY_DENIED" ? "no rule allows it (default deny)" : "—"));
     }
     // A rule names its policy ("Kind ns/name ingress[0]"): a policy is listed alone only when
