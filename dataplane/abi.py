@@ -156,6 +156,9 @@ EP_F_EGRESS_ENFORCED = 0x02
 EP_F_AUDIT = 0x04
 CT_F_CLOSING = 0x01  # struct ct_entry.flags
 CT_F_FROM_PROXY = 0x02
+# struct flow_event.flags: the packet is the L7 proxy's upstream connection (mark FROM_PROXY),
+# which skips policy as in Cilium; its event carries no policy decision (a trace, not a verdict)
+FLOW_EVENT_F_FROM_PROXY = 0x01
 POLICY_FIXED_PREFIX = 64  # identity, endpoint id, direction, protocol; the port prefix follows
 POLICY_FULL_PREFIX = POLICY_FIXED_PREFIX + 16
 
@@ -329,7 +332,8 @@ CFlowEvent = c_struct("flow_event", 56, [
     ("hook", U8, 43),  # Hook
     ("ifindex", U32, 44),
     ("pkt_len", U32, 48),
-    ("pad", U32, 52),
+    ("flags", U8, 52),  # FLOW_EVENT_F_*
+    ("pad", U8 * 3, 53),
 ])
 
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
@@ -390,6 +394,7 @@ C_CONSTANTS: dict[str, int] = {
     "EP_F_AUDIT": EP_F_AUDIT,
     "CT_F_CLOSING": CT_F_CLOSING,
     "CT_F_FROM_PROXY": CT_F_FROM_PROXY,
+    "FLOW_EVENT_F_FROM_PROXY": FLOW_EVENT_F_FROM_PROXY,
     "POLICY_FIXED_PREFIX": POLICY_FIXED_PREFIX,
     "POLICY_FULL_PREFIX": POLICY_FULL_PREFIX,
     "IPPROTO_ICMP": PROTO_ICMP,

@@ -110,6 +110,12 @@ class FlowEvent:
     hook: Hook
     ifindex: int
     length: int
+    flags: int = 0  # abi.FLOW_EVENT_F_*
+
+    @property
+    def from_proxy(self) -> bool:
+        """The L7 proxy's upstream connection: it skipped policy, the event decides nothing."""
+        return bool(self.flags & abi.FLOW_EVENT_F_FROM_PROXY)
 
     @property
     def endpoint_id(self) -> int:
@@ -122,7 +128,7 @@ class FlowEvent:
         return cls(e.ts_ns, str(ipaddress.IPv4Address(e.saddr)), str(ipaddress.IPv4Address(e.daddr)), e.sport,
                    e.dport, e.proto, FlowVerdict(e.verdict), DropReason(e.reason), Direction(e.direction),
                    e.src_identity, e.dst_identity, e.src_endpoint, e.dst_endpoint, e.rule_id, e.proxy_port,
-                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len)
+                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len, e.flags)
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,9 @@ class Flow:
     # 4 all (any peer, any port), 5 L3-Proto, 6 Proto-Only (a protocol with any port)
     policy_match_type: int = 0
     ifindex: int = 0  # L3_L4: the interface of the hook that made the record
+    # L3_L4: the L7 proxy's upstream connection (the datapath's FLOW_EVENT_F_FROM_PROXY): it
+    # skipped policy, as in Cilium, so the record decides nothing (no rule, match type 0)
+    from_proxy: bool = False
 
     @property
     def http(self) -> HttpFlow | None:
@@ -204,6 +207,7 @@ class Flow:
             "source": self.source.to_json(), "destination": self.destination.to_json(),
             "policy": self.policy.to_json(), "proxy_port": self.proxy_port, "bytes": self.bytes,
             "policy_match_type": self.policy_match_type, "ifindex": self.ifindex,
+            "from_proxy": self.from_proxy,
         }
         if self.l7 is not None:
             out["l7"] = self.l7.to_json()
@@ -220,7 +224,8 @@ class Flow:
             str(data.get("summary", "")), PolicyAttribution.from_json(data.get("policy") or {}),
             int(data.get("proxy_port", 0)), int(data.get("bytes", 0)),
             L7.from_json(data["l7"]) if data.get("l7") is not None else None,
-            int(data.get("policy_match_type") or 0), int(data.get("ifindex") or 0))
+            int(data.get("policy_match_type") or 0), int(data.get("ifindex") or 0),
+            bool(data.get("from_proxy", False)))
 
 
 PROXY_EVENT_TYPE = "PROXY"

@@ -115,10 +115,10 @@ def _entries_of(state: MapState) -> dict[tuple[int, Direction], MapState]:
 def decided_match_type(ev: FlowEvent, state: MapState) -> int:
     """What the map entry that decided names (a peer identity, a protocol, a port), as Cilium's
     policy verdicts number it; POLICY_MATCH_NONE when no entry decided (default deny, or a
-    direction without policy). The entry is the one `lookup_policy` finds for the event's
+    direction without policy, the proxy's upstream connection). The entry is the one `lookup_policy` finds for the event's
     endpoint, direction, peer and port that carries the event's rule (else the one of highest
     precedence), the same walk the datapath made."""
-    if not ev.endpoint_id or ev.reason not in (DropReason.NONE, DropReason.POLICY_EXPLICIT_DENY):
+    if ev.from_proxy or not ev.endpoint_id or ev.reason not in (DropReason.NONE, DropReason.POLICY_EXPLICIT_DENY):
         return POLICY_MATCH_NONE  # no entry decided: default deny, or not a policy decision at all
     remote = ev.src_identity if ev.direction == Direction.INGRESS else ev.dst_identity
     entries = _entries_of(state).get((ev.endpoint_id, ev.direction))
@@ -153,7 +153,7 @@ def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: floa
         direction=TrafficDirection.EGRESS if ev.direction == Direction.EGRESS else TrafficDirection.INGRESS,
         trace_point=TRACE_POINTS.get(ev.hook, TracePoint.FROM_ENDPOINT), drop_reason=ev.reason.name,
         policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length,
-        policy_match_type=decided_match_type(ev, state), ifindex=ev.ifindex)
+        policy_match_type=decided_match_type(ev, state), ifindex=ev.ifindex, from_proxy=ev.from_proxy)
 
 
 def kernel_flows(events: Iterable[FlowEvent], state: MapState, directory: Directory) -> list[Flow]:

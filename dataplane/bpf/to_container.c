@@ -56,6 +56,7 @@ static __always_inline int handle_to_container(struct __sk_buff *skb)
 		if (ct_lookup(&p, &ct) == CT_NEW) {
 			ct_create(&p, fi.src_identity, 0, 0, CT_F_FROM_PROXY);
 			d.endpoint_id = fi.dst_endpoint;
+			fi.flags = FLOW_EVENT_F_FROM_PROXY;  /* no policy decided: d stays zeroed */
 			emit_event(skb, &p, &fi, &d);
 		}
 		frag_record(&p);

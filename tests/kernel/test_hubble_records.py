@@ -59,6 +59,20 @@ def test_retail_records_render_to_the_hubble_flows_a_user_expects(datapath) -> N
     assert len(traces) == len(redirects)
     assert all(t["trace_observation_point"] == "TO_PROXY" and t["proxy_port"] == 15001 for t in traces)
 
+    # the proxy's upstream legs (node -> a redirected pod, frontend-app's identity in the mark):
+    # no policy decided them, so each is a to-endpoint trace only, as Cilium shows it
+    upstream = [r for r in records if r.from_proxy]
+    assert "inventory-api" in {r.destination.pod for r in upstream}
+    assert all(r.source.host == "node" and r.destination.namespace == "retail" for r in upstream)
+    assert all(r.policy_match_type == 0 and not r.policy.rule_ids for r in upstream)
+    upstream_flows = [f for r in upstream for f in hubble_flows(r, node)]
+    assert [(f["event_type"]["type"], f["trace_observation_point"]) for f in upstream_flows] == \
+        [(4, "TO_ENDPOINT")] * len(upstream)
+    assert {f["source"]["identity"] for f in upstream_flows} == {redirects[0]["source"]["identity"]}
+    node_ip = upstream_flows[0]["IP"]["source"]
+    assert not [f for f in flows if f["IP"]["source"] == node_ip and f["event_type"]["type"] == 5
+                and f["source"].get("identity") != 1]  # the node's own traffic (identity host) is decided
+
     # the DELETE: dropped by the policy, answered 403 by the proxy
     delete = [f for f in flows if f.get("l7", {}).get("http", {}).get("method") == "DELETE"]
     assert [(f["l7"]["type"], f["verdict"]) for f in delete] == [("REQUEST", "DROPPED"), ("RESPONSE", "FORWARDED")]

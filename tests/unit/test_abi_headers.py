@@ -165,7 +165,7 @@ def test_from_proxy_mark_round_trip() -> None:
     assert abi.identity_of_mark(abi.MARK_MAGIC_TO_PROXY | (15001 << 16)) is None
 
 
-_ABI_NAME = re.compile(r"^(?:(MARK_MAGIC_\w+|EP_F_\w+|CT_F_\w+|IDENTITY_\w+|PROTO_\w+|PROXY_PORT|POLICY_\w+_PREFIX|"
+_ABI_NAME = re.compile(r"^(?:(MARK_MAGIC_\w+|EP_F_\w+|CT_F_\w+|FLOW_EVENT_F_\w+|IDENTITY_\w+|PROTO_\w+|PROXY_PORT|POLICY_\w+_PREFIX|"
                        r"TCPF_\w+|TO_PROXY_\w+)\s*=\s*(0x[0-9a-fA-F]+|\d+)"
                        r"|(PROTOCOLS|PROTOCOL_NAMES|TCP_FLAG_NAMES|RESERVED_IDENTITIES)\s*(?::[^=]*)?=\s*[{(\[])",
                        re.MULTILINE)

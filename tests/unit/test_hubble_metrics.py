@@ -20,6 +20,7 @@ from dataplane import lab as labmod
 from dataplane.agent import LabService
 from dataplane.flowrecord import L4, L7, Endpoint, Flow, FlowType, PolicyAttribution, TrafficDirection, Verdict
 from dataplane.flowrender import json_line
+from dataplane.hubble import hubble_flows
 from dataplane.metrics import LabCollector, LabCounters, MetricsSnapshot
 from dataplane.policy.engine import PolicyEngine
 from dataplane.scenario import parse_scenario
@@ -340,3 +341,16 @@ def test_the_agent_counts_the_proxys_records_and_names_the_isolating_policy(
         assert snap.value("l7lab_policy_drops_total", policy_name="allow-b", match="l7/http") == 1
     finally:
         svc.close()
+
+
+def test_the_proxys_upstream_leg_is_no_policy_verdict() -> None:
+    """The proxy's upstream connection skipped policy (the datapath's from-proxy flag): its one
+    Hubble flow is a to-endpoint trace, counted as processed, never as a policy verdict."""
+    record = Flow(time=1796108353.0, type=FlowType.L3_L4, verdict=Verdict.FORWARD,
+                  source=Endpoint("10.10.0.1", 45438, 256, host="node"),
+                  destination=Endpoint("10.10.0.12", 8080, 257, "retail", "inventory-api", "", {"app": "inventory-api"}, 12),
+                  l4=L4("TCP", ("SYN",)), direction=TrafficDirection.INGRESS, from_proxy=True)
+    snap = counted(hubble_flows(record, "l7lab/retail"))
+    assert snap.counters["hubble_policy_verdicts_total"] == {}
+    c = ("", "", "", "inventory-api", "retail", "inventory-api")
+    assert snap.counters["hubble_flows_processed_total"] == {("TCP", "Trace", "to-endpoint", "FORWARDED", *c): 1}

@@ -11,14 +11,15 @@ import dns.message
 import dns.rrset
 import pytest
 
+from dataplane import abi
 from dataplane.abi import Direction, DropReason, FlowVerdict, Hook, Verdict as MapVerdict
 from dataplane.ciliummonitor import monitor_line
 from dataplane.datapath import FlowEvent
 from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, TracePoint, TrafficDirection,
                                   Verdict)
 from dataplane.flows import Directory, kernel_flow
-from dataplane.hubble import (compact, dict_text, event_type_name, hubble_flows, jsonpb, node_name, policy_ref,
-                              rfc3339)
+from dataplane.hubble import (POLICY_MATCH_L3_L4, POLICY_MATCH_NONE, compact, dict_text, event_type_name, hubble_flows,
+                              jsonpb, node_name, policy_ref, rfc3339)
 from dataplane.mapstate import EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution
 from l7.dns import DnsFlow
 from l7.http import RECORDED_HEADER_VALUE, RECORDED_HEADERS, HttpFlow, recorded_headers
@@ -60,12 +61,13 @@ DIRECTORY = Directory({"10.200.0.2": "retail/frontend-app", "10.200.0.3": "retai
 
 def kernel(verdict: FlowVerdict, reason: DropReason = DropReason.NONE, *, rule_id: int = 0, src: str = "10.200.0.2",
            src_identity: int = 256, src_endpoint: int = 11, dport: int = 8080, dst: str = "10.200.0.3",
-           dst_identity: int = 257, dst_endpoint: int = 12, direction: Direction = Direction.INGRESS) -> Flow:
+           dst_identity: int = 257, dst_endpoint: int = 12, direction: Direction = Direction.INGRESS,
+           hook: Hook = Hook.FROM_CONTAINER, flags: int = 0) -> Flow:
     ev = FlowEvent(ts_ns=1, src=src, dst=dst, sport=40512, dport=dport, protocol=6, verdict=verdict, reason=reason,
                    direction=direction, src_identity=src_identity, dst_identity=dst_identity,
                    src_endpoint=src_endpoint, dst_endpoint=dst_endpoint, rule_id=rule_id,
                    proxy_port=15001 if verdict == FlowVerdict.REDIRECT else 0, tcp_flags=0x02,
-                   hook=Hook.FROM_CONTAINER, ifindex=5, length=74)
+                   hook=hook, ifindex=5, length=74, flags=flags)
     return kernel_flow(ev, lab_state(), DIRECTORY, WHEN)
 
 
@@ -380,3 +382,20 @@ def test_an_error_and_an_audit_in_cilium_monitor_words() -> None:
                                    "action audit, auditMode enabled, match none, "
                                    "10.200.0.5:40512 -> 10.200.0.3:8080 tcp SYN")
     assert monitor_line(trace).startswith("-> endpoint 12 flow 0x0 , identity 260->257 state new ifindex 5")
+
+
+def test_the_proxys_upstream_leg_is_a_trace_to_the_endpoint_never_a_policy_verdict() -> None:
+    """The datapath marks the event of a packet with the from-proxy mark (it skipped policy, as in
+    Cilium): the record decides nothing although a rule would admit its identity and port, and
+    Hubble shows it as the to-endpoint trace Cilium sends, with no policy verdict."""
+    record = kernel(FlowVerdict.FORWARD, src="10.200.0.1", src_endpoint=0, hook=Hook.TO_CONTAINER,
+                    flags=abi.FLOW_EVENT_F_FROM_PROXY)
+    assert record.from_proxy and record.policy_match_type == POLICY_MATCH_NONE and not record.policy.rule_ids
+    assert Flow.from_json(record.to_json()) == record
+    flows = hubble_flows(record, NODE)
+    assert [(f["event_type"], f["verdict"], f["trace_observation_point"]) for f in flows] == [
+        ({"type": 4}, "FORWARDED", "TO_ENDPOINT")]
+    assert "policy_match_type" not in flows[0] and flows[0]["source"]["identity"] == 256
+    # the same packet without the flag is the node's own traffic, which policy decided
+    assert kernel(FlowVerdict.FORWARD, src="10.200.0.1", src_endpoint=0,
+                  hook=Hook.TO_CONTAINER).policy_match_type == POLICY_MATCH_L3_L4

@@ -31,6 +31,7 @@ struct flow_info {
 	u16 src_endpoint;
 	u16 dst_endpoint;
 	u8 hook;
+	u8 flags;               /* FLOW_EVENT_F_* */
 };
 
 static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt *p,
@@ -58,6 +59,7 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt *
 	e.hook = fi->hook;
 	e.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
 	e.pkt_len = p->len;
+	e.flags = fi->flags;
 	events_output(&e);
 #if DEBUG
 	if (d->verdict == VERDICT_DROP)

@@ -141,8 +141,11 @@ struct flow_event {
 	u8 hook;                /* HOOK_* */
 	u32 ifindex;
 	u32 pkt_len;
-	u32 pad;
+	u8 flags;               /* FLOW_EVENT_F_* */
+	u8 pad[3];
 };
+/* The L7 proxy's upstream connection: passed without a policy decision (a trace, not a verdict). */
+#define FLOW_EVENT_F_FROM_PROXY 0x01
 
 /* Accessors, defined in bpf/datapath.c. */
 static __always_inline struct ipcache_value *ipcache_lookup(struct ipcache_key *k);
