@@ -299,11 +299,14 @@ def test_types(retail: Lab) -> None:
     to_proxy = retail.observe("--type", "trace:to-proxy")
     assert len(to_proxy) == len(want.l7) and all(connection(f)[1] in L7_BACKENDS for f in to_proxy)
     verdicts = retail.observe("--type", "policy-verdict")
-    # One per new connection: to the proxy, from the proxy upstream, the open probe, the drops.
+    # One per new connection judged by policy: to the proxy, the open probe, the drops. The proxy's
+    # upstream connections skip policy, as in Cilium: a to-endpoint trace each, no policy verdict.
     upstream = {target(p) for p in want.l7 if p.expect == "allowed"}
     assert Counter(f["verdict"] for f in verdicts) == Counter(
-        {"REDIRECTED": len(want.l7), "FORWARDED": len(upstream) + len(want.open),
+        {"REDIRECTED": len(want.l7), "FORWARDED": len(want.open),
          "DROPPED": len(retail.observe("--type", "drop"))})
+    from_node = [f for f in retail.observe("--type", "trace:to-endpoint") if not f["source"].get("pod_name")]
+    assert {name(f, "destination") for f in from_node} == upstream
     assert retail.observe("--type", "drop", "--type", "policy-verdict") == [
         f for f in retail.observe() if kind(f) in ("drop", "policy-verdict")]
 
