@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .hubble import (AUDIT, DROP_REASON_OF_NUMBER, DROP_REASONS, DROPPED, EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT,
-                     EVENT_TRACE, FORWARDED, MONITOR_L7_VERDICTS, POLICY_MATCH_NAMES, REDIRECTED)
+from .hubble import (DROP_REASON_OF_NUMBER, DROP_REASONS, DROPPED, EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT,
+                     EVENT_TRACE, FORWARDED, MONITOR_L7_VERDICTS, POLICY_ACTIONS, POLICY_MATCH_NAMES,
+                     RESERVED_IDENTITY_NAMES)
 
 
 def _connection(flow: dict[str, Any]) -> str:
@@ -28,8 +29,15 @@ def _connection(flow: dict[str, Any]) -> str:
     return text
 
 
-def _identities(flow: dict[str, Any]) -> str:
-    return f"identity {flow.get('source', {}).get('identity', 0)}->{flow.get('destination', {}).get('identity', 0)}"
+def identity_text(identity: int, numeric: bool = False) -> str:
+    """An identity as the monitor prints it: without `-n`, a reserved one by its name
+    (NumericIdentity.String(): 'world', 'host'), any other by its number."""
+    return str(identity) if numeric else RESERVED_IDENTITY_NAMES.get(identity, str(identity))
+
+
+def _identities(flow: dict[str, Any], numeric: bool) -> str:
+    src, dst = flow.get("source", {}).get("identity", 0), flow.get("destination", {}).get("identity", 0)
+    return f"identity {identity_text(src, numeric)}->{identity_text(dst, numeric)}"
 
 
 def _local_endpoint(flow: dict[str, Any]) -> int:
@@ -38,28 +46,30 @@ def _local_endpoint(flow: dict[str, Any]) -> int:
     return int(flow.get(side, {}).get("ID", 0))
 
 
-def monitor_line(flow: dict[str, Any]) -> str:
+def monitor_line(flow: dict[str, Any], numeric: bool = False) -> str:
     """The line `cilium monitor` prints for the event behind a Hubble flow (pkg/monitor: DumpInfo
     of DropNotify, PolicyVerdictNotify, TraceNotify and LogRecordNotify). What the record does
     not have is written as Cilium writes an unset value: flow hash 0x0, source line 0, orig-ip
-    0.0.0.0; the file is bpf_lxc.c, where Cilium's endpoint programs live."""
+    0.0.0.0; the file is bpf_lxc.c, where Cilium's endpoint programs live. `numeric` is the
+    monitor's `-n`: reserved identities as numbers rather than names. l7lab has no mutual
+    authentication: `auth: disabled`, as Cilium prints a verdict with no auth type."""
     kind = flow.get("event_type", {}).get("type", 0)
     if kind == EVENT_DROP:
         reason = DROP_REASON_OF_NUMBER.get(flow.get("event_type", {}).get("sub_type", 0))
         text = DROP_REASONS[reason][1] if reason else "Unknown"
         dst_ep = int(flow.get("destination", {}).get("ID", 0))
         return (f"xx drop ({text}) flow 0x0 to endpoint {dst_ep}, ifindex {flow.get('interface', {}).get('index', 0)}, "
-                f"file bpf_lxc.c:0, , {_identities(flow)}: {_connection(flow)}")
+                f"file bpf_lxc.c:0, , {_identities(flow, numeric)}: {_connection(flow)}")
     if kind == EVENT_POLICY_VERDICT:
         verdict = flow.get("verdict")
-        action = {FORWARDED: "allow", REDIRECTED: "redirect", DROPPED: "deny", AUDIT: "audit"}.get(verdict, "allow")
+        action = POLICY_ACTIONS.get(verdict, POLICY_ACTIONS[FORWARDED])[0]
         ingress = flow.get("traffic_direction") == "INGRESS"
         remote = flow.get("source" if ingress else "destination", {}).get("identity", 0)
         proto = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMPv4": 1}.get(next(iter(flow.get("l4", {})), ""), 0)
         match = POLICY_MATCH_NAMES.get(flow.get("policy_match_type", 0), "unknown")
-        audit = "enabled" if verdict == AUDIT else "disabled"
-        return (f"Policy verdict log: flow 0x0 local EP ID {_local_endpoint(flow)}, remote ID {remote}, "
-                f"proto {proto}, {'ingress' if ingress else 'egress'}, action {action}, auditMode {audit}, "
+        return (f"Policy verdict log: flow 0x0 local EP ID {_local_endpoint(flow)}, "
+                f"remote ID {identity_text(remote, numeric)}, "
+                f"proto {proto}, {'ingress' if ingress else 'egress'}, action {action}, auth: disabled, "
                 f"match {match}, {_connection(flow)}")
     if kind == EVENT_TRACE:
         point = flow.get("trace_observation_point", "TO_ENDPOINT")
@@ -70,7 +80,8 @@ def monitor_line(flow: dict[str, Any]) -> str:
         else:
             where = {"TO_STACK": "-> stack", "TO_HOST": "-> host from", "FROM_ENDPOINT":
                      f"<- endpoint {int(flow.get('source', {}).get('ID', 0))}"}.get(point, "unknown trace")
-        return (f"{where} flow 0x0 , {_identities(flow)} state new ifindex {flow.get('interface', {}).get('index', 0)} "
+        ifindex = flow.get("interface", {}).get("index", 0)
+        return (f"{where} flow 0x0 , {_identities(flow, numeric)} state new ifindex {ifindex} "
                 f"orig-ip 0.0.0.0: {_connection(flow)}")
     if kind == EVENT_L7:
         return _monitor_l7(flow)

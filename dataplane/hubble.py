@@ -46,6 +46,11 @@ VERDICT_OF = {Verdict.FORWARD: FORWARDED, Verdict.REDIRECT: REDIRECTED, Verdict.
               Verdict.FORWARDED: FORWARDED, Verdict.DENIED: DROPPED, Verdict.ERROR: ERROR}
 # accesslog.FlowVerdict words, as `cilium monitor` prints an L7 record
 MONITOR_L7_VERDICTS = {FORWARDED: "Forwarded", DROPPED: "Denied", ERROR: "Error", REDIRECTED: "Redirected"}
+# a policy verdict's verdict -> (the action `cilium monitor` prints (GetPolicyActionString),
+# the word of Hubble's VERDICT column)
+POLICY_ACTIONS: dict[str, tuple[str, str]] = {FORWARDED: ("allow", "ALLOWED"), REDIRECTED: ("redirect", "ALLOWED"),
+                                              DROPPED: ("deny", "DENIED"), ERROR: ("deny", "DENIED"),
+                                              AUDIT: ("audit", "AUDITED")}
 
 # -- trace observation points: flow.proto name -> (the event's sub_type, the name Hubble prints) ---
 # (pkg/monitor/api/types.go Trace*). The proto numbers TO_ENDPOINT 101, not 0, so that protojson
@@ -58,6 +63,12 @@ TRACE_POINTS: dict[str, tuple[int, str]] = {
     "FROM_CRYPTO": (12, "from-crypto"), "TO_CRYPTO": (13, "to-crypto"),
 }
 TRACE_POINT_OF_SUBTYPE = {number: name for name, (number, _) in TRACE_POINTS.items()}
+
+
+def trace_point_text(sub_type: int) -> str:
+    """The name Hubble prints for a trace event's sub_type ('to-endpoint'), else the number."""
+    point = TRACE_POINT_OF_SUBTYPE.get(sub_type)
+    return TRACE_POINTS[point][1] if point else str(sub_type)
 
 # -- drop reasons: Hubble name -> (number, `cilium monitor` text) (flow.proto DropReason,
 # pkg/monitor/api/drop.go); only those l7lab's datapath gives
@@ -111,9 +122,15 @@ def policy_match_type(names_peer: bool, names_protocol: bool, names_port: bool) 
 RESERVED_IDENTITY_NAMES = {0: "unknown", 1: "host", 2: "world", 3: "unmanaged", 4: "health", 5: "init",
                            6: "remote-node", 7: "kube-apiserver", 8: "ingress", 9: "world-ipv4", 10: "world-ipv6"}
 
-# DNS RCODE names as Hubble's summary prints them (gopacket's DNSResponseCode.String)
+# DNS RCODE names, as Hubble's summary (gopacket's DNSResponseCode.String) and its DNS metric's
+# rcode label (pkg/hubble/metrics/dns/rcode.go) write them
 DNS_RCODE_TEXT = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain",
-                  4: "Not Implemented", 5: "Query Refused"}
+                  4: "Not Implemented", 5: "Query Refused", 6: "Name Exists when it should not",
+                  7: "RR Set Exists when it should not", 8: "RR Set that should exist does not",
+                  9: "Not Authorized", 10: "Name not contained in zone", 11: "DSO-TYPE Not Implemented",
+                  16: "Bad OPT Version", 17: "Key not recognized", 18: "Signature out of time window",
+                  19: "Bad TKEY Mode", 20: "Duplicate key name", 21: "Algorithm not supported",
+                  22: "Bad Truncation", 23: "Bad/missing Server Cookie"}
 DNS_OBSERVATION_SOURCE = "proxy"  # every l7lab DNS record comes from its DNS proxy
 
 
@@ -449,8 +466,7 @@ def flow_type_text(flow: dict[str, Any]) -> str:
     event = flow.get("event_type", {})
     kind, sub = event.get("type", 0), event.get("sub_type", 0)
     if kind == EVENT_TRACE:
-        point = TRACE_POINT_OF_SUBTYPE.get(sub)
-        return TRACE_POINTS[point][1] if point else str(sub)
+        return trace_point_text(sub)
     if kind == EVENT_DROP:
         reason = DROP_REASON_OF_NUMBER.get(sub)
         return DROP_REASONS[reason][1] if reason else f"{sub}"
@@ -464,8 +480,7 @@ def verdict_text(flow: dict[str, Any]) -> str:
     """Hubble's VERDICT column: a policy verdict says ALLOWED / DENIED / AUDITED."""
     verdict = flow.get("verdict", "VERDICT_UNKNOWN")
     if flow.get("event_type", {}).get("type") == EVENT_POLICY_VERDICT:
-        return {FORWARDED: "ALLOWED", REDIRECTED: "ALLOWED", DROPPED: "DENIED", ERROR: "DENIED",
-                AUDIT: "AUDITED"}.get(verdict, verdict)
+        return POLICY_ACTIONS[verdict][1] if verdict in POLICY_ACTIONS else verdict
     return verdict
 
 

@@ -51,6 +51,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from .abi import IDENTITY_HOST  # policy verdicts of the host's own traffic are not counted (Hubble: allowed anyway)
+from .hubble import (DNS_RCODE_TEXT, EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT, EVENT_TRACE, POLICY_MATCH_NAMES,
+                     trace_point_text)
 
 # The Go client's prometheus.DefBuckets: Hubble's HTTP histogram sets no buckets of its own.
 # (prometheus_client's Python defaults differ: .075, .75, 7.5 more.)
@@ -60,22 +62,7 @@ DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 CONTEXT_LABELS: tuple[str, ...] = ("source_pod", "source_namespace", "source_workload",
                                    "destination_pod", "destination_namespace", "destination_workload")
 
-# Cilium's monitor message types (pkg/monitor/api/types.go) as Hubble flows carry them in event_type.type.
-MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_POLICY_VERDICT, MESSAGE_ACCESS_LOG = 1, 4, 5, 129
-TRACE_OBSERVATION_POINTS = {0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack", 4: "to-overlay",
-                            5: "from-endpoint", 6: "from-proxy", 7: "from-host", 8: "from-stack",
-                            9: "from-overlay", 10: "from-network", 11: "to-network"}
-# monitorAPI.PolicyMatchType(n).String(), lower-cased by the policy handler.
-POLICY_MATCH_NAMES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all", 5: "l3-proto", 6: "proto-only"}
-POLICY_MATCH_NUMBERS = {"NONE": 0, "L3_ONLY": 1, "L3_L4": 2, "L4_ONLY": 3, "ALL": 4, "L3_PROTO": 5, "PROTO_ONLY": 6}
-# Hubble's DNS handler's rcode names (pkg/hubble/metrics/dns/rcode.go).
-RCODE_NAMES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain",
-               4: "Not Implemented", 5: "Query Refused", 6: "Name Exists when it should not",
-               7: "RR Set Exists when it should not", 8: "RR Set that should exist does not",
-               9: "Not Authorized", 10: "Name not contained in zone", 11: "DSO-TYPE Not Implemented",
-               16: "Bad OPT Version", 17: "Key not recognized", 18: "Signature out of time window",
-               19: "Bad TKEY Mode", 20: "Duplicate key name", 21: "Algorithm not supported",
-               22: "Bad Truncation", 23: "Bad/missing Server Cookie"}
+# The vocabulary (event types, trace points, policy match names, DNS rcode names) is hubble.py's.
 
 # The bounded vocabularies of labels a client chooses the value of.
 OTHER = "OTHER"
@@ -154,7 +141,7 @@ def event_type(flow: Mapping[str, Any]) -> tuple[int, int]:
 def flow_protocol(flow: Mapping[str, Any]) -> str:
     """Hubble's v1.FlowProtocol: the L7 protocol of an access-log flow, else the L4 one."""
     kind = event_type(flow)[0]
-    if kind == MESSAGE_ACCESS_LOG:
+    if kind == EVENT_L7:
         l7 = flow.get("l7") or {}
         if l7.get("dns") is not None:
             return "DNS"
@@ -163,7 +150,7 @@ def flow_protocol(flow: Mapping[str, Any]) -> str:
         if l7.get("kafka") is not None:
             return "Kafka"
         return "Unknown L7"
-    if kind in (MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_POLICY_VERDICT):
+    if kind in (EVENT_DROP, EVENT_TRACE, EVENT_POLICY_VERDICT):
         l4 = flow.get("l4") or {}
         for name in ("TCP", "UDP", "ICMPv4", "ICMPv6", "SCTP"):
             if l4.get(name) is not None:
@@ -180,11 +167,10 @@ def _direction(flow: Mapping[str, Any]) -> str:
     return str(flow.get("traffic_direction") or "TRAFFIC_DIRECTION_UNKNOWN")
 
 
-def _match_number(flow: Mapping[str, Any]) -> int:
-    value = flow.get("policy_match_type", 0)
-    if isinstance(value, str) and not value.isdigit():
-        return POLICY_MATCH_NUMBERS.get(value.upper(), -1)
-    return int(value or 0)
+def _match(flow: Mapping[str, Any]) -> str:
+    """A policy verdict's match label: hubble.py's name of its policy_match_type (a number,
+    left out when 0), lower-cased as Hubble's policy handler writes it."""
+    return POLICY_MATCH_NAMES.get(int(flow.get("policy_match_type") or 0), "unknown").lower()
 
 
 def _l7_match(l7: Mapping[str, Any]) -> str:
@@ -193,8 +179,7 @@ def _l7_match(l7: Mapping[str, Any]) -> str:
 
 
 def _is_reply(flow: Mapping[str, Any]) -> bool:
-    value = flow.get("is_reply")
-    return bool(value.get("value")) if isinstance(value, Mapping) else bool(value)
+    return bool(flow.get("is_reply"))  # a bool; left out for drops
 
 
 MAX_QTYPES = 2  # a question carries one type; a message with more is labelled OTHER, not by every mix
@@ -287,15 +272,15 @@ class HubbleCounters:
     def _flows(self, flow: Mapping[str, Any], ctx: Labels) -> None:
         kind, sub = event_type(flow)
         subtype = ""
-        if kind == MESSAGE_ACCESS_LOG:
+        if kind == EVENT_L7:
             type_name = "L7"
             l7 = flow.get("l7") or {}
             subtype = "DNS" if l7.get("dns") is not None else "HTTP" if l7.get("http") is not None else ""
-        elif kind == MESSAGE_DROP:
+        elif kind == EVENT_DROP:
             type_name = "Drop"
-        elif kind == MESSAGE_TRACE:
-            type_name, subtype = "Trace", TRACE_OBSERVATION_POINTS.get(sub, str(sub))
-        elif kind == MESSAGE_POLICY_VERDICT:
+        elif kind == EVENT_TRACE:
+            type_name, subtype = "Trace", trace_point_text(sub)
+        elif kind == EVENT_POLICY_VERDICT:
             type_name = "PolicyVerdict"
         else:
             type_name, subtype = "Unknown", str(kind)
@@ -309,11 +294,11 @@ class HubbleCounters:
 
     def _policy(self, flow: Mapping[str, Any], ctx: Labels) -> None:
         kind = event_type(flow)[0]
-        if kind == MESSAGE_POLICY_VERDICT:
+        if kind == EVENT_POLICY_VERDICT:
             if int((flow.get("source") or {}).get("identity") or 0) == IDENTITY_HOST:
                 return
-            match = POLICY_MATCH_NAMES.get(_match_number(flow), "unknown")
-        elif kind == MESSAGE_ACCESS_LOG:
+            match = _match(flow)
+        elif kind == EVENT_L7:
             match = _l7_match(flow.get("l7") or {})
         else:
             return
@@ -347,7 +332,7 @@ class HubbleCounters:
         elif not _is_reply(flow):
             self.counters[DNS_QUERIES.name][(*ctx, "", qtypes, ips)] += 1
         else:
-            rcode = RCODE_NAMES.get(int(dns.get("rcode") or 0), "")
+            rcode = DNS_RCODE_TEXT.get(int(dns.get("rcode") or 0), "")
             self.counters[DNS_RESPONSES.name][(*ctx, rcode, qtypes, ips)] += 1
             for rrtype in dns.get("rrtypes") or []:
                 self.counters[DNS_RESPONSE_TYPES.name][(*ctx, _bounded(str(rrtype), DNS_TYPES), qtypes)] += 1
@@ -376,9 +361,9 @@ class HubbleCounters:
             return
         kind = event_type(flow)[0]
         l7 = flow.get("l7") or {}
-        if kind == MESSAGE_POLICY_VERDICT:
-            match = POLICY_MATCH_NAMES.get(_match_number(flow), "unknown")
-        elif kind == MESSAGE_ACCESS_LOG and l7.get("type") == "REQUEST":
+        if kind == EVENT_POLICY_VERDICT:
+            match = _match(flow)
+        elif kind == EVENT_L7 and l7.get("type") == "REQUEST":
             match = _l7_match(l7)
         else:
             return  # a drop flow repeats its policy verdict's drop; a response is no new decision

@@ -348,7 +348,8 @@ def test_the_proxys_upstream_leg_is_no_policy_verdict() -> None:
     Hubble flow is a to-endpoint trace, counted as processed, never as a policy verdict."""
     record = Flow(time=1796108353.0, type=FlowType.L3_L4, verdict=Verdict.FORWARD,
                   source=Endpoint("10.10.0.1", 45438, 256, host="node"),
-                  destination=Endpoint("10.10.0.12", 8080, 257, "retail", "inventory-api", "", {"app": "inventory-api"}, 12),
+                  destination=Endpoint("10.10.0.12", 8080, 257, "retail", "inventory-api", "",
+                                       {"app": "inventory-api"}, 12),
                   l4=L4("TCP", ("SYN",)), direction=TrafficDirection.INGRESS, from_proxy=True)
     snap = counted(hubble_flows(record, "l7lab/retail"))
     assert snap.counters["hubble_policy_verdicts_total"] == {}

@@ -122,7 +122,7 @@ def test_a_redirect_is_a_redirected_policy_verdict_and_a_trace_to_the_proxy() ->
     assert compact(trace) == ("Dec  1 06:59:13.004: retail/frontend-app:40512 (ID:256) -> retail/inventory-api:8080 "
                               "(ID:257) to-proxy FORWARDED (TCP Flags: SYN)")
     assert monitor_line(verdict) == ("Policy verdict log: flow 0x0 local EP ID 12, remote ID 256, proto 6, ingress, "
-                                     "action redirect, auditMode disabled, match L3-L4, "
+                                     "action redirect, auth: disabled, match L3-L4, "
                                      "10.200.0.2:40512 -> 10.200.0.3:8080 tcp SYN")
     assert monitor_line(trace) == ("-> proxy port 15001 flow 0x0 , identity 256->257 state new ifindex 5 "
                                    "orig-ip 0.0.0.0: 10.200.0.2:40512 -> 10.200.0.3:8080 tcp SYN")
@@ -148,7 +148,7 @@ def test_an_audit_is_an_audited_policy_verdict_and_the_packet_goes_on() -> None:
     assert kinds(flows) == [("policy-verdict", "AUDIT"), ("trace", "FORWARDED")]
     assert "policy_match_type" not in verdict and verdict["is_reply"] is False
     assert compact(verdict).endswith("policy-verdict:none INGRESS AUDITED (TCP Flags: SYN)")
-    assert "action audit, auditMode enabled, match none" in monitor_line(verdict)
+    assert "action audit, auth: disabled, match none" in monitor_line(verdict)
 
 
 def test_a_policy_drop_is_a_denied_policy_verdict_and_a_drop() -> None:
@@ -167,7 +167,7 @@ def test_a_policy_drop_is_a_denied_policy_verdict_and_a_drop() -> None:
     assert monitor_line(drop) == ("xx drop (Policy denied) flow 0x0 to endpoint 12, ifindex 5, file bpf_lxc.c:0, , "
                                   "identity 260->257: 10.200.0.5:40512 -> 10.200.0.3:8080 tcp SYN")
     assert monitor_line(verdict) == ("Policy verdict log: flow 0x0 local EP ID 12, remote ID 260, proto 6, ingress, "
-                                     "action deny, auditMode disabled, match none, "
+                                     "action deny, auth: disabled, match none, "
                                      "10.200.0.5:40512 -> 10.200.0.3:8080 tcp SYN")
 
 
@@ -379,7 +379,7 @@ def test_an_error_and_an_audit_in_cilium_monitor_words() -> None:
         "GET http://inventory-api:8080/api/inventory/item123 => 0")
     audit, trace = hubble_flows(kernel(FlowVerdict.AUDIT, src="10.200.0.5", src_identity=260, src_endpoint=13), NODE)
     assert monitor_line(audit) == ("Policy verdict log: flow 0x0 local EP ID 12, remote ID 260, proto 6, ingress, "
-                                   "action audit, auditMode enabled, match none, "
+                                   "action audit, auth: disabled, match none, "
                                    "10.200.0.5:40512 -> 10.200.0.3:8080 tcp SYN")
     assert monitor_line(trace).startswith("-> endpoint 12 flow 0x0 , identity 260->257 state new ifindex 5")
 
@@ -399,3 +399,45 @@ def test_the_proxys_upstream_leg_is_a_trace_to_the_endpoint_never_a_policy_verdi
     # the same packet without the flag is the node's own traffic, which policy decided
     assert kernel(FlowVerdict.FORWARD, src="10.200.0.1", src_endpoint=0,
                   hook=Hook.TO_CONTAINER).policy_match_type == POLICY_MATCH_L3_L4
+
+
+def test_cilium_monitor_names_reserved_identities_unless_numeric() -> None:
+    """Without `-n`, `cilium monitor` prints a reserved identity by name (NumericIdentity's
+    String), in the policy verdict's remote ID and in a trace's or drop's identity pair."""
+    record = kernel(FlowVerdict.FORWARD, dst="203.0.113.20", dst_identity=2, dst_endpoint=0, dport=80,
+                    direction=Direction.EGRESS)
+    verdict, trace = hubble_flows(record, NODE)
+    assert monitor_line(verdict) == ("Policy verdict log: flow 0x0 local EP ID 11, remote ID world, proto 6, egress, "
+                                     "action allow, auth: disabled, match none, "
+                                     "10.200.0.2:40512 -> 203.0.113.20:80 tcp SYN")
+    assert "remote ID 2, proto 6, egress" in monitor_line(verdict, numeric=True)
+    assert ", identity 256->world state new" in monitor_line(trace)
+    assert ", identity 256->2 state new" in monitor_line(trace, numeric=True)
+
+
+@pytest.mark.parametrize("rcode", [2, 5, 9, 23])
+def test_a_dns_rcode_reads_the_same_in_the_summary_and_the_metric(rcode: int) -> None:
+    """One rcode table (hubble.py's): the response's summary and hubble_dns_responses_total's
+    rcode label name it alike."""
+    from dataplane.hubblemetrics import HubbleCounters  # noqa: PLC0415
+    _, response = hubble_flows(dns_record(Verdict.FORWARDED, "www.example.com", rcode), NODE)
+    counters = HubbleCounters()
+    counters.process(response)
+    (labels,) = counters.snapshot().counters["hubble_dns_responses_total"]
+    rcode_label = labels[6]
+    assert rcode_label and not rcode_label.isdigit()
+    assert f"RCode: {rcode_label} TTL" in response["Summary"]
+
+
+def test_the_metrics_trace_and_match_labels_are_the_hubble_columns_words() -> None:
+    from dataplane.hubblemetrics import HubbleCounters  # noqa: PLC0415
+    for record in (kernel(FlowVerdict.REDIRECT, rule_id=2), kernel(FlowVerdict.FORWARD, rule_id=1)):
+        counters = HubbleCounters()
+        verdict, trace = hubble_flows(record, NODE)
+        for flow in (verdict, trace):
+            counters.process(flow)
+        snap = counters.snapshot().counters
+        (policy_labels,) = snap["hubble_policy_verdicts_total"]
+        assert f"policy-verdict:{policy_labels[1]} ".lower() in compact(verdict).lower()
+        subtypes = {labels[2] for labels in snap["hubble_flows_processed_total"] if labels[1] == "Trace"}
+        assert subtypes == {compact(trace).split(" (ID:257) ")[1].split(" ")[0]}
