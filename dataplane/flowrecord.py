@@ -3,9 +3,9 @@
 Modelled on Hubble's `flow.Flow`: the kernel-event decoder (`dataplane/flows.py`, one record
 per new-flow verdict and per drop at the tc hooks) and the L7 proxy (`proxy/events.py`, one
 record per HTTP request or DNS question) both build a `Flow`; renderers
-(`dataplane/flowrender.py`) turn it into text for people or JSON lines, and `from_json` reads it
-back. The agent's notes about
-the L7 proxy process (exited, restarted) are `ProxyEvent`s, Hubble's "agent events".
+(`dataplane/flowrender.py`, `dataplane/hubble.py`) turn it into JSON lines or Hubble's flows,
+and `from_json` reads it back. The agent's notes about the L7 proxy process (exited,
+restarted) are `ProxyEvent`s, Hubble's "agent events".
 
 This module is plain data: it imports neither rich, nor bcc, nor the policy engine, so the
 proxy process builds its records with it. The JSON shape is documented in
@@ -184,6 +184,9 @@ class Flow:
     # L3_L4: the L7 proxy's upstream connection (the datapath's FLOW_EVENT_F_FROM_PROXY): it
     # skipped policy, as in Cilium, so the record decides nothing (no rule, match type 0)
     from_proxy: bool = False
+    # L3_L4: whether the deciding endpoint enforced policy in the record's direction when it was
+    # made (a pod no policy selects there enforces nothing: Cilium sends no policy verdict for it)
+    policy_enforced: bool = True
 
     @property
     def http(self) -> HttpFlow | None:
@@ -207,7 +210,7 @@ class Flow:
             "source": self.source.to_json(), "destination": self.destination.to_json(),
             "policy": self.policy.to_json(), "proxy_port": self.proxy_port, "bytes": self.bytes,
             "policy_match_type": self.policy_match_type, "ifindex": self.ifindex,
-            "from_proxy": self.from_proxy,
+            "from_proxy": self.from_proxy, "policy_enforced": self.policy_enforced,
         }
         if self.l7 is not None:
             out["l7"] = self.l7.to_json()
@@ -225,7 +228,7 @@ class Flow:
             int(data.get("proxy_port", 0)), int(data.get("bytes", 0)),
             L7.from_json(data["l7"]) if data.get("l7") is not None else None,
             int(data.get("policy_match_type") or 0), int(data.get("ifindex") or 0),
-            bool(data.get("from_proxy", False)))
+            bool(data.get("from_proxy", False)), bool(data.get("policy_enforced", True)))
 
 
 PROXY_EVENT_TYPE = "PROXY"

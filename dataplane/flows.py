@@ -114,10 +114,11 @@ def _entries_of(state: MapState) -> dict[tuple[int, Direction], MapState]:
 
 def decided_match_type(ev: FlowEvent, state: MapState) -> int:
     """What the map entry that decided names (a peer identity, a protocol, a port), as Cilium's
-    policy verdicts number it; POLICY_MATCH_NONE when no entry decided (default deny, or a
-    direction without policy, the proxy's upstream connection). The entry is the one `lookup_policy` finds for the event's
-    endpoint, direction, peer and port that carries the event's rule (else the one of highest
-    precedence), the same walk the datapath made."""
+    policy verdicts number it; POLICY_MATCH_NONE when no entry decided (default deny, a
+    direction without policy, or the proxy's upstream connection, which skips policy). The
+    entry is the one `lookup_policy` finds for the event's endpoint, direction, peer and port
+    that carries the event's rule (else the one of highest precedence), the same walk the
+    datapath made."""
     if ev.from_proxy or not ev.endpoint_id or ev.reason not in (DropReason.NONE, DropReason.POLICY_EXPLICIT_DENY):
         return POLICY_MATCH_NONE  # no entry decided: default deny, or not a policy decision at all
     remote = ev.src_identity if ev.direction == Direction.INGRESS else ev.dst_identity
@@ -131,6 +132,13 @@ def decided_match_type(ev: FlowEvent, state: MapState) -> int:
                   max(found, key=lambda hit: hit[1].verdict))
     return policy_match_type(key.identity != IDENTITY_ANY, key.protocol != PROTO_ANY, key.port_prefix > 0)
 
+
+
+def enforced_at_event(ev: FlowEvent, state: MapState) -> bool:
+    """Whether the endpoint whose policy the event is about enforces policy in its direction
+    (MapState's EndpointState); False for an event of no local endpoint."""
+    ep = state.endpoints.get(ev.endpoint_id) if ev.endpoint_id else None
+    return ep is not None and ep.enforced(ev.direction)
 
 
 def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: float,
@@ -153,7 +161,8 @@ def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: floa
         direction=TrafficDirection.EGRESS if ev.direction == Direction.EGRESS else TrafficDirection.INGRESS,
         trace_point=TRACE_POINTS.get(ev.hook, TracePoint.FROM_ENDPOINT), drop_reason=ev.reason.name,
         policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length,
-        policy_match_type=decided_match_type(ev, state), ifindex=ev.ifindex, from_proxy=ev.from_proxy)
+        policy_match_type=decided_match_type(ev, state), ifindex=ev.ifindex, from_proxy=ev.from_proxy,
+        policy_enforced=enforced_at_event(ev, state))
 
 
 def kernel_flows(events: Iterable[FlowEvent], state: MapState, directory: Directory) -> list[Flow]:

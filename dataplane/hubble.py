@@ -402,8 +402,10 @@ def hubble_flows(record: Flow, node_name: str) -> list[dict[str, Any]]:
       flow, then for a drop a drop flow, else a trace flow of the packet going on (to-proxy for
       a redirect, to-endpoint to a pod, to-stack to a world host or the node);
     - any other kernel drop: one drop flow;
-    - the proxy's upstream connection (`from_proxy`: it skipped policy, as in Cilium): one
-      to-endpoint trace flow, no policy verdict;
+    - the proxy's upstream connection (`from_proxy`: it skipped policy, as in Cilium), and a
+      flow forwarded where the deciding endpoint enforces no policy in that direction
+      (`policy_enforced` false; Cilium sends verdicts only where policy is enforced): the trace
+      flow alone, no policy verdict;
     - an L7 record: the REQUEST flow, then a RESPONSE flow (endpoints swapped, is_reply true, the
       status or rcode and latency_ns) when the proxy sent the client an answer."""
     if record.type == FlowType.L7:
@@ -413,7 +415,7 @@ def hubble_flows(record: Flow, node_name: str) -> list[dict[str, Any]]:
         return flows
     if record.verdict == Verdict.DROP and record.drop_reason not in POLICY_DROP_REASONS:
         return [_drop(record, node_name)]
-    if record.from_proxy:
+    if record.from_proxy or (not record.policy_enforced and record.verdict in (Verdict.FORWARD, Verdict.REDIRECT)):
         return [_trace(record, node_name)]
     verdict = _policy_verdict(record, node_name)
     return [verdict, _drop(record, node_name) if record.verdict == Verdict.DROP else _trace(record, node_name)]

@@ -73,6 +73,11 @@ def test_retail_records_render_to_the_hubble_flows_a_user_expects(datapath) -> N
     assert not [f for f in flows if f["IP"]["source"] == node_ip and f["event_type"]["type"] == 5
                 and f["source"].get("identity") != 1]  # the node's own traffic (identity host) is decided
 
+    # inventory-api -> reporting: no policy selects either side in that direction, so the new
+    # flow is a trace alone, no policy verdict (Cilium sends verdicts only where policy is enforced)
+    open_flows = [f for f in flows if pods(f) == ("inventory-api", "reporting")]
+    assert [(f["event_type"]["type"], f["trace_observation_point"]) for f in open_flows] == [(4, "TO_ENDPOINT")]
+
     # the DELETE: dropped by the policy, answered 403 by the proxy
     delete = [f for f in flows if f.get("l7", {}).get("http", {}).get("method") == "DELETE"]
     assert [(f["l7"]["type"], f["verdict"]) for f in delete] == [("REQUEST", "DROPPED"), ("RESPONSE", "FORWARDED")]

@@ -4,7 +4,6 @@ to a line still being written."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -13,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from dataplane.datapath import FlowEvent
 from dataplane.errors import L7LabError
 from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, ProxyEvent, TracePoint,
                                   TrafficDirection, Verdict, record_from_json)
-from dataplane.flowrender import describe, json_line, outcome
+from dataplane import flowrender
+from dataplane.flowrender import json_line, outcome
 from dataplane.flows import KERNEL_FLOWS, PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flow
 from dataplane.logfiles import RotatingLog, read_all
 from dataplane.mapstate import EndpointState, MapState, RuleAttribution
@@ -63,7 +62,6 @@ def test_kernel_flow_names_pods_labels_endpoint_and_rule() -> None:
                                             ("CiliumNetworkPolicy shop/api-l7 ingress[0]",))
     assert outcome(flow) == ("REDIRECT at ingress of shop/api by CiliumNetworkPolicy shop/api-l7 ingress[0] "
                              "to proxy port 15001")
-    assert describe(flow).plain == f"L3/L4 shop/web -> shop/api:8080 TCP {outcome(flow)}"
     drop = kernel_flow(event(FlowVerdict.DROP, DropReason.POLICY_DENIED), state(), DIRECTORY, 1.0)
     assert drop.policy == PolicyAttribution() and outcome(drop) == "DROP POLICY_DENIED at ingress of shop/api"
     egress = kernel_flow(event(FlowVerdict.DROP, DropReason.POLICY_DENIED, direction=Direction.EGRESS), state(),
@@ -77,7 +75,6 @@ def test_world_hosts_and_the_node_are_named_but_are_not_pods() -> None:
     flow = kernel_flow(ev, state(), DIRECTORY, 1.0)
     assert (flow.source.name, flow.source.namespace, flow.destination.name) == ("node", "", "partner")
     assert outcome(flow) == "DROP POLICY_DENIED"  # no pod's policy to name
-    assert describe(flow).plain.startswith("L3/L4 node -> partner:8080 TCP DROP")
 
 
 def l7_http_flow() -> Flow:
@@ -115,23 +112,18 @@ def test_lines_that_are_not_records_read_as_none() -> None:
         assert record_from_json(data) is None, data
 
 
-def test_observe_prints_paths_and_names_verbatim() -> None:
-    """A request path with brackets and colons is the client's text, not terminal markup."""
-    path = "/api/[admin]/x[/]:x:?q=[a-z0-9]+"
-    rec = Flow(1.0, FlowType.L7, Verdict.DENIED, Endpoint("10.0.0.2", 1, 0, "shop", "[web]"),
-               Endpoint("10.0.0.3", 8080, 0, "shop", "api"), L4("TCP"),
-               policy=PolicyAttribution((), ("CiliumNetworkPolicy shop/[x]",)),
-               l7=L7(1.0, http=HttpFlow("GET", "", path, "HTTP/1.1", 403)))
-    console = Console(file=io.StringIO(), width=300, color_system=None)
-    console.print(describe(rec), highlight=False, soft_wrap=True)
-    assert console.file.getvalue().strip() == (f"L7    shop/[web] -> shop/api:8080 GET {path} denied 403 "
-                                               "(CiliumNetworkPolicy shop/[x])")
+def test_the_record_renderers_are_the_ones_the_product_uses() -> None:
+    """json_line (the files, `observe --json`) and outcome (`run`'s kernel column): people read
+    flows as Hubble prints them (dataplane/hubble.py), so there is no other text renderer."""
+    public = {name for name in vars(flowrender) if not name.startswith("_") and callable(getattr(flowrender, name))
+              and getattr(getattr(flowrender, name), "__module__", "") == flowrender.__name__}
+    assert public == {"json_line", "outcome"}
 
 
-def test_dns_records_say_the_question_not_a_method_and_path() -> None:
+def test_a_dns_records_outcome_is_its_verdict_and_rcode() -> None:
     rec = Flow(1.0, FlowType.L7, Verdict.DENIED, Endpoint("10.0.0.2", 5000, 0, "shop", "web"),
                Endpoint("10.0.0.53", 53), L4("UDP"), l7=L7(0.1, dns=DnsFlow("evil.example", ("AAAA",), 5)))
-    assert describe(rec).plain == "L7    shop/web -> 10.0.0.53:53 DNS AAAA evil.example denied 5"
+    assert outcome(rec) == "denied 5"
     assert rec.l7 is not None and rec.l7.protocol == "DNS"
 
 

@@ -404,15 +404,30 @@ def test_the_proxys_upstream_leg_is_a_trace_to_the_endpoint_never_a_policy_verdi
 def test_cilium_monitor_names_reserved_identities_unless_numeric() -> None:
     """Without `-n`, `cilium monitor` prints a reserved identity by name (NumericIdentity's
     String), in the policy verdict's remote ID and in a trace's or drop's identity pair."""
-    record = kernel(FlowVerdict.FORWARD, dst="203.0.113.20", dst_identity=2, dst_endpoint=0, dport=80,
-                    direction=Direction.EGRESS)
+    record = kernel(FlowVerdict.FORWARD, src="203.0.113.20", src_identity=2, src_endpoint=0, dport=7070, rule_id=5)
     verdict, trace = hubble_flows(record, NODE)
-    assert monitor_line(verdict) == ("Policy verdict log: flow 0x0 local EP ID 11, remote ID world, proto 6, egress, "
-                                     "action allow, auth: disabled, match none, "
-                                     "10.200.0.2:40512 -> 203.0.113.20:80 tcp SYN")
-    assert "remote ID 2, proto 6, egress" in monitor_line(verdict, numeric=True)
-    assert ", identity 256->world state new" in monitor_line(trace)
-    assert ", identity 256->2 state new" in monitor_line(trace, numeric=True)
+    assert monitor_line(verdict) == ("Policy verdict log: flow 0x0 local EP ID 12, remote ID world, proto 6, ingress, "
+                                     "action allow, auth: disabled, match L4-Only, "
+                                     "203.0.113.20:40512 -> 10.200.0.3:7070 tcp SYN")
+    assert "remote ID 2, proto 6, ingress" in monitor_line(verdict, numeric=True)
+    assert ", identity world->257 state new" in monitor_line(trace)
+    assert ", identity 2->257 state new" in monitor_line(trace, numeric=True)
+
+
+def test_no_policy_verdict_where_the_deciding_endpoint_enforces_nothing() -> None:
+    """frontend-app enforces no egress policy: its new flow to inventory-api's port is a trace
+    alone (Cilium sends policy verdicts only where policy is enforced); inventory-api enforces
+    ingress, so a flow it admits is a policy verdict and a trace."""
+    open_egress = kernel(FlowVerdict.FORWARD, direction=Direction.EGRESS, dport=7070)
+    assert not open_egress.policy_enforced
+    assert Flow.from_json(json.loads(json.dumps(open_egress.to_json()))) == open_egress
+    assert kinds(hubble_flows(open_egress, NODE)) == [("trace", "FORWARDED")]
+    enforced = kernel(FlowVerdict.FORWARD, dport=7070, rule_id=5)
+    assert enforced.policy_enforced
+    assert kinds(hubble_flows(enforced, NODE)) == [("policy-verdict", "FORWARDED"), ("trace", "FORWARDED")]
+    # a record written before the field existed keeps its verdict
+    old = {k: v for k, v in open_egress.to_json().items() if k != "policy_enforced"}
+    assert len(hubble_flows(Flow.from_json(old), NODE)) == 2
 
 
 @pytest.mark.parametrize("rcode", [2, 5, 9, 23])
