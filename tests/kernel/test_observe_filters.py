@@ -229,7 +229,8 @@ def test_from_to_and_pod(retail: Lab) -> None:
     assert all(name(f, "source") == "retail/reporting" and f["verdict"] == "DROPPED" for f in from_reporting)
     to_reporting = retail.observe("--to-pod", "retail/reporting")
     assert {connection(f) for f in to_reporting} == {(p.source, target(p), p.destination.port) for p in want.open}
-    assert Counter(kind(f) for f in to_reporting) == Counter({"policy-verdict": 1, "trace:to-endpoint": 1})
+    # reporting enforces no ingress policy: Cilium sends no policy verdict there, only the trace.
+    assert Counter(kind(f) for f in to_reporting) == Counter({"trace:to-endpoint": 1})
     both = retail.observe("--pod", "retail/reporting")
     assert sorted(map(json.dumps, both)) == sorted(map(json.dumps, from_reporting + to_reporting))
     assert retail.observe("--pod", "retail/rep") == both  # a prefix
@@ -299,12 +300,12 @@ def test_types(retail: Lab) -> None:
     to_proxy = retail.observe("--type", "trace:to-proxy")
     assert len(to_proxy) == len(want.l7) and all(connection(f)[1] in L7_BACKENDS for f in to_proxy)
     verdicts = retail.observe("--type", "policy-verdict")
-    # One per new connection judged by policy: to the proxy, the open probe, the drops. The proxy's
-    # upstream connections skip policy, as in Cilium: a to-endpoint trace each, no policy verdict.
+    # One per new connection judged by an enforcing endpoint: to the proxy, the drops. The proxy's
+    # upstream connections skip policy, as in Cilium: a to-endpoint trace each, no policy verdict;
+    # the open probe goes to reporting, which enforces nothing: a trace alone too.
     upstream = {target(p) for p in want.l7 if p.expect == "allowed"}
     assert Counter(f["verdict"] for f in verdicts) == Counter(
-        {"REDIRECTED": len(want.l7), "FORWARDED": len(want.open),
-         "DROPPED": len(retail.observe("--type", "drop"))})
+        {"REDIRECTED": len(want.l7), "DROPPED": len(retail.observe("--type", "drop"))})
     from_node = [f for f in retail.observe("--type", "trace:to-endpoint") if not f["source"].get("pod_name")]
     assert {name(f, "destination") for f in from_node} == upstream
     assert retail.observe("--type", "drop", "--type", "policy-verdict") == [
@@ -377,7 +378,9 @@ class DnsExpectations:
         self.questions = [p for p in mediabot if p.dns is not None]  # through the DNS proxy
         self.not_dns = [p for p in mediabot if p.dns is None and target(p) == "kube-system/kube-dns"]
         self.dropped = [p for p in mediabot if p.expect == "dropped" and target(p) != "kube-system/kube-dns"]
-        self.world = [p for p in probes if p.destination.kind == "world"]
+        # to world hosts from mediabot, whose egress policy gives each a policy verdict (shell
+        # enforces nothing: its flows are traces alone)
+        self.world = [p for p in mediabot if p.destination.kind == "world"]
         assert {(p.protocol, p.expect) for p in self.not_dns} == {("UDP", "dropped"), ("TCP", "denied")}
         # Each question: a request and an answer; the datagram that is no DNS: a request the
         # proxy could not read (ERROR), no answer; TCP to port 53: an HTTP request and its 403.
@@ -401,9 +404,10 @@ def test_dns_questions(dns: Lab) -> None:
 
 
 def test_dns_namespaces_and_ports(dns: Lab) -> None:
-    # shell has no policy: its question goes straight to kube-dns, no proxy, no L7 flow.
+    # shell has no policy: its question goes straight to kube-dns, no proxy, no L7 flow, and no
+    # policy verdict (neither end enforces policy), only the trace.
     shell = dns.observe("--from-pod", "shop/shell", "--to-namespace", "kube-system")
-    assert Counter(kind(f) for f in shell) == Counter({"policy-verdict": 1, "trace:to-endpoint": 1})
+    assert Counter(kind(f) for f in shell) == Counter({"trace:to-endpoint": 1})
     assert dns.observe("--to-namespace", "kube-system", "--protocol", "udp") == dns.observe("--to-port", "53",
                                                                                             "--protocol", "udp")
     over_tcp = dns.observe("--to-port", "53", "--protocol", "tcp", "--type", "l7")
