@@ -123,6 +123,59 @@ class DropReason(enum.IntEnum):
     FRAGMENT_UNKNOWN = 12  # non-first IPv4 fragment of no known flow (first fragment unseen or dropped)
 
 
+class TracePoint(enum.IntEnum):
+    """One step of a traced flow (enum trace_point in dataplane/bpf/lib/trace.h, where the
+    arguments a0..a4 of each are listed)."""
+
+    HOOK = 1  # a program saw a packet of a traced flow
+    PARSE = 2  # parsed as IPv4
+    MARK_PASS = 3  # to_container passed it on its DECIDED mark
+    SPOOF_CHECK = 4  # anti-spoofing of a bound interface
+    CONNTRACK = 5  # conntrack lookup result
+    IDENTITY = 6  # a source or destination identity and where it came from
+    POLICY_LOOKUP = 7  # one policy map lookup: key, hit or miss
+    POLICY_DECISION = 8  # one endpoint's policy in one direction
+    DECISION = 9  # the packet's combined decision
+    PROXY_ASSIGN = 10  # bpf_sk_assign to the L7 proxy and the mark set
+    CT_CREATE = 11  # a new conntrack entry
+    FROM_PROXY = 12  # to_container: the proxy's upstream, identity from the mark
+    RESULT = 13  # what the program returned
+
+
+class TraceSide(enum.IntEnum):
+    """TRACE_IDENTITY a0 (TRACE_SIDE_* in trace.h)."""
+
+    SOURCE = 0
+    DESTINATION = 1
+
+
+class IdentityOrigin(enum.IntEnum):
+    """TRACE_IDENTITY a2: where an identity came from (TRACE_ID_FROM_* in trace.h)."""
+
+    ENDPOINT = 1  # the endpoints map: a local endpoint
+    IPCACHE = 2  # the ipcache, longest prefix match
+    WORLD = 3  # in neither: world
+    MARK = 4  # the from-proxy skb->mark
+    NODE = 5  # sent by the node's own stack: host
+
+
+class TraceSocket(enum.IntEnum):
+    """TRACE_PROXY_ASSIGN a1: which socket the lookup found (TRACE_SK_* in trace.h)."""
+
+    NONE = 0
+    FLOW = 1  # the proxy's accepted socket of this flow
+    LISTENER = 2  # the proxy listener on 127.0.0.1:proxy_port
+
+
+class CtResult(enum.IntEnum):
+    """A conntrack lookup's result (CT_* in conntrack.h)."""
+
+    NEW = 0
+    ESTABLISHED = 1
+    REPLY = 2
+    RELATED = 3  # an ICMP error about a tracked flow
+
+
 class Hook(enum.IntEnum):
     """Which program produced an event (HOOK_* in common.h)."""
 
@@ -171,6 +224,8 @@ FRAG_MAP_SIZE = 8192  # datagrams in flight whose later fragments are expected
 METRICS_MAP_SIZE = 1024  # (verdict, reason, direction) combinations
 IF_BIND_MAP_SIZE = 4096  # interfaces with an anti-spoofing binding
 EVENTS_PAGES = 64  # ring buffer size in pages (a power of two)
+TRACE_MAP_SIZE = 64  # flows traced at once (lib/trace.h)
+TRACE_PAGES = 16  # trace ring buffer size in pages (a power of two)
 FRAG_LIFETIME_S = 30  # how long a first fragment vouches for its later ones (ipfrag_time)
 CT_LIFETIME_TCP_S = 21600  # established TCP
 CT_LIFETIME_OTHER_S = 60  # UDP, ICMP, other protocols, and TCP before the handshake completes
@@ -184,9 +239,10 @@ SKB_OFF_INGRESS_IFINDEX = 36
 
 
 def c_defines(*, audit: bool = False, debug: bool = False, policy_map_size: int = POLICY_MAP_SIZE,
-              ct_map_size: int = CT_MAP_SIZE) -> dict[str, int]:
+              ct_map_size: int = CT_MAP_SIZE, tracing: bool = True) -> dict[str, int]:
     """The -D values the datapath is compiled with (the loader turns them into cflags)."""
     return {
+        "TRACING": int(tracing),  # 0: trace points compiled out (benchmarks measure their cost)
         "AUDIT_ALL": int(audit),  # 1: every would-be drop passes and is reported as AUDIT
         "DEBUG": int(debug),  # 1: bpf_trace_printk on drops
         "POLICY_MAP_SIZE": policy_map_size,
@@ -197,6 +253,8 @@ def c_defines(*, audit: bool = False, debug: bool = False, policy_map_size: int 
         "METRICS_MAP_SIZE": METRICS_MAP_SIZE,
         "IF_BIND_MAP_SIZE": IF_BIND_MAP_SIZE,
         "EVENTS_PAGES": EVENTS_PAGES,
+        "TRACE_MAP_SIZE": TRACE_MAP_SIZE,
+        "TRACE_PAGES": TRACE_PAGES,
         "FRAG_LIFETIME_S": FRAG_LIFETIME_S,
         "CT_LIFETIME_TCP_S": CT_LIFETIME_TCP_S,
         "CT_LIFETIME_OTHER_S": CT_LIFETIME_OTHER_S,
@@ -336,9 +394,40 @@ CFlowEvent = c_struct("flow_event", 56, [
     ("pad", U8 * 3, 53),
 ])
 
+CTraceKey = c_struct("trace_key", 16, [
+    ("saddr", BE32, 0),
+    ("daddr", BE32, 4),
+    ("sport", BE16, 8),  # 0: any source port
+    ("dport", BE16, 10),
+    ("proto", U8, 12),
+    ("pad", U8 * 3, 13),
+])
+CTraceValue = c_struct("trace_value", 8, [
+    ("trace_id", U32, 0),
+    ("pad", U32, 4),
+])
+CTraceEvent = c_struct("trace_event", 64, [
+    ("ts_ns", U64, 0),
+    ("trace_id", U32, 8),
+    ("packet_id", U32, 12),  # one value per program run: groups the events of one packet
+    ("point", U16, 16),  # TracePoint
+    ("line", U16, 18),  # __LINE__ of the emitting call
+    ("hook", U8, 20),  # Hook
+    ("proto", U8, 21),
+    ("tcp_flags", U8, 22),
+    ("pad", U8, 23),
+    ("ifindex", U32, 24),
+    ("saddr", BE32, 28),
+    ("daddr", BE32, 32),
+    ("sport", U16, 36),  # host order
+    ("dport", U16, 38),
+    ("arg", U32 * 5, 40),  # per point: dataplane/bpf/lib/trace.h
+    ("pad2", U32, 60),
+])
+
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     CIpcacheKey, CIpcacheValue, CEndpointInfo, CPolicyKey, CPolicyValue, CCtKey, CCtEntry, CFragKey,
-    CFragEntry, CMetricsKey, CMetricsValue, CIfBinding, CFlowEvent)
+    CFragEntry, CMetricsKey, CMetricsValue, CIfBinding, CFlowEvent, CTraceKey, CTraceValue, CTraceEvent)
 
 
 @dataclass(frozen=True)
@@ -385,6 +474,11 @@ C_CONSTANTS: dict[str, int] = {
     **_enum_constants("VERDICT_", FlowVerdict),
     **_enum_constants("REASON_", DropReason),
     **_enum_constants("HOOK_", Hook),
+    **_enum_constants("TRACE_", TracePoint),
+    **_enum_constants("TRACE_SIDE_", TraceSide),
+    **_enum_constants("TRACE_ID_FROM_", IdentityOrigin),
+    **_enum_constants("TRACE_SK_", TraceSocket),
+    **_enum_constants("CT_", CtResult),
     "MARK_MAGIC_MASK": MARK_MAGIC_MASK,
     "MARK_MAGIC_TO_PROXY": MARK_MAGIC_TO_PROXY,
     "MARK_MAGIC_FROM_PROXY": MARK_MAGIC_FROM_PROXY,
@@ -416,5 +510,5 @@ C_CONSTANTS: dict[str, int] = {
 # defines as a number must be in C_CONSTANTS or c_defines().
 C_PRIVATE_NAMES = frozenset({
     "PARSE_IPV4", "PARSE_ARP", "PKT_FRAG_NONE", "PKT_FRAG_FIRST", "PKT_FRAG_LATER", "FRAG_IP_MF",
-    "FRAG_OFFSET_MASK", "CT_NEW", "CT_ESTABLISHED", "CT_REPLY", "CT_RELATED",
+    "FRAG_OFFSET_MASK",
 })

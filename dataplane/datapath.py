@@ -132,6 +132,46 @@ class FlowEvent:
 
 
 @dataclass(frozen=True)
+class TraceEvent:
+    """One step of a traced flow from the trace ring buffer (struct trace_event in
+    dataplane/bpf/lib/maps.h; the points and their arguments in dataplane/bpf/lib/trace.h)."""
+
+    ts_ns: int
+    trace_id: int
+    packet_id: int  # one value per program run: the events of one packet share it
+    point: abi.TracePoint
+    line: int  # __LINE__ of the call that emitted it (dataplane/bpf/...)
+    hook: Hook
+    protocol: int
+    tcp_flags: int
+    ifindex: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    args: tuple[int, int, int, int, int]
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "TraceEvent":
+        e = abi.CTraceEvent.from_buffer_copy(raw[:ctypes.sizeof(abi.CTraceEvent)])
+        return cls(e.ts_ns, e.trace_id, e.packet_id, abi.TracePoint(e.point), e.line, Hook(e.hook), e.proto,
+                   e.tcp_flags, e.ifindex, str(ipaddress.IPv4Address(e.saddr)), str(ipaddress.IPv4Address(e.daddr)),
+                   e.sport, e.dport, tuple(e.arg))  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ts_ns": self.ts_ns, "trace_id": self.trace_id, "packet_id": self.packet_id,
+                "point": self.point.name, "line": self.line, "hook": self.hook.name, "protocol": self.protocol,
+                "tcp_flags": self.tcp_flags, "ifindex": self.ifindex, "src": self.src, "dst": self.dst,
+                "sport": self.sport, "dport": self.dport, "args": list(self.args)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TraceEvent":
+        return cls(d["ts_ns"], d["trace_id"], d["packet_id"], abi.TracePoint[d["point"]], d["line"], Hook[d["hook"]],
+                   d["protocol"], d["tcp_flags"], d["ifindex"], d["src"], d["dst"], d["sport"], d["dport"],
+                   tuple(d["args"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class TestRunResult:
     retval: int
     data: bytes

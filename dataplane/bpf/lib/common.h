@@ -23,6 +23,9 @@
  *   DEBUG                1: bpf_trace_printk on drops (cat /sys/kernel/tracing/trace_pipe)
  *   *_MAP_SIZE           max entries of each map (bpf/datapath.c)
  *   EVENTS_PAGES         ring buffer size in pages (power of two)
+ *   TRACING              1: per-flow trace points compiled in (lib/trace.h); 0: left out
+ *   TRACE_MAP_SIZE       flows traced at once
+ *   TRACE_PAGES          trace ring buffer size in pages (power of two)
  *   FRAG_LIFETIME_S      how long a first fragment vouches for its later ones (ipfrag_time)
  *   CT_LIFETIME_TCP_S    established TCP
  *   CT_LIFETIME_OTHER_S  UDP, ICMP, other protocols, and TCP before the handshake completes
@@ -32,7 +35,7 @@
     !defined(ENDPOINTS_MAP_SIZE) || !defined(CT_MAP_SIZE) || !defined(FRAG_MAP_SIZE) || \
     !defined(METRICS_MAP_SIZE) || !defined(IF_BIND_MAP_SIZE) || !defined(EVENTS_PAGES) || \
     !defined(FRAG_LIFETIME_S) || !defined(CT_LIFETIME_TCP_S) || !defined(CT_LIFETIME_OTHER_S) || \
-    !defined(CT_LIFETIME_CLOSE_S)
+    !defined(CT_LIFETIME_CLOSE_S) || !defined(TRACING) || !defined(TRACE_MAP_SIZE) || !defined(TRACE_PAGES)
 #error "datapath tunables come from dataplane/abi.py c_defines() as -D cflags"
 #endif
 

@@ -147,6 +147,40 @@ struct flow_event {
 /* The L7 proxy's upstream connection: passed without a policy decision (a trace, not a verdict). */
 #define FLOW_EVENT_F_FROM_PROXY 0x01
 
+/* trace_flows: hash of the flows being traced (lib/trace.h) -> trace id. sport 0 = any. */
+struct trace_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	u8 proto;
+	u8 pad[3];
+};
+struct trace_value {
+	u32 trace_id;
+	u32 pad;
+};
+
+/* traces: ring buffer of these, 64 bytes: one step of a traced flow (enum trace_point). */
+struct trace_event {
+	u64 ts_ns;
+	u32 trace_id;
+	u32 packet_id;          /* one value per program run: groups the events of one packet */
+	u16 point;              /* enum trace_point */
+	u16 line;               /* __LINE__ of the call that emitted it */
+	u8 hook;                /* HOOK_* */
+	u8 proto;
+	u8 tcp_flags;
+	u8 pad;
+	u32 ifindex;
+	__be32 saddr;
+	__be32 daddr;
+	u16 sport;              /* host order */
+	u16 dport;
+	u32 arg[5];             /* per point, see lib/trace.h */
+	u32 pad2;
+};
+
 /* Accessors, defined in bpf/datapath.c. */
 static __always_inline struct ipcache_value *ipcache_lookup(struct ipcache_key *k);
 static __always_inline struct endpoint_info *endpoints_lookup(__be32 *addr);
