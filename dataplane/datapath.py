@@ -453,7 +453,8 @@ class Datapath:
         """Read both ring buffers (one ring_buffer_poll serves both, each callback fills its own
         backlog) until `backlog` has something or timeout_ms passed; hand `backlog` over."""
         deadline = time.monotonic() + timeout_ms / 1000
-        self._bpf.ring_buffer_poll(0)
+        # consume, not poll(0): what a program wrote is read even before its wakeup is delivered
+        self._bpf.ring_buffer_consume()
         while not backlog:
             left = int((deadline - time.monotonic()) * 1000)
             if left <= 0:
