@@ -353,8 +353,9 @@ class Datapath:
         return _ring_buffer_fields(self._bpf, name)
 
     def map_max_entries(self, name: str) -> int:
-        """max_entries of map `name` as the kernel created it."""
-        return int(self._tables[name].max_entries)
+        """max_entries of map `name` as the kernel created it (a ring buffer: its size in bytes)."""
+        table = self._tables[name] if name in self._tables else self._bpf.get_table(name.encode())
+        return int(table.max_entries)
 
     # -- map state --------------------------------------------------------------------------------
     def sync(self, state: MapState, interfaces: dict[int, int] | None = None) -> SyncStats:
