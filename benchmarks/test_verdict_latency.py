@@ -11,6 +11,14 @@ nanoseconds on a shared machine mean little.
 
 (The drop cases also reserve a ring-buffer event per packet; at these repeat counts the ring
 fills and further events are lost, which costs the same for every size.)
+
+What per-flow tracing costs (lib/trace.h) is measured the same way, side by side, on the same
+packets and a small policy: a datapath compiled with TRACING=0 (no trace point at all), the
+default datapath while nothing is traced (each packet reads trace_switch[0] and stops there),
+and the default datapath with the packets' flow traced (every step emits an event; the trace ring
+fills within a run and later events are lost, a cost each packet still pays). Ratios are to the
+TRACING=0 datapath's own case; the DECIDED case is to_container's fast path on a packet that
+from_container already decided (the one place tracing adds a map lookup to a path that did none).
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
+from dataplane.abi import MARK_MAGIC_DECIDED, PROTO_TCP, Direction, Verdict
+from dataplane.datapath import Datapath, TraceFlow
 from dataplane.mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
-from dataplane.abi import Direction, PROTO_TCP, Verdict
 
 SIZES = (10, 1_000, 10_000, 100_000)
 REPEAT = 20_000
@@ -73,3 +82,64 @@ def test_verdict_latency_as_policy_grows(benchmark, datapath) -> None:  # noqa: 
           f"({base:.0f} ns):")
     for key, ratio in table.items():
         print(f"  {key:>22}: {ratio:5.2f}x")
+
+
+# (program, packet, skb->mark) of each tracing case
+TRACING_CASES = {
+    "established": ("from_container", packet(80, "A"), 0),
+    "default-deny": ("from_container", packet(81, "S"), 0),
+    "explicit-deny": ("from_container", packet(22, "S"), 0),
+    "decided": ("to_container", packet(80, "A"), MARK_MAGIC_DECIDED),
+}
+TRACED = [TraceFlow(A, B, 0, port, PROTO_TCP) for port in (80, 81, 22)]
+VARIANTS = ("compiled-out", "off", "traced")
+TRACING_ROUNDS = 15
+
+
+def _run_case(dp: Datapath, case: str) -> int:
+    prog, pkt, mark = TRACING_CASES[case]
+    return dp.test_run_full(prog, pkt, REPEAT, mark=mark).duration_ns
+
+
+@pytest.mark.benchmark(group="verdict-latency-tracing")
+def test_verdict_latency_with_tracing_compiled_out_off_and_on(benchmark, datapath) -> None:  # noqa: ANN001
+    ns: dict[tuple[str, str], list[float]] = {}
+    with Datapath(tracing=False) as compiled_out:
+        for dp in (compiled_out, datapath):
+            dp.sync(state_of_size(SIZES[0]))
+            dp.flush_conntrack()
+            dp.test_run("from_container", packet(80, "S"))  # opens the established flow
+        def measure(variant: str, case: str) -> None:
+            if variant == "traced":
+                datapath.trace_start(1, TRACED)
+            try:
+                dp = compiled_out if variant == "compiled-out" else datapath
+                ns.setdefault((variant, case), []).append(_run_case(dp, case))
+            finally:
+                datapath.trace_stop(1)
+
+        try:
+            for round_ in range(TRACING_ROUNDS):
+                # each round starts with another variant, so that none is always measured first
+                order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]
+                for case in TRACING_CASES:
+                    for variant in order:
+                        measure(variant, case)
+                compiled_out.poll_events()
+                datapath.poll_events()
+                datapath.poll_traces()
+            # The timed body for pytest-benchmark: the fast path with tracing compiled in and off.
+            benchmark.pedantic(_run_case, args=(datapath, "established"), rounds=3)
+        finally:
+            datapath.sync(MapState())
+            compiled_out.sync(MapState())
+    table = {f"{variant}/{case}": round(statistics.median(ns[(variant, case)])
+                                        / statistics.median(ns[("compiled-out", case)]), 2)
+             for case in TRACING_CASES for variant in VARIANTS}
+    benchmark.extra_info["ns_compiled_out"] = {case: statistics.median(ns[("compiled-out", case)])
+                                               for case in TRACING_CASES}
+    benchmark.extra_info["ratio_to_compiled_out"] = table
+    print("\nverdict latency with tracing, ratio to the same case compiled with TRACING=0:")
+    for case in TRACING_CASES:
+        base = statistics.median(ns[("compiled-out", case)])
+        print(f"  {case:>14} ({base:4.0f} ns): " + "  ".join(f"{v} {table[f'{v}/{case}']:5.2f}x" for v in VARIANTS))
