@@ -84,10 +84,24 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return int(parts[1]), headers, body
 
 
-async def probe_tcp(probe: Probe, src_netns: str) -> Observation:
+def _bind(sock: socket.socket, source_port: int | None) -> None:
+    """Bind the client to `source_port` (None or 0: any free port), so that a trace can name
+    the flow before its first packet."""
+    if source_port is not None and not 0 <= source_port <= 0xFFFF:
+        raise ValueError(f"source port {source_port} is outside 0..65535")
+    if source_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", source_port or 0))
+
+
+async def probe_tcp(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
     loop = asyncio.get_running_loop()
     sock = topology.socket_in(src_netns)
-    sock.bind(("0.0.0.0", 0))
+    try:
+        _bind(sock, source_port)
+    except BaseException:
+        sock.close()
+        raise
     sport = sock.getsockname()[1]  # lets the runner find this flow's kernel events
     started = time.monotonic()
     try:
@@ -150,13 +164,14 @@ def classify_http(probe: Probe, status: int, headers: dict[str, str], body: byte
     return Observation("error", f"unexpected response {status} (backend {backend or 'unknown'})", status, payload, elapsed)
 
 
-async def probe_udp(probe: Probe, src_netns: str) -> Observation:
+async def probe_udp(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
     loop = asyncio.get_running_loop()
     sock = topology.socket_in(src_netns, kind=socket.SOCK_DGRAM)
     dest = probe.destination
     nonce = os.urandom(6).hex()
     started = time.monotonic()
     try:
+        _bind(sock, source_port)
         sock.connect((dest.ip, dest.port))
         sport = sock.getsockname()[1]
         observed = await _udp_exchange(probe, sock, loop, nonce, started)
@@ -239,7 +254,9 @@ async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
     return await _await_reply(sock, loop, started, probe.timeout, judge, "no answer")
 
 
-async def run_probe(probe: Probe, src_netns: str) -> Observation:
+async def run_probe(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
+    """Send `probe` from namespace `src_netns`, from `source_port` if given (else any free
+    port); the port used is in the observation's extra["sport"]."""
     if probe.protocol == "UDP":
-        return await probe_udp(probe, src_netns)
-    return await probe_tcp(probe, src_netns)
+        return await probe_udp(probe, src_netns, source_port)
+    return await probe_tcp(probe, src_netns, source_port)

@@ -222,6 +222,74 @@ def setup_node(ns: str, addresses: list[str]) -> None:
 
 
 @dataclass(frozen=True)
+class RoutingRule:
+    """An IPv4 policy routing rule of the node, as the kernel lists it."""
+
+    priority: int
+    fwmark: int
+    fwmask: int
+    table: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"priority": self.priority, "fwmark": self.fwmark, "fwmask": self.fwmask, "table": self.table}
+
+
+@dataclass(frozen=True)
+class TableRoute:
+    """A route of the proxy's table, as the kernel lists it."""
+
+    table: int
+    type: str  # "local", "unicast", ...
+    dst: str  # "0.0.0.0/0"
+    dev: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"table": self.table, "type": self.type, "dst": self.dst, "dev": self.dev}
+
+
+@dataclass(frozen=True)
+class ProxyRouting:
+    """What the node's routing does with a to-proxy packet: its fwmark rules and the routes of
+    the proxy's table (read back by `proxy_routing`, shown by `l7lab trace`)."""
+
+    rules: tuple[RoutingRule, ...]
+    routes: tuple[TableRoute, ...]
+    table: int = PROXY_ROUTE_TABLE
+
+    def to_proxy_rule(self) -> RoutingRule | None:
+        """The rule that sends the to-proxy mark to the proxy's table, if there is one."""
+        return next((r for r in self.rules if r.table == self.table and r.fwmask
+                     and (MARK_MAGIC_TO_PROXY & r.fwmask) == r.fwmark), None)
+
+    def local_route(self) -> TableRoute | None:
+        """The proxy table's `local 0.0.0.0/0` route, if there is one."""
+        return next((r for r in self.routes if r.table == self.table and r.type == "local"
+                     and r.dst == "0.0.0.0/0"), None)
+
+    def to_json(self) -> dict[str, object]:
+        return {"table": self.table, "rules": [r.to_json() for r in self.rules],
+                "routes": [r.to_json() for r in self.routes]}
+
+
+_ROUTE_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+                7: "unreachable", 8: "prohibit"}
+
+
+def proxy_routing(ns: str) -> ProxyRouting:
+    """Read (never change) the node's fwmark rules and the routes of the proxy's table."""
+    with _ipr(ns) as ipr:
+        rules = tuple(RoutingRule(int(m.get("FRA_PRIORITY") or 0), int(m.get("FRA_FWMARK") or 0),
+                                  int(m.get("FRA_FWMASK") or 0), int(m.get("FRA_TABLE") or m["table"]))
+                      for m in ipr.get_rules(family=socket.AF_INET) if m.get("FRA_FWMARK") is not None)
+        names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+        routes = tuple(TableRoute(int(m.get("RTA_TABLE") or m["table"]), _ROUTE_TYPES.get(m["type"], str(m["type"])),
+                                  f"{m.get('RTA_DST') or '0.0.0.0'}/{m['dst_len']}",
+                                  str(names.get(m.get("RTA_OIF"), m.get("RTA_OIF") or "")))
+                       for m in ipr.get_routes(family=socket.AF_INET, table=PROXY_ROUTE_TABLE))
+    return ProxyRouting(rules, routes)
+
+
+@dataclass(frozen=True)
 class EndpointLink:
     """The result of wiring one endpoint: its node-side interface and its index."""
 
