@@ -218,7 +218,8 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
             args = cli.build_parser().parse_args([verb, *{"up": ["s"], "run": ["s"], "exec": ["p"],
                                                           "apply": ["f"], "delete": ["k", "n"],
                                                           "label": ["pod", "p", "k=v"], "validate": ["f"],
-                                                          "explain": ["s", "--from", "a", "--to", "b"]}.get(verb, [])])
+                                                          "explain": ["s", "--from", "a", "--to", "b"],
+                                                          "check": ["e"]}.get(verb, [])])
             assert args.func.__name__ == f"cmd_{verb}" and hasattr(args, "json") == (verb != "exec")
 
 
