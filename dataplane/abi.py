@@ -452,6 +452,28 @@ MAPS: dict[str, MapLayout] = {
     "fragments": MapLayout(CFragKey, CFragEntry, "FRAG_MAP_SIZE"),
     "metrics": MapLayout(CMetricsKey, CMetricsValue, "METRICS_MAP_SIZE"),
     "if_bind": MapLayout(U32, CIfBinding, "IF_BIND_MAP_SIZE"),  # ifindex -> binding
+    "trace_flows": MapLayout(CTraceKey, CTraceValue, "TRACE_MAP_SIZE"),  # traced flows -> trace id
+}
+
+
+@dataclass(frozen=True)
+class FixedMapLayout:
+    """A map of dataplane/bpf/datapath.c whose size is part of what it means, not a tunable."""
+
+    key: type
+    value: type
+    max_entries: int
+
+
+FIXED_MAPS: dict[str, FixedMapLayout] = {
+    # slot 0: how many entries trace_flows holds; 0 tells every packet that nothing is traced
+    "trace_switch": FixedMapLayout(U32, U32, 1),
+}
+
+# Ring buffers of dataplane/bpf/datapath.c: the struct each carries and the -D that sizes it (pages).
+RING_BUFFERS: dict[str, tuple[type[ctypes.Structure], str]] = {
+    "events": (CFlowEvent, "EVENTS_PAGES"),
+    "traces": (CTraceEvent, "TRACE_PAGES"),
 }
 
 

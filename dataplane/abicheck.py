@@ -105,7 +105,7 @@ def constant_mismatches(declared: Mapping[str, int], compiled: Mapping[str, int]
     return out
 
 
-PROBE_HEADERS = ("lib/common.h", "lib/drop.h", "lib/maps.h", "lib/parse.h")
+PROBE_HEADERS = ("lib/common.h", "lib/drop.h", "lib/maps.h", "lib/parse.h", "lib/trace.h", "lib/conntrack.h")
 
 
 def probe_source(constants: Iterable[str], structs: Iterable[type[ctypes.Structure]],

@@ -2,8 +2,10 @@
 
 Responsibility: compile dataplane/bpf/datapath.c once (both tc programs, sharing every map), hand out the
 program fds for the topology code to attach, write a `MapState` into the BPF maps as a diff
-against what it wrote last, and read back metrics and flow events. It also runs programs on
-test packets (BPF_PROG_TEST_RUN) for tests and benchmarks.
+against what it wrote last, and read back metrics and flow events. Per-flow tracing: write the
+flows to trace (`trace_start` / `trace_stop`, maps trace_flows and trace_switch) and read their
+trace events (`poll_traces`). It also runs programs on test packets (BPF_PROG_TEST_RUN) for
+tests and benchmarks.
 
 Map keys and values and the flow event are the ctypes structs of dataplane/abi.py, which also
 holds every constant shared with dataplane/bpf/lib/*.h and the tunables passed to the compiler as -D
@@ -20,6 +22,7 @@ import ipaddress
 import os
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +33,11 @@ from .errors import SetupError
 from .mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
 
 PROGRAMS = ("from_container", "to_container")
+# Events read from the ring buffers but not yet collected by poll_events / poll_traces: the newest
+# are kept, older ones counted in Datapath.events_lost / traces_lost (a reader that stops
+# polling costs memory up to these bounds, never more).
+EVENT_BACKLOG = 65536
+TRACE_BACKLOG = 16384
 
 
 def _cflags(defines: dict[str, int]) -> list[str]:
@@ -172,6 +180,37 @@ class TraceEvent:
 
 
 @dataclass(frozen=True)
+class TraceFlow:
+    """A flow to trace (struct trace_key): its packets and their replies emit trace events.
+    sport 0 = any source port."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    protocol: int
+
+    def key(self) -> bytes:
+        """The trace_flows key; ValueError naming the field that is not what it should be."""
+        addrs = []
+        for name, value in (("src", self.src), ("dst", self.dst)):
+            try:
+                addrs.append(abi.ipv4_be32(value))
+            except (ValueError, TypeError):
+                raise ValueError(f"trace flow {name}: expected an IPv4 address, got {value!r}") from None
+        for name, value, top in (("sport", self.sport, 0xFFFF), ("dport", self.dport, 0xFFFF),
+                                 ("protocol", self.protocol, 0xFF)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise ValueError(f"trace flow {name}: expected an integer 0..{top}, got {value!r}")
+        return bytes(abi.CTraceKey(saddr=addrs[0], daddr=addrs[1], sport=self.sport, dport=self.dport,
+                                   proto=self.protocol))
+
+    def __str__(self) -> str:
+        proto = abi.PROTOCOL_NAMES.get(self.protocol, str(self.protocol))
+        return f"{self.src}:{self.sport or '*'} -> {self.dst}:{self.dport} {proto}"
+
+
+@dataclass(frozen=True)
 class TestRunResult:
     retval: int
     data: bytes
@@ -254,32 +293,44 @@ class Datapath:
     """Both tc programs, compiled once, and their maps. Use as a context manager or close()."""
 
     def __init__(self, *, audit: bool = False, debug: bool = False, policy_map_size: int = abi.POLICY_MAP_SIZE,
-                 ct_map_size: int = abi.CT_MAP_SIZE) -> None:
+                 ct_map_size: int = abi.CT_MAP_SIZE, tracing: bool = True) -> None:
         try:
             from bcc import BPF  # noqa: PLC0415 - the one place l7lab imports bcc
         except ImportError as exc:
             raise SetupError("cannot import bcc: install the distribution's python3-bpfcc and create "
                              "the venv with --system-site-packages (scripts/setup.sh)") from exc
         self.audit = audit
+        self.tracing = tracing
         self.defines = abi.c_defines(audit=audit, debug=debug, policy_map_size=policy_map_size,
-                                     ct_map_size=ct_map_size)
+                                     ct_map_size=ct_map_size, tracing=tracing)
         cflags = _cflags(self.defines)
         try:
             self._bpf = BPF(src_file=str(MAIN_SOURCE).encode(), cflags=cflags)
             self._fns = {name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
         except Exception as exc:  # BCC raises plain Exception on compile/verifier failure
             raise SetupError(f"BCC could not compile or load dataplane/bpf/datapath.c: {exc}") from exc
-        self._tables = {name: self._bpf.get_table(name.encode()) for name in abi.MAPS}
-        drift = [m for name, layout in abi.MAPS.items() for side, mine, theirs in
+        layouts = {**abi.MAPS, **abi.FIXED_MAPS}
+        self._tables = {name: self._bpf.get_table(name.encode()) for name in layouts}
+        drift = [m for name, layout in layouts.items() for side, mine, theirs in
                  (("key", layout.key, self.map_types(name)[0]), ("value", layout.value, self.map_types(name)[1]))
                  for m in abicheck.map_type_mismatches(name, side, mine, theirs)]
+        for ring, (struct_type, _) in abi.RING_BUFFERS.items():
+            declared = [(f.name, f.c_type) for f in abicheck.declared_fields(struct_type)]
+            compiled = self.ring_buffer_fields(ring)
+            if compiled != declared:
+                drift.append(f"ring buffer {ring}: fields {declared} in Python, {compiled} in C")
         if drift:
             raise SetupError("layout drift between dataplane/bpf/lib/maps.h and dataplane/abi.py: " + "; ".join(drift))
         # What sync() last wrote, per map: raw key -> (raw value, Python key for reports).
         self._written: dict[str, dict[bytes, tuple[bytes, Any]]] = {"policy": {}, "ipcache": {}, "endpoints": {},
                                                                      "if_bind": {}}
-        self._events: list[FlowEvent] = []
+        self._events: deque[FlowEvent] = deque(maxlen=EVENT_BACKLOG)
+        self._traces: deque[TraceEvent] = deque(maxlen=TRACE_BACKLOG)
+        self.events_lost = 0  # flow events read but dropped from a full backlog (the oldest)
+        self.traces_lost = 0  # trace events likewise
+        self._traced: dict[bytes, tuple[int, TraceFlow]] = {}  # trace_flows as written: key -> (trace id, flow)
         self._bpf[b"events"].open_ring_buffer(self._on_event)
+        self._bpf[b"traces"].open_ring_buffer(self._on_trace)
         self._test_run_fn = _load_libbpf_test_run()
         self._closed = False
 
@@ -387,14 +438,101 @@ class Datapath:
         return out
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+        if len(self._events) == self._events.maxlen:
+            self.events_lost += 1
         self._events.append(FlowEvent.decode(ctypes.string_at(data, size)))
         return 0
 
-    def poll_events(self, timeout_ms: int = 0) -> list[FlowEvent]:
-        """Events produced since the last call; waits up to timeout_ms for the first one."""
-        self._bpf.ring_buffer_poll(timeout_ms)
-        out, self._events = self._events, []
+    def _on_trace(self, _ctx: Any, data: Any, size: int) -> int:
+        if len(self._traces) == self._traces.maxlen:
+            self.traces_lost += 1
+        self._traces.append(TraceEvent.decode(ctypes.string_at(data, size)))
+        return 0
+
+    def _poll_until(self, backlog: deque[Any], timeout_ms: int) -> list[Any]:
+        """Read both ring buffers (one ring_buffer_poll serves both, each callback fills its own
+        backlog) until `backlog` has something or timeout_ms passed; hand `backlog` over."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        self._bpf.ring_buffer_poll(0)
+        while not backlog:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0:
+                break
+            self._bpf.ring_buffer_poll(left)
+        out = list(backlog)
+        backlog.clear()
         return out
+
+    def poll_events(self, timeout_ms: int = 0) -> list[FlowEvent]:
+        """Flow events produced since the last call; waits up to timeout_ms for the first one."""
+        return self._poll_until(self._events, timeout_ms)
+
+    # -- tracing (dataplane/bpf/lib/trace.h) ------------------------------------------------------
+    def trace_start(self, trace_id: int, flows: list[TraceFlow]) -> None:
+        """Trace `flows` (their packets and replies) under `trace_id` (1..2^32-1): one trace_flows
+        entry per flow, then trace_switch[0] = the number of entries. All or nothing: a flow
+        another trace holds, or more entries than TRACE_MAP_SIZE, raise SetupError with nothing
+        written; a malformed flow or id raises ValueError."""
+        if not self.tracing:
+            raise SetupError("this datapath was compiled with TRACING=0: it has no trace points")
+        if not isinstance(trace_id, int) or isinstance(trace_id, bool) or not 1 <= trace_id <= 0xFFFFFFFF:
+            raise ValueError(f"trace id: expected an integer 1..{0xFFFFFFFF}, got {trace_id!r}")
+        new: dict[bytes, TraceFlow] = {}
+        for flow in flows:
+            key = flow.key()
+            held = self._traced.get(key)
+            if held is not None and held[0] != trace_id:
+                raise SetupError(f"flow {flow} is already traced by trace {held[0]}")
+            if held is None:
+                new[key] = flow
+        size = abi.MAPS["trace_flows"].max_entries
+        if len(self._traced) + len(new) > size:
+            raise SetupError(f"tracing {len(new)} more flow(s) would exceed TRACE_MAP_SIZE ({size} flows traced "
+                             f"at once; {len(self._traced)} are)")
+        table = self._tables["trace_flows"]
+        value = table.Leaf.from_buffer_copy(bytes(abi.CTraceValue(trace_id=trace_id)))
+        written: list[bytes] = []
+        try:
+            for key, flow in new.items():
+                table[table.Key.from_buffer_copy(key)] = value
+                written.append(key)
+                self._traced[key] = (trace_id, flow)
+        except Exception:
+            for key in written:  # nothing half applied
+                self._traced.pop(key, None)
+                try:
+                    del table[table.Key.from_buffer_copy(key)]
+                except KeyError:
+                    pass
+            raise
+        self._write_trace_switch()
+
+    def trace_stop(self, trace_id: int) -> None:
+        """Stop trace `trace_id`: its entries go, trace_switch[0] says how many remain. Idempotent."""
+        table = self._tables["trace_flows"]
+        for key in [k for k, (tid, _) in self._traced.items() if tid == trace_id]:
+            try:
+                del table[table.Key.from_buffer_copy(key)]
+            except KeyError:
+                pass  # already gone: the goal is reached
+            del self._traced[key]
+        self._write_trace_switch()
+
+    def traced_flows(self) -> dict[int, list[TraceFlow]]:
+        """The flows being traced, by trace id."""
+        out: dict[int, list[TraceFlow]] = {}
+        for trace_id, flow in self._traced.values():
+            out.setdefault(trace_id, []).append(flow)
+        return out
+
+    def _write_trace_switch(self) -> None:
+        table = self._tables["trace_switch"]
+        table[table.Key(0)] = table.Leaf(len(self._traced))
+
+    def poll_traces(self, timeout_ms: int = 0) -> list[TraceEvent]:
+        """Trace events (any trace) produced since the last call; waits up to timeout_ms for the
+        first one."""
+        return self._poll_until(self._traces, timeout_ms)
 
     # -- BPF_PROG_TEST_RUN ------------------------------------------------------------------------
     def test_run(self, prog: str, packet: bytes, repeat: int = 1) -> tuple[int, bytes, int]:
@@ -414,7 +552,12 @@ class Datapath:
         """Unload programs and maps (attached filters keep their own reference)."""
         if not self._closed:
             self._closed = True
-            self._bpf.cleanup()
+            try:
+                # Attached programs outlive this object: leave them nothing to trace.
+                for trace_id in {tid for tid, _ in self._traced.values()}:
+                    self.trace_stop(trace_id)
+            finally:
+                self._bpf.cleanup()
 
     def __enter__(self) -> "Datapath":
         return self
@@ -454,4 +597,4 @@ def probe_c_abi(constants: list[str], structs: list[type[ctypes.Structure]],
         bpf.cleanup()
 
 
-__all__ = ["Datapath", "FlowEvent", "SyncStats", "TestRunResult", "probe_c_abi"]
+__all__ = ["Datapath", "FlowEvent", "SyncStats", "TestRunResult", "TraceEvent", "TraceFlow", "probe_c_abi"]

@@ -18,8 +18,14 @@ BPF_TABLE("lru_hash", struct frag_key, struct frag_entry, fragments, FRAG_MAP_SI
 BPF_PERCPU_HASH(metrics, struct metrics_key, struct metrics_value, METRICS_MAP_SIZE);
 BPF_HASH(if_bind, u32, struct if_binding, IF_BIND_MAP_SIZE);
 BPF_RINGBUF_OUTPUT(events, EVENTS_PAGES);
+/* Per-flow tracing (lib/trace.h): the flows traced, how many there are (trace_switch[0], read
+ * first: 0 means no packet looks further), and the steps of the traced packets. */
+BPF_HASH(trace_flows, struct trace_key, struct trace_value, TRACE_MAP_SIZE);
+BPF_ARRAY(trace_switch, u32, 1);
+BPF_RINGBUF_OUTPUT(traces, TRACE_PAGES);
 
 #include "lib/parse.h"
+#include "lib/trace.h"
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/events.h"
@@ -39,6 +45,9 @@ static __always_inline struct metrics_value *metrics_lookup(struct metrics_key *
 static __always_inline int metrics_insert(struct metrics_key *k, struct metrics_value *v) { return metrics.insert(k, v); }
 static __always_inline struct if_binding *if_bind_lookup(u32 *ifindex) { return if_bind.lookup(ifindex); }
 static __always_inline int events_output(struct flow_event *e) { return events.ringbuf_output(e, sizeof(*e), 0); }
+static __always_inline struct trace_value *trace_flows_lookup(struct trace_key *k) { return trace_flows.lookup(k); }
+static __always_inline u32 *trace_switch_lookup(void) { u32 slot = 0; return trace_switch.lookup(&slot); }
+static __always_inline int traces_output(struct trace_event *e) { return traces.ringbuf_output(e, sizeof(*e), 0); }
 static __always_inline void trace_drop(u32 reason, u32 direction, u32 endpoint_id)
 {
 	bpf_trace_printk("l7lab drop reason=%d dir=%d ep=%d\n", reason, direction, endpoint_id);

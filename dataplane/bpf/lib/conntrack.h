@@ -108,8 +108,8 @@ static __always_inline int ct_lookup(const struct pkt *p, struct ct_entry **entr
 	return CT_NEW;
 }
 
-static __always_inline void ct_create(const struct pkt *p, u32 src_identity, u32 rule_id,
-				      u16 proxy_port, u8 flags)
+static __always_inline void ct_create(const struct trace_ctx *t, const struct pkt *p, u32 src_identity,
+				      u32 rule_id, u16 proxy_port, u8 flags)
 {
 	struct ct_key k;
 	struct ct_entry e;
@@ -125,6 +125,7 @@ static __always_inline void ct_create(const struct pkt *p, u32 src_identity, u32
 	e.proxy_port = proxy_port;
 	e.flags = flags;
 	ct_update_raw(&k, &e);
+	TRACE(t, TRACE_CT_CREATE, src_identity, rule_id, proxy_port, flags, 0);
 }
 
 #endif

@@ -195,5 +195,8 @@ static __always_inline int metrics_insert(struct metrics_key *k, struct metrics_
 static __always_inline struct if_binding *if_bind_lookup(u32 *ifindex);
 static __always_inline int events_output(struct flow_event *e);
 static __always_inline void trace_drop(u32 reason, u32 direction, u32 endpoint_id);  /* DEBUG only */
+static __always_inline struct trace_value *trace_flows_lookup(struct trace_key *k);
+static __always_inline u32 *trace_switch_lookup(void);
+static __always_inline int traces_output(struct trace_event *e);
 
 #endif

@@ -11,15 +11,20 @@ struct decision {
 	u8 verdict;             /* enum flow_verdict */
 	u8 reason;              /* enum drop_reason */
 	u8 direction;
-	u8 pad;
+	u8 enforced;            /* the deciding endpoint enforces this direction (for the trace) */
 	u16 endpoint_id;        /* whose policy decided; 0 if none */
 	u16 proxy_port;
 	u32 rule_id;
+	u8 audited;             /* audit mode turned a drop into AUDIT (for the trace) */
+	u8 pad[3];
 };
 
-static __always_inline void policy_try(struct policy_key *k, u8 *best, u16 *proxy_port, u32 *rule_id)
+static __always_inline void policy_try(const struct trace_ctx *t, u32 step, struct policy_key *k, u8 *best,
+				       u16 *proxy_port, u32 *rule_id)
 {
 	struct policy_value *v = policy_lookup_raw(k);
+
+	TRACE(t, TRACE_POLICY_LOOKUP, k->endpoint_id | (u32)k->direction << 16 | step << 24, k->identity, k->protocol | (u32)bpf_ntohs(k->port) << 16, v ? v->verdict | (u32)v->proxy_port << 16 : POLICY_NONE, v ? v->rule_id : 0);
 
 	/* Strictly greater: on a tie the earlier (more specific) lookup keeps the attribution. */
 	if (v && v->verdict > *best) {
@@ -30,8 +35,8 @@ static __always_inline void policy_try(struct policy_key *k, u8 *best, u16 *prox
 }
 
 /* The four lookups; returns POLICY_NONE/ALLOW/REDIRECT/DENY. */
-static __always_inline u8 policy_lookup(u16 endpoint_id, u8 direction, u32 identity, u8 proto,
-					u16 port, u16 *proxy_port, u32 *rule_id)
+static __always_inline u8 policy_lookup(const struct trace_ctx *t, u16 endpoint_id, u8 direction, u32 identity,
+					u8 proto, u16 port, u16 *proxy_port, u32 *rule_id)
 {
 	struct policy_key k;
 	u8 best = POLICY_NONE;
@@ -44,34 +49,41 @@ static __always_inline u8 policy_lookup(u16 endpoint_id, u8 direction, u32 ident
 	k.identity = identity;          /* 1. identity, proto, port */
 	k.protocol = proto;
 	k.port = bpf_htons(port);
-	policy_try(&k, &best, proxy_port, rule_id);
+	policy_try(t, 1, &k, &best, proxy_port, rule_id);
 	k.protocol = 0;                 /* 2. identity, any proto */
 	k.port = 0;
-	policy_try(&k, &best, proxy_port, rule_id);
+	policy_try(t, 2, &k, &best, proxy_port, rule_id);
 	k.identity = IDENTITY_ANY;      /* 3. any identity, proto, port */
 	k.protocol = proto;
 	k.port = bpf_htons(port);
-	policy_try(&k, &best, proxy_port, rule_id);
+	policy_try(t, 3, &k, &best, proxy_port, rule_id);
 	k.protocol = 0;                 /* 4. any identity, any proto */
 	k.port = 0;
-	policy_try(&k, &best, proxy_port, rule_id);
+	policy_try(t, 4, &k, &best, proxy_port, rule_id);
 	return best;
 }
 
+/* A decision as TRACE_POLICY_DECISION and TRACE_DECISION carry it in a0 (lib/trace.h). */
+static __always_inline u32 decision_word(const struct decision *d)
+{
+	return d->verdict | (u32)d->reason << 8 | (u32)d->direction << 16 | (u32)d->enforced << 24;
+}
+
 /* The decision of one endpoint's policy in one direction for this packet. */
-static __always_inline void policy_decide(const struct endpoint_info *ep, u8 direction,
-					  u32 remote_identity, const struct pkt *p,
+static __always_inline void policy_decide(const struct trace_ctx *t, const struct endpoint_info *ep,
+					  u8 direction, u32 remote_identity, const struct pkt *p,
 					  struct decision *d)
 {
 	u16 proxy_port = 0;
 	u32 rule_id = 0;
 	u8 enforced = ep->flags & (direction == DIR_INGRESS ? EP_F_INGRESS_ENFORCED
 							    : EP_F_EGRESS_ENFORCED);
-	u8 v = policy_lookup(ep->endpoint_id, direction, remote_identity, p->proto,
+	u8 v = policy_lookup(t, ep->endpoint_id, direction, remote_identity, p->proto,
 			     p->policy_port, &proxy_port, &rule_id);
 
 	__builtin_memset(d, 0, sizeof(*d));
 	d->direction = direction;
+	d->enforced = enforced ? 1 : 0;
 	d->endpoint_id = ep->endpoint_id;
 	d->rule_id = rule_id;
 	if (v == POLICY_DENY) {
@@ -86,8 +98,11 @@ static __always_inline void policy_decide(const struct endpoint_info *ep, u8 dir
 		d->verdict = VERDICT_DROP;
 		d->reason = REASON_POLICY_DENIED;
 	}
-	if (d->verdict == VERDICT_DROP && (AUDIT_ALL || (ep->flags & EP_F_AUDIT)))
+	if (d->verdict == VERDICT_DROP && (AUDIT_ALL || (ep->flags & EP_F_AUDIT))) {
 		d->verdict = VERDICT_AUDIT;     /* the reason stays: it says what would have happened */
+		d->audited = 1;
+	}
+	TRACE(t, TRACE_POLICY_DECISION, decision_word(d), d->endpoint_id, d->rule_id, d->proxy_port, d->audited);
 }
 
 /* How bad a decision is, to combine egress and ingress: DROP > REDIRECT > AUDIT > FORWARD. */

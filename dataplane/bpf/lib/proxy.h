@@ -13,8 +13,9 @@
 #define L7LAB_PROXY_H
 
 
-/* Returns REASON_NONE when the socket is assigned, else the drop reason. */
-static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct pkt *p, u16 proxy_port)
+/* Returns REASON_NONE when the socket is assigned, else the drop reason; *found says which
+ * socket the lookups found (TRACE_SK_*). */
+static __always_inline int proxy_assign(struct __sk_buff *skb, const struct pkt *p, u16 proxy_port, u32 *found)
 {
 	struct bpf_sock_tuple t;
 	struct bpf_sock *sk = 0;
@@ -28,8 +29,10 @@ static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct pk
 	if (p->proto == IPPROTO_TCP) {
 		sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 		if (sk) {
-			if (sk->state != BPF_TCP_LISTEN)
+			if (sk->state != BPF_TCP_LISTEN) {
+				*found = TRACE_SK_FLOW;
 				goto assign;
+			}
 			bpf_sk_release(sk);
 		}
 		t.ipv4.daddr = bpf_htonl(0x7f000001);
@@ -42,6 +45,7 @@ static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct pk
 	}
 	if (!sk)
 		return REASON_PROXY_SOCKET_MISSING;
+	*found = TRACE_SK_LISTENER;
 assign:
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
@@ -49,6 +53,17 @@ assign:
 		return REASON_PROXY_ASSIGN_FAILED;
 	skb->mark = MARK_MAGIC_TO_PROXY | ((u32)proxy_port << 16);
 	return REASON_NONE;
+}
+
+/* proxy_assign, traced: which socket, the result and the mark set (TRACE_PROXY_ASSIGN). */
+static __always_inline int proxy_redirect(const struct trace_ctx *t, struct __sk_buff *skb, const struct pkt *p,
+					  u16 proxy_port)
+{
+	u32 found = TRACE_SK_NONE;
+	int rc = proxy_assign(skb, p, proxy_port, &found);
+
+	TRACE(t, TRACE_PROXY_ASSIGN, rc, found, skb->mark, proxy_port, 0);
+	return rc;
 }
 
 #endif

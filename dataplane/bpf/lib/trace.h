@@ -54,4 +54,115 @@ enum trace_point {
 #define TRACE_SK_FLOW     1   /* the proxy's accepted socket of this flow (TCP, not a listener) */
 #define TRACE_SK_LISTENER 2   /* the proxy listener on 127.0.0.1:proxy_port */
 
+/* What every event of one program run shares: filled by trace_begin() once the packet is parsed.
+ * id 0: the packet belongs to no traced flow, and TRACE() emits nothing. */
+struct trace_ctx {
+	u32 id;                 /* trace id (trace_flows value); 0: not traced */
+	u32 packet_id;          /* one random value per program run */
+	u32 ifindex;            /* the interface the program runs on */
+	__be32 saddr;
+	__be32 daddr;
+	u16 sport;              /* host order */
+	u16 dport;
+	u8 hook;                /* HOOK_* */
+	u8 proto;
+	u8 tcp_flags;
+	u8 pad;
+};
+
+#if TRACING
+
+/* How many flows are traced (trace_switch[0]); 0 when none, and then nothing else is done. */
+static __always_inline u32 trace_flow_count(void)
+{
+	u32 *n = trace_switch_lookup();
+
+	return n ? *n : 0;
+}
+
+static __always_inline struct trace_value *trace_match(struct trace_key *k, __be32 saddr, __be32 daddr,
+						       __be16 sport, __be16 dport)
+{
+	struct trace_value *v;
+
+	k->saddr = saddr;
+	k->daddr = daddr;
+	k->sport = sport;
+	k->dport = dport;
+	v = trace_flows_lookup(k);
+	if (v)
+		return v;
+	k->sport = 0;           /* the flow traced with any source port */
+	return trace_flows_lookup(k);
+}
+
+/* Is this packet one of a traced flow? Its tuple, then the reversed tuple (a reply matches its
+ * flow's entry reversed), each exactly and with source port 0. Sets t->id (0: not traced). */
+static __always_inline void trace_begin(struct trace_ctx *t, struct __sk_buff *skb, const struct pkt *p, u8 hook)
+{
+	struct trace_key k;
+	struct trace_value *v;
+
+	t->id = 0;
+	if (!trace_flow_count())
+		return;
+	__builtin_memset(&k, 0, sizeof(k));
+	k.proto = p->proto;
+	v = trace_match(&k, p->saddr, p->daddr, p->sport, p->dport);
+	if (!v)
+		v = trace_match(&k, p->daddr, p->saddr, p->dport, p->sport);
+	if (!v || !v->trace_id)
+		return;
+	t->id = v->trace_id;
+	t->packet_id = bpf_get_prandom_u32();
+	t->ifindex = skb->ifindex;
+	t->saddr = p->saddr;
+	t->daddr = p->daddr;
+	t->sport = bpf_ntohs(p->sport);
+	t->dport = bpf_ntohs(p->dport);
+	t->hook = hook;
+	t->proto = p->proto;
+	t->tcp_flags = p->tcp_flags;
+}
+
+static __always_inline void trace_emit(const struct trace_ctx *t, u16 point, u16 line, u32 a0, u32 a1, u32 a2,
+				       u32 a3, u32 a4)
+{
+	struct trace_event e;
+
+	__builtin_memset(&e, 0, sizeof(e));
+	e.ts_ns = bpf_ktime_get_ns();
+	e.trace_id = t->id;
+	e.packet_id = t->packet_id;
+	e.point = point;
+	e.line = line;
+	e.hook = t->hook;
+	e.proto = t->proto;
+	e.tcp_flags = t->tcp_flags;
+	e.ifindex = t->ifindex;
+	e.saddr = t->saddr;
+	e.daddr = t->daddr;
+	e.sport = t->sport;
+	e.dport = t->dport;
+	e.arg[0] = a0;
+	e.arg[1] = a1;
+	e.arg[2] = a2;
+	e.arg[3] = a3;
+	e.arg[4] = a4;
+	traces_output(&e);     /* a full ring buffer loses the event, never the packet */
+}
+
+/* One trace point. Write each call on ONE line, naming its point in full (TRACE_HOOK, ...):
+ * __LINE__ is that line, and the line is how a trace finds the code that emitted the step. */
+#define TRACE(t, point, a0, a1, a2, a3, a4) \
+	do { if ((t)->id) trace_emit((t), (point), __LINE__, (a0), (a1), (a2), (a3), (a4)); } while (0)
+
+#else  /* TRACING == 0: trace points and trace_begin compile to nothing */
+
+static __always_inline u32 trace_flow_count(void) { return 0; }
+static __always_inline void trace_begin(struct trace_ctx *t, struct __sk_buff *skb, const struct pkt *p, u8 hook) {}
+#define TRACE(t, point, a0, a1, a2, a3, a4) do { } while (0)
+
+#endif
+
 #endif
