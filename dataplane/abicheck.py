@@ -171,6 +171,33 @@ def header_constants(text: str) -> dict[str, int]:
     return found
 
 
+def header_enum(text: str, name: str) -> dict[str, int]:
+    """The members of `enum name { ... };` of a header, by name (empty if it has no such enum)."""
+    m = re.search(rf"^enum\s+{re.escape(name)}\s*\{{(.*?)^\}};", text, re.MULTILINE | re.DOTALL)
+    return {member: int(value) for member, value in _ENUM_ENTRY.findall(m.group(1))} if m else {}
+
+
+# A trace point's emission: `TRACE(ctx, TRACE_<POINT>, a0, a1, a2, a3, a4)` (lib/trace.h), not the
+# macro's own definition.
+_TRACE_CALL = re.compile(r"(?<![\w#])TRACE\(\s*[^,]+,\s*(\w+)\s*,")
+
+
+def trace_calls(text: str) -> list[tuple[int, str | None]]:
+    """(line number, TRACE_<POINT> token or None) of every TRACE( call of a source, the token
+    read on the call's own line (None when the line does not name its point there)."""
+    out: list[tuple[int, str | None]] = []
+    # comments out, line breaks kept: what remains of each line is its code
+    code_text = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.DOTALL)
+    for number, line in enumerate(code_text.splitlines(), 1):
+        code = line.split("//", 1)[0]
+        if code.lstrip().startswith("#"):
+            continue
+        for m in re.finditer(r"(?<![\w#])TRACE\(", code):
+            call = _TRACE_CALL.match(code, m.start())
+            out.append((number, call.group(1) if call else None))
+    return out
+
+
 def header_structs(text: str) -> list[str]:
     """Names of the structs a header defines (at the start of a line)."""
     return _STRUCT.findall(text)

@@ -353,8 +353,9 @@ class Datapath:
         return _ring_buffer_fields(self._bpf, name)
 
     def map_max_entries(self, name: str) -> int:
-        """max_entries of map `name` as the kernel created it."""
-        return int(self._tables[name].max_entries)
+        """max_entries of map `name` as the kernel created it (a ring buffer: its size in bytes)."""
+        table = self._tables[name] if name in self._tables else self._bpf.get_table(name.encode())
+        return int(table.max_entries)
 
     # -- map state --------------------------------------------------------------------------------
     def sync(self, state: MapState, interfaces: dict[int, int] | None = None) -> SyncStats:
@@ -453,7 +454,8 @@ class Datapath:
         """Read both ring buffers (one ring_buffer_poll serves both, each callback fills its own
         backlog) until `backlog` has something or timeout_ms passed; hand `backlog` over."""
         deadline = time.monotonic() + timeout_ms / 1000
-        self._bpf.ring_buffer_poll(0)
+        # consume, not poll(0): what a program wrote is read even before its wakeup is delivered
+        self._bpf.ring_buffer_consume()
         while not backlog:
             left = int((deadline - time.monotonic()) * 1000)
             if left <= 0:

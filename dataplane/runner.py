@@ -7,6 +7,10 @@ A runner drives an *executor*, which is what actually answers a probe:
 
 Policy steps (apply, delete, relabel) go to the executor too; probes of one step run
 concurrently, because a `dropped` expectation costs a whole timeout.
+
+With `explain`, every probe that misses its expectation is explained right after its step,
+before the next step changes the policy: the oracle's reasoning (the resolver's decision, with
+its trace) in `ProbeResult.reasoning`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .scenario import Probe, Scenario, Step
 
 if TYPE_CHECKING:
     from .lab import Lab
-    from .policy.engine import PolicyEngine
+    from .policy.engine import Decision, PolicyEngine
 
 PROBE_CONCURRENCY = 32
 
@@ -39,6 +43,8 @@ class Executor(Protocol):
 
     def finish_step(self, results: list["ProbeResult"]) -> None: ...
 
+    async def explain(self, result: "ProbeResult") -> None: ...
+
 
 @dataclass
 class ProbeResult:
@@ -48,6 +54,9 @@ class ProbeResult:
     observed: Observation
     oracle: str | None = None  # the resolver's answer, when it is compared with the kernel's
     kernel: str | None = None  # what the datapath reported for this flow (its first event)
+    reasoning: Decision | None = None  # explained: the oracle's decision, with its trace
+    trace: Any = None  # explained on the kernel: the probe's Trace, sent again with tracing on
+    trace_error: str | None = None  # explained on the kernel, when the trace could not be taken
 
     @property
     def passed(self) -> bool:
@@ -73,7 +82,17 @@ class ProbeResult:
             "detail": self.observed.detail, "status": self.observed.status, "kernel": self.kernel,
             "elapsed_ms": round(self.observed.elapsed * 1000, 1), "passed": self.passed,
             "source_location": str(p.location),
-        }
+        } | ({"explain": self.explanation_json()} if self.explained else {})
+
+    @property
+    def explained(self) -> bool:
+        return self.reasoning is not None or self.trace is not None or self.trace_error is not None
+
+    def explanation_json(self) -> dict[str, Any]:
+        """The oracle's decision (its `trace` is the reasoning, line by line) and the kernel's trace."""
+        return {"oracle": self.reasoning.to_json() if self.reasoning is not None else None,
+                "trace": self.trace.to_json() if self.trace is not None else None,
+                **({"trace_error": self.trace_error} if self.trace_error else {})}
 
 
 @dataclass
@@ -141,6 +160,14 @@ class KernelExecutor:
             if flow is not None:
                 r.kernel = outcome(flow)
 
+    async def explain(self, result: ProbeResult) -> None:
+        """The oracle's reasoning (the policy is still the one this probe's step saw)."""
+        if self.policy is None:
+            return
+        from .policy import Flow  # noqa: PLC0415
+
+        result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+
     def _record_flows(self, flows: list[flowrecord.Flow]) -> None:
         """Into the lab's flows.jsonl, through the same writer as a lab agent, so `observe`
         shows the run's own traffic (after `run --keep`, or from another terminal meanwhile)."""
@@ -181,8 +208,14 @@ class OracleExecutor:
     def finish_step(self, results: list[ProbeResult]) -> None:
         return None
 
+    async def explain(self, result: ProbeResult) -> None:
+        from .policy import Flow  # noqa: PLC0415
 
-async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, on_step: Any) -> None:
+        result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+
+
+async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, on_step: Any,
+                     explain: bool) -> None:
     limit = asyncio.Semaphore(PROBE_CONCURRENCY)
 
     async def one(step: Step, probe: Probe) -> ProbeResult:
@@ -194,6 +227,10 @@ async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, 
         if step.kind == "probes":
             results = list(await asyncio.gather(*(one(step, p) for p in step.probes)))
             executor.finish_step(results)
+            if explain:
+                for r in results:
+                    if not r.passed:
+                        await executor.explain(r)
             report.results.extend(results)
             report.steps.append({"step": step.index + 1, "name": step.name, "kind": "probes",
                                  "probes": len(results), "failed": sum(not r.passed for r in results)})
@@ -205,7 +242,9 @@ async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, 
 
 
 def run_scenario(scenario: Scenario, executor: Executor, lab_name: str | None = None,
-                 on_step: Any = None) -> RunReport:
+                 on_step: Any = None, explain: bool = False) -> RunReport:
+    """Run every step; with `explain`, every probe that misses its expectation is explained
+    (`ProbeResult.reasoning`) before the next step."""
     report = RunReport(scenario.path, lab_name or scenario.name, executor.mode)
-    asyncio.run(_run_steps(scenario, executor, report, on_step))
+    asyncio.run(_run_steps(scenario, executor, report, on_step, explain))
     return report

@@ -63,7 +63,7 @@ def test_struct_check_catches_a_swap_of_same_size_fields(compiled: ProbeResult) 
 
 
 def test_every_map_of_the_loaded_datapath_has_the_declared_types(datapath) -> None:  # noqa: ANN001 - fixture
-    for name, layout in abi.MAPS.items():
+    for name, layout in {**abi.MAPS, **abi.FIXED_MAPS}.items():
         key, value = datapath.map_types(name)
         assert abicheck.map_type_mismatches(name, "key", layout.key, key) == []
         assert abicheck.map_type_mismatches(name, "value", layout.value, value) == []
@@ -77,3 +77,27 @@ def test_every_map_of_the_loaded_datapath_has_the_declared_types(datapath) -> No
 def test_the_flow_events_of_the_loaded_datapath_have_the_declared_fields(datapath) -> None:  # noqa: ANN001
     fields = datapath.ring_buffer_fields("events")
     assert fields == [(f.name, f.c_type) for f in abicheck.declared_fields(abi.CFlowEvent)]
+
+
+def test_both_ring_buffers_carry_their_declared_struct(datapath) -> None:  # noqa: ANN001
+    for name, (struct, pages) in abi.RING_BUFFERS.items():
+        assert datapath.ring_buffer_fields(name) == [(f.name, f.c_type) for f in abicheck.declared_fields(struct)]
+        assert datapath.map_max_entries(name) == abi.c_defines()[pages] * 4096  # a ring buffer's size in bytes
+    # a trace event is not a flow event: the check tells them apart
+    assert datapath.ring_buffer_fields("traces") != [(f.name, f.c_type) for f in abicheck.declared_fields(abi.CFlowEvent)]
+
+
+def test_the_trace_enums_and_structs_are_compiled_as_declared(compiled: ProbeResult) -> None:
+    values, layouts = compiled
+    for prefix, members in (("TRACE_", abi.TracePoint), ("TRACE_SIDE_", abi.TraceSide),
+                            ("TRACE_ID_FROM_", abi.IdentityOrigin), ("TRACE_SK_", abi.TraceSocket),
+                            ("CT_", abi.CtResult)):
+        assert {m.name: values[f"{prefix}{m.name}"] for m in members} == {m.name: m.value for m in members}
+    for struct in (abi.CTraceKey, abi.CTraceValue, abi.CTraceEvent):
+        size, fields = layouts[struct.c_name]
+        assert abicheck.struct_mismatches(struct, fields, size) == []
+    size, fields = layouts["trace_event"]
+    swap = {"point": "line", "line": "point"}  # two u16 side by side: only the names tell them apart
+    swapped = abi.c_struct("trace_event", 64, [(swap.get(n, n), t, getattr(abi.CTraceEvent, n).offset)
+                                               for n, t in abi.CTraceEvent._fields_])
+    assert any("point" in m for m in abicheck.struct_mismatches(swapped, fields, size))

@@ -2,8 +2,9 @@
 dataplane/abicheck.py that say so fail when they should.
 
 The unit tier reads the headers as text (no compiler): every number a header defines is either
-declared in abi.py with the same value or listed as the C side's own; the enums of drop.h match
-member for member; every struct of maps.h is declared. tests/kernel/test_abi_compiled.py compiles the
+declared in abi.py with the same value or listed as the C side's own; the enums of drop.h and
+trace.h match member for member; every struct of maps.h is declared; every trace point is
+emitted, each by TRACE( calls that name it on their own line (the line a trace event carries). tests/kernel/test_abi_compiled.py compiles the
 headers and compares values, field types, offsets and sizes with what the compiler produced.
 """
 
@@ -19,7 +20,7 @@ from dataplane import abi, abicheck
 from dataplane.abi import DropReason, FlowVerdict, Hook
 from dataplane.abicheck import CField
 from dataplane.bpfsource import BPF_DIR
-from dataplane.datapath import FlowEvent, pack_endpoint, pack_ipcache, pack_policy
+from dataplane.datapath import FlowEvent, TraceEvent, TraceFlow, pack_endpoint, pack_ipcache, pack_policy
 from dataplane.mapstate import EndpointState, PolicyEntry, PolicyKey
 
 SOURCES = sorted([*(BPF_DIR / "lib").glob("*.h"), *BPF_DIR.glob("*.c")])
@@ -177,3 +178,80 @@ def test_no_other_module_writes_an_abi_value_again() -> None:
              for path in sorted((REPO / top).rglob("*.py")) if path.name != "abi.py"
              for m in _ABI_NAME.finditer(path.read_text())]
     assert again == []
+
+
+# -- per-flow tracing (lib/trace.h) -----------------------------------------------------------
+def test_trace_header_enums_mirror_abi() -> None:
+    trace_h = _text("trace.h")
+    points = abicheck.header_enum(trace_h, "trace_point")
+    assert {n[len("TRACE_"):]: v for n, v in points.items()} == {p.name: p.value for p in abi.TracePoint}
+    found = abicheck.header_constants(trace_h)
+    for prefix, members in (("TRACE_SIDE_", abi.TraceSide), ("TRACE_ID_FROM_", abi.IdentityOrigin),
+                            ("TRACE_SK_", abi.TraceSocket)):
+        assert {n[len(prefix):]: v for n, v in found.items() if n.startswith(prefix)} == \
+            {m.name: m.value for m in members}, prefix
+    results = {n: v for n, v in abicheck.header_constants(_text("conntrack.h")).items()
+               if n.startswith("CT_") and not n.startswith("CT_F_") and not n.startswith("CT_LIFETIME")}
+    assert results == {f"CT_{r.name}": r.value for r in abi.CtResult}
+    # and the checker reads an enum block, not the names around it
+    assert abicheck.header_enum("enum x {\n\tA = 1,\n\tB = 2,   /* b */\n};\n#define C 3\n", "x") == {"A": 1, "B": 2}
+    assert abicheck.header_enum(trace_h, "no_such_enum") == {}
+
+
+def test_the_trace_maps_and_ring_buffers_are_sized_as_declared() -> None:
+    datapath_c = (BPF_DIR / "datapath.c").read_text()
+    for name, layout in abi.FIXED_MAPS.items():
+        assert re.search(rf"\b{name}\b[^;]*,\s*{layout.max_entries}\);", datapath_c), \
+            f"map {name} is not declared with {layout.max_entries} entries"
+    for name, (struct, pages) in abi.RING_BUFFERS.items():
+        assert re.search(rf"BPF_RINGBUF_OUTPUT\({name},\s*{pages}\);", datapath_c), f"{name} is not sized by {pages}"
+        assert re.search(rf"{name}\.ringbuf_output\(\w+, sizeof\(\*\w+\), 0\)", datapath_c)
+        assert f"struct {struct.c_name} *" in datapath_c, f"{name} does not carry struct {struct.c_name}"
+    assert abi.MAPS["trace_flows"].max_entries == abi.TRACE_MAP_SIZE
+
+
+def _trace_calls() -> list[tuple[str, int, str | None]]:
+    return [(path.name, line, token) for path in SOURCES for line, token in abicheck.trace_calls(path.read_text())]
+
+
+def test_every_trace_call_names_its_point_on_its_own_line() -> None:
+    calls = _trace_calls()
+    assert calls, "no TRACE( call in the datapath's sources"
+    points = {f"TRACE_{p.name}" for p in abi.TracePoint}
+    bad = [(name, line, token) for name, line, token in calls if token not in points]
+    assert bad == [], "TRACE( calls that do not name a TracePoint (TRACE_<POINT>) on their line"
+    # and the checker sees through what a reader would not call a trace point
+    assert abicheck.trace_calls("/* TRACE(t, TRACE_HOOK, 0) */\n#define TRACE(t, p) x\nTRACE(t,\n") == [(3, None)]
+
+
+def test_every_trace_point_is_emitted_and_each_line_names_one_place() -> None:
+    calls = _trace_calls()
+    emitted = {token for _, _, token in calls}
+    assert {f"TRACE_{p.name}" for p in abi.TracePoint} - emitted == set()
+    # A trace event carries its point and line, not its file: (point, line) must pick one source.
+    places: dict[tuple[str | None, int], list[str]] = {}
+    for name, line, token in calls:
+        places.setdefault((token, line), []).append(name)
+    assert {k: v for k, v in places.items() if len(v) > 1} == {}
+    assert all(line <= 0xFFFF for _, line, _ in calls)  # struct trace_event.line is a u16
+
+
+def test_trace_flow_keys_and_events_go_through_the_declared_structs() -> None:
+    key = TraceFlow("10.0.0.1", "10.0.0.2", 0, 8080, abi.PROTO_TCP).key()
+    assert key == bytes([10, 0, 0, 1, 10, 0, 0, 2, 0, 0]) + (8080).to_bytes(2, "big") + bytes([6, 0, 0, 0])
+    for bad, field in ((TraceFlow("10.0.0.256", "10.0.0.2", 0, 80, 6), "src"),
+                       (TraceFlow("10.0.0.1", "fd00::1", 0, 80, 6), "dst"),
+                       (TraceFlow("10.0.0.1", "10.0.0.2", -1, 80, 6), "sport"),
+                       (TraceFlow("10.0.0.1", "10.0.0.2", 0, 65536, 6), "dport"),
+                       (TraceFlow("10.0.0.1", "10.0.0.2", 0, 80, 256), "protocol")):
+        with pytest.raises(ValueError, match=f"trace flow {field}: expected"):
+            bad.key()
+    raw = abi.CTraceEvent(ts_ns=9, trace_id=5, packet_id=77, point=int(abi.TracePoint.PROXY_ASSIGN), line=65,
+                          hook=0, proto=6, tcp_flags=abi.TCPF_SYN, ifindex=4, saddr=abi.ipv4_be32("10.0.0.1"),
+                          daddr=abi.ipv4_be32("10.0.0.2"), sport=40000, dport=8080)
+    raw.arg[:] = [0, 2, abi.MARK_MAGIC_TO_PROXY | abi.PROXY_PORT << 16, abi.PROXY_PORT, 0]
+    ev = TraceEvent.decode(bytes(raw))
+    assert (ev.point, ev.line, ev.hook, ev.src, ev.dst, ev.sport, ev.dport, ev.args[1]) == (
+        abi.TracePoint.PROXY_ASSIGN, 65, Hook.FROM_CONTAINER, "10.0.0.1", "10.0.0.2", 40000, 8080,
+        abi.TraceSocket.LISTENER)
+    assert TraceEvent.from_json(ev.to_json()) == ev
