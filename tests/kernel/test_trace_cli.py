@@ -182,10 +182,12 @@ def test_audit_mode_lets_a_would_be_drop_pass_and_says_so(audit_lab: str) -> Non
     assert "audit mode let it pass" in data["hint"]
 
 
-def test_setup_errors_exit_1(lab: str) -> None:
-    nolab = l7lab("trace", unique_lab("btr"), "--from", "t/client", "--to", "web:8080")
-    assert nolab.returncode == 1 and "is up" in nolab.stderr
-    nopod = l7lab("trace", lab, "--from", "t/nobody", "--to", "web:8080")
-    assert nopod.returncode == 1 and "t/nobody" in nopod.stderr
-    usage = l7lab("trace", lab, "--from", "t/client", "--to", "web:8080", "--http", "GET /", "--dns", "x.example.com")
-    assert usage.returncode == 1 and "exclude each other" in usage.stderr
+def test_setup_errors_exit_1(lab: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataplane.cli import main  # noqa: PLC0415 - in this process: no lab is changed by these
+
+    assert main(["trace", unique_lab("btr"), "--from", "t/client", "--to", "web:8080"]) == 1
+    assert "is up" in capsys.readouterr().err
+    assert main(["trace", lab, "--from", "t/nobody", "--to", "web:8080"]) == 1
+    assert "t/nobody" in capsys.readouterr().err
+    assert main(["trace", lab, "--from", "t/client", "--to", "web:8080", "--http", "GET /", "--dns", "x.example.com"]) == 1
+    assert "exclude each other" in capsys.readouterr().err
