@@ -222,9 +222,10 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
         collect(SETTLE_MS)
     finally:
         datapath.trace_stop(trace_id)
-    return assemble(probe=_probe_text(probe), client=client, events=events, l7_records=records,
-                    routing=topology.proxy_routing(lab.record.node), oracle=oracle, names=names, observed=observed,
-                    sources=BpfSources(), trace_id=trace_id)
+    # pyroute2's synchronous socket runs its own event loop: not on this one
+    routing = await asyncio.to_thread(topology.proxy_routing, lab.record.node)
+    return assemble(probe=_probe_text(probe), client=client, events=events, l7_records=records, routing=routing,
+                    oracle=oracle, names=names, observed=observed, sources=BpfSources(), trace_id=trace_id)
 
 
 # --------------------------------------------------------------------------- through the agent

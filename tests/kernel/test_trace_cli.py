@@ -191,3 +191,28 @@ def test_setup_errors_exit_1(lab: str, capsys: pytest.CaptureFixture[str]) -> No
     assert "t/nobody" in capsys.readouterr().err
     assert main(["trace", lab, "--from", "t/client", "--to", "web:8080", "--http", "GET /", "--dns", "x.example.com"]) == 1
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_a_lab_of_this_process_is_traced_without_an_agent(datapath, tmp_path: Path) -> None:  # noqa: ANN001
+    """`trace_in_lab` (what `run` uses): the same timeline from the datapath in this process, and
+    no trace flow left behind (the next trace of the same flows could not start otherwise)."""
+    import asyncio  # noqa: PLC0415
+
+    from dataplane.scenario import HttpRequest, make_probe, parse_scenario  # noqa: PLC0415
+    from dataplane.tracing import trace_in_lab  # noqa: PLC0415
+    from dataplane.yamlsource import load_documents  # noqa: PLC0415
+    from tests.support.kernel_lab import close_lab, open_lab  # noqa: PLC0415
+
+    (doc,) = load_documents(SCENARIO.format(audit="false"), str(tmp_path / "trace.yaml"))
+    klab = open_lab(parse_scenario(doc, tmp_path / "trace.yaml"), datapath, unique_lab("btr"))
+    try:
+        for method, outcome, last in (("DELETE", "denied", "answered 403 Access denied"),
+                                      ("GET", "allowed", "the L7 proxy's upstream: mark")):
+            probe = make_probe(klab.scenario, "t/client", "api:8080", "TCP", HttpRequest(method, "/items/1"))
+            data = asyncio.run(trace_in_lab(klab.lab, klab.engine, probe)).to_json()
+            steps_in_order(data, ("request", "REDIRECT to the L7 proxy"), ("request", "bpf_sk_assign to the proxy listener"),
+                           ("node", "fwmark 0x200/0xf00"), ("proxy", f"{method} /items/1 against L7 ingress of t/api"),
+                           ("proxy" if method == "DELETE" else "upstream", last))
+            assert data["outcome"] == outcome and data["disagreements"] == []
+    finally:
+        close_lab(klab)
