@@ -426,7 +426,7 @@ def _kernel_decision(packets: list[Packet], names: LabNames) -> dict[str, Any]:
                       for d in (dict(_decision_text(e.args[0], names, e.args[2], e.args[3], e.args[4])[1],
                                      endpoint_id=e.args[1]) for e in pkt.events if e.point == TracePoint.POLICY_DECISION)]
         return {"verdict": verdict.name, "reason": reason.name, "direction": direction.name,
-                "endpoint_id": ev.args[1], "rule_id": ev.args[2], "rule": names.rule(ev.args[2]) if ev.args[2] else None,
+                "endpoint_id": ev.args[1], "endpoint": names.endpoint(ev.args[1]), "rule_id": ev.args[2], "rule": names.rule(ev.args[2]) if ev.args[2] else None,
                 "proxy_port": ev.args[3], "audit": bool(ev.args[4]),
                 "where": f"{HOOK_TEXT[pkt.hook][0]} on {names.interface(pkt.ifindex)}",
                 "decided_by": "; ".join(decided_by) or "no policy"}
@@ -593,8 +593,9 @@ def _hint(trace: Trace) -> str:
     decided = k.get("decided_by", "")
     if k["verdict"] == "DROP":
         if reason == "POLICY_DENIED":
-            return (f"No policy entry allows this flow and the deciding side enforces policy ({decided}): "
-                    "default deny; add an allow rule to a policy that selects that pod.")
+            side = f"{k['direction'].lower()} of {k['endpoint']}"
+            return (f"No policy entry allows this flow and the {side} enforces policy (default deny): "
+                    f"allow it in a policy that selects {k['endpoint']} in that direction.")
         if reason == "POLICY_EXPLICIT_DENY":
             return f"An explicit deny matched ({k.get('rule') or decided}); deny wins over every allow."
         if reason in ("PROXY_SOCKET_MISSING", "PROXY_ASSIGN_FAILED"):

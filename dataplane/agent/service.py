@@ -13,7 +13,11 @@ agent's loop (`dataplane/agent/process.py` turns it):
 - `handle(request)`: answer one control request: `status`, or a `change` (apply / delete /
   relabel) made all-or-nothing: the engine proposes the new state, the proxy confirms its rules
   and the maps are written, and only then does the engine commit it. The reply comes with how to
-  undo the change, which the process part calls if the reply cannot be delivered.
+  undo the change, which the process part calls if the reply cannot be delivered. `trace-start`
+  and `trace-stop` serve `l7lab trace` (`dataplane/tracing.py`): the flows of a trace go into the
+  datapath's trace map, the loop keeps the trace events of every active trace as it drains the
+  ring buffers, and `trace-stop` hands them back with the oracle's decision and the lab's names.
+  A trace nobody stopped within TRACE_LIFETIME is dropped, its map entries with it.
 
 Deadlines: a change carries the monotonic time by which its caller stops waiting (now +
 CHANGE_BUDGET when it was sent). A change that arrives after it is refused before anything is
@@ -28,6 +32,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import lab as labmod
@@ -50,6 +55,9 @@ CHANGE_BUDGET = 10.0  # seconds from a change's sending to its last effect (the 
 PROXY_CONFIRM_TIMEOUT = 5.0  # of which a running proxy gets this long to confirm new rules (it takes milliseconds)
 ROLLBACK_BUDGET = 2.0  # seconds the agent may then take to undo a change that failed or finished late
 POLL_MS = 100
+TRACE_LIFETIME = 60.0  # seconds a trace may stay active without its trace-stop
+MAX_ACTIVE_TRACES = 8
+MAX_TRACE_EVENTS = 20000  # per trace: a probe's flow gives tens; this bounds a runaway one
 
 Undo = Callable[[str], None]  # undoes an applied change; the argument says why
 
@@ -72,6 +80,7 @@ class LabService:
         self.directory = Directory.of_lab(lab)
         self.proxy = ProxySupervisor(lab, self._proxy_event)
         self.flows: FlowLog | None = None
+        self.traces: dict[int, ActiveTrace] = {}
 
     @property
     def metrics_url(self) -> str | None:
@@ -88,6 +97,8 @@ class LabService:
             self.metrics_server.serve(LabCollector(self.lab.name, lambda: self.snapshot))
 
     def close(self) -> None:
+        for trace_id in list(self.traces):  # tracing state never outlives its trace, nor the agent
+            self.end_trace(trace_id)
         if self.flows is not None:
             self.flows.close()
         if self.metrics_server is not None:
@@ -98,6 +109,7 @@ class LabService:
         """One turn of the loop: kernel events (waiting up to POLL_MS for them), then the proxy."""
         self.drain()
         self.proxy.tick()
+        self.expire_traces()
 
     def every_second(self) -> bool:
         """The metrics, rewritten; False once the lab was taken down around the agent."""
@@ -107,6 +119,8 @@ class LabService:
     # -- observation ---------------------------------------------------------------------
     def drain(self, timeout_ms: int = POLL_MS) -> None:
         events = self.datapath.poll_events(timeout_ms=timeout_ms)
+        if self.traces:
+            self.keep_trace_events(self.datapath.poll_traces(0))  # what that same poll brought
         if not events:
             return
         self.counters.flow_events.update(ev.verdict.name for ev in events)
@@ -177,7 +191,78 @@ class LabService:
             except L7LabError as exc:
                 self.counters.changes["rolled back"] += 1
                 return {"ok": False, "errors": [str(exc)]}, None
-        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change' or 'status'"]}, None
+        if op == "trace-start":
+            return self.trace_start(request), None
+        if op == "trace-stop":
+            return self.trace_stop(request), None
+        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change', 'status', 'trace-start' "
+                                        "or 'trace-stop'"]}, None
+
+    # -- traces (l7lab trace) ----------------------------------------------------------------
+    def trace_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Trace the request's flows under its trace id; the reply carries the oracle's decision
+        for the probe under the policy in force now."""
+        from ..policy import Flow as OracleFlow  # noqa: PLC0415
+        from ..tracing import check_flows, oracle_json, probe_from_request, trace_flow_objects  # noqa: PLC0415
+
+        trace_id = request.get("trace_id")
+        if not isinstance(trace_id, int) or not 1 <= trace_id <= 0xFFFFFFFF:
+            raise ValueError("'trace_id' must be a number 1..4294967295")
+        if trace_id in self.traces:
+            return {"ok": False, "errors": [f"trace {trace_id} is already active"]}
+        if len(self.traces) >= MAX_ACTIVE_TRACES:
+            return {"ok": False, "errors": [f"{MAX_ACTIVE_TRACES} traces are active in lab {self.lab.name}: "
+                                            "try again when one has ended"]}
+        flows = check_flows(request.get("flows"))
+        try:
+            probe = probe_from_request(self.lab.scenario, request.get("probe") or {})
+        except (SourceError, ErrorList) as exc:
+            return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}
+        oracle = oracle_json(self.engine.verdict(OracleFlow.from_probe(probe)))
+        self.drain(timeout_ms=0)  # earlier events are not this trace's
+        try:
+            self.datapath.trace_start(trace_id, trace_flow_objects(flows))
+        except L7LabError as exc:
+            self.datapath.trace_stop(trace_id)
+            return {"ok": False, "errors": [str(exc)]}
+        self.traces[trace_id] = ActiveTrace(time.monotonic(), oracle)
+        return {"ok": True, "trace_id": trace_id, "oracle": oracle}
+
+    def trace_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        """End a trace: its events, the oracle's decision and the lab's names."""
+        from ..tracing import lab_names, names_json  # noqa: PLC0415
+
+        trace_id = request.get("trace_id")
+        if trace_id not in self.traces:
+            return {"ok": False, "errors": [f"no active trace {trace_id!r} (a trace ends {TRACE_LIFETIME:g}s "
+                                            "after it starts unless stopped before)"]}
+        self.drain(timeout_ms=0)
+        trace = self.end_trace(trace_id)
+        names = lab_names(self.lab.record, self.state, self.engine.identities.describe, self.lab.scenario.node_ip)
+        return {"ok": True, "trace_id": trace_id, "events": [e.to_json() for e in trace.events],
+                "dropped_events": trace.dropped, "oracle": trace.oracle, "names": names_json(names)}
+
+    def keep_trace_events(self, events: list[Any]) -> None:
+        for ev in events:
+            trace = self.traces.get(ev.trace_id)
+            if trace is None:
+                continue
+            if len(trace.events) < MAX_TRACE_EVENTS:
+                trace.events.append(ev)
+            else:
+                trace.dropped += 1
+
+    def end_trace(self, trace_id: int) -> ActiveTrace:
+        trace = self.traces.pop(trace_id)
+        self.datapath.trace_stop(trace_id)
+        return trace
+
+    def expire_traces(self) -> None:
+        now = time.monotonic()
+        for trace_id, trace in list(self.traces.items()):
+            if now - trace.started > TRACE_LIFETIME:
+                self.end_trace(trace_id)
+                print(f"trace {trace_id} dropped: not stopped within {TRACE_LIFETIME:g}s", flush=True)
 
     def replied(self, undo: Undo | None, lost: OSError | None = None) -> None:
         """The reply to a request was delivered (`lost` None) or could not be: a change whose
@@ -276,6 +361,16 @@ class LabService:
         if not self.proxy.up:
             reply["warnings"] = ["the L7 proxy is not running: flows redirected to it are dropped until it is back"]
         return reply, undo
+
+
+@dataclass
+class ActiveTrace:
+    """A trace the agent serves: when it began, the oracle's decision, the events so far."""
+
+    started: float
+    oracle: dict[str, Any]
+    events: list[Any] = field(default_factory=list)
+    dropped: int = 0
 
 
 class ChangeRefused(L7LabError):

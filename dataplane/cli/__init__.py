@@ -12,6 +12,7 @@ The verbs are grouped by subject, each group a module that registers its own sub
     changes     apply, delete, label            policy changes through the lab's agent
     check       validate, explain               files only: errors, and the oracle's reasons
     exercise    check                           an exercise against the learner's policies: solved or not yet
+    trace       trace                           one probe's path through a running lab, step by step
     ui          ui                              a running lab's service map in the browser
 
 `common` holds what they share: exit codes, the consoles, the registry, the lab look-up.
@@ -24,10 +25,10 @@ import sys
 
 from .. import lab as labmod
 from ..errors import ErrorList, L7LabError, SourceError
-from . import changes, check, exercise, lifecycle, observe, run, ui
+from . import changes, check, exercise, lifecycle, observe, run, trace, ui
 from .common import EXIT_EXPECTATION, EXIT_OK, EXIT_SETUP, EXIT_USAGE, UsageError, Verbs, errconsole, report_errors
 
-GROUPS = (lifecycle, run, observe, changes, check, exercise, ui)
+GROUPS = (lifecycle, run, observe, changes, check, exercise, trace, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
