@@ -12,11 +12,13 @@ Two ways in:
 
     trace_in_lab(lab, engine, probe)     a lab this process built (as `run` has it): the
                                          datapath is here
-    trace_running_lab(lab_name, probe)   a lab served by its agent (`l7lab up`): the agent
-                                         holds the datapath and the policy engine; its ops
-                                         "trace-start" and "trace-stop" (dataplane/agent/service.py)
-                                         set the flows and return the events, the oracle's
-                                         decision and the lab's names
+    trace_running_lab(lab_name, probe)   a lab served by its agent (`l7lab up`), in
+                                         dataplane/agent/tracer.py: the agent holds the datapath
+                                         and the policy engine; its ops "trace-start" and
+                                         "trace-stop" (dataplane/agent/service.py) set the flows
+                                         and return the events, the oracle's decision and the
+                                         lab's names. This module never imports the agent, whose
+                                         service uses the parts below.
 
 The probe itself is always sent by this process, from inside the client pod's namespace.
 """
@@ -173,13 +175,13 @@ def _redirected(events: list[TraceEvent], client: tuple[str, int]) -> bool:
                for e in events)
 
 
-def _client_records(tail: RecordTail, client: tuple[str, int], into: list[Flow]) -> None:
+def client_records(tail: RecordTail, client: tuple[str, int], into: list[Flow]) -> None:
     for record in tail.records(PROXY_RECORDS):
         if isinstance(record, Flow) and (record.source.ip, record.source.port) == client:
             into.append(record)
 
 
-def _probe_text(probe: Probe) -> str:
+def probe_text(probe: Probe) -> str:
     return f"{probe.source} -> {probe.destination} {probe.protocol} {probe.request_text}"
 
 
@@ -209,7 +211,7 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
 
     def collect(timeout_ms: int = 0) -> None:
         events.extend(e for e in datapath.poll_traces(timeout_ms) if e.trace_id == trace_id)
-        _client_records(tail, client, records)
+        client_records(tail, client, records)
 
     datapath.trace_start(trace_id, trace_flow_objects(traced_flows(probe, endpoint.ip, sport, lab.scenario.node_ip)))
     try:
@@ -224,54 +226,5 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
         datapath.trace_stop(trace_id)
     # pyroute2's synchronous socket runs its own event loop: not on this one
     routing = await asyncio.to_thread(topology.proxy_routing, lab.record.node)
-    return assemble(probe=_probe_text(probe), client=client, events=events, l7_records=records, routing=routing,
+    return assemble(probe=probe_text(probe), client=client, events=events, l7_records=records, routing=routing,
                     oracle=oracle, names=names, observed=observed, sources=BpfSources(), trace_id=trace_id)
-
-
-# --------------------------------------------------------------------------- through the agent
-
-
-def trace_running_lab(lab_name: str, probe: Probe) -> Trace:
-    """Trace `probe` in lab `lab_name`, which its agent serves (`l7lab up`)."""
-    from . import agent  # noqa: PLC0415
-    from .datapath import TraceEvent  # noqa: PLC0415 - the event type only (bcc stays unimported)
-    from .lab import LabRecord, lab_dir  # noqa: PLC0415
-    from .scenario import load_scenario  # noqa: PLC0415
-
-    record = LabRecord.load(lab_name)
-    if record is None:
-        raise SetupError(f"no lab named {lab_name!r} is up")
-    endpoint = record.endpoints.get(probe.source)
-    if endpoint is None or endpoint.kind != "pod":
-        raise SetupError(f"no pod {probe.source!r} in lab {lab_name}")
-    node_ip = load_scenario(record.scenario).node_ip
-    sport = free_source_port(endpoint.netns, probe.protocol)
-    client = (endpoint.ip, sport)
-    trace_id = new_trace_id()
-    tail = RecordTail(lab_dir(lab_name), (PROXY_RECORDS,))
-    tail.start_at_last(0)
-    started = agent.request(lab_name, {"op": "trace-start", "trace_id": trace_id, "probe": probe_request(probe),
-                                       "flows": traced_flows(probe, endpoint.ip, sport, node_ip)})
-    if not started.get("ok"):
-        raise SetupError("; ".join(started.get("errors", ["the agent refused the trace"])))
-    records: list[Flow] = []
-    try:
-        observed: Observation = asyncio.run(run_probe(probe, endpoint.netns, sport))
-        # The proxy writes its record before it answers the client, so it is normally there
-        # already; a flow the oracle expects at the proxy gets a deadline for a slow write.
-        _client_records(tail, client, records)
-        deadline = time.monotonic() + L7_RECORD_DEADLINE
-        expects_proxy = "REDIRECT" in (started["oracle"].get("egress"), started["oracle"].get("ingress"))
-        while expects_proxy and not records and time.monotonic() < deadline:
-            time.sleep(SETTLE_MS / 1000)
-            _client_records(tail, client, records)
-        time.sleep(SETTLE_MS / 1000)  # the agent drains the ring buffers every POLL_MS: let it
-    finally:
-        stopped = agent.request(lab_name, {"op": "trace-stop", "trace_id": trace_id})
-    if not stopped.get("ok"):
-        raise SetupError("; ".join(stopped.get("errors", ["the agent lost the trace"])))
-    events = [TraceEvent.from_json(e) for e in stopped["events"]]
-    return assemble(probe=_probe_text(probe), client=client, events=events, l7_records=records,
-                    routing=topology.proxy_routing(record.node), oracle=stopped["oracle"],
-                    names=names_from_json(stopped["names"]), observed=observed, sources=BpfSources(),
-                    trace_id=trace_id)

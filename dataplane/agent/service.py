@@ -14,7 +14,7 @@ agent's loop (`dataplane/agent/process.py` turns it):
   relabel) made all-or-nothing: the engine proposes the new state, the proxy confirms its rules
   and the maps are written, and only then does the engine commit it. The reply comes with how to
   undo the change, which the process part calls if the reply cannot be delivered. `trace-start`
-  and `trace-stop` serve `l7lab trace` (`dataplane/tracing.py`): the flows of a trace go into the
+  and `trace-stop` serve `l7lab trace` (`dataplane/agent/tracer.py`): the flows of a trace go into the
   datapath's trace map, the loop keeps the trace events of every active trace as it drains the
   ring buffers, and `trace-stop` hands them back with the oracle's decision and the lab's names.
   A trace nobody stopped within TRACE_LIFETIME is dropped, its map entries with it.

@@ -1,5 +1,5 @@
 """The `trace` verb: send one probe through a running lab with tracing on for its flow only, and
-print its life as a numbered timeline (dataplane/tracing.py takes it, dataplane/trace.py builds it)."""
+print its life as a numbered timeline (dataplane/agent/tracer.py takes it, dataplane/trace.py builds it)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def render(trace: object) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from ..scenario import DnsQuery, load_scenario, make_probe  # noqa: PLC0415
-    from ..tracing import trace_running_lab  # noqa: PLC0415
+    from ..agent.tracer import trace_running_lab  # noqa: PLC0415
     from .check import _parse_http  # noqa: PLC0415 - the request words `explain` takes
 
     rec = one_lab(args.lab)
