@@ -10,7 +10,8 @@ concurrently, because a `dropped` expectation costs a whole timeout.
 
 With `explain`, every probe that misses its expectation is explained right after its step,
 before the next step changes the policy: the oracle's reasoning (the resolver's decision, with
-its trace) in `ProbeResult.reasoning`.
+its trace) in `ProbeResult.reasoning` and, on the kernel, the probe sent again with tracing on
+for its flow (`ProbeResult.trace`, a `dataplane.trace.Trace`).
 """
 
 from __future__ import annotations
@@ -161,12 +162,23 @@ class KernelExecutor:
                 r.kernel = outcome(flow)
 
     async def explain(self, result: ProbeResult) -> None:
-        """The oracle's reasoning (the policy is still the one this probe's step saw)."""
+        """The oracle's reasoning and the kernel's trace of the probe sent again with tracing on
+        for its flow only (the policy is still the one this probe's step saw). A trace that
+        cannot be taken leaves its reason in `trace_error`; the oracle's side stands alone."""
         if self.policy is None:
             return
+        from .errors import L7LabError  # noqa: PLC0415
         from .policy import Flow  # noqa: PLC0415
+        from .tracing import trace_in_lab  # noqa: PLC0415 - only when a probe is explained
 
         result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        if not self.lab.enforcing:
+            result.trace_error = "the lab does not enforce policy"
+            return
+        try:
+            result.trace = await trace_in_lab(self.lab, self.policy, result.probe)
+        except L7LabError as exc:
+            result.trace_error = str(exc)
 
     def _record_flows(self, flows: list[flowrecord.Flow]) -> None:
         """Into the lab's flows.jsonl, through the same writer as a lab agent, so `observe`

@@ -56,7 +56,7 @@ def probe_title(r: ProbeResult) -> str:
 def trace_lines(r: ProbeResult) -> list[str]:
     """The kernel's side of an explanation: the trace's summary, or why there is none."""
     if r.trace is not None:
-        return list(r.trace.summary())
+        return [*r.trace.summary(), f"hint: {r.trace.hint()}"]
     return [f"no trace: {r.trace_error}"] if r.trace_error else []
 
 
@@ -128,5 +128,6 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p.add_argument("--dry-run", action="store_true", help="answer every probe with the policy oracle alone (no root, no kernel)")
     p.add_argument("--explain", action="store_true",
-                   help="for each probe that misses its expectation, print the oracle's reasoning, taken right "
-                        "after the probe's step, before the next step changes the policy")
+                   help="for each probe that misses its expectation, print the kernel's trace of it (the probe sent "
+                        "again with tracing on) beside the oracle's reasoning, taken right after the probe's "
+                        "step, before the next step changes the policy")

@@ -1,6 +1,7 @@
 """`l7lab trace` on real labs brought up with `l7lab up`: the steps a user checks, present and in
 order, for an allowed flow, an L3/L4 drop, an L7 403, a DNS query the DNS proxy refuses, a flow
-the proxy forwards, and a would-be drop that audit mode lets pass; setup errors exit 1."""
+the proxy forwards, and a would-be drop that audit mode lets pass; setup errors exit 1; and
+`run --explain`, which traces each probe that missed its expectation."""
 
 from __future__ import annotations
 
@@ -216,3 +217,48 @@ def test_a_lab_of_this_process_is_traced_without_an_agent(datapath, tmp_path: Pa
             assert data["outcome"] == outcome and data["disagreements"] == []
     finally:
         close_lab(klab)
+
+
+RUN_STEPS = """
+steps:
+  - name: a learner's wrong guesses
+    probes:
+      - {from: t/client, to: api:8080, http: {method: DELETE, path: /items/1}, expect: allowed}
+      - {from: t/client, to: vault:8080, expect: allowed}
+      - {from: t/client, to: api:8080, http: {method: GET, path: /items/1}, expect: allowed}
+"""
+
+
+def test_run_explain_puts_the_kernels_trace_beside_the_oracles_reasoning(datapath, tmp_path: Path,  # noqa: ANN001
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --explain` on the kernel: each probe that missed its expectation is traced again,
+    and the explanation shows where the kernel or the proxy decided it beside the policy's
+    reasoning; a probe that passed is not explained."""
+    from dataplane.cli.run import print_explanation  # noqa: PLC0415
+    from dataplane.runner import KernelExecutor, run_scenario  # noqa: PLC0415
+    from dataplane.scenario import parse_scenario  # noqa: PLC0415
+    from dataplane.yamlsource import load_documents  # noqa: PLC0415
+    from tests.support.kernel_lab import close_lab, open_lab  # noqa: PLC0415
+
+    (doc,) = load_documents(SCENARIO.format(audit="false") + RUN_STEPS, str(tmp_path / "trace.yaml"))
+    klab = open_lab(parse_scenario(doc, tmp_path / "trace.yaml"), datapath, unique_lab("brx"))
+    try:
+        report = run_scenario(klab.scenario, KernelExecutor(klab.lab, klab.engine), klab.lab.name, explain=True)
+    finally:
+        close_lab(klab)
+    delete, vault, get = report.results
+    assert (delete.observed.outcome, vault.observed.outcome, get.observed.outcome) == ("denied", "dropped", "allowed")
+    assert not get.explained and get.trace is None
+    assert delete.trace_error is None and vault.trace_error is None
+    assert delete.trace.kernel["verdict"] == "REDIRECT" and delete.trace.proxy["verdict"] == "denied"
+    assert vault.trace.kernel["verdict"] == "DROP" and vault.trace.disagreements == []
+    assert delete.reasoning.outcome == "denied" and vault.reasoning.outcome == "dropped"
+
+    capsys.readouterr()
+    print_explanation(vault, kernel=True)
+    shown = capsys.readouterr().out
+    assert "expected allowed, observed dropped" in shown
+    assert "kernel: DROP" in shown and "hint:" in shown
+    assert "selected by NetworkPolicy t/vault-closed" in shown  # the oracle's column
+    as_json = delete.to_json()["explain"]
+    assert as_json["trace"]["proxy"]["verdict"] == "denied" and as_json["oracle"]["outcome"] == "denied"
