@@ -8,9 +8,10 @@ the interpreter running this module), rich tables are printed at a fixed width w
 stdout and stderr go to one pipe in the order they were written.
 
 A walkthrough brings its labs up itself (`l7lab up`, `l7lab run --keep`) and ends with them
-down. Before anything runs, none of those labs may be up already (the cleanup would take down
-somebody else's lab); afterwards, whatever happened, every one of them still up is taken down,
-and a walkthrough that left one up fails its check.
+down. Before anything runs, none of those labs may be up already; a command that should bring
+one up and fails (somebody else's lab of that name came up in between, say) stops the
+walkthrough there. Afterwards, whatever happened, every lab the walkthrough brought up and that
+is still up is taken down (never another), and a walkthrough that left one up fails its check.
 
 Exit codes: 0 every walkthrough matches (or was written), 3 some recorded output differs (or a
 walkthrough left a lab up), 1 a setup error (a file that is no walkthrough, a lab in the way,
@@ -102,23 +103,28 @@ def _settles(command: wt.Command) -> bool:
     return text.startswith(SETTLING) and "--follow" not in text and " -f" not in text
 
 
+def command_labs(command: wt.Command) -> list[str]:
+    """The labs one command brings up and leaves running: `--name`, else the scenario's own `name`."""
+    names: list[str] = []
+    for scenario, name in wt.lab_starts(command):
+        if name is None:
+            path = REPO / scenario
+            try:
+                document = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as exc:
+                raise SetupError(f"line {command.line}: cannot read the lab's name from {scenario}: {exc}") from exc
+            name = document.get("name") if isinstance(document, dict) else None
+            if not isinstance(name, str):
+                raise SetupError(f"line {command.line}: {scenario} has no 'name'")
+        names.append(name)
+    return names
+
+
 def lab_names(walkthrough: wt.Walkthrough) -> list[str]:
-    """The labs the walkthrough's commands leave running, in order: `--name`, else the scenario's
-    own `name`."""
+    """The labs the walkthrough's commands leave running, in order."""
     names: list[str] = []
     for command in walkthrough.commands:
-        for scenario, name in wt.lab_starts(command):
-            if name is None:
-                path = REPO / scenario
-                try:
-                    document = yaml.safe_load(path.read_text(encoding="utf-8"))
-                except (OSError, yaml.YAMLError) as exc:
-                    raise SetupError(f"line {command.line}: cannot read the lab's name from {scenario}: {exc}") from exc
-                name = document.get("name") if isinstance(document, dict) else None
-                if not isinstance(name, str):
-                    raise SetupError(f"line {command.line}: {scenario} has no 'name'")
-            if name not in names:
-                names.append(name)
+        names += [name for name in command_labs(command) if name not in names]
     return names
 
 
@@ -139,13 +145,23 @@ def execute(walkthrough: wt.Walkthrough, recorded: dict[int, list[str]] | None =
                          f"take it down first (l7lab down {in_the_way[0]})")
     results: list[wt.Command] = []
     left_up: list[str] = []
+    brought_up: list[str] = []  # only these are ever taken down here
     with command_environment() as env:
         try:
             for index, command in enumerate(walkthrough.commands):
-                results.append(_run_settled(command, env, (recorded or {}).get(index)))
+                done = _run_settled(command, env, (recorded or {}).get(index))
+                results.append(done)
+                starts = command_labs(command)
+                if starts and done.exit_code:
+                    # Somebody else's lab of that name may have come up since the check above:
+                    # nothing after this command may run, and nothing of that lab is touched.
+                    tail = "\n    ".join(done.output[-3:])
+                    raise SetupError(f"line {command.line}: `{command.text}` did not bring lab {', '.join(starts)} up "
+                                     f"(exit {done.exit_code}); nothing after it was run:\n    {tail}")
+                brought_up += [name for name in starts if name not in brought_up]
         finally:
             up = labs_up()
-            for name in names:
+            for name in brought_up:
                 if name in up:
                     left_up.append(name)
                     subprocess.run(["l7lab", "down", name], cwd=REPO, env=env, capture_output=True, check=False)

@@ -157,3 +157,36 @@ def test_the_labs_a_command_leaves_running_are_found(command: str, starts: list[
 def test_the_scenarios_a_command_names_are_found() -> None:
     command = wt.Command("l7lab explain scenarios/retail.yaml --from a \\\n  --to b && cat scenarios/policies/retail.yaml")
     assert wt.scenarios_named(command) == ["scenarios/retail.yaml"]
+
+
+def test_a_lab_start_that_fails_stops_the_walkthrough_and_nothing_of_that_lab_is_touched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Somebody else's lab of the walkthrough's name came up after the check looked: the
+    walkthrough's own `up` fails, nothing after it runs (its `down` would remove their lab), and
+    the cleanup leaves that lab alone."""
+    from dataplane import walkthroughrun  # noqa: PLC0415
+
+    doc = wt.parse(
+        "# x\n\n```console\n$ l7lab up scenarios/retail.yaml --name theirs\nlab theirs is up\n"
+        "$ l7lab exec theirs frontend-app -- true\n$ l7lab down theirs\n```\n", Path("x.md"))
+    ran: list[str] = []
+    up_now: list[set[str]] = [set()]
+
+    def run_command(command: wt.Command, env: dict[str, str]) -> tuple[list[str], int]:
+        ran.append(command.text)
+        return ["error: lab theirs is already up"], 1
+
+    def labs_up() -> set[str]:
+        seen = up_now[0]
+        up_now[0] = {"theirs"}  # it comes up right after the first look
+        return seen
+
+    downs: list[list[str]] = []
+    monkeypatch.setattr(walkthroughrun, "run_command", run_command)
+    monkeypatch.setattr(walkthroughrun, "labs_up", labs_up)
+    monkeypatch.setattr(walkthroughrun.subprocess, "run", lambda argv, **kw: downs.append(argv))
+    with pytest.raises(walkthroughrun.SetupError, match=r"line 4: .* did not bring lab theirs up \(exit 1\); "
+                                                        r"nothing after it was run"):
+        walkthroughrun.execute(doc)
+    assert ran == ["l7lab up scenarios/retail.yaml --name theirs"]
+    assert downs == []
