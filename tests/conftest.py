@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,23 @@ def patient(scenario: Any, timeout: float = 5.0) -> Any:
     return dataclasses.replace(scenario, steps=steps)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and children
+    # inherit that: the tests that stop `observe --follow` or `monitor` with SIGINT (Ctrl-C)
+    # need it delivered. Python's own handler is reset to the default in the children it starts.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The kernel tier runs in one process, in order: its tests share one compiled datapath (a
+    # compile costs seconds) and some watch the whole machine's labs. With pytest-xdist
+    # (`-n 2 --dist loadgroup`, as scripts/test.sh runs) the group keeps them on one worker while
+    # the unit tier runs on the other.
     for item in items:
         if "tests/kernel" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.kernel)
+            item.add_marker(pytest.mark.xdist_group("kernel"))
 
 
 @pytest.fixture(autouse=True)
