@@ -175,9 +175,10 @@ _DURATION = r"\b\d+(?:\.\d+)?(?:ns|us|µs|ms|s| milliseconds| seconds)\b"
 _UUID = r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
 _PID = r"\b(pids?|process|agent pid|proxy pid|PID)( |: |\": )\d+\b"
 _LATENCY = r"(\"latency_ns\": \"?)\d+"
-# Linux's default ephemeral range (net.ipv4.ip_local_port_range 32768-60999), after a colon or a
-# port field: the client side of a connection. The lab's server ports are below it and stay.
-_EPHEMERAL = (r"(?:(?<=:)|(?<=port\": )|(?<=port=))"
+# Linux's default ephemeral range (net.ipv4.ip_local_port_range 32768-60999), after a colon, a
+# port field or the word "port" (`l7lab trace`: "client port 58633", "policy port 58633"): the
+# client side of a connection. The lab's server ports are below it and stay.
+_EPHEMERAL = (r"(?:(?<=:)|(?<=port\": )|(?<=port=)|(?<=port ))"
               r"(?:3276[89]|327[7-9]\d|32[89]\d\d|3[3-9]\d{3}|[45]\d{4}|60\d{3})\b")
 
 _RULES: list[tuple[re.Pattern[str], str]] = [

@@ -102,6 +102,9 @@ def test_a_file_without_commands_is_no_walkthrough(tmp_path: Path) -> None:
     ('{"time": "2026-12-01T11:29:29.021555Z", "l4": {"TCP": {"source_port": 52154, "destination_port": 8080}}}',
      '{"time": "<TIME>", "l4": {"TCP": {"source_port": <PORT>, "destination_port": 8080}}}'),
     ('"client": "10.200.0.1:34442", "server_port": 80}', '"client": "10.200.0.1:<PORT>", "server_port": 80}'),
+    ("trace of demo/client -> demo/api:8080 TCP GET /api/items (client port 58633)",
+     "trace of demo/client -> demo/api:8080 TCP GET /api/items (client port <PORT>)"),
+    ("[kernel] parsed IPv4 (not a fragment), policy port 52822", "[kernel] parsed IPv4 (not a fragment), policy port <PORT>"),
     ("Date: Tue, 01 Dec 2026 11:32:38 GMT", "Date: <TIME>"),
     ("http-response FORWARDED (HTTP/1.1 200 7ms (GET http://backend-app/data))",
      "http-response FORWARDED (HTTP/1.1 200 <DURATION> (GET http://backend-app/data))"),
@@ -121,6 +124,7 @@ def test_normalization_replaces_what_varies(line: str, expected: str) -> None:
 @pytest.mark.parametrize("line", [
     "10.200.0.3 TCP/8080 GET /api/inventory/item123",  # server ports and addresses stay
     "REDIRECT to the L7 proxy (port 15001)",
+    "parsed IPv4 (not a fragment), policy port 8080",
     "retail/payment-gateway:8443 (ID:257) 203.0.113.20:80",
     "lab retail: 2 policies in force, 4 map entries written",
     "identity 16777217 (fqdn:*.example.com)",  # an FQDN identity is no time
