@@ -6,4 +6,6 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$here/scripts/setup.sh" --test
 cd "$here"
-exec "$here/.venv/bin/python" -m pytest tests -p no:cacheprovider "$@"
+# Two processes (pytest-xdist): the kernel tier on one, in order; the unit tier and the
+# walkthrough checks on the other (tests/conftest.py groups them). `-n 0` runs everything in one.
+exec "$here/.venv/bin/python" -m pytest tests -p no:cacheprovider -n 2 --dist loadgroup "$@"

@@ -71,11 +71,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The kernel tier runs in one process, in order: its tests share one compiled datapath (a
     # compile costs seconds) and some watch the whole machine's labs. With pytest-xdist
     # (`-n 2 --dist loadgroup`, as scripts/test.sh runs) the group keeps them on one worker while
-    # the unit tier runs on the other.
+    # the unit tier runs on the other, and with it the walkthrough checks, which only run
+    # `l7lab` commands on labs of their own names.
     for item in items:
-        if "tests/kernel" in str(item.fspath).replace(os.sep, "/"):
+        path = str(item.fspath).replace(os.sep, "/")
+        if "tests/kernel" in path:
             item.add_marker(pytest.mark.kernel)
-            item.add_marker(pytest.mark.xdist_group("kernel"))
+            group = "walkthroughs" if path.endswith("/test_walkthroughs.py") else "kernel"
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
