@@ -230,7 +230,8 @@ steps:
 
 
 def test_run_explain_puts_the_kernels_trace_beside_the_oracles_reasoning(datapath, tmp_path: Path,  # noqa: ANN001
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                                                        capsys: pytest.CaptureFixture[str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`run --explain` on the kernel: each probe that missed its expectation is traced again,
     and the explanation shows where the kernel or the proxy decided it beside the policy's
     reasoning; a probe that passed is not explained."""
@@ -254,6 +255,9 @@ def test_run_explain_puts_the_kernels_trace_beside_the_oracles_reasoning(datapat
     assert vault.trace.kernel["verdict"] == "DROP" and vault.trace.disagreements == []
     assert delete.reasoning.outcome == "denied" and vault.reasoning.outcome == "dropped"
 
+    from dataplane.cli.common import console  # noqa: PLC0415
+
+    monkeypatch.setattr(console, "width", 200)  # wide enough that no cell wraps
     capsys.readouterr()
     print_explanation(vault, kernel=True)
     shown = capsys.readouterr().out
