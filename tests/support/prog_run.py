@@ -40,6 +40,7 @@ def base_state(**overrides: object) -> MapState:
         PolicyKey(2, ING, IDENTITY_ANY, PROTO_TCP, 8080, 16): allow(23),   # B <- anyone:8080
         PolicyKey(2, ING, ID_C, PROTO_ANY): allow(24),                 # B <- C: anything
         PolicyKey(2, ING, ID_C, PROTO_TCP, 22, 16): PolicyEntry(Verdict.DENY, 0, (25,)),  # ... but ssh
+        PolicyKey(1, EG, ID_C, PROTO_TCP, 81, 16): allow(15),          # A -> C:81 (C enforces nothing)
         PolicyKey(1, EG, ID_CIDR, PROTO_TCP, 443, 16): allow(12),      # A -> 203.0.113.0/24:443
         PolicyKey(1, EG, IDENTITY_WORLD, PROTO_UDP, 53, 16): allow(13),
         PolicyKey(2, ING, IDENTITY_HOST, PROTO_ANY): allow(26),        # node may reach B
@@ -87,7 +88,10 @@ def oracle(state: MapState, src: str, dst: str, proto: int, port: int, *, audit:
     if d is None:
         return eg
     ing = decide(d, ING, sid)
-    if RANK[eg[0]] > RANK[ing[0]] or (RANK[eg[0]] == RANK[ing[0]] and eg[0] == FlowVerdict.DROP):
+    # A tie: a drop at egress, else the direction that enforces policy, else ingress.
+    eg_enforced = s is not None and s.egress_enforced
+    if RANK[eg[0]] > RANK[ing[0]] or (RANK[eg[0]] == RANK[ing[0]] and (
+            eg[0] == FlowVerdict.DROP or (eg_enforced and not d.ingress_enforced))):
         return eg
     return ing
 
@@ -133,6 +137,7 @@ PROBES = [  # (src, dst, proto, port)
     (C, B, PROTO_ICMP, 8),        # ICMP echo through the any-protocol entry
     (C, A, PROTO_TCP, 80),        # A's ingress enforced, nothing from C
     (A, C, PROTO_TCP, 80),        # A's egress enforced, nothing to C
+    (A, C, PROTO_TCP, 81),        # A's egress allows, C's ingress is not enforced: reported at egress
     (A, WORLD_HOST, PROTO_TCP, 443),   # CIDR identity
     (A, WORLD_HOST, PROTO_TCP, 80),
     (A, "8.8.8.8", PROTO_UDP, 53),     # world identity

@@ -117,14 +117,19 @@ static __always_inline int decision_rank(const struct decision *d)
 }
 
 /* Combine the source's egress decision with the destination's ingress decision (local
- * delivery): the worse one wins; on a tie a drop is reported at egress (it happened first)
- * and anything else at ingress (the packet is delivered to that endpoint). */
+ * delivery): the worse one wins. On a tie:
+ *   - a drop is reported at egress (it happened first);
+ *   - otherwise the direction that enforces policy is reported, as Cilium reports a policy
+ *     verdict only where policy is enforced: a flow its source's egress policy allows into a
+ *     pod no ingress policy selects is EGRESS ALLOWED by that policy's rule, not an
+ *     unenforced ingress forward;
+ *   - otherwise (both or neither enforced) ingress, where the packet is delivered. */
 static __always_inline void decision_combine(struct decision *out, const struct decision *eg,
 					     const struct decision *in)
 {
 	int re = decision_rank(eg), ri = decision_rank(in);
 
-	if (re > ri || (re == ri && eg->verdict == VERDICT_DROP))
+	if (re > ri || (re == ri && (eg->verdict == VERDICT_DROP || (eg->enforced && !in->enforced))))
 		*out = *eg;
 	else
 		*out = *in;
