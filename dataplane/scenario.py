@@ -418,6 +418,11 @@ class _Builder:
         for i, ns in enumerate(data.get("namespaces", [])):
             if ns["name"] in namespaces:
                 self.err(("namespaces", i, "name"), f"namespace {ns['name']!r} is declared twice")
+            given = ns.get("labels", {}).get(METADATA_NAME_LABEL)
+            if given is not None and given != ns["name"]:
+                self.err(("namespaces", i, "labels", METADATA_NAME_LABEL),
+                         f"Kubernetes sets {METADATA_NAME_LABEL} to the namespace's own name ({ns['name']!r}) and "
+                         f"keeps it so; got {given!r}")
             namespaces[ns["name"]] = Namespace(ns["name"], dict(ns.get("labels", {})))
 
         # Addresses: the first usable ones of the pod CIDR are kept for the node.
@@ -517,6 +522,10 @@ class _Builder:
                 if r["namespace"] not in scenario.namespaces:
                     self.err(where + ("namespace",), f"unknown namespace {r['namespace']!r}; declared: {', '.join(sorted(scenario.namespaces))}")
                     continue
+                problem = protected_label_change(r["namespace"], r.get("set", {}), r.get("remove", []))
+                if problem:
+                    self.err(where, problem)
+                    continue
                 relabels.append(Relabel("namespace", r["namespace"], dict(r.get("set", {})), tuple(r.get("remove", []))))
         probes = []
         for j, p in enumerate(raw.get("probes", [])):
@@ -600,6 +609,22 @@ class _Builder:
         return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
                      http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
                      location=self.doc.location(where), dns=dns)
+
+
+METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def protected_label_change(namespace: str, set_labels: Any, remove: Any) -> str | None:
+    """Why a relabel of `namespace` cannot be made, if it touches the label Kubernetes keeps
+    equal to the namespace's name (set on every namespace since 1.21; NetworkPolicy's
+    namespaceSelector relies on it), else None."""
+    if METADATA_NAME_LABEL in remove:
+        return f"{METADATA_NAME_LABEL} cannot be removed: Kubernetes keeps it on every namespace"
+    given = set_labels.get(METADATA_NAME_LABEL)
+    if given is not None and given != namespace:
+        return (f"{METADATA_NAME_LABEL} cannot be changed: Kubernetes keeps it equal to the namespace's "
+                f"name ({namespace!r}); got {given!r}")
+    return None
 
 
 def parse_scenario(doc: Document, file: Path, budget: Budget | None = None) -> Scenario:

@@ -44,7 +44,7 @@ from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
-from ..scenario import PolicyRef, PolicySource, Relabel, Step
+from ..scenario import PolicyRef, PolicySource, Relabel, Step, protected_label_change
 from ..supervisor import ProxySupervisor
 
 if TYPE_CHECKING:
@@ -313,6 +313,8 @@ class LabService:
             if r.name not in known:
                 errors.append(SourceError(SourceLocation("label"), f"no {r.target} {r.name!r} in lab {self.lab.name} "
                                                                    f"(known: {', '.join(sorted(known))})"))
+            elif r.target == "namespace" and (problem := protected_label_change(r.name, r.set, r.remove)):
+                errors.append(SourceError(SourceLocation("label"), f"namespace {r.name}: {problem}"))
         ErrorList.raise_if_any(errors)
         if time.monotonic() >= deadline:  # checked again: the documents may have been slow to parse
             raise ChangeRefused("the change arrived after its caller's deadline and was not applied")

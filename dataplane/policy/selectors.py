@@ -109,6 +109,7 @@ def pod_identity_labels(pod_labels: Mapping[str, str], namespace: str,
     labels[NAMESPACE_LABEL] = namespace
     for k, v in namespace_labels.items():
         labels[NAMESPACE_LABELS_PREFIX + k] = v
-    # Kubernetes sets this label on every namespace (since 1.21); NetworkPolicy relies on it.
-    labels.setdefault(NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name", namespace)
+    # Kubernetes sets this label on every namespace (since 1.21) to the namespace's name and keeps
+    # it so whatever a manifest says; NetworkPolicy relies on it.
+    labels[NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name"] = namespace
     return labels

@@ -146,6 +146,8 @@ def test_a_failed_change_changes_nothing(retail: str, tmp_path: Path) -> None:
     assert out.returncode == 1 and "no pod 'retail/nobody'" in out.stderr
     out = l7lab("label", "namespace", "retail", "not a label", "--lab", retail)
     assert out.returncode == 1 and "expected KEY=VALUE or KEY-" in out.stderr
+    out = l7lab("label", "namespace", "retail", "kubernetes.io/metadata.name=shop", "--lab", retail)
+    assert out.returncode == 1 and "kubernetes.io/metadata.name cannot be changed" in out.stderr, out
     assert agent_status(retail)["agent"]["policies"] == before
 
 

@@ -168,3 +168,22 @@ def test_annotated_example_in_docs_matches_the_schema() -> None:
     text = (REPO / "docs" / "scenarios.md").read_text()
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     jsonschema.Draft202012Validator(schema()).validate(yaml.safe_load(block))
+
+
+def test_the_namespace_name_label_is_kept_as_kubernetes_keeps_it(tmp_path: Path) -> None:
+    """kubernetes.io/metadata.name is the namespace's own name on every namespace: a scenario
+    cannot declare it otherwise nor relabel it, and it always carries the real name."""
+    changed = write(tmp_path, BASE.replace("labels: {team: shop}", "labels: {team: shop, kubernetes.io/metadata.name: store}"))
+    (error,) = errors_of(changed)
+    assert error.startswith(f"{changed}:4: namespaces[0].labels") and "keeps it so; got 'store'" in error, error
+    relabel = BASE.replace("  - name: check\n", "  - name: rename\n    relabel:\n      - {namespace: shop, remove: [kubernetes.io/metadata.name]}\n"
+                                                  "  - name: check\n")
+    (error,) = errors_of(write(tmp_path, relabel, "r.yaml"))
+    assert "steps[0].relabel[0]: kubernetes.io/metadata.name cannot be removed" in error, error
+    same = load_scenario(write(tmp_path, BASE.replace("labels: {team: shop}", "labels: {team: shop, kubernetes.io/metadata.name: shop}"), "ok.yaml"))
+    assert same.namespaces["shop"].labels["kubernetes.io/metadata.name"] == "shop"
+
+    from dataplane.policy.selectors import NAMESPACE_LABELS_PREFIX, pod_identity_labels  # noqa: PLC0415
+
+    labels = pod_identity_labels({"app": "web"}, "shop", {"kubernetes.io/metadata.name": "other"})
+    assert labels[NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name"] == "shop"
