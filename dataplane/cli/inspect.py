@@ -72,6 +72,8 @@ def _endpoint_title(ep: dict[str, Any]) -> str:
 
 
 def _endpoint_caption(ep: dict[str, Any]) -> str:
+    if not ep["kernel_entries"] and not ep["intended_entries"]:
+        return "no entries"
     if ep["differences"]:
         return (f"{ep['differences']} difference(s) between the kernel's map ({ep['kernel_entries']} entries) "
                 f"and the resolver's intended state ({ep['intended_entries']} entries)")
@@ -84,20 +86,23 @@ def render_policy(endpoints: list[dict[str, Any]]) -> None:
     from ..policymap import difference_text  # noqa: PLC0415
 
     for ep in endpoints:
-        table = Table(title=cell(_endpoint_title(ep)), title_justify="left", caption=cell(_endpoint_caption(ep)),
-                      caption_justify="left")
-        columns = ["DIRECTION", "IDENTITY", "LABELS", "PORT/PROTO", "VERDICT", "PROXY PORT", "RULE"]
-        if ep["differences"]:
-            columns.append("CHECK")
-        for column in columns:
-            table.add_column(column)
-        for row in ep["entries"]:
-            values = [row["direction"], row["identity"], "\n".join(row["identity_labels"]), row["ports"],
-                      row["verdict"], row["proxy_port"] or "-", "\n".join(r["rule"] for r in row["rules"]) or "-"]
+        say(_endpoint_title(ep), style="bold")
+        if ep["entries"]:
+            table = Table()
+            columns = ["DIRECTION", "IDENTITY", "LABELS", "PORT/PROTO", "VERDICT", "PROXY PORT", "RULE"]
             if ep["differences"]:
-                values.append(difference_text(row))
-            table.add_row(*map(cell, values))
-        console.print(table)
+                columns.append("CHECK")
+            for column in columns:  # labels and rule names come out whole, folded if they must
+                table.add_column(column, overflow="fold")
+            for row in ep["entries"]:
+                values = [row["direction"], row["identity"], "\n".join(row["identity_labels"]), row["ports"],
+                          row["verdict"], row["proxy_port"] or "-", "\n".join(r["rule"] for r in row["rules"]) or "-"]
+                if ep["differences"]:
+                    values.append(difference_text(row))
+                table.add_row(*map(cell, values))
+            console.print(table)
+        say(_endpoint_caption(ep), style="bold red" if ep["differences"] else "")
+        say("")
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -128,7 +133,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 def render_identities(identities: list[dict[str, Any]]) -> None:
     table = Table()
     for column in ("ID", "LABELS", "ENDPOINTS", "PREFIXES"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for ident in identities:
         prefixes = [*ident["prefixes"], *(f"({name})" for name in ident["dns_names"])]
         table.add_row(*map(cell, (ident["id"], "\n".join(ident["labels"]), "\n".join(ident["endpoints"]),
