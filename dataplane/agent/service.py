@@ -350,6 +350,7 @@ class LabService:
         if not self.proxy.ensure_ready(deadline) and self.proxy.state == "starting":
             raise ChangeRefused("the L7 proxy is restarting and was not ready in time; try again")
         before = self.policies()
+        in_force = dict(engine.policies)  # an applied policy of a name in force is a new object
         proposal = engine.propose(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels)))
         self.drain(timeout_ms=0)  # earlier events are named by the state they were decided under
         old_state, state = self.state, proposal.map_state
@@ -386,6 +387,8 @@ class LabService:
             raise L7LabError("the change took longer than its deadline and was rolled back; nothing changed")
         after = self.policies()
         reply = {"ok": True, "policies": after, "added": sorted(set(after) - set(before)),
+                 "replaced": sorted(p.display for key, p in engine.policies.items()
+                                    if key in in_force and p is not in_force[key]),
                  "removed": sorted(set(before) - set(after)),
                  "map_writes": stats.total if stats is not None else 0}
         if not self.proxy.up:

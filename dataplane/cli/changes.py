@@ -32,6 +32,8 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
     if not as_json:
         for name in reply["added"]:
             say(f"applied {name}")
+        for name in reply.get("replaced", []):
+            say(f"applied {name} (replaced the version in force)")
         for name in reply["removed"]:
             say(f"deleted {name}")
         for warning in reply.get("warnings", []):

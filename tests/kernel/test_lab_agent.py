@@ -112,6 +112,13 @@ def test_apply_label_delete_change_enforcement_at_once(retail: str, tmp_path: Pa
     assert l7lab("label", "pod", "retail/reporting", "role=auditor", "--lab", retail).returncode == 0
     assert reaches(retail, "reporting", url, True)
 
+    out = l7lab("apply", "--lab", retail, str(policy))  # the same name again: it replaces the one in force
+    assert out.returncode == 0 and ("applied CiliumNetworkPolicy retail/auditors-read (replaced the version in force)"
+                                    in out.stdout), out
+    out = l7lab("apply", "--lab", retail, str(policy), "--json")
+    reply = json.loads(out.stdout)
+    assert (reply["added"], reply["replaced"]) == ([], ["CiliumNetworkPolicy retail/auditors-read"]), reply
+
     out = l7lab("delete", "cnp", "auditors-read", "-n", "retail", "--lab", retail, "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["removed"] == ["CiliumNetworkPolicy retail/auditors-read"]
     assert not reaches(retail, "reporting", url, False)
