@@ -74,6 +74,29 @@ def pack_policy(key: PolicyKey, entry: PolicyEntry) -> tuple[bytes, bytes]:
     return bytes(k), bytes(v)
 
 
+def unpack_policy(key: bytes, value: bytes) -> tuple[PolicyKey, PolicyEntry]:
+    """The inverse of `pack_policy`: a policy map entry as the kernel holds it. The value keeps
+    one rule id (the first of `PolicyEntry.rule_ids`), so `rule_ids` has at most one, none for 0."""
+    k = abi.CPolicyKey.from_buffer_copy(key)
+    v = abi.CPolicyValue.from_buffer_copy(value)
+    port_prefix = k.prefixlen - abi.POLICY_FIXED_PREFIX
+    if not 0 <= port_prefix <= 16:
+        raise ValueError(f"policy key with prefix length {k.prefixlen}: expected "
+                         f"{abi.POLICY_FIXED_PREFIX}..{abi.POLICY_FULL_PREFIX}")
+    try:
+        direction, verdict = Direction(k.direction), abi.Verdict(v.verdict)
+    except ValueError as exc:
+        raise ValueError(f"policy entry of endpoint {k.endpoint_id}: {exc}") from None
+    return (PolicyKey(k.endpoint_id, direction, k.identity, k.protocol, k.port, port_prefix),
+            PolicyEntry(verdict, v.proxy_port, (v.rule_id,) if v.rule_id else ()))
+
+
+def as_kernel_holds(key: PolicyKey, entry: PolicyEntry) -> tuple[PolicyKey, PolicyEntry]:
+    """What the kernel holds once `sync` wrote this entry: packed and read back (the port's bits
+    past its prefix cleared, one rule id kept)."""
+    return unpack_policy(*pack_policy(key, entry))
+
+
 def pack_if_binding(ifindex: int, endpoint_id: int) -> tuple[bytes, bytes]:
     """Anti-spoofing: interface `ifindex` may send from endpoint `endpoint_id` (0: a world link)."""
     return bytes(abi.MAPS["if_bind"].key(ifindex)), bytes(abi.CIfBinding(endpoint_id=endpoint_id))
@@ -407,6 +430,16 @@ class Datapath:
                 pass  # already gone: the goal is reached
             stats.deleted[name] = stats.deleted.get(name, 0) + 1
             stats.writes.append((name, "delete", have.pop(k)[1]))
+
+    def read_policy(self) -> dict[PolicyKey, PolicyEntry]:
+        """The policy map as the kernel holds it now, read back entry by entry (not what `sync`
+        remembers writing): `l7lab policy get` compares it with the resolver's map state."""
+        table = self._tables["policy"]
+        out: dict[PolicyKey, PolicyEntry] = {}
+        for k, v in table.items():
+            key, entry = unpack_policy(bytes(k), bytes(v))
+            out[key] = entry
+        return out
 
     def flush_conntrack(self) -> None:
         """Forget every tracked flow (tests; a lab restart), and every datagram whose later

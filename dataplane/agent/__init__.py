@@ -14,6 +14,8 @@ the agent before anything is built and the agent lives as long as the lab does. 
 """
 
 from .process import (
+    INSPECT_TIMEOUT,
+    MAX_DUMP_REPLY,
     REQUEST_TIMEOUT,
     SOCKET_NAME,
     STATUS_TIMEOUT,
@@ -25,6 +27,6 @@ from .process import (
 )
 from .service import CHANGE_BUDGET, PROXY_CONFIRM_TIMEOUT, ROLLBACK_BUDGET, ChangeRefused, LabService
 
-__all__ = ["CHANGE_BUDGET", "PROXY_CONFIRM_TIMEOUT", "REQUEST_TIMEOUT", "ROLLBACK_BUDGET", "SOCKET_NAME",
+__all__ = ["CHANGE_BUDGET", "INSPECT_TIMEOUT", "MAX_DUMP_REPLY", "PROXY_CONFIRM_TIMEOUT", "REQUEST_TIMEOUT", "ROLLBACK_BUDGET", "SOCKET_NAME",
            "STATUS_TIMEOUT", "AgentProcess", "ChangeRefused", "LabService", "adopt", "request", "socket_path",
            "start"]

@@ -49,9 +49,12 @@ ADOPT_TIMEOUT = 30.0  # for a forked agent to take over a lab that is up
 REPLY_MARGIN = 3.0  # the reply's way back, on a loaded machine
 REQUEST_TIMEOUT = CHANGE_BUDGET + ROLLBACK_BUDGET + REPLY_MARGIN  # the CLI's wait for a change's answer
 STATUS_TIMEOUT = 5.0  # the CLI's wait for a status answer
+INSPECT_TIMEOUT = 30.0  # the CLI's wait for a policy dump: reading a full policy map back takes seconds
 RECEIVE_TIMEOUT = 2.0  # the agent's wait for a whole request
 # A change carries at most MAX_CHANGE_BYTES of policy text; JSON escaping can make a byte six.
 MAX_REQUEST = 6 * limits.MAX_CHANGE_BYTES + 64 * 1024
+# A policy dump carries two maps of up to POLICY_MAP_SIZE entries each (some 150 bytes an entry).
+MAX_DUMP_REPLY = 256 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 
 
@@ -321,8 +324,8 @@ class AgentProcess:
         self.service.replied(undo)
 
 
-def _recv_line(conn: socket.socket, deadline: float) -> bytes:
-    """One line, read by the monotonic `deadline` (socket.timeout past it)."""
+def _recv_line(conn: socket.socket, deadline: float, limit: int = MAX_REQUEST) -> bytes:
+    """One line of at most `limit` bytes, read by the monotonic `deadline` (socket.timeout past it)."""
     data = b""
     while b"\n" not in data:
         left = deadline - time.monotonic()
@@ -333,18 +336,20 @@ def _recv_line(conn: socket.socket, deadline: float) -> bytes:
         if not piece:
             break
         data += piece
-        if len(data) > MAX_REQUEST:
-            raise ValueError(f"request larger than {MAX_REQUEST} bytes")
+        if len(data) > limit:
+            raise ValueError(f"message larger than {limit} bytes")
     return data.split(b"\n", 1)[0]
 
 
 # --------------------------------------------------------------------------- the CLI's side
 
 
-def request(lab: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Send one request to the agent of `lab` and return its reply. A change carries its
-    deadline (now + CHANGE_BUDGET); the wait for its reply is the agent's whole budget for it
-    (REQUEST_TIMEOUT), so a change is never applied after this side gave up on it."""
+def request(lab: str, payload: dict[str, Any], timeout: float | None = None,
+            reply_limit: int = MAX_REQUEST) -> dict[str, Any]:
+    """Send one request to the agent of `lab` and return its reply (of at most `reply_limit`
+    bytes). A change carries its deadline (now + CHANGE_BUDGET); the wait for its reply is the
+    agent's whole budget for it (REQUEST_TIMEOUT), so a change is never applied after this side
+    gave up on it."""
     path = socket_path(lab)
     if not labmod.record_path(lab).exists():
         raise SetupError(f"lab {lab!r} is not up")
@@ -362,10 +367,12 @@ def request(lab: str, payload: dict[str, Any], timeout: float | None = None) -> 
         try:
             sock.connect(str(path))
             sock.sendall(json.dumps(payload).encode() + b"\n")
-            line = _recv_line(sock, started + timeout)
+            line = _recv_line(sock, started + timeout, reply_limit)
         except (ConnectionRefusedError, FileNotFoundError):
             raise SetupError(f"the agent of lab {lab!r} is not running (it may have been killed); "
                              f"the lab still enforces its last policy; 'l7lab down {lab}' removes it") from None
+        except ValueError as exc:  # a reply past reply_limit
+            raise SetupError(f"the agent of lab {lab!r} answered too much: {exc}") from None
         except OSError as exc:
             outcome = (" the change was not applied (the agent refuses, or rolls back, a change whose caller "
                        "gave up)" if change else "")

@@ -18,6 +18,9 @@ agent's loop (`dataplane/agent/process.py` turns it):
   datapath's trace map, the loop keeps the trace events of every active trace as it drains the
   ring buffers, and `trace-stop` hands them back with the oracle's decision and the lab's names.
   A trace nobody stopped within TRACE_LIFETIME is dropped, its map entries with it.
+  `policy-dump` serves `l7lab policy get`: the policy map read back from the kernel, beside the
+  map state in force and the identities (`dataplane/policymap.py`); `identity-list` serves
+  `l7lab identity list`.
 
 Deadlines: a change carries the monotonic time by which its caller stops waiting (now +
 CHANGE_BUDGET when it was sent). A change that arrives after it is refused before anything is
@@ -195,8 +198,35 @@ class LabService:
             return self.trace_start(request), None
         if op == "trace-stop":
             return self.trace_stop(request), None
-        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change', 'status', 'trace-start' "
-                                        "or 'trace-stop'"]}, None
+        if op == "policy-dump":
+            return self.policy_dump(request), None
+        if op == "identity-list":
+            from ..policymap import identities_json  # noqa: PLC0415
+
+            return {"ok": True, "identities": identities_json(self.engine.identities, self.state)}, None
+        return {"ok": False, "errors": [f"unknown request {op!r}: expected 'change', 'status', 'trace-start', "
+                                        "'trace-stop', 'policy-dump' or 'identity-list'"]}, None
+
+    # -- inspection (l7lab policy get, l7lab identity list) -----------------------------------
+    def policy_dump(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The policy map read back from the kernel beside the map state in force (of the
+        endpoint named "namespace/pod", or of all), with the identities that name them; the
+        CLI compares the two (`dataplane/policymap.py`)."""
+        from ..policymap import dump_reply  # noqa: PLC0415
+
+        name = request.get("endpoint")
+        endpoint_id = None
+        if name is not None:
+            ids = [i for i, ep in self.state.endpoints.items() if ep.name == name]
+            if not ids:
+                known = ", ".join(sorted(ep.name for ep in self.state.endpoints.values()))
+                return {"ok": False, "errors": [f"no endpoint {name!r} in lab {self.lab.name} (endpoints: {known})"]}
+            endpoint_id = ids[0]
+        try:
+            kernel = self.datapath.read_policy()
+        except ValueError as exc:  # an entry no layout of ours explains: the dump itself is the finding
+            return {"ok": False, "errors": [f"the kernel's policy map holds an entry l7lab cannot read: {exc}"]}
+        return dump_reply(kernel, self.state, self.engine.identities, endpoint_id)
 
     # -- traces (l7lab trace) ----------------------------------------------------------------
     def trace_start(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ The verbs are grouped by subject, each group a module that registers its own sub
     check       validate, explain               files only: errors, and the oracle's reasons
     exercise    check                           an exercise against the learner's policies: solved or not yet
     trace       trace                           one probe's path through a running lab, step by step
+    inspect     policy get, identity list       a running lab's policy map as the kernel holds it (checked
+                                                against the resolver's state), and its identities
     ui          ui                              a running lab's service map in the browser
 
 `common` holds what they share: exit codes, the consoles, the registry, the lab look-up.
@@ -25,10 +27,10 @@ import sys
 
 from .. import lab as labmod
 from ..errors import ErrorList, L7LabError, SourceError
-from . import changes, check, exercise, lifecycle, observe, run, trace, ui
+from . import changes, check, exercise, inspect, lifecycle, observe, run, trace, ui
 from .common import EXIT_EXPECTATION, EXIT_OK, EXIT_SETUP, EXIT_USAGE, UsageError, Verbs, errconsole, report_errors
 
-GROUPS = (lifecycle, run, observe, changes, check, exercise, trace, ui)
+GROUPS = (lifecycle, run, observe, changes, check, exercise, trace, inspect, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

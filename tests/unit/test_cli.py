@@ -210,7 +210,8 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
     groups = {g.__name__.rsplit(".", 1)[1]: verbs_of(g) for g in cli.GROUPS}
     assert groups == {"lifecycle": ["up", "down", "clean", "status", "exec"], "run": ["run"],
                       "observe": ["observe", "monitor"], "changes": ["apply", "delete", "label"],
-                      "check": ["validate", "explain"], "exercise": ["check"], "trace": ["trace"], "ui": ["ui"]}
+                      "check": ["validate", "explain"], "exercise": ["check"], "trace": ["trace"],
+                      "inspect": ["policy", "identity"], "ui": ["ui"]}
     listed = re.findall(r"^    (\w+) ", l7lab("--help").stdout, re.M)
     assert listed == [verb for verbs in groups.values() for verb in verbs]
     for verbs in groups.values():  # every verb runs its own command and answers --json where it did
@@ -220,7 +221,8 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
                                                           "label": ["pod", "p", "k=v"], "validate": ["f"],
                                                           "explain": ["s", "--from", "a", "--to", "b"],
                                                           "check": ["e"],
-                                                          "trace": ["--from", "a", "--to", "b"]}.get(verb, [])])
+                                                          "trace": ["--from", "a", "--to", "b"],
+                                                          "policy": ["get"], "identity": ["list"]}.get(verb, [])])
             assert args.func.__name__ == f"cmd_{verb}" and hasattr(args, "json") == (verb != "exec")
 
 
