@@ -370,7 +370,7 @@ CIfBinding = c_struct("if_binding", 4, [
     ("endpoint_id", U16, 0),
     ("pad", U16, 2),
 ])
-CFlowEvent = c_struct("flow_event", 56, [
+CFlowEvent = c_struct("flow_event", 64, [
     ("ts_ns", U64, 0),
     ("saddr", BE32, 8),
     ("daddr", BE32, 12),
@@ -392,6 +392,8 @@ CFlowEvent = c_struct("flow_event", 56, [
     ("pkt_len", U32, 48),
     ("flags", U8, 52),  # FLOW_EVENT_F_*
     ("pad", U8 * 3, 53),
+    ("other_rule_id", U32, 56),  # the rule of the direction not reported that allowed it; 0 if none
+    ("pad2", U32, 60),
 ])
 
 CTraceKey = c_struct("trace_key", 16, [

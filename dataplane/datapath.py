@@ -142,6 +142,7 @@ class FlowEvent:
     ifindex: int
     length: int
     flags: int = 0  # abi.FLOW_EVENT_F_*
+    other_rule_id: int = 0  # a new flow: the rule that allowed it in the direction not reported
 
     @property
     def from_proxy(self) -> bool:
@@ -159,7 +160,7 @@ class FlowEvent:
         return cls(e.ts_ns, str(ipaddress.IPv4Address(e.saddr)), str(ipaddress.IPv4Address(e.daddr)), e.sport,
                    e.dport, e.proto, FlowVerdict(e.verdict), DropReason(e.reason), Direction(e.direction),
                    e.src_identity, e.dst_identity, e.src_endpoint, e.dst_endpoint, e.rule_id, e.proxy_port,
-                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len, e.flags)
+                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len, e.flags, e.other_rule_id)
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,10 @@ class Flow:
     # L3_L4: whether the deciding endpoint enforced policy in the record's direction when it was
     # made (a pod no policy selects there enforces nothing: Cilium sends no policy verdict for it)
     policy_enforced: bool = True
+    # L3_L4 new flow between two local pods: the rule that allowed it in the other direction
+    # (the source's egress when the record is about the destination's ingress, and the reverse),
+    # so a flow both sides' policies allowed names both, as Hubble's *_allowed_by do
+    other_direction_policy: PolicyAttribution = field(default_factory=PolicyAttribution)
 
     @property
     def http(self) -> HttpFlow | None:
@@ -212,6 +216,8 @@ class Flow:
             "policy_match_type": self.policy_match_type, "ifindex": self.ifindex,
             "from_proxy": self.from_proxy, "policy_enforced": self.policy_enforced,
         }
+        if self.other_direction_policy.policies:
+            out["other_direction_policy"] = self.other_direction_policy.to_json()
         if self.l7 is not None:
             out["l7"] = self.l7.to_json()
         return out
@@ -228,7 +234,8 @@ class Flow:
             int(data.get("proxy_port", 0)), int(data.get("bytes", 0)),
             L7.from_json(data["l7"]) if data.get("l7") is not None else None,
             int(data.get("policy_match_type") or 0), int(data.get("ifindex") or 0),
-            bool(data.get("from_proxy", False)), bool(data.get("policy_enforced", True)))
+            bool(data.get("from_proxy", False)), bool(data.get("policy_enforced", True)),
+            PolicyAttribution.from_json(data.get("other_direction_policy") or {}))
 
 
 PROXY_EVENT_TYPE = "PROXY"

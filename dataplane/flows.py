@@ -151,6 +151,9 @@ def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: floa
     attribution = PolicyAttribution(
         (rule.rule_id,), (rule.policy,), (rule.text,)) if rule else \
         PolicyAttribution()
+    other = state.rules.get(ev.other_rule_id) if ev.other_rule_id and not ev.from_proxy else None
+    other_attribution = PolicyAttribution((other.rule_id,), (other.policy,), (other.text,)) if other else \
+        PolicyAttribution()
     protocol = PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol))
     flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == PROTO_TCP else ()
     return Flow(
@@ -162,7 +165,7 @@ def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: floa
         trace_point=TRACE_POINTS.get(ev.hook, TracePoint.FROM_ENDPOINT), drop_reason=ev.reason.name,
         policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length,
         policy_match_type=decided_match_type(ev, state), ifindex=ev.ifindex, from_proxy=ev.from_proxy,
-        policy_enforced=enforced_at_event(ev, state))
+        policy_enforced=enforced_at_event(ev, state), other_direction_policy=other_attribution)
 
 
 def kernel_flows(events: Iterable[FlowEvent], state: MapState, directory: Directory) -> list[Flow]:

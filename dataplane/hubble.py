@@ -234,11 +234,18 @@ def _l3_l4_summary(flow: Flow) -> str:
 
 
 def _policies(flow: Flow, denied: bool) -> dict[str, Any]:
-    """The record's policies under the field of its direction: *_allowed_by, or *_denied_by."""
-    if not flow.policy.policies or flow.direction == TrafficDirection.UNKNOWN:
+    """The record's policies under the field of its direction: *_allowed_by, or *_denied_by;
+    and the policies that allowed it in the other direction under that one's *_allowed_by (a
+    flow between two local pods is judged by the source's egress and the destination's ingress)."""
+    if flow.direction == TrafficDirection.UNKNOWN:
         return {}
-    field = f"{flow.direction.value}_{'denied' if denied else 'allowed'}_by"
-    return {field: [policy_ref(p) for p in flow.policy.policies]}
+    out: dict[str, Any] = {}
+    if flow.policy.policies:
+        out[f"{flow.direction.value}_{'denied' if denied else 'allowed'}_by"] = [policy_ref(p) for p in flow.policy.policies]
+    if flow.other_direction_policy.policies:
+        other = "ingress" if flow.direction == TrafficDirection.EGRESS else "egress"
+        out[f"{other}_allowed_by"] = [policy_ref(p) for p in flow.other_direction_policy.policies]
+    return out
 
 
 # --------------------------------------------------------------------------- the mapping

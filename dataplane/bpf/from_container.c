@@ -137,6 +137,7 @@ static __always_inline int from_container_run(struct __sk_buff *skb, struct trac
 	if (dst_ep) {
 		policy_decide(t, dst_ep, DIR_INGRESS, fi.src_identity, &p, &in);
 		decision_combine(d, &eg, &in);
+		fi.other_rule_id = decision_other_allow(d, &eg, &in);
 	} else {
 		*d = eg;
 	}

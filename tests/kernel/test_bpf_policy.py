@@ -25,12 +25,13 @@ pytestmark = pytest.mark.kernel
 def test_bpf_verdict_matches_oracle(dp: Datapath, src: str, dst: str, proto: int, port: int) -> None:
     state = base_state()
     dp.sync(state)
-    verdict, reason, direction, rule = oracle(state, src, dst, proto, port)
+    (verdict, reason, direction, rule), other_rule = oracle(state, src, dst, proto, port, other=True)
     retval, mark, events = run(dp, packet(src, dst, proto, port))
     expect_verdict(retval, verdict)
     assert len(events) == 1
     ev = events[0]
     assert (ev.verdict, ev.reason, ev.direction, ev.rule_id) == (verdict, reason, direction, rule)
+    assert ev.other_rule_id == other_rule  # the other direction's allowing rule, named too
     if verdict != FlowVerdict.DROP:
         assert mark & MARK_MAGIC_MASK == MARK_MAGIC_DECIDED
 
@@ -118,3 +119,14 @@ def test_bpf_source_spoofing(dp: Datapath) -> None:
         assert reasons[1:] == [DropReason.SOURCE_SPOOFED] * 3
     finally:
         dp.sync(MapState(), interfaces={})
+
+
+def test_bpf_a_flow_both_sides_allow_names_both_rules(dp: Datapath) -> None:
+    """A -> B:80 is allowed by A's egress rule 11 and B's ingress rule 21: the event is B's
+    ingress verdict (both enforce; a tie is reported where the packet is delivered) and names
+    rule 11 as the egress side's. To C (no ingress policy) it is A's egress with nothing else."""
+    dp.sync(base_state())
+    _, _, (ev,) = run(dp, packet(A, B, PROTO_TCP, 80))
+    assert (ev.direction, ev.rule_id, ev.other_rule_id) == (ING, 21, 11)
+    _, _, (ev,) = run(dp, packet(A, C, PROTO_TCP, 81))
+    assert (ev.direction, ev.rule_id, ev.other_rule_id) == (EG, 15, 0)

@@ -7,6 +7,8 @@ the malformed packets with the reason each must be dropped for. The datapath fix
 
 from __future__ import annotations
 
+from typing import Any
+
 from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw  # type: ignore[import-untyped]
 from dataplane.abi import PROXY_PORT
 from dataplane.datapath import Datapath, FlowEvent
@@ -61,8 +63,10 @@ def base_state(**overrides: object) -> MapState:
 RANK = {FlowVerdict.DROP: 3, FlowVerdict.REDIRECT: 2, FlowVerdict.AUDIT: 1, FlowVerdict.FORWARD: 0}
 
 
-def oracle(state: MapState, src: str, dst: str, proto: int, port: int, *, audit: bool = False
-           ) -> tuple[FlowVerdict, DropReason, Direction, int]:
+def oracle(state: MapState, src: str, dst: str, proto: int, port: int, *, audit: bool = False,
+           other: bool = False) -> Any:
+    """(verdict, reason, direction, rule) of the event the datapath emits; with `other`, that
+    and the rule that allowed the flow in the direction not reported (0 if none)."""
     eps = {e.ip: e for e in state.endpoints.values()}
     s, d = eps.get(src), eps.get(dst)
     sid = s.identity if s else state.identity_of(src)
@@ -86,14 +90,19 @@ def oracle(state: MapState, src: str, dst: str, proto: int, port: int, *, audit:
 
     eg = decide(s, EG, did) if s else (FlowVerdict.FORWARD, DropReason.NONE, EG, 0)
     if d is None:
-        return eg
+        return eg if not other else (eg, 0)
     ing = decide(d, ING, sid)
     # A tie: a drop at egress, else the direction that enforces policy, else ingress.
     eg_enforced = s is not None and s.egress_enforced
     if RANK[eg[0]] > RANK[ing[0]] or (RANK[eg[0]] == RANK[ing[0]] and (
             eg[0] == FlowVerdict.DROP or (eg_enforced and not d.ingress_enforced))):
-        return eg
-    return ing
+        chosen, rest = eg, ing
+    else:
+        chosen, rest = ing, eg
+    if not other:
+        return chosen
+    # The event also names the rule that allowed the flow in the direction not reported.
+    return chosen, rest[3] if rest[0] in (FlowVerdict.FORWARD, FlowVerdict.REDIRECT) else 0
 
 
 # Packets.

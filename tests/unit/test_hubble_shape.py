@@ -62,12 +62,12 @@ DIRECTORY = Directory({"10.200.0.2": "retail/frontend-app", "10.200.0.3": "retai
 def kernel(verdict: FlowVerdict, reason: DropReason = DropReason.NONE, *, rule_id: int = 0, src: str = "10.200.0.2",
            src_identity: int = 256, src_endpoint: int = 11, dport: int = 8080, dst: str = "10.200.0.3",
            dst_identity: int = 257, dst_endpoint: int = 12, direction: Direction = Direction.INGRESS,
-           hook: Hook = Hook.FROM_CONTAINER, flags: int = 0) -> Flow:
+           hook: Hook = Hook.FROM_CONTAINER, flags: int = 0, other_rule_id: int = 0) -> Flow:
     ev = FlowEvent(ts_ns=1, src=src, dst=dst, sport=40512, dport=dport, protocol=6, verdict=verdict, reason=reason,
                    direction=direction, src_identity=src_identity, dst_identity=dst_identity,
                    src_endpoint=src_endpoint, dst_endpoint=dst_endpoint, rule_id=rule_id,
                    proxy_port=15001 if verdict == FlowVerdict.REDIRECT else 0, tcp_flags=0x02,
-                   hook=hook, ifindex=5, length=74, flags=flags)
+                   hook=hook, ifindex=5, length=74, flags=flags, other_rule_id=other_rule_id)
     return kernel_flow(ev, lab_state(), DIRECTORY, WHEN)
 
 
@@ -140,6 +140,26 @@ def test_a_forward_is_an_allowed_policy_verdict_and_a_trace_to_the_endpoint() ->
     # a rule that names a port but any peer is L4-only; one that names the peer alone L3-only
     l4_only = hubble_flows(kernel(FlowVerdict.FORWARD, rule_id=5, dport=7070), NODE)[0]
     assert l4_only["policy_match_type"] == 3 and "policy-verdict:L4-Only INGRESS ALLOWED" in compact(l4_only)
+
+
+def test_a_flow_both_sides_allowed_names_both_policies() -> None:
+    """The source's egress rule and the destination's ingress rule both allowed the flow: the
+    policy verdict carries ingress_allowed_by and egress_allowed_by, as Hubble's does."""
+    st_rule = "NetworkPolicy retail/frontend-out"
+    record = kernel(FlowVerdict.FORWARD, rule_id=3, dport=9090, other_rule_id=6)
+    assert record.other_direction_policy == PolicyAttribution()  # rule 6 is not in the state: named by nobody
+    state = lab_state()
+    state.rules[6] = RuleAttribution(6, st_rule, 0, "egress")
+    ev = FlowEvent(ts_ns=1, src="10.200.0.2", dst="10.200.0.3", sport=40512, dport=9090, protocol=6,
+                   verdict=FlowVerdict.FORWARD, reason=DropReason.NONE, direction=Direction.INGRESS,
+                   src_identity=256, dst_identity=257, src_endpoint=11, dst_endpoint=12, rule_id=3, proxy_port=0,
+                   tcp_flags=0x02, hook=Hook.FROM_CONTAINER, ifindex=5, length=74, other_rule_id=6)
+    record = kernel_flow(ev, state, DIRECTORY, WHEN)
+    assert record.other_direction_policy.rules == (f"{st_rule} egress[0]",)
+    assert Flow.from_json(json.loads(json.dumps(record.to_json()))) == record
+    verdict = hubble_flows(record, NODE)[0]
+    assert verdict["ingress_allowed_by"][0]["name"] == "inventory-read-only"
+    assert verdict["egress_allowed_by"][0]["name"] == "frontend-out"
 
 
 def test_an_audit_is_an_audited_policy_verdict_and_the_packet_goes_on() -> None:

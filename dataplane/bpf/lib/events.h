@@ -32,6 +32,7 @@ struct flow_info {
 	u16 dst_endpoint;
 	u8 hook;
 	u8 flags;               /* FLOW_EVENT_F_* */
+	u32 other_rule_id;      /* a new flow: the rule of the direction not reported that allowed it */
 };
 
 static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt *p,
@@ -60,6 +61,7 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt *
 	e.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
 	e.pkt_len = p->len;
 	e.flags = fi->flags;
+	e.other_rule_id = fi->other_rule_id;
 	events_output(&e);
 #if DEBUG
 	if (d->verdict == VERDICT_DROP)

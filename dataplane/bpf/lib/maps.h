@@ -143,6 +143,8 @@ struct flow_event {
 	u32 pkt_len;
 	u8 flags;               /* FLOW_EVENT_F_* */
 	u8 pad[3];
+	u32 other_rule_id;      /* the rule that allowed the flow in the other direction; 0 if none */
+	u32 pad2;
 };
 /* The L7 proxy's upstream connection: passed without a policy decision (a trace, not a verdict). */
 #define FLOW_EVENT_F_FROM_PROXY 0x01

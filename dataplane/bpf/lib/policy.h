@@ -135,4 +135,17 @@ static __always_inline void decision_combine(struct decision *out, const struct 
 		*out = *in;
 }
 
+/* The rule that allowed the flow in the direction decision_combine did not report, so an event
+ * names both sides (Hubble's egress_allowed_by and ingress_allowed_by): 0 when that direction
+ * matched no entry or did not allow. */
+static __always_inline u32 decision_other_allow(const struct decision *out, const struct decision *eg,
+						const struct decision *in)
+{
+	const struct decision *other = out->direction == DIR_EGRESS ? in : eg;
+
+	if (other->verdict == VERDICT_FORWARD || other->verdict == VERDICT_REDIRECT)
+		return other->rule_id;
+	return 0;
+}
+
 #endif
