@@ -32,6 +32,7 @@ EXPECTATIONS: tuple[str, ...] = ("allowed", "dropped", "denied", "refused")
 DEFAULT_POD_CIDR = "10.200.0.0/24"
 WORLD_RANGES = tuple(ipaddress.ip_network(n) for n in ("203.0.113.0/24", "198.51.100.0/24"))
 DEFAULT_NAMESPACE = "default"
+DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
 
 
@@ -68,6 +69,9 @@ class WorldHost:
     address: str
     dns_names: tuple[str, ...] = ()
     ports: tuple[Port, ...] = ()
+    # A reserved identity the host's address carries instead of world ("kube-apiserver",
+    # "remote-node"): the lab's stand-in for the API server or another node of the cluster.
+    entity: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ class Settings:
     probe_timeout: float = 1.0
     policy_enforcement: Literal["default", "always", "never"] = "default"
     audit: bool = False
+    # Cilium's --cluster-name: every pod's identity carries io.cilium.k8s.policy.cluster=<name>.
+    cluster_name: str = DEFAULT_CLUSTER_NAME
 
 
 @dataclass(frozen=True)
@@ -404,6 +410,7 @@ class _Builder:
             probe_timeout=float(raw_settings.get("probeTimeout", 1.0)),
             policy_enforcement=raw_settings.get("policyEnforcement", "default"),
             audit=bool(raw_settings.get("audit", False)),
+            cluster_name=raw_settings.get("clusterName", DEFAULT_CLUSTER_NAME),
         )
         try:
             cidr = ipaddress.ip_network(settings.pod_cidr)
@@ -479,7 +486,8 @@ class _Builder:
                 dns_owner[dns.lower()] = raw["name"]
             ports = self.ports(raw.get("ports", []))
             self.check_ports(ports, ("world", i, "ports"))
-            world[raw["name"]] = WorldHost(raw["name"], raw["address"], tuple(raw.get("dnsNames", [])), ports)
+            world[raw["name"]] = WorldHost(raw["name"], raw["address"], tuple(raw.get("dnsNames", [])), ports,
+                                           raw.get("entity", ""))
         addresses = [h.address for h in world.values()]
         for i, raw in enumerate(data.get("world", [])):
             if addresses.count(raw["address"]) > 1 and addresses.index(raw["address"]) != i:

@@ -219,11 +219,13 @@ class PolicyEngine:
 
     def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict) -> Resolution:
         sc = self.scenario
-        labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}))
+        labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
+                                         sc.settings.cluster_name)
                   for k, p in sc.pods.items()}
         table = IdentityTable.build(self.allocator, labels, {k: p.ip for k, p in sc.pods.items()},
                                     sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
-                                    list(policies.values()))
+                                    list(policies.values()),
+                                    {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity})
         endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports))
                      for i, (k, p) in enumerate(sc.pods.items())]
         return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement, sc.settings.audit)

@@ -15,8 +15,13 @@ Numbering follows Cilium (pkg/identity/numericidentity.go, constants in `mapstat
   learning step of Cilium is replaced by the scenario's `dnsNames`). 0.0.0.0/0 is `world`.
 
 ipcache (LPM trie in the datapath): pod IP/32 -> pod identity, node addresses/32 -> host,
-CIDR prefixes -> CIDR identities, 0.0.0.0/0 -> world. Since a pod's /32 is always the longest
-match, CIDR rules never select pods, as in Cilium.
+world hosts declared with an `entity` /32 -> that reserved identity (kube-apiserver 7,
+remote-node 6), CIDR prefixes -> CIDR identities, 0.0.0.0/0 -> world. Since a pod's /32 is always
+the longest match, CIDR rules never select pods, as in Cilium; nor do they select the addresses
+of entity hosts, which carry no CIDR identity: Cilium gives the API server's and the other
+nodes' addresses their reserved identity, which CIDR selectors do not match (nodes: Cilium's
+default policy-cidr-match-mode; the API server: cilium/cilium#20550), and FQDN selectors do
+not give them one either.
 
 Selection (Cilium's selector cache):
 - an endpoint selector selects label-set identities whose labels match (and reserved
@@ -39,6 +44,7 @@ from l7.dns import fqdn_matches
 from ..abi import (IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABEL_BASED, IDENTITY_HOST, IDENTITY_WORLD,
                    RESERVED_IDENTITIES)
 from .api import AllPeer, CIDRPeer, EndpointPeer, EntityPeer, FQDNPeer, Peer, Policy
+from .selectors import CLUSTER_LABEL, NAMESPACE_LABELS_PREFIX
 
 CLUSTER_RESERVED = ("host", "remote-node", "health", "init", "unmanaged", "kube-apiserver", "ingress")
 
@@ -50,14 +56,19 @@ class Identity:
     kind: str  # "reserved" | "pod" | "cidr"
     prefix: str = ""  # for CIDR identities
     dns_names: tuple[str, ...] = ()  # world host names behind a /32 FQDN identity
+    hosts: tuple[str, ...] = ()  # world hosts declared with this reserved identity as `entity`
 
     def describe(self) -> str:
         if self.kind == "reserved":
-            return f"{self.number} ({self.labels[0][0]})"
+            extra = f", {', '.join(self.hosts)}" if self.hosts else ""
+            return f"{self.number} ({self.labels[0][0]}{extra})"
         if self.kind == "cidr":
             extra = f", {'/'.join(self.dns_names)}" if self.dns_names else ""
             return f"{self.number} (cidr:{self.prefix}{extra})"
-        shown = [f"k8s:{k}={v}" for k, v in self.labels if not k.startswith("io.cilium.k8s.namespace.labels.")]
+        # The short form leaves out what every pod derives from its namespace's labels and from
+        # the cluster; the full label list is `identity_labels` (observe, inspect).
+        shown = [f"k8s:{k}={v}" for k, v in self.labels
+                 if not k.startswith(NAMESPACE_LABELS_PREFIX) and k != CLUSTER_LABEL]
         return f"{self.number} ({', '.join(shown)})"
 
 
@@ -93,10 +104,15 @@ class IdentityTable:
     @classmethod
     def build(cls, allocator: IdentityAllocator, pod_labels: Mapping[str, Mapping[str, str]],
               pod_ips: Mapping[str, str], node_addresses: Iterable[str],
-              world_hosts: Iterable[tuple[str, tuple[str, ...]]], policies: Iterable[Policy]) -> "IdentityTable":
+              world_hosts: Iterable[tuple[str, tuple[str, ...]]], policies: Iterable[Policy],
+              entity_hosts: Mapping[str, tuple[str, str]] | None = None) -> "IdentityTable":
+        """`entity_hosts`: address -> (reserved entity name, world host name) for the world hosts
+        that stand for the API server or another node."""
         table = cls()
+        entity_hosts = dict(entity_hosts or {})
         for name, number in RESERVED_IDENTITIES.items():
-            table.identities[number] = Identity(number, ((f"reserved:{name}", ""),), "reserved")
+            hosts = tuple(sorted(host for entity, host in entity_hosts.values() if entity == name))
+            table.identities[number] = Identity(number, ((f"reserved:{name}", ""),), "reserved", hosts=hosts)
         keyed = {key: tuple(sorted(labels.items())) for key, labels in pod_labels.items()}
         allocator.label_identities(keyed.values())
         for key, labels in keyed.items():
@@ -118,10 +134,13 @@ class IdentityTable:
                             fqdn_peers.append(peer)
         host_names: dict[str, tuple[str, ...]] = {}
         for address, names in world_hosts:
+            if address in entity_hosts:
+                continue  # its reserved identity, never a CIDR one (see the module docstring)
             if any(fqdn_matches(n, p.match_name, p.match_pattern) for n in names for p in fqdn_peers):
                 prefixes.add(f"{address}/32")
                 host_names[f"{address}/32"] = tuple(names)
-        taken = {f"{ip}/32" for ip in pod_ips.values()} | {f"{a}/32" for a in node_addresses}
+        taken = {f"{ip}/32" for ip in pod_ips.values()} | {f"{a}/32" for a in node_addresses} | \
+            {f"{a}/32" for a in entity_hosts}
         prefixes = {p for p in prefixes if p not in taken and p != "0.0.0.0/0"}
         allocator.cidr_identities(prefixes)
         for prefix in prefixes:
@@ -132,6 +151,8 @@ class IdentityTable:
         table.ipcache["0.0.0.0/0"] = IDENTITY_WORLD
         for address in node_addresses:
             table.ipcache[f"{address}/32"] = IDENTITY_HOST
+        for address, (entity, _) in entity_hosts.items():
+            table.ipcache[f"{address}/32"] = RESERVED_IDENTITIES[entity]
         for key, ip in pod_ips.items():
             table.ipcache[f"{ip}/32"] = table.pod_identity[key]
         return table

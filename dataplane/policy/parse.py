@@ -44,6 +44,20 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 
+# Why a field is refused, where more than "not supported" can be said.
+_CILIUM_UNSUPPORTED_WHY = {
+    "toGroups": "it is cloud-provider specific: Cilium's operator asks the provider's API (AWS "
+                "security groups) for the addresses behind a group, and the lab has no cloud",
+    "fromGroups": "it is cloud-provider specific: Cilium's operator asks the provider's API (AWS "
+                  "security groups) for the addresses behind a group, and the lab has no cloud",
+    "fromRequires": "a requirement is ANDed into the fromEndpoints selectors of every rule that selects "
+                    "the same endpoints, which the lab's resolver does not model; write the requirement into "
+                    "each fromEndpoints selector instead",
+    "toRequires": "a requirement is ANDed into the toEndpoints selectors of every rule that selects "
+                  "the same endpoints, which the lab's resolver does not model; write the requirement into "
+                  "each toEndpoints selector instead",
+}
+
 _CILIUM_UNSUPPORTED = {
     "fromRequires": "requirements", "toRequires": "requirements", "fromGroups": "cloud groups",
     "toGroups": "cloud groups", "fromNodes": "node selectors", "toNodes": "node selectors",
@@ -76,7 +90,8 @@ class _Ctx:
             if key in allowed:
                 continue
             if key in _CILIUM_UNSUPPORTED:
-                self.err(path + (key,), f"{_CILIUM_UNSUPPORTED[key]} ({key}) are not supported by l7lab")
+                why = f": {_CILIUM_UNSUPPORTED_WHY[key]}" if key in _CILIUM_UNSUPPORTED_WHY else ""
+                self.err(path + (key,), f"{_CILIUM_UNSUPPORTED[key]} ({key}) are not supported by l7lab{why}")
             else:
                 self.err(path + (str(key),), f"unknown field {key!r}; allowed fields: {', '.join(allowed)}")
         for key in required:

@@ -6,6 +6,11 @@ namespace (Cilium pkg/k8s/apis/cilium.io/const.go):
     k8s:app=frontend                                   pod label
     k8s:io.kubernetes.pod.namespace=shop               the pod's namespace
     k8s:io.cilium.k8s.namespace.labels.team=shop       every label of the namespace
+    k8s:io.cilium.k8s.policy.cluster=default           the cluster the pod runs in
+
+The cluster label is the agent's `--cluster-name` (Cilium pkg/k8s/apis/cilium.io/const.go
+PolicyLabelCluster, added to every endpoint's labels); the scenario's `settings.clusterName`
+sets it, `default` unless given, as in Cilium.
 
 All pod labels have source `k8s`. Selector keys may be written with the `k8s:` or `any:` source
 prefix or without one (Cilium treats a bare key as `any:`); both match `k8s` labels, so the
@@ -21,6 +26,8 @@ from typing import Mapping
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+DEFAULT_CLUSTER = "default"
 RESERVED_PREFIX = "reserved:"
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 LABEL_SOURCES = ("k8s", "any", "reserved")
@@ -103,7 +110,7 @@ class LabelSelector:
 
 
 def pod_identity_labels(pod_labels: Mapping[str, str], namespace: str,
-                        namespace_labels: Mapping[str, str]) -> dict[str, str]:
+                        namespace_labels: Mapping[str, str], cluster: str = DEFAULT_CLUSTER) -> dict[str, str]:
     """The label set (source prefix dropped) that decides a pod's identity."""
     labels = dict(pod_labels)
     labels[NAMESPACE_LABEL] = namespace
@@ -112,4 +119,7 @@ def pod_identity_labels(pod_labels: Mapping[str, str], namespace: str,
     # Kubernetes sets this label on every namespace (since 1.21) to the namespace's name and keeps
     # it so whatever a manifest says; NetworkPolicy relies on it.
     labels[NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name"] = namespace
+    # Set last: the cluster label comes from the agent's configuration, never from the pod, so a
+    # pod label of the same key does not change which cluster the identity names.
+    labels[CLUSTER_LABEL] = cluster
     return labels
