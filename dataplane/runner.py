@@ -24,7 +24,7 @@ from . import flowrecord
 from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
-from .scenario import Probe, Scenario, Step
+from .scenario import Probe, Scenario, Step, meets
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -83,8 +83,7 @@ class ProbeResult:
     def passed(self) -> bool:
         if self.disagrees:
             return False
-        # An audited flow passes, so it also meets `allowed` (scenarios written before `audited`).
-        return self.outcome == self.probe.expect or (self.probe.expect == "allowed" and self.outcome == "audited")
+        return meets(self.probe.expect, self.outcome)
 
     @property
     def verdict_text(self) -> str:

@@ -31,6 +31,14 @@ Protocol = Literal["TCP", "UDP"]
 Expectation = Literal["allowed", "audited", "dropped", "denied", "refused"]
 EXPECTATIONS: tuple[str, ...] = ("allowed", "audited", "dropped", "denied", "refused")
 
+
+
+def meets(expectation: str, outcome: str) -> bool:
+    """Whether an outcome meets a probe's expectation: the same, or `audited` for `allowed`
+    (an audited flow passes, so scenarios written before `audited` existed still hold)."""
+    return outcome == expectation or (expectation == "allowed" and outcome == "audited")
+
+
 DEFAULT_POD_CIDR = "10.200.0.0/24"
 WORLD_RANGES = tuple(ipaddress.ip_network(n) for n in ("203.0.113.0/24", "198.51.100.0/24"))
 DEFAULT_NAMESPACE = "default"
@@ -720,5 +728,5 @@ def load_scenario(path: str | Path) -> Scenario:
 __all__ = [
     "AuditChange", "Destination", "EXPECTATIONS", "HttpRequest", "Namespace", "Pod", "PolicyRef", "PolicySource",
     "Port", "Probe", "Relabel", "Scenario", "Settings", "Step", "WorldHost", "format_path",
-    "load_scenario", "parse_scenario",
+    "load_scenario", "meets", "parse_scenario",
 ]
