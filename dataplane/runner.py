@@ -5,7 +5,7 @@ A runner drives an *executor*, which is what actually answers a probe:
     KernelExecutor   real traffic in a lab that is up (`l7lab run`)
     OracleExecutor   the policy resolver alone, no root, no kernel (`l7lab run --dry-run`)
 
-Policy steps (apply, delete, relabel) go to the executor too; probes of one step run
+Policy steps (apply, delete, relabel, audit) go to the executor too; probes of one step run
 concurrently, because a `dropped` expectation costs a whole timeout.
 
 With `explain`, every probe that misses its expectation is explained right after its step,
@@ -24,7 +24,7 @@ from . import flowrecord
 from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
-from .scenario import Probe, Scenario, Step
+from .scenario import Probe, Scenario, Step, meets
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -55,21 +55,41 @@ class ProbeResult:
     observed: Observation
     oracle: str | None = None  # the resolver's answer, when it is compared with the kernel's
     kernel: str | None = None  # what the datapath reported for this flow (its first event)
+    kernel_verdict: str | None = None  # that event's verdict alone: FORWARDED, AUDIT, DROPPED, ...
     reasoning: Decision | None = None  # explained: the oracle's decision, with its trace
     trace: Any = None  # explained on the kernel: the probe's Trace, sent again with tracing on
     trace_error: str | None = None  # explained on the kernel, when the trace could not be taken
 
     @property
-    def passed(self) -> bool:
-        if self.oracle is not None and self.oracle != self.observed.outcome:
+    def outcome(self) -> str:
+        """What was observed: the client's outcome, `audited` for an allowed flow whose first
+        kernel event is AUDIT (the client alone cannot tell it from `allowed`)."""
+        if self.observed.outcome == "allowed" and self.kernel_verdict == flowrecord.Verdict.AUDIT.value:
+            return "audited"
+        return self.observed.outcome
+
+    @property
+    def disagrees(self) -> bool:
+        """The oracle predicted another outcome than the one observed. Without a kernel event
+        for the flow (a lab that records none), `audited` and `allowed` cannot be told apart
+        and count as one."""
+        if self.oracle is None or self.oracle == self.outcome:
             return False
-        return self.observed.outcome == self.probe.expect
+        if self.kernel_verdict is None and {self.oracle, self.outcome} == {"audited", "allowed"}:
+            return False
+        return True
+
+    @property
+    def passed(self) -> bool:
+        if self.disagrees:
+            return False
+        return meets(self.probe.expect, self.outcome)
 
     @property
     def verdict_text(self) -> str:
         if self.passed:
             return "pass"
-        if self.oracle is not None and self.oracle != self.observed.outcome:
+        if self.disagrees:
             return "FAIL (kernel and oracle disagree)"
         return "FAIL"
 
@@ -79,7 +99,7 @@ class ProbeResult:
             "step": self.step + 1, "step_name": self.step_name,
             "from": p.source, "to": str(p.destination), "destination": p.destination.name,
             "protocol": p.protocol, "request": p.request_text,
-            "expected": p.expect, "observed": self.observed.outcome, "oracle": self.oracle,
+            "expected": p.expect, "observed": self.outcome, "oracle": self.oracle,
             "detail": self.observed.detail, "status": self.observed.status, "kernel": self.kernel,
             "elapsed_ms": round(self.observed.elapsed * 1000, 1), "passed": self.passed,
             "source_location": str(p.location),
@@ -141,7 +161,7 @@ class KernelExecutor:
             return None
         from .policy import Flow  # noqa: PLC0415 - only with a policy engine
 
-        return self.policy.verdict(Flow.from_probe(probe)).outcome
+        return self.policy.verdict(Flow.from_probe(probe)).expectation
 
     def finish_step(self, results: list[ProbeResult]) -> None:
         """Attach to each probe the first event the datapath emitted for its flow."""
@@ -160,6 +180,7 @@ class KernelExecutor:
                               r.probe.destination.port, r.probe.protocol))
             if flow is not None:
                 r.kernel = outcome(flow)
+                r.kernel_verdict = flow.verdict.value
 
     async def explain(self, result: ProbeResult) -> None:
         """The oracle's reasoning and the kernel's trace of the probe sent again with tracing on
@@ -212,7 +233,7 @@ class OracleExecutor:
         from .policy import Flow  # noqa: PLC0415
 
         decision = self.policy.verdict(Flow.from_probe(probe))
-        return Observation(decision.outcome, "; ".join(decision.trace[-1:]))
+        return Observation(decision.expectation, "; ".join(decision.trace[-1:]))
 
     def oracle(self, probe: Probe) -> str | None:
         return None

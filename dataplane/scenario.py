@@ -26,8 +26,18 @@ from .errors import ErrorList, SourceError, SourceLocation
 from .yamlsource import Budget, Document, describe_value, format_path, load_file
 
 Protocol = Literal["TCP", "UDP"]
-Expectation = Literal["allowed", "dropped", "denied", "refused"]
-EXPECTATIONS: tuple[str, ...] = ("allowed", "dropped", "denied", "refused")
+# `audited`: the traffic passes (as `allowed` observes) and the kernel's verdict for the flow is
+# AUDIT: a would-be drop that audit mode let through.
+Expectation = Literal["allowed", "audited", "dropped", "denied", "refused"]
+EXPECTATIONS: tuple[str, ...] = ("allowed", "audited", "dropped", "denied", "refused")
+
+
+
+def meets(expectation: str, outcome: str) -> bool:
+    """Whether an outcome meets a probe's expectation: the same, or `audited` for `allowed`
+    (an audited flow passes, so scenarios written before `audited` existed still hold)."""
+    return outcome == expectation or (expectation == "allowed" and outcome == "audited")
+
 
 DEFAULT_POD_CIDR = "10.200.0.0/24"
 WORLD_RANGES = tuple(ipaddress.ip_network(n) for n in ("203.0.113.0/24", "198.51.100.0/24"))
@@ -47,6 +57,7 @@ class Port:
 class Namespace:
     name: str
     labels: dict[str, str] = field(default_factory=dict)
+    audit: bool = False  # every pod of the namespace starts in audit mode
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Pod:
     labels: dict[str, str]
     ip: str
     ports: tuple[Port, ...] = ()
+    audit: bool = False  # starts in audit mode (Cilium's per-endpoint PolicyAuditMode)
 
     @property
     def key(self) -> str:
@@ -98,6 +110,20 @@ class Relabel:
     name: str  # pod key 'namespace/name' or namespace name
     set: dict[str, str] = field(default_factory=dict)
     remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditChange:
+    """Audit mode switched on or off for one pod, every pod of a namespace, or every endpoint
+    ("all"): a scenario's `audit` step and `l7lab audit on|off` alike."""
+
+    target: Literal["pod", "namespace", "all"]
+    name: str  # pod key 'namespace/name', namespace name, or "" for all
+    on: bool
+
+    def __str__(self) -> str:
+        what = "every endpoint" if self.target == "all" else f"{self.target} {self.name}"
+        return f"audit {'on' if self.on else 'off'} for {what}"
 
 
 @dataclass(frozen=True)
@@ -171,10 +197,11 @@ class Step:
     delete: tuple[PolicyRef, ...] = ()
     relabel: tuple[Relabel, ...] = ()
     probes: tuple[Probe, ...] = ()
+    audit: tuple[AuditChange, ...] = ()
 
     @property
     def kind(self) -> str:
-        for kind in ("apply", "delete", "relabel", "probes"):
+        for kind in ("apply", "delete", "relabel", "audit", "probes"):
             if getattr(self, kind):
                 return kind
         return "empty"
@@ -297,6 +324,7 @@ LIST_BOUNDS: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("steps", "*", "relabel"), limits.MAX_RELABELS, "relabels"),
     (("steps", "*", "relabel", "*", "set"), limits.MAX_LABELS, "labels"),
     (("steps", "*", "relabel", "*", "remove"), limits.MAX_LABELS, "labels"),
+    (("steps", "*", "audit"), limits.MAX_RELABELS, "audit changes"),
     (("steps", "*", "probes"), limits.MAX_PROBES, "probes"),
     (("steps", "*", "probes", "*", "http", "headers"), limits.MAX_HEADERS, "headers"),
 )
@@ -430,7 +458,7 @@ class _Builder:
                 self.err(("namespaces", i, "labels", METADATA_NAME_LABEL),
                          f"Kubernetes sets {METADATA_NAME_LABEL} to the namespace's own name ({ns['name']!r}) and "
                          f"keeps it so; got {given!r}")
-            namespaces[ns["name"]] = Namespace(ns["name"], dict(ns.get("labels", {})))
+            namespaces[ns["name"]] = Namespace(ns["name"], dict(ns.get("labels", {})), bool(ns.get("audit", False)))
 
         # Addresses: the first usable ones of the pod CIDR are kept for the node.
         reserved = {cidr.network_address + 1}
@@ -464,7 +492,7 @@ class _Builder:
             if ip is None:
                 self.err(("pods", i), f"no free address left in {cidr}")
                 ip = "0.0.0.0"
-            pod = Pod(raw["name"], ns, dict(raw.get("labels", {})), ip, ports)
+            pod = Pod(raw["name"], ns, dict(raw.get("labels", {})), ip, ports, bool(raw.get("audit", False)))
             if pod.key in pods:
                 self.err(("pods", i, "name"), f"pod {pod.key!r} is declared twice")
             pods[pod.key] = pod
@@ -502,9 +530,9 @@ class _Builder:
 
     def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
         base = ("steps", index)
-        kinds = [k for k in ("apply", "delete", "relabel", "probes") if k in raw]
+        kinds = [k for k in ("apply", "delete", "relabel", "audit", "probes") if k in raw]
         if len(kinds) != 1:
-            self.err(base, "a step has exactly one of apply, delete, relabel or probes"
+            self.err(base, "a step has exactly one of apply, delete, relabel, audit or probes"
                      + (f" (found {', '.join(kinds)})" if kinds else ""))
         name = raw.get("name", f"step {index + 1}")
         apply = self.policy_list(raw.get("apply", []), base + ("apply",))
@@ -535,12 +563,37 @@ class _Builder:
                     self.err(where, problem)
                     continue
                 relabels.append(Relabel("namespace", r["namespace"], dict(r.get("set", {})), tuple(r.get("remove", []))))
+        audits = []
+        for j, a in enumerate(raw.get("audit", [])):
+            change = self.audit_change(scenario, base + ("audit", j), a)
+            if change is not None:
+                audits.append(change)
         probes = []
         for j, p in enumerate(raw.get("probes", [])):
             probe = self.probe(scenario, base + ("probes", j), p)
             if probe is not None:
                 probes.append(probe)
-        return Step(index, name, apply, delete, tuple(relabels), tuple(probes))
+        return Step(index, name, apply, delete, tuple(relabels), tuple(probes), tuple(audits))
+
+    def audit_change(self, scenario: Scenario, where: tuple, raw: dict[str, Any]) -> AuditChange | None:
+        """One item of an `audit` step: {pod: P, enabled: B}, {namespace: N, enabled: B} or
+        {enabled: B} (every endpoint). Not `on`: YAML 1.1 reads that key as the boolean true."""
+        if "pod" in raw and "namespace" in raw:
+            self.err(where, "an audit change names at most one of pod or namespace (neither: every endpoint)")
+            return None
+        if "pod" in raw:
+            key = scenario.pod_key(raw["pod"])
+            if key is None:
+                self.err(where + ("pod",), self._unknown_pod(scenario, raw["pod"]))
+                return None
+            return AuditChange("pod", key, raw["enabled"])
+        if "namespace" in raw:
+            if raw["namespace"] not in scenario.namespaces:
+                self.err(where + ("namespace",), f"unknown namespace {raw['namespace']!r}; declared: "
+                                                 f"{', '.join(sorted(scenario.namespaces))}")
+                return None
+            return AuditChange("namespace", raw["namespace"], raw["enabled"])
+        return AuditChange("all", "", raw["enabled"])
 
     @staticmethod
     def _unknown_pod(scenario: Scenario, ref: str) -> str:
@@ -613,7 +666,8 @@ class _Builder:
                 self.err(where + ("http", "path"), f"expected a path starting with '/', got {http.path!r}")
         expect = raw["expect"]
         if expect == "denied" and protocol != "TCP":
-            self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, dropped or refused")
+            self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, audited, "
+                                          "dropped or refused")
         return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
                      http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
                      location=self.doc.location(where), dns=dns)
@@ -680,7 +734,7 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 __all__ = [
-    "Destination", "EXPECTATIONS", "HttpRequest", "Namespace", "Pod", "PolicyRef", "PolicySource",
+    "AuditChange", "Destination", "EXPECTATIONS", "HttpRequest", "Namespace", "Pod", "PolicyRef", "PolicySource",
     "Port", "Probe", "Relabel", "Scenario", "Settings", "Step", "WorldHost", "format_path",
-    "load_scenario", "parse_scenario",
+    "load_scenario", "meets", "parse_scenario",
 ]

@@ -207,7 +207,9 @@ def _agent_main(engine: PolicyEngine, name: str, ready_fd: int, parent: int,
     try:
         from ..datapath import Datapath  # noqa: PLC0415 - bcc is imported by the loader only
 
-        datapath = Datapath(audit=scenario.settings.audit)
+        # Audit mode is per endpoint (the endpoints map's audit flag, from the resolver), so that
+        # it can be switched at runtime; settings.audit only sets every endpoint's flag at start.
+        datapath = Datapath()
         lab = labmod.Lab(scenario, name, datapath=datapath, policy=engine)
         lab.up()
     except (SourceError, ErrorList) as exc:

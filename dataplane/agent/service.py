@@ -11,7 +11,7 @@ agent's loop (`dataplane/agent/process.py` turns it):
   (kernel flows) or reads (the proxy's L7 records) is counted as the Hubble flows it gives
   (`dataplane/hubble.py`) by Hubble's metric handlers (`dataplane/hubblemetrics.py`);
 - `handle(request)`: answer one control request: `status`, or a `change` (apply / delete /
-  relabel) made all-or-nothing: the engine proposes the new state, the proxy confirms its rules
+  relabel / audit) made all-or-nothing: the engine proposes the new state, the proxy confirms its rules
   and the maps are written, and only then does the engine commit it. The reply comes with how to
   undo the change, which the process part calls if the reply cannot be delivered. `trace-start`
   and `trace-stop` serve `l7lab trace` (`dataplane/agent/tracer.py`): the flows of a trace go into the
@@ -47,7 +47,7 @@ from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
-from ..scenario import PolicyRef, PolicySource, Relabel, Step, protected_label_change
+from ..scenario import AuditChange, PolicyRef, PolicySource, Relabel, Step, protected_label_change
 from ..supervisor import ProxySupervisor
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class LabService:
         op = request.get("op")
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
-                    "metrics_url": self.metrics_url, "proxy": self.proxy.status()}, None
+                    "metrics_url": self.metrics_url, "proxy": self.proxy.status(), "audit": self.audited()}, None
         if op == "change":
             try:
                 return self.change(request)
@@ -309,8 +309,42 @@ class LabService:
     def policies(self) -> list[str]:
         return sorted(p.display for p in self.engine.policies.values())
 
+    def audited(self) -> list[str]:
+        """The endpoints ("namespace/pod") in audit mode now."""
+        return sorted(key for key, on in self.engine.audit.items() if on)
+
+    def audit_changes(self, items: Any) -> tuple[list[AuditChange], list[SourceError]]:
+        """The `audit` part of a change request, checked against the lab: [{"target": "pod" |
+        "namespace" | "all", "name": ..., "on": bool}, ...]."""
+        scenario, changes, errors = self.lab.scenario, [], []
+        if not isinstance(items, list):
+            return [], [SourceError(SourceLocation("audit"), "'audit' must be a list of {target, name, on}")]
+        for item in items:
+            where = SourceLocation("audit")
+            target = item.get("target") if isinstance(item, dict) else None
+            if target not in ("pod", "namespace", "all"):
+                errors.append(SourceError(where, f"target: expected 'pod', 'namespace' or 'all', got {target!r}"))
+                continue
+            if not isinstance(item.get("on"), bool):
+                errors.append(SourceError(where, f"on: expected true or false, got {item.get('on')!r}"))
+                continue
+            name = str(item.get("name") or "")
+            if target == "pod":
+                key = scenario.pod_key(name)
+                if key is None:
+                    errors.append(SourceError(where, f"no pod {name!r} in lab {self.lab.name} "
+                                                     f"(pods: {', '.join(sorted(scenario.pods))})"))
+                    continue
+                name = key
+            elif target == "namespace" and name not in scenario.namespaces:
+                errors.append(SourceError(where, f"no namespace {name!r} in lab {self.lab.name} "
+                                                 f"(namespaces: {', '.join(sorted(scenario.namespaces))})"))
+                continue
+            changes.append(AuditChange(target, name if target != "all" else "", item["on"]))
+        return changes, errors
+
     def change(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo]:
-        """Apply, delete and relabel as one step: every part is checked before anything changes,
+        """Apply, delete, relabel and audit switches as one step: every part is checked before anything changes,
         and everything is done by the request's deadline or undone."""
         from ..yamlsource import Budget, load_documents  # noqa: PLC0415
 
@@ -345,6 +379,8 @@ class LabService:
                                                                    f"(known: {', '.join(sorted(known))})"))
             elif r.target == "namespace" and (problem := protected_label_change(r.name, r.set, r.remove)):
                 errors.append(SourceError(SourceLocation("label"), f"namespace {r.name}: {problem}"))
+        audits, audit_errors = self.audit_changes(request.get("audit", []))
+        errors += audit_errors
         ErrorList.raise_if_any(errors)
         if time.monotonic() >= deadline:  # checked again: the documents may have been slow to parse
             raise ChangeRefused("the change arrived after its caller's deadline and was not applied")
@@ -352,8 +388,10 @@ class LabService:
         if not self.proxy.ensure_ready(deadline) and self.proxy.state == "starting":
             raise ChangeRefused("the L7 proxy is restarting and was not ready in time; try again")
         before = self.policies()
+        audit_before = dict(engine.audit)
         in_force = dict(engine.policies)  # an applied policy of a name in force is a new object
-        proposal = engine.propose(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels)))
+        proposal = engine.propose(Step(0, "l7lab change", tuple(sources), tuple(deletes), tuple(relabels),
+                                       audit=tuple(audits)))
         self.drain(timeout_ms=0)  # earlier events are named by the state they were decided under
         old_state, state = self.state, proposal.map_state
         # A running proxy confirms every change. Without one, a change is refused if it brings L7
@@ -392,7 +430,11 @@ class LabService:
                  "replaced": sorted(p.display for key, p in engine.policies.items()
                                     if key in in_force and p is not in_force[key]),
                  "removed": sorted(set(before) - set(after)),
-                 "map_writes": stats.total if stats is not None else 0}
+                 "map_writes": stats.total if stats is not None else 0,
+                 # Endpoints whose audit mode this change switched on / off, and all in audit mode now.
+                 "audit_on": sorted(k for k, on in engine.audit.items() if on and not audit_before.get(k)),
+                 "audit_off": sorted(k for k, on in engine.audit.items() if not on and audit_before.get(k)),
+                 "audit": self.audited()}
         if not self.proxy.up:
             reply["warnings"] = ["the L7 proxy is not running: flows redirected to it are dropped until it is back"]
         return reply, undo

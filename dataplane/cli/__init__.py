@@ -9,7 +9,7 @@ The verbs are grouped by subject, each group a module that registers its own sub
     lifecycle   up, down, clean, status, exec   a lab's life, and a command inside its pods
     run         run                             a scenario end to end (or --dry-run)
     observe     observe, monitor                a running lab's flows (as hubble observe) and events (as cilium monitor)
-    changes     apply, delete, label            policy changes through the lab's agent
+    changes     apply, delete, label, audit     policy changes through the lab's agent
     check       validate, explain               files only: errors, and the oracle's reasons
     exercise    check                           an exercise against the learner's policies: solved or not yet
     trace       trace                           one probe's path through a running lab, step by step

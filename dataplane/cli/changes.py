@@ -1,5 +1,6 @@
-"""Verbs that change a running lab's policy through its agent: `apply`, `delete`, `label`. Each
-is one all-or-nothing change (`dataplane/agent`): confirmed to the caller, or not applied."""
+"""Verbs that change a running lab's policy through its agent: `apply`, `delete`, `label`,
+`audit`. Each is one all-or-nothing change (`dataplane/agent`): confirmed to the caller, or not
+applied."""
 
 from __future__ import annotations
 
@@ -36,9 +37,15 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
             say(f"applied {name} (replaced the version in force)")
         for name in reply["removed"]:
             say(f"deleted {name}")
+        if reply.get("audit_on"):
+            say(f"audit mode on: {', '.join(reply['audit_on'])}")
+        if reply.get("audit_off"):
+            say(f"audit mode off (enforcing): {', '.join(reply['audit_off'])}")
         for warning in reply.get("warnings", []):
             errconsole.print(f"warning: {warning}", soft_wrap=True)
-        say(f"lab {rec.lab}: {len(reply['policies'])} policies in force, {reply['map_writes']} map entries written")
+        audited = reply.get("audit", [])
+        say(f"lab {rec.lab}: {len(reply['policies'])} policies in force, {reply['map_writes']} map entries written"
+            + (f"; in audit mode: {', '.join(audited)}" if audited else ""))
     return EXIT_OK
 
 
@@ -97,8 +104,33 @@ def cmd_label(args: argparse.Namespace) -> int:
                                            "remove": remove}]}, args.json)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit mode on or off for pods ('NS/POD' or a unique short name), namespaces, or (no
+    target) every endpoint of the lab. A name is a pod if the lab has such a pod, else a
+    namespace; the agent checks every name before anything changes."""
+    on = {"on": True, "off": False}.get(args.mode.lower())
+    if on is None:
+        raise L7LabError(f"audit: expected 'on' or 'off', got {args.mode!r}")
+    if not args.targets:
+        return _change(args.lab, {"audit": [{"target": "all", "name": "", "on": on}]}, args.json)
+    rec = one_lab(args.lab)
+    pods = sorted(k for k, e in rec.endpoints.items() if e.kind == "pod")
+    namespaces = {k.split("/")[0] for k in pods}
+    items = []
+    for name in args.targets:
+        short = [k for k in pods if k.split("/")[-1] == name]
+        if name in pods or len(short) == 1:
+            items.append({"target": "pod", "name": name if name in pods else short[0], "on": on})
+        elif name in namespaces and "/" not in name:
+            items.append({"target": "namespace", "name": name, "on": on})
+        else:
+            # Sent as a pod: the agent refuses it, naming the lab's pods, and nothing changes.
+            items.append({"target": "pod", "name": name, "on": on})
+    return _change(args.lab, {"audit": items}, args.json)
+
+
 def register(verbs: Verbs) -> None:
-    """Add apply, delete and label."""
+    """Add apply, delete, label and audit."""
     p = verbs.add("apply", "apply policy manifests to a running lab (all or nothing)", cmd_apply)
     p.add_argument("files", nargs="+", metavar="FILE", help="NetworkPolicy / CiliumNetworkPolicy / CCNP YAML")
     p.add_argument("--lab", help="lab name (needed when several labs are up)")
@@ -113,4 +145,11 @@ def register(verbs: Verbs) -> None:
     p.add_argument("target", metavar="pod|namespace")
     p.add_argument("name", help="NAMESPACE/POD or NAMESPACE")
     p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-", help="set a label, or remove it with a trailing -")
+    p.add_argument("--lab", help="lab name (needed when several labs are up)")
+
+    p = verbs.add("audit", "switch audit mode of a running lab's endpoints: l7lab audit on|off [POD|NAMESPACE ...]",
+                  cmd_audit)
+    p.add_argument("mode", metavar="on|off", help="on: would-be drops pass and are reported as AUDIT; off: enforce")
+    p.add_argument("targets", nargs="*", metavar="POD|NAMESPACE",
+                   help="NS/POD, a unique pod name, or a namespace (every pod in it); none: every endpoint")
     p.add_argument("--lab", help="lab name (needed when several labs are up)")

@@ -100,7 +100,9 @@ def policy_engine(scenario: Scenario) -> PolicyEngine:
 def load_datapath(scenario: Scenario) -> Datapath:
     from .. import datapath  # noqa: PLC0415 - the only module that imports bcc
 
-    return datapath.Datapath(audit=scenario.settings.audit)
+    # Audit mode is per endpoint (the endpoints map's audit flag, from the resolver), so that
+    # it can be switched at runtime; settings.audit only sets every endpoint's flag at start.
+    return datapath.Datapath()
 
 
 def lab_list(labs: list[str]) -> str:

@@ -26,9 +26,8 @@ def _print_grade(result: Grade, policy_file: str | None) -> None:
         r, p = miss.result, miss.result.probe
         console.print()
         say(f"step {r.step + 1} ({r.step_name}): {p.source} -> {p.destination} {p.protocol} {p.request_text}: "
-            f"expected {p.expect}, got {r.observed.outcome}"
-            + (f" (the oracle says {r.oracle}: kernel and oracle disagree)" if r.oracle not in (None, r.observed.outcome)
-               else "") + f"  [{p.location}]")
+            f"expected {p.expect}, got {r.outcome}"
+            + (f" (the oracle says {r.oracle}: kernel and oracle disagree)" if r.disagrees else "") + f"  [{p.location}]")
         console.print(Text.assemble(("  hint: ", "bold"), miss.hint), soft_wrap=True)
         if miss.reason and miss.reason != miss.hint:
             console.print(Text.assemble(("  oracle: ", "bold"), miss.reason), soft_wrap=True)

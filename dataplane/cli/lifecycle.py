@@ -112,10 +112,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             out.append({"lab": name, "status": f"leftover (no record; 'l7lab clean {name}' removes it)",
                         "endpoints": []})
             continue
+        agent_info = _agent_status(name)
+        audited = set((agent_info or {}).get("audit", []))  # the agent's engine knows audit mode
         out.append({"lab": name, "status": rec.status, "scenario": rec.scenario, "node": rec.node,
-                    "agent": _agent_status(name),
+                    "agent": agent_info,
                     "endpoints": [{"name": e.key, "kind": e.kind, "ip": e.ip, "interface": e.ifname,
-                                   "netns": e.netns, "labels": e.labels,
+                                   "netns": e.netns, "labels": e.labels, "audit": e.key in audited,
                                    "ports": [f"{p['port']}/{p['protocol']}" + (f" ({p['name']})" if p['name'] else "")
                                              for p in e.ports]}
                                   for e in rec.endpoints.values()]})
@@ -131,6 +133,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                        f"policies: {', '.join(agent_info['policies']) or 'none'}")
             if agent_info.get("metrics_url"):
                 caption += f"; metrics: {agent_info['metrics_url']}"
+            if agent_info.get("audit"):
+                caption += f"; audit mode (would-be drops pass): {', '.join(agent_info['audit'])}"
         elif agent_info:
             caption = f"agent not answering: {agent_info.get('error', '')}"
         else:
@@ -157,7 +161,7 @@ def _agent_status(lab: str) -> dict[str, Any] | None:
     except L7LabError as exc:
         return {"running": False, "error": str(exc)}
     return {"running": True, "pid": reply.get("pid"), "policies": reply.get("policies", []),
-            "metrics_url": reply.get("metrics_url"), "proxy": reply.get("proxy")}
+            "metrics_url": reply.get("metrics_url"), "proxy": reply.get("proxy"), "audit": reply.get("audit", [])}
 
 
 def _proxy_caption(proxy: dict[str, Any] | None) -> str:

@@ -30,7 +30,7 @@ def _print_report(report: RunReport) -> None:
         table.add_column("kernel", overflow="fold")
     for r in report.results:
         row = [str(r.step + 1), r.probe.source, f"{r.probe.destination} {r.probe.protocol}", r.probe.request_text,
-               r.probe.expect, r.observed.outcome + (f" ({r.observed.detail})" if r.observed.detail and not r.passed else ""),
+               r.probe.expect, r.outcome + (f" ({r.observed.detail})" if r.observed.detail and not r.passed else ""),
                Text("pass", style="green") if r.passed else Text(r.verdict_text, style="bold red")]
         if r.oracle is not None or any(x.oracle is not None for x in report.results):
             row.append(r.oracle or "")
@@ -49,8 +49,8 @@ def probe_title(r: ProbeResult) -> str:
     """One line naming a probe and what it missed: the title of its explanation."""
     p = r.probe
     return (f"step {r.step + 1}: {p.source} -> {p.destination} {p.protocol} {p.request_text}: "
-            f"expected {p.expect}, observed {r.observed.outcome}"
-            + (f", oracle {r.oracle}" if r.oracle is not None and r.oracle != r.observed.outcome else ""))
+            f"expected {p.expect}, observed {r.outcome}"
+            + (f", oracle {r.oracle}" if r.disagrees else ""))
 
 
 def trace_lines(r: ProbeResult) -> list[str]:

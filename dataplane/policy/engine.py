@@ -80,6 +80,15 @@ class Decision:
     audited: bool = False
     l7: L7Verdict | None = None  # the L7 verdict, when the flow reached the proxy's rules
 
+    @property
+    def expectation(self) -> str:
+        """The outcome as a scenario probe names it: `audited` for an allowed flow the kernel
+        reports as AUDIT, a would-be L3/L4 drop that audit mode let pass. A flow that also went
+        through the proxy is reported as REDIRECT (the kernel ranks it above AUDIT): `allowed`."""
+        if self.outcome == "allowed" and self.audited and self.l7 is None:
+            return "audited"
+        return self.outcome
+
     def to_json(self) -> dict[str, Any]:
         f = self.flow
         return {
@@ -107,6 +116,9 @@ class EngineState:
     pod_labels: dict[str, dict[str, str]]
     namespace_labels: dict[str, dict[str, str]]
     resolution: Resolution
+    # Pod key -> in audit mode: from the scenario (settings.audit, a pod's or its namespace's
+    # `audit`), then changed by audit steps (`l7lab audit on|off`).
+    audit: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,9 @@ class PolicyEngine:
             policies[policy.key] = policy
         pods = {k: dict(p.labels) for k, p in scenario.pods.items()}
         namespaces = {n: dict(ns.labels) for n, ns in scenario.namespaces.items()}
-        self._state = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces))
+        audit = {k: scenario.settings.audit or p.audit or scenario.namespaces[p.namespace].audit
+                 for k, p in scenario.pods.items()}
+        self._state = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces, audit), audit)
 
     # ------------------------------------------------------------------ the state in force
 
@@ -162,10 +176,15 @@ class PolicyEngine:
     def resolution(self) -> Resolution:
         return self._state.resolution
 
+    @property
+    def audit(self) -> dict[str, bool]:
+        """Pod key -> whether the endpoint is in audit mode now."""
+        return self._state.audit
+
     # ------------------------------------------------------------------ state changes
 
     def propose(self, step: Step) -> Proposal:
-        """Apply, delete or relabel (probes change nothing), resolved but not in force:
+        """Apply, delete, relabel or switch audit mode (probes change nothing), resolved but not in force:
         SourceError, or ErrorList with every error found, if any part of the step is wrong."""
         before = self._state
         policies = dict(before.policies)
@@ -194,8 +213,14 @@ class PolicyEngine:
             target.update(r.set)
             for key in r.remove:
                 target.pop(key, None)
+        audit = dict(before.audit)
+        for a in step.audit:  # in order: a later change of the same endpoint wins
+            for key, pod in self.scenario.pods.items():
+                if a.target == "all" or (a.target == "pod" and key == a.name) or \
+                        (a.target == "namespace" and pod.namespace == a.name):
+                    audit[key] = a.on
         ErrorList.raise_if_any(errors)
-        after = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces))
+        after = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces, audit), audit)
         return Proposal(step, before, after)
 
     def commit(self, proposal: Proposal) -> None:
@@ -217,7 +242,7 @@ class PolicyEngine:
         """Go back to a state this engine held (a committed change undone)."""
         self._state = snapshot
 
-    def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict) -> Resolution:
+    def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict, audit: dict[str, bool]) -> Resolution:
         sc = self.scenario
         labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
                                          sc.settings.cluster_name)
@@ -226,9 +251,12 @@ class PolicyEngine:
                                     sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
                                     list(policies.values()),
                                     {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity})
-        endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports))
+        endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports),
+                                  audit.get(k, False))
                      for i, (k, p) in enumerate(sc.pods.items())]
-        return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement, sc.settings.audit)
+        # settings.audit is already in `audit` (every pod starts on); not passed again, so that
+        # an audit step can switch it off for a pod of a lab that came up in audit mode.
+        return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement)
 
     # ------------------------------------------------------------------ queries
 

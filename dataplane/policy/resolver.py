@@ -50,6 +50,7 @@ class EndpointInfo:
     ip: str
     labels: dict[str, str]  # identity labels
     ports: tuple[tuple[int, str, str], ...]  # (port, protocol, name)
+    audit: bool = False  # this endpoint is in audit mode (its own PolicyAuditMode)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
                 Contribution(IDENTITY_HOST, PROTO_ANY, 0, 65535, Verdict.ALLOW, None, localhost_id))
         state.endpoints[ep.endpoint_id] = EndpointState(
             ep.endpoint_id, ep.key, ep.ip, identities.pod_identity[ep.key],
-            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit, tuple(sorted(ep.labels.items())),
+            enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit or ep.audit, tuple(sorted(ep.labels.items())),
             tuple(sorted(isolating[Direction.INGRESS])), tuple(sorted(isolating[Direction.EGRESS])))
         for d, contribs in contributions.items():
             _emit(state, ep.endpoint_id, d, contribs)

@@ -209,7 +209,7 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
 
     groups = {g.__name__.rsplit(".", 1)[1]: verbs_of(g) for g in cli.GROUPS}
     assert groups == {"lifecycle": ["up", "down", "clean", "status", "exec"], "run": ["run"],
-                      "observe": ["observe", "monitor"], "changes": ["apply", "delete", "label"],
+                      "observe": ["observe", "monitor"], "changes": ["apply", "delete", "label", "audit"],
                       "check": ["validate", "explain"], "exercise": ["check"], "trace": ["trace"],
                       "inspect": ["policy", "identity"], "ui": ["ui"]}
     listed = re.findall(r"^    (\w+) ", l7lab("--help").stdout, re.M)
@@ -218,7 +218,7 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
         for verb in verbs:
             args = cli.build_parser().parse_args([verb, *{"up": ["s"], "run": ["s"], "exec": ["p"],
                                                           "apply": ["f"], "delete": ["k", "n"],
-                                                          "label": ["pod", "p", "k=v"], "validate": ["f"],
+                                                          "label": ["pod", "p", "k=v"], "audit": ["on"], "validate": ["f"],
                                                           "explain": ["s", "--from", "a", "--to", "b"],
                                                           "check": ["e"],
                                                           "trace": ["--from", "a", "--to", "b"],

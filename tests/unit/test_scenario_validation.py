@@ -86,29 +86,55 @@ def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
     (("{port: 8080}", "{port: http}"), 12, "pods[1].ports[0].port", "expected integer, got string 'http'"),
     (("{port: 8080}", "{port: 70000}"), 12, "pods[1].ports[0].port", "70000 is out of range"),
     (("{port: 53, protocol: UDP}", "{port: 53, protocol: ICMP}"), 9, "pods[0].ports[1].protocol", "expected one of TCP, UDP"),
-    (("expect: allowed", "expect: blocked"), 21, "steps[0].probes[0].expect", "expected one of allowed, dropped, denied, refused"),
+    (("expect: allowed", "expect: blocked"), 21, "steps[0].probes[0].expect", "expected one of allowed, audited, dropped, denied, refused"),
     (("address: 203.0.113.10", "address: 10.1.2.3"), 15, "world[0].address", "documentation ranges"),
     (("from: web,", "from: nobody,"), 21, "steps[0].probes[0].from", "unknown pod 'nobody'"),
     (("to: api:8080", "to: ghost:80"), 21, "steps[0].probes[0].to", "unknown destination 'ghost'"),
     (("to: api:8080", "to: api:99999"), 21, "steps[0].probes[0].to", "expected a port number 1-65535"),
     (("    namespace: shop\n    ports: [{port: 8080}]", "    namespace: store\n    ports: [{port: 8080}]"), 11, "pods[1].namespace", "namespace 'store' is not declared"),
     (("  - name: api\n", "  - name: web\n"), 10, "pods[1].name", "pod 'shop/web' is declared twice"),
-    (("    probes:", "    apply: []\n    probes:"), 19, "steps[0]", "exactly one of apply, delete, relabel or probes"),
+    (("    probes:", "    apply: []\n    probes:"), 19, "steps[0]", "exactly one of apply, delete, relabel, audit or probes"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api:8080, protocol: UDP, http: {path: /}, expect: allowed}"), 21, "steps[0].probes[0].http", "needs protocol TCP"),
     (("name: demo", "name: Demo_Lab"), 1, "name", "invalid value 'Demo_Lab'"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: TCP, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].protocol", "protocol must be UDP"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: 'bad name'}, expect: allowed}"), 21, "steps[0].probes[0].dns.name", "invalid value 'bad name'"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example, type: BOGUS}, expect: allowed}"), 21, "steps[0].probes[0].dns.type", "expected one of A, AAAA"),
-    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example}, expect: denied}"), 21, "steps[0].probes[0].expect", "a UDP probe expects allowed, dropped or refused"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example}, expect: denied}"), 21, "steps[0].probes[0].expect", "a UDP probe expects allowed, audited, dropped or refused"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "'api' serves no DNS: a DNS probe needs a destination declaring port 53/UDP"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: 'web:5353', dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "listen on 53/UDP only, got port 5353"),
     (("{port: 80, name: http}", "{port: 80, name: http}, {port: 80}"), 9, "pods[0].ports[1]", "port 80/TCP is declared twice"),
+    # per-endpoint audit and audit steps
+    (("    labels: {app: web}", "    labels: {app: web}\n    audit: yes please"), 9, "pods[0].audit", "expected boolean, got string"),
+    (("    labels: {team: shop}", "    labels: {team: shop}\n    audit: 1"), 5, "namespaces[0].audit", "expected boolean, got number 1"),
+    (("    probes:\n      - {from: web, to: api:8080, expect: allowed}", "    audit: [{pod: nobody, enabled: true}]"), 20, "steps[0].audit[0].pod", "unknown pod 'nobody'; pods: shop/api, shop/web"),
+    (("    probes:\n      - {from: web, to: api:8080, expect: allowed}", "    audit: [{namespace: store, enabled: true}]"), 20, "steps[0].audit[0].namespace", "unknown namespace 'store'; declared: shop"),
+    (("    probes:\n      - {from: web, to: api:8080, expect: allowed}", "    audit: [{pod: web}]"), 20, "steps[0].audit[0]", "'enabled' is required"),
+    (("    probes:\n      - {from: web, to: api:8080, expect: allowed}", "    audit: [{pod: web, enabled: off!}]"), 20, "steps[0].audit[0].enabled", "expected boolean"),
+    (("    probes:\n      - {from: web, to: api:8080, expect: allowed}", "    audit: [{pod: web, namespace: shop, enabled: true}]"), 20, "steps[0].audit[0]", "at most one of pod or namespace"),
 ])
 def test_invalid_scenario_names_file_line_and_field(tmp_path: Path, change: tuple[str, str], line: int, path: str, fragment: str) -> None:
     assert change[0] in BASE
     file = write(tmp_path, BASE.replace(change[0], change[1], 1))
     errors = errors_of(file)
     assert any(e.startswith(f"{file}:{line}: {path}: ") and fragment in e for e in errors), errors
+
+
+def test_audit_per_endpoint_and_audit_steps_load(tmp_path: Path) -> None:
+    """`audit: true` on a pod or a namespace, and audit steps naming a pod, a namespace or
+    (neither) every endpoint."""
+    from dataplane.scenario import AuditChange  # noqa: PLC0415
+
+    text = BASE.replace("    labels: {team: shop}", "    labels: {team: shop}\n    audit: false") \
+               .replace("    ports: [{port: 8080}]", "    ports: [{port: 8080}]\n    audit: true") \
+               .replace("      - {from: web, to: api:8080, expect: allowed}\n",
+                        "      - {from: web, to: api:8080, expect: audited}\n"
+                        "  - audit: [{pod: api, enabled: false}, {namespace: shop, enabled: true}, {enabled: false}]\n")
+    s = load_scenario(write(tmp_path, text))
+    assert s.pods["shop/api"].audit and not s.pods["shop/web"].audit and not s.namespaces["shop"].audit
+    assert s.steps[0].probes[0].expect == "audited"
+    assert s.steps[1].kind == "audit"
+    assert s.steps[1].audit == (AuditChange("pod", "shop/api", False), AuditChange("namespace", "shop", True),
+                                AuditChange("all", "", False))
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
