@@ -35,6 +35,7 @@ Selection (Cilium's selector cache):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -57,6 +58,12 @@ class Identity:
     prefix: str = ""  # for CIDR identities
     dns_names: tuple[str, ...] = ()  # world host names behind a /32 FQDN identity
     hosts: tuple[str, ...] = ()  # world hosts declared with this reserved identity as `entity`
+
+    @functools.cached_property
+    def label_map(self) -> dict[str, str]:
+        """`labels` as a mapping, made once: selection matches every selector of every rule
+        against every identity, and the policy-map bound must be reached quickly."""
+        return dict(self.labels)
 
     def describe(self) -> str:
         if self.kind == "reserved":
@@ -165,10 +172,10 @@ class IdentityTable:
             return {IDENTITY_ANY}
         if isinstance(peer, EndpointPeer):
             sel = peer.selector
-            out = {i.number for i in self.identities.values() if i.kind == "pod" and sel.matches(dict(i.labels))}
+            out = {i.number for i in self.identities.values() if i.kind == "pod" and sel.matches(i.label_map)}
             if sel.names_reserved():
                 out |= {i.number for i in self.identities.values()
-                        if i.kind == "reserved" and sel.matches(dict(i.labels))}
+                        if i.kind == "reserved" and sel.matches(i.label_map)}
             return out
         if isinstance(peer, EntityPeer):
             return self.select_entity(peer.entity)
