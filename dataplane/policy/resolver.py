@@ -26,6 +26,7 @@ port map). A name that resolves nowhere allows nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from l7.ruleset import L7Policy, L7RuleSet
 
@@ -53,9 +54,10 @@ class EndpointInfo:
     audit: bool = False  # this endpoint is in audit mode (its own PolicyAuditMode)
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """One (identity, protocol, port range) a rule allows, denies or redirects."""
+class Contribution(NamedTuple):
+    """One (identity, protocol, port range) a rule allows, denies or redirects. A named tuple:
+    a wide policy makes hundreds of thousands of them before the policy-map bound refuses it,
+    and a frozen dataclass costs several times as much to build."""
 
     identity: int
     protocol: int  # PROTO_ANY or a protocol number
