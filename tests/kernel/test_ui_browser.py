@@ -16,6 +16,7 @@ import yaml
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.ui import WebDriverWait
 
 from dataplane import lab as labmod
@@ -37,6 +38,10 @@ def inventory_policy() -> str:
     raise AssertionError("no policy selects inventory-api in scenarios/policies/retail.yaml")
 
 
+# The map redraws as flows arrive: an element found a moment ago may be replaced before it is read,
+# so a wait reads it again rather than failing.
+LIVE_REDRAW = (StaleElementReferenceException,)
+
 def edge(driver: WebDriver, source: str, destination: str, kind: str = "g.edge") -> WebElement | None:
     found = driver.find_elements(By.CSS_SELECTOR, f'{kind}[data-from="{source}"][data-to="{destination}"]')
     return found[0] if found else None
@@ -51,7 +56,7 @@ def open_edge(driver: WebDriver, source: str, destination: str) -> list[WebEleme
     """Click the edge (on its count, at the middle of its curve) and wait for its side panel;
     the panel's rows, newest first."""
     edge(driver, source, destination, "g.edge-badge").click()
-    wait = WebDriverWait(driver, DEADLINE)
+    wait = WebDriverWait(driver, DEADLINE, ignored_exceptions=LIVE_REDRAW)
     wait.until(lambda d: d.find_element(By.ID, "detail").is_displayed()
                and d.find_element(By.ID, "detail").get_attribute("data-from") == source
                and d.find_element(By.ID, "detail").get_attribute("data-to") == destination)
@@ -74,7 +79,7 @@ def test_the_service_map_shows_what_the_policies_did_live(tmp_path: Path) -> Non
         policy = inventory_policy()
         with ui_server(name, tmp_path / "ui.log") as url, chromium(tmp_path / "chromium-profile") as driver:
             driver.get(url)
-            wait = WebDriverWait(driver, DEADLINE)
+            wait = WebDriverWait(driver, DEADLINE, ignored_exceptions=LIVE_REDRAW)
             wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "live")
             assert driver.find_element(By.ID, "lab").text == f"lab {name}"
             pods = {e.get_attribute("data-id") for e in driver.find_elements(By.CSS_SELECTOR, 'g.node[data-kind="pod"]')}
