@@ -141,19 +141,20 @@ def enforced_at_event(ev: FlowEvent, state: MapState) -> bool:
     return ep is not None and ep.enforced(ev.direction)
 
 
+def _attribution(state: MapState, rule_id: int) -> PolicyAttribution:
+    """The rule an event names (0: none), as a flow record carries it."""
+    rule = state.rules.get(rule_id) if rule_id else None
+    return PolicyAttribution((rule.rule_id,), (rule.policy,), (rule.text,)) if rule else PolicyAttribution()
+
+
 def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: float,
                 labels: dict[str, dict[str, str]] | None = None) -> Flow:
     """A datapath `FlowEvent` as a flow record. `state` (the MapState in force) gives the rule
     that decided and the endpoints' labels (pass `labels` from `endpoint_labels(state)` to
     reuse them across a batch); `directory` names the addresses; `when` is unix time."""
     labels = endpoint_labels(state) if labels is None else labels
-    rule = state.rules.get(ev.rule_id) if ev.rule_id else None
-    attribution = PolicyAttribution(
-        (rule.rule_id,), (rule.policy,), (rule.text,)) if rule else \
-        PolicyAttribution()
-    other = state.rules.get(ev.other_rule_id) if ev.other_rule_id and not ev.from_proxy else None
-    other_attribution = PolicyAttribution((other.rule_id,), (other.policy,), (other.text,)) if other else \
-        PolicyAttribution()
+    attribution = _attribution(state, ev.rule_id)
+    other_attribution = _attribution(state, 0 if ev.from_proxy else ev.other_rule_id)
     protocol = PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol))
     flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == PROTO_TCP else ()
     return Flow(

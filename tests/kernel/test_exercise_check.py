@@ -33,10 +33,10 @@ def test_the_starter_is_not_yet_and_each_miss_has_a_hint_from_the_kernel_trace(d
         assert r.trace.outcome == r.observed.outcome  # the trace saw what the probe saw
     # The starter allows every request from frontend-app: a request the task denies goes
     # through the kernel without the proxy, and the hint says where it was let through.
-    delete = next(m for m in result.misses if m.result.probe.request_text.startswith(("GET", "DELETE")))
-    assert delete.result.observed.outcome == "allowed"
-    assert delete.result.trace.kernel["verdict"] in ("FORWARD", "ALLOW"), delete.result.trace.kernel
-    assert delete.result.trace.proxy is None
+    let_through = next(m for m in result.misses if m.result.probe.request_text.startswith(("GET", "DELETE")))
+    assert let_through.result.observed.outcome == "allowed"
+    assert let_through.result.trace.kernel["verdict"] in ("FORWARD", "ALLOW"), let_through.result.trace.kernel
+    assert let_through.result.trace.proxy is None
 
 
 def test_the_solution_is_solved_by_real_traffic(datapath) -> None:  # noqa: ANN001

@@ -26,6 +26,15 @@ pods:
     for n in "xyz" for p in "abc")
 
 
+# Every pod of namespace x in default deny for ingress; the other namespaces open.
+DENY_ALL_INGRESS_X = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec:
+  podSelector: {}
+"""
+
 def scenario(topology: str, policies: str = "", extra: str = "", settings: str = ""):
     text = topology
     if settings:

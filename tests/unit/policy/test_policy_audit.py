@@ -6,16 +6,7 @@ from __future__ import annotations
 
 from dataplane.policy import Flow, PolicyEngine
 from dataplane.scenario import AuditChange, Step
-from tests.support.policy import NETPOL_TOPOLOGY, engine
-
-# x's pods in default deny for ingress; the other namespaces open.
-DENY_ALL_INGRESS_X = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"""
+from tests.support.policy import DENY_ALL_INGRESS_X, NETPOL_TOPOLOGY, engine
 
 
 def with_audit(pod: str = "", namespace: str = "") -> PolicyEngine:

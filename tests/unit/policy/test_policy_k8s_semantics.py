@@ -5,15 +5,7 @@ a,b,c; ports 80/81 TCP/UDP). Expectations are ours, not copied."""
 
 from __future__ import annotations
 
-from tests.support.policy import engine, matrix, outcome
-
-DENY_ALL_INGRESS_X = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"""
+from tests.support.policy import DENY_ALL_INGRESS_X, engine, matrix, outcome
 
 
 def test_no_policy_everything_connects():
