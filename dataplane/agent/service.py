@@ -315,20 +315,24 @@ class LabService:
 
     def audit_changes(self, items: Any) -> tuple[list[AuditChange], list[SourceError]]:
         """The `audit` part of a change request, checked against the lab: [{"target": "pod" |
-        "namespace" | "all", "name": ..., "on": bool}, ...]."""
+        "namespace" | "name" | "all", "name": ..., "on": bool}, ...]. A "name" is a pod when the
+        lab has one of that name (`Scenario.pod_key`: NS/POD or a unique short name), else a
+        namespace, as `l7lab audit` takes its arguments."""
         scenario, changes, errors = self.lab.scenario, [], []
         if not isinstance(items, list):
             return [], [SourceError(SourceLocation("audit"), "'audit' must be a list of {target, name, on}")]
         for item in items:
             where = SourceLocation("audit")
             target = item.get("target") if isinstance(item, dict) else None
-            if target not in ("pod", "namespace", "all"):
-                errors.append(SourceError(where, f"target: expected 'pod', 'namespace' or 'all', got {target!r}"))
+            if target not in ("pod", "namespace", "name", "all"):
+                errors.append(SourceError(where, f"target: expected 'pod', 'namespace', 'name' or 'all', got {target!r}"))
                 continue
             if not isinstance(item.get("on"), bool):
                 errors.append(SourceError(where, f"on: expected true or false, got {item.get('on')!r}"))
                 continue
             name = str(item.get("name") or "")
+            if target == "name":
+                target = "namespace" if scenario.pod_key(name) is None and name in scenario.namespaces else "pod"
             if target == "pod":
                 key = scenario.pod_key(name)
                 if key is None:

@@ -106,26 +106,13 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Audit mode on or off for pods ('NS/POD' or a unique short name), namespaces, or (no
-    target) every endpoint of the lab. A name is a pod if the lab has such a pod, else a
-    namespace; the agent checks every name before anything changes."""
+    target) every endpoint of the lab. The agent reads each name as a pod if the lab has one,
+    else a namespace, and checks every name before anything changes."""
     on = {"on": True, "off": False}.get(args.mode.lower())
     if on is None:
         raise L7LabError(f"audit: expected 'on' or 'off', got {args.mode!r}")
-    if not args.targets:
-        return _change(args.lab, {"audit": [{"target": "all", "name": "", "on": on}]}, args.json)
-    rec = one_lab(args.lab)
-    pods = sorted(k for k, e in rec.endpoints.items() if e.kind == "pod")
-    namespaces = {k.split("/")[0] for k in pods}
-    items = []
-    for name in args.targets:
-        short = [k for k in pods if k.split("/")[-1] == name]
-        if name in pods or len(short) == 1:
-            items.append({"target": "pod", "name": name if name in pods else short[0], "on": on})
-        elif name in namespaces and "/" not in name:
-            items.append({"target": "namespace", "name": name, "on": on})
-        else:
-            # Sent as a pod: the agent refuses it, naming the lab's pods, and nothing changes.
-            items.append({"target": "pod", "name": name, "on": on})
+    items = [{"target": "name", "name": name, "on": on} for name in args.targets] or \
+        [{"target": "all", "name": "", "on": on}]
     return _change(args.lab, {"audit": items}, args.json)
 
 
