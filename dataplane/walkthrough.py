@@ -181,7 +181,13 @@ _LATENCY = r"(\"latency_ns\": \"?)\d+"
 _EPHEMERAL = (r"(?:(?<=:)|(?<=port\": )|(?<=port=)|(?<=port ))"
               r"(?:3276[89]|327[7-9]\d|32[89]\d\d|3[3-9]\d{3}|[45]\d{4}|60\d{3})\b")
 
+# curl words one connect timeout two ways, depending on where its connect loop was when the
+# time ran out: "Connection timed out after 501 milliseconds" and "Connection timeout after
+# 499 ms". Both say the SYN got no answer: the first wording stands for both.
+_CURL_CONNECT_TIMEOUT = r"curl: \(28\) Connection timeout after \d+ ms"
+
 _RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(_CURL_CONNECT_TIMEOUT), "curl: (28) Connection timed out after 0 milliseconds"),
     (re.compile(_ISO_TIME), "<TIME>"),
     (re.compile(_HTTP_DATE), "<TIME>"),
     (re.compile(_HUBBLE_TIME), "<TIME>"),

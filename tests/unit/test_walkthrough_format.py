@@ -106,6 +106,8 @@ def test_a_file_without_commands_is_no_walkthrough(tmp_path: Path) -> None:
      "trace of demo/client -> demo/api:8080 TCP GET /api/items (client port <PORT>)"),
     ("[kernel] parsed IPv4 (not a fragment), policy port 52822", "[kernel] parsed IPv4 (not a fragment), policy port <PORT>"),
     ("Date: Tue, 01 Dec 2026 11:32:38 GMT", "Date: <TIME>"),
+    ("curl: (28) Connection timeout after 499 ms", "curl: (28) Connection timed out after <DURATION>"),
+    ("curl: (28) Connection timed out after 501 milliseconds", "curl: (28) Connection timed out after <DURATION>"),
     ("http-response FORWARDED (HTTP/1.1 200 7ms (GET http://backend-app/data))",
      "http-response FORWARDED (HTTP/1.1 200 <DURATION> (GET http://backend-app/data))"),
     ("curl: (28) Connection timed out after 501 milliseconds", "curl: (28) Connection timed out after <DURATION>"),
