@@ -215,6 +215,9 @@ class Settings:
     audit: bool = False
     # Cilium's --cluster-name: every pod's identity carries io.cilium.k8s.policy.cluster=<name>.
     cluster_name: str = DEFAULT_CLUSTER_NAME
+    # Kubernetes `ipBlock` peers also select pods whose address they cover (the Kubernetes e2e
+    # suite's expectation); off by default: Cilium's CIDR rules never select cluster endpoints.
+    ip_block_selects_pods: bool = False
 
 
 @dataclass(frozen=True)
@@ -439,6 +442,7 @@ class _Builder:
             policy_enforcement=raw_settings.get("policyEnforcement", "default"),
             audit=bool(raw_settings.get("audit", False)),
             cluster_name=raw_settings.get("clusterName", DEFAULT_CLUSTER_NAME),
+            ip_block_selects_pods=bool(raw_settings.get("ipBlockSelectsPods", False)),
         )
         try:
             cidr = ipaddress.ip_network(settings.pod_cidr)

@@ -47,6 +47,7 @@ from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
+from ..policy.notices import policy_notices
 from ..scenario import AuditChange, PolicyRef, PolicySource, Relabel, Step, protected_label_change
 from ..supervisor import ProxySupervisor
 
@@ -439,6 +440,10 @@ class LabService:
                  "audit_on": sorted(k for k, on in engine.audit.items() if on and not audit_before.get(k)),
                  "audit_off": sorted(k for k, on in engine.audit.items() if not on and audit_before.get(k)),
                  "audit": self.audited()}
+        # What the lab enforces differently in the policies this change applied (IPv6 CIDRs).
+        notices = policy_notices(p for key, p in engine.policies.items() if in_force.get(key) is not p)
+        if notices:
+            reply["notices"] = notices
         if not self.proxy.up:
             reply["warnings"] = ["the L7 proxy is not running: flows redirected to it are dropped until it is back"]
         return reply, undo

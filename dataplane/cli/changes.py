@@ -41,6 +41,8 @@ def _change(lab: str | None, payload: dict[str, Any], as_json: bool) -> int:
             say(f"audit mode on: {', '.join(reply['audit_on'])}")
         if reply.get("audit_off"):
             say(f"audit mode off (enforcing): {', '.join(reply['audit_off'])}")
+        for notice in reply.get("notices", []):
+            say(f"notice: {notice}")
         for warning in reply.get("warnings", []):
             errconsole.print(f"warning: {warning}", soft_wrap=True)
         audited = reply.get("audit", [])

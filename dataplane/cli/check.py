@@ -26,18 +26,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..policy import validate_policy_file  # noqa: PLC0415
 
     results: dict[str, list[str]] = {}
+    notices: dict[str, list[str]] = {}
     for path in args.files:
         errors: list[BaseException] = []
         try:
             if _is_scenario(path):
-                policy_engine(load_scenario(path))  # the scenario and every policy it applies
+                scenario = load_scenario(path)
+                policy_engine(scenario)  # the scenario and every policy it applies
+                notices[path] = _scenario_notices(scenario)
             else:
                 errors.extend(validate_policy_file(path))
+                if not errors:
+                    notices[path] = _file_notices(path)
         except (SourceError, ErrorList) as exc:
             errors.extend(exc.errors if isinstance(exc, ErrorList) else [exc])
         results[path] = [str(e) for e in errors]
     if args.json:
-        emit_json({"valid": not any(results.values()), "files": results})
+        emit_json({"valid": not any(results.values()), "files": results,
+                   "notices": {path: lines for path, lines in notices.items() if lines and not results[path]}})
     else:
         for path, errors in results.items():
             if errors:
@@ -45,7 +51,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     print_error(e)
             else:
                 say(f"{path}: valid")
+                for line in notices.get(path, []):
+                    say(f"  notice: {line}")
     return EXIT_SETUP if any(results.values()) else EXIT_OK
+
+
+def _file_notices(path: str) -> list[str]:
+    """What the lab enforces differently in a valid policy file (`policy.notices`)."""
+    from ..policy.notices import policy_notices  # noqa: PLC0415
+    from ..policy.parse import parse_documents  # noqa: PLC0415
+    from ..yamlsource import load_file  # noqa: PLC0415
+
+    return policy_notices(parse_documents(load_file(path)))
+
+
+def _scenario_notices(scenario: Any) -> list[str]:
+    """The notices of every policy a valid scenario applies, at its start or in a step."""
+    from ..policy.notices import policy_notices  # noqa: PLC0415
+    from ..policy.parse import parse_documents  # noqa: PLC0415
+
+    groups = [scenario.policies] + [step.apply for step in scenario.steps if step.apply]
+    lines: list[str] = []
+    for group in groups:
+        lines += [n for n in policy_notices(parse_documents([s.document for s in group])) if n not in lines]
+    return lines
 
 
 def _parse_http(text: str | None, headers: list[str]) -> Any:

@@ -65,13 +65,23 @@ class EntityPeer:
 
 @dataclass(frozen=True)
 class CIDRPeer:
-    """A CIDR (prefix string, normalised) with excepted sub-prefixes."""
+    """A CIDR (prefix string, normalised) with excepted sub-prefixes of the same family.
+
+    An IPv6 CIDR is accepted (Cilium's own manifests pair `0.0.0.0/0` with `::/0`) but selects
+    nothing: the lab is IPv4 only. `ip_block` marks a Kubernetes `ipBlock`, the one CIDR peer
+    that `settings.ipBlockSelectsPods` lets select pods."""
 
     cidr: str
     excepts: tuple[str, ...] = ()
+    ip_block: bool = False
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.cidr
 
     def describe(self) -> str:
-        return f"CIDR {self.cidr}" + (f" except {', '.join(self.excepts)}" if self.excepts else "")
+        what = "ipBlock" if self.ip_block else "CIDR"
+        return f"{what} {self.cidr}" + (f" except {', '.join(self.excepts)}" if self.excepts else "")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
 from .identity import IdentityAllocator, IdentityTable
+from .notices import peer_notes
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
@@ -250,7 +251,8 @@ class PolicyEngine:
         table = IdentityTable.build(self.allocator, labels, {k: p.ip for k, p in sc.pods.items()},
                                     sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
                                     list(policies.values()),
-                                    {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity})
+                                    {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity},
+                                    sc.settings.ip_block_selects_pods)
         endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports),
                                   audit.get(k, False))
                      for i, (k, p) in enumerate(sc.pods.items())]
@@ -312,6 +314,10 @@ class _Judge:
         else:
             raise ValueError(f"unknown flow source {flow.source!r}: expected a pod, a world host or 'host'")
         dst_pod = next((k for k, p in sc.pods.items() if p.ip == flow.destination_ip), None)
+        # The remote address of each direction, for the notes on CIDR peers (`notices.peer_notes`).
+        self.remote_ip = {Direction.EGRESS: flow.destination_ip,
+                          Direction.INGRESS: sc.pods[src_pod].ip if src_pod is not None else
+                          sc.world[flow.source].address if flow.source in sc.world else None}
         dst_identity = self.state.identity_of(flow.destination_ip)
         d.source_identity, d.destination_identity = src_identity, dst_identity
         what = f"{flow.protocol}/{flow.port}" + (f" {flow.http}" if flow.http else "") + \
@@ -362,6 +368,7 @@ class _Judge:
                               + ", ".join(sorted({p.display + (f' {s.path}' if len(p.specs) > 1 else '') for p, s in selecting})))
         else:
             self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): no policy selects it in this direction")
+        self.trace.extend(f"  {note}" for note in peer_notes(selecting, name, self.remote_ip.get(direction), self.ids))
         enforced, verdict, found = look.enforced, look.verdict, look.found
         for key, entry in found:
             rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +454,8 @@ class _PolicyParser(CiliumRuleParser):
             b = self.ctx.mapping(path + ("ipBlock",), p["ipBlock"], ("cidr", "except"), ("cidr",))
             if b is None or "cidr" not in b:
                 return None
-            return self.cidr_peer(path + ("ipBlock",), b["cidr"], b.get("except"), "cidr")
+            peer = self.cidr_peer(path + ("ipBlock",), b["cidr"], b.get("except"), "cidr")
+            return replace(peer, ip_block=True) if peer is not None else None
         selector = LabelSelector()
         if "namespaceSelector" in p:
             selector = self.selector(path + ("namespaceSelector",), p["namespaceSelector"], False, namespace_keys=True)
@@ -473,25 +475,24 @@ class _PolicyParser(CiliumRuleParser):
             sub = self.network(path + ("except", i), e)
             if sub is None:
                 continue
-            if not sub.subnet_of(net) or sub == net:
+            if sub.version != net.version or not sub.subnet_of(net) or sub == net:  # type: ignore[arg-type]
                 self.err(path + ("except", i), f"except {sub} must be a strict subnet of {net}")
                 continue
             out.append(str(sub))
         return CIDRPeer(str(net), tuple(out))
 
-    def network(self, path: tuple, raw: Any) -> ipaddress.IPv4Network | None:
+    def network(self, path: tuple, raw: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        """An IPv4 or IPv6 prefix. An IPv6 one is accepted as Cilium accepts it and selects
+        nothing in the IPv4-only lab (`identity.py`; `notices.py` tells the user)."""
         if not isinstance(raw, str):
-            self.err(path, f"expected a CIDR like 10.0.0.0/8, got {describe_value(raw)}")
+            self.err(path, f"expected a CIDR like 10.0.0.0/8 or 2001:db8::/32, got {describe_value(raw)}")
             return None
         try:
-            net = ipaddress.ip_network(raw, strict=False)
+            return ipaddress.ip_network(raw, strict=False)
         except ValueError:
-            self.err(path, f"invalid CIDR {raw!r}: expected an IPv4 prefix like 10.0.0.0/8")
+            self.err(path, f"invalid CIDR {raw!r}: expected an IPv4 prefix like 10.0.0.0/8 or an IPv6 prefix "
+                           "like 2001:db8::/32")
             return None
-        if net.version != 4:
-            self.err(path, f"IPv6 CIDR {raw!r} is not supported: the lab is IPv4 only")
-            return None
-        return net
 
     # ------------------------------------------------------------------ Cilium
 

@@ -35,7 +35,7 @@ from ..errors import SourceError, SourceLocation
 from ..abi import IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction, Verdict
 from ..mapstate import (EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, lookup_policy,
                         normalize_entries, port_range_blocks)
-from .api import L7Rules, Policy, PolicySpec, PortSpec, Rule
+from .api import CIDRPeer, L7Rules, Policy, PolicySpec, PortSpec, Rule
 from .identity import IdentityTable
 
 ALLOW_LOCALHOST = "allow-localhost (Cilium default: the local host reaches local pods)"
@@ -174,6 +174,8 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
     """What one rule allows or denies for one endpoint; more than `room` raises (see limits)."""
     remote: set[int] = set()
     for peer in rule.peers:
+        if identities.ip_block_selects_pods and isinstance(peer, CIDRPeer) and peer.ip_block:
+            _check_ip_block(rule, peer, identities)
         remote |= identities.select(peer)
     if IDENTITY_ANY in remote:
         remote = {IDENTITY_ANY}  # the wildcard covers every other identity
@@ -210,6 +212,19 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
     if len(out) > room:
         raise _too_many_entries(rule)
     return out
+
+
+def _check_ip_block(rule: Rule, peer: CIDRPeer, identities: IdentityTable) -> None:
+    """An ipBlock that selects pods must cover all pods of an identity or none: the datapath
+    allows identities, so a pod inside would let the pods outside that share its labels in too."""
+    split = identities.ip_block_split(peer)
+    if split is None:
+        return
+    inside, outside, number = split
+    where = rule.location if rule.location is not None else SourceLocation("policies")
+    raise SourceError(where, f"{rule.path}: with settings.ipBlockSelectsPods, ipBlock {peer.cidr} covers pod {inside} "
+                             f"but not pod {outside}, which has the same labels (identity {number}); the lab enforces "
+                             "policy by identity: give the pods distinct labels, or cover both")
 
 
 def _emit(state: MapState, endpoint_id: int, direction: Direction, contributions: list[Contribution]) -> None:

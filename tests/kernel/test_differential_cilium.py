@@ -73,6 +73,22 @@ CASES = [
                ("x/a", "w3", 80, "TCP", "allowed"), ("x/a", "w3", 81, "TCP", "dropped"),
                ("x/a", "w3", 80, "UDP", "dropped"),
                ("x/a", "x/b", 80, "TCP", "dropped")]),  # CIDR rules never select pods
+    # Cilium's connectivity suite allows all egress with both families; the lab is IPv4 only,
+    # so the IPv4 half allows the world and the IPv6 half adds nothing.
+    Case("to-cidr-ipv4-and-ipv6-all", cnp("p", "x", """
+        endpointSelector: {matchLabels: {pod: a}}
+        egress: [{toCIDR: ["0.0.0.0/0", "::/0"]}]
+        """), [("x/a", "w1", 80, "TCP", "allowed"), ("x/a", "w2", 81, "UDP", "allowed"),
+               ("x/a", "w3", 80, "TCP", "allowed"),
+               ("x/a", "x/b", 80, "TCP", "dropped")]),  # CIDR rules never select pods
+    # Peers that are all IPv6: nothing is allowed, and the section still enforces default deny.
+    Case("to-cidr-ipv6-only", cnp("p", "x", """
+        endpointSelector: {matchLabels: {pod: a}}
+        egress:
+          - toCIDRSet: [{cidr: "::/0", except: ["fd00::/8"]}]
+            toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+        """), [("x/a", "w1", 80, "TCP", "dropped"), ("x/a", "x/b", 80, "TCP", "dropped"),
+               ("x/b", "w1", 80, "TCP", "allowed")]),
     Case("from-cidr-set-except", cnp("p", "y", """
         endpointSelector: {}
         ingress:

@@ -123,7 +123,8 @@ CASES = [
     ("  ingress:\n    - toPorts: [{ports: [{port: \"53\"}], rules: {http: [{}], dns: [{matchName: a.com}]}}]\n",
      "spec.ingress[0].toPorts[0].rules", "not both"),
     ("  enableDefaultDeny: {ingress: yes please}\n", "spec.enableDefaultDeny.ingress", "true or false"),
-    ("  ingress:\n    - fromCIDR: [\"2001:db8::/32\"]\n", "spec.ingress[0].fromCIDR[0]", "IPv6"),
+    ("  ingress:\n    - fromCIDRSet: [{cidr: \"2001:db8::/32\", except: [\"10.0.0.0/8\"]}]\n",
+     "spec.ingress[0].fromCIDRSet[0].except[0]", "must be a strict subnet of 2001:db8::/32"),
 ]
 
 

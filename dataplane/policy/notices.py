@@ -1,0 +1,73 @@
+"""Notices about policies the lab accepts but enforces differently from a cluster: what
+`validate` and `apply` print beside "valid"/"applied", and the lines `explain` adds for a flow.
+
+They are not errors: Cilium accepts these policies, and so does the lab. They say where the
+lab's single IPv4 node cannot do what the manifest asks for:
+
+- an IPv6 CIDR (`toCIDR: [0.0.0.0/0, ::/0]`, an IPv6 `ipBlock`) is accepted and selects
+  nothing: the lab is IPv4 only and its datapath drops every IPv6 packet before policy
+  (`UNSUPPORTED_L3`). A rule whose peers are all IPv6 allows nothing, yet its section still puts
+  the endpoints it selects into default deny, as any rule of a section does in Cilium;
+- a Kubernetes `ipBlock` selects pods or not depending on `settings.ipBlockSelectsPods`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .api import CIDRPeer, Policy, PolicySpec, Rule
+from .identity import IdentityTable
+
+IPV6_NOTE = ("the lab is IPv4 only: IPv6 packets are dropped before policy (UNSUPPORTED_L3), so an IPv6 "
+             "CIDR can never match")
+
+
+def _ipv6_cidrs(rule: Rule) -> list[str]:
+    return [p.cidr for p in rule.peers if isinstance(p, CIDRPeer) and p.ipv6]
+
+
+def policy_notices(policies: Iterable[Policy]) -> list[str]:
+    """One line per rule that names IPv6 CIDRs (what `validate` and `apply` print)."""
+    out = []
+    for policy in policies:
+        for spec in policy.specs:
+            for rule in spec.rules:
+                v6 = _ipv6_cidrs(rule)
+                if not v6:
+                    continue
+                line = f"{policy.display} {rule.path}: IPv6 CIDR {', '.join(v6)} accepted; {IPV6_NOTE}"
+                if len(v6) == len(rule.peers):
+                    line += (f"; this rule selects no peer in the lab, and its section still puts the endpoints "
+                             f"it selects into default deny for {rule.direction}")
+                out.append(line)
+    return out
+
+
+def peer_notes(selecting: Iterable[tuple[Policy, PolicySpec]], direction: str, remote_ip: str | None,
+               ids: IdentityTable) -> list[str]:
+    """What `explain` says about the rules of `direction` of the selecting specs whose peers the
+    lab treats apart: IPv6 CIDRs, and Kubernetes ipBlocks (which behaviour applied)."""
+    out: list[str] = []
+    remote_pod = next((k for k, ip in ids.pod_ips.items() if ip == remote_ip), None) if remote_ip else None
+    for policy, spec in selecting:
+        for rule in spec.rules:
+            if rule.direction != direction:
+                continue
+            where = f"{policy.display} {rule.path}"
+            v6 = _ipv6_cidrs(rule)
+            if v6:
+                out.append(f"note: {where} names IPv6 CIDR {', '.join(v6)}: {IPV6_NOTE} here")
+            for peer in rule.peers:
+                if not (isinstance(peer, CIDRPeer) and peer.ip_block) or peer.ipv6:
+                    continue
+                inside = remote_pod is not None and remote_pod in ids.pods_in_block(peer)
+                if ids.ip_block_selects_pods:
+                    how = ("settings.ipBlockSelectsPods is true (the Kubernetes e2e suite's expectation): it "
+                           "selects the pods whose addresses it covers")
+                    what = f"; pod {remote_pod} lies inside it and is selected" if inside else ""
+                else:
+                    how = ("settings.ipBlockSelectsPods is false (Cilium's behaviour): it never selects pods, "
+                           "only addresses outside the cluster")
+                    what = f"; pod {remote_pod} lies inside it but is not selected" if inside else ""
+                out.append(f"note: {where} ipBlock {peer.cidr}: {how}{what}")
+    return out
