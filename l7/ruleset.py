@@ -88,27 +88,47 @@ class L7RuleSet:
 class L7Policy:
     """Value of `MapState.l7[(endpoint id, direction, proxy port)]`.
 
-    `rules[(remote identity, port)]`; identity 0 holds the rules that apply to any peer. The
-    proxy looks up (identity, port) first and falls back to (0, port), as `lookup` does.
+    `rules[(remote identity, port)]`; identity 0 holds the rules that apply to any peer.
+    `ranges[(remote identity, first port, last port)]` holds the set shared by every port of a
+    range (an L7 rule on `port` + `endPort`); the resolver makes ranges and single ports that
+    never overlap for one identity. The proxy looks up the peer's own set (its port, then its
+    ranges) and falls back to the any-peer set (identity 0) the same way, as `lookup` does.
     """
 
-    def __init__(self, rules: dict[tuple[int, int], L7RuleSet] | None = None) -> None:
+    def __init__(self, rules: dict[tuple[int, int], L7RuleSet] | None = None,
+                 ranges: dict[tuple[int, int, int], L7RuleSet] | None = None) -> None:
         self.rules: dict[tuple[int, int], L7RuleSet] = rules if rules is not None else {}
+        self.ranges: dict[tuple[int, int, int], L7RuleSet] = ranges if ranges is not None else {}
+
+    def __bool__(self) -> bool:
+        return bool(self.rules or self.ranges)
+
+    def _own(self, identity: int, port: int) -> L7RuleSet | None:
+        got = self.rules.get((identity, port))
+        if got is not None:
+            return got
+        return next((rs for (ident, lo, hi), rs in self.ranges.items() if ident == identity and lo <= port <= hi), None)
 
     def lookup(self, identity: int, port: int) -> L7RuleSet | None:
-        return self.rules.get((identity, port)) or self.rules.get((0, port))
+        return self._own(identity, port) or self._own(0, port)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, L7Policy) and self.rules == other.rules
+        return isinstance(other, L7Policy) and self.rules == other.rules and self.ranges == other.ranges
 
     def __repr__(self) -> str:
-        return f"L7Policy({self.rules!r})"
+        return f"L7Policy({self.rules!r}, ranges={self.ranges!r})"
 
     def to_json(self) -> dict:
-        return {"rules": [{"identity": ident, "port": port, "set": rs.to_json()}
-                          for (ident, port), rs in sorted(self.rules.items())]}
+        out: dict[str, Any] = {"rules": [{"identity": ident, "port": port, "set": rs.to_json()}
+                                         for (ident, port), rs in sorted(self.rules.items())]}
+        if self.ranges:
+            out["ranges"] = [{"identity": ident, "port": lo, "end_port": hi, "set": rs.to_json()}
+                             for (ident, lo, hi), rs in sorted(self.ranges.items())]
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "L7Policy":
         return cls({(int(e["identity"]), int(e["port"])): L7RuleSet.from_json(e["set"])
-                    for e in data.get("rules", ())})
+                    for e in data.get("rules", ())},
+                   {(int(e["identity"]), int(e["port"]), int(e["end_port"])): L7RuleSet.from_json(e["set"])
+                    for e in data.get("ranges", ())})

@@ -195,8 +195,10 @@ class CiliumRuleParser:
             ppath = path + ("ports", j)
             if p.port == 0 and not p.name:
                 self.err(ppath + ("port",), "L7 rules need a specific port (got port 0, all ports)")
-            if p.end_port:
-                self.err(ppath + ("endPort",), "L7 rules cannot be used with a port range (endPort)")
+            if p.end_port and "dns" in rules:
+                # Cilium (1.17 and later) takes port ranges with HTTP rules, never with DNS rules.
+                self.err(ppath + ("endPort",), "DNS rules cannot be used with a port range (endPort); "
+                                               "Cilium takes a port range with HTTP rules only")
             if "http" in rules and p.protocol != "TCP":
                 self.err(ppath + ("protocol",), f"HTTP rules apply to TCP only: set protocol: TCP (got {p.protocol})")
             if "dns" in rules and p.protocol == "SCTP":

@@ -25,6 +25,7 @@ port map). A name that resolves nowhere allows nothing.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -152,7 +153,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
     state.policy = normalize_entries(state.policy)
     for (endpoint_id, d), contribs in all_contributions.items():
         l7 = build_l7_policy(state, endpoint_id, d, contribs)
-        if l7.rules:
+        if l7:
             state.l7[(endpoint_id, int(d), PROXY_PORT)] = l7
     return Resolution(state, identities, rule_refs, selected_by)
 
@@ -248,15 +249,15 @@ def build_l7_policy(state: MapState, endpoint_id: int, direction: Direction,
                     contributions: list[Contribution]) -> L7Policy:
     """Merge the L7 rules of every redirected (identity, port) (see module docstring)."""
     l7 = L7Policy()
-    redirect_ports = sorted({(c.protocol, c.lo) for c in contributions if c.verdict == Verdict.REDIRECT})
     allows = [c for c in contributions if c.verdict in (Verdict.ALLOW, Verdict.REDIRECT)]
-    for protocol, port in redirect_ports:
+    for protocol, port, last in _redirect_segments(contributions):
         covering = [c for c in allows if c.covers(protocol, port)]
         for ident in sorted({c.identity for c in covering}):
             verdict, _ = lookup_policy(state, endpoint_id, direction, ident, protocol, port)
             if verdict != Verdict.REDIRECT:
                 continue
-            rule_set = l7.rules.setdefault((ident, port), L7RuleSet())
+            rule_set = l7.rules.setdefault((ident, port), L7RuleSet()) if port == last else \
+                l7.ranges.setdefault((ident, port, last), L7RuleSet())
             for c in covering:
                 if c.identity not in (ident, IDENTITY_ANY):
                     continue
@@ -269,3 +270,19 @@ def build_l7_policy(state: MapState, endpoint_id: int, direction: Direction,
                     rule_set.add(l7_protocol, rules, c.rule_id)
     return l7
 
+
+def _redirect_segments(contributions: list[Contribution]) -> list[tuple[int, int, int]]:
+    """(protocol, first port, last port) of the redirected ports, cut wherever any contribution
+    of another port range begins or ends: inside one segment every port meets the same
+    contributions, hence the same verdict and the same merged L7 set, so a redirected range
+    (`port` + `endPort` with L7 rules) is one set for all its ports rather than one per port.
+    The cuts are shared by all protocols because the proxy's sets are keyed by port alone."""
+    cuts = sorted({x for c in contributions if c.protocol != PROTO_ANY for x in (c.lo, c.hi + 1)})
+    out: set[tuple[int, int, int]] = set()
+    for c in contributions:
+        if c.verdict != Verdict.REDIRECT:
+            continue
+        inner = cuts[bisect.bisect_right(cuts, c.lo):bisect.bisect_right(cuts, c.hi)]
+        points = [c.lo] + inner + [c.hi + 1]
+        out.update((c.protocol, a, b - 1) for a, b in zip(points, points[1:]))
+    return sorted(out)
