@@ -13,6 +13,7 @@ shared by the resolver and the datapath is caught too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 
 import pytest
 
@@ -33,6 +34,19 @@ class Case:
 
 
 DENY_INGRESS_X = knp("deny-all", "x", "podSelector: {}")
+
+# The upstream netpol e2e suite writes ipBlocks of pod addresses; they select pods only with
+# settings.ipBlockSelectsPods (Cilium's CIDR rules never select cluster endpoints).
+_POD_IP = {key: pod.ip for key, pod in make_scenario().pods.items()}
+IP_BLOCK_OF_YB = knp("from-yb", "x", f"""
+    podSelector: {{matchLabels: {{pod: a}}}}
+    ingress: [{{from: [{{ipBlock: {{cidr: {_POD_IP["y/b"]}/32}}}}]}}]
+    """)
+IP_BLOCK_EXCEPT = knp("to-pods-but-yb", "x", f"""
+    podSelector: {{matchLabels: {{pod: a}}}}
+    policyTypes: [Egress]
+    egress: [{{to: [{{ipBlock: {{cidr: {ip_network(_POD_IP["y/a"] + "/30", strict=False)}, except: ["{_POD_IP["y/b"]}/32"]}}}}]}}]
+    """)
 
 CASES = [
     Case("no-policy", expect=[[
@@ -244,6 +258,15 @@ CASES = [
         ("x/b", "x/a", 80, "TCP", "dropped")]]),
     Case("enforcement-never", DENY_INGRESS_X, settings="policyEnforcement: never", expect=[[
         ("y/a", "x/a", 80, "TCP", "allowed"), ("w1", "x/b", 81, "UDP", "allowed")]]),
+    Case("ip-block-of-a-pod-cilium-default", IP_BLOCK_OF_YB, expect=[[
+        ("y/b", "x/a", 80, "TCP", "dropped"), ("y/c", "x/a", 80, "TCP", "dropped")]]),
+    Case("ip-block-of-a-pod-selects-it", IP_BLOCK_OF_YB, settings="ipBlockSelectsPods: true", expect=[[
+        ("y/b", "x/a", 80, "TCP", "allowed"), ("y/b", "x/a", 81, "UDP", "allowed"),
+        ("y/c", "x/a", 80, "TCP", "dropped"), ("w1", "x/a", 80, "TCP", "dropped")]]),
+    Case("ip-block-except-a-pod", IP_BLOCK_EXCEPT, settings="ipBlockSelectsPods: true", expect=[[
+        ("x/a", "y/a", 80, "TCP", "allowed"), ("x/a", "y/c", 81, "UDP", "allowed"),
+        ("x/a", "y/b", 80, "TCP", "dropped"), ("x/a", "z/a", 80, "TCP", "dropped"),
+        ("x/a", "w1", 80, "TCP", "dropped")]]),
     Case("audit", DENY_INGRESS_X, settings="audit: true", expect=[[
         ("y/a", "x/a", 80, "TCP", "allowed"), ("x/b", "x/c", 81, "UDP", "allowed"),
         ("w1", "x/a", 80, "TCP", "allowed")]]),
