@@ -164,6 +164,10 @@ class Rule:
     peers: tuple[Peer, ...]
     port_rules: tuple[PortRule, ...] = ()
     location: SourceLocation | None = None
+    # Cilium fromRequires / toRequires: selectors ANDed into the endpoint peers of every rule of
+    # this direction (allow rules for an allow section, deny rules for a deny section) that
+    # selects the same endpoint; they allow nothing by themselves (resolver.py).
+    requires: tuple[LabelSelector, ...] = ()
 
     @property
     def is_deny(self) -> bool:

@@ -34,7 +34,7 @@ from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
 from .identity import IdentityAllocator, IdentityTable
-from .notices import peer_notes
+from .notices import peer_notes, requirement_notes
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
@@ -369,6 +369,8 @@ class _Judge:
         else:
             self.trace.append(f"{name} of {ep.name} (endpoint {endpoint_id}): no policy selects it in this direction")
         self.trace.extend(f"  {note}" for note in peer_notes(selecting, name, self.remote_ip.get(direction), self.ids))
+        self.trace.extend(f"  {note}" for note in requirement_notes(
+            self.engine.resolution.requirements.get((endpoint_id, direction), ()), ep.name))
         enforced, verdict, found = look.enforced, look.verdict, look.found
         for key, entry in found:
             rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)

@@ -8,7 +8,9 @@ lab's single IPv4 node cannot do what the manifest asks for:
   nothing: the lab is IPv4 only and its datapath drops every IPv6 packet before policy
   (`UNSUPPORTED_L3`). A rule whose peers are all IPv6 allows nothing, yet its section still puts
   the endpoints it selects into default deny, as any rule of a section does in Cilium;
-- a Kubernetes `ipBlock` selects pods or not depending on `settings.ipBlockSelectsPods`.
+- a Kubernetes `ipBlock` selects pods or not depending on `settings.ipBlockSelectsPods`;
+- `fromRequires` / `toRequires` are deprecated in Cilium since 1.17 and refused from 1.19 on;
+  the lab applies them as Cilium documented them until then.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def policy_notices(policies: Iterable[Policy]) -> list[str]:
     for policy in policies:
         for spec in policy.specs:
             for rule in spec.rules:
+                if rule.requires:
+                    field = "fromRequires" if rule.direction == "ingress" else "toRequires"
+                    out.append(f"{policy.display} {rule.path}: {field} is deprecated since Cilium 1.17 and refused "
+                               f"from Cilium 1.19 on (the field takes no items there); write the requirement into "
+                               f"each {field.replace('Requires', 'Endpoints')} selector instead")
                 v6 = _ipv6_cidrs(rule)
                 if not v6:
                     continue
@@ -70,4 +77,18 @@ def peer_notes(selecting: Iterable[tuple[Policy, PolicySpec]], direction: str, r
                            "only addresses outside the cluster")
                     what = f"; pod {remote_pod} lies inside it but is not selected" if inside else ""
                 out.append(f"note: {where} ipBlock {peer.cidr}: {how}{what}")
+    return out
+
+
+def requirement_notes(stated: Iterable[tuple[Policy, Rule]], endpoint: str) -> list[str]:
+    """What `explain` says about the fromRequires / toRequires in force for one endpoint and
+    direction: each requirement, the rule that states it, and the rules it narrows."""
+    out = []
+    for policy, rule in stated:
+        field = "fromRequires" if rule.direction == "ingress" else "toRequires"
+        kind = "deny" if rule.is_deny else "allow"
+        peers = field.replace("Requires", "Endpoints")
+        for selector in rule.requires:
+            out.append(f"requirement {selector} ({field} of {policy.display} {rule.path}): ANDed into the {peers} "
+                       f"selectors of every {kind} rule selecting {endpoint}")
     return out

@@ -51,16 +51,10 @@ _CILIUM_UNSUPPORTED_WHY = {
                 "security groups) for the addresses behind a group, and the lab has no cloud",
     "fromGroups": "it is cloud-provider specific: Cilium's operator asks the provider's API (AWS "
                   "security groups) for the addresses behind a group, and the lab has no cloud",
-    "fromRequires": "a requirement is ANDed into the fromEndpoints selectors of every rule that selects "
-                    "the same endpoints, which the lab's resolver does not model; write the requirement into "
-                    "each fromEndpoints selector instead",
-    "toRequires": "a requirement is ANDed into the toEndpoints selectors of every rule that selects "
-                  "the same endpoints, which the lab's resolver does not model; write the requirement into "
-                  "each toEndpoints selector instead",
 }
 
 _CILIUM_UNSUPPORTED = {
-    "fromRequires": "requirements", "toRequires": "requirements", "fromGroups": "cloud groups",
+    "fromGroups": "cloud groups",
     "toGroups": "cloud groups", "fromNodes": "node selectors", "toNodes": "node selectors",
     "toServices": "service selectors", "icmps": "ICMP rules", "authentication": "mutual authentication",
     "nodeSelector": "host (node) policies", "terminatingTLS": "TLS interception",

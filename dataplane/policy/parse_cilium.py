@@ -100,9 +100,15 @@ class CiliumRuleParser:
         l3 = [f"{d}Endpoints", f"{d}Entities", f"{d}CIDR", f"{d}CIDRSet"]
         if not ingress and not deny:
             l3.append("toFQDNs")
-        r = self.ctx.mapping(path, raw, tuple(l3) + ("toPorts",))
+        r = self.ctx.mapping(path, raw, tuple(l3) + (f"{d}Requires", "toPorts"))
         if r is None:
             return None
+        # Requirements are not L3 peers: never scoped to the policy's namespace (Cilium's
+        # k8s conversion leaves them as written), and they select no peer themselves.
+        requires = tuple(self.selector(path + (f"{d}Requires", j), sel, cilium=True)
+                         for j, sel in enumerate(self.ctx.list_(path + (f"{d}Requires",), r.get(f"{d}Requires"),
+                                                                "a list of endpoint selectors", limits.MAX_PEERS,
+                                                                "selectors")))
         peers: list[Peer] = []
         for j, sel in enumerate(self.ctx.list_(path + (f"{d}Endpoints",), r.get(f"{d}Endpoints"), "a list of endpoint selectors",
                                              limits.MAX_PEERS, "selectors")):
@@ -150,7 +156,8 @@ class CiliumRuleParser:
         if not any_l3:
             # Only toPorts: the ports apply to every peer. Nothing at all ({}): no peer.
             peers = [AllPeer()] if r.get("toPorts") else []
-        return Rule(section, index, self._path(path), tuple(peers), tuple(port_rules), self.doc.location(path))
+        return Rule(section, index, self._path(path), tuple(peers), tuple(port_rules), self.doc.location(path),
+                    requires)
 
     def fqdn(self, path: tuple, m: dict) -> DnsRule | None:
         key, value = next(iter(m.items()))

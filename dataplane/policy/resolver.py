@@ -26,7 +26,7 @@ port map). A name that resolves nowhere allows nothing.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from l7.ruleset import L7Policy, L7RuleSet
@@ -36,8 +36,9 @@ from ..errors import SourceError, SourceLocation
 from ..abi import IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction, Verdict
 from ..mapstate import (EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, lookup_policy,
                         normalize_entries, port_range_blocks)
-from .api import CIDRPeer, L7Rules, Policy, PolicySpec, PortSpec, Rule
+from .api import CIDRPeer, EndpointPeer, L7Rules, Policy, PolicySpec, PortSpec, Rule
 from .identity import IdentityTable
+from .selectors import LabelSelector
 
 ALLOW_LOCALHOST = "allow-localhost (Cilium default: the local host reaches local pods)"
 ALL_PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -88,6 +89,8 @@ class Resolution:
     rule_refs: dict[int, RuleRef]
     # (endpoint id, direction) -> policy specs selecting the endpoint
     selected_by: dict[tuple[int, Direction], list[tuple[Policy, PolicySpec]]]
+    # (endpoint id, direction) -> the fromRequires / toRequires in force there, with their rules
+    requirements: dict[tuple[int, Direction], list[tuple[Policy, Rule]]] = field(default_factory=dict)
 
 
 def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: list[Policy],
@@ -107,6 +110,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
                 state.rules[rid] = RuleAttribution(rid, policy.display, rule.index, rule.section)
 
     selected_by: dict[tuple[int, Direction], list[tuple[Policy, PolicySpec]]] = {}
+    requirements: dict[tuple[int, Direction], list[tuple[Policy, Rule]]] = {}
     all_contributions: dict[tuple[int, Direction], list[Contribution]] = {}
     produced = 0  # contributions so far: each becomes at least one map entry
     all_pod_ports = [p for ep in endpoints for p in ep.ports]
@@ -116,6 +120,9 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
         isolating: dict[Direction, set[tuple[str, str, str]]] = {Direction.INGRESS: set(), Direction.EGRESS: set()}
         for d in Direction:
             selected_by[(ep.endpoint_id, d)] = []
+        required = _requirements(ep, policies)
+        for (d, _), stated in required.items():
+            requirements.setdefault((ep.endpoint_id, d), []).extend(stated)
         for pi, policy in enumerate(policies):
             for si, spec in enumerate(policy.specs):
                 if not spec.subject.matches(ep.labels):
@@ -130,8 +137,9 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
                         enforced[d] = True
                 for ri, rule in enumerate(spec.rules):
                     d = Direction.INGRESS if rule.direction == "ingress" else Direction.EGRESS
+                    requires = tuple(sel for _, r in required.get((d, rule.is_deny), ()) for sel in r.requires)
                     got = _rule_contributions(rule, rule_ids[(pi, si, ri)], ep, identities, endpoints, all_pod_ports,
-                                              limits.MAX_POLICY_ENTRIES - produced)
+                                              limits.MAX_POLICY_ENTRIES - produced, requires)
                     produced += len(got)
                     contributions[d].extend(got)
         if mode == "never":
@@ -155,7 +163,7 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
         l7 = build_l7_policy(state, endpoint_id, d, contribs)
         if l7:
             state.l7[(endpoint_id, int(d), PROXY_PORT)] = l7
-    return Resolution(state, identities, rule_refs, selected_by)
+    return Resolution(state, identities, rule_refs, selected_by, requirements)
 
 
 def _protocols(spec: PortSpec) -> list[int]:
@@ -171,10 +179,18 @@ def _too_many_entries(rule: Rule | None) -> SourceError:
 
 def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: IdentityTable,
                         endpoints: list[EndpointInfo], all_pod_ports: list[tuple[int, str, str]],
-                        room: int = limits.MAX_POLICY_ENTRIES) -> list[Contribution]:
-    """What one rule allows or denies for one endpoint; more than `room` raises (see limits)."""
+                        room: int = limits.MAX_POLICY_ENTRIES,
+                        requires: tuple[LabelSelector, ...] = ()) -> list[Contribution]:
+    """What one rule allows or denies for one endpoint; more than `room` raises (see limits).
+    `requires`: the requirements in force for the rule's kind (`_requirements`), ANDed into its
+    endpoint peers."""
     remote: set[int] = set()
     for peer in rule.peers:
+        if requires and isinstance(peer, EndpointPeer):
+            selector = peer.selector
+            for required in requires:
+                selector = selector.and_(required)
+            peer = EndpointPeer(selector)
         if identities.ip_block_selects_pods and isinstance(peer, CIDRPeer) and peer.ip_block:
             _check_ip_block(rule, peer, identities)
         remote |= identities.select(peer)
@@ -212,6 +228,24 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
                     out.append(Contribution(ident, proto, lo, hi, verdict, pr.l7, rule_id))
     if len(out) > room:
         raise _too_many_entries(rule)
+    return out
+
+
+def _requirements(ep: EndpointInfo, policies: list[Policy]) -> dict[tuple[Direction, bool], list[tuple[Policy, Rule]]]:
+    """The rules with fromRequires / toRequires among those of every spec selecting `ep`, by
+    (direction, deny). Cilium (pkg/policy/repository.go up to 1.18, "requirements form
+    conjunctions across all rules") folds the requirements of the allow rules selecting an
+    endpoint into the fromEndpoints/toEndpoints of all its allow rules, those of its deny rules
+    into all its deny rules; entities, CIDRs and port-only rules are left as they are."""
+    out: dict[tuple[Direction, bool], list[tuple[Policy, Rule]]] = {}
+    for policy in policies:
+        for spec in policy.specs:
+            if not any(r.requires for r in spec.rules) or not spec.subject.matches(ep.labels):
+                continue
+            for rule in spec.rules:
+                if rule.requires:
+                    d = Direction.INGRESS if rule.direction == "ingress" else Direction.EGRESS
+                    out.setdefault((d, rule.is_deny), []).append((policy, rule))
     return out
 
 
