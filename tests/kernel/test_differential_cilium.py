@@ -89,6 +89,21 @@ CASES = [
             toPorts: [{ports: [{port: "80", protocol: TCP}]}]
         """), [("x/a", "w1", 80, "TCP", "dropped"), ("x/a", "x/b", 80, "TCP", "dropped"),
                ("x/b", "w1", 80, "TCP", "allowed")]),
+    # Cilium's "additional label requirements": the requirement (pod=b) of the second policy
+    # narrows the first policy's fromEndpoints (every pod of y) and grants nothing alone; the
+    # entity rule is left as it is.
+    Case("from-requires", cnp("p", "x", """
+        endpointSelector: {matchLabels: {pod: a}}
+        ingress:
+          - fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: y}}]
+          - fromEntities: [world]
+        """) + "\n---\n" + cnp("requires", "x", """
+        endpointSelector: {matchLabels: {pod: a}}
+        ingress: [{fromRequires: [{matchLabels: {pod: b}}]}]
+        """), [("y/b", "x/a", 80, "TCP", "allowed"), ("y/b", "x/a", 81, "UDP", "allowed"),
+               ("y/a", "x/a", 80, "TCP", "dropped"), ("y/c", "x/a", 81, "UDP", "dropped"),
+               ("x/b", "x/a", 80, "TCP", "dropped"),  # meets the requirement, allowed by no rule
+               ("w1", "x/a", 80, "TCP", "allowed")]),
     Case("from-cidr-set-except", cnp("p", "y", """
         endpointSelector: {}
         ingress:
