@@ -51,6 +51,10 @@ _CILIUM_UNSUPPORTED_WHY = {
                 "security groups) for the addresses behind a group, and the lab has no cloud",
     "fromGroups": "it is cloud-provider specific: Cilium's operator asks the provider's API (AWS "
                   "security groups) for the addresses behind a group, and the lab has no cloud",
+    "nodeSelector": "a host policy applies to the node's own stack (Cilium's host firewall enforces it where the "
+                    "node sends and receives, on its native devices), and the lab's datapath enforces the pods' "
+                    "policies only: traffic to the lab node is never checked against a policy of its own; "
+                    "write the rule on the pods' side (toEntities: [host] in their egress)",
 }
 
 _CILIUM_UNSUPPORTED = {

@@ -108,6 +108,8 @@ CASES = [
      "quote it"),
     ("  egress:\n    - fromRequires: [{matchLabels: {env: prod}}]\n", "spec.egress[0].fromRequires",
      "unknown field 'fromRequires'"),
+    ("  nodeSelector: {matchLabels: {node-role: worker}}\n", "spec.nodeSelector",
+     "host (node) policies (nodeSelector) are not supported by l7lab: a host policy applies to the node's own stack"),
     ("  egress:\n    - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n", "spec.egress[0].toGroups",
      "cloud groups (toGroups) are not supported by l7lab: it is cloud-provider specific"),
     ("  ingress:\n    - fromGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n", "spec.ingress[0].fromGroups",
