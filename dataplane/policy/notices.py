@@ -15,6 +15,7 @@ lab's single IPv4 node cannot do what the manifest asks for:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 from .api import CIDRPeer, Policy, PolicySpec, Rule
@@ -64,19 +65,23 @@ def peer_notes(selecting: Iterable[tuple[Policy, PolicySpec]], direction: str, r
             v6 = _ipv6_cidrs(rule)
             if v6:
                 out.append(f"note: {where} names IPv6 CIDR {', '.join(v6)}: {IPV6_NOTE} here")
+            if remote_pod is None:
+                continue  # both behaviours agree on what is not a pod
             for peer in rule.peers:
                 if not (isinstance(peer, CIDRPeer) and peer.ip_block) or peer.ipv6:
                     continue
-                inside = remote_pod is not None and remote_pod in ids.pods_in_block(peer)
-                if ids.ip_block_selects_pods:
-                    how = ("settings.ipBlockSelectsPods is true (the Kubernetes e2e suite's expectation): it "
-                           "selects the pods whose addresses it covers")
-                    what = f"; pod {remote_pod} lies inside it and is selected" if inside else ""
+                if ipaddress.ip_address(remote_ip) not in ipaddress.ip_network(peer.cidr):  # type: ignore[arg-type]
+                    continue
+                if not ids.ip_block_selects_pods:
+                    what = ("not selected: settings.ipBlockSelectsPods is false (Cilium's behaviour: CIDR rules "
+                            "never select pods)")
+                elif remote_pod in ids.pods_in_block(peer):
+                    what = ("selected: settings.ipBlockSelectsPods is true (the Kubernetes e2e suite's expectation: "
+                            "an ipBlock selects the pods whose addresses it covers)")
                 else:
-                    how = ("settings.ipBlockSelectsPods is false (Cilium's behaviour): it never selects pods, "
-                           "only addresses outside the cluster")
-                    what = f"; pod {remote_pod} lies inside it but is not selected" if inside else ""
-                out.append(f"note: {where} ipBlock {peer.cidr}: {how}{what}")
+                    what = "not selected: its address lies inside an except (settings.ipBlockSelectsPods is true)"
+                out.append(f"note: {where} ipBlock {peer.describe().removeprefix('ipBlock ')} covers pod "
+                           f"{remote_pod}'s address; the pod is {what}")
     return out
 
 

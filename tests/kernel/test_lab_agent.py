@@ -151,6 +151,31 @@ def test_a_failed_change_changes_nothing(retail: str, tmp_path: Path) -> None:
     assert agent_status(retail)["agent"]["policies"] == before
 
 
+IPV6_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: all-egress, namespace: retail}
+spec:
+  endpointSelector: {matchLabels: {app: no-such-pod}}
+  egress:
+    - toCIDR: [0.0.0.0/0, "::/0"]
+"""
+
+
+def test_apply_notes_an_ipv6_cidr_and_applies_the_rest(retail: str, tmp_path: Path) -> None:
+    policy = tmp_path / "all-egress.yaml"
+    policy.write_text(IPV6_POLICY)
+    out = l7lab("apply", "--lab", retail, str(policy))
+    assert out.returncode == 0, out.stderr
+    assert ("notice: CiliumNetworkPolicy retail/all-egress spec.egress[0]: IPv6 CIDR ::/0 accepted; the lab is IPv4 "
+            "only" in out.stdout), out.stdout
+    assert "CiliumNetworkPolicy retail/all-egress" in agent_status(retail)["agent"]["policies"]
+    reply = json.loads(l7lab("apply", "--lab", retail, str(policy), "--json").stdout)
+    assert reply["replaced"] == ["CiliumNetworkPolicy retail/all-egress"] and len(reply["notices"]) == 1
+    out = l7lab("delete", "cnp", "all-egress", "-n", "retail", "--lab", retail, "--json")
+    assert out.returncode == 0 and "notices" not in json.loads(out.stdout)
+
+
 def test_killed_agent_leaves_the_lab_enforcing_and_down_cleans_up(retail: str, tmp_path: Path) -> None:
     pid = agent_status(retail)["agent"]["pid"]
     # The agent lives in the lab's node namespace, so whatever removes the lab finds it.

@@ -67,6 +67,21 @@ def test_validate_reports_every_error_and_exit_1(tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
 
 
+def test_validate_notes_what_the_lab_enforces_differently() -> None:
+    """IPv6 CIDRs are accepted with a notice (the lab is IPv4 only), in a policy file, in a
+    scenario, and in --json; a file without such rules gets none."""
+    policies = REPO / "scenarios" / "policies" / "cidr-ipv4-ipv6.yaml"
+    out = l7lab("validate", str(policies), str(REPO / "scenarios" / "cidr-ipv4-ipv6.yaml"),
+                str(REPO / "scenarios" / "policies" / "l7-redirect.yaml"))
+    assert out.returncode == 0, out.stderr
+    notices = [line for line in out.stdout.splitlines() if "notice:" in line]
+    assert len(notices) == 4 and all("IPv6 CIDR" in n and "can never match" in n for n in notices), out.stdout
+    assert sum("default deny for egress" in n for n in notices) == 2
+    reply = json.loads(l7lab("validate", "--json", str(policies), str(REPO / "scenarios" / "policies" /
+                                                                        "l7-redirect.yaml")).stdout)
+    assert reply["valid"] and list(reply["notices"]) == [str(policies)] and len(reply["notices"][str(policies)]) == 2
+
+
 def test_change_verbs_reject_bad_arguments_before_touching_a_lab(tmp_path: Path) -> None:
     out = l7lab("label", "service", "x", "a=b", "--lab", "nolab")
     assert out.returncode == 1 and "expected 'pod' or 'namespace'" in out.stderr

@@ -64,8 +64,7 @@ def test_by_default_an_ip_block_of_a_pod_does_not_select_it(selects_pods: bool |
     decision = _from(engine, "one")
     assert decision.outcome == "dropped"
     (note,) = [line for line in decision.trace if "ipBlock 10.210.0.3/32" in line]
-    assert "settings.ipBlockSelectsPods is false (Cilium's behaviour)" in note
-    assert "pod x/one lies inside it but is not selected" in note
+    assert "covers pod x/one's address; the pod is not selected: settings.ipBlockSelectsPods is false" in note
 
 
 def test_with_the_setting_an_ip_block_of_a_pod_selects_it_and_only_it() -> None:
@@ -73,15 +72,18 @@ def test_with_the_setting_an_ip_block_of_a_pod_selects_it_and_only_it() -> None:
     decision = _from(engine, "one")
     assert decision.outcome == "allowed"
     (note,) = [line for line in decision.trace if "ipBlock 10.210.0.3/32" in line]
-    assert "settings.ipBlockSelectsPods is true" in note and "pod x/one lies inside it and is selected" in note
+    assert "covers pod x/one's address; the pod is selected: settings.ipBlockSelectsPods is true" in note
     assert _from(engine, "two").outcome == "dropped"
-    other = [line for line in _from(engine, "two").trace if "ipBlock" in line]
-    assert other and "lies inside" not in other[0]
+    # The block does not cover two's address: it plays no part, and explain says nothing of it.
+    assert not [line for line in _from(engine, "two").trace if "ipBlock" in line]
 
 
 def test_except_leaves_a_pod_out() -> None:
     engine = _engine(K8S.format(cidr="10.210.0.0/29", excepts=', except: ["10.210.0.3/32"]'), True)
-    assert _from(engine, "one").outcome == "dropped"  # in the except
+    decision = _from(engine, "one")
+    assert decision.outcome == "dropped"  # in the except
+    assert any("covers pod x/one's address; the pod is not selected: its address lies inside an except" in line
+               for line in decision.trace), decision.trace
     assert _from(engine, "two").outcome == "allowed" and _from(engine, "twin").outcome == "allowed"
 
 
