@@ -103,6 +103,7 @@ def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
     (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "'api' serves no DNS: a DNS probe needs a destination declaring port 53/UDP"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: 'web:5353', dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "listen on 53/UDP only, got port 5353"),
     (("{port: 80, name: http}", "{port: 80, name: http}, {port: 80}"), 9, "pods[0].ports[1]", "port 80/TCP is declared twice"),
+    (("name: demo", "name: demo\nsettings: {ipBlockSelectsPods: 'yes'}"), 2, "settings.ipBlockSelectsPods", "expected boolean, got string 'yes'"),
     # per-endpoint audit and audit steps
     (("    labels: {app: web}", "    labels: {app: web}\n    audit: yes please"), 9, "pods[0].audit", "expected boolean, got string"),
     (("    labels: {team: shop}", "    labels: {team: shop}\n    audit: 1"), 5, "namespaces[0].audit", "expected boolean, got number 1"),
