@@ -233,10 +233,11 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
 
 def _requirements(ep: EndpointInfo, policies: list[Policy]) -> dict[tuple[Direction, bool], list[tuple[Policy, Rule]]]:
     """The rules with fromRequires / toRequires among those of every spec selecting `ep`, by
-    (direction, deny). Cilium (pkg/policy/repository.go up to 1.18, "requirements form
-    conjunctions across all rules") folds the requirements of the allow rules selecting an
-    endpoint into the fromEndpoints/toEndpoints of all its allow rules, those of its deny rules
-    into all its deny rules; entities, CIDRs and port-only rules are left as they are."""
+    (direction, deny). As Cilium documents them (policy language, "Additional label
+    requirements"; pkg/policy/rule.go: "requirements form conjunctions across all rules"), the
+    requirements of the allow rules selecting an endpoint are folded into the
+    fromEndpoints/toEndpoints of all its allow rules, those of its deny rules into all its deny
+    rules; entities, CIDRs, FQDNs and every-peer rules are left as they are."""
     out: dict[tuple[Direction, bool], list[tuple[Policy, Rule]]] = {}
     for policy in policies:
         for spec in policy.specs:
