@@ -412,10 +412,10 @@ class _Judge:
                 if rule.is_deny or rule.direction != direction.name.lower():
                     continue
                 for peer in rule.peers:
-                    if not isinstance(peer, CIDRPeer) or remote in self.ids.select(peer):
+                    if not isinstance(peer, CIDRPeer) or address not in ipaddress.ip_network(peer.cidr) or \
+                            any(address in ipaddress.ip_network(e) for e in peer.excepts):
                         continue
-                    if address in ipaddress.ip_network(peer.cidr) and \
-                            not any(address in ipaddress.ip_network(e) for e in peer.excepts):
+                    if remote not in self.ids.select(peer):  # the address's own identity is not a CIDR one
                         notes.append(f"  note: {address} lies inside CIDR {peer.cidr} of {policy.display} {rule.path}, "
                                      f"but it is a cluster endpoint's address with identity {self.ids.describe(remote)}: "
                                      f"CIDR rules never select cluster endpoints (as in Cilium)")

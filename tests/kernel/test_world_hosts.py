@@ -36,6 +36,8 @@ from tests.support.kernel_lab import HERE, PASS_TIMEOUT, KernelLab, close_lab, c
 
 METADATA = "169.254.169.254"
 POD_CIDRS = ("10.200.0.0/24", "10.201.0.0/24", "172.31.254.0/24", "192.168.254.0/24")
+# Candidates, in case the machine holds one: each case's prefixes treat them all alike
+# (10.12.0.0/14 holds every collector, 10.64.0.0/10 every office).
 COLLECTORS = ("10.12.0.7", "10.13.0.7", "10.14.0.7")
 OFFICES = ("10.64.3.20", "10.65.3.20", "10.66.3.20")
 MAX_MACHINE_HOSTS = 6  # a machine with many addresses: the first few stand for all
@@ -269,8 +271,6 @@ def test_ingress_from_world_hosts_on_the_kernel(world: WorldLab, name: str, poli
                                                 expected: dict[str, str]) -> None:
     """Ingress from outside the cluster: each source's probe meets Cilium's answer (hand-written)
     and the kernel agrees with the oracle; CIDR rules never select the pod in 10.0.0.0/8."""
-    if world.office != OFFICES[0] or world.collector != COLLECTORS[0]:
-        pytest.fail(f"the machine holds {OFFICES[0]} or {COLLECTORS[0]}: the cases' prefixes need another office")
     world.klab.switch(PolicyEngine(make_world_scenario(world, policy)))
     probes = [probe(world, src, "prod/app", 8080, "TCP", expect) for src, expect in expected.items()]
     out = world.klab.run(probes)
