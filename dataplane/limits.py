@@ -50,7 +50,7 @@ MAX_SCALAR_CHARS = 64 * 1024
 # Pods: each is a network namespace, a veth pair and a server process.
 MAX_PODS = 1_024
 MAX_NAMESPACES = 1_024
-# World hosts live in two /24 documentation ranges: at most 508 addresses exist.
+# World hosts: each is a network namespace, a veth pair and a server process, as a pod.
 MAX_WORLD_HOSTS = 512
 MAX_DNS_NAMES = 64  # per world host
 # Ports a pod or world host declares: each is a listening server.

@@ -40,7 +40,16 @@ def meets(expectation: str, outcome: str) -> bool:
 
 
 DEFAULT_POD_CIDR = "10.200.0.0/24"
-WORLD_RANGES = tuple(ipaddress.ip_network(n) for n in ("203.0.113.0/24", "198.51.100.0/24"))
+# Addresses no host outside the cluster can have: they never name one unicast host (Linux
+# routes none of them to a neighbour: 0/8 is "this network", 127/8 loops back inside the sender,
+# 224/4 is multicast, 240/4 reserved and its last address the limited broadcast).
+NOT_A_WORLD_ADDRESS = tuple((ipaddress.ip_network(n), why) for n, why in (
+    ("0.0.0.0/8", "'this network' (0.0.0.0/8)"),
+    ("127.0.0.0/8", "loopback (127.0.0.0/8): it never leaves the sender's own namespace"),
+    ("224.0.0.0/4", "multicast (224.0.0.0/4)"),
+    ("255.255.255.255/32", "the limited broadcast address"),
+    ("240.0.0.0/4", "reserved (240.0.0.0/4)"),
+))
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
@@ -164,7 +173,7 @@ class DnsQuery:
 
 @dataclass(frozen=True)
 class Probe:
-    source: str  # pod key
+    source: str  # pod key, or a world host's name (ingress from outside the cluster)
     destination: Destination
     protocol: Protocol
     expect: Expectation
@@ -245,6 +254,13 @@ class Scenario:
         matches = [k for k, p in self.pods.items() if p.name == ref]
         return matches[0] if len(matches) == 1 else None
 
+    def source_key(self, ref: str) -> str | None:
+        """What a probe's `from` names: a pod key, or a world host's name (world hosts and pods
+        never share a name). None when it names neither."""
+        if ref in self.world:
+            return ref
+        return self.pod_key(ref)
+
     def with_name(self, name: str) -> "Scenario":
         """The same scenario under another lab name (tests run labs side by side)."""
         return replace(self, name=name)
@@ -252,11 +268,11 @@ class Scenario:
     @property
     def node_ip(self) -> str:
         """The node's own address: the first host address of the pod CIDR."""
-        return str(ipaddress.ip_network(self.settings.pod_cidr).network_address + 1)
+        return node_addresses(ipaddress.ip_network(self.settings.pod_cidr))[0]
 
     def node_addresses(self) -> list[str]:
         """Addresses of the lab node (identity `host`): its own address and the pods' gateway."""
-        return [self.node_ip, GATEWAY_IP]
+        return node_addresses(ipaddress.ip_network(self.settings.pod_cidr))
 
     def hosts_entries(self) -> list[tuple[str, list[str]]]:
         """(address, names) for every pod and world host: the lab's /etc/hosts."""
@@ -267,6 +283,46 @@ class Scenario:
         for host in self.world.values():
             out.append((host.address, [host.name, *host.dns_names]))
         return out
+
+
+def node_addresses(pod_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
+    """The lab node's addresses for a pod CIDR: the first host address, and the pods' gateway."""
+    return [str(pod_cidr.network_address + 1), GATEWAY_IP]
+
+
+def _address_key(text: str) -> str:
+    """An address as one string whatever its spelling, for finding duplicates."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def world_address_problem(text: str, pod_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                          node: list[str]) -> str | None:
+    """Why `text` cannot be a world host's address, or None when it can.
+
+    A world host may have any unicast IPv4 address that is not the cluster's own: it lives in a
+    namespace of the lab behind the node's world link, and only the lab's namespaces route to
+    it, so an address that also exists on the machine's own network (its address, its gateway,
+    169.254.169.254, a 10.0.0.0/8 address) is never reached from the lab.
+    """
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return f"expected an IPv4 address like 203.0.113.10, got {text!r}"
+    if addr.version != 4 or str(addr) != text:
+        return f"expected an IPv4 address written as four decimal numbers (like 203.0.113.10), got {text!r}"
+    for net, why in NOT_A_WORLD_ADDRESS:
+        if addr in net:
+            return f"{text} is {why}, not the address of a host: expected a unicast IPv4 address"
+    if text in node:
+        return (f"{text} is an address of the lab node (its own address {node[0]} and the pods' gateway "
+                f"{GATEWAY_IP}): a world host needs another unicast address")
+    if addr in pod_cidr:
+        return (f"{text} is inside the pod CIDR {pod_cidr} (settings.podCIDR): a world host is outside the "
+                f"cluster; expected a unicast IPv4 address outside {pod_cidr}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,12 +560,9 @@ class _Builder:
         world: dict[str, WorldHost] = {}
         dns_owner: dict[str, str] = {}
         for i, raw in enumerate(data.get("world", [])):
-            try:
-                addr = ipaddress.ip_address(raw["address"])
-                if not any(addr in net for net in WORLD_RANGES):
-                    self.err(("world", i, "address"), f"expected an address in 203.0.113.0/24 or 198.51.100.0/24 (documentation ranges), got {raw['address']!r}")
-            except ValueError:
-                self.err(("world", i, "address"), f"expected an IPv4 address, got {raw['address']!r}")
+            problem = world_address_problem(raw["address"], cidr, node_addresses(cidr))
+            if problem:
+                self.err(("world", i, "address"), problem)
             if raw["name"] in world or any(p.name == raw["name"] for p in pods.values()):
                 self.err(("world", i, "name"), f"name {raw['name']!r} is already used by another pod or world host")
             for j, dns in enumerate(raw.get("dnsNames", [])):
@@ -520,10 +573,14 @@ class _Builder:
             self.check_ports(ports, ("world", i, "ports"))
             world[raw["name"]] = WorldHost(raw["name"], raw["address"], tuple(raw.get("dnsNames", [])), ports,
                                            raw.get("entity", ""))
-        addresses = [h.address for h in world.values()]
+        first_with: dict[str, int] = {}
         for i, raw in enumerate(data.get("world", [])):
-            if addresses.count(raw["address"]) > 1 and addresses.index(raw["address"]) != i:
-                self.err(("world", i, "address"), f"address {raw['address']} is used twice")
+            key = _address_key(raw["address"])
+            if key in first_with:
+                self.err(("world", i, "address"), f"address {raw['address']} is already used by world[{first_with[key]}] "
+                                                  f"({data['world'][first_with[key]]['name']}); each world host has its own")
+            else:
+                first_with[key] = i
 
         policies = self.policy_list(data.get("policies", []), ("policies",))
         scenario = Scenario(name=data["name"], path=str(file), description=data.get("description", ""),
@@ -606,10 +663,17 @@ class _Builder:
             return f"pod name {ref!r} is ambiguous: write one of {', '.join(sorted(same))}"
         return f"unknown pod {ref!r}; pods: {', '.join(sorted(scenario.pods))}"
 
+    @classmethod
+    def _unknown_source(cls, scenario: Scenario, ref: str) -> str:
+        if any(p.name == ref for p in scenario.pods.values()):
+            return cls._unknown_pod(scenario, ref)  # ambiguous
+        world = f"; world hosts: {', '.join(sorted(scenario.world))}" if scenario.world else ""
+        return f"unknown pod {ref!r} (nor a world host); pods: {', '.join(sorted(scenario.pods))}{world}"
+
     def probe(self, scenario: Scenario, where: tuple, raw: dict[str, Any]) -> Probe | None:
-        source = scenario.pod_key(raw["from"])
+        source = scenario.source_key(raw["from"])
         if source is None:
-            self.err(where + ("from",), self._unknown_pod(scenario, raw["from"]))
+            self.err(where + ("from",), self._unknown_source(scenario, raw["from"]))
             return None
         protocol: Protocol = raw.get("protocol", "UDP" if "dns" in raw else "TCP")
         if raw.get("http") is not None and protocol != "TCP":
@@ -647,6 +711,10 @@ class _Builder:
                 self.err(where + ("to",), self._unknown_pod(scenario, target))
             else:
                 self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host or a world host's DNS name")
+            return None
+        if source in scenario.world and dest.kind == "world":
+            self.err(where + ("to",), f"a probe from world host {source!r} goes to a pod: traffic between hosts "
+                                      f"outside the cluster never crosses it, so no policy judges it")
             return None
         if dns is not None and not any(p.port == 53 and p.protocol == "UDP" for p in ports):
             self.err(where + ("to",), f"{target!r} serves no DNS: a DNS probe needs a destination declaring port 53/UDP")

@@ -197,8 +197,8 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
     if datapath is None:
         raise SetupError(f"lab {lab.name} enforces no policy: there is nothing to trace")
     endpoint = lab.record.endpoints.get(probe.source)
-    if endpoint is None or endpoint.kind != "pod":
-        raise SetupError(f"no pod {probe.source!r} in lab {lab.name}")
+    if endpoint is None:  # a pod, or a world host (ingress from outside the cluster)
+        raise SetupError(f"no pod or world host {probe.source!r} in lab {lab.name}")
     oracle = oracle_json(engine.verdict(OracleFlow.from_probe(probe)))
     names = lab_names(lab.record, engine.map_state(), engine.identities.describe, lab.scenario.node_ip)
     sport = free_source_port(endpoint.netns, probe.protocol)

@@ -44,8 +44,8 @@ def trace_running_lab(lab_name: str, probe: Probe) -> Trace:
     if record is None:
         raise SetupError(f"no lab named {lab_name!r} is up")
     endpoint = record.endpoints.get(probe.source)
-    if endpoint is None or endpoint.kind != "pod":
-        raise SetupError(f"no pod {probe.source!r} in lab {lab_name}")
+    if endpoint is None:  # a pod, or a world host (ingress from outside the cluster)
+        raise SetupError(f"no pod or world host {probe.source!r} in lab {lab_name}")
     node_ip = load_scenario(record.scenario).node_ip
     sport = free_source_port(endpoint.netns, probe.protocol)
     client = (endpoint.ip, sport)

@@ -57,7 +57,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     protocol = args.protocol or ("UDP" if dns else "TCP")
     probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns)
     if probe.source not in rec.endpoints:
-        raise L7LabError(f"no pod {probe.source!r} in lab {rec.lab}")
+        raise L7LabError(f"no pod or world host {probe.source!r} in lab {rec.lab}")
     trace = trace_running_lab(rec.lab, probe)
     if args.json:
         emit_json(trace.to_json())
@@ -73,7 +73,8 @@ def register(verbs: Verbs) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EXAMPLE
     lab_arguments(p, "the lab (up, served by its agent)")
-    p.add_argument("--from", dest="source", required=True, metavar="POD", help="source pod")
+    p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                   help="source pod, or a world host (traffic from outside the cluster)")
     p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
     p.add_argument("--protocol", choices=("TCP", "UDP"), help="default TCP (UDP with --dns)")
     p.add_argument("--http", metavar="'METHOD /path'", help="the HTTP request to send (default GET /)")

@@ -21,6 +21,7 @@ Flow evaluation (DESIGN.md section 1):
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +33,7 @@ from ..errors import ErrorList, SourceError, SourceLocation
 from ..abi import IDENTITY_HOST, PROTO_ANY, PROTOCOL_NAMES, PROTOCOLS, PROXY_PORT, Direction, Verdict
 from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
-from .api import Policy
+from .api import CIDRPeer, Policy
 from .identity import IdentityAllocator, IdentityTable
 from .notices import peer_notes, requirement_notes
 from .parse import parse_documents
@@ -382,6 +383,7 @@ class _Judge:
                 setattr(d, name, "not enforced")
                 return True
             self.trace.append(f"  no entry matched and {name} is enforced on {ep.name} (default deny): DROP")
+            self.trace.extend(self.cidr_notes(selecting, direction, remote))
             return self.drop(ep.audit, name, "NONE (default deny)")
         winners = [e for _, e in found if e.verdict == verdict]
         for e in winners:
@@ -396,6 +398,37 @@ class _Judge:
         else:
             self.trace.append("  ALLOW")
         return True
+
+    def remote_address(self, direction: Direction) -> str:
+        """The address of the other side of the flow, seen from `direction`'s endpoint."""
+        if direction == Direction.EGRESS:
+            return self.flow.destination_ip
+        sc, source = self.engine.scenario, self.flow.source
+        if source == "host":
+            return sc.node_ip
+        if source in sc.world:
+            return sc.world[source].address
+        return sc.pods[sc.pod_key(source) or source].ip
+
+    def cidr_notes(self, selecting: list, direction: Direction, remote: int) -> list[str]:
+        """Why a CIDR rule whose prefix holds the remote address did not allow it: the address
+        is a cluster endpoint's (a pod, the node, an entity host), which carries its own
+        identity, never a CIDR one; Cilium's CIDR rules never select cluster endpoints."""
+        address = ipaddress.ip_address(self.remote_address(direction))
+        notes = []
+        for policy, spec in selecting:
+            for rule in spec.rules:
+                if rule.is_deny or rule.direction != direction.name.lower():
+                    continue
+                for peer in rule.peers:
+                    if not isinstance(peer, CIDRPeer) or address not in ipaddress.ip_network(peer.cidr) or \
+                            any(address in ipaddress.ip_network(e) for e in peer.excepts):
+                        continue
+                    if remote not in self.ids.select(peer):  # the address's own identity is not a CIDR one
+                        notes.append(f"  note: {address} lies inside CIDR {peer.cidr} of {policy.display} {rule.path}, "
+                                     f"but it is a cluster endpoint's address with identity {self.ids.describe(remote)}: "
+                                     f"CIDR rules never select cluster endpoints (as in Cilium)")
+        return notes
 
     def drop(self, audit: bool, name: str, verdict: str) -> bool:
         d = self.decision

@@ -55,6 +55,23 @@ def test_explain_rejects_an_unknown_pod() -> None:
     assert out.returncode == 1 and "unknown pod 'nobody'" in out.stderr
 
 
+def test_explain_from_a_world_host() -> None:
+    """Ingress from outside the cluster: the flow starts at the world host, default deny drops
+    it, and after the step that applies the fromCIDR rule it is allowed by that rule."""
+    scenario = str(REPO / "scenarios" / "default-deny-infra.yaml")
+    before = l7lab("explain", scenario, "--from", "office", "--to", "production/checkout:8080", "--step", "1", "--json")
+    assert before.returncode == 0, before.stderr
+    decision = json.loads(before.stdout)
+    assert (decision["outcome"], decision["flow"]["source"], decision["egress"]) == ("dropped", "office", "n/a")
+    after = l7lab("explain", scenario, "--from", "office", "--to", "production/checkout:8080")
+    text = " ".join(after.stdout.split())
+    assert after.returncode == 0 and "verdict: ALLOWED" in text, after.stderr
+    assert "world host office (10.64.3.20)" in text and "cidr:10.0.0.0/8" in text
+    assert "allow-from-company-network spec.ingress[0]" in text
+    unknown = l7lab("explain", scenario, "--from", "nowhere", "--to", "production/checkout:8080")
+    assert unknown.returncode == 1 and "world hosts: internet, kube-apiserver, metadata, office, otel-collector" in unknown.stderr
+
+
 def test_validate_reports_every_error_and_exit_1(tmp_path: Path) -> None:
     bad = tmp_path / "policy.yaml"
     bad.write_text("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\n"

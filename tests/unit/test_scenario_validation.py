@@ -87,7 +87,21 @@ def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
     (("{port: 8080}", "{port: 70000}"), 12, "pods[1].ports[0].port", "70000 is out of range"),
     (("{port: 53, protocol: UDP}", "{port: 53, protocol: ICMP}"), 9, "pods[0].ports[1].protocol", "expected one of TCP, UDP"),
     (("expect: allowed", "expect: blocked"), 21, "steps[0].probes[0].expect", "expected one of allowed, audited, dropped, denied, refused"),
-    (("address: 203.0.113.10", "address: 10.1.2.3"), 15, "world[0].address", "documentation ranges"),
+    (("address: 203.0.113.10", "address: 10.200.0.7"), 15, "world[0].address", "inside the pod CIDR 10.200.0.0/24 (settings.podCIDR)"),
+    (("address: 203.0.113.10", "address: 10.200.0.1"), 15, "world[0].address", "an address of the lab node"),
+    (("address: 203.0.113.10", "address: 169.254.1.1"), 15, "world[0].address", "the pods' gateway 169.254.1.1"),
+    (("address: 203.0.113.10", "address: 127.0.0.53"), 15, "world[0].address", "127.0.0.53 is loopback (127.0.0.0/8)"),
+    (("address: 203.0.113.10", "address: 0.1.2.3"), 15, "world[0].address", "'this network' (0.0.0.0/8)"),
+    (("address: 203.0.113.10", "address: 224.0.0.251"), 15, "world[0].address", "multicast (224.0.0.0/4)"),
+    (("address: 203.0.113.10", "address: 240.1.2.3"), 15, "world[0].address", "reserved (240.0.0.0/4)"),
+    (("address: 203.0.113.10", "address: 255.255.255.255"), 15, "world[0].address", "the limited broadcast address"),
+    (("address: 203.0.113.10", "address: 2001:db8::1"), 15, "world[0].address", "expected an IPv4 address written as four decimal numbers"),
+    (("address: 203.0.113.10", "address: example.com"), 15, "world[0].address", "expected an IPv4 address like 203.0.113.10, got 'example.com'"),
+    (("    ports: [{port: 443}]\n", "    ports: [{port: 443}]\n  - {name: twin, address: 203.0.113.10}\n"), 18, "world[1].address",
+     "address 203.0.113.10 is already used by world[0] (partner)"),
+    (("from: web,", "from: nobody,"), 21, "steps[0].probes[0].from", "world hosts: partner"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: partner, to: partner:443, expect: allowed}"), 21, "steps[0].probes[0].to",
+     "a probe from world host 'partner' goes to a pod"),
     (("from: web,", "from: nobody,"), 21, "steps[0].probes[0].from", "unknown pod 'nobody'"),
     (("to: api:8080", "to: ghost:80"), 21, "steps[0].probes[0].to", "unknown destination 'ghost'"),
     (("to: api:8080", "to: api:99999"), 21, "steps[0].probes[0].to", "expected a port number 1-65535"),
@@ -214,3 +228,32 @@ def test_the_namespace_name_label_is_kept_as_kubernetes_keeps_it(tmp_path: Path)
 
     labels = pod_identity_labels({"app": "web"}, "shop", {"kubernetes.io/metadata.name": "other"})
     assert labels[NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name"] == "shop"
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "10.0.0.7", "192.168.1.1", "172.16.5.4", "8.8.8.8",
+                                     "100.64.0.1", "203.0.113.10", "198.51.100.7", "10.200.1.1"])
+def test_world_hosts_may_have_any_unicast_address_outside_the_cluster(tmp_path: Path, address: str) -> None:
+    """A world host lives in the lab's own namespace behind the node's world link: any unicast
+    IPv4 address outside the pod CIDR and the node's addresses will do, link-local and private
+    ranges included (the cloud metadata endpoint, a collector in 10.0.0.0/8)."""
+    s = load_scenario(write(tmp_path, BASE.replace("address: 203.0.113.10", f"address: {address}")))
+    assert s.world["partner"].address == address
+    assert (address, ["partner", "api.partner.example.com"]) in s.hosts_entries()
+
+
+def test_a_world_host_outside_another_pod_cidr(tmp_path: Path) -> None:
+    """The pod CIDR is the scenario's: an address the default one would hold is fine outside it."""
+    text = BASE.replace("name: demo\n", "name: demo\nsettings: {podCIDR: 10.99.0.0/24}\n") \
+               .replace("address: 203.0.113.10", "address: 10.200.0.7")
+    assert load_scenario(write(tmp_path, text)).world["partner"].address == "10.200.0.7"
+    errors = errors_of(write(tmp_path, text.replace("address: 10.200.0.7", "address: 10.99.0.1"), "t.yaml"))
+    assert any("world[0].address: 10.99.0.1 is an address of the lab node" in e for e in errors), errors
+
+
+def test_a_probe_may_start_from_a_world_host(tmp_path: Path) -> None:
+    """`from: <world host>`: ingress from outside the cluster, sent from the host's namespace."""
+    s = load_scenario(write(tmp_path, BASE.replace("{from: web, to: api:8080, expect: allowed}",
+                                                   "{from: partner, to: shop/api:8080, expect: dropped}")))
+    probe = s.steps[0].probes[0]
+    assert (probe.source, probe.destination.kind, probe.destination.name, probe.expect) == \
+        ("partner", "pod", "shop/api", "dropped")
