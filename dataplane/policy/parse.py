@@ -353,6 +353,11 @@ class _PolicyParser(CiliumRuleParser):
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             self.err(path, f"expected a port number 1-65535 or a port name, got {describe_value(raw)}")
             return None
+        if isinstance(raw, int) and self.cilium:
+            # The CRD schema types port as a string: the API server refuses a YAML number.
+            self.err(path, f"expected a string, got number {raw}: write \"{raw}\" (a Cilium policy's port is text, "
+                           "and the API server refuses a number here)")
+            return None
         if isinstance(raw, int):
             low = 0 if self.cilium else 1
             if not low <= raw <= 65535:

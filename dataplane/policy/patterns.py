@@ -101,6 +101,9 @@ def cilium_port(raw: str) -> tuple[int, str] | str:
         return number, ""
     if typographic_quote(raw):
         return f"invalid port {raw!r}: {quote_hint(raw)}"
+    if re.fullmatch(r"[0-9]+-[0-9]+", raw):
+        low, high = raw.split("-")
+        return f"invalid port {raw!r}: a port range is written port: \"{int(low)}\" with endPort: {int(high)}"
     if raw.isascii() and raw.isdigit():
         if raw[0] != "0":
             return f"port {raw} is out of range: expected 0-65535"

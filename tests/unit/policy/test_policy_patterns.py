@@ -160,6 +160,8 @@ def test_cilium_accepts_these_ports(port: str, parsed: tuple[int, str]) -> None:
     ('"abcdefghijklmnop"', "a port name has at most 15 characters"),
     ('"1__0"', "invalid port '1__0'"),
     ('"80 "', "invalid port '80 '"),
+    ('"6581-6586"', "a port range is written port: \"6581\" with endPort: 6586"),
+    ("80", "expected a string, got number 80: write \"80\""),   # the CRD types port as a string
 ])
 def test_cilium_refuses_these_ports(port: str, words: str) -> None:
     (msg,) = errors_of(CNP.format(port=port))
