@@ -322,6 +322,15 @@ class _PolicyParser(CiliumRuleParser):
                 if not all(isinstance(v, str) for v in values):
                     self.err(epath + ("values",), "expected a list of strings (quote numbers and booleans)")
                     continue
+                # Values are label values, checked as Kubernetes and Cilium check them
+                # (ValidateLabelSelectorRequirement with AllowInvalidLabelValueInSelector off).
+                bad = [j for j, v in enumerate(values) if not _LABEL_VALUE.match(v)]
+                for j in bad:
+                    hint = f": {quote_hint(values[j], 'the label value')}" if typographic_quote(values[j]) else ""
+                    self.err(epath + ("values", j), f"invalid label value {values[j]!r}: expected at most 63 letters, "
+                                                    f"digits, '-', '_', '.'{hint}")
+                if bad:
+                    continue
             elif values not in (None, []):
                 self.err(epath + ("values",), f"operator {op} takes no values")
                 continue

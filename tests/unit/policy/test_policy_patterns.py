@@ -254,3 +254,20 @@ spec:
     (msg,) = errors_of(text)
     assert "spec.egress[0].toPorts[0].rules.dns[0].matchName: invalid matchName '*.example.com': " \
            "matchName takes no wildcards: use matchPattern: '*.example.com'" in msg
+
+
+# ---------------------------------------------------------------- label values in expressions
+
+
+@pytest.mark.parametrize("template", [CNP.format(port='"80"'), NP.format(port="80")])
+def test_expression_values_are_label_values(template: str) -> None:
+    """Kubernetes and Cilium check In/NotIn values as label values, as they check matchLabels."""
+    subject = "endpointSelector: {matchLabels: {app: api}}" if "cilium" in template else "podSelector: {}"
+    where = "spec.endpointSelector" if "cilium" in template else "spec.podSelector"
+    good = template.replace(subject, subject.split(":")[0] + ": {matchExpressions: [{key: app, operator: In, values: [api, web-1]}]}")
+    assert errors_of(good) == []
+    bad = good.replace("[api, web-1]", "[api, \"a b\", \"-x\"]")
+    msgs = errors_of(bad)
+    assert [m.split(": ", 2)[-1] for m in msgs] == [
+        f"{where}.matchExpressions[0].values[1]: invalid label value 'a b': expected at most 63 letters, digits, '-', '_', '.'",
+        f"{where}.matchExpressions[0].values[2]: invalid label value '-x': expected at most 63 letters, digits, '-', '_', '.'"]
