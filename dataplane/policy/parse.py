@@ -44,6 +44,13 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
+
+def _label_value_error(value: str) -> str:
+    """Why a label value is refused, with a hint when typographic quotes are the cause."""
+    hint = f": {quote_hint(value, 'the label value')}" if typographic_quote(value) else ""
+    return f"invalid label value {value!r}: expected at most 63 letters, digits, '-', '_', '.'{hint}"
+
+
 # Why a field is refused, where more than "not supported" can be said.
 _CILIUM_UNSUPPORTED_WHY = {
     "toGroups": "it is cloud-provider specific: Cilium's operator asks the provider's API (AWS "
@@ -295,8 +302,7 @@ class _PolicyParser(CiliumRuleParser):
                 hint = " (quote it in YAML)" if isinstance(value, (bool, int, float)) else ""
                 self.err(path + ("matchLabels", str(key)), f"expected a string label value, got {describe_value(value)}{hint}")
             elif not _LABEL_VALUE.match(value):
-                hint = f": {quote_hint(value, 'the label value')}" if typographic_quote(value) else ""
-                self.err(path + ("matchLabels", str(key)), f"invalid label value {value!r}: expected at most 63 letters, digits, '-', '_', '.'{hint}")
+                self.err(path + ("matchLabels", str(key)), _label_value_error(value))
             elif k is not None:
                 labels[k] = value
         exprs: list[Requirement] = []
@@ -326,9 +332,7 @@ class _PolicyParser(CiliumRuleParser):
                 # (ValidateLabelSelectorRequirement with AllowInvalidLabelValueInSelector off).
                 bad = [j for j, v in enumerate(values) if not _LABEL_VALUE.match(v)]
                 for j in bad:
-                    hint = f": {quote_hint(values[j], 'the label value')}" if typographic_quote(values[j]) else ""
-                    self.err(epath + ("values", j), f"invalid label value {values[j]!r}: expected at most 63 letters, "
-                                                    f"digits, '-', '_', '.'{hint}")
+                    self.err(epath + ("values", j), _label_value_error(values[j]))
                 if bad:
                     continue
             elif values not in (None, []):
