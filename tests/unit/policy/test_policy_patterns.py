@@ -271,3 +271,42 @@ def test_expression_values_are_label_values(template: str) -> None:
     assert [m.split(": ", 2)[-1] for m in msgs] == [
         f"{where}.matchExpressions[0].values[1]: invalid label value 'a b': expected at most 63 letters, digits, '-', '_', '.'",
         f"{where}.matchExpressions[0].values[2]: invalid label value '-x': expected at most 63 letters, digits, '-', '_', '.'"]
+
+
+# ---------------------------------------------------------------- HTTP rules
+
+HTTP = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: api, namespace: shop}}
+spec:
+  endpointSelector: {{}}
+  ingress:
+    - toPorts:
+        - ports: [{{port: "80", protocol: TCP}}]
+          rules:
+            http: [{rule}]
+"""
+
+
+@pytest.mark.parametrize("rule", [
+    '{method: "GET|POST", path: "/api/(v1|v2)/.*"}',
+    '{method: "get"}',                                 # a regex like any other: compiles, matches nothing
+    '{path: "/data\\\\?x=[0-9]+"}',
+    '{headerMatches: [{name: X-Token, value: abc}]}',
+])
+def test_http_rules_cilium_accepts(rule: str) -> None:
+    assert errors_of(HTTP.format(rule=rule)) == []
+
+
+@pytest.mark.parametrize("rule,field,words", [
+    ('{method: "GET("}', "method", "invalid RE2 regex"),        # Go's regexp.Compile refuses it too
+    ('{path: "/(?=admin)"}', "path", "invalid RE2 regex"),      # no lookaround in RE2 or Go
+    ('{path: "/(a)\\\\1"}', "path", "invalid RE2 regex"),       # no backreferences
+    ('{headerMatches: [{name: "", value: x}]}', "headerMatches[0].name", "invalid header name ''"),  # MinLength=1
+    ('{headerMatches: [{value: x}]}', "headerMatches[0]", "name is required"),
+])
+def test_http_rules_cilium_refuses(rule: str, field: str, words: str) -> None:
+    (msg,) = errors_of(HTTP.format(rule=rule))
+    assert f"spec.ingress[0].toPorts[0].rules.http[0].{field}:" in msg, msg
+    assert words in msg, msg
