@@ -238,7 +238,7 @@ def load_documents(text: str, source: str, budget: Budget | None = None) -> list
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SourceError(SourceLocation(source, line), f"invalid YAML: {problem}") from None
+        raise SourceError(SourceLocation(source, line), f"invalid YAML: {problem}{_quote_hint(text, line)}") from None
     finally:
         events.close()  # frees the parser at once, also when a bound stopped it midway
     return [Document(data, source, lines) for data, lines in built]
@@ -274,3 +274,19 @@ def read_source(path: str | Path) -> str:
 
 def load_file(path: str | Path, budget: Budget | None = None) -> list[Document]:
     return load_documents(read_source(path), str(path), budget)
+
+
+# Quote marks a word processor or a web page puts where YAML wants ASCII ' or ".
+TYPOGRAPHIC_QUOTES = "\u201c\u201d\u201e\u201f\u2018\u2019\u201a\u201b\u00ab\u00bb\u2039\u203a\u2033\u2032\uff02\uff07"
+
+
+def _quote_hint(text: str, line: int) -> str:
+    """A YAML error after a line holding a typographic quote is most often that quote's doing
+    ('port: "80\u201d' opens an ASCII quote that a typographic one never closes): name it."""
+    for number, content in enumerate(text.splitlines()[:line or None], 1):
+        mark = next((c for c in content if c in TYPOGRAPHIC_QUOTES), None)
+        if mark is not None:
+            return (f" (line {number} has a typographic quote {mark}: YAML quotes a value with ASCII "
+                    f"\" or ' only: {content.strip()[:80]})")
+    return ""
+

@@ -32,6 +32,7 @@ from ..errors import ErrorList, SourceError, SourceLocation
 from ..yamlsource import Document, describe_value, load_file
 from .api import (KIND_CCNP, KIND_CNP, KIND_K8S, AllPeer, CIDRPeer, EndpointPeer, Peer, Policy, PolicySpec, PortRule, PortSpec, Rule)
 from .parse_cilium import CiliumRuleParser, quote_value
+from .patterns import cilium_port, k8s_port, quote_hint, typographic_quote
 from .selectors import (NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, OPERATORS, LabelSelector,
                         Requirement, key_source, strip_source)
 
@@ -43,7 +44,13 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+
+
+def _label_value_error(value: str) -> str:
+    """Why a label value is refused, with a hint when typographic quotes are the cause."""
+    hint = f": {quote_hint(value, 'the label value')}" if typographic_quote(value) else ""
+    return f"invalid label value {value!r}: expected at most 63 letters, digits, '-', '_', '.'{hint}"
+
 
 # Why a field is refused, where more than "not supported" can be said.
 _CILIUM_UNSUPPORTED_WHY = {
@@ -294,7 +301,7 @@ class _PolicyParser(CiliumRuleParser):
                 hint = " (quote it in YAML)" if isinstance(value, (bool, int, float)) else ""
                 self.err(path + ("matchLabels", str(key)), f"expected a string label value, got {describe_value(value)}{hint}")
             elif not _LABEL_VALUE.match(value):
-                self.err(path + ("matchLabels", str(key)), f"invalid label value {value!r}: expected at most 63 letters, digits, '-', '_', '.'")
+                self.err(path + ("matchLabels", str(key)), _label_value_error(value))
             elif k is not None:
                 labels[k] = value
         exprs: list[Requirement] = []
@@ -319,6 +326,13 @@ class _PolicyParser(CiliumRuleParser):
                     continue
                 if not all(isinstance(v, str) for v in values):
                     self.err(epath + ("values",), "expected a list of strings (quote numbers and booleans)")
+                    continue
+                # Values are label values, checked as Kubernetes and Cilium check them
+                # (ValidateLabelSelectorRequirement with AllowInvalidLabelValueInSelector off).
+                bad = [j for j, v in enumerate(values) if not _LABEL_VALUE.match(v)]
+                for j in bad:
+                    self.err(epath + ("values", j), _label_value_error(values[j]))
+                if bad:
                     continue
             elif values not in (None, []):
                 self.err(epath + ("values",), f"operator {op} takes no values")
@@ -351,18 +365,24 @@ class _PolicyParser(CiliumRuleParser):
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             self.err(path, f"expected a port number 1-65535 or a port name, got {describe_value(raw)}")
             return None
-        if isinstance(raw, str) and raw.isdigit():
-            raw = int(raw)
+        if isinstance(raw, int) and self.cilium:
+            # The CRD schema types port as a string: the API server refuses a YAML number.
+            self.err(path, f"expected a string, got number {raw}: write \"{raw}\" (a Cilium policy's port is text, "
+                           "and the API server refuses a number here)")
+            return None
         if isinstance(raw, int):
             low = 0 if self.cilium else 1
             if not low <= raw <= 65535:
                 self.err(path, f"port {raw} is out of range: expected {low}-65535")
                 return None
             return raw, ""
-        if not _PORT_NAME.match(raw) or not any(c.isalpha() for c in raw):
-            self.err(path, f"invalid port name {raw!r}: expected at most 15 lower case letters, digits and '-' with a letter (IANA_SVC_NAME)")
+        # Text is checked as the cluster checks it (patterns.py): Cilium reads a name or a
+        # number, Kubernetes only a name.
+        got = cilium_port(raw) if self.cilium else k8s_port(raw)
+        if isinstance(got, str):
+            self.err(path, got)
             return None
-        return 0, raw
+        return got
 
     def port_spec(self, path: tuple, raw: Any, default_protocol: str, protocols: tuple[str, ...]) -> PortSpec | None:
         p = self.ctx.mapping(path, raw, ("port", "protocol", "endPort"), () if not self.cilium else ("port",))

@@ -11,13 +11,14 @@ from typing import Any
 
 import re2
 
-from l7.dns import DnsRule, validate_dns_name, validate_dns_pattern
+from l7.dns import DnsRule, validate_dns_pattern
 from l7.http import HeaderMatch, HttpRule, is_http_token
 from l7.regex import compile_regex
 
 from .. import limits
 from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer,
                   FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, Rule)
+from .patterns import match_name_error, match_pattern_error
 from .selectors import (NAMESPACE_LABEL, LabelSelector)
 from ..yamlsource import describe_value
 
@@ -168,9 +169,13 @@ class CiliumRuleParser:
             self.err(path + (key,), f"a DNS {'name' if key == 'matchName' else 'pattern'} of {len(value)} characters is "
                                     f"longer than the limit of {limits.MAX_DNS_NAME_CHARS} characters")
             return None
+        # The CRD's patterns first (patterns.py), with their hints; then what the lab adds.
+        problem = match_name_error(value) if key == "matchName" else match_pattern_error(value)
+        if problem:
+            self.err(path + (key,), problem)
+            return None
         try:
             if key == "matchName":
-                validate_dns_name(value)
                 return DnsRule(match_name=value.lower().rstrip("."))
             validate_dns_pattern(value)
             return DnsRule(match_pattern=value.lower().rstrip("."))

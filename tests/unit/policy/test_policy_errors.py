@@ -89,7 +89,7 @@ CASES = [
      "spec.ingressDeny[0].toPorts[0].rules", "not allowed in a deny rule"),
     ("  egress:\n    - toFQDNs: [{matchName: a.example.com}]\n      toEntities: [world]\n",
      "spec.egress[0].toFQDNs", "cannot be combined"),
-    ("  egress:\n    - toFQDNs: [{matchPattern: \"a b\"}]\n", "spec.egress[0].toFQDNs[0].matchPattern", "invalid DNS pattern"),
+    ("  egress:\n    - toFQDNs: [{matchPattern: \"a b\"}]\n", "spec.egress[0].toFQDNs[0].matchPattern", "invalid matchPattern"),
     ("  egress:\n    - toFQDNs: [{matchName: a.com, matchPattern: \"*.a.com\"}]\n", "spec.egress[0].toFQDNs[0]", "exactly one"),
     ("  ingress:\n    - fromEndpoints: [{matchExpressions: [{key: app, operator: Like, values: [a]}]}]\n",
      "spec.ingress[0].fromEndpoints[0].matchExpressions[0].operator", "unknown operator 'Like'"),
