@@ -22,22 +22,41 @@ def _is_scenario(path: str) -> bool:
     return len(docs) == 1 and isinstance(docs[0].data, dict) and "apiVersion" not in docs[0].data and "kind" not in docs[0].data
 
 
+def _policy_notes(path: str, scenario: bool) -> list[str]:
+    """What a valid file says that the lab accepts but can never match (IPv6 ICMP types)."""
+    from ..policy import parse_documents  # noqa: PLC0415
+    from ..policy.resolver import icmpv6_notes  # noqa: PLC0415
+    from ..yamlsource import load_file  # noqa: PLC0415
+
+    if scenario:
+        sc = load_scenario(path)
+        docs = [s.document for s in sc.policies] + [s.document for step in sc.steps for s in step.apply]
+    else:
+        docs = load_file(path)
+    return list(dict.fromkeys(icmpv6_notes(parse_documents(docs))))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from ..policy import validate_policy_file  # noqa: PLC0415
 
     results: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
     for path in args.files:
         errors: list[BaseException] = []
         try:
-            if _is_scenario(path):
+            scenario = _is_scenario(path)
+            if scenario:
                 policy_engine(load_scenario(path))  # the scenario and every policy it applies
             else:
                 errors.extend(validate_policy_file(path))
+            if not errors:
+                notes[path] = _policy_notes(path, scenario)
         except (SourceError, ErrorList) as exc:
             errors.extend(exc.errors if isinstance(exc, ErrorList) else [exc])
         results[path] = [str(e) for e in errors]
     if args.json:
-        emit_json({"valid": not any(results.values()), "files": results})
+        emit_json({"valid": not any(results.values()), "files": results,
+                   "notes": {path: n for path, n in notes.items() if n}})
     else:
         for path, errors in results.items():
             if errors:
@@ -45,6 +64,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     print_error(e)
             else:
                 say(f"{path}: valid")
+                for note in notes.get(path, []):
+                    say(f"  note: {note}")
     return EXIT_SETUP if any(results.values()) else EXIT_OK
 
 
@@ -119,7 +140,7 @@ def register(verbs: Verbs) -> None:
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--from", dest="source", required=True, metavar="POD", help="source pod")
     p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
-    p.add_argument("--protocol", choices=("TCP", "UDP"), help="default TCP (UDP with --dns)")
+    p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
     p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP) to check against DNS rules")
