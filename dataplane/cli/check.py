@@ -28,12 +28,12 @@ def _policy_notes(path: str, scenario: bool) -> list[str]:
     from ..policy.resolver import icmpv6_notes  # noqa: PLC0415
     from ..yamlsource import load_file  # noqa: PLC0415
 
-    if scenario:
-        sc = load_scenario(path)
-        docs = [s.document for s in sc.policies] + [s.document for step in sc.steps for s in step.apply]
-    else:
-        docs = load_file(path)
-    return list(dict.fromkeys(icmpv6_notes(parse_documents(docs))))
+    if not scenario:
+        return icmpv6_notes(parse_documents(load_file(path)))
+    sc = load_scenario(path)
+    # The policies applied at start, then each step's (a step may replace a policy of the same name).
+    groups = [[s.document for s in sc.policies]] + [[s.document for s in step.apply] for step in sc.steps]
+    return list(dict.fromkeys(note for docs in groups if docs for note in icmpv6_notes(parse_documents(docs))))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -21,15 +21,53 @@ from dataplane.flows import kernel_flow
 from dataplane.hubble import compact, hubble_flows
 from dataplane.icmp import echo_request, parse_echo_reply, type_code_text
 from dataplane.policy import Flow, PolicyEngine
+from dataplane.errors import ErrorList, SourceError
+from dataplane.flows import Directory
+from dataplane.mapstate import EndpointState, MapState
 from dataplane.scenario import IcmpMessage, load_scenario, make_probe
-from tests.unit.test_hubble_shape import DIRECTORY, NODE, WHEN, lab_state
-from tests.unit.test_scenario_validation import BASE, errors_of, write
 
 REPO = Path(__file__).resolve().parents[2]
+NODE = "l7lab-icmp"
+WHEN = 1796108353.004943
+DIRECTORY = Directory({"10.200.0.2": "shop/web", "10.200.0.3": "shop/api"}, {"10.200.0.1": "node"}, {})
+
+BASE = """\
+name: demo
+namespaces:
+  - name: shop
+pods:
+  - {name: web, namespace: shop, labels: {app: web}, ports: [{port: 80}]}
+  - {name: api, namespace: shop, labels: {app: api}, ports: [{port: 8080}]}
+world:
+  - {name: partner, address: 203.0.113.10, ports: [{port: 443}]}
+steps:
+  - name: check
+    probes:
+"""
 
 
 def with_probes(*lines: str) -> str:
-    return BASE.replace("      - {from: web, to: api:8080, expect: allowed}\n", "".join(f"      - {x}\n" for x in lines))
+    return BASE + "".join(f"      - {x}\n" for x in lines)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises((SourceError, ErrorList)) as info:
+        load_scenario(path)
+    exc = info.value
+    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
+
+
+def lab_state() -> MapState:
+    st = MapState()
+    st.endpoints[11] = EndpointState(11, "shop/web", "10.200.0.2", 256, False, False, labels=(("app", "web"),))
+    st.endpoints[12] = EndpointState(12, "shop/api", "10.200.0.3", 257, True, False, labels=(("app", "api"),))
+    return st
 
 
 def test_an_icmp_probe_is_a_ping_to_an_address(tmp_path: Path) -> None:

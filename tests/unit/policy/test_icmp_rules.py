@@ -15,8 +15,18 @@ from dataplane.policy import Flow
 from dataplane.policy.api import PortSpec
 from dataplane.policy.resolver import icmpv6_notes
 
+from dataplane.errors import ErrorList, SourceError
 from tests.support.policy import cnp, engine, outcome, policy_docs
-from tests.unit.policy.test_policy_errors import CNP_HEAD, one_error
+
+CNP_HEAD = cnp("endpointSelector: {matchLabels: {app: api}}", name="api").rstrip("\n") + "\n"
+
+
+def one_error(text: str) -> str:
+    with pytest.raises((ErrorList, SourceError)) as info:
+        policy_docs(text)
+    errors = info.value.errors if isinstance(info.value, ErrorList) else [info.value]
+    assert len(errors) == 1, errors
+    return str(errors[0])
 
 def ping(eng, src: str, dst: str) -> str:  # noqa: ANN001 - a PolicyEngine
     return outcome(eng, src, dst, 8, "ICMP")
