@@ -160,7 +160,7 @@ def probe_request(probe: Probe) -> dict[str, Any]:
     """The probe as the agent rebuilds it (`scenario.make_probe` on the lab's scenario)."""
     dest = probe.destination
     http = probe.http
-    return {"source": probe.source, "to": f"{dest.dns_name or dest.name}:{dest.port}", "protocol": probe.protocol,
+    return {"source": probe.source, "to": str(dest), "protocol": probe.protocol,  # a ping's has no port
             "http": None if http is None else {"method": http.method, "path": http.path, "headers": dict(http.headers),
                                                "body": http.body},
             "dns": None if probe.dns is None else {"name": probe.dns.name, "type": probe.dns.type}}

@@ -188,3 +188,24 @@ def test_ping_from_a_raw_socket(klab: KernelLab) -> None:
     assert not ping_socket_allowed(node)
     from_node = ping_probe(engine, "x/a", "x/b", "allowed")
     assert asyncio.run(run_probe(from_node, node)).outcome == "allowed"
+
+
+def test_a_ping_is_traced_request_and_reply(klab: KernelLab) -> None:
+    """`trace_in_lab` follows a ping by its echo id: the request judged by the `icmps` entry
+    (protocol ICMP, port 8), its echo reply found by conntrack as the request's REPLY."""
+    from dataplane.tracing import trace_in_lab  # noqa: PLC0415
+
+    engine = PolicyEngine(make_scenario(cnp("p", "x", """
+        endpointSelector: {matchLabels: {pod: a}}
+        ingress:
+          - fromEndpoints: [{matchLabels: {pod: b}}]
+            icmps: [{fields: [{type: EchoRequest}]}]
+        """)))
+    klab.switch(engine)
+    trace = asyncio.run(trace_in_lab(klab.lab, engine, ping_probe(engine, "x/b", "x/a"))).to_json()
+    assert trace["outcome"] == "allowed" and trace["disagreements"] == []
+    texts = [(s["phase"], s["title"]) for s in trace["steps"]]
+    assert any(phase == "request" and text.startswith("ingress policy of x/a, lookup 1 (identity, protocol, port)")
+               and text.endswith("proto=ICMP port=8 -> hit: ALLOW CiliumNetworkPolicy x/p ingress[0]")
+               for phase, text in texts), texts
+    assert any(phase == "reply" and text.startswith("conntrack: REPLY") for phase, text in texts), texts
