@@ -14,6 +14,7 @@ import pytest
 from scapy.all import ICMP  # type: ignore[import-untyped]
 
 from dataplane.abi import PROTO_ICMP, Direction, DropReason, FlowVerdict, Hook
+from dataplane.ciliummonitor import monitor_line
 from dataplane.datapath import FlowEvent
 from dataplane.flowrecord import Flow as FlowRecord
 from dataplane.flowrecord import record_from_json
@@ -138,6 +139,7 @@ def test_icmp_flow_records_carry_type_code_and_echo_id() -> None:
     verdict, drop = hubble_flows(record, NODE)
     assert verdict["l4"] == {"ICMPv4": {"type": 8}} and verdict["Summary"] == "ICMPv4 EchoRequest"
     assert compact(drop).endswith("Policy denied DROPPED (ICMPv4 EchoRequest)")
+    assert monitor_line(drop).endswith(": 10.200.0.2 -> 10.200.0.3 EchoRequest")
     reply = kernel_flow(ping_event(FlowVerdict.FORWARD, icmp_type=0), lab_state(), DIRECTORY, WHEN)
     assert hubble_flows(reply, NODE)[0]["l4"] == {"ICMPv4": {}}  # type 0, code 0: protojson leaves zeros out
 
