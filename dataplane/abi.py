@@ -391,7 +391,9 @@ CFlowEvent = c_struct("flow_event", 64, [
     ("ifindex", U32, 44),
     ("pkt_len", U32, 48),
     ("flags", U8, 52),  # FLOW_EVENT_F_*
-    ("pad", U8 * 3, 53),
+    ("icmp_type", U8, 53),  # ICMP: the packet's type and code (Hubble's l4.ICMPv4); else 0
+    ("icmp_code", U8, 54),
+    ("pad", U8, 55),
     ("other_rule_id", U32, 56),  # the rule of the direction not reported that allowed it; 0 if none
     ("pad2", U32, 60),
 ])

@@ -11,14 +11,17 @@ from typing import Any
 from .hubble import (DROP_REASON_OF_NUMBER, DROP_REASONS, DROPPED, EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT,
                      EVENT_TRACE, FORWARDED, MONITOR_L7_VERDICTS, POLICY_ACTIONS, POLICY_MATCH_NAMES,
                      RESERVED_IDENTITY_NAMES)
+from .icmp import type_code_text
 
 
 def _connection(flow: dict[str, Any]) -> str:
-    """The monitor's connection summary: '10.0.0.1:40512 -> 10.0.0.2:8080 tcp SYN'."""
+    """The monitor's connection summary: '10.0.0.1:40512 -> 10.0.0.2:8080 tcp SYN'; for ICMP
+    the type and code as gopacket writes them: '10.0.0.1 -> 10.0.0.2 EchoRequest'."""
     ip = flow.get("IP", {})
     l4 = flow.get("l4", {})
     if "ICMPv4" in l4:
-        return f"{ip.get('source', '')} -> {ip.get('destination', '')} icmp"
+        icmp = l4["ICMPv4"]
+        return f"{ip.get('source', '')} -> {ip.get('destination', '')} {type_code_text(icmp.get('type', 0), icmp.get('code', 0))}"
     proto = next(iter(l4), "")
     ports = l4.get(proto, {})
     text = (f"{ip.get('source', '')}:{ports.get('source_port', 0)} -> "

@@ -143,6 +143,13 @@ class FlowEvent:
     length: int
     flags: int = 0  # abi.FLOW_EVENT_F_*
     other_rule_id: int = 0  # a new flow: the rule that allowed it in the direction not reported
+    icmp_type: int = 0  # ICMP: the packet's type and code; 0 for other protocols
+    icmp_code: int = 0
+
+    @property
+    def policy_port(self) -> int:
+        """The port a policy lookup of this packet uses: the ICMP type for ICMP (lib/parse.h)."""
+        return self.icmp_type if self.protocol == abi.PROTO_ICMP else self.dport
 
     @property
     def from_proxy(self) -> bool:
@@ -160,7 +167,7 @@ class FlowEvent:
         return cls(e.ts_ns, str(ipaddress.IPv4Address(e.saddr)), str(ipaddress.IPv4Address(e.daddr)), e.sport,
                    e.dport, e.proto, FlowVerdict(e.verdict), DropReason(e.reason), Direction(e.direction),
                    e.src_identity, e.dst_identity, e.src_endpoint, e.dst_endpoint, e.rule_id, e.proxy_port,
-                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len, e.flags, e.other_rule_id)
+                   e.tcp_flags, Hook(e.hook), e.ifindex, e.pkt_len, e.flags, e.other_rule_id, e.icmp_type, e.icmp_code)
 
 
 @dataclass(frozen=True)

@@ -93,16 +93,39 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Icmp:
+    """The ICMP header of the packet that made an ICMP record (Hubble's l4.ICMPv4 {type, code}),
+    with the echo id of an echo request or reply (0 for other types)."""
+
+    type: int
+    code: int = 0
+    echo_id: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "code": self.code, "echo_id": self.echo_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Icmp":
+        return cls(int(data.get("type", 0)), int(data.get("code", 0)), int(data.get("echo_id", 0)))
+
+
+@dataclass(frozen=True)
 class L4:
     protocol: str  # TCP, UDP, ICMP, SCTP, or the number as text
     tcp_flags: tuple[str, ...] = ()  # SYN, ACK, FIN, RST, PSH of the packet that made the record
+    icmp: Icmp | None = None  # ICMP records: type and code (ICMP has no ports)
 
     def to_json(self) -> dict[str, Any]:
-        return {"protocol": self.protocol, "tcp_flags": list(self.tcp_flags)}
+        out: dict[str, Any] = {"protocol": self.protocol, "tcp_flags": list(self.tcp_flags)}
+        if self.icmp is not None:
+            out["icmp"] = self.icmp.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "L4":
-        return cls(str(data.get("protocol", "")), tuple(str(f) for f in data.get("tcp_flags", ())))
+        icmp = data.get("icmp")
+        return cls(str(data.get("protocol", "")), tuple(str(f) for f in data.get("tcp_flags", ())),
+                   Icmp.from_json(icmp) if isinstance(icmp, dict) else None)
 
 
 @dataclass(frozen=True)

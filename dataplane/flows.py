@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .abi import IDENTITY_ANY, PROTO_ANY, PROTO_TCP, PROTOCOL_NAMES, TCP_FLAG_NAMES, Direction, DropReason, Hook
-from .flowrecord import (Endpoint, Flow, FlowType, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
+from .abi import IDENTITY_ANY, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTOCOL_NAMES, TCP_FLAG_NAMES, Direction, DropReason, Hook
+from .flowrecord import (Endpoint, Flow, FlowType, Icmp, L4, PolicyAttribution, Record, TracePoint, TrafficDirection,
                          Verdict, record_from_json)
 from .flowrender import json_line
 from .hubble import POLICY_MATCH_NONE, policy_match_type
@@ -125,7 +125,7 @@ def decided_match_type(ev: FlowEvent, state: MapState) -> int:
     entries = _entries_of(state).get((ev.endpoint_id, ev.direction))
     if not entries:
         return POLICY_MATCH_NONE
-    _, found = lookup_policy(entries, ev.endpoint_id, ev.direction, remote, ev.protocol, ev.dport)
+    _, found = lookup_policy(entries, ev.endpoint_id, ev.direction, remote, ev.protocol, ev.policy_port)
     if not found:
         return POLICY_MATCH_NONE
     key, _ = next(((k, e) for k, e in found if ev.rule_id in e.rule_ids),
@@ -157,11 +157,16 @@ def kernel_flow(ev: FlowEvent, state: MapState, directory: Directory, when: floa
     other_attribution = _attribution(state, 0 if ev.from_proxy else ev.other_rule_id)
     protocol = PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol))
     flags = tuple(name for bit, name in TCP_FLAG_NAMES if ev.tcp_flags & bit) if ev.protocol == PROTO_TCP else ()
+    sport, dport, icmp = ev.sport, ev.dport, None
+    if ev.protocol == PROTO_ICMP:
+        # ICMP has no ports: the datapath's tuple carries an echo id (a request's dport, a
+        # reply's sport, lib/parse.h), which the record keeps with the type and code.
+        icmp, sport, dport = Icmp(ev.icmp_type, ev.icmp_code, ev.sport | ev.dport), 0, 0
     return Flow(
         time=round(when, 6), type=FlowType.L3_L4, verdict=Verdict(ev.verdict.name),
-        source=directory.endpoint(ev.src, ev.sport, ev.src_identity, labels, ev.src_endpoint),
-        destination=directory.endpoint(ev.dst, ev.dport, ev.dst_identity, labels, ev.dst_endpoint),
-        l4=L4(protocol, flags),
+        source=directory.endpoint(ev.src, sport, ev.src_identity, labels, ev.src_endpoint),
+        destination=directory.endpoint(ev.dst, dport, ev.dst_identity, labels, ev.dst_endpoint),
+        l4=L4(protocol, flags, icmp),
         direction=TrafficDirection.EGRESS if ev.direction == Direction.EGRESS else TrafficDirection.INGRESS,
         trace_point=TRACE_POINTS.get(ev.hook, TracePoint.FROM_ENDPOINT), drop_reason=ev.reason.name,
         policy=attribution, proxy_port=ev.proxy_port, bytes=ev.length,

@@ -27,6 +27,7 @@ from typing import Any
 
 from .abi import IDENTITY_FIRST_CIDR, IDENTITY_WORLD
 from .flowrecord import Endpoint, Flow, FlowType, TrafficDirection, Verdict
+from .icmp import type_code_text
 
 # -- event types (pkg/monitor/api/types.go MessageType*; `hubble observe --type NAME`) ----------
 EVENT_DROP = 1
@@ -217,7 +218,8 @@ def _l4(flow: Flow, reply: bool) -> dict[str, Any]:
     if proto in ("UDP", "SCTP"):
         return {proto: _pruned({"source_port": sport, "destination_port": dport})}
     if proto == "ICMP":
-        return {"ICMPv4": {}}  # the record keeps no ICMP type or code
+        icmp = flow.l4.icmp
+        return {"ICMPv4": _pruned({"type": icmp.type, "code": icmp.code}) if icmp is not None else {}}
     return {}
 
 
@@ -230,6 +232,8 @@ def _tcp_flags_text(flow: Flow) -> str:
 def _l3_l4_summary(flow: Flow) -> str:
     if flow.l4.protocol == "TCP":
         return "TCP Flags: " + _tcp_flags_text(flow)
+    if flow.l4.protocol == "ICMP" and flow.l4.icmp is not None:
+        return "ICMPv4 " + type_code_text(flow.l4.icmp.type, flow.l4.icmp.code)
     return {"ICMP": "ICMPv4", "UDP": "UDP", "SCTP": "SCTP"}.get(flow.l4.protocol, "IPv4")
 
 

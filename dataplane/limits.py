@@ -73,6 +73,7 @@ MAX_PEERS = 1_000  # peers of one rule (from/to, fromEndpoints, toCIDRSet, toFQD
 MAX_EXCEPTS = 1_000  # `except` CIDRs of one ipBlock / CIDR set
 MAX_PORT_RULES = 1_000  # NetworkPolicy `ports`, Cilium `toPorts` of one rule
 MAX_PORTS_PER_PORT_RULE = 40  # `toPorts[].ports`: Cilium's own CRD allows at most 40
+MAX_ICMP_FIELDS = 40  # `icmps[].fields`: Cilium's own CRD allows at most 40
 MAX_L7_RULES = 1_000  # HTTP or DNS rules of one port rule
 MAX_HEADERS = 100  # headers + headerMatches of one HTTP rule
 MAX_EXPRESSIONS = 100  # matchExpressions of one selector

@@ -204,8 +204,10 @@ def _policy_names(items: object) -> tuple[PolicyName, ...]:
 
 
 def port_range_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
-    """Cover [lo, hi] with aligned blocks: list of (first port, prefix length over 16 bits)."""
-    if lo == 0 and hi in (0, 65535):
+    """Cover [lo, hi] with aligned blocks: list of (first port, prefix length over 16 bits).
+    (0, 65535) is every port (one block of prefix 0); (0, 0) is port 0 alone, which an ICMP
+    entry for type 0 (echo reply) names."""
+    if lo == 0 and hi == 65535:
         return [(0, 0)]
     blocks = []
     cur = lo

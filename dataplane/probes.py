@@ -2,12 +2,16 @@
 scenario's expectations.
 
 A probe's socket is opened inside the source pod's namespace, so the packets leave through the
-pod's eth0 and cross the node exactly as the pod's own traffic does. What was observed:
+pod's eth0 and cross the node exactly as the pod's own traffic does. A ping (ICMP echo) uses
+an ICMP datagram socket (a "ping socket") where the namespace's net.ipv4.ping_group_range lets
+the prober's group open one, else a raw ICMP socket; the echo request is built here (an 8-byte
+header and a checksum, `dataplane.icmp`). What was observed:
 
     allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
               the endpoint field of its JSON), for HTTP with its response; for UDP its echo;
               for a DNS question any answer but REFUSED (NOERROR, NXDOMAIN)
-    dropped   no connection (connect timed out) or, for UDP, no answer before the timeout
+              for ICMP (a ping) the echo reply from the destination's address
+    dropped   no connection (connect timed out) or, for UDP and ICMP, no answer before the timeout
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
     refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import topology
+from .icmp import echo_request, parse_echo_reply
 from .scenario import Probe
 
 ACCESS_DENIED_BODY = b"Access denied\r\n"
@@ -254,9 +259,70 @@ async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
     return await _await_reply(sock, loop, started, probe.timeout, judge, "no answer")
 
 
+def ping_socket_allowed(netns: str) -> bool:
+    """Whether this process may open an ICMP datagram socket in `netns`: one of its groups is
+    inside the namespace's net.ipv4.ping_group_range (the kernel's default, "1 0", allows none)."""
+    try:
+        low, high = (int(v) for v in topology.sysctl_read(netns, "net.ipv4.ping_group_range").split())
+    except (OSError, ValueError):
+        return False
+    return any(low <= gid <= high for gid in {os.getegid(), *os.getgroups()})
+
+
+def _icmp_socket(netns: str, echo_id: int | None) -> tuple[socket.socket, int, bool]:
+    """(socket, echo id, is a ping socket): a ping socket bound to `echo_id` (0 or None: the
+    kernel picks it, as it picks a port), else a raw socket with `echo_id` or a random id."""
+    if echo_id is not None and not 0 <= echo_id <= 0xFFFF:
+        raise ValueError(f"echo id {echo_id} is outside 0..65535")
+    if ping_socket_allowed(netns):
+        sock = topology.socket_in(netns, kind=socket.SOCK_DGRAM, proto=socket.IPPROTO_ICMP)
+        try:
+            sock.bind(("0.0.0.0", echo_id or 0))  # a ping socket's "port" is its echo id
+            return sock, sock.getsockname()[1], True
+        except BaseException:
+            sock.close()
+            raise
+    sock = topology.socket_in(netns, kind=socket.SOCK_RAW, proto=socket.IPPROTO_ICMP)
+    return sock, echo_id or int.from_bytes(os.urandom(2), "big") or 1, False
+
+
+async def probe_icmp(probe: Probe, src_netns: str, echo_id: int | None = None) -> Observation:
+    """One ping: an echo request to the destination's address; `allowed` when its echo reply
+    (same id, same payload) comes back from that address, `dropped` when none comes in time.
+    The echo id used is in the observation's extra["echo_id"]."""
+    loop = asyncio.get_running_loop()
+    dest = probe.destination
+    sock, ident, ping_socket = _icmp_socket(src_netns, echo_id)
+    payload = f"l7lab-probe {os.urandom(6).hex()}".encode()
+    sequence = int.from_bytes(os.urandom(2), "big")
+    started = time.monotonic()
+
+    def judge(data: bytes) -> Observation | None:
+        if not ping_socket:
+            # A raw socket sees every ICMP message to the namespace, with its IPv4 header.
+            if len(data) < 20 or socket.inet_ntoa(data[12:16]) != dest.ip:
+                return None
+            data = data[(data[0] & 0x0F) * 4:]
+        reply = parse_echo_reply(data)
+        if reply is None or reply[0] != ident or reply[1] != sequence or reply[2] != payload:
+            return None
+        return Observation("allowed", f"echo reply from {dest.name}")
+
+    try:
+        await loop.sock_sendto(sock, echo_request(ident, sequence, payload), (dest.ip, 0))
+        observed = await _await_reply(sock, loop, started, probe.timeout, judge, "no echo reply")
+        observed.extra["echo_id"] = ident
+        return observed
+    finally:
+        sock.close()
+
+
 async def run_probe(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
     """Send `probe` from namespace `src_netns`, from `source_port` if given (else any free
-    port); the port used is in the observation's extra["sport"]."""
+    port); the port used is in the observation's extra["sport"]. A ping's `source_port` is
+    its echo id (extra["echo_id"])."""
+    if probe.icmp is not None:
+        return await probe_icmp(probe, src_netns, source_port)
     if probe.protocol == "UDP":
         return await probe_udp(probe, src_netns, source_port)
     return await probe_tcp(probe, src_netns, source_port)

@@ -172,12 +172,15 @@ class KernelExecutor:
         self._record_flows(flows)
         first: dict[tuple, flowrecord.Flow] = {}
         for flow in flows:
+            # A ping is known by its echo id (ICMP has no ports).
+            echo_id = flow.l4.icmp.echo_id if flow.l4.icmp is not None else None
             first.setdefault((flow.source.ip, flow.source.port, flow.destination.ip, flow.destination.port,
-                              flow.l4.protocol), flow)
+                              flow.l4.protocol, echo_id), flow)
         for r in results:
             src_ip = self.lab.record.endpoints[r.probe.source].ip
-            flow = first.get((src_ip, r.observed.extra.get("sport"), r.probe.destination.ip,
-                              r.probe.destination.port, r.probe.protocol))
+            ping = r.probe.icmp is not None
+            flow = first.get((src_ip, 0 if ping else r.observed.extra.get("sport"), r.probe.destination.ip,
+                              r.probe.destination.port, r.probe.protocol, r.observed.extra.get("echo_id") if ping else None))
             if flow is not None:
                 r.kernel = outcome(flow)
                 r.kernel_verdict = flow.verdict.value

@@ -25,7 +25,7 @@ from . import limits
 from .errors import ErrorList, SourceError, SourceLocation
 from .yamlsource import Budget, Document, describe_value, format_path, load_file
 
-Protocol = Literal["TCP", "UDP"]
+Protocol = Literal["TCP", "UDP", "ICMP"]
 # `audited`: the traffic passes (as `allowed` observes) and the kernel's verdict for the flow is
 # AUDIT: a would-be drop that audit mode let through.
 Expectation = Literal["allowed", "audited", "dropped", "denied", "refused"]
@@ -157,7 +157,18 @@ class Destination:
     dns_name: str = ""  # set when the probe names the destination by a DNS name
 
     def __str__(self) -> str:
-        return f"{self.dns_name or self.name}:{self.port}"
+        name = self.dns_name or self.name
+        return f"{name}:{self.port}" if self.port else name  # an ICMP probe has no port
+
+
+@dataclass(frozen=True)
+class IcmpMessage:
+    """What an ICMP probe sends: `echo` is a ping (an echo request that expects its reply)."""
+
+    type: Literal["echo"] = "echo"
+
+    def __str__(self) -> str:
+        return "ICMP echo request (ping)"
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,7 @@ class Probe:
     timeout: float
     location: SourceLocation
     dns: DnsQuery | None = None  # a DNS query instead of a plain datagram (UDP only)
+    icmp: IcmpMessage | None = None  # set exactly when protocol is ICMP; the destination has no port
 
     @property
     def host_header(self) -> str:
@@ -193,6 +205,8 @@ class Probe:
     def request_text(self) -> str:
         if self.dns is not None:
             return str(self.dns)
+        if self.icmp is not None:
+            return str(self.icmp)
         if self.protocol == "UDP":
             return "datagram"
         return str(self.http) if self.http else "GET /"
@@ -675,9 +689,18 @@ class _Builder:
         if source is None:
             self.err(where + ("from",), self._unknown_source(scenario, raw["from"]))
             return None
-        protocol: Protocol = raw.get("protocol", "UDP" if "dns" in raw else "TCP")
+        protocol: Protocol = raw.get("protocol", "UDP" if "dns" in raw else "ICMP" if "icmp" in raw else "TCP")
         if raw.get("http") is not None and protocol != "TCP":
             self.err(where + ("http",), "an HTTP request needs protocol TCP")
+        icmp = None
+        if protocol == "ICMP" or "icmp" in raw:
+            # A ping: `icmp: {type: echo}`, or `protocol: ICMP` alone (echo is the only message).
+            icmp = IcmpMessage(raw.get("icmp", {}).get("type", "echo"))
+            if protocol != "ICMP":
+                self.err(where + ("protocol",), "an ICMP probe sends ICMP: protocol must be ICMP (or left out)")
+            for other in ("http", "dns"):
+                if other in raw:
+                    self.err(where + (other,), f"a probe sends either an ICMP echo request or {'an HTTP request' if other == 'http' else 'a DNS query'}, not both")
         dns = None
         if "dns" in raw:
             dns = DnsQuery(raw["dns"]["name"].rstrip(".").lower(), raw["dns"].get("type", "A"))
@@ -722,7 +745,10 @@ class _Builder:
         if dns is not None and port and port != 53:
             self.err(where + ("to",), f"the lab's DNS servers listen on 53/UDP only, got port {port}")
             return None
-        if not port:
+        if icmp is not None and port:
+            self.err(where + ("to",), f"an ICMP echo request goes to an address, not a port: write {target!r} without ':{port}'")
+            return None
+        if not port and icmp is None:
             candidates = [p.port for p in ports if p.protocol == protocol]
             if dns is not None:
                 candidates = [53]
@@ -737,12 +763,15 @@ class _Builder:
             if not http.path.startswith("/") and http.path != "*":
                 self.err(where + ("http", "path"), f"expected a path starting with '/', got {http.path!r}")
         expect = raw["expect"]
-        if expect == "denied" and protocol != "TCP":
+        if expect == "denied" and protocol == "UDP":
             self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, audited, "
                                           "dropped or refused")
+        if expect in ("denied", "refused") and icmp is not None:
+            self.err(where + ("expect",), f"an ICMP echo request is answered by the destination's kernel or not at all: "
+                                          f"expect allowed, audited or dropped, not {expect!r}")
         return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
                      http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
-                     location=self.doc.location(where), dns=dns)
+                     location=self.doc.location(where), dns=dns, icmp=icmp)
 
 
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -806,7 +835,7 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 __all__ = [
-    "AuditChange", "Destination", "EXPECTATIONS", "HttpRequest", "Namespace", "Pod", "PolicyRef", "PolicySource",
+    "AuditChange", "Destination", "EXPECTATIONS", "HttpRequest", "IcmpMessage", "Namespace", "Pod", "PolicyRef", "PolicySource",
     "Port", "Probe", "Relabel", "Scenario", "Settings", "Step", "WorldHost", "format_path",
     "load_scenario", "meets", "parse_scenario",
 ]

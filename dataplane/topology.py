@@ -79,12 +79,23 @@ def enter_netns(name: str) -> None:
         os.close(target)
 
 
-def socket_in(ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def socket_in(ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
     """A non-blocking socket that lives in namespace `ns`."""
     with in_netns(ns):
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, kind, proto)
     sock.setblocking(False)
     return sock
+
+
+def sysctl_read(ns: str, key: str) -> str:
+    """Read a (per-namespace) sysctl inside `ns`, e.g. 'net.ipv4.ping_group_range'."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    with in_netns(ns):
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
 
 
 def sysctl(ns: str, key: str, value: str | int) -> None:

@@ -267,9 +267,12 @@ def group_packets(events: Iterable[TraceEvent], client: tuple[str, int], node_ip
                                      ev.tcp_flags, [])
         pkt.events.append(ev)
     for pkt in runs.values():
-        if (pkt.src, pkt.sport) == client:
+        # A ping's client "port" is its echo id: a request carries it as dport, a reply as
+        # sport (lib/parse.h), the other port 0.
+        sport, dport = (pkt.sport | pkt.dport,) * 2 if pkt.protocol == abi.PROTO_ICMP else (pkt.sport, pkt.dport)
+        if (pkt.src, sport) == client:
             pkt.leg = "request"
-        elif (pkt.dst, pkt.dport) == client:
+        elif (pkt.dst, dport) == client:
             pkt.leg = "reply"
         elif pkt.src == node_ip:
             pkt.leg = "upstream"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
 import socket
 import time
@@ -60,7 +61,10 @@ def new_trace_id() -> int:
 
 
 def free_source_port(netns: str, protocol: str) -> int:
-    """A port free in namespace `netns` now (the kernel's choice, released at once)."""
+    """A port free in namespace `netns` now (the kernel's choice, released at once); for ICMP
+    an echo id, which a ping carries where TCP and UDP carry ports."""
+    if protocol == "ICMP":
+        return int.from_bytes(os.urandom(2), "big") or 1
     kind = socket.SOCK_DGRAM if protocol == "UDP" else socket.SOCK_STREAM
     sock = topology.socket_in(netns, kind=kind)
     try:
@@ -76,6 +80,10 @@ def traced_flows(probe: Probe, client_ip: str, sport: int, node_ip: str) -> list
     the flow is redirected (a TCP connection, a DNS question alike)."""
     protocol = PROTOCOLS[probe.protocol]
     dest = probe.destination
+    if probe.icmp is not None:
+        # A ping: the datapath's tuple of an echo request is (0, echo id), its reply's the
+        # reverse (lib/parse.h); `sport` is the echo id here. No proxy leg: ICMP is never redirected.
+        return [{"src": client_ip, "dst": dest.ip, "sport": 0, "dport": sport, "protocol": protocol}]
     return [{"src": client_ip, "dst": dest.ip, "sport": sport, "dport": dest.port, "protocol": protocol},
             {"src": node_ip, "dst": dest.ip, "sport": 0, "dport": dest.port, "protocol": protocol}]
 
@@ -152,7 +160,7 @@ def probe_request(probe: Probe) -> dict[str, Any]:
     """The probe as the agent rebuilds it (`scenario.make_probe` on the lab's scenario)."""
     dest = probe.destination
     http = probe.http
-    return {"source": probe.source, "to": f"{dest.dns_name or dest.name}:{dest.port}", "protocol": probe.protocol,
+    return {"source": probe.source, "to": str(dest), "protocol": probe.protocol,  # a ping's has no port
             "http": None if http is None else {"method": http.method, "path": http.path, "headers": dict(http.headers),
                                                "body": http.body},
             "dns": None if probe.dns is None else {"name": probe.dns.name, "type": probe.dns.type}}

@@ -149,7 +149,7 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                    help="source pod, or a world host (traffic from outside the cluster)")
     p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
-    p.add_argument("--protocol", choices=("TCP", "UDP"), help="default TCP (UDP with --dns)")
+    p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
     p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP) to check against DNS rules")

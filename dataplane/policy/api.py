@@ -20,6 +20,7 @@ from l7.dns import DnsRule
 from l7.http import HttpRule
 
 from ..errors import SourceLocation
+from ..icmp import type_name
 from .selectors import LabelSelector
 
 KIND_K8S = "NetworkPolicy"
@@ -109,7 +110,8 @@ Peer = AllPeer | EndpointPeer | EntityPeer | CIDRPeer | FQDNPeer
 class PortSpec:
     """One port, port range or named port. `port` 0 (and no name) means every port.
 
-    protocol is 'TCP' | 'UDP' | 'SCTP' | 'ANY'.
+    protocol is 'TCP' | 'UDP' | 'SCTP' | 'ANY', or 'ICMP' | 'ICMPv6' for a Cilium `icmps`
+    field: then `port` is the ICMP type, as Cilium keys an ICMP rule (ICMPField.PortProtocol).
     """
 
     protocol: str = "ANY"
@@ -117,7 +119,14 @@ class PortSpec:
     end_port: int = 0  # 0 = single port
     name: str = ""  # named port, resolved against the destination pod's declared ports
 
+    @property
+    def is_icmp(self) -> bool:
+        return self.protocol in ("ICMP", "ICMPv6")
+
     def describe(self) -> str:
+        if self.is_icmp:
+            family = "IPv6" if self.protocol == "ICMPv6" else "IPv4"
+            return f"{self.protocol} type {self.port} ({type_name(self.port, family)})"
         if self.name:
             where = self.name
         elif self.port == 0:

@@ -15,7 +15,10 @@ Flow evaluation (DESIGN.md section 1):
                    DNS: a query that matches is allowed, else refused
   audit            a would-be L3/L4 drop of an endpoint in audit mode passes (reported AUDIT);
                    L7 decisions are not audited (the proxy answers 403 regardless)
-  destination      allowed traffic to a port the destination does not declare is refused
+  destination      allowed traffic to a port the destination does not declare is refused;
+                   an allowed ICMP echo request is answered by the destination's kernel
+  ICMP             judged as protocol ICMP with the type as the port (8: echo request), as the
+                   datapath looks it up; its echo reply passes by conntrack
   loopback         a pod to its own address: allowed, no policy applies (it never leaves the pod)
 """
 
@@ -30,12 +33,13 @@ from l7.http import HttpError, view_request
 from l7.protocol import protocol as l7_protocol
 
 from ..errors import ErrorList, SourceError, SourceLocation
-from ..abi import IDENTITY_HOST, PROTO_ANY, PROTOCOL_NAMES, PROTOCOLS, PROXY_PORT, Direction, Verdict
+from ..abi import IDENTITY_HOST, PROTO_ANY, PROTO_ICMP, PROTOCOL_NAMES, PROTOCOLS, PROXY_PORT, Direction, Verdict
+from ..icmp import ECHO_REQUEST, type_name
 from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import CIDRPeer, Policy
 from .identity import IdentityAllocator, IdentityTable
-from .notices import peer_notes, requirement_notes
+from .notices import icmpv6_note, peer_notes, requirement_notes
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
@@ -50,8 +54,8 @@ class Flow:
 
     source: str
     destination_ip: str
-    protocol: str = "TCP"  # TCP | UDP | SCTP
-    port: int = 80
+    protocol: str = "TCP"  # TCP | UDP | SCTP | ICMP
+    port: int = 80  # ICMP: the type (8, echo request), which is what policy looks up
     http: HttpRequest | None = None
     dns_name: str = ""  # the name queried, for a DNS query to a DNS-redirected port
     destination_name: str = ""  # for Host defaulting and display
@@ -65,7 +69,8 @@ class Flow:
             http = probe.http or HttpRequest()
             if not any(k.lower() == "host" for k in http.headers):
                 http = replace(http, headers={"Host": probe.host_header, **http.headers})
-        return cls(probe.source, dest.ip, probe.protocol, dest.port, http, probe.dns.name if probe.dns else "",
+        port = ECHO_REQUEST if probe.icmp is not None else dest.port
+        return cls(probe.source, dest.ip, probe.protocol, port, http, probe.dns.name if probe.dns else "",
                    dest.dns_name or dest.name.split("/")[-1])
 
 
@@ -321,7 +326,8 @@ class _Judge:
                           sc.world[flow.source].address if flow.source in sc.world else None}
         dst_identity = self.state.identity_of(flow.destination_ip)
         d.source_identity, d.destination_identity = src_identity, dst_identity
-        what = f"{flow.protocol}/{flow.port}" + (f" {flow.http}" if flow.http else "") + \
+        what = (f"ICMP type {flow.port} ({type_name(flow.port)})" if protocol == PROTO_ICMP else f"{flow.protocol}/{flow.port}") + \
+            (f" {flow.http}" if flow.http else "") + \
             (f" DNS query {flow.dns_name}" if flow.dns_name else "")
         self.trace.append(f"flow: {src_desc} -> {flow.destination_ip} {what}")
         self.trace.append(f"source identity {self.ids.describe(src_identity)}")
@@ -372,6 +378,10 @@ class _Judge:
         self.trace.extend(f"  {note}" for note in peer_notes(selecting, name, self.remote_ip.get(direction), self.ids))
         self.trace.extend(f"  {note}" for note in requirement_notes(
             self.engine.resolution.requirements.get((endpoint_id, direction), ()), ep.name))
+        if self.flow.protocol == "ICMP":
+            notes = {note for policy, spec in selecting for rule in spec.rules
+                     if rule.direction == name and (note := icmpv6_note(policy, rule)) is not None}
+            self.trace.extend(f"  note: {note}" for note in sorted(notes))
         enforced, verdict, found = look.enforced, look.verdict, look.found
         for key, entry in found:
             rules = "; ".join(self.rule_text(r) for r in entry.rule_ids)
@@ -491,6 +501,10 @@ class _Judge:
         ports = sc.pods[dst_pod].ports if dst_pod else next(
             (h.ports for h in sc.world.values() if h.address == flow.destination_ip), None)
         if ports is None:
+            return
+        if flow.protocol == "ICMP":
+            self.trace.append("allowed: the destination's kernel answers the echo request; the echo reply passes "
+                              "by conntrack" + (" (audit: would have been dropped)" if self.decision.audited else ""))
             return
         if not any(p.port == flow.port and p.protocol == flow.protocol for p in ports):
             self.trace.append(f"policy allows it, but nothing listens on {flow.port}/{flow.protocol}: refused")

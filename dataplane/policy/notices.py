@@ -9,6 +9,8 @@ lab's single IPv4 node cannot do what the manifest asks for:
   (`UNSUPPORTED_L3`). A rule whose peers are all IPv6 allows nothing, yet its section still puts
   the endpoints it selects into default deny, as any rule of a section does in Cilium;
 - a Kubernetes `ipBlock` selects pods or not depending on `settings.ipBlockSelectsPods`;
+- an IPv6 ICMP type in `icmps` (`family: IPv6`) is accepted and, for the same reason, never
+  matches;
 - `fromRequires` / `toRequires` are deprecated in Cilium since 1.17 and refused from 1.19 on;
   the lab applies them as Cilium documented them until then.
 """
@@ -30,11 +32,14 @@ def _ipv6_cidrs(rule: Rule) -> list[str]:
 
 
 def policy_notices(policies: Iterable[Policy]) -> list[str]:
-    """One line per rule that names IPv6 CIDRs (what `validate` and `apply` print)."""
+    """One line per rule the lab enforces differently (what `validate` and `apply` print):
+    fromRequires/toRequires, IPv6 CIDRs, IPv6 ICMP types."""
     out = []
     for policy in policies:
         for spec in policy.specs:
             for rule in spec.rules:
+                if (icmp6 := icmpv6_note(policy, rule)) is not None:
+                    out.append(icmp6)
                 if rule.requires:
                     field = "fromRequires" if rule.direction == "ingress" else "toRequires"
                     out.append(f"{policy.display} {rule.path}: {field} is deprecated since Cilium 1.17 and refused "
@@ -97,3 +102,19 @@ def requirement_notes(stated: Iterable[tuple[Policy, Rule]], endpoint: str) -> l
             out.append(f"requirement {selector} ({field} of {policy.display} {rule.path}): ANDed into the {peers} "
                        f"selectors of every {kind} rule selecting {endpoint}")
     return out
+
+
+def icmpv6_note(policy: Policy, rule: Rule) -> str | None:
+    """Why a rule's IPv6 `icmps` fields never match (accepted, but the lab carries no IPv6: its
+    packets are dropped as UNSUPPORTED_L3); None when the rule has none."""
+    v6 = [s for pr in rule.port_rules for s in pr.ports if s.protocol == "ICMPv6"]
+    if not v6:
+        return None
+    return (f"{policy.display} {rule.path}: icmps {', '.join(s.describe() for s in v6)} can never match: "
+            "the lab carries no IPv6 (IPv6 packets are dropped as UNSUPPORTED_L3)")
+
+
+def icmpv6_notes(policies: list[Policy]) -> list[str]:
+    """`icmpv6_note` of every rule of `policies` that has one."""
+    return [note for policy in policies for spec in policy.specs for rule in spec.rules
+            if (note := icmpv6_note(policy, rule)) is not None]

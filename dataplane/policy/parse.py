@@ -67,7 +67,7 @@ _CILIUM_UNSUPPORTED_WHY = {
 _CILIUM_UNSUPPORTED = {
     "fromGroups": "cloud groups",
     "toGroups": "cloud groups", "fromNodes": "node selectors", "toNodes": "node selectors",
-    "toServices": "service selectors", "icmps": "ICMP rules", "authentication": "mutual authentication",
+    "toServices": "service selectors", "authentication": "mutual authentication",
     "nodeSelector": "host (node) policies", "terminatingTLS": "TLS interception",
     "originatingTLS": "TLS origination", "serverNames": "SNI rules", "listener": "Envoy listeners",
     "kafka": "Kafka rules", "l7proto": "generic L7 parsers", "l7": "generic L7 parsers",

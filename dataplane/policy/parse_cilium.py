@@ -1,5 +1,5 @@
 """Parsing of Cilium rules (CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy specs): peers,
-entities, CIDR sets, toFQDNs, toPorts with HTTP and DNS rules, deny sections.
+entities, CIDR sets, toFQDNs, toPorts with HTTP and DNS rules, icmps, deny sections.
 
 A mixin of `parse._PolicyParser`, which provides the shared helpers (`err`, `selector`,
 `port_spec`, `cidr_peer`, ...); kept apart so that each dialect reads on its own.
@@ -16,8 +16,9 @@ from l7.http import HeaderMatch, HttpRule, is_http_token
 from l7.regex import compile_regex
 
 from .. import limits
+from ..icmp import CILIUM_TYPE_NAMES, FAMILIES
 from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer,
-                  FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, Rule)
+                  FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, PortSpec, Rule)
 from .patterns import match_name_error, match_pattern_error
 from .selectors import (NAMESPACE_LABEL, LabelSelector)
 from ..yamlsource import describe_value
@@ -101,7 +102,7 @@ class CiliumRuleParser:
         l3 = [f"{d}Endpoints", f"{d}Entities", f"{d}CIDR", f"{d}CIDRSet"]
         if not ingress and not deny:
             l3.append("toFQDNs")
-        r = self.ctx.mapping(path, raw, tuple(l3) + (f"{d}Requires", "toPorts"))
+        r = self.ctx.mapping(path, raw, tuple(l3) + (f"{d}Requires", "toPorts", "icmps"))
         if r is None:
             return None
         # Requirements are not L3 peers: never scoped to the policy's namespace (Cilium's
@@ -154,11 +155,63 @@ class CiliumRuleParser:
         port_rules = [pr for j, raw_pr in enumerate(self.ctx.list_(path + ("toPorts",), r.get("toPorts"), "a list of port rules",
                                                                                   limits.MAX_PORT_RULES, "port rules"))
                       if (pr := self.cilium_port_rule(path + ("toPorts", j), raw_pr, deny)) is not None]
+        icmps = self.ctx.list_(path + ("icmps",), r.get("icmps"), "a list of ICMP rules ({fields: [{type, family}]})",
+                               limits.MAX_PORT_RULES, "ICMP rules")
+        if icmps and r.get("toPorts"):
+            self.err(path + ("icmps",), "icmps and toPorts cannot be used together in one rule (Cilium: the ICMPs block "
+                                        "may only be present without toPorts); write a separate rule for the ports")
+        port_rules.extend(pr for j, raw_icmp in enumerate(icmps)
+                          if (pr := self.icmp_rule(path + ("icmps", j), raw_icmp)) is not None)
         if not any_l3:
-            # Only toPorts: the ports apply to every peer. Nothing at all ({}): no peer.
-            peers = [AllPeer()] if r.get("toPorts") else []
+            # Only toPorts or icmps: they apply to every peer. Nothing at all ({}): no peer.
+            peers = [AllPeer()] if r.get("toPorts") or icmps else []
         return Rule(section, index, self._path(path), tuple(peers), tuple(port_rules), self.doc.location(path),
                     requires)
+
+    def icmp_rule(self, path: tuple, raw: Any) -> PortRule | None:
+        """One `icmps` entry: {fields: [{type, family}]}. Each field becomes a port spec of
+        protocol ICMP (or ICMPv6) whose port is the type, as Cilium keys it
+        (pkg/policy/api/icmp.go, ICMPField.PortProtocol). No fields: the rule allows nothing."""
+        m = self.ctx.mapping(path, raw, ("fields",))
+        if m is None:
+            return None
+        specs: list[PortSpec] = []
+        for j, f in enumerate(self.ctx.list_(path + ("fields",), m.get("fields"), "a list of ICMP fields ({type, family})",
+                                             limits.MAX_ICMP_FIELDS, "ICMP fields")):
+            spec = self.icmp_field(path + ("fields", j), f)
+            if spec is not None:
+                specs.append(spec)
+        return PortRule(tuple(specs))
+
+    def icmp_field(self, path: tuple, raw: Any) -> PortSpec | None:
+        f = self.ctx.mapping(path, raw, ("type", "family"), ("type",))
+        if f is None or "type" not in f:
+            return None
+        family = f.get("family", "IPv4")
+        if family not in FAMILIES:
+            self.err(path + ("family",), f"expected family IPv4 or IPv6, got {quote_value(family)}")
+            return None
+        value = f["type"]
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)  # an IntOrString: "8" is the number 8
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            self.err(path + ("type",), f"expected an ICMP type 0-255 or a type name like EchoRequest, got {describe_value(value)}")
+            return None
+        if isinstance(value, int):
+            if not 0 <= value <= 255:
+                self.err(path + ("type",), f"ICMP type {value} is out of range: expected 0-255")
+                return None
+            number = value
+        else:
+            names = CILIUM_TYPE_NAMES[family]
+            if value not in names:
+                other = "IPv6" if family == "IPv4" else "IPv4"
+                hint = (f"; {value} is an {other} type: set family: {other}" if value in CILIUM_TYPE_NAMES[other]
+                        else f"; {family} names: {', '.join(names)}")
+                self.err(path + ("type",), f"ICMP type {value!r} not found in {family}{hint}")
+                return None
+            number = names[value]
+        return PortSpec("ICMPv6" if family == "IPv6" else "ICMP", number)
 
     def fqdn(self, path: tuple, m: dict) -> DnsRule | None:
         key, value = next(iter(m.items()))

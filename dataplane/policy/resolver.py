@@ -17,6 +17,11 @@ Cilium's allow-localhost default (`--allow-localhost=auto`): traffic from the lo
 identity to local pods is allowed; modelled as an ingress ALLOW for (host, any protocol) on every
 enforced endpoint, so an explicit deny of the host still wins.
 
+ICMP (Cilium `icmps`): each field is an entry of protocol ICMP whose port is the type, so an
+echo request (type 8) and an echo reply (type 0) are told apart. A rule without ports
+(L3-only) covers every protocol, ICMP included; `toPorts` never covers ICMP (protocol ANY is
+TCP, UDP and SCTP). IPv6 fields make no entry: the lab carries no IPv6.
+
 Named ports resolve on the destination: on ingress against the endpoint's own declared ports;
 on egress against the pods holding each selected identity, or, for a peer that is not a pod
 (wildcard, CIDR, entity), against every pod's declared ports (Cilium's cluster-wide named
@@ -33,7 +38,7 @@ from l7.ruleset import L7Policy, L7RuleSet
 
 from .. import limits
 from ..errors import SourceError, SourceLocation
-from ..abi import IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTOCOLS, PROXY_PORT, Direction, Verdict
+from ..abi import IDENTITY_ANY, IDENTITY_HOST, PROTO_ANY, PROTO_ICMP, PROTOCOLS, PROXY_PORT, Direction, Verdict
 from ..mapstate import (EndpointState, MapState, PolicyEntry, PolicyKey, RuleAttribution, lookup_policy,
                         normalize_entries, port_range_blocks)
 from .api import CIDRPeer, EndpointPeer, L7Rules, Policy, PolicySpec, PortSpec, Rule
@@ -207,6 +212,13 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
         for pr in rule.port_rules:
             verdict = Verdict.DENY if rule.is_deny else (Verdict.REDIRECT if pr.l7 else Verdict.ALLOW)
             for spec in pr.ports:
+                if spec.is_icmp:
+                    # An `icmps` field: protocol ICMP, the type in the port (Cilium's key). An
+                    # IPv6 field (ICMPv6) gets no entry: the lab carries no IPv6, so it can
+                    # never match (`icmpv6_notes` says so in explain and validate).
+                    if spec.protocol == "ICMP":
+                        out.append(Contribution(ident, PROTO_ICMP, spec.port, spec.port, verdict, None, rule_id))
+                    continue
                 if spec.name:
                     if rule.direction == "ingress":
                         candidates = list(ep.ports)
@@ -220,9 +232,9 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
                     for number, proto in resolved:
                         out.append(Contribution(ident, PROTOCOLS[proto], number, number, verdict, pr.l7, rule_id))
                     continue
-                if spec.port == 0 and spec.protocol == "ANY" and not pr.l7:
-                    out.append(Contribution(ident, PROTO_ANY, 0, 65535, verdict, None, rule_id))
-                    continue
+                # Protocol ANY is TCP, UDP and SCTP, on port 0 (every port) too: never ICMP,
+                # which only an L3-only rule (no ports) or an `icmps` rule allows (Cilium
+                # pkg/policy/rule.go: ProtoAny expands to TCP, UDP, SCTP).
                 lo, hi = (0, 65535) if spec.port == 0 else (spec.port, spec.end_port or spec.port)
                 for proto in _protocols(spec):
                     out.append(Contribution(ident, proto, lo, hi, verdict, pr.l7, rule_id))

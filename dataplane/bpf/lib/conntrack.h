@@ -7,6 +7,9 @@
  * Lifetimes: TCP after the handshake CT_LIFETIME_TCP_S, everything else CT_LIFETIME_OTHER_S,
  * CT_LIFETIME_CLOSE_S once a FIN or RST was seen; an expired entry counts as absent (the LRU
  * reclaims it later). A SYN (without ACK) on a closing entry starts a new flow: port reuse.
+ * An ICMP echo reply is the REPLY of the echo request with the same id (parse.h puts the id in
+ * the request's dport and the reply's sport); an echo reply without its request is NEW and
+ * judged by policy as ICMP type 0, and an echo request is never anyone's reply.
  * An ICMP error (unreachable, time exceeded, parameter problem) quoting a packet of a live
  * flow is RELATED and passes like a reply: a UDP datagram to a closed port gets its port
  * unreachable back even where policy would not allow a new ICMP flow (Cilium CT_RELATED).

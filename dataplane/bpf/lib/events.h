@@ -62,6 +62,10 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt *
 	e.pkt_len = p->len;
 	e.flags = fi->flags;
 	e.other_rule_id = fi->other_rule_id;
+	if (p->proto == IPPROTO_ICMP) {
+		e.icmp_type = p->policy_port;
+		e.icmp_code = p->icmp_code;
+	}
 	events_output(&e);
 #if DEBUG
 	if (d->verdict == VERDICT_DROP)

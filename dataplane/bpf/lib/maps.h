@@ -142,7 +142,9 @@ struct flow_event {
 	u32 ifindex;
 	u32 pkt_len;
 	u8 flags;               /* FLOW_EVENT_F_* */
-	u8 pad[3];
+	u8 icmp_type;           /* ICMP: type and code of the packet (Hubble's l4.ICMPv4); else 0 */
+	u8 icmp_code;
+	u8 pad;
 	u32 other_rule_id;      /* the rule that allowed the flow in the other direction; 0 if none */
 	u32 pad2;
 };

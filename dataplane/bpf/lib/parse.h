@@ -29,7 +29,7 @@
 struct pkt {
 	__be32 saddr;
 	__be32 daddr;
-	__be16 sport;           /* conntrack tuple ports; ICMP echo: the echo id in both */
+	__be16 sport;           /* conntrack tuple ports; ICMP echo: see parse_packet */
 	__be16 dport;
 	u16 policy_port;        /* host order: TCP/UDP/SCTP destination port, ICMP type, else 0 */
 	u8 proto;
@@ -46,6 +46,7 @@ struct pkt {
 	u8 icmp_error;
 	/* IPv4 fragmentation: PKT_FRAG_* and the IP identification (network order). */
 	u8 frag;
+	u8 icmp_code;           /* ICMP: the code (policy_port holds the type); else 0 */
 	__be16 ip_id;
 };
 
@@ -137,6 +138,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	p->tcp_flags = 0;
 	p->ip_id = ip->id;
 	p->frag = PKT_FRAG_NONE;
+	p->icmp_code = 0;
 
 	u16 frag_off = bpf_ntohs(ip->frag_off);
 	u16 frag_offset = frag_off & FRAG_OFFSET_MASK;
@@ -189,12 +191,16 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 		if ((void *)(ih + 1) > data_end || l4len < sizeof(*ih))
 			return REASON_MALFORMED_L4;
 		p->policy_port = ih->type;
-		/* Echo request and reply share one tuple (the echo id both ways) so that a reply
-		 * finds the request's conntrack entry reversed. Other ICMP has ports 0. */
-		if (ih->type == ICMP_ECHO || ih->type == ICMP_ECHOREPLY) {
-			p->sport = ih->un.echo.id;
+		p->icmp_code = ih->code;
+		/* The echo id goes where a reply finds its request's conntrack entry reversed, and
+		 * only a reply: a request carries it as dport, a reply as sport (Cilium's
+		 * lib/conntrack.h). With the id in both ports, an echo request from B to A would
+		 * find A's earlier request to B reversed and pass as its "reply" without a policy
+		 * check (Cilium GHSA-c66w-hq56-4q97). Other ICMP has ports 0. */
+		if (ih->type == ICMP_ECHO)
 			p->dport = ih->un.echo.id;
-		}
+		else if (ih->type == ICMP_ECHOREPLY)
+			p->sport = ih->un.echo.id;
 		if (ih->type == ICMP_DEST_UNREACH || ih->type == ICMP_TIME_EXCEEDED ||
 		    ih->type == ICMP_PARAMETERPROB) {
 			/* The quoted packet: its IPv4 header and at least the first 8 bytes of L4. */
