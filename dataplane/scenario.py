@@ -243,6 +243,21 @@ class Settings:
     ip_block_selects_pods: bool = False
 
 
+DEFAULT_NODE_NAME = "lab-node"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+OS_LABEL = "kubernetes.io/os"
+
+
+@dataclass(frozen=True)
+class Node:
+    """The lab's single node as a Kubernetes Node. `labels` are the node's labels as a cluster
+    shows them: the declared ones plus those the kubelet sets on every node (hostname, os); a
+    CiliumClusterwideNetworkPolicy's nodeSelector is matched against them."""
+
+    name: str = DEFAULT_NODE_NAME
+    labels: dict[str, str] = field(default_factory=lambda: {HOSTNAME_LABEL: DEFAULT_NODE_NAME, OS_LABEL: "linux"})
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -254,6 +269,7 @@ class Scenario:
     world: dict[str, WorldHost]
     policies: tuple[PolicySource, ...]
     steps: tuple[Step, ...]
+    node: Node = field(default_factory=Node)
 
     def pod(self, ref: str) -> Pod:
         """A pod by 'namespace/name', or by bare name when that is unique."""
@@ -599,9 +615,20 @@ class _Builder:
         policies = self.policy_list(data.get("policies", []), ("policies",))
         scenario = Scenario(name=data["name"], path=str(file), description=data.get("description", ""),
                             settings=settings, namespaces=namespaces, pods=pods, world=world,
-                            policies=policies, steps=())
+                            policies=policies, steps=(), node=self.node(data.get("node", {})))
         steps = tuple(self.step(scenario, i, raw) for i, raw in enumerate(data.get("steps", [])))
         return replace(scenario, steps=steps)
+
+    def node(self, raw: dict[str, Any]) -> Node:
+        """The node: the kubelet's labels (hostname, os) under the declared ones; a declared
+        kubernetes.io/hostname must name the node, as the kubelet keeps it so."""
+        name = raw.get("name", DEFAULT_NODE_NAME)
+        declared = dict(raw.get("labels", {}))
+        given = declared.get(HOSTNAME_LABEL)
+        if given is not None and given != name:
+            self.err(("node", "labels", HOSTNAME_LABEL),
+                     f"the kubelet sets {HOSTNAME_LABEL} to the node's name ({name!r}); got {given!r}")
+        return Node(name, {HOSTNAME_LABEL: name, OS_LABEL: "linux", **declared})
 
     def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
         base = ("steps", index)

@@ -201,6 +201,8 @@ class PolicySpec:
     enforces_ingress: bool
     enforces_egress: bool
     path: str = ""  # "spec" / "specs[1]"
+    # A host policy (CCNP `nodeSelector`): `subject` selects nodes by their labels, never pods.
+    host: bool = False
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from ..icmp import ECHO_REQUEST, type_name
 from ..mapstate import DirectionLookup, MapState, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import CIDRPeer, Policy
+from .host import host_policy_refusal
 from .identity import IdentityAllocator, IdentityTable
 from .notices import icmpv6_note, peer_notes, requirement_notes
 from .parse import parse_documents
@@ -251,6 +252,9 @@ class PolicyEngine:
 
     def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict, audit: dict[str, bool]) -> Resolution:
         sc = self.scenario
+        refusal = host_policy_refusal(policies.values(), sc.node.name, sc.node.labels)
+        if refusal is not None:
+            raise refusal
         labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
                                          sc.settings.cluster_name)
                   for k, p in sc.pods.items()}

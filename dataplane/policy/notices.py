@@ -12,7 +12,9 @@ lab's single IPv4 node cannot do what the manifest asks for:
 - an IPv6 ICMP type in `icmps` (`family: IPv6`) is accepted and, for the same reason, never
   matches;
 - `fromRequires` / `toRequires` are deprecated in Cilium since 1.17 and refused from 1.19 on;
-  the lab applies them as Cilium documented them until then.
+  the lab applies them as Cilium documented them until then;
+- a host policy (CCNP `nodeSelector`) is valid as Cilium reads it, but the lab has no host
+  firewall: `validate` says so here, and `apply`/`run` refuse it (host.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from .api import CIDRPeer, Policy, PolicySpec, Rule
+from .host import host_policy_notices
 from .identity import IdentityTable
 
 IPV6_NOTE = ("the lab is IPv4 only: IPv6 packets are dropped before policy (UNSUPPORTED_L3), so an IPv6 "
@@ -32,9 +35,10 @@ def _ipv6_cidrs(rule: Rule) -> list[str]:
 
 
 def policy_notices(policies: Iterable[Policy]) -> list[str]:
-    """One line per rule the lab enforces differently (what `validate` and `apply` print):
-    fromRequires/toRequires, IPv6 CIDRs, IPv6 ICMP types."""
-    out = []
+    """One line per rule the lab enforces differently (what `validate` and `apply` print): host
+    policies, fromRequires/toRequires, IPv6 CIDRs, IPv6 ICMP types."""
+    policies = list(policies)
+    out = host_policy_notices(policies)
     for policy in policies:
         for spec in policy.specs:
             for rule in spec.rules:

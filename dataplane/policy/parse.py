@@ -58,17 +58,13 @@ _CILIUM_UNSUPPORTED_WHY = {
                 "security groups) for the addresses behind a group, and the lab has no cloud",
     "fromGroups": "it is cloud-provider specific: Cilium's operator asks the provider's API (AWS "
                   "security groups) for the addresses behind a group, and the lab has no cloud",
-    "nodeSelector": "a host policy applies to the node's own stack (Cilium's host firewall enforces it where the "
-                    "node sends and receives, on its native devices), and the lab's datapath enforces the pods' "
-                    "policies only: traffic to the lab node is never checked against a policy of its own; "
-                    "write the rule on the pods' side (toEntities: [host] in their egress)",
 }
 
 _CILIUM_UNSUPPORTED = {
     "fromGroups": "cloud groups",
     "toGroups": "cloud groups", "fromNodes": "node selectors", "toNodes": "node selectors",
     "toServices": "service selectors", "authentication": "mutual authentication",
-    "nodeSelector": "host (node) policies", "terminatingTLS": "TLS interception",
+    "terminatingTLS": "TLS interception",
     "originatingTLS": "TLS origination", "serverNames": "SNI rules", "listener": "Envoy listeners",
     "kafka": "Kafka rules", "l7proto": "generic L7 parsers", "l7": "generic L7 parsers",
     "mismatch": "header mismatch actions", "secret": "header secrets", "cidrGroupRef": "CIDR groups",

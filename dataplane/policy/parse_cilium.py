@@ -57,17 +57,29 @@ class CiliumRuleParser:
     """The Cilium half of the policy parser (see `parse._PolicyParser`)."""
 
     def cilium_spec(self, path: tuple, raw: Any) -> PolicySpec | None:
-        fields = ("endpointSelector", "ingress", "egress", "ingressDeny", "egressDeny", "description",
-                  "labels", "enableDefaultDeny")
+        fields = ("endpointSelector", "nodeSelector", "ingress", "egress", "ingressDeny", "egressDeny",
+                  "description", "labels", "enableDefaultDeny")
         spec = self.ctx.mapping(path, raw, fields)
         if spec is None:
             return None
-        if "endpointSelector" not in spec and "nodeSelector" not in spec:
-            self.err(path, "endpointSelector is required")
-        subject = self.selector(path + ("endpointSelector",), spec.get("endpointSelector", {}), cilium=True)
+        # Cilium: rule_validation.go (*Rule).Sanitize wants exactly one of the two selectors;
+        # cnp_types.go (*CiliumNetworkPolicy).Parse refuses nodeSelector in a namespaced policy.
+        host = "nodeSelector" in spec
+        if "endpointSelector" not in spec and not host:
+            self.err(path, "rule must have one of endpointSelector or nodeSelector")
+        if "endpointSelector" in spec and host:
+            self.err(path + ("nodeSelector",), "rule cannot have both endpointSelector and nodeSelector")
+        elif host and self.kind == KIND_CNP:
+            self.err(path + ("nodeSelector",), "rule cannot have nodeSelector in a CiliumNetworkPolicy: host policies "
+                                               "are cluster-wide, write a CiliumClusterwideNetworkPolicy")
+        which = "nodeSelector" if host else "endpointSelector"
+        subject = self.selector(path + (which,), spec.get(which, {}), cilium=True)
         if subject.names_reserved():
-            self.err(path + ("endpointSelector",), "selecting reserved identities (host policies) is not supported by l7lab")
-        if self.kind == KIND_CNP:
+            self.err(path + (which,), "selecting reserved identities is not supported by l7lab"
+                                      + ("" if host else "; select the node with nodeSelector (a host policy)"))
+        if host:
+            self._check_host_l7(path, spec)
+        if self.kind == KIND_CNP and not host:
             # A CNP only ever selects endpoints of its own namespace.
             subject = subject.and_(LabelSelector(((NAMESPACE_LABEL, self.namespace),)))
         if "description" in spec:
@@ -93,7 +105,28 @@ class CiliumRuleParser:
         # enableDefaultDeny.ingress is false; the same for egress.
         enforces_in = bool(spec.get("ingress") or spec.get("ingressDeny")) and dd["ingress"]
         enforces_eg = bool(spec.get("egress") or spec.get("egressDeny")) and dd["egress"]
-        return PolicySpec(subject, tuple(rules), enforces_in, enforces_eg, self._path(path))
+        return PolicySpec(subject, tuple(rules), enforces_in, enforces_eg, self._path(path), host=host)
+
+    def _check_host_l7(self, path: tuple, spec: dict) -> None:
+        """Cilium's rule_validation.go for host policies: no L7 rule at host ingress, and only
+        DNS rules at host egress (HTTP: "not supported on host egress yet")."""
+        for section in ("ingress", "egress"):
+            raw_rules = spec.get(section)
+            if not isinstance(raw_rules, list):
+                continue
+            for i, r in enumerate(raw_rules):
+                port_rules = r.get("toPorts") if isinstance(r, dict) else None
+                for j, pr in enumerate(port_rules if isinstance(port_rules, list) else []):
+                    l7 = pr.get("rules") if isinstance(pr, dict) else None
+                    if not isinstance(l7, dict) or not l7:
+                        continue
+                    where = path + (section, i, "toPorts", j, "rules")
+                    if section == "ingress":
+                        self.err(where, "L7 policy is not supported on host ingress (Cilium refuses L7 rules in a "
+                                        "host policy's ingress)")
+                    elif "http" in l7:
+                        self.err(where + ("http",), "L7 protocol HTTP is not supported on host egress (Cilium "
+                                                    "allows only DNS rules in a host policy's egress)")
 
     def cilium_rule(self, path: tuple, section: str, index: int, raw: Any) -> Rule | None:
         ingress = section.startswith("ingress")

@@ -130,8 +130,8 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
             requirements.setdefault((ep.endpoint_id, d), []).extend(stated)
         for pi, policy in enumerate(policies):
             for si, spec in enumerate(policy.specs):
-                if not spec.subject.matches(ep.labels):
-                    continue
+                if spec.host or not spec.subject.matches(ep.labels):
+                    continue  # a host spec (nodeSelector) selects nodes, never pods (host.py)
                 for d, flag in ((Direction.INGRESS, spec.enforces_ingress), (Direction.EGRESS, spec.enforces_egress)):
                     has_rules = any(r.direction == d.name.lower() for r in spec.rules)
                     if flag or has_rules:
@@ -253,7 +253,7 @@ def _requirements(ep: EndpointInfo, policies: list[Policy]) -> dict[tuple[Direct
     out: dict[tuple[Direction, bool], list[tuple[Policy, Rule]]] = {}
     for policy in policies:
         for spec in policy.specs:
-            if not any(r.requires for r in spec.rules) or not spec.subject.matches(ep.labels):
+            if spec.host or not any(r.requires for r in spec.rules) or not spec.subject.matches(ep.labels):
                 continue
             for rule in spec.rules:
                 if rule.requires:

@@ -108,8 +108,8 @@ CASES = [
      "quote it"),
     ("  egress:\n    - fromRequires: [{matchLabels: {env: prod}}]\n", "spec.egress[0].fromRequires",
      "unknown field 'fromRequires'"),
-    ("  nodeSelector: {matchLabels: {node-role: worker}}\n", "spec.nodeSelector",
-     "host (node) policies (nodeSelector) are not supported by l7lab: a host policy applies to the node's own stack"),
+    ("  ingress: [{}]\n  nodeSelector: {matchLabels: {node-role: worker}}\n", "spec.nodeSelector",
+     "rule cannot have both endpointSelector and nodeSelector"),
     ("  egress:\n    - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n", "spec.egress[0].toGroups",
      "cloud groups (toGroups) are not supported by l7lab: it is cloud-provider specific"),
     ("  ingress:\n    - fromGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n", "spec.ingress[0].fromGroups",
@@ -193,7 +193,7 @@ def test_ccnp_with_namespace():
 def test_missing_selector_and_spec():
     assert "podSelector is required" in one_error("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n}\nspec: {}\n")
     assert "spec or specs is required" in one_error("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: n}\n")
-    assert "endpointSelector is required" in one_error("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: n}\nspec: {ingress: [{}]}\n")
+    assert "rule must have one of endpointSelector or nodeSelector" in one_error("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: n}\nspec: {ingress: [{}]}\n")
 
 
 def test_all_errors_of_a_document_are_collected():

@@ -1,0 +1,161 @@
+"""Host policies (CiliumClusterwideNetworkPolicy with nodeSelector): the node's labels come from
+the scenario, the parser applies Cilium's checks (pkg/policy/api/rule_validation.go, cnp_types.go),
+a host spec never selects a pod, and apply/run refuse a host policy with the reason (the lab has
+no host firewall) instead of accepting it unenforced."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataplane.errors import ErrorList, SourceError
+from dataplane.policy.host import host_policy_refusal, selects_node
+from dataplane.policy.notices import policy_notices
+from dataplane.policy.resolver import EndpointInfo, resolve
+from dataplane.scenario import PolicySource, Step
+from dataplane.yamlsource import load_documents
+from tests.support.policy import CILIUM_TOPOLOGY, ccnp, cnp, engine, outcome, policy_docs, scenario
+from tests.support.cli_lab import l7lab
+
+def errors_of(text: str) -> list[str]:
+    try:
+        policy_docs(text)
+    except ErrorList as exc:
+        return [str(e) for e in exc.errors]
+    except SourceError as exc:
+        return [str(exc)]
+    return []
+
+
+NODE = """\
+node:
+  name: worker-1
+  labels: {node-access: ssh, topology.kubernetes.io/zone: a}
+"""
+
+HOST_SSH = ccnp("""
+nodeSelector: {matchLabels: {node-access: ssh}}
+ingress:
+  - fromEntities: [cluster]
+    toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+""", name="host-ssh")
+
+
+def test_node_labels_declared_and_set_by_the_kubelet():
+    sc = scenario(CILIUM_TOPOLOGY, extra=NODE)
+    assert sc.node.name == "worker-1"
+    assert sc.node.labels == {"kubernetes.io/hostname": "worker-1", "kubernetes.io/os": "linux",
+                              "node-access": "ssh", "topology.kubernetes.io/zone": "a"}
+    default = scenario(CILIUM_TOPOLOGY).node
+    assert default.labels == {"kubernetes.io/hostname": "lab-node", "kubernetes.io/os": "linux"}
+
+
+def test_hostname_label_must_name_the_node():
+    with pytest.raises(Exception) as exc:
+        scenario(CILIUM_TOPOLOGY, extra="node:\n  name: worker-1\n  labels: {kubernetes.io/hostname: other}\n")
+    assert "node.labels.kubernetes.io/hostname" in str(exc.value) and "'worker-1'" in str(exc.value)
+
+
+def test_node_name_is_checked_by_the_schema():
+    with pytest.raises(Exception) as exc:
+        scenario(CILIUM_TOPOLOGY, extra="node:\n  name: Worker_1\n")
+    assert "node.name" in str(exc.value)
+
+
+def test_ccnp_node_selector_parses_into_a_host_spec():
+    (policy,) = policy_docs(HOST_SSH)
+    (spec,) = policy.specs
+    assert spec.host and spec.enforces_ingress and not spec.enforces_egress
+    sc = scenario(CILIUM_TOPOLOGY, extra=NODE)
+    assert selects_node(spec, sc.node.labels)
+    assert not selects_node(spec, scenario(CILIUM_TOPOLOGY).node.labels)
+
+
+@pytest.mark.parametrize("text,words", [
+    (cnp("nodeSelector: {}\ningress: [{}]\n"),
+     "spec.nodeSelector: rule cannot have nodeSelector in a CiliumNetworkPolicy"),
+    (ccnp("nodeSelector: {}\nendpointSelector: {}\ningress: [{}]\n"),
+     "spec.nodeSelector: rule cannot have both endpointSelector and nodeSelector"),
+    (ccnp("ingress: [{}]\n"), "spec: rule must have one of endpointSelector or nodeSelector"),
+    (ccnp("nodeSelector: {}\ningress:\n  - toPorts: [{ports: [{port: \"53\", protocol: UDP}], "
+          "rules: {dns: [{matchPattern: \"*\"}]}}]\n"),
+     "spec.ingress[0].toPorts[0].rules: L7 policy is not supported on host ingress"),
+    (ccnp("nodeSelector: {}\negress:\n  - toPorts: [{ports: [{port: \"80\", protocol: TCP}], "
+          "rules: {http: [{method: GET}]}}]\n"),
+     "spec.egress[0].toPorts[0].rules.http: L7 protocol HTTP is not supported on host egress"),
+    (ccnp("nodeSelector: {matchLabels: {\"reserved:host\": \"\"}}\ningress: [{}]\n"),
+     "spec.nodeSelector: selecting reserved identities is not supported"),
+])
+def test_cilium_refuses_these_host_policies(text, words):
+    errs = errors_of(text)
+    assert len(errs) == 1 and words in errs[0], errs
+
+
+def test_dns_rules_are_allowed_at_host_egress():
+    (policy,) = policy_docs(ccnp("""
+nodeSelector: {}
+egress:
+  - toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*"}]}}]
+"""))
+    assert policy.specs[0].host
+
+
+def test_host_spec_never_selects_a_pod():
+    # An empty nodeSelector selects every node; as an endpointSelector it would isolate every pod.
+    (policy,) = policy_docs(ccnp("nodeSelector: {}\ningress: [{}]\negress: [{}]\n"))
+    eng = engine(topology=CILIUM_TOPOLOGY)
+    endpoints = [EndpointInfo(e.name, e.endpoint_id, e.ip, dict(e.labels), ()) for e in eng.map_state().endpoints.values()]
+    res = resolve(endpoints, eng.identities, [policy])  # the resolver alone, without the apply check
+    assert res.state.policy == eng.map_state().policy  # no entry beyond the built-in ones
+    assert all(not selecting for selecting in res.selected_by.values())
+    assert all(not (e.ingress_enforced or e.egress_enforced) for e in res.state.endpoints.values())
+
+
+def test_apply_refuses_a_host_policy_naming_the_node_selection():
+    eng = engine(topology=CILIUM_TOPOLOGY, extra=NODE)
+    (policy,) = policy_docs(HOST_SSH)
+    err = host_policy_refusal([policy], eng.scenario.node.name, eng.scenario.node.labels)
+    assert isinstance(err, SourceError)
+    text = str(err)
+    assert text.startswith("policies/x.yaml")
+    assert "CiliumClusterwideNetworkPolicy host-ssh spec: host policy (nodeSelector) not applied" in text
+    assert "selects node worker-1" in text and "node-access=ssh" in text
+    assert "no host firewall" in text and "toEntities: [host]" in text
+    other = host_policy_refusal([policy], "lab-node", engine(topology=CILIUM_TOPOLOGY).scenario.node.labels)
+    assert "does not select node lab-node" in str(other)
+
+
+def test_scenario_with_a_host_policy_is_refused_and_nothing_applied():
+    with pytest.raises(SourceError) as exc:
+        engine(HOST_SSH, topology=CILIUM_TOPOLOGY, extra=NODE)
+    assert "host policy (nodeSelector) not applied" in str(exc.value)
+    eng = engine(topology=CILIUM_TOPOLOGY, extra=NODE)
+    before = eng.map_state()
+    (doc,) = load_documents(HOST_SSH, "policies/x.yaml")
+    with pytest.raises(SourceError):
+        eng.propose(Step(0, "apply a host policy", apply=(PolicySource(doc),)))
+    assert eng.map_state() is before
+
+
+def test_validate_notice_says_apply_refuses():
+    (policy,) = policy_docs(HOST_SSH)
+    (notice,) = policy_notices([policy])
+    assert notice.startswith("CiliumClusterwideNetworkPolicy host-ssh spec: host policy (nodeSelector) is valid")
+    assert "apply and run refuse it" in notice
+
+
+def test_validate_accepts_and_run_refuses_a_host_policy(tmp_path):
+    """The CLI: `validate` of the policy file says valid with the notice; `validate` and
+    `run --dry-run` of a scenario applying it fail (exit 1) with the refusal, naming the file."""
+    policy = tmp_path / "host.yaml"
+    policy.write_text(HOST_SSH)
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(CILIUM_TOPOLOGY + NODE + "policies:\n  - file: host.yaml\nsteps:\n"
+                   "  - probes: [{from: shop/frontend, to: shop/api:8080, expect: allowed}]\n")
+    out = l7lab("validate", str(policy))
+    assert out.returncode == 0, out.stderr
+    assert "notice:" in out.stdout and "host policy (nodeSelector) is valid, but apply and run refuse it" in out.stdout
+    for verb in (["validate"], ["run", "--dry-run"]):
+        out = l7lab(*verb, str(lab))
+        assert out.returncode == 1, (verb, out.stdout, out.stderr)
+        assert f"{policy}:1" in out.stderr and "not applied: its nodeSelector" in out.stderr
+        assert "selects node worker-1" in out.stderr
