@@ -44,6 +44,10 @@ WORLD_RANGES = tuple(ipaddress.ip_network(n) for n in ("203.0.113.0/24", "198.51
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
+# Service ClusterIPs: Kubernetes' default service range starts at 10.96.0.0 (kube-apiserver
+# --service-cluster-ip-range 10.96.0.0/12); the lab takes a /24 of it unless settings say otherwise.
+DEFAULT_SERVICE_CIDR = "10.96.0.0/24"
+CLUSTER_DOMAIN = "cluster.local"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,55 @@ class WorldHost:
     # A reserved identity the host's address carries instead of world ("kube-apiserver",
     # "remote-node"): the lab's stand-in for the API server or another node of the cluster.
     entity: str = ""
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of a Service: `port` on the ClusterIP, forwarded to `target_port` of each backend
+    (a number, or the name of a port the backend pods declare)."""
+
+    port: int
+    protocol: Protocol = "TCP"
+    target_port: int | str = 0  # 0: the same as port
+    name: str = ""
+
+    def backend_port(self, pod: "Pod") -> int | None:
+        """The port of `pod` this service port forwards to; None when `target_port` names a
+        port the pod does not declare (Kubernetes leaves such a pod out of that port's endpoints)."""
+        if isinstance(self.target_port, str):
+            return next((p.port for p in pod.ports if p.name == self.target_port and p.protocol == self.protocol), None)
+        return self.target_port or self.port
+
+
+@dataclass(frozen=True)
+class Service:
+    """A Kubernetes Service of type ClusterIP (spec.selector, spec.ports, spec.sessionAffinity)."""
+
+    name: str
+    namespace: str
+    cluster_ip: str
+    selector: dict[str, str]
+    ports: tuple[ServicePort, ...]
+    session_affinity: Literal["None", "ClientIP"] = "None"
+
+    @property
+    def key(self) -> str:
+        """'namespace/name': unique within a lab."""
+        return f"{self.namespace}/{self.name}"
+
+    def dns_names(self) -> list[str]:
+        """The names cluster DNS gives the service, longest last: NAME.NS, NAME.NS.svc,
+        NAME.NS.svc.cluster.local (and NAME alone inside its own namespace, see hosts_entries)."""
+        return [f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc",
+                f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"]
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        """Whether a pod of the service's namespace with these labels is a backend (a Service's
+        selector is equality on every key; an empty or absent selector selects nothing)."""
+        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector.items())
+
+    def port(self, port: int, protocol: str) -> ServicePort | None:
+        return next((p for p in self.ports if p.port == port and p.protocol == protocol), None)
 
 
 @dataclass(frozen=True)
@@ -141,8 +194,8 @@ class HttpRequest:
 class Destination:
     """What a probe targets: a pod or a world host, reached by address or by DNS name."""
 
-    kind: Literal["pod", "world"]
-    name: str  # pod key or world host name
+    kind: Literal["pod", "world", "service"]
+    name: str  # pod key, world host name or service key
     ip: str
     port: int
     dns_name: str = ""  # set when the probe names the destination by a DNS name
@@ -215,6 +268,7 @@ class Settings:
     audit: bool = False
     # Cilium's --cluster-name: every pod's identity carries io.cilium.k8s.policy.cluster=<name>.
     cluster_name: str = DEFAULT_CLUSTER_NAME
+    service_cidr: str = DEFAULT_SERVICE_CIDR
 
 
 @dataclass(frozen=True)
@@ -228,6 +282,22 @@ class Scenario:
     world: dict[str, WorldHost]
     policies: tuple[PolicySource, ...]
     steps: tuple[Step, ...]
+    services: dict[str, Service] = field(default_factory=dict)  # by service key
+
+    def service_key(self, ref: str, namespace: str = DEFAULT_NAMESPACE) -> str | None:
+        """A service by 'namespace/name', or by bare name in `namespace`; None if there is none."""
+        if ref in self.services:
+            return ref
+        key = f"{namespace}/{ref}"
+        return key if key in self.services else None
+
+    def service_by_dns(self, name: str, namespace: str) -> str | None:
+        """The service a DNS name resolves to from a pod of `namespace` (its bare name only there)."""
+        name = name.lower().rstrip(".")
+        for key, svc in self.services.items():
+            if name in svc.dns_names() or (svc.namespace == namespace and name == svc.name):
+                return key
+        return None
 
     def pod(self, ref: str) -> Pod:
         """A pod by 'namespace/name', or by bare name when that is unique."""
@@ -255,14 +325,18 @@ class Scenario:
         """Addresses of the lab node (identity `host`): its own address and the pods' gateway."""
         return [self.node_ip, GATEWAY_IP]
 
-    def hosts_entries(self) -> list[tuple[str, list[str]]]:
-        """(address, names) for every pod and world host: the lab's /etc/hosts."""
+    def hosts_entries(self, namespace: str | None = None) -> list[tuple[str, list[str]]]:
+        """(address, names) for every pod, world host and service: the /etc/hosts of a pod of
+        `namespace` (a service's bare name resolves only inside its own namespace, as with the
+        cluster DNS search path; None: no bare service names)."""
         out = []
         for pod in self.pods.values():
             out.append((pod.ip, [pod.name, f"{pod.name}.{pod.namespace}",
                                  f"{pod.name}.{pod.namespace}.svc.cluster.local"]))
         for host in self.world.values():
             out.append((host.address, [host.name, *host.dns_names]))
+        for svc in self.services.values():
+            out.append((svc.cluster_ip, ([svc.name] if svc.namespace == namespace else []) + svc.dns_names()))
         return out
 
 
@@ -317,6 +391,9 @@ LIST_BOUNDS: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("world",), limits.MAX_WORLD_HOSTS, "world hosts"),
     (("world", "*", "dnsNames"), limits.MAX_DNS_NAMES, "DNS names"),
     (("world", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
+    (("services",), limits.MAX_SERVICES, "services"),
+    (("services", "*", "selector"), limits.MAX_LABELS, "labels"),
+    (("services", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
     (("policies",), limits.MAX_POLICIES, "policies"),
     (("steps",), limits.MAX_STEPS, "steps"),
     (("steps", "*", "apply"), limits.MAX_POLICIES, "policies"),
@@ -439,6 +516,7 @@ class _Builder:
             policy_enforcement=raw_settings.get("policyEnforcement", "default"),
             audit=bool(raw_settings.get("audit", False)),
             cluster_name=raw_settings.get("clusterName", DEFAULT_CLUSTER_NAME),
+            service_cidr=raw_settings.get("serviceCIDR", DEFAULT_SERVICE_CIDR),
         )
         try:
             cidr = ipaddress.ip_network(settings.pod_cidr)
@@ -521,12 +599,111 @@ class _Builder:
             if addresses.count(raw["address"]) > 1 and addresses.index(raw["address"]) != i:
                 self.err(("world", i, "address"), f"address {raw['address']} is used twice")
 
+        services = self.services(data, settings, cidr, namespaces, pods, world)
         policies = self.policy_list(data.get("policies", []), ("policies",))
         scenario = Scenario(name=data["name"], path=str(file), description=data.get("description", ""),
                             settings=settings, namespaces=namespaces, pods=pods, world=world,
-                            policies=policies, steps=())
+                            policies=policies, steps=(), services=services)
         steps = tuple(self.step(scenario, i, raw) for i, raw in enumerate(data.get("steps", [])))
         return replace(scenario, steps=steps)
+
+    def service_cidr(self, settings: Settings, pod_cidr: ipaddress.IPv4Network,
+                     world: dict[str, WorldHost]) -> ipaddress.IPv4Network | None:
+        """settings.serviceCIDR, checked: a private IPv4 prefix clear of every other lab address."""
+        where = ("settings", "serviceCIDR")
+        try:
+            net = ipaddress.ip_network(settings.service_cidr)
+        except ValueError:
+            self.err(where, f"expected an IPv4 prefix like {DEFAULT_SERVICE_CIDR}, got {settings.service_cidr!r}")
+            return None
+        if net.version != 4 or net.prefixlen > 30 or not net.is_private:
+            self.err(where, f"expected a private IPv4 prefix of /30 or larger, got {settings.service_cidr!r}")
+            return None
+        if net.overlaps(pod_cidr):
+            self.err(where, f"service range {net} overlaps the pod CIDR {pod_cidr}: ClusterIPs must be "
+                            f"addresses no pod has")
+            return None
+        if ipaddress.ip_address(GATEWAY_IP) in net:
+            self.err(where, f"service range {net} holds the node's gateway address {GATEWAY_IP}")
+            return None
+        for host in world.values():
+            try:
+                if ipaddress.ip_address(host.address) in net:
+                    self.err(where, f"service range {net} holds world host {host.name!r} ({host.address})")
+                    return None
+            except ValueError:
+                pass  # reported with the world host
+        return net
+
+    def services(self, data: dict[str, Any], settings: Settings, pod_cidr: ipaddress.IPv4Network,
+                 namespaces: dict[str, Namespace], pods: dict[str, Pod],
+                 world: dict[str, WorldHost]) -> dict[str, Service]:
+        """The `services` section: names, ClusterIPs (fixed, or the next free one of the
+        service range), selectors and ports checked."""
+        raw_services = data.get("services", [])
+        if not raw_services and "serviceCIDR" not in data.get("settings", {}):
+            return {}
+        net = self.service_cidr(settings, pod_cidr, world)
+        if net is None:
+            return {}
+        fixed: dict[str, int] = {}
+        for i, raw in enumerate(raw_services):
+            if "clusterIP" not in raw:
+                continue
+            where = ("services", i, "clusterIP")
+            try:
+                addr = ipaddress.ip_address(raw["clusterIP"])
+            except ValueError:
+                self.err(where, f"expected an IPv4 address, got {raw['clusterIP']!r}")
+                continue
+            if addr not in net or addr in (net.network_address, net.broadcast_address):
+                self.err(where, f"{addr} is not a usable address of the service range {net} (settings.serviceCIDR)")
+            elif str(addr) in fixed:
+                self.err(where, f"{addr} is already the ClusterIP of services[{fixed[str(addr)]}]")
+            else:
+                fixed[str(addr)] = i
+        free = (str(a) for a in net.hosts() if str(a) not in fixed)
+        pod_names = {(p.namespace, p.name) for p in pods.values()}
+        world_names = {n.lower() for h in world.values() for n in (h.name, *h.dns_names)}
+        out: dict[str, Service] = {}
+        for i, raw in enumerate(raw_services):
+            base = ("services", i)
+            ns = raw.get("namespace", DEFAULT_NAMESPACE)
+            if ns not in namespaces:
+                self.err(base + ("namespace",), f"namespace {ns!r} is not declared under namespaces and has no pods")
+                continue
+            if (ns, raw["name"]) in pod_names:
+                self.err(base + ("name",), f"{ns}/{raw['name']} is a pod already: a service and a pod of one "
+                                           f"namespace cannot share a name (they would share DNS names)")
+            svc_names = [f"{raw['name']}.{ns}", f"{raw['name']}.{ns}.svc", f"{raw['name']}.{ns}.svc.{CLUSTER_DOMAIN}"]
+            clash = next((n for n in svc_names if n in world_names), None)
+            if clash:
+                self.err(base + ("name",), f"DNS name {clash!r} of this service belongs to a world host already")
+            ports: list[ServicePort] = []
+            seen: set[tuple[int, str]] = set()
+            names: set[str] = set()
+            for j, rp in enumerate(raw["ports"]):
+                sp = ServicePort(rp["port"], rp.get("protocol", "TCP"), rp.get("targetPort", 0), rp.get("name", ""))
+                if (sp.port, sp.protocol) in seen:
+                    self.err(base + ("ports", j), f"port {sp.port}/{sp.protocol} is declared twice")
+                if len(raw["ports"]) > 1 and not sp.name:
+                    self.err(base + ("ports", j, "name"), "a service with several ports must name each of them "
+                                                          "(as Kubernetes requires)")
+                elif sp.name and sp.name in names:
+                    self.err(base + ("ports", j, "name"), f"port name {sp.name!r} is used twice")
+                seen.add((sp.port, sp.protocol))
+                names.add(sp.name)
+                ports.append(sp)
+            ip = raw.get("clusterIP") if raw.get("clusterIP") in fixed else next(free, None)
+            if ip is None:
+                self.err(base, f"no free address left in the service range {net}")
+                continue
+            svc = Service(raw["name"], ns, ip, dict(raw.get("selector", {})), tuple(ports),
+                          raw.get("sessionAffinity", "None"))
+            if svc.key in out:
+                self.err(base + ("name",), f"service {svc.key!r} is declared twice")
+            out[svc.key] = svc
+        return out
 
     def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
         base = ("steps", index)

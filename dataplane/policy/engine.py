@@ -37,6 +37,7 @@ from .identity import IdentityAllocator, IdentityTable
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
+from ..services import service_entries
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,10 @@ class PolicyEngine:
                      for i, (k, p) in enumerate(sc.pods.items())]
         # settings.audit is already in `audit` (every pod starts on); not passed again, so that
         # an audit step can switch it off for a pod of a lab that came up in audit mode.
-        return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement)
+        resolution = resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement)
+        # The services' backends follow the pods' labels in force (a relabel moves them).
+        resolution.state.services = service_entries(sc, pod_labels, {e.key: e.endpoint_id for e in endpoints})
+        return resolution
 
     # ------------------------------------------------------------------ queries
 

@@ -47,6 +47,9 @@ struct pkt {
 	/* IPv4 fragmentation: PKT_FRAG_* and the IP identification (network order). */
 	u8 frag;
 	__be16 ip_id;
+	/* Set by lb_translate (lib/lb.h) on a packet it translated to a service backend: the
+	 * conntrack entry the flow creates carries it, so that its replies are translated back. */
+	u16 rev_nat_index;
 };
 
 #define PKT_FRAG_NONE  0    /* not a fragment */
