@@ -24,7 +24,9 @@ from . import flowrecord
 from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
+from .abi import PROTOCOLS
 from .scenario import Probe, Scenario, Step, meets
+from .services import pin_probe
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -154,7 +156,19 @@ class KernelExecutor:
         self.lab.sync_policy(self.policy.map_state())
 
     async def observe(self, probe: Probe) -> Observation:
-        return await run_probe(probe, self.lab.record.endpoints[probe.source].netns)
+        source = self.lab.record.endpoints[probe.source]
+        sport = None
+        if probe.destination.kind == "service" and self.policy is not None:
+            # The backend the oracle judges, reached by choosing the source port (services.py).
+            probe, sport = pin_probe(probe, self.policy.map_state(), source.ip)
+        observed = await run_probe(probe, source.netns, sport)
+        if probe.destination.backend:
+            backend = self.lab.scenario.pods[probe.destination.backend]
+            entry = self.policy.map_state().services.get(
+                (probe.destination.ip, probe.destination.port, PROTOCOLS[probe.protocol])) if self.policy else None
+            port = next((b.port for b in entry.backends if b.pod == backend.key), 0) if entry else 0
+            observed.extra["translated"] = (backend.ip, port)  # what the kernel's events name
+        return observed
 
     def oracle(self, probe: Probe) -> str | None:
         if self.policy is None or not self.lab.enforcing:
@@ -176,8 +190,8 @@ class KernelExecutor:
                               flow.l4.protocol), flow)
         for r in results:
             src_ip = self.lab.record.endpoints[r.probe.source].ip
-            flow = first.get((src_ip, r.observed.extra.get("sport"), r.probe.destination.ip,
-                              r.probe.destination.port, r.probe.protocol))
+            dst_ip, dst_port = r.observed.extra.get("translated", (r.probe.destination.ip, r.probe.destination.port))
+            flow = first.get((src_ip, r.observed.extra.get("sport"), dst_ip, dst_port, r.probe.protocol))
             if flow is not None:
                 r.kernel = outcome(flow)
                 r.kernel_verdict = flow.verdict.value

@@ -199,9 +199,13 @@ class Destination:
     ip: str
     port: int
     dns_name: str = ""  # set when the probe names the destination by a DNS name
+    # A service: the pod key of the backend the probe's connection is to reach ("": the one
+    # dataplane/services.py probe_backend picks). The prober chooses its source port for it.
+    backend: str = ""
 
     def __str__(self) -> str:
-        return f"{self.dns_name or self.name}:{self.port}"
+        text = f"{self.dns_name or self.name}:{self.port}"
+        return f"{text} (backend {self.backend})" if self.backend else text
 
 
 @dataclass(frozen=True)
@@ -804,6 +808,15 @@ class _Builder:
         dest: Destination | None = None
         ports: tuple[Port, ...] = ()
         pod_key = scenario.pod_key(target)
+        source_ns = scenario.pods[source].namespace
+        svc_key = scenario.service_key(target, source_ns) if pod_key is None else None
+        if svc_key is None and pod_key is None:
+            svc_key = scenario.service_by_dns(target, source_ns)
+        if svc_key is not None:
+            return self.service_probe(scenario, where, raw, source, scenario.services[svc_key], target, port,
+                                      protocol, dns)
+        if "backend" in raw:
+            self.err(where + ("backend",), "only a probe to a service names a backend")
         if pod_key is not None:
             pod = scenario.pods[pod_key]
             dest, ports = Destination("pod", pod_key, pod.ip, port), pod.ports
@@ -819,7 +832,8 @@ class _Builder:
             if "/" not in target and any(p.name == target for p in scenario.pods.values()):
                 self.err(where + ("to",), self._unknown_pod(scenario, target))
             else:
-                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host or a world host's DNS name")
+                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's DNS name, "
+                                          f"or a service (by name, namespace/name or DNS name)")
             return None
         if dns is not None and not any(p.port == 53 and p.protocol == "UDP" for p in ports):
             self.err(where + ("to",), f"{target!r} serves no DNS: a DNS probe needs a destination declaring port 53/UDP")
@@ -835,19 +849,56 @@ class _Builder:
                 self.err(where + ("to",), f"{target!r} declares no {protocol} port; write {target}:PORT")
                 return None
             port = candidates[0]
+        http = self.http_request(where, raw)
+        self.check_expect(where, raw, protocol)
+        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=raw["expect"],
+                     http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
+                     location=self.doc.location(where), dns=dns)
+
+    def http_request(self, where: tuple, raw: dict[str, Any]) -> HttpRequest | None:
         http = None
         if "http" in raw:
             h = raw["http"]
             http = HttpRequest(h.get("method", "GET"), h.get("path", "/"), dict(h.get("headers", {})), h.get("body", ""))
             if not http.path.startswith("/") and http.path != "*":
                 self.err(where + ("http", "path"), f"expected a path starting with '/', got {http.path!r}")
-        expect = raw["expect"]
-        if expect == "denied" and protocol != "TCP":
+        return http
+
+    def check_expect(self, where: tuple, raw: dict[str, Any], protocol: str) -> None:
+        if raw["expect"] == "denied" and protocol != "TCP":
             self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, audited, "
                                           "dropped or refused")
-        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
-                     http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
-                     location=self.doc.location(where), dns=dns)
+
+    def service_probe(self, scenario: Scenario, where: tuple, raw: dict[str, Any], source: str, svc: Service,
+                      target: str, port: int, protocol: Protocol, dns: DnsQuery | None) -> Probe | None:
+        """A probe to a service, by 'ns/name', bare name (the source's namespace) or DNS name."""
+        if dns is not None:
+            self.err(where + ("dns",), f"{target!r} is a service: the lab's DNS servers are world hosts")
+            return None
+        if not port:
+            port = next((p.port for p in svc.ports if p.protocol == protocol), 0)
+            if not port:
+                self.err(where + ("to",), f"service {svc.key} has no {protocol} port; write {target}:PORT")
+                return None
+        elif svc.port(port, protocol) is None:
+            have = ", ".join(f"{p.port}/{p.protocol}" for p in svc.ports)
+            self.err(where + ("to",), f"service {svc.key} has no port {port}/{protocol} (ports: {have})")
+            return None
+        backend = ""
+        if "backend" in raw:
+            key = scenario.pod_key(raw["backend"]) or scenario.pod_key(f"{svc.namespace}/{raw['backend']}")
+            if key is None or scenario.pods[key].namespace != svc.namespace:
+                self.err(where + ("backend",), f"expected a pod of namespace {svc.namespace!r} (the service's), "
+                                               f"got {raw['backend']!r}")
+                return None
+            backend = key
+        dns_name = target if target not in (svc.key, svc.name) else ""
+        dest = Destination("service", svc.key, svc.cluster_ip, port, dns_name=dns_name, backend=backend)
+        http = self.http_request(where, raw)
+        self.check_expect(where, raw, protocol)
+        return Probe(source=source, destination=dest, protocol=protocol, expect=raw["expect"], http=http,
+                     timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
+                     location=self.doc.location(where), dns=None)
 
 
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"

@@ -16,11 +16,14 @@ changes the backends of the next resolution. Pure: nothing here touches the kern
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import secrets
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .abi import PROTOCOLS
-from .mapstate import ServiceBackend, ServiceEntry
-from .scenario import Scenario
+from .mapstate import MapState, ServiceBackend, ServiceEntry
+from .scenario import Probe, Scenario
 
 MASK32 = 0xFFFFFFFF
 
@@ -73,6 +76,30 @@ def pick_backend(entry: ServiceEntry, saddr: str, sport: int) -> ServiceBackend 
     return entry.backends[h % len(entry.backends)]
 
 
+def probe_backend(entry: ServiceEntry, saddr: str, wanted: str = "") -> ServiceBackend | None:
+    """The backend a probe from `saddr` to this service port reaches: the one it names
+    (`wanted`, a pod key), else the service's first backend; with sessionAffinity ClientIP the
+    one the client's address hashes to. None when the service has no backend. ValueError when
+    the probe names a pod it cannot reach through the service."""
+    if not entry.backends:
+        return None
+    names = ", ".join(b.pod for b in entry.backends)
+    if entry.affinity:
+        chosen = pick_backend(entry, saddr, 0)
+        assert chosen is not None
+        if wanted and wanted != chosen.pod:
+            raise ValueError(f"service {entry.service} has sessionAffinity ClientIP: {saddr} always reaches "
+                             f"{chosen.pod}, never {wanted} (backends: {names})")
+        return chosen
+    if not wanted:
+        return entry.backends[0]
+    chosen = next((b for b in entry.backends if b.pod == wanted), None)
+    if chosen is None:
+        raise ValueError(f"{wanted} is no backend of service {entry.service} port {entry.port} now "
+                         f"(backends: {names})")
+    return chosen
+
+
 def source_port_for(entry: ServiceEntry, saddr: str, backend: str,
                     ports: Iterable[int] = range(32768, 61000)) -> int | None:
     """A source port from `ports` whose new flow from `saddr` lands on pod `backend`; None if
@@ -86,4 +113,29 @@ def source_port_for(entry: ServiceEntry, saddr: str, backend: str,
     return None
 
 
-__all__ = ["backend_hash", "pick_backend", "service_entries", "source_port_for"]
+def probe_source_port(entry: ServiceEntry, saddr: str, backend: str) -> int | None:
+    """A source port for a probe that is to reach `backend`, starting the search at a random
+    point so that successive probes do not reuse one port (a closed connection lingers in
+    TIME_WAIT); None with sessionAffinity ClientIP, where any port reaches the same backend."""
+    if entry.affinity:
+        return None
+    start = 32768 + secrets.randbelow(61000 - 32768)
+    return source_port_for(entry, saddr, backend, itertools.chain(range(start, 61000), range(32768, start)))
+
+
+def pin_probe(probe: Probe, state: MapState, client_ip: str) -> tuple[Probe, int | None]:
+    """A probe to a service made to reach the backend `probe_backend` gives it: the probe with
+    that backend named, and the source port to send from (None: any). A service without a
+    backend leaves the probe as it is (the datapath drops it)."""
+    dest = probe.destination
+    entry = state.services.get((dest.ip, dest.port, PROTOCOLS[probe.protocol]))
+    if dest.kind != "service" or entry is None:
+        return probe, None
+    backend = probe_backend(entry, client_ip, dest.backend)
+    if backend is None:
+        return probe, None
+    return replace(probe, destination=replace(dest, backend=backend.pod)), probe_source_port(entry, client_ip, backend.pod)
+
+
+__all__ = ["backend_hash", "pick_backend", "probe_backend", "probe_source_port", "pin_probe",
+           "service_entries", "source_port_for"]

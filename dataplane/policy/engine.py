@@ -30,14 +30,14 @@ from l7.protocol import protocol as l7_protocol
 
 from ..errors import ErrorList, SourceError, SourceLocation
 from ..abi import IDENTITY_HOST, PROTO_ANY, PROTOCOL_NAMES, PROTOCOLS, PROXY_PORT, Direction, Verdict
-from ..mapstate import DirectionLookup, MapState, flow_lookups
+from ..mapstate import DirectionLookup, MapState, ServiceEntry, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import Policy
 from .identity import IdentityAllocator, IdentityTable
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
-from ..services import service_entries
+from ..services import probe_backend, service_entries
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Flow:
     http: HttpRequest | None = None
     dns_name: str = ""  # the name queried, for a DNS query to a DNS-redirected port
     destination_name: str = ""  # for Host defaulting and display
+    backend: str = ""  # to a service: the backend pod the flow is to reach (services.probe_backend)
 
     @classmethod
     def from_probe(cls, probe: Probe) -> "Flow":
@@ -65,7 +66,7 @@ class Flow:
             if not any(k.lower() == "host" for k in http.headers):
                 http = replace(http, headers={"Host": probe.host_header, **http.headers})
         return cls(probe.source, dest.ip, probe.protocol, dest.port, http, probe.dns.name if probe.dns else "",
-                   dest.dns_name or dest.name.split("/")[-1])
+                   dest.dns_name or dest.name.split("/")[-1], dest.backend)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Decision:
     rule_ids: list[int] = field(default_factory=list)
     audited: bool = False
     l7: L7Verdict | None = None  # the L7 verdict, when the flow reached the proxy's rules
+    # To a service: "ns/svc VIP:port/PROTO -> pod ns/b IP:port", the translation the datapath
+    # makes before policy (the rest of the decision is about the backend).
+    translation: str = ""
 
     @property
     def expectation(self) -> str:
@@ -103,6 +107,7 @@ class Decision:
             "ingress": self.ingress,
             "rule_ids": list(self.rule_ids),
             "audited": self.audited,
+            "translation": self.translation or None,
             "trace": list(self.trace),
         }
 
@@ -275,7 +280,34 @@ class PolicyEngine:
         return list(self.scenario.pods).index(pod_key) + 1
 
     def verdict(self, flow: Flow) -> Decision:
-        return _Judge(self, flow).run()
+        protocol = PROTOCOLS.get(flow.protocol.upper(), -1)
+        entry = self.map_state().services.get((flow.destination_ip, flow.port, protocol))
+        if entry is None:
+            return _Judge(self, flow).run()
+        return self._service_verdict(flow, entry)
+
+    def _service_verdict(self, flow: Flow, entry: ServiceEntry) -> Decision:
+        """A flow to a ClusterIP, judged as the datapath judges it: translated to the backend the
+        flow reaches (lib/lb.h), then policy of the backend pod at its target port (as Cilium)."""
+        sc = self.scenario
+        key = sc.pod_key(flow.source)
+        client = sc.pods[key].ip if key else sc.world[flow.source].address if flow.source in sc.world else ""
+        service = f"service {entry.service} {entry.ip}:{entry.port}/{flow.protocol.upper()}"
+        backend = probe_backend(entry, client, flow.backend)
+        if backend is None:
+            d = Decision("dropped", flow, trace=[f"flow: {flow.source} -> {service}",
+                                                 f"{service} has no backend (no pod matches its selector): "
+                                                 f"DROP (no service backend)"])
+            d.translation = f"{service} -> no backend"
+            return d
+        how = ("sessionAffinity ClientIP: the client's address picks it" if entry.affinity
+               else "the probe's source port is chosen to reach it" if flow.backend
+               else "the first backend; a probe names another with backend:")
+        d = _Judge(self, replace(flow, destination_ip=backend.ip, port=backend.port)).run()
+        d.translation = f"{service} -> pod {backend.pod} {backend.ip}:{backend.port}"
+        d.trace.insert(0, f"{d.translation} (translated before policy; {how}; backends: "
+                          f"{', '.join(b.pod for b in entry.backends)})")
+        return d
 
 
 _PROTO_NAMES = {PROTO_ANY: "any", **PROTOCOL_NAMES}
