@@ -936,9 +936,12 @@ def parse_scenario(doc: Document, file: Path, budget: Budget | None = None) -> S
 
 
 def make_probe(scenario: Scenario, source: str, to: str, protocol: str = "TCP",
-               http: HttpRequest | None = None, expect: str = "allowed", dns: DnsQuery | None = None) -> Probe:
+               http: HttpRequest | None = None, expect: str = "allowed", dns: DnsQuery | None = None,
+               backend: str | None = None) -> Probe:
     """A probe built from command-line words, checked as a scenario's probes are."""
     raw: dict[str, Any] = {"from": source, "to": to, "protocol": protocol, "expect": expect}
+    if backend:
+        raw["backend"] = backend
     if http is not None:
         raw["http"] = {"method": http.method, "path": http.path, "headers": dict(http.headers), "body": http.body}
     if dns is not None:
