@@ -118,6 +118,7 @@ class Service:
     selector: dict[str, str]
     ports: tuple[ServicePort, ...]
     session_affinity: Literal["None", "ClientIP"] = "None"
+    labels: dict[str, str] = field(default_factory=dict)  # the Service object's own labels
 
     @property
     def key(self) -> str:
@@ -397,6 +398,7 @@ LIST_BOUNDS: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("world", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
     (("services",), limits.MAX_SERVICES, "services"),
     (("services", "*", "selector"), limits.MAX_LABELS, "labels"),
+    (("services", "*", "labels"), limits.MAX_LABELS, "labels"),
     (("services", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
     (("policies",), limits.MAX_POLICIES, "policies"),
     (("steps",), limits.MAX_STEPS, "steps"),
@@ -703,7 +705,7 @@ class _Builder:
                 self.err(base, f"no free address left in the service range {net}")
                 continue
             svc = Service(raw["name"], ns, ip, dict(raw.get("selector", {})), tuple(ports),
-                          raw.get("sessionAffinity", "None"))
+                          raw.get("sessionAffinity", "None"), dict(raw.get("labels", {})))
             if svc.key in out:
                 self.err(base + ("name",), f"service {svc.key!r} is declared twice")
             out[svc.key] = svc

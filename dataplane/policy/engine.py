@@ -38,6 +38,7 @@ from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
 from ..services import probe_backend, service_entries
+from .toservices import expand_service_peers
 
 
 @dataclass(frozen=True)
@@ -253,16 +254,18 @@ class PolicyEngine:
         labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
                                          sc.settings.cluster_name)
                   for k, p in sc.pods.items()}
+        # toServices peers become the selectors of the services' backends (services.py).
+        expanded = expand_service_peers(list(policies.values()), sc)
         table = IdentityTable.build(self.allocator, labels, {k: p.ip for k, p in sc.pods.items()},
                                     sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
-                                    list(policies.values()),
+                                    expanded,
                                     {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity})
         endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports),
                                   audit.get(k, False))
                      for i, (k, p) in enumerate(sc.pods.items())]
         # settings.audit is already in `audit` (every pod starts on); not passed again, so that
         # an audit step can switch it off for a pod of a lab that came up in audit mode.
-        resolution = resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement)
+        resolution = resolve(endpoints, table, expanded, sc.settings.policy_enforcement)
         # The services' backends follow the pods' labels in force (a relabel moves them).
         resolution.state.services = service_entries(sc, pod_labels, {e.key: e.endpoint_id for e in endpoints})
         return resolution

@@ -61,7 +61,7 @@ _CILIUM_UNSUPPORTED_WHY = {
 _CILIUM_UNSUPPORTED = {
     "fromRequires": "requirements", "toRequires": "requirements", "fromGroups": "cloud groups",
     "toGroups": "cloud groups", "fromNodes": "node selectors", "toNodes": "node selectors",
-    "toServices": "service selectors", "icmps": "ICMP rules", "authentication": "mutual authentication",
+    "icmps": "ICMP rules", "authentication": "mutual authentication",
     "nodeSelector": "host (node) policies", "terminatingTLS": "TLS interception",
     "originatingTLS": "TLS origination", "serverNames": "SNI rules", "listener": "Envoy listeners",
     "kafka": "Kafka rules", "l7proto": "generic L7 parsers", "l7": "generic L7 parsers",

@@ -13,8 +13,11 @@ import pytest
 
 from dataplane.abi import PROTO_TCP
 from dataplane.errors import ErrorList, SourceError
-from dataplane.policy import Flow, PolicyEngine
-from dataplane.scenario import Relabel, Step, load_scenario
+from dataplane.policy import Flow, PolicyEngine, parse_documents
+from dataplane.policy.api import ServicePeer
+from dataplane.policy.selectors import LabelSelector
+from dataplane.scenario import PolicySource, Relabel, Step, load_scenario
+from dataplane.yamlsource import load_documents
 from dataplane.services import pick_backend, probe_backend, source_port_for
 
 BASE = """\
@@ -159,3 +162,92 @@ def test_source_port_search_lands_on_the_backend_it_asks_for(tmp_path: Path) -> 
         sport = source_port_for(web, client, pod)
         assert sport is not None and pick_backend(web, client, sport).pod == pod  # type: ignore[union-attr]
     assert probe_backend(web, client).pod == "shop/web-1"  # type: ignore[union-attr]
+
+
+def cnp_errors(egress: str) -> list[str]:
+    text = ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: shop}\n"
+            "spec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n" + textwrap.indent(egress, "    "))
+    with pytest.raises((SourceError, ErrorList)) as info:
+        parse_documents(load_documents(text, "p.yaml"))
+    exc = info.value
+    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
+
+
+def test_to_services_parses_by_name_and_by_selector() -> None:
+    text = textwrap.dedent("""\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: p, namespace: shop}
+        spec:
+          endpointSelector: {matchLabels: {app: client}}
+          egress:
+            - toServices:
+                - k8sService: {serviceName: web}
+                - k8sServiceSelector: {selector: {matchLabels: {tier: db}}, namespace: other}
+        """)
+    (policy,) = parse_documents(load_documents(text, "p.yaml"))
+    peers = policy.specs[0].rules[0].peers
+    assert peers == (ServicePeer("shop", name="web"),
+                     ServicePeer("other", selector=LabelSelector((("tier", "db"),))))
+
+
+@pytest.mark.parametrize("egress, fragment", [
+    ("- toServices: [{k8sService: {serviceName: web}}]\n  toPorts: [{ports: [{port: '80'}]}]\n",
+     "toServices cannot be combined with toPorts"),
+    ("- toServices: [{k8sService: {serviceName: web}, k8sServiceSelector: {selector: {}}}]\n",
+     "expected exactly one of k8sService or k8sServiceSelector"),
+    ("- toServices: [{k8sService: {serviceName: Web_1}}]\n", "expected a service name"),
+    ("- toServices: [{k8sService: {namespace: shop}}]\n", "serviceName"),
+    ("- toServices: [{k8sServiceSelector: {selector: {matchLabels: {a: b}}, namespace: 7}}]\n",
+     "expected a namespace name"),
+])
+def test_to_services_mistakes_name_the_field(egress: str, fragment: str) -> None:
+    errors = cnp_errors(egress)
+    assert any(fragment in e and "p.yaml" in e and "toServices" in e for e in errors), errors
+
+
+def test_to_services_is_no_ingress_field() -> None:
+    text = ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: shop}\n"
+            "spec:\n  endpointSelector: {}\n  ingress:\n    - toServices: [{k8sService: {serviceName: web}}]\n")
+    with pytest.raises((SourceError, ErrorList)) as info:
+        parse_documents(load_documents(text, "p.yaml"))
+    assert "toServices" in str(info.value)
+
+
+def test_to_services_allows_the_backends_of_the_service(tmp_path: Path) -> None:
+    """client may leave only to the backends of service web (by name), then of the services
+    labelled tier=db (by selector): judged at the backend pod, following relabels."""
+    text = BASE.replace("  - {name: db, namespace: other, clusterIP: 10.96.0.200,",
+                        "  - {name: postgres, namespace: shop, labels: {tier: db}, clusterIP: 10.96.0.200,")
+    text += textwrap.indent(textwrap.dedent("""\
+          - name: egress by service
+            apply:
+              - apiVersion: cilium.io/v2
+                kind: CiliumNetworkPolicy
+                metadata: {name: client-to-web, namespace: shop}
+                spec:
+                  endpointSelector: {matchLabels: {app: client}}
+                  egress:
+                    - toServices: [{k8sService: {serviceName: web, namespace: shop}}]
+        """), "  ")
+    s = load_scenario(write(tmp_path, text))
+    engine = PolicyEngine(s)
+    engine.apply_step(s.steps[1])
+    web2, db = s.pods["shop/web-2"], s.pods["shop/db"]
+    assert engine.verdict(Flow("shop/client", web2.ip, "TCP", 9090)).outcome == "allowed"
+    assert engine.verdict(Flow("shop/client", db.ip, "TCP", 5432)).outcome == "dropped"
+    assert engine.verdict(Flow("shop/client", "10.96.0.1", "TCP", 80, backend="shop/web-2")).outcome == "allowed"
+    # web-2 relabeled out of the service: no longer a backend, no longer allowed by toServices.
+    engine.apply_step(Step(2, "relabel", relabel=(Relabel("pod", "shop/web-2", {"app": "gone"}),)))
+    assert engine.verdict(Flow("shop/client", web2.ip, "TCP", 9090)).outcome == "dropped"
+    by_label = Step(3, "by selector", apply=tuple(PolicySource(d) for d in load_documents(textwrap.dedent("""\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: client-to-db, namespace: shop}
+        spec:
+          endpointSelector: {matchLabels: {app: client}}
+          egress:
+            - toServices: [{k8sServiceSelector: {selector: {matchLabels: {tier: db}}}}]
+        """), "p.yaml")))
+    engine.apply_step(by_label)
+    assert engine.verdict(Flow("shop/client", db.ip, "TCP", 5432)).outcome == "allowed"
