@@ -24,9 +24,8 @@ from . import flowrecord
 from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
-from .abi import PROTOCOLS
 from .scenario import Probe, Scenario, Step, meets
-from .services import pin_probe
+from .services import pin_probe, service_backend_address
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -162,12 +161,9 @@ class KernelExecutor:
             # The backend the oracle judges, reached by choosing the source port (services.py).
             probe, sport = pin_probe(probe, self.policy.map_state(), source.ip)
         observed = await run_probe(probe, source.netns, sport)
-        if probe.destination.backend:
-            backend = self.lab.scenario.pods[probe.destination.backend]
-            entry = self.policy.map_state().services.get(
-                (probe.destination.ip, probe.destination.port, PROTOCOLS[probe.protocol])) if self.policy else None
-            port = next((b.port for b in entry.backends if b.pod == backend.key), 0) if entry else 0
-            observed.extra["translated"] = (backend.ip, port)  # what the kernel's events name
+        translated = service_backend_address(probe, self.policy.map_state(), self.lab.scenario) if self.policy else None
+        if translated is not None:
+            observed.extra["translated"] = translated  # what the kernel's events name
         return observed
 
     def oracle(self, probe: Probe) -> str | None:

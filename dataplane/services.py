@@ -137,5 +137,16 @@ def pin_probe(probe: Probe, state: MapState, client_ip: str) -> tuple[Probe, int
     return replace(probe, destination=replace(dest, backend=backend.pod)), probe_source_port(entry, client_ip, backend.pod)
 
 
-__all__ = ["backend_hash", "pick_backend", "probe_backend", "probe_source_port", "pin_probe",
+def service_backend_address(probe: Probe, state: MapState, scenario: Scenario) -> tuple[str, int] | None:
+    """(address, port) a probe pinned to a backend (`pin_probe`) is translated to; None for any
+    other probe."""
+    dest = probe.destination
+    entry = state.services.get((dest.ip, dest.port, PROTOCOLS[probe.protocol]))
+    if dest.kind != "service" or not dest.backend or entry is None:
+        return None
+    backend = next((b for b in entry.backends if b.pod == dest.backend), None)
+    return (backend.ip, backend.port) if backend is not None else None
+
+
+__all__ = ["backend_hash", "pick_backend", "probe_backend", "probe_source_port", "pin_probe", "service_backend_address",
            "service_entries", "source_port_for"]

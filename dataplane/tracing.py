@@ -38,6 +38,7 @@ from .errors import SetupError
 from .flowrecord import Flow
 from .flows import PROXY_RECORDS, RecordTail
 from .probes import Observation, run_probe
+from .services import pin_probe, service_backend_address
 from .scenario import Probe
 from .trace import BpfSources, LabNames, Trace, assemble
 
@@ -70,14 +71,21 @@ def free_source_port(netns: str, protocol: str) -> int:
         sock.close()
 
 
-def traced_flows(probe: Probe, client_ip: str, sport: int, node_ip: str) -> list[dict[str, Any]]:
+def traced_flows(probe: Probe, client_ip: str, sport: int, node_ip: str,
+                 backend: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """The flows of a trace as JSON (src, dst, sport, dport, protocol): the client's flow to
     the destination, and the L7 proxy's upstream (node -> destination, any source port) in case
-    the flow is redirected (a TCP connection, a DNS question alike)."""
+    the flow is redirected (a TCP connection, a DNS question alike). To a service, `backend`
+    (address, port) is where the datapath translates it: the client's flow and the proxy's
+    upstream are traced under that address too."""
     protocol = PROTOCOLS[probe.protocol]
     dest = probe.destination
-    return [{"src": client_ip, "dst": dest.ip, "sport": sport, "dport": dest.port, "protocol": protocol},
-            {"src": node_ip, "dst": dest.ip, "sport": 0, "dport": dest.port, "protocol": protocol}]
+    flows = [{"src": client_ip, "dst": dest.ip, "sport": sport, "dport": dest.port, "protocol": protocol},
+             {"src": node_ip, "dst": dest.ip, "sport": 0, "dport": dest.port, "protocol": protocol}]
+    if backend is not None:
+        flows += [{"src": client_ip, "dst": backend[0], "sport": sport, "dport": backend[1], "protocol": protocol},
+                  {"src": node_ip, "dst": backend[0], "sport": 0, "dport": backend[1], "protocol": protocol}]
+    return flows
 
 
 def check_flows(flows: Any) -> list[dict[str, Any]]:
@@ -199,9 +207,12 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
     endpoint = lab.record.endpoints.get(probe.source)
     if endpoint is None or endpoint.kind != "pod":
         raise SetupError(f"no pod {probe.source!r} in lab {lab.name}")
+    # To a service: the backend the oracle judges, reached by the source port (services.py).
+    probe, pinned = pin_probe(probe, engine.map_state(), endpoint.ip)
+    backend = service_backend_address(probe, engine.map_state(), lab.scenario)
     oracle = oracle_json(engine.verdict(OracleFlow.from_probe(probe)))
     names = lab_names(lab.record, engine.map_state(), engine.identities.describe, lab.scenario.node_ip)
-    sport = free_source_port(endpoint.netns, probe.protocol)
+    sport = pinned or free_source_port(endpoint.netns, probe.protocol)
     client = (endpoint.ip, sport)
     trace_id = new_trace_id()
     tail = RecordTail(lab_dir(lab.name), (PROXY_RECORDS,))
@@ -213,7 +224,8 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
         events.extend(e for e in datapath.poll_traces(timeout_ms) if e.trace_id == trace_id)
         client_records(tail, client, records)
 
-    datapath.trace_start(trace_id, trace_flow_objects(traced_flows(probe, endpoint.ip, sport, lab.scenario.node_ip)))
+    datapath.trace_start(trace_id, trace_flow_objects(traced_flows(probe, endpoint.ip, sport, lab.scenario.node_ip,
+                                                                   backend)))
     try:
         observed = await run_probe(probe, endpoint.netns, sport)
         collect(0)

@@ -24,6 +24,7 @@ from dataplane.policy import PolicyEngine
 from dataplane.probes import Observation, run_probe
 from dataplane.scenario import PolicyRef, PolicySource, Probe, Step, make_probe, parse_scenario
 from dataplane.services import pick_backend
+from dataplane.tracing import trace_in_lab
 from dataplane.yamlsource import load_documents
 from tests.conftest import unique_lab
 
@@ -166,3 +167,21 @@ def test_service_dns_names_resolve_inside_pods(lab: Lab) -> None:
     assert resolve(lab, "other/stranger", "web") is None
     assert resolve(lab, "other/stranger", "web.shop.svc.cluster.local") == vip
 
+
+
+def test_a_traced_probe_to_a_service_follows_the_translated_flow(lab: Lab) -> None:
+    """`explain` on the kernel: the probe reaches the backend the oracle judges, and the trace
+    sees the flow on both sides of the translation (the client's hook and the backend's)."""
+    probe = replace(make_probe(lab.scenario, "shop/client", "web", backend="web-2"), timeout=ANSWER_TIMEOUT)
+    trace = asyncio.run(trace_in_lab(lab, lab.policy, probe))
+    web2 = lab.scenario.pods["shop/web-2"]
+    assert trace.outcome == "allowed" and not trace.disagreements, (trace.outcome, trace.disagreements)
+    assert trace.oracle["translation"] == f"service shop/web {probe.destination.ip}:80/TCP -> pod shop/web-2 {web2.ip}:8080"
+    client = lab.scenario.pods["shop/client"].ip
+    vip = probe.destination.ip
+    titles = [s.title for s in trace.steps if s.layer == "kernel"]
+    syn = f"SYN TCP {client}:{trace.client[1]} (shop/client) -> "
+    assert any("from_container" in t and syn + f"{vip}:80" in t for t in titles)  # the client sends to the VIP
+    assert any("to_container" in t and syn + f"{web2.ip}:8080 (shop/web-2)" in t for t in titles)  # web-2 gets it
+    # web-2's answer reaches the client from the ClusterIP.
+    assert any("to_container" in t and f"SYN-ACK TCP {vip}:80 -> {client}:{trace.client[1]}" in t for t in titles)
