@@ -4,8 +4,9 @@
  * (bpf_sk_assign, needed for the L7 redirect, only works at tc ingress).
  *
  *   parse (drop what is malformed; later fragments get their first fragment's ports or drop)
- *     -> anti-spoofing -> conntrack
- *     established/reply: pass (redirected flows: back to the proxy socket)
+ *     -> anti-spoofing -> to a service address: translated to a backend (lib/lb.h) -> conntrack
+ *     established/reply: pass (redirected flows: back to the proxy socket; a reply of a
+ *       translated flow leaves with the service address as its source)
  *     new: identities -> egress + ingress policy -> DROP / FORWARD (+ct) / REDIRECT (+ct)
  *   every pass of a first fragment records its datagram (frag_record) for the later ones;
  *   a later fragment of a redirected flow drops (REASON_FRAGMENT).
