@@ -163,7 +163,8 @@ def probe_request(probe: Probe) -> dict[str, Any]:
     return {"source": probe.source, "to": f"{dest.dns_name or dest.name}:{dest.port}", "protocol": probe.protocol,
             "http": None if http is None else {"method": http.method, "path": http.path, "headers": dict(http.headers),
                                                "body": http.body},
-            "dns": None if probe.dns is None else {"name": probe.dns.name, "type": probe.dns.type}}
+            "dns": None if probe.dns is None else {"name": probe.dns.name, "type": probe.dns.type},
+            "backend": dest.backend or None}
 
 
 def probe_from_request(scenario: Any, data: dict[str, Any]) -> Probe:
@@ -173,7 +174,8 @@ def probe_from_request(scenario: Any, data: dict[str, Any]) -> Probe:
     dns = data.get("dns")
     return make_probe(scenario, str(data["source"]), str(data["to"]), str(data.get("protocol", "TCP")),
                       HttpRequest(http["method"], http["path"], dict(http.get("headers") or {}), http.get("body", ""))
-                      if http else None, dns=DnsQuery(dns["name"], dns.get("type", "A")) if dns else None)
+                      if http else None, dns=DnsQuery(dns["name"], dns.get("type", "A")) if dns else None,
+                      backend=str(data["backend"]) if data.get("backend") else None)
 
 
 def _redirected(events: list[TraceEvent], client: tuple[str, int]) -> bool:
