@@ -310,6 +310,13 @@ class PolicyEngine:
         d.translation = f"{service} -> pod {backend.pod} {backend.ip}:{backend.port}"
         d.trace.insert(0, f"{d.translation} (translated before policy; {how}; backends: "
                           f"{', '.join(b.pod for b in entry.backends)})")
+        if d.outcome == "refused" and flow.protocol.upper() != "TCP":
+            # The backend's ICMP port unreachable quotes the datagram as the backend received
+            # it; the datapath does not translate ICMP errors back (lib/lb.h), so the client's
+            # socket, connected to the ClusterIP, never matches it and hears nothing.
+            d.trace.append("the ICMP port unreachable names the backend, not the ClusterIP (ICMP errors are not "
+                           "translated back): the client sees no answer: dropped")
+            d.outcome = "dropped"
         return d
 
 

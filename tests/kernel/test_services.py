@@ -20,7 +20,7 @@ import pytest
 from dataplane.abi import PROTO_TCP, DropReason, FlowVerdict
 from dataplane.lab import Lab
 from dataplane.mapstate import ServiceEntry
-from dataplane.policy import PolicyEngine
+from dataplane.policy import Flow, PolicyEngine
 from dataplane.probes import Observation, run_probe
 from dataplane.scenario import PolicyRef, PolicySource, Probe, Step, make_probe, parse_scenario
 from dataplane.services import pick_backend
@@ -46,6 +46,7 @@ services:
   - {name: sticky, namespace: shop, selector: {app: web}, sessionAffinity: ClientIP,
      ports: [{port: 80, targetPort: 8080}]}
   - {name: empty, namespace: shop, selector: {app: nobody}, ports: [{port: 80}]}
+  - {name: closed, namespace: shop, selector: {app: web}, ports: [{port: 53, protocol: UDP, targetPort: 5353}]}
 """
 
 ONLY_WEB_1 = """
@@ -150,6 +151,19 @@ def test_service_without_backends_drops_with_its_reason(lab: Lab) -> None:
     vip = lab.scenario.services["shop/empty"].cluster_ip
     reasons = {e.reason for e in lab.datapath.poll_events() if e.dst == vip and e.sport == observed.extra["sport"]}
     assert reasons == {DropReason.NO_SERVICE_BACKEND}
+
+
+def test_a_datagram_to_a_closed_backend_port_goes_unanswered_as_the_oracle_says(lab: Lab) -> None:
+    """The backend's ICMP port unreachable is not translated back to the ClusterIP: the client
+    hears nothing, and the oracle says so (not `refused`, as it would to the pod directly)."""
+    probe = replace(make_probe(lab.scenario, "shop/client", "closed:53", "UDP"), timeout=DROP_TIMEOUT)
+    netns = lab.record.endpoints["shop/client"].netns
+    observed = asyncio.run(run_probe(probe, netns))
+    decision = lab.policy.verdict(Flow.from_probe(probe))
+    assert (observed.outcome, decision.outcome) == ("dropped", "dropped")
+    assert "not translated back" in decision.trace[-1]
+    direct = replace(make_probe(lab.scenario, "shop/client", "web-1:5353", "UDP"), timeout=ANSWER_TIMEOUT)
+    assert asyncio.run(run_probe(direct, netns)).outcome == lab.policy.verdict(Flow.from_probe(direct)).outcome == "refused"
 
 
 def resolve(lab: Lab, pod: str, name: str) -> str | None:
