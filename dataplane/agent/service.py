@@ -42,7 +42,7 @@ from .. import lab as labmod
 from .. import limits
 from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
 from ..flowrecord import Flow, ProxyEvent
-from ..abi import Direction
+from ..abi import PROTOCOL_NAMES, Direction
 from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
@@ -177,12 +177,19 @@ class LabService:
             os.replace(tmp, self.dir / METRICS_NAME)
 
     # -- requests --------------------------------------------------------------------------
+    def services(self) -> list[dict[str, Any]]:
+        """Every service port with the backends it translates to now (the labels in force)."""
+        return [{"service": e.service, "address": f"{e.ip}:{e.port}/{PROTOCOL_NAMES.get(e.protocol, e.protocol)}",
+                 "affinity": e.affinity, "backends": [f"{b.pod} {b.ip}:{b.port}" for b in e.backends]}
+                for e in self.engine.map_state().services.values()]
+
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo | None]:
         """The reply to one request, and for a change applied, how to undo it."""
         op = request.get("op")
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
-                    "metrics_url": self.metrics_url, "proxy": self.proxy.status(), "audit": self.audited()}, None
+                    "metrics_url": self.metrics_url, "proxy": self.proxy.status(), "audit": self.audited(),
+                    "services": self.services()}, None
         if op == "change":
             try:
                 return self.change(request)

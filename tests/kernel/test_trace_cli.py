@@ -128,6 +128,17 @@ def test_a_probe_to_a_service_is_traced_through_the_translation(lab: str) -> Non
     assert data["oracle"]["translation"].startswith("service t/web-svc 10.96.0.1:80/TCP -> pod t/web ")
 
 
+def test_status_lists_the_services_with_their_backends(lab: str) -> None:
+    out = l7lab("status", lab, "--json")
+    assert out.returncode == 0, out.stderr
+    (status,) = json.loads(out.stdout)
+    (svc,) = status["agent"]["services"]
+    web = next(e for e in status["endpoints"] if e["name"] == "t/web")
+    assert (svc["service"], svc["address"], svc["backends"]) == ("t/web-svc", "10.96.0.1:80/TCP", [f"t/web {web['ip']}:8080"])
+    text = l7lab("status", lab)
+    assert text.returncode == 0 and "t/web-svc" in text.stdout and "10.96.0.1:80/TCP" in text.stdout
+
+
 def test_an_l3l4_drop_stops_at_the_first_hook(lab: str) -> None:
     data = trace(lab, "--to", "vault:8080")
     steps_in_order(data, ("request", ": SYN TCP"), ("request", "ingress policy of t/vault, lookup 4"),
