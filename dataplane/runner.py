@@ -17,6 +17,7 @@ for its flow (`ProbeResult.trace`, a `dataplane.trace.Trace`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -159,7 +160,10 @@ class KernelExecutor:
         sport = None
         if probe.destination.kind == "service" and self.policy is not None:
             # The backend the oracle judges, reached by choosing the source port (services.py).
-            probe, sport = pin_probe(probe, self.policy.map_state(), source.ip)
+            try:
+                probe, sport = pin_probe(probe, self.policy.map_state(), source.ip)
+            except ValueError as exc:  # the backend the probe names is none of the service's now
+                return Observation("error", str(exc))
         observed = await run_probe(probe, source.netns, sport)
         translated = service_backend_address(probe, self.policy.map_state(), self.lab.scenario) if self.policy else None
         if translated is not None:
@@ -171,7 +175,10 @@ class KernelExecutor:
             return None
         from .policy import Flow  # noqa: PLC0415 - only with a policy engine
 
-        return self.policy.verdict(Flow.from_probe(probe)).expectation
+        try:
+            return self.policy.verdict(Flow.from_probe(probe)).expectation
+        except ValueError:  # a probe pinned to a pod that is no backend of its service now
+            return "error"
 
     def finish_step(self, results: list[ProbeResult]) -> None:
         """Attach to each probe the first event the datapath emitted for its flow."""
@@ -202,7 +209,11 @@ class KernelExecutor:
         from .policy import Flow  # noqa: PLC0415
         from .tracing import trace_in_lab  # noqa: PLC0415 - only when a probe is explained
 
-        result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        try:
+            result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        except ValueError as exc:  # a probe pinned to a pod that is no backend of its service now
+            result.trace_error = str(exc)
+            return
         if not self.lab.enforcing:
             result.trace_error = "the lab does not enforce policy"
             return
@@ -242,7 +253,10 @@ class OracleExecutor:
     async def observe(self, probe: Probe) -> Observation:
         from .policy import Flow  # noqa: PLC0415
 
-        decision = self.policy.verdict(Flow.from_probe(probe))
+        try:
+            decision = self.policy.verdict(Flow.from_probe(probe))
+        except ValueError as exc:  # a probe pinned to a pod that is no backend of its service now
+            return Observation("error", str(exc))
         return Observation(decision.expectation, "; ".join(decision.trace[-1:]))
 
     def oracle(self, probe: Probe) -> str | None:
@@ -254,7 +268,8 @@ class OracleExecutor:
     async def explain(self, result: ProbeResult) -> None:
         from .policy import Flow  # noqa: PLC0415
 
-        result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        with contextlib.suppress(ValueError):  # observed as an error already: nothing to explain
+            result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
 
 
 async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, on_step: Any,

@@ -251,3 +251,17 @@ def test_to_services_allows_the_backends_of_the_service(tmp_path: Path) -> None:
         """), "p.yaml")))
     engine.apply_step(by_label)
     assert engine.verdict(Flow("shop/client", db.ip, "TCP", 5432)).outcome == "allowed"
+
+
+def test_a_probe_pinned_to_a_pod_that_left_the_service_is_an_error(tmp_path: Path) -> None:
+    from dataplane.runner import OracleExecutor, run_scenario  # noqa: PLC0415
+
+    text = BASE + ("  - relabel: [{pod: shop/web-1, set: {app: gone}}]\n"
+                   "  - probes:\n"
+                   "      - {from: client, to: web, backend: web-1, expect: allowed}\n"
+                   "      - {from: client, to: web, backend: web-2, expect: allowed}\n")
+    s = load_scenario(write(tmp_path, text))
+    report = run_scenario(s, OracleExecutor(PolicyEngine(s)), explain=True)
+    gone, kept = report.results[-2:]
+    assert gone.observed.outcome == "error" and "shop/web-1 is no backend of service shop/web" in gone.observed.detail
+    assert kept.passed
