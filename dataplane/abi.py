@@ -121,6 +121,7 @@ class DropReason(enum.IntEnum):
     SOURCE_SPOOFED = 10  # source address not the one of the endpoint bound to the interface
     PROXY_NOT_AT_EGRESS = 11  # REDIRECT for node-originated traffic: no sk_assign at tc egress
     FRAGMENT_UNKNOWN = 12  # non-first IPv4 fragment of no known flow (first fragment unseen or dropped)
+    NO_SERVICE_BACKEND = 13  # to a service address whose service has no backend (Cilium's "no service backend")
 
 
 class TracePoint(enum.IntEnum):
@@ -209,6 +210,7 @@ EP_F_EGRESS_ENFORCED = 0x02
 EP_F_AUDIT = 0x04
 CT_F_CLOSING = 0x01  # struct ct_entry.flags
 CT_F_FROM_PROXY = 0x02
+LB_F_AFFINITY = 0x01  # struct lb_service.flags: sessionAffinity ClientIP
 # struct flow_event.flags: the packet is the L7 proxy's upstream connection (mark FROM_PROXY),
 # which skips policy as in Cilium; its event carries no policy decision (a trace, not a verdict)
 FLOW_EVENT_F_FROM_PROXY = 0x01
@@ -230,6 +232,7 @@ FRAG_LIFETIME_S = 30  # how long a first fragment vouches for its later ones (ip
 CT_LIFETIME_TCP_S = 21600  # established TCP
 CT_LIFETIME_OTHER_S = 60  # UDP, ICMP, other protocols, and TCP before the handshake completes
 CT_LIFETIME_CLOSE_S = 10  # after FIN or RST
+LB_MAP_SIZE = 65536  # service slots, backends and rev-NAT entries (lib/lb.h)
 
 
 # struct __sk_buff (include/uapi/linux/bpf.h): the context BPF_PROG_TEST_RUN passes in and out.
@@ -259,6 +262,7 @@ def c_defines(*, audit: bool = False, debug: bool = False, policy_map_size: int 
         "CT_LIFETIME_TCP_S": CT_LIFETIME_TCP_S,
         "CT_LIFETIME_OTHER_S": CT_LIFETIME_OTHER_S,
         "CT_LIFETIME_CLOSE_S": CT_LIFETIME_CLOSE_S,
+        "LB_MAP_SIZE": LB_MAP_SIZE,
     }
 
 
@@ -339,7 +343,40 @@ CCtEntry = c_struct("ct_entry", 32, [
     ("rule_id", U32, 20),
     ("proxy_port", U16, 24),
     ("flags", U8, 26),  # CT_F_*
-    ("pad", U8 * 5, 27),
+    ("pad", U8, 27),
+    ("rev_nat_index", U16, 28),  # != 0: a flow to a service; replies leave as lb_revnat[index]
+    ("pad2", U16, 30),
+])
+CLbServiceKey = c_struct("lb_service_key", 12, [
+    ("addr", BE32, 0),  # the ClusterIP
+    ("port", BE16, 4),
+    ("proto", U8, 6),
+    ("pad", U8, 7),
+    ("slot", U16, 8),  # 0: the service; 1..count: its backends
+    ("pad2", U16, 10),
+])
+CLbService = c_struct("lb_service", 12, [
+    ("backend_id", U32, 0),  # slots 1..count
+    ("count", U16, 4),  # slot 0
+    ("rev_nat_index", U16, 6),  # slot 0
+    ("flags", U8, 8),  # slot 0: LB_F_*
+    ("pad", U8 * 3, 9),
+])
+CLbBackend = c_struct("lb_backend", 8, [
+    ("addr", BE32, 0),
+    ("port", BE16, 4),
+    ("pad", U16, 6),
+])
+CLbRevNat = c_struct("lb_revnat", 8, [
+    ("addr", BE32, 0),
+    ("port", BE16, 4),
+    ("pad", U16, 6),
+])
+CLbFlow = c_struct("lb_flow", 16, [
+    ("expires_ns", U64, 0),
+    ("backend_id", U32, 8),
+    ("rev_nat_index", U16, 12),
+    ("pad", U16, 14),
 ])
 CFragKey = c_struct("frag_key", 12, [
     ("saddr", BE32, 0),
@@ -431,7 +468,8 @@ CTraceEvent = c_struct("trace_event", 64, [
 
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     CIpcacheKey, CIpcacheValue, CEndpointInfo, CPolicyKey, CPolicyValue, CCtKey, CCtEntry, CFragKey,
-    CFragEntry, CMetricsKey, CMetricsValue, CIfBinding, CFlowEvent, CTraceKey, CTraceValue, CTraceEvent)
+    CFragEntry, CMetricsKey, CMetricsValue, CIfBinding, CFlowEvent, CTraceKey, CTraceValue, CTraceEvent,
+    CLbServiceKey, CLbService, CLbBackend, CLbRevNat, CLbFlow)
 
 
 @dataclass(frozen=True)
@@ -457,6 +495,10 @@ MAPS: dict[str, MapLayout] = {
     "metrics": MapLayout(CMetricsKey, CMetricsValue, "METRICS_MAP_SIZE"),
     "if_bind": MapLayout(U32, CIfBinding, "IF_BIND_MAP_SIZE"),  # ifindex -> binding
     "trace_flows": MapLayout(CTraceKey, CTraceValue, "TRACE_MAP_SIZE"),  # traced flows -> trace id
+    "lb_services": MapLayout(CLbServiceKey, CLbService, "LB_MAP_SIZE"),  # (ClusterIP, port, proto, slot)
+    "lb_backends": MapLayout(U32, CLbBackend, "LB_MAP_SIZE"),  # backend id -> address, target port
+    "lb_revnat": MapLayout(U32, CLbRevNat, "LB_MAP_SIZE"),  # rev-NAT index -> service address
+    "lb_flows": MapLayout(CCtKey, CLbFlow, "CT_MAP_SIZE"),  # a client's tuple -> its backend
 }
 
 
@@ -514,6 +556,7 @@ C_CONSTANTS: dict[str, int] = {
     "EP_F_AUDIT": EP_F_AUDIT,
     "CT_F_CLOSING": CT_F_CLOSING,
     "CT_F_FROM_PROXY": CT_F_FROM_PROXY,
+    "LB_F_AFFINITY": LB_F_AFFINITY,
     "FLOW_EVENT_F_FROM_PROXY": FLOW_EVENT_F_FROM_PROXY,
     "POLICY_FIXED_PREFIX": POLICY_FIXED_PREFIX,
     "POLICY_FULL_PREFIX": POLICY_FULL_PREFIX,

@@ -30,7 +30,7 @@ from . import abi, abicheck
 from .abi import Direction, DropReason, FlowVerdict, Hook
 from .bpfsource import BPF_DIR, MAIN_SOURCE
 from .errors import SetupError
-from .mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
+from .mapstate import EndpointState, MapState, PolicyEntry, PolicyKey, ServiceEntry
 
 PROGRAMS = ("from_container", "to_container")
 # Events read from the ring buffers but not yet collected by poll_events / poll_traces: the newest
@@ -95,6 +95,29 @@ def as_kernel_holds(key: PolicyKey, entry: PolicyEntry) -> tuple[PolicyKey, Poli
     """What the kernel holds once `sync` wrote this entry: packed and read back (the port's bits
     past its prefix cleared, one rule id kept)."""
     return unpack_policy(*pack_policy(key, entry))
+
+
+def pack_services(services: dict[tuple[str, int, int], ServiceEntry]) -> dict[str, dict[bytes, tuple[bytes, Any]]]:
+    """The lb_services, lb_backends and lb_revnat entries of these services (lib/lb.h):
+    raw key -> (raw value, Python key for reports)."""
+    out: dict[str, dict[bytes, tuple[bytes, Any]]] = {"lb_services": {}, "lb_backends": {}, "lb_revnat": {}}
+    for (ip, port, proto), entry in services.items():
+        if not 1 <= entry.rev_nat_index <= 0xFFFF:
+            raise ValueError(f"rev-NAT index {entry.rev_nat_index} of {entry.service} is outside 1..65535")
+        addr = abi.ipv4_be32(ip)
+        key = abi.CLbServiceKey(addr=addr, port=port, proto=proto, slot=0)
+        out["lb_services"][bytes(key)] = (bytes(abi.CLbService(
+            count=len(entry.backends), rev_nat_index=entry.rev_nat_index,
+            flags=abi.LB_F_AFFINITY if entry.affinity else 0)), (ip, port, proto, 0))
+        for slot, backend in enumerate(entry.backends, start=1):
+            key = abi.CLbServiceKey(addr=addr, port=port, proto=proto, slot=slot)
+            out["lb_services"][bytes(key)] = (bytes(abi.CLbService(backend_id=backend.backend_id)),
+                                              (ip, port, proto, slot))
+            out["lb_backends"][bytes(abi.MAPS["lb_backends"].key(backend.backend_id))] = (
+                bytes(abi.CLbBackend(addr=abi.ipv4_be32(backend.ip), port=backend.port)), backend.backend_id)
+        out["lb_revnat"][bytes(abi.MAPS["lb_revnat"].key(entry.rev_nat_index))] = (
+            bytes(abi.CLbRevNat(addr=addr, port=port)), entry.rev_nat_index)
+    return out
 
 
 def pack_if_binding(ifindex: int, endpoint_id: int) -> tuple[bytes, bytes]:
@@ -354,7 +377,8 @@ class Datapath:
             raise SetupError("layout drift between dataplane/bpf/lib/maps.h and dataplane/abi.py: " + "; ".join(drift))
         # What sync() last wrote, per map: raw key -> (raw value, Python key for reports).
         self._written: dict[str, dict[bytes, tuple[bytes, Any]]] = {"policy": {}, "ipcache": {}, "endpoints": {},
-                                                                     "if_bind": {}}
+                                                                     "if_bind": {}, "lb_backends": {},
+                                                                     "lb_revnat": {}, "lb_services": {}}
         self._events: deque[FlowEvent] = deque(maxlen=EVENT_BACKLOG)
         self._traces: deque[TraceEvent] = deque(maxlen=TRACE_BACKLOG)
         self.events_lost = 0  # flow events read but dropped from a full backlog (the oldest)
@@ -408,8 +432,11 @@ class Datapath:
             desired["endpoints"][k] = (v, ep.ip)
         if interfaces is not None:
             desired["if_bind"] = {k: (v, i) for i, e in interfaces.items() for k, v in [pack_if_binding(i, e)]}
+        # Services: backends and rev-NAT before the service slots that name them (and removed after).
+        desired.update(pack_services(state.services))
         stats = SyncStats()
-        order = [m for m in ("policy", "ipcache", "endpoints", "if_bind") if m in desired]
+        order = [m for m in ("policy", "ipcache", "endpoints", "if_bind", "lb_backends", "lb_revnat", "lb_services")
+                 if m in desired]
         for name in order:
             self._apply_upserts(name, desired[name], stats)
         for name in reversed(order):
@@ -454,6 +481,7 @@ class Datapath:
         fragments were expected (their flow is forgotten with it)."""
         self._tables["conntrack"].clear()
         self._tables["fragments"].clear()
+        self._tables["lb_flows"].clear()
 
     def conntrack_size(self) -> int:
         return len(self._tables["conntrack"].items())

@@ -79,6 +79,7 @@ DROP_REASONS: dict[str, tuple[int, str]] = {
     "INVALID_PACKET_DROPPED": (134, "Invalid packet"),
     "UNSUPPORTED_L3_PROTOCOL": (139, "Unsupported L3 protocol"),
     "IP_FRAGMENTATION_NOT_SUPPORTED": (157, "IP fragmentation not supported"),
+    "NO_SERVICE": (158, "Service backend not found"),
     "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND": (175, "First logical datagram fragment not found"),
     "SOCKET_LOOKUP_FAILED": (178, "Socket lookup failed"),
     "SOCKET_ASSIGN_FAILED": (179, "Socket assign failed"),
@@ -100,6 +101,7 @@ ABI_DROP_REASONS: dict[str, str] = {
     "SOURCE_SPOOFED": "INVALID_SOURCE_IP",  # the source is not the address bound to the interface
     "PROXY_NOT_AT_EGRESS": "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",  # l7lab: node traffic cannot be redirected
     "FRAGMENT_UNKNOWN": "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+    "NO_SERVICE_BACKEND": "NO_SERVICE",  # Cilium's DROP_NO_SERVICE: a service address without backends
 }
 POLICY_DROP_REASONS = ("POLICY_DENIED", "POLICY_EXPLICIT_DENY")  # the drops a policy verdict decides
 

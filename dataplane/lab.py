@@ -214,7 +214,6 @@ class Lab:
             plan.append(("pod", key, pod_netns(self.name, key), pod.ip, pod.ports, pod.labels))
         for name, host in self.scenario.world.items():
             plan.append(("world", name, world_netns(self.name, name), host.address, host.ports, {}))
-        hosts = self._hosts_file()
         for kind, key, ns, ip, ports, labels in plan:
             ifname = host_ifname(kind, key)
             ep = EndpointRecord(key, kind, ns, ip, ifname, ports=[asdict(p) for p in ports], labels=dict(labels))
@@ -232,7 +231,8 @@ class Lab:
             etc = NETNS_ETC / ns
             rec.add(kind="dir", path=str(etc))
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(hosts)
+            # A service's bare name resolves only inside its own namespace.
+            (etc / "hosts").write_text(self._hosts_file(self.scenario.pods[key].namespace if kind == "pod" else None))
             # Nothing listens on the pod's loopback port 53: a lookup that misses the hosts file
             # fails at once instead of waiting for a timeout.
             (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
@@ -385,9 +385,10 @@ class Lab:
             self._proxy.send_signal(sig)
             self._proxy.wait(timeout=5)
 
-    def _hosts_file(self) -> str:
+    def _hosts_file(self, namespace: str | None) -> str:
+        """/etc/hosts of an endpoint of `namespace` (None: a world host)."""
         lines = ["127.0.0.1\tlocalhost", f"{self.scenario.node_ip}\tnode"]
-        lines += [f"{ip}\t{' '.join(names)}" for ip, names in self.scenario.hosts_entries()]
+        lines += [f"{ip}\t{' '.join(names)}" for ip, names in self.scenario.hosts_entries(namespace)]
         return "\n".join(lines) + "\n"
 
     def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -53,6 +53,8 @@ MAX_NAMESPACES = 1_024
 # World hosts: each is a network namespace, a veth pair and a server process, as a pod.
 MAX_WORLD_HOSTS = 512
 MAX_DNS_NAMES = 64  # per world host
+# Services: each is a ClusterIP with a few BPF map entries per port and backend.
+MAX_SERVICES = 512
 # Ports a pod or world host declares: each is a listening server.
 MAX_DECLARED_PORTS = 64
 MAX_STEPS = 1_000

@@ -97,6 +97,31 @@ class EndpointState:
         return self.ingress_isolated_by if direction == Direction.INGRESS else self.egress_isolated_by
 
 
+@dataclass(frozen=True)
+class ServiceBackend:
+    """One backend of a service port: a pod and the port its traffic is translated to."""
+
+    backend_id: int  # the pod's endpoint id << 16 | port: stable while the pod lives
+    pod: str  # "namespace/name"
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One port of a service as the datapath translates it (dataplane/bpf/lib/lb.h): connections
+    to (ip, port, protocol) go to one of `backends`, in this order (slot i + 1 is backends[i])."""
+
+    service: str  # "namespace/name"
+    ip: str  # the ClusterIP
+    port: int
+    protocol: int
+    rev_nat_index: int  # 1..65535, stable for (service, port) within a lab
+    affinity: bool  # sessionAffinity ClientIP
+    backends: tuple[ServiceBackend, ...] = ()
+    port_name: str = ""
+
+
 @dataclass
 class MapState:
     """Everything the datapath needs for one lab, as the resolver computed it."""
@@ -107,6 +132,9 @@ class MapState:
     rules: dict[int, RuleAttribution] = field(default_factory=dict)
     # L7 rule sets by (endpoint id, direction, proxy port); opaque to the loader, read by the proxy.
     l7: dict[tuple[int, int, int], L7Policy] = field(default_factory=dict)
+    # Services by (ClusterIP, port, protocol number); computed from the scenario's services and
+    # the pods' labels now (dataplane/services.py), written to the lb_* maps by the loader.
+    services: dict[tuple[str, int, int], ServiceEntry] = field(default_factory=dict)
 
     def policy_of(self, rule_id: int) -> str:
         """The policy a rule belongs to, as verdicts name it (the oracle's and the proxy's alike)."""

@@ -164,9 +164,19 @@ def classify_http(probe: Probe, status: int, headers: dict[str, str], body: byte
         payload: Any = json.loads(body) if body else None
     except ValueError:
         payload = body[:200].decode("utf-8", "replace")
-    if backend == probe.destination.name:
+    if backend is not None and _answered_by(probe, backend):
         return Observation("allowed", f"{status} from {backend}", status, payload, elapsed)
     return Observation("error", f"unexpected response {status} (backend {backend or 'unknown'})", status, payload, elapsed)
+
+
+def _answered_by(probe: Probe, endpoint: str) -> bool:
+    """Whether the server that answered (its pod key or world host name) is the one the probe
+    was to reach: the destination, or for a service the backend the probe was pinned to (any
+    backend of it when none was)."""
+    dest = probe.destination
+    if dest.kind == "service":
+        return endpoint == dest.backend if dest.backend else endpoint.startswith(dest.name.split("/")[0] + "/")
+    return endpoint == dest.name
 
 
 async def probe_udp(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
@@ -251,8 +261,8 @@ async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
             return None
         if nonce not in reply.get("data", ""):
             return None
-        if reply.get("endpoint") == dest.name:
-            return Observation("allowed", f"echo from {dest.name}", body=reply)
+        if _answered_by(probe, str(reply.get("endpoint"))):
+            return Observation("allowed", f"echo from {reply.get('endpoint')}", body=reply)
         return Observation("error", f"echo from unexpected endpoint {reply.get('endpoint')}", body=reply)
 
     await loop.sock_sendall(sock, f"l7lab-probe {nonce}".encode())

@@ -17,6 +17,7 @@ for its flow (`ProbeResult.trace`, a `dataplane.trace.Trace`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +26,7 @@ from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
 from .scenario import Probe, Scenario, Step, meets
+from .services import pin_probe, service_backend_address
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -154,14 +156,29 @@ class KernelExecutor:
         self.lab.sync_policy(self.policy.map_state())
 
     async def observe(self, probe: Probe) -> Observation:
-        return await run_probe(probe, self.lab.record.endpoints[probe.source].netns)
+        source = self.lab.record.endpoints[probe.source]
+        sport = None
+        if probe.destination.kind == "service" and self.policy is not None:
+            # The backend the oracle judges, reached by choosing the source port (services.py).
+            try:
+                probe, sport = pin_probe(probe, self.policy.map_state(), source.ip)
+            except ValueError as exc:  # the backend the probe names is none of the service's now
+                return Observation("error", str(exc))
+        observed = await run_probe(probe, source.netns, sport)
+        translated = service_backend_address(probe, self.policy.map_state(), self.lab.scenario) if self.policy else None
+        if translated is not None:
+            observed.extra["translated"] = translated  # what the kernel's events name
+        return observed
 
     def oracle(self, probe: Probe) -> str | None:
         if self.policy is None or not self.lab.enforcing:
             return None
         from .policy import Flow  # noqa: PLC0415 - only with a policy engine
 
-        return self.policy.verdict(Flow.from_probe(probe)).expectation
+        try:
+            return self.policy.verdict(Flow.from_probe(probe)).expectation
+        except ValueError:  # a probe pinned to a pod that is no backend of its service now
+            return "error"
 
     def finish_step(self, results: list[ProbeResult]) -> None:
         """Attach to each probe the first event the datapath emitted for its flow."""
@@ -179,8 +196,10 @@ class KernelExecutor:
         for r in results:
             src_ip = self.lab.record.endpoints[r.probe.source].ip
             ping = r.probe.icmp is not None
-            flow = first.get((src_ip, 0 if ping else r.observed.extra.get("sport"), r.probe.destination.ip,
-                              r.probe.destination.port, r.probe.protocol, r.observed.extra.get("echo_id") if ping else None))
+            # To a service, the kernel's flow is the translated one (the backend's address and port).
+            dst_ip, dst_port = r.observed.extra.get("translated", (r.probe.destination.ip, r.probe.destination.port))
+            flow = first.get((src_ip, 0 if ping else r.observed.extra.get("sport"), dst_ip, dst_port, r.probe.protocol,
+                              r.observed.extra.get("echo_id") if ping else None))
             if flow is not None:
                 r.kernel = outcome(flow)
                 r.kernel_verdict = flow.verdict.value
@@ -195,7 +214,11 @@ class KernelExecutor:
         from .policy import Flow  # noqa: PLC0415
         from .tracing import trace_in_lab  # noqa: PLC0415 - only when a probe is explained
 
-        result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        try:
+            result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        except ValueError as exc:  # a probe pinned to a pod that is no backend of its service now
+            result.trace_error = str(exc)
+            return
         if not self.lab.enforcing:
             result.trace_error = "the lab does not enforce policy"
             return
@@ -235,7 +258,10 @@ class OracleExecutor:
     async def observe(self, probe: Probe) -> Observation:
         from .policy import Flow  # noqa: PLC0415
 
-        decision = self.policy.verdict(Flow.from_probe(probe))
+        try:
+            decision = self.policy.verdict(Flow.from_probe(probe))
+        except ValueError as exc:  # a probe pinned to a pod that is no backend of its service now
+            return Observation("error", str(exc))
         return Observation(decision.expectation, "; ".join(decision.trace[-1:]))
 
     def oracle(self, probe: Probe) -> str | None:
@@ -247,7 +273,8 @@ class OracleExecutor:
     async def explain(self, result: ProbeResult) -> None:
         from .policy import Flow  # noqa: PLC0415
 
-        result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+        with contextlib.suppress(ValueError):  # observed as an error already: nothing to explain
+            result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
 
 
 async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, on_step: Any,

@@ -53,6 +53,10 @@ NOT_A_WORLD_ADDRESS = tuple((ipaddress.ip_network(n), why) for n, why in (
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
+# Service ClusterIPs: Kubernetes' default service range starts at 10.96.0.0 (kube-apiserver
+# --service-cluster-ip-range 10.96.0.0/12); the lab takes a /24 of it unless settings say otherwise.
+DEFAULT_SERVICE_CIDR = "10.96.0.0/24"
+CLUSTER_DOMAIN = "cluster.local"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,56 @@ class WorldHost:
     # A reserved identity the host's address carries instead of world ("kube-apiserver",
     # "remote-node"): the lab's stand-in for the API server or another node of the cluster.
     entity: str = ""
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of a Service: `port` on the ClusterIP, forwarded to `target_port` of each backend
+    (a number, or the name of a port the backend pods declare)."""
+
+    port: int
+    protocol: Protocol = "TCP"
+    target_port: int | str = 0  # 0: the same as port
+    name: str = ""
+
+    def backend_port(self, pod: "Pod") -> int | None:
+        """The port of `pod` this service port forwards to; None when `target_port` names a
+        port the pod does not declare (Kubernetes leaves such a pod out of that port's endpoints)."""
+        if isinstance(self.target_port, str):
+            return next((p.port for p in pod.ports if p.name == self.target_port and p.protocol == self.protocol), None)
+        return self.target_port or self.port
+
+
+@dataclass(frozen=True)
+class Service:
+    """A Kubernetes Service of type ClusterIP (spec.selector, spec.ports, spec.sessionAffinity)."""
+
+    name: str
+    namespace: str
+    cluster_ip: str
+    selector: dict[str, str]
+    ports: tuple[ServicePort, ...]
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    labels: dict[str, str] = field(default_factory=dict)  # the Service object's own labels
+
+    @property
+    def key(self) -> str:
+        """'namespace/name': unique within a lab."""
+        return f"{self.namespace}/{self.name}"
+
+    def dns_names(self) -> list[str]:
+        """The names cluster DNS gives the service, longest last: NAME.NS, NAME.NS.svc,
+        NAME.NS.svc.cluster.local (and NAME alone inside its own namespace, see hosts_entries)."""
+        return [f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc",
+                f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"]
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        """Whether a pod of the service's namespace with these labels is a backend (a Service's
+        selector is equality on every key; an empty or absent selector selects nothing)."""
+        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector.items())
+
+    def port(self, port: int, protocol: str) -> ServicePort | None:
+        return next((p for p in self.ports if p.port == port and p.protocol == protocol), None)
 
 
 @dataclass(frozen=True)
@@ -150,15 +204,19 @@ class HttpRequest:
 class Destination:
     """What a probe targets: a pod or a world host, reached by address or by DNS name."""
 
-    kind: Literal["pod", "world"]
-    name: str  # pod key or world host name
+    kind: Literal["pod", "world", "service"]
+    name: str  # pod key, world host name or service key
     ip: str
     port: int
     dns_name: str = ""  # set when the probe names the destination by a DNS name
+    # A service: the pod key of the backend the probe's connection is to reach ("": the one
+    # dataplane/services.py probe_backend picks). The prober chooses its source port for it.
+    backend: str = ""
 
     def __str__(self) -> str:
         name = self.dns_name or self.name
-        return f"{name}:{self.port}" if self.port else name  # an ICMP probe has no port
+        text = f"{name}:{self.port}" if self.port else name  # an ICMP probe has no port
+        return f"{text} (backend {self.backend})" if self.backend else text
 
 
 @dataclass(frozen=True)
@@ -241,6 +299,8 @@ class Settings:
     # Kubernetes `ipBlock` peers also select pods whose address they cover (the Kubernetes e2e
     # suite's expectation); off by default: Cilium's CIDR rules never select cluster endpoints.
     ip_block_selects_pods: bool = False
+    # ClusterIPs are allocated from this range (Kubernetes' --service-cluster-ip-range).
+    service_cidr: str = DEFAULT_SERVICE_CIDR
 
 
 DEFAULT_NODE_NAME = "lab-node"
@@ -270,6 +330,22 @@ class Scenario:
     policies: tuple[PolicySource, ...]
     steps: tuple[Step, ...]
     node: Node = field(default_factory=Node)
+    services: dict[str, Service] = field(default_factory=dict)  # by service key
+
+    def service_key(self, ref: str, namespace: str = DEFAULT_NAMESPACE) -> str | None:
+        """A service by 'namespace/name', or by bare name in `namespace`; None if there is none."""
+        if ref in self.services:
+            return ref
+        key = f"{namespace}/{ref}"
+        return key if key in self.services else None
+
+    def service_by_dns(self, name: str, namespace: str) -> str | None:
+        """The service a DNS name resolves to from a pod of `namespace` (its bare name only there)."""
+        name = name.lower().rstrip(".")
+        for key, svc in self.services.items():
+            if name in svc.dns_names() or (svc.namespace == namespace and name == svc.name):
+                return key
+        return None
 
     def pod(self, ref: str) -> Pod:
         """A pod by 'namespace/name', or by bare name when that is unique."""
@@ -304,14 +380,18 @@ class Scenario:
         """Addresses of the lab node (identity `host`): its own address and the pods' gateway."""
         return node_addresses(ipaddress.ip_network(self.settings.pod_cidr))
 
-    def hosts_entries(self) -> list[tuple[str, list[str]]]:
-        """(address, names) for every pod and world host: the lab's /etc/hosts."""
+    def hosts_entries(self, namespace: str | None = None) -> list[tuple[str, list[str]]]:
+        """(address, names) for every pod, world host and service: the /etc/hosts of a pod of
+        `namespace` (a service's bare name resolves only inside its own namespace, as with the
+        cluster DNS search path; None: no bare service names)."""
         out = []
         for pod in self.pods.values():
             out.append((pod.ip, [pod.name, f"{pod.name}.{pod.namespace}",
                                  f"{pod.name}.{pod.namespace}.svc.cluster.local"]))
         for host in self.world.values():
             out.append((host.address, [host.name, *host.dns_names]))
+        for svc in self.services.values():
+            out.append((svc.cluster_ip, ([svc.name] if svc.namespace == namespace else []) + svc.dns_names()))
         return out
 
 
@@ -406,6 +486,10 @@ LIST_BOUNDS: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("world",), limits.MAX_WORLD_HOSTS, "world hosts"),
     (("world", "*", "dnsNames"), limits.MAX_DNS_NAMES, "DNS names"),
     (("world", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
+    (("services",), limits.MAX_SERVICES, "services"),
+    (("services", "*", "selector"), limits.MAX_LABELS, "labels"),
+    (("services", "*", "labels"), limits.MAX_LABELS, "labels"),
+    (("services", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
     (("policies",), limits.MAX_POLICIES, "policies"),
     (("steps",), limits.MAX_STEPS, "steps"),
     (("steps", "*", "apply"), limits.MAX_POLICIES, "policies"),
@@ -529,6 +613,7 @@ class _Builder:
             audit=bool(raw_settings.get("audit", False)),
             cluster_name=raw_settings.get("clusterName", DEFAULT_CLUSTER_NAME),
             ip_block_selects_pods=bool(raw_settings.get("ipBlockSelectsPods", False)),
+            service_cidr=raw_settings.get("serviceCIDR", DEFAULT_SERVICE_CIDR),
         )
         try:
             cidr = ipaddress.ip_network(settings.pod_cidr)
@@ -612,10 +697,11 @@ class _Builder:
             else:
                 first_with[key] = i
 
+        services = self.services(data, settings, cidr, namespaces, pods, world)
         policies = self.policy_list(data.get("policies", []), ("policies",))
         scenario = Scenario(name=data["name"], path=str(file), description=data.get("description", ""),
                             settings=settings, namespaces=namespaces, pods=pods, world=world,
-                            policies=policies, steps=(), node=self.node(data.get("node", {})))
+                            policies=policies, steps=(), node=self.node(data.get("node", {})), services=services)
         steps = tuple(self.step(scenario, i, raw) for i, raw in enumerate(data.get("steps", [])))
         return replace(scenario, steps=steps)
 
@@ -629,6 +715,104 @@ class _Builder:
             self.err(("node", "labels", HOSTNAME_LABEL),
                      f"the kubelet sets {HOSTNAME_LABEL} to the node's name ({name!r}); got {given!r}")
         return Node(name, {HOSTNAME_LABEL: name, OS_LABEL: "linux", **declared})
+
+    def service_cidr(self, settings: Settings, pod_cidr: ipaddress.IPv4Network,
+                     world: dict[str, WorldHost]) -> ipaddress.IPv4Network | None:
+        """settings.serviceCIDR, checked: a private IPv4 prefix clear of every other lab address."""
+        where = ("settings", "serviceCIDR")
+        try:
+            net = ipaddress.ip_network(settings.service_cidr)
+        except ValueError:
+            self.err(where, f"expected an IPv4 prefix like {DEFAULT_SERVICE_CIDR}, got {settings.service_cidr!r}")
+            return None
+        if net.version != 4 or net.prefixlen > 30 or not net.is_private:
+            self.err(where, f"expected a private IPv4 prefix of /30 or larger, got {settings.service_cidr!r}")
+            return None
+        if net.overlaps(pod_cidr):
+            self.err(where, f"service range {net} overlaps the pod CIDR {pod_cidr}: ClusterIPs must be "
+                            f"addresses no pod has")
+            return None
+        if ipaddress.ip_address(GATEWAY_IP) in net:
+            self.err(where, f"service range {net} holds the node's gateway address {GATEWAY_IP}")
+            return None
+        for host in world.values():
+            try:
+                if ipaddress.ip_address(host.address) in net:
+                    self.err(where, f"service range {net} holds world host {host.name!r} ({host.address})")
+                    return None
+            except ValueError:
+                pass  # reported with the world host
+        return net
+
+    def services(self, data: dict[str, Any], settings: Settings, pod_cidr: ipaddress.IPv4Network,
+                 namespaces: dict[str, Namespace], pods: dict[str, Pod],
+                 world: dict[str, WorldHost]) -> dict[str, Service]:
+        """The `services` section: names, ClusterIPs (fixed, or the next free one of the
+        service range), selectors and ports checked."""
+        raw_services = data.get("services", [])
+        if not raw_services and "serviceCIDR" not in data.get("settings", {}):
+            return {}
+        net = self.service_cidr(settings, pod_cidr, world)
+        if net is None:
+            return {}
+        fixed: dict[str, int] = {}
+        for i, raw in enumerate(raw_services):
+            if "clusterIP" not in raw:
+                continue
+            where = ("services", i, "clusterIP")
+            try:
+                addr = ipaddress.ip_address(raw["clusterIP"])
+            except ValueError:
+                self.err(where, f"expected an IPv4 address, got {raw['clusterIP']!r}")
+                continue
+            if addr not in net or addr in (net.network_address, net.broadcast_address):
+                self.err(where, f"{addr} is not a usable address of the service range {net} (settings.serviceCIDR)")
+            elif str(addr) in fixed:
+                self.err(where, f"{addr} is already the ClusterIP of services[{fixed[str(addr)]}]")
+            else:
+                fixed[str(addr)] = i
+        free = (str(a) for a in net.hosts() if str(a) not in fixed)
+        pod_names = {(p.namespace, p.name) for p in pods.values()}
+        world_names = {n.lower() for h in world.values() for n in (h.name, *h.dns_names)}
+        out: dict[str, Service] = {}
+        for i, raw in enumerate(raw_services):
+            base = ("services", i)
+            ns = raw.get("namespace", DEFAULT_NAMESPACE)
+            if ns not in namespaces:
+                self.err(base + ("namespace",), f"namespace {ns!r} is not declared under namespaces and has no pods")
+                continue
+            if (ns, raw["name"]) in pod_names:
+                self.err(base + ("name",), f"{ns}/{raw['name']} is a pod already: a service and a pod of one "
+                                           f"namespace cannot share a name (they would share DNS names)")
+            svc_names = [f"{raw['name']}.{ns}", f"{raw['name']}.{ns}.svc", f"{raw['name']}.{ns}.svc.{CLUSTER_DOMAIN}"]
+            clash = next((n for n in svc_names if n in world_names), None)
+            if clash:
+                self.err(base + ("name",), f"DNS name {clash!r} of this service belongs to a world host already")
+            ports: list[ServicePort] = []
+            seen: set[tuple[int, str]] = set()
+            names: set[str] = set()
+            for j, rp in enumerate(raw["ports"]):
+                sp = ServicePort(rp["port"], rp.get("protocol", "TCP"), rp.get("targetPort", 0), rp.get("name", ""))
+                if (sp.port, sp.protocol) in seen:
+                    self.err(base + ("ports", j), f"port {sp.port}/{sp.protocol} is declared twice")
+                if len(raw["ports"]) > 1 and not sp.name:
+                    self.err(base + ("ports", j, "name"), "a service with several ports must name each of them "
+                                                          "(as Kubernetes requires)")
+                elif sp.name and sp.name in names:
+                    self.err(base + ("ports", j, "name"), f"port name {sp.name!r} is used twice")
+                seen.add((sp.port, sp.protocol))
+                names.add(sp.name)
+                ports.append(sp)
+            ip = raw.get("clusterIP") if raw.get("clusterIP") in fixed else next(free, None)
+            if ip is None:
+                self.err(base, f"no free address left in the service range {net}")
+                continue
+            svc = Service(raw["name"], ns, ip, dict(raw.get("selector", {})), tuple(ports),
+                          raw.get("sessionAffinity", "None"), dict(raw.get("labels", {})))
+            if svc.key in out:
+                self.err(base + ("name",), f"service {svc.key!r} is declared twice")
+            out[svc.key] = svc
+        return out
 
     def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
         base = ("steps", index)
@@ -745,6 +929,24 @@ class _Builder:
         dest: Destination | None = None
         ports: tuple[Port, ...] = ()
         pod_key = scenario.pod_key(target)
+        from_pod = source in scenario.pods
+        source_ns = scenario.pods[source].namespace if from_pod else DEFAULT_NAMESPACE
+        svc_key = scenario.service_key(target, source_ns) if pod_key is None else None
+        if svc_key is None and pod_key is None:
+            svc_key = scenario.service_by_dns(target, source_ns)
+        if svc_key is not None:
+            if not from_pod:
+                self.err(where + ("to",), f"{target!r} is a service: its ClusterIP is reachable from pods only, not "
+                                          f"from world host {source!r} outside the cluster")
+                return None
+            if icmp is not None:
+                self.err(where + ("to",), f"{target!r} is a service: a ClusterIP translates TCP, UDP and SCTP "
+                                          f"ports and answers no ping; ping a backend pod instead")
+                return None
+            return self.service_probe(scenario, where, raw, source, scenario.services[svc_key], target, port,
+                                      protocol, dns)
+        if "backend" in raw:
+            self.err(where + ("backend",), "only a probe to a service names a backend")
         if pod_key is not None:
             pod = scenario.pods[pod_key]
             dest, ports = Destination("pod", pod_key, pod.ip, port), pod.ports
@@ -760,7 +962,8 @@ class _Builder:
             if "/" not in target and any(p.name == target for p in scenario.pods.values()):
                 self.err(where + ("to",), self._unknown_pod(scenario, target))
             else:
-                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host or a world host's DNS name")
+                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's DNS name, "
+                                          f"or a service (by name, namespace/name or DNS name)")
             return None
         if source in scenario.world and dest.kind == "world":
             self.err(where + ("to",), f"a probe from world host {source!r} goes to a pod: traffic between hosts "
@@ -783,22 +986,61 @@ class _Builder:
                 self.err(where + ("to",), f"{target!r} declares no {protocol} port; write {target}:PORT")
                 return None
             port = candidates[0]
+        http = self.http_request(where, raw)
+        self.check_expect(where, raw, protocol, icmp)
+        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=raw["expect"],
+                     http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
+                     location=self.doc.location(where), dns=dns, icmp=icmp)
+
+    def http_request(self, where: tuple, raw: dict[str, Any]) -> HttpRequest | None:
         http = None
         if "http" in raw:
             h = raw["http"]
             http = HttpRequest(h.get("method", "GET"), h.get("path", "/"), dict(h.get("headers", {})), h.get("body", ""))
             if not http.path.startswith("/") and http.path != "*":
                 self.err(where + ("http", "path"), f"expected a path starting with '/', got {http.path!r}")
+        return http
+
+    def check_expect(self, where: tuple, raw: dict[str, Any], protocol: str, icmp: IcmpMessage | None = None) -> None:
         expect = raw["expect"]
-        if expect == "denied" and protocol == "UDP":
-            self.err(where + ("expect",), "'denied' is an HTTP answer (403); a UDP probe expects allowed, audited, "
-                                          "dropped or refused")
-        if expect in ("denied", "refused") and icmp is not None:
-            self.err(where + ("expect",), f"an ICMP echo request is answered by the destination's kernel or not at all: "
-                                          f"expect allowed, audited or dropped, not {expect!r}")
-        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=expect,
-                     http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
-                     location=self.doc.location(where), dns=dns, icmp=icmp)
+        if icmp is not None:
+            if expect in ("denied", "refused"):
+                self.err(where + ("expect",), f"an ICMP echo request is answered by the destination's kernel or not at "
+                                              f"all: expect allowed, audited or dropped, not {expect!r}")
+        elif expect == "denied" and protocol != "TCP":
+            self.err(where + ("expect",), f"'denied' is an HTTP answer (403); a {protocol} probe expects allowed, "
+                                          "audited, dropped or refused")
+
+    def service_probe(self, scenario: Scenario, where: tuple, raw: dict[str, Any], source: str, svc: Service,
+                      target: str, port: int, protocol: Protocol, dns: DnsQuery | None) -> Probe | None:
+        """A probe to a service, by 'ns/name', bare name (the source's namespace) or DNS name."""
+        if dns is not None:
+            self.err(where + ("dns",), f"{target!r} is a service: the lab's DNS servers are world hosts")
+            return None
+        if not port:
+            port = next((p.port for p in svc.ports if p.protocol == protocol), 0)
+            if not port:
+                self.err(where + ("to",), f"service {svc.key} has no {protocol} port; write {target}:PORT")
+                return None
+        elif svc.port(port, protocol) is None:
+            have = ", ".join(f"{p.port}/{p.protocol}" for p in svc.ports)
+            self.err(where + ("to",), f"service {svc.key} has no port {port}/{protocol} (ports: {have})")
+            return None
+        backend = ""
+        if "backend" in raw:
+            key = scenario.pod_key(raw["backend"]) or scenario.pod_key(f"{svc.namespace}/{raw['backend']}")
+            if key is None or scenario.pods[key].namespace != svc.namespace:
+                self.err(where + ("backend",), f"expected a pod of namespace {svc.namespace!r} (the service's), "
+                                               f"got {raw['backend']!r}")
+                return None
+            backend = key
+        dns_name = target if target not in (svc.key, svc.name) else ""
+        dest = Destination("service", svc.key, svc.cluster_ip, port, dns_name=dns_name, backend=backend)
+        http = self.http_request(where, raw)
+        self.check_expect(where, raw, protocol)
+        return Probe(source=source, destination=dest, protocol=protocol, expect=raw["expect"], http=http,
+                     timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
+                     location=self.doc.location(where), dns=None)
 
 
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -836,9 +1078,12 @@ def parse_scenario(doc: Document, file: Path, budget: Budget | None = None) -> S
 
 
 def make_probe(scenario: Scenario, source: str, to: str, protocol: str = "TCP",
-               http: HttpRequest | None = None, expect: str = "allowed", dns: DnsQuery | None = None) -> Probe:
+               http: HttpRequest | None = None, expect: str = "allowed", dns: DnsQuery | None = None,
+               backend: str | None = None) -> Probe:
     """A probe built from command-line words, checked as a scenario's probes are."""
     raw: dict[str, Any] = {"from": source, "to": to, "protocol": protocol, "expect": expect}
+    if backend:
+        raw["backend"] = backend
     if http is not None:
         raw["http"] = {"method": http.method, "path": http.path, "headers": dict(http.headers), "body": http.body}
     if dns is not None:

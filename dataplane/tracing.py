@@ -39,6 +39,7 @@ from .errors import SetupError
 from .flowrecord import Flow
 from .flows import PROXY_RECORDS, RecordTail
 from .probes import Observation, run_probe
+from .services import pin_probe, service_backend_address
 from .scenario import Probe
 from .trace import BpfSources, LabNames, Trace, assemble
 
@@ -74,18 +75,25 @@ def free_source_port(netns: str, protocol: str) -> int:
         sock.close()
 
 
-def traced_flows(probe: Probe, client_ip: str, sport: int, node_ip: str) -> list[dict[str, Any]]:
+def traced_flows(probe: Probe, client_ip: str, sport: int, node_ip: str,
+                 backend: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """The flows of a trace as JSON (src, dst, sport, dport, protocol): the client's flow to
     the destination, and the L7 proxy's upstream (node -> destination, any source port) in case
-    the flow is redirected (a TCP connection, a DNS question alike)."""
+    the flow is redirected (a TCP connection, a DNS question alike). To a service, `backend`
+    (address, port) is where the datapath translates it: the client's flow and the proxy's
+    upstream are traced under that address too."""
     protocol = PROTOCOLS[probe.protocol]
     dest = probe.destination
     if probe.icmp is not None:
         # A ping: the datapath's tuple of an echo request is (0, echo id), its reply's the
         # reverse (lib/parse.h); `sport` is the echo id here. No proxy leg: ICMP is never redirected.
         return [{"src": client_ip, "dst": dest.ip, "sport": 0, "dport": sport, "protocol": protocol}]
-    return [{"src": client_ip, "dst": dest.ip, "sport": sport, "dport": dest.port, "protocol": protocol},
-            {"src": node_ip, "dst": dest.ip, "sport": 0, "dport": dest.port, "protocol": protocol}]
+    flows = [{"src": client_ip, "dst": dest.ip, "sport": sport, "dport": dest.port, "protocol": protocol},
+             {"src": node_ip, "dst": dest.ip, "sport": 0, "dport": dest.port, "protocol": protocol}]
+    if backend is not None:
+        flows += [{"src": client_ip, "dst": backend[0], "sport": sport, "dport": backend[1], "protocol": protocol},
+                  {"src": node_ip, "dst": backend[0], "sport": 0, "dport": backend[1], "protocol": protocol}]
+    return flows
 
 
 def check_flows(flows: Any) -> list[dict[str, Any]]:
@@ -160,10 +168,13 @@ def probe_request(probe: Probe) -> dict[str, Any]:
     """The probe as the agent rebuilds it (`scenario.make_probe` on the lab's scenario)."""
     dest = probe.destination
     http = probe.http
-    return {"source": probe.source, "to": str(dest), "protocol": probe.protocol,  # a ping's has no port
+    name = dest.dns_name or dest.name
+    return {"source": probe.source, "to": f"{name}:{dest.port}" if dest.port else name,  # a ping's has no port
+            "protocol": probe.protocol,
             "http": None if http is None else {"method": http.method, "path": http.path, "headers": dict(http.headers),
                                                "body": http.body},
-            "dns": None if probe.dns is None else {"name": probe.dns.name, "type": probe.dns.type}}
+            "dns": None if probe.dns is None else {"name": probe.dns.name, "type": probe.dns.type},
+            "backend": dest.backend or None}
 
 
 def probe_from_request(scenario: Any, data: dict[str, Any]) -> Probe:
@@ -173,7 +184,8 @@ def probe_from_request(scenario: Any, data: dict[str, Any]) -> Probe:
     dns = data.get("dns")
     return make_probe(scenario, str(data["source"]), str(data["to"]), str(data.get("protocol", "TCP")),
                       HttpRequest(http["method"], http["path"], dict(http.get("headers") or {}), http.get("body", ""))
-                      if http else None, dns=DnsQuery(dns["name"], dns.get("type", "A")) if dns else None)
+                      if http else None, dns=DnsQuery(dns["name"], dns.get("type", "A")) if dns else None,
+                      backend=str(data["backend"]) if data.get("backend") else None)
 
 
 def _redirected(events: list[TraceEvent], client: tuple[str, int]) -> bool:
@@ -207,9 +219,12 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
     endpoint = lab.record.endpoints.get(probe.source)
     if endpoint is None:  # a pod, or a world host (ingress from outside the cluster)
         raise SetupError(f"no pod or world host {probe.source!r} in lab {lab.name}")
+    # To a service: the backend the oracle judges, reached by the source port (services.py).
+    probe, pinned = pin_probe(probe, engine.map_state(), endpoint.ip)
+    backend = service_backend_address(probe, engine.map_state(), lab.scenario)
     oracle = oracle_json(engine.verdict(OracleFlow.from_probe(probe)))
     names = lab_names(lab.record, engine.map_state(), engine.identities.describe, lab.scenario.node_ip)
-    sport = free_source_port(endpoint.netns, probe.protocol)
+    sport = pinned or free_source_port(endpoint.netns, probe.protocol)
     client = (endpoint.ip, sport)
     trace_id = new_trace_id()
     tail = RecordTail(lab_dir(lab.name), (PROXY_RECORDS,))
@@ -221,7 +236,8 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
         events.extend(e for e in datapath.poll_traces(timeout_ms) if e.trace_id == trace_id)
         client_records(tail, client, records)
 
-    datapath.trace_start(trace_id, trace_flow_objects(traced_flows(probe, endpoint.ip, sport, lab.scenario.node_ip)))
+    datapath.trace_start(trace_id, trace_flow_objects(traced_flows(probe, endpoint.ip, sport, lab.scenario.node_ip,
+                                                                   backend)))
     try:
         observed = await run_probe(probe, endpoint.netns, sport)
         collect(0)

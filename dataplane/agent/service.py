@@ -42,7 +42,7 @@ from .. import lab as labmod
 from .. import limits
 from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
 from ..flowrecord import Flow, ProxyEvent
-from ..abi import Direction
+from ..abi import PROTOCOL_NAMES, Direction
 from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
@@ -178,12 +178,19 @@ class LabService:
             os.replace(tmp, self.dir / METRICS_NAME)
 
     # -- requests --------------------------------------------------------------------------
+    def services(self) -> list[dict[str, Any]]:
+        """Every service port with the backends it translates to now (the labels in force)."""
+        return [{"service": e.service, "address": f"{e.ip}:{e.port}/{PROTOCOL_NAMES.get(e.protocol, e.protocol)}",
+                 "affinity": e.affinity, "backends": [f"{b.pod} {b.ip}:{b.port}" for b in e.backends]}
+                for e in self.engine.map_state().services.values()]
+
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo | None]:
         """The reply to one request, and for a change applied, how to undo it."""
         op = request.get("op")
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
-                    "metrics_url": self.metrics_url, "proxy": self.proxy.status(), "audit": self.audited()}, None
+                    "metrics_url": self.metrics_url, "proxy": self.proxy.status(), "audit": self.audited(),
+                    "services": self.services()}, None
         if op == "change":
             try:
                 return self.change(request)
@@ -249,6 +256,15 @@ class LabService:
             probe = probe_from_request(self.lab.scenario, request.get("probe") or {})
         except (SourceError, ErrorList) as exc:
             return {"ok": False, "errors": [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]}
+        pinned = None
+        if probe.destination.kind == "service":
+            # The backend the oracle judges, reached by a source port the agent picks (the
+            # backends follow the labels in force, which only the agent knows): the client
+            # sends from it, and the flows traced are the ones to the ClusterIP and the backend.
+            pinned = self._pin_service_probe(probe)
+            if isinstance(pinned, str):
+                return {"ok": False, "errors": [pinned]}
+            probe, flows = pinned[0], pinned[2]
         oracle = oracle_json(self.engine.verdict(OracleFlow.from_probe(probe)))
         self.drain(timeout_ms=0)  # earlier events are not this trace's
         try:
@@ -257,7 +273,26 @@ class LabService:
             self.datapath.trace_stop(trace_id)
             return {"ok": False, "errors": [str(exc)]}
         self.traces[trace_id] = ActiveTrace(time.monotonic(), oracle)
-        return {"ok": True, "trace_id": trace_id, "oracle": oracle}
+        reply: dict[str, Any] = {"ok": True, "trace_id": trace_id, "oracle": oracle}
+        if pinned is not None:
+            reply.update(sport=pinned[1], backend=probe.destination.backend)
+        return reply
+
+    def _pin_service_probe(self, probe: Any) -> tuple[Any, int | None, list[dict[str, Any]]] | str:
+        """A probe to a service pinned to its backend (`services.pin_probe`): the probe, the
+        source port to send from (None: any, with sessionAffinity ClientIP) and the flows to
+        trace; or why it cannot be."""
+        from ..services import pin_probe, service_backend_address  # noqa: PLC0415
+        from ..tracing import check_flows, free_source_port, traced_flows  # noqa: PLC0415
+
+        endpoint = self.lab.record.endpoints[probe.source]
+        try:
+            pinned, sport = pin_probe(probe, self.engine.map_state(), endpoint.ip)
+        except ValueError as exc:
+            return str(exc)
+        sport = sport or free_source_port(endpoint.netns, pinned.protocol)
+        backend = service_backend_address(pinned, self.engine.map_state(), self.lab.scenario)
+        return pinned, sport, check_flows(traced_flows(pinned, endpoint.ip, sport, self.lab.scenario.node_ip, backend))
 
     def trace_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         """End a trace: its events, the oracle's decision and the lab's names."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from .. import topology
 from ..datapath import TraceEvent
@@ -56,6 +57,11 @@ def trace_running_lab(lab_name: str, probe: Probe) -> Trace:
                                  "flows": traced_flows(probe, endpoint.ip, sport, node_ip)})
     if not started.get("ok"):
         raise SetupError("; ".join(started.get("errors", ["the agent refused the trace"])))
+    if started.get("sport"):
+        # A probe to a service: the agent pinned its backend; send from the port that reaches it.
+        sport = int(started["sport"])
+        client = (endpoint.ip, sport)
+        probe = replace(probe, destination=replace(probe.destination, backend=str(started.get("backend") or "")))
     records: list[Flow] = []
     try:
         observed: Observation = asyncio.run(run_probe(probe, endpoint.netns, sport))

@@ -23,6 +23,11 @@ BPF_RINGBUF_OUTPUT(events, EVENTS_PAGES);
 BPF_HASH(trace_flows, struct trace_key, struct trace_value, TRACE_MAP_SIZE);
 BPF_ARRAY(trace_switch, u32, 1);
 BPF_RINGBUF_OUTPUT(traces, TRACE_PAGES);
+/* Services (lib/lb.h). */
+BPF_HASH(lb_services, struct lb_service_key, struct lb_service, LB_MAP_SIZE);
+BPF_HASH(lb_backends, u32, struct lb_backend, LB_MAP_SIZE);
+BPF_HASH(lb_revnat, u32, struct lb_revnat, LB_MAP_SIZE);
+BPF_TABLE("lru_hash", struct ct_key, struct lb_flow, lb_flows, CT_MAP_SIZE);
 
 #include "lib/parse.h"
 #include "lib/trace.h"
@@ -30,6 +35,7 @@ BPF_RINGBUF_OUTPUT(traces, TRACE_PAGES);
 #include "lib/policy.h"
 #include "lib/events.h"
 #include "lib/proxy.h"
+#include "lib/lb.h"
 #include "from_container.c"
 #include "to_container.c"
 
@@ -48,6 +54,11 @@ static __always_inline int events_output(struct flow_event *e) { return events.r
 static __always_inline struct trace_value *trace_flows_lookup(struct trace_key *k) { return trace_flows.lookup(k); }
 static __always_inline u32 *trace_switch_lookup(void) { u32 slot = 0; return trace_switch.lookup(&slot); }
 static __always_inline int traces_output(struct trace_event *e) { return traces.ringbuf_output(e, sizeof(*e), 0); }
+static __always_inline struct lb_service *lb_service_lookup(struct lb_service_key *k) { return lb_services.lookup(k); }
+static __always_inline struct lb_backend *lb_backend_lookup(u32 *id) { return lb_backends.lookup(id); }
+static __always_inline struct lb_revnat *lb_revnat_lookup(u32 *index) { return lb_revnat.lookup(index); }
+static __always_inline struct lb_flow *lb_flow_lookup(struct ct_key *k) { return lb_flows.lookup(k); }
+static __always_inline int lb_flow_update(struct ct_key *k, struct lb_flow *v) { return lb_flows.update(k, v); }
 static __always_inline void trace_drop(u32 reason, u32 direction, u32 endpoint_id)
 {
 	bpf_trace_printk("l7lab drop reason=%d dir=%d ep=%d\n", reason, direction, endpoint_id);

@@ -4,8 +4,9 @@
  * (bpf_sk_assign, needed for the L7 redirect, only works at tc ingress).
  *
  *   parse (drop what is malformed; later fragments get their first fragment's ports or drop)
- *     -> anti-spoofing -> conntrack
- *     established/reply: pass (redirected flows: back to the proxy socket)
+ *     -> anti-spoofing -> to a service address: translated to a backend (lib/lb.h) -> conntrack
+ *     established/reply: pass (redirected flows: back to the proxy socket; a reply of a
+ *       translated flow leaves with the service address as its source)
  *     new: identities -> egress + ingress policy -> DROP / FORWARD (+ct) / REDIRECT (+ct)
  *   every pass of a first fragment records its datagram (frag_record) for the later ones;
  *   a later fragment of a redirected flow drops (REASON_FRAGMENT).
@@ -96,12 +97,28 @@ static __always_inline int from_container_run(struct __sk_buff *skb, struct trac
 		}
 	}
 
+	/* To a service address: from here on the packet is addressed to the backend (lib/lb.h). */
+	rc = lb_translate(skb, &p);
+	if (rc != REASON_NONE) {
+		fi.src_identity = identity_of(t, TRACE_SIDE_SOURCE, p.saddr, src_ep);
+		d->verdict = VERDICT_DROP;
+		d->reason = rc;
+		d->endpoint_id = fi.src_endpoint;
+		return fc_drop(skb, &p, &fi, d);
+	}
+	if (p.rev_nat_index) {
+		dst_ep = endpoints_lookup(&p.daddr);
+		fi.dst_endpoint = dst_ep ? dst_ep->endpoint_id : 0;
+	}
+
 	/* Delivered to a local endpoint counts as ingress, anything else as egress. */
 	u8 fwd_dir = dst_ep ? DIR_INGRESS : DIR_EGRESS;
 	int ctr = ct_lookup(&p, &ct);
 	TRACE(t, TRACE_CONNTRACK, ctr, ct ? ct->proxy_port : 0, ct ? ct->flags : 0, ct ? ct->src_identity : 0, ct ? ct->rule_id : 0);
 	if (ctr != CT_NEW && ct) {
 		d->direction = fwd_dir;
+		if (ctr == CT_REPLY)
+			lb_rev_nat(skb, &p, ct);        /* a backend's answer leaves as the service's */
 		if (ctr == CT_ESTABLISHED && ct->proxy_port) {
 			/* A redirected flow: every packet goes to the proxy, or nowhere. A later
 			 * fragment cannot go (the proxy path takes no fragments): REASON_FRAGMENT. */

@@ -87,7 +87,10 @@ static __always_inline int to_container_run(struct __sk_buff *skb, struct trace_
 	}
 
 	if (!dst_ep || ctr != CT_NEW) {
-		/* Not toward a pod (a world link), or a flow conntrack knows. */
+		/* Not toward a pod (a world link), or a flow conntrack knows. The L7 proxy answering a
+		 * redirected flow to a service answers as the service (lib/lb.h). */
+		if (ctr == CT_REPLY)
+			lb_rev_nat(skb, &p, ct);
 		frag_record(&p);
 		count_packet(VERDICT_FORWARD, REASON_NONE, DIR_INGRESS, p.len);
 		return TC_ACT_OK;

@@ -130,8 +130,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         dns = DnsQuery(args.dns.rstrip(".").lower())
     protocol = args.protocol or ("UDP" if dns else "TCP")
-    probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns)
-    decision = engine.verdict(Flow.from_probe(probe))
+    probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns,
+                       backend=args.backend)
+    try:
+        decision = engine.verdict(Flow.from_probe(probe))
+    except ValueError as exc:  # a backend the service does not have (now)
+        raise L7LabError(str(exc)) from None
     if args.json:
         emit_json(decision.to_json())
     else:
@@ -148,7 +152,10 @@ def register(verbs: Verbs) -> None:
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                    help="source pod, or a world host (traffic from outside the cluster)")
-    p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
+    p.add_argument("--to", required=True, metavar="DEST[:PORT]",
+                   help="pod, world host or DNS name, or a service (name, namespace/name or DNS name), with an "
+                        "optional port")
+    p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the flow reaches (default: the first, as a scenario's probe)")
     p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")

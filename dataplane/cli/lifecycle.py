@@ -147,6 +147,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             table.add_row(*map(cell, (e["name"], e["kind"], e["ip"], ", ".join(e["ports"]), e["interface"],
                                        ",".join(f"{k}={v}" for k, v in e["labels"].items()))))
         console.print(table)
+        services = (agent_info or {}).get("services") or []
+        if services:
+            svc_table = Table(title=cell(f"services of lab {lab['lab']} (backends as translated now)"),
+                              title_justify="left")
+            for col in ("service", "address", "backends"):
+                svc_table.add_column(col)
+            for s in services:
+                svc_table.add_row(*map(cell, (s["service"] + (" (ClientIP affinity)" if s["affinity"] else ""),
+                                              s["address"], ", ".join(s["backends"]) or "none: dropped")))
+            console.print(svc_table)
     return EXIT_OK
 
 
@@ -161,7 +171,8 @@ def _agent_status(lab: str) -> dict[str, Any] | None:
     except L7LabError as exc:
         return {"running": False, "error": str(exc)}
     return {"running": True, "pid": reply.get("pid"), "policies": reply.get("policies", []),
-            "metrics_url": reply.get("metrics_url"), "proxy": reply.get("proxy"), "audit": reply.get("audit", [])}
+            "metrics_url": reply.get("metrics_url"), "proxy": reply.get("proxy"), "audit": reply.get("audit", []),
+            "services": reply.get("services", [])}
 
 
 def _proxy_caption(proxy: dict[str, Any] | None) -> str:

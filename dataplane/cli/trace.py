@@ -55,7 +55,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise L7LabError("--http and --dns exclude each other: a flow is an HTTP request or a DNS query")
         dns = DnsQuery(args.dns.rstrip(".").lower())
     protocol = args.protocol or ("UDP" if dns else "TCP")
-    probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns)
+    probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns,
+                       backend=args.backend)
     if probe.source not in rec.endpoints:
         raise L7LabError(f"no pod or world host {probe.source!r} in lab {rec.lab}")
     trace = trace_running_lab(rec.lab, probe)
@@ -75,7 +76,10 @@ def register(verbs: Verbs) -> None:
     lab_arguments(p, "the lab (up, served by its agent)")
     p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                    help="source pod, or a world host (traffic from outside the cluster)")
-    p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
+    p.add_argument("--to", required=True, metavar="DEST[:PORT]",
+                   help="pod, world host or DNS name, or a service (name, namespace/name or DNS name), with an "
+                        "optional port")
+    p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the probe is to reach (default: the first)")
     p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="the HTTP request to send (default GET /)")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")

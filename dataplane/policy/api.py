@@ -57,6 +57,22 @@ class EndpointPeer:
 
 
 @dataclass(frozen=True)
+class ServicePeer:
+    """A `toServices` item: a service by name (`k8sService`) or every service whose labels the
+    selector matches (`k8sServiceSelector`), in `namespace`. The lab applies it to the service's
+    backend pods (dataplane/services.py expand_service_peers turns it into an EndpointPeer
+    before resolution)."""
+
+    namespace: str
+    name: str = ""
+    selector: LabelSelector | None = None
+
+    def describe(self) -> str:
+        what = f"service {self.namespace}/{self.name}" if self.name else f"services {self.selector} of {self.namespace}"
+        return f"backends of {what}"
+
+
+@dataclass(frozen=True)
 class EntityPeer:
     entity: str
 
@@ -100,7 +116,7 @@ class FQDNPeer:
         return f"FQDN {'matchName ' + self.match_name if self.match_name else 'matchPattern ' + self.match_pattern}"
 
 
-Peer = AllPeer | EndpointPeer | EntityPeer | CIDRPeer | FQDNPeer
+Peer = AllPeer | EndpointPeer | EntityPeer | CIDRPeer | FQDNPeer | ServicePeer
 
 
 # ---------------------------------------------------------------------------- ports and L7

@@ -35,7 +35,7 @@ from l7.protocol import protocol as l7_protocol
 from ..errors import ErrorList, SourceError, SourceLocation
 from ..abi import IDENTITY_HOST, PROTO_ANY, PROTO_ICMP, PROTOCOL_NAMES, PROTOCOLS, PROXY_PORT, Direction, Verdict
 from ..icmp import ECHO_REQUEST, type_name
-from ..mapstate import DirectionLookup, MapState, flow_lookups
+from ..mapstate import DirectionLookup, MapState, ServiceEntry, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import CIDRPeer, Policy
 from .host import host_policy_refusal
@@ -44,6 +44,8 @@ from .notices import icmpv6_note, peer_notes, requirement_notes
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
+from ..services import probe_backend, service_entries
+from .toservices import expand_service_peers
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Flow:
     http: HttpRequest | None = None
     dns_name: str = ""  # the name queried, for a DNS query to a DNS-redirected port
     destination_name: str = ""  # for Host defaulting and display
+    backend: str = ""  # to a service: the backend pod the flow is to reach (services.probe_backend)
 
     @classmethod
     def from_probe(cls, probe: Probe) -> "Flow":
@@ -72,7 +75,7 @@ class Flow:
                 http = replace(http, headers={"Host": probe.host_header, **http.headers})
         port = ECHO_REQUEST if probe.icmp is not None else dest.port
         return cls(probe.source, dest.ip, probe.protocol, port, http, probe.dns.name if probe.dns else "",
-                   dest.dns_name or dest.name.split("/")[-1])
+                   dest.dns_name or dest.name.split("/")[-1], dest.backend)
 
 
 @dataclass
@@ -87,6 +90,9 @@ class Decision:
     rule_ids: list[int] = field(default_factory=list)
     audited: bool = False
     l7: L7Verdict | None = None  # the L7 verdict, when the flow reached the proxy's rules
+    # To a service: "ns/svc VIP:port/PROTO -> pod ns/b IP:port", the translation the datapath
+    # makes before policy (the rest of the decision is about the backend).
+    translation: str = ""
 
     @property
     def expectation(self) -> str:
@@ -110,6 +116,7 @@ class Decision:
             "ingress": self.ingress,
             "rule_ids": list(self.rule_ids),
             "audited": self.audited,
+            "translation": self.translation or None,
             "trace": list(self.trace),
         }
 
@@ -258,9 +265,11 @@ class PolicyEngine:
         labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
                                          sc.settings.cluster_name)
                   for k, p in sc.pods.items()}
+        # toServices peers become the selectors of the services' backends (services.py).
+        expanded = expand_service_peers(list(policies.values()), sc)
         table = IdentityTable.build(self.allocator, labels, {k: p.ip for k, p in sc.pods.items()},
                                     sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
-                                    list(policies.values()),
+                                    expanded,
                                     {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity},
                                     sc.settings.ip_block_selects_pods)
         endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports),
@@ -268,7 +277,10 @@ class PolicyEngine:
                      for i, (k, p) in enumerate(sc.pods.items())]
         # settings.audit is already in `audit` (every pod starts on); not passed again, so that
         # an audit step can switch it off for a pod of a lab that came up in audit mode.
-        return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement)
+        resolution = resolve(endpoints, table, expanded, sc.settings.policy_enforcement)
+        # The services' backends follow the pods' labels in force (a relabel moves them).
+        resolution.state.services = service_entries(sc, pod_labels, {e.key: e.endpoint_id for e in endpoints})
+        return resolution
 
     # ------------------------------------------------------------------ queries
 
@@ -283,7 +295,41 @@ class PolicyEngine:
         return list(self.scenario.pods).index(pod_key) + 1
 
     def verdict(self, flow: Flow) -> Decision:
-        return _Judge(self, flow).run()
+        protocol = PROTOCOLS.get(flow.protocol.upper(), -1)
+        entry = self.map_state().services.get((flow.destination_ip, flow.port, protocol))
+        if entry is None:
+            return _Judge(self, flow).run()
+        return self._service_verdict(flow, entry)
+
+    def _service_verdict(self, flow: Flow, entry: ServiceEntry) -> Decision:
+        """A flow to a ClusterIP, judged as the datapath judges it: translated to the backend the
+        flow reaches (lib/lb.h), then policy of the backend pod at its target port (as Cilium)."""
+        sc = self.scenario
+        key = sc.pod_key(flow.source)
+        client = sc.pods[key].ip if key else sc.world[flow.source].address if flow.source in sc.world else ""
+        service = f"service {entry.service} {entry.ip}:{entry.port}/{flow.protocol.upper()}"
+        backend = probe_backend(entry, client, flow.backend)
+        if backend is None:
+            d = Decision("dropped", flow, trace=[f"flow: {flow.source} -> {service}",
+                                                 f"{service} has no backend (no pod matches its selector): "
+                                                 f"DROP (no service backend)"])
+            d.translation = f"{service} -> no backend"
+            return d
+        how = ("sessionAffinity ClientIP: the client's address picks it" if entry.affinity
+               else "the probe's source port is chosen to reach it" if flow.backend
+               else "the first backend; a probe names another with backend:")
+        d = _Judge(self, replace(flow, destination_ip=backend.ip, port=backend.port)).run()
+        d.translation = f"{service} -> pod {backend.pod} {backend.ip}:{backend.port}"
+        d.trace.insert(0, f"{d.translation} (translated before policy; {how}; backends: "
+                          f"{', '.join(b.pod for b in entry.backends)})")
+        if d.outcome == "refused" and flow.protocol.upper() != "TCP":
+            # The backend's ICMP port unreachable quotes the datagram as the backend received
+            # it; the datapath does not translate ICMP errors back (lib/lb.h), so the client's
+            # socket, connected to the ClusterIP, never matches it and hears nothing.
+            d.trace.append("the ICMP port unreachable names the backend, not the ClusterIP (ICMP errors are not "
+                           "translated back): the client sees no answer: dropped")
+            d.outcome = "dropped"
+        return d
 
 
 _PROTO_NAMES = {PROTO_ANY: "any", **PROTOCOL_NAMES}

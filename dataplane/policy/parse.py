@@ -63,7 +63,7 @@ _CILIUM_UNSUPPORTED_WHY = {
 _CILIUM_UNSUPPORTED = {
     "fromGroups": "cloud groups",
     "toGroups": "cloud groups", "fromNodes": "node selectors", "toNodes": "node selectors",
-    "toServices": "service selectors", "authentication": "mutual authentication",
+    "authentication": "mutual authentication",
     "terminatingTLS": "TLS interception",
     "originatingTLS": "TLS origination", "serverNames": "SNI rules", "listener": "Envoy listeners",
     "kafka": "Kafka rules", "l7proto": "generic L7 parsers", "l7": "generic L7 parsers",

@@ -17,11 +17,14 @@ from l7.regex import compile_regex
 
 from .. import limits
 from ..icmp import CILIUM_TYPE_NAMES, FAMILIES
-from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer,
+from .api import (ENTITIES, KIND_CNP, AllPeer, EndpointPeer, EntityPeer, ServicePeer,
                   FQDNPeer, L7Rules, Peer, PolicySpec, PortRule, PortSpec, Rule)
 from .patterns import match_name_error, match_pattern_error
 from .selectors import (NAMESPACE_LABEL, LabelSelector)
 from ..yamlsource import describe_value
+
+# A Kubernetes object name that is a DNS label (RFC 1123): services and namespaces.
+DNS_LABEL = re2.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 # A first compile with little memory: RE2 stops as soon as the program outgrows it, so an
@@ -135,6 +138,8 @@ class CiliumRuleParser:
         l3 = [f"{d}Endpoints", f"{d}Entities", f"{d}CIDR", f"{d}CIDRSet"]
         if not ingress and not deny:
             l3.append("toFQDNs")
+        if not ingress:
+            l3.append("toServices")
         r = self.ctx.mapping(path, raw, tuple(l3) + (f"{d}Requires", "toPorts", "icmps"))
         if r is None:
             return None
@@ -169,6 +174,18 @@ class CiliumRuleParser:
                 p = self.cidr_peer(path + (f"{d}CIDRSet", j), m["cidr"], m.get("except"), "cidr")
                 if p:
                     peers.append(p)
+        if "toServices" in l3:
+            services = self.ctx.list_(path + ("toServices",), r.get("toServices"), "a list of services",
+                                      limits.MAX_PEERS, "services")
+            if services and r.get("toPorts"):
+                # Cilium rejects the combination (Documentation/security/policy/language.rst,
+                # "Services based", Limitations).
+                self.err(path + ("toServices",), "toServices cannot be combined with toPorts in one rule (Cilium "
+                                                 "rejects such a policy): write the ports as a rule of their own")
+            for j, svc in enumerate(services):
+                peer = self.service_peer(path + ("toServices", j), svc)
+                if peer is not None:
+                    peers.append(peer)
         fqdns = self.ctx.list_(path + ("toFQDNs",), r.get("toFQDNs"), "a list of FQDN selectors",
                                limits.MAX_PEERS, "FQDN selectors") if "toFQDNs" in l3 else []
         if fqdns and peers:
@@ -245,6 +262,40 @@ class CiliumRuleParser:
                 return None
             number = names[value]
         return PortSpec("ICMPv6" if family == "IPv6" else "ICMP", number)
+
+    def service_peer(self, path: tuple, raw: Any) -> ServicePeer | None:
+        """One toServices item: {k8sService: {serviceName, namespace}} or {k8sServiceSelector:
+        {selector, namespace}}; the namespace defaults to the policy's own ('default' for a CCNP)."""
+        m = self.ctx.mapping(path, raw, ("k8sService", "k8sServiceSelector"))
+        if m is None:
+            return None
+        if len(m) != 1:
+            self.err(path, "expected exactly one of k8sService or k8sServiceSelector")
+            return None
+        key, value = next(iter(m.items()))
+        if key == "k8sService":
+            s = self.ctx.mapping(path + (key,), value, ("serviceName", "namespace"), ("serviceName",))
+            if s is None or "serviceName" not in s:
+                return None
+            name = s["serviceName"]
+            if not isinstance(name, str) or not DNS_LABEL.fullmatch(name):
+                self.err(path + (key, "serviceName"), f"expected a service name (a DNS label), got {describe_value(name)}")
+                return None
+            namespace = self.service_namespace(path + (key,), s)
+            return ServicePeer(namespace, name=name) if namespace is not None else None
+        s = self.ctx.mapping(path + (key,), value, ("selector", "namespace"), ("selector",))
+        if s is None or "selector" not in s:
+            return None
+        selector = self.selector(path + (key, "selector"), s["selector"], cilium=True)
+        namespace = self.service_namespace(path + (key,), s)
+        return ServicePeer(namespace, selector=selector) if namespace is not None else None
+
+    def service_namespace(self, path: tuple, s: dict) -> str | None:
+        namespace = s.get("namespace", self.namespace or "default")
+        if not isinstance(namespace, str) or not DNS_LABEL.fullmatch(namespace):
+            self.err(path + ("namespace",), f"expected a namespace name (a DNS label), got {describe_value(namespace)}")
+            return None
+        return namespace
 
     def fqdn(self, path: tuple, m: dict) -> DnsRule | None:
         key, value = next(iter(m.items()))

@@ -25,6 +25,8 @@ pods:
   - {{name: vault, namespace: t, labels: {{app: vault}}, ports: [{{port: 8080}}]}}
   - {{name: web, namespace: t, labels: {{app: web}}, ports: [{{port: 8080}}]}}
   - {{name: kube-dns, namespace: kube-system, labels: {{k8s-app: kube-dns}}, ports: [{{port: 53, protocol: UDP, name: dns}}]}}
+services:
+  - {{name: web-svc, namespace: t, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}
 policies:
   - apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -112,6 +114,29 @@ def test_an_allowed_flow_is_decided_at_the_source_and_delivered_unchecked(lab: s
     assert not [s for s in data["steps"] if s["phase"] in ("node", "proxy", "upstream")]
     assert data["kernel"]["verdict"] == "FORWARD" and data["disagreements"] == []
     assert all(s["code"].startswith("dataplane/bpf/") for s in data["steps"] if s["layer"] == "kernel")
+
+
+def test_a_probe_to_a_service_is_traced_through_the_translation(lab: str) -> None:
+    """The agent pins the probe to the backend the oracle judges; the trace follows the flow
+    to the ClusterIP at the client's hook and to the backend at the backend's."""
+    data = trace(lab, "--to", "web-svc", "--backend", "web")
+    steps_in_order(data, ("request", "-> 10.96.0.1:80"), ("request", "egress policy of t/client, lookup 1"),
+                   ("request", "ingress policy of t/web"), ("request", "tc egress to_container on"),
+                   ("request", "(t/web): SYN TCP"), ("reply", "(t/web): SYN-ACK"),
+                   ("reply", "SYN-ACK TCP 10.96.0.1:80 ->"), ("reply", "the client saw: allowed"))
+    assert data["outcome"] == "allowed" and data["disagreements"] == []
+    assert data["oracle"]["translation"].startswith("service t/web-svc 10.96.0.1:80/TCP -> pod t/web ")
+
+
+def test_status_lists_the_services_with_their_backends(lab: str) -> None:
+    out = l7lab("status", lab, "--json")
+    assert out.returncode == 0, out.stderr
+    (status,) = json.loads(out.stdout)
+    (svc,) = status["agent"]["services"]
+    web = next(e for e in status["endpoints"] if e["name"] == "t/web")
+    assert (svc["service"], svc["address"], svc["backends"]) == ("t/web-svc", "10.96.0.1:80/TCP", [f"t/web {web['ip']}:8080"])
+    text = l7lab("status", lab)
+    assert text.returncode == 0 and "t/web-svc" in text.stdout and "10.96.0.1:80/TCP" in text.stdout
 
 
 def test_an_l3l4_drop_stops_at_the_first_hook(lab: str) -> None:

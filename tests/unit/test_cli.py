@@ -50,6 +50,20 @@ def test_explain_shows_the_matching_rule() -> None:
     assert denied.returncode == 0 and "403" in denied.stdout and "protect-inventory-api" in denied.stdout
 
 
+def test_explain_shows_a_service_translation() -> None:
+    scenario = str(REPO / "scenarios" / "services.yaml")
+    out = l7lab("explain", scenario, "--from", "frontend", "--to", "web.shop.svc.cluster.local", "--http", "GET /api/x",
+                "--step", "2", "--backend", "web-3", "--json")
+    assert out.returncode == 0, out.stderr
+    decision = json.loads(out.stdout)
+    assert decision["translation"] == "service shop/web 10.96.0.1:80/TCP -> pod shop/web-3 10.200.0.4:8080"
+    assert decision["outcome"] == "allowed"
+    text = l7lab("explain", scenario, "--from", "frontend", "--to", "web", "--backend", "web-2")
+    assert text.returncode == 0 and "-> pod shop/web-2 10.200.0.3:8080 (translated before policy" in text.stdout
+    gone = l7lab("explain", scenario, "--from", "frontend", "--to", "web", "--backend", "web-1")
+    assert gone.returncode == 1 and "shop/web-1 is no backend of service shop/web" in gone.stderr
+
+
 def test_explain_rejects_an_unknown_pod() -> None:
     out = l7lab("explain", str(REPO / "scenarios" / "connectivity.yaml"), "--from", "nobody", "--to", "ledger:5432")
     assert out.returncode == 1 and "unknown pod 'nobody'" in out.stderr

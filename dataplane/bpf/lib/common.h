@@ -30,12 +30,14 @@
  *   CT_LIFETIME_TCP_S    established TCP
  *   CT_LIFETIME_OTHER_S  UDP, ICMP, other protocols, and TCP before the handshake completes
  *   CT_LIFETIME_CLOSE_S  after FIN or RST
+ *   LB_MAP_SIZE          max entries of the service, backend and rev-NAT maps (lib/lb.h)
  */
 #if !defined(AUDIT_ALL) || !defined(DEBUG) || !defined(POLICY_MAP_SIZE) || !defined(IPCACHE_MAP_SIZE) || \
     !defined(ENDPOINTS_MAP_SIZE) || !defined(CT_MAP_SIZE) || !defined(FRAG_MAP_SIZE) || \
     !defined(METRICS_MAP_SIZE) || !defined(IF_BIND_MAP_SIZE) || !defined(EVENTS_PAGES) || \
     !defined(FRAG_LIFETIME_S) || !defined(CT_LIFETIME_TCP_S) || !defined(CT_LIFETIME_OTHER_S) || \
-    !defined(CT_LIFETIME_CLOSE_S) || !defined(TRACING) || !defined(TRACE_MAP_SIZE) || !defined(TRACE_PAGES)
+    !defined(CT_LIFETIME_CLOSE_S) || !defined(TRACING) || !defined(TRACE_MAP_SIZE) || !defined(TRACE_PAGES) || \
+    !defined(LB_MAP_SIZE)
 #error "datapath tunables come from dataplane/abi.py c_defines() as -D cflags"
 #endif
 

@@ -127,6 +127,7 @@ static __always_inline void ct_create(const struct trace_ctx *t, const struct pk
 	e.rule_id = rule_id;
 	e.proxy_port = proxy_port;
 	e.flags = flags;
+	e.rev_nat_index = p->rev_nat_index;
 	ct_update_raw(&k, &e);
 	TRACE(t, TRACE_CT_CREATE, src_identity, rule_id, proxy_port, flags, 0);
 }

@@ -28,6 +28,7 @@ enum drop_reason {
 	REASON_SOURCE_SPOOFED = 10,        /* source IP does not belong to the endpoint bound to the interface */
 	REASON_PROXY_NOT_AT_EGRESS = 11,   /* REDIRECT for traffic the node itself sends: no sk_assign at tc egress */
 	REASON_FRAGMENT_UNKNOWN = 12,      /* non-first IPv4 fragment of no known flow (first fragment unseen or dropped) */
+	REASON_NO_SERVICE_BACKEND = 13,    /* to a service address whose service has no backend (Cilium's "no service backend") */
 };
 
 #endif

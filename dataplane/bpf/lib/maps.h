@@ -76,7 +76,9 @@ struct ct_entry {
 	u32 rule_id;
 	u16 proxy_port;         /* != 0: a redirected flow; every packet goes to the proxy */
 	u8 flags;               /* CT_F_* */
-	u8 pad[5];
+	u8 pad;
+	u16 rev_nat_index;      /* != 0: a flow to a service (lib/lb.h); replies leave as lb_revnat[index] */
+	u16 pad2;
 };
 #define CT_F_CLOSING    0x01
 #define CT_F_FROM_PROXY 0x02
@@ -185,6 +187,54 @@ struct trace_event {
 	u32 pad2;
 };
 
+/* Services (lib/lb.h), the layout of Cilium's lb4 maps made small.
+ *
+ * lb_services: hash (ClusterIP, port, protocol, slot) -> service. Slot 0 describes the service
+ * (backend count, flags, rev-NAT index); slots 1..count name its backends, in the order the
+ * loader chose. key 12 bytes, value 12 bytes. */
+struct lb_service_key {
+	__be32 addr;            /* the ClusterIP */
+	__be16 port;            /* the service port */
+	u8 proto;
+	u8 pad;
+	u16 slot;               /* 0: the service itself; 1..count: its backends */
+	u16 pad2;
+};
+struct lb_service {
+	u32 backend_id;         /* slots 1..count: an lb_backends key; slot 0: 0 */
+	u16 count;              /* slot 0: how many backends; 0 drops (REASON_NO_SERVICE_BACKEND) */
+	u16 rev_nat_index;      /* slot 0: the lb_revnat key replies are translated by */
+	u8 flags;               /* slot 0: LB_F_* */
+	u8 pad[3];
+};
+#define LB_F_AFFINITY 0x01      /* sessionAffinity ClientIP: the backend is chosen by client address alone */
+
+/* lb_backends: hash backend id -> the backend's address and target port. A backend id is the
+ * backend pod's endpoint id << 16 | its target port, stable while the pod lives. value 8 bytes. */
+struct lb_backend {
+	__be32 addr;
+	__be16 port;
+	u16 pad;
+};
+
+/* lb_revnat: hash rev-NAT index -> the service address replies of a translated flow carry as
+ * their source. value 8 bytes. */
+struct lb_revnat {
+	__be32 addr;
+	__be16 port;
+	u16 pad;
+};
+
+/* lb_flows: LRU hash, the service's conntrack: the tuple a client sent (to the ClusterIP) ->
+ * the backend it was given, so that every later packet of the flow goes to the same backend
+ * (Cilium's CT_SERVICE entries). value 16 bytes. */
+struct lb_flow {
+	u64 expires_ns;         /* bpf_ktime_get_ns() deadline, refreshed as conntrack's */
+	u32 backend_id;
+	u16 rev_nat_index;
+	u16 pad;
+};
+
 /* Accessors, defined in bpf/datapath.c. */
 static __always_inline struct ipcache_value *ipcache_lookup(struct ipcache_key *k);
 static __always_inline struct endpoint_info *endpoints_lookup(__be32 *addr);
@@ -202,5 +252,10 @@ static __always_inline void trace_drop(u32 reason, u32 direction, u32 endpoint_i
 static __always_inline struct trace_value *trace_flows_lookup(struct trace_key *k);
 static __always_inline u32 *trace_switch_lookup(void);
 static __always_inline int traces_output(struct trace_event *e);
+static __always_inline struct lb_service *lb_service_lookup(struct lb_service_key *k);
+static __always_inline struct lb_backend *lb_backend_lookup(u32 *id);
+static __always_inline struct lb_revnat *lb_revnat_lookup(u32 *index);
+static __always_inline struct lb_flow *lb_flow_lookup(struct ct_key *k);
+static __always_inline int lb_flow_update(struct ct_key *k, struct lb_flow *v);
 
 #endif

@@ -48,6 +48,9 @@ struct pkt {
 	u8 frag;
 	u8 icmp_code;           /* ICMP: the code (policy_port holds the type); else 0 */
 	__be16 ip_id;
+	/* Set by lb_translate (lib/lb.h) on a packet it translated to a service backend: the
+	 * conntrack entry the flow creates carries it, so that its replies are translated back. */
+	u16 rev_nat_index;
 };
 
 #define PKT_FRAG_NONE  0    /* not a fragment */
