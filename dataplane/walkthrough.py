@@ -253,3 +253,28 @@ def lab_starts(command: Command) -> list[tuple[str, str | None]]:
                 found.append((scenario, name))
         simple = []
     return found
+
+
+_POINTER_RE = re.compile(r"\bcode (\S+):(\d+)\b")
+_CITATION_RE = re.compile(r"`(?P<file>[\w./-]+\.(?:c|h|py))?:(?P<line>\d+)`")
+
+
+def stale_code_citations(walkthrough: Walkthrough) -> list[str]:
+    """Code lines the prose cites (`from_container.c:76`, or `:91` for the file cited last) that
+    no recorded output points at: the prose explains a trace whose pointers move whenever the
+    code does, so a citation the output no longer shows is out of date."""
+    pointers = {(path, int(line)) for c in walkthrough.commands for out in c.output
+                for path, line in _POINTER_RE.findall(out)}
+    stale: list[str] = []
+    last_file = ""
+    for part in walkthrough.parts:
+        if not isinstance(part, str):
+            continue
+        for m in _CITATION_RE.finditer(part):
+            last_file = m.group("file") or last_file
+            if not last_file:
+                continue
+            line = int(m.group("line"))
+            if not any(p == last_file or p.endswith("/" + last_file) for p, n in pointers if n == line):
+                stale.append(f"{last_file}:{line}")
+    return stale

@@ -66,3 +66,19 @@ def test_walkthroughs_use_labs_of_their_own() -> None:
         for name in lab_names(wt.load(path)):
             assert name not in seen, f"{path.name} and {seen[name]} both bring up lab {name}"
             seen[name] = path.name
+
+
+@pytest.mark.parametrize("path", WALKTHROUGHS, ids=[p.stem for p in WALKTHROUGHS])
+def test_the_prose_cites_code_lines_the_output_shows(path: Path) -> None:
+    """After `regenerate`, a citation the trace no longer points at must be updated by hand."""
+    assert wt.stale_code_citations(wt.load(path)) == []
+
+
+def test_a_citation_the_output_does_not_show_is_stale(tmp_path: Path) -> None:
+    text = ("Step 1 (`from_container.c:76`, `:77`) and `lib/policy.h:27`.\n\n"
+            "```\n$ l7lab trace demo --from a --to b\n"
+            "  1. [kernel] hook\n       at tc ingress x; code dataplane/bpf/from_container.c:76 run\n"
+            "  2. [kernel] parse\n       at tc ingress x; code dataplane/bpf/from_container.c:78 run\n```\n")
+    path = tmp_path / "w.md"
+    path.write_text(text)
+    assert wt.stale_code_citations(wt.load(path)) == ["from_container.c:77", "lib/policy.h:27"]
