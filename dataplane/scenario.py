@@ -940,7 +940,7 @@ class _Builder:
                                           f"from world host {source!r} outside the cluster")
                 return None
             if icmp is not None:
-                self.err(where + ("to",), f"{target!r} is a service: a ClusterIP translates TCP, UDP and SCTP "
+                self.err(where + ("to",), f"{target!r} is a service: a ClusterIP translates TCP and UDP "
                                           f"ports and answers no ping; ping a backend pod instead")
                 return None
             return self.service_probe(scenario, where, raw, source, scenario.services[svc_key], target, port,

@@ -265,3 +265,15 @@ def test_a_probe_pinned_to_a_pod_that_left_the_service_is_an_error(tmp_path: Pat
     gone, kept = report.results[-2:]
     assert gone.observed.outcome == "error" and "shop/web-1 is no backend of service shop/web" in gone.observed.detail
     assert kept.passed
+
+
+@pytest.mark.parametrize("probe, fragment", [
+    ("{from: partner, to: shop/web:80, expect: dropped}",
+     "'shop/web' is a service: its ClusterIP is reachable from pods only, not from world host 'partner'"),
+    ("{from: client, to: web, icmp: {type: echo}, expect: dropped}",
+     "'web' is a service: a ClusterIP translates TCP and UDP ports and answers no ping"),
+])
+def test_a_service_is_no_target_for_a_world_host_or_a_ping(tmp_path: Path, probe: str, fragment: str) -> None:
+    text = BASE.replace("      - {from: client, to: web, expect: allowed}\n", f"      - {probe}\n")
+    errors = errors_of(write(tmp_path, text))
+    assert any("steps[0].probes[0].to" in e and fragment in e for e in errors), errors
