@@ -22,6 +22,7 @@ from typing import Any, Literal
 import jsonschema
 
 from . import limits
+from .abi import PROXY_PORT
 from .errors import ErrorList, SourceError, SourceLocation
 from .yamlsource import Budget, Document, describe_value, format_path, load_file
 
@@ -52,6 +53,7 @@ NOT_A_WORLD_ADDRESS = tuple((ipaddress.ip_network(n), why) for n, why in (
 ))
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
+NODE_TARGET = "node"  # a probe's `to` naming the lab node's own address
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
 
 
@@ -150,8 +152,8 @@ class HttpRequest:
 class Destination:
     """What a probe targets: a pod or a world host, reached by address or by DNS name."""
 
-    kind: Literal["pod", "world"]
-    name: str  # pod key or world host name
+    kind: Literal["pod", "world", "node"]
+    name: str  # pod key, world host name, or the node's name
     ip: str
     port: int
     dns_name: str = ""  # set when the probe names the destination by a DNS name
@@ -256,6 +258,8 @@ class Node:
 
     name: str = DEFAULT_NODE_NAME
     labels: dict[str, str] = field(default_factory=lambda: {HOSTNAME_LABEL: DEFAULT_NODE_NAME, OS_LABEL: "linux"})
+    # What a server in the node's own namespace listens on: probes `to: node:PORT` reach it.
+    ports: tuple[Port, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -628,7 +632,13 @@ class _Builder:
         if given is not None and given != name:
             self.err(("node", "labels", HOSTNAME_LABEL),
                      f"the kubelet sets {HOSTNAME_LABEL} to the node's name ({name!r}); got {given!r}")
-        return Node(name, {HOSTNAME_LABEL: name, OS_LABEL: "linux", **declared})
+        ports = self.ports(raw.get("ports", []))
+        self.check_ports(ports, ("node", "ports"))
+        for i, port in enumerate(ports):
+            if port.port == PROXY_PORT:
+                self.err(("node", "ports", i, "port"), f"port {PROXY_PORT} is the L7 proxy's listener in the node's "
+                                                       "namespace; give the node's server another port")
+        return Node(name, {HOSTNAME_LABEL: name, OS_LABEL: "linux", **declared}, ports)
 
     def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
         base = ("steps", index)
@@ -751,6 +761,9 @@ class _Builder:
         elif target in scenario.world:
             host = scenario.world[target]
             dest, ports = Destination("world", host.name, host.address, port), host.ports
+        elif target == NODE_TARGET:
+            # The node's own address: host ingress policy (a CCNP nodeSelector) judges it.
+            dest, ports = Destination("node", scenario.node.name, scenario.node_ip, port), scenario.node.ports
         else:
             for host in scenario.world.values():
                 if target.lower() in (d.lower() for d in host.dns_names):
@@ -760,7 +773,8 @@ class _Builder:
             if "/" not in target and any(p.name == target for p in scenario.pods.values()):
                 self.err(where + ("to",), self._unknown_pod(scenario, target))
             else:
-                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host or a world host's DNS name")
+                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's "
+                                          f"DNS name or {NODE_TARGET!r}")
             return None
         if source in scenario.world and dest.kind == "world":
             self.err(where + ("to",), f"a probe from world host {source!r} goes to a pod: traffic between hosts "
