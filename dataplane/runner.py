@@ -24,7 +24,7 @@ from . import flowrecord
 from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
-from .scenario import Probe, Scenario, Step, meets
+from .scenario import HOST_SOURCE, Probe, Scenario, Step, meets
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -154,7 +154,14 @@ class KernelExecutor:
         self.lab.sync_policy(self.policy.map_state())
 
     async def observe(self, probe: Probe) -> Observation:
-        return await run_probe(probe, self.lab.record.endpoints[probe.source].netns)
+        return await run_probe(probe, self._source(probe)[0])
+
+    def _source(self, probe: Probe) -> tuple[str, str]:
+        """(namespace, address) a probe leaves from: its pod's or world host's, or the node's own."""
+        if probe.source == HOST_SOURCE:
+            return self.lab.record.node, self.lab.scenario.node_ip
+        ep = self.lab.record.endpoints[probe.source]
+        return ep.netns, ep.ip
 
     def oracle(self, probe: Probe) -> str | None:
         if self.policy is None or not self.lab.enforcing:
@@ -177,7 +184,7 @@ class KernelExecutor:
             first.setdefault((flow.source.ip, flow.source.port, flow.destination.ip, flow.destination.port,
                               flow.l4.protocol, echo_id), flow)
         for r in results:
-            src_ip = self.lab.record.endpoints[r.probe.source].ip
+            src_ip = self._source(r.probe)[1]
             ping = r.probe.icmp is not None
             flow = first.get((src_ip, 0 if ping else r.observed.extra.get("sport"), r.probe.destination.ip,
                               r.probe.destination.port, r.probe.protocol, r.observed.extra.get("echo_id") if ping else None))

@@ -53,7 +53,8 @@ NOT_A_WORLD_ADDRESS = tuple((ipaddress.ip_network(n), why) for n, why in (
 ))
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
-NODE_TARGET = "node"  # a probe's `to` naming the lab node's own address
+NODE_TARGET = "node"  # a probe's `to` naming the lab node's own address, or its `from` naming the node
+HOST_SOURCE = "host"  # Probe.source of a probe from the node (the oracle's name for the node's own stack)
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
 
 
@@ -186,7 +187,7 @@ class DnsQuery:
 
 @dataclass(frozen=True)
 class Probe:
-    source: str  # pod key, or a world host's name (ingress from outside the cluster)
+    source: str  # pod key, a world host's name (ingress from outside the cluster), or HOST_SOURCE (the node)
     destination: Destination
     protocol: Protocol
     expect: Expectation
@@ -719,10 +720,13 @@ class _Builder:
         if any(p.name == ref for p in scenario.pods.values()):
             return cls._unknown_pod(scenario, ref)  # ambiguous
         world = f"; world hosts: {', '.join(sorted(scenario.world))}" if scenario.world else ""
-        return f"unknown pod {ref!r} (nor a world host); pods: {', '.join(sorted(scenario.pods))}{world}"
+        return (f"unknown pod {ref!r} (nor a world host, nor {NODE_TARGET!r}, the node); "
+                f"pods: {', '.join(sorted(scenario.pods))}{world}")
 
     def probe(self, scenario: Scenario, where: tuple, raw: dict[str, Any]) -> Probe | None:
         source = scenario.source_key(raw["from"])
+        if source is None and raw["from"] == NODE_TARGET:
+            source = HOST_SOURCE  # the node's own stack (identity host), judged by host egress policy
         if source is None:
             self.err(where + ("from",), self._unknown_source(scenario, raw["from"]))
             return None
@@ -775,6 +779,9 @@ class _Builder:
             else:
                 self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's "
                                           f"DNS name or {NODE_TARGET!r}")
+            return None
+        if source == HOST_SOURCE and dest.kind == "node":
+            self.err(where + ("to",), "a probe from the node to its own address never leaves the node: no policy judges it")
             return None
         if source in scenario.world and dest.kind == "world":
             self.err(where + ("to",), f"a probe from world host {source!r} goes to a pod: traffic between hosts "

@@ -30,6 +30,7 @@ BPF_RINGBUF_OUTPUT(traces, TRACE_PAGES);
 #include "lib/policy.h"
 #include "lib/events.h"
 #include "lib/proxy.h"
+#include "lib/host.h"
 #include "from_container.c"
 #include "to_container.c"
 

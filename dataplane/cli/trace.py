@@ -75,7 +75,7 @@ def register(verbs: Verbs) -> None:
     lab_arguments(p, "the lab (up, served by its agent)")
     p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                    help="source pod, or a world host (traffic from outside the cluster)")
-    p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host or DNS name, with an optional port")
+    p.add_argument("--to", required=True, metavar="DEST[:PORT]", help="pod, world host, DNS name or node (the lab node's own address), with an optional port")
     p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="the HTTP request to send (default GET /)")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")

@@ -11,7 +11,9 @@ Flow evaluation (DESIGN.md section 1):
   pod -> world     source egress only
   world/host -> pod destination ingress only (host: allowed by allow-localhost when enforced)
   pod/world -> node source egress, then the host endpoint's ingress when a host policy
-                   (nodeSelector) selects the node; the node's own egress is not judged
+                   (nodeSelector) selects the node
+  node -> pod/world the host endpoint's egress when a host policy selects the node, then the
+                   pod's ingress; a REDIRECT drops (the node's packets leave at tc egress)
   NONE (no entry)  dropped when the direction is enforced, passes when it is not
   REDIRECT         HTTP: a request that matches the L7 set is allowed, else denied (403);
                    DNS: a query that matches is allowed, else refused
@@ -356,10 +358,12 @@ class _Judge:
             return d
         # The lookups the datapath makes (the proxy takes its L7 sets from the same walk).
         src_ep = self.state.endpoints[self.engine.endpoint_id(src_pod)] if src_pod is not None else None
+        if flow.source == "host":
+            src_ep = self.state.endpoints.get(HOST_ENDPOINT_ID)  # the host's egress, when a host policy selects it
         dst_ep = self.state.endpoints[self.engine.endpoint_id(dst_pod)] if dst_pod is not None else None
         if to_node:
             # The host endpoint exists once a host policy selects the node (host.py); the
-            # datapath finds it by the node's addresses. The node's own egress is not judged.
+            # datapath finds it by the node's addresses.
             dst_ep = self.state.endpoints.get(HOST_ENDPOINT_ID)
             if dst_ep is None:
                 self.trace.append("ingress: no host policy selects the node; what reaches it is not judged "
@@ -370,6 +374,9 @@ class _Judge:
         if Direction.EGRESS in lookups:
             if not self.direction(lookups[Direction.EGRESS], redirects):
                 return d
+        elif flow.source == "host":
+            self.trace.append("egress: no host policy selects the node; what it sends is not judged against "
+                              "a policy of its own")
         else:
             self.trace.append("egress: source is not a lab endpoint; no egress policy applies")
         if Direction.INGRESS in lookups:
@@ -377,6 +384,13 @@ class _Judge:
                 return d
         elif not to_node:
             self.trace.append("ingress: destination is not a lab endpoint; no ingress policy applies")
+        if redirects and flow.source == "host":
+            # The node's own packets leave it at tc egress (to_container), where nothing can be
+            # handed to the proxy: the datapath drops them (PROXY_NOT_AT_EGRESS), fail closed.
+            self.trace.append("the node's own traffic leaves at tc egress, where it cannot be redirected to the "
+                              "L7 proxy: DROP (PROXY_NOT_AT_EGRESS)")
+            d.outcome = "dropped"
+            return d
         if redirects and not self.l7(redirects):
             return d
         self.listening(dst_pod)

@@ -158,3 +158,50 @@ def test_pods_still_reach_each_other(hlab: KernelLab) -> None:
     probe = make_probe(hlab.scenario, "shop/client", "ops/admin:80", "TCP", HttpRequest("GET", "/"))
     got = outcomes(hlab, [replace(probe, timeout=PASS_TIMEOUT)])
     assert got == {("shop/client", 80, "TCP"): "allowed"}
+
+
+HOST_EGRESS = """\
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host-out}
+spec:
+  nodeSelector: {matchLabels: {node-access: ssh}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: admin}}]
+      toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+HOST_EGRESS_WORLD = HOST_EGRESS.replace("host-out", "host-out-world").replace(
+    "toEndpoints: [{matchLabels: {app: admin}}]", "toEntities: [world]")
+
+
+def from_node(klab: KernelLab, dst: str, port: int) -> Probe:
+    p = make_probe(klab.scenario, "node", f"{dst}:{port}", "TCP", HttpRequest("GET", "/"))
+    expected = klab.engine.verdict(Flow.from_probe(p)).expectation
+    return replace(p, expect=expected, timeout=PASS_TIMEOUT if expected != "dropped" else 0.5)
+
+
+def from_node_outcomes(klab: KernelLab) -> dict[str, str]:
+    result = klab.run([from_node(klab, d, 80) for d in ("ops/admin", "shop/client", "outside")])
+    assert not result.disagreements(), result.disagreements()
+    return {r.probe.destination.name: r.observed.outcome for r in result.results}
+
+
+def test_the_node_reaches_pods_and_world_hosts_without_a_host_policy(hlab: KernelLab) -> None:
+    hlab.switch(engine_with(hlab.lab.name))
+    assert from_node_outcomes(hlab) == {"ops/admin": "allowed", "shop/client": "allowed", "outside": "allowed"}
+
+
+def test_host_egress_policy_judges_what_the_node_sends(hlab: KernelLab) -> None:
+    hlab.switch(engine_with(hlab.lab.name, HOST_EGRESS))
+    host = hlab.engine.map_state().endpoints[HOST_ENDPOINT_ID]
+    assert host.egress_enforced and not host.ingress_enforced
+    assert from_node_outcomes(hlab) == {"ops/admin": "allowed",    # toEndpoints app=admin, port 80
+                                        "shop/client": "dropped",  # default deny at host egress
+                                        "outside": "dropped"}      # toward a world host too
+    # Host ingress is not enforced by an egress-only policy: pods reach the node, and the
+    # node's replies pass by conntrack although its egress allows nothing toward them.
+    got = outcomes(hlab, [node_probe(hlab, "shop/client", 8081), node_probe(hlab, "outside", 22)])
+    assert set(got.values()) == {"allowed"}, got
+    hlab.switch(engine_with(hlab.lab.name, HOST_EGRESS, HOST_EGRESS_WORLD))
+    assert from_node_outcomes(hlab) == {"ops/admin": "allowed", "shop/client": "dropped", "outside": "allowed"}

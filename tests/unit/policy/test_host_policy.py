@@ -1,8 +1,9 @@
 """Host policies (CiliumClusterwideNetworkPolicy with nodeSelector): the node's labels come from
 the scenario, the parser applies Cilium's checks (pkg/policy/api/rule_validation.go, cnp_types.go),
 a host spec never selects a pod, a host spec selecting the node adds the host endpoint whose
-ingress the oracle judges, and apply/run refuse a host policy with egress (not enforced) with the
-reason instead of accepting it unenforced."""
+ingress and egress the oracle judges, probes go to and from the node, and apply/run refuse DNS
+rules at host egress (which the lab cannot redirect) with the reason instead of accepting them
+unenforced."""
 
 from __future__ import annotations
 
@@ -113,10 +114,18 @@ def test_host_spec_never_selects_a_pod():
     assert all(not (e.ingress_enforced or e.egress_enforced) for e in res.state.endpoints.values())
 
 
-HOST_EGRESS = ccnp("""
+HOST_DNS = ccnp("""
 nodeSelector: {matchLabels: {node-access: ssh}}
 egress:
   - toEntities: [cluster]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*"}]}}]
+""", name="host-dns")
+
+HOST_EGRESS = ccnp("""
+nodeSelector: {matchLabels: {node-access: ssh}}
+egress:
+  - toEndpoints: [{matchLabels: {app: api}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 """, name="host-out")
 
 NODE_WITH_SERVER = """\
@@ -127,54 +136,56 @@ node:
 """
 
 
-def test_apply_refuses_a_host_egress_policy_naming_the_node_selection():
+def test_apply_refuses_dns_rules_at_host_egress_naming_the_node_selection():
     eng = engine(topology=CILIUM_TOPOLOGY, extra=NODE)
-    (policy,) = policy_docs(HOST_EGRESS)
+    (policy,) = policy_docs(HOST_DNS)
     err = host_policy_refusal([policy], eng.scenario.node.name, eng.scenario.node.labels)
     assert isinstance(err, SourceError)
     text = str(err)
     assert text.startswith("policies/x.yaml")
-    assert "CiliumClusterwideNetworkPolicy host-out spec: host policy (nodeSelector) with egress not applied" in text
+    assert "CiliumClusterwideNetworkPolicy host-dns spec: host policy (nodeSelector) with DNS rules at egress not applied" in text
     assert "selects node worker-1" in text and "node-access=ssh" in text
-    assert "ingress only" in text and "fromEntities: [host]" in text
+    assert "tc egress" in text and "toPorts 53/UDP" in text
     other = host_policy_refusal([policy], "lab-node", engine(topology=CILIUM_TOPOLOGY).scenario.node.labels)
     assert "does not select node lab-node" in str(other)
-    (ingress_only,) = policy_docs(HOST_SSH)
-    assert host_policy_refusal([ingress_only], "worker-1", eng.scenario.node.labels) is None
+    for enforced in (HOST_SSH, HOST_EGRESS):
+        (plain,) = policy_docs(enforced)
+        assert host_policy_refusal([plain], "worker-1", eng.scenario.node.labels) is None
 
 
-def test_scenario_with_a_host_egress_policy_is_refused_and_nothing_applied():
+def test_scenario_with_dns_rules_at_host_egress_is_refused_and_nothing_applied():
     with pytest.raises(SourceError) as exc:
-        engine(HOST_EGRESS, topology=CILIUM_TOPOLOGY, extra=NODE)
-    assert "host policy (nodeSelector) with egress not applied" in str(exc.value)
+        engine(HOST_DNS, topology=CILIUM_TOPOLOGY, extra=NODE)
+    assert "host policy (nodeSelector) with DNS rules at egress not applied" in str(exc.value)
     eng = engine(topology=CILIUM_TOPOLOGY, extra=NODE)
     before = eng.map_state()
-    (doc,) = load_documents(HOST_EGRESS, "policies/x.yaml")
+    (doc,) = load_documents(HOST_DNS, "policies/x.yaml")
     with pytest.raises(SourceError):
-        eng.propose(Step(0, "apply a host egress policy", apply=(PolicySource(doc),)))
+        eng.propose(Step(0, "apply DNS rules at host egress", apply=(PolicySource(doc),)))
     assert eng.map_state() is before
 
 
-def test_validate_notice_says_apply_refuses_host_egress():
-    (policy,) = policy_docs(HOST_EGRESS)
+def test_validate_notice_says_apply_refuses_dns_at_host_egress():
+    (policy,) = policy_docs(HOST_DNS)
     (notice,) = policy_notices([policy])
-    assert notice.startswith("CiliumClusterwideNetworkPolicy host-out spec: host policy (nodeSelector) with egress is valid")
+    assert notice.startswith("CiliumClusterwideNetworkPolicy host-dns spec: host policy (nodeSelector) with DNS rules at egress is valid")
     assert "apply and run refuse it" in notice
-    (ingress_only,) = policy_docs(HOST_SSH)
-    assert policy_notices([ingress_only]) == []
+    (ingress,) = policy_docs(HOST_SSH)
+    (egress,) = policy_docs(HOST_EGRESS)
+    assert policy_notices([ingress, egress]) == []
 
 
-def test_validate_accepts_and_run_refuses_a_host_egress_policy(tmp_path):
+def test_validate_accepts_and_run_refuses_dns_at_host_egress(tmp_path):
     """The CLI: `validate` of the policy file says valid with the notice; `validate` and
     `run --dry-run` of a scenario applying it fail (exit 1) with the refusal, naming the file."""
     policy = tmp_path / "host.yaml"
-    policy.write_text(HOST_EGRESS)
+    policy.write_text(HOST_DNS)
     lab = tmp_path / "lab.yaml"
     lab.write_text(CILIUM_TOPOLOGY + NODE + "policies:\n  - file: host.yaml\nsteps:\n"
                    "  - probes: [{from: shop/frontend, to: shop/api:8080, expect: allowed}]\n")
     out = l7lab("validate", str(policy))
     assert out.returncode == 0, out.stderr
-    assert "notice:" in out.stdout and "host policy (nodeSelector) with egress is valid, but apply and run refuse it" in out.stdout
+    assert "notice:" in out.stdout and "host policy (nodeSelector) with DNS rules at egress is valid, but apply and run refuse it" in out.stdout
     for verb in (["validate"], ["run", "--dry-run"]):
         out = l7lab(*verb, str(lab))
         assert out.returncode == 1, (verb, out.stdout, out.stderr)
@@ -224,3 +235,30 @@ def test_probe_to_the_node_names_its_address_and_ports():
     with pytest.raises(Exception) as exc:
         scenario(CILIUM_TOPOLOGY, extra="node: {ports: [{port: 15001}]}\n")
     assert "node.ports[0].port" in str(exc.value) and "L7 proxy" in str(exc.value)
+
+
+def test_oracle_judges_host_egress_on_flows_from_the_node():
+    eng = engine(HOST_EGRESS, topology=CILIUM_TOPOLOGY, extra=NODE_WITH_SERVER)
+    host = eng.map_state().endpoints[HOST_ENDPOINT_ID]
+    assert host.egress_enforced and not host.ingress_enforced
+    api = eng.scenario.pod("shop/api").ip
+    assert outcome(eng, "host", api, 8080) == "allowed"
+    assert outcome(eng, "host", api, 9090) == "dropped"            # default deny at host egress
+    assert outcome(eng, "host", "shop/frontend", 80) == "dropped"
+    assert outcome(eng, "host", "www", 80) == "dropped"            # toward a world host too
+    assert outcome(eng, "shop/frontend", eng.scenario.node_ip, 22) == "allowed"  # ingress not enforced
+    text = "\n".join(eng.verdict(Flow("host", api, "TCP", 9090)).trace)
+    assert "egress of host (endpoint 65535): selected by CiliumClusterwideNetworkPolicy host-out" in text
+    # Without a host policy the node's traffic is judged by the destination's ingress only.
+    plain = engine(topology=CILIUM_TOPOLOGY, extra=NODE_WITH_SERVER)
+    assert outcome(plain, "host", api, 9090) == "allowed"
+    assert "no host policy selects the node" in "\n".join(plain.verdict(Flow("host", api, "TCP", 9090)).trace)
+
+
+def test_probe_from_the_node():
+    sc = scenario(CILIUM_TOPOLOGY, extra=NODE_WITH_SERVER + "steps:\n  - probes: [{from: node, to: 'shop/api:8080', expect: allowed}]\n")
+    (probe,) = sc.steps[0].probes
+    assert probe.source == "host" and probe.destination.name == "shop/api"
+    with pytest.raises(Exception) as exc:
+        scenario(CILIUM_TOPOLOGY, extra=NODE_WITH_SERVER + "steps:\n  - probes: [{from: node, to: 'node:22', expect: allowed}]\n")
+    assert "steps[0].probes[0].to" in str(exc.value) and "never leaves the node" in str(exc.value)
