@@ -43,7 +43,7 @@ def render(trace: object) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from ..scenario import DnsQuery, load_scenario, make_probe  # noqa: PLC0415
+    from ..scenario import HOST_SOURCE, DnsQuery, load_scenario, make_probe  # noqa: PLC0415
     from ..agent.tracer import trace_running_lab  # noqa: PLC0415
     from .check import _parse_http  # noqa: PLC0415 - the request words `explain` takes
 
@@ -57,6 +57,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     protocol = args.protocol or ("UDP" if dns else "TCP")
     probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns)
     if probe.source not in rec.endpoints:
+        if probe.source == HOST_SOURCE:
+            raise L7LabError("l7lab trace sends its probe from a pod or a world host, not from the node; "
+                             "l7lab explain --from node gives the oracle's reasoning")
         raise L7LabError(f"no pod or world host {probe.source!r} in lab {rec.lab}")
     trace = trace_running_lab(rec.lab, probe)
     if args.json:

@@ -8,6 +8,7 @@ One lab; each case is a PolicyEngine with its own policies, switched in by map u
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,8 @@ from dataplane.policy.host import HOST_ENDPOINT_ID
 from dataplane.probes import run_probe
 from dataplane.scenario import GATEWAY_IP, HttpRequest, Probe, make_probe, parse_scenario
 from dataplane.yamlsource import load_documents
-from tests.conftest import unique_lab
+from tests.conftest import REPO, unique_lab
+from tests.support.cli_lab import l7lab
 from tests.support.kernel_lab import PASS_TIMEOUT, KernelLab, close_lab, open_lab
 
 LAB_PREFIX = "hp"
@@ -205,3 +207,26 @@ def test_host_egress_policy_judges_what_the_node_sends(hlab: KernelLab) -> None:
     assert set(got.values()) == {"allowed"}, got
     hlab.switch(engine_with(hlab.lab.name, HOST_EGRESS, HOST_EGRESS_WORLD))
     assert from_node_outcomes(hlab) == {"ops/admin": "allowed", "shop/client": "dropped", "outside": "allowed"}
+
+
+def test_policy_get_shows_the_host_endpoint_of_a_running_lab() -> None:
+    """`l7lab up` of scenarios/host-policy.yaml, `l7lab apply` of its host firewall: `l7lab policy
+    get LAB host` reads the host endpoint's entries back from the kernel, equal to the
+    resolver's; before the apply there is no host endpoint to show."""
+    name = unique_lab("hg")
+    up = l7lab("up", str(REPO / "scenarios" / "host-policy.yaml"), "--name", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        before = l7lab("policy", "get", name, "host", "--json")
+        assert before.returncode == 1 and "no endpoint 'host'" in before.stderr, before.stderr
+        applied = l7lab("apply", "--lab", name, str(REPO / "scenarios" / "policies" / "host-firewall.yaml"))
+        assert applied.returncode == 0, applied.stderr
+        out = l7lab("policy", "get", name, "host", "--json")
+        assert out.returncode == 0, out.stderr
+        (ep,) = json.loads(out.stdout)["endpoints"]
+        assert (ep["endpoint"], ep["endpoint_id"], ep["identity"]) == ("host", HOST_ENDPOINT_ID, IDENTITY_HOST)
+        assert ep["differences"] == 0 and ep["ingress_enforced"] is True
+        ports = {(r["direction"], r["ports"], r["verdict"]) for r in ep["entries"]}
+        assert {("ingress", "22/TCP", "allow"), ("ingress", "10250/TCP", "allow")} <= ports
+    finally:
+        l7lab("down", name)
