@@ -272,8 +272,10 @@ class PolicyEngine:
                      for i, (k, p) in enumerate(sc.pods.items())]
         # The node as a candidate host endpoint: an endpoint only once a host spec selects it.
         node_ip, *aliases = sc.node_addresses()
+        # Lab-wide audit mode (Cilium's --policy-audit-mode) covers it; audit steps switch pods only.
         host = EndpointInfo(HOST_ENDPOINT_NAME, HOST_ENDPOINT_ID, node_ip, dict(sc.node.labels),
-                            tuple((pt.port, pt.protocol, pt.name) for pt in sc.node.ports), aliases=tuple(aliases))
+                            tuple((pt.port, pt.protocol, pt.name) for pt in sc.node.ports), sc.settings.audit,
+                            tuple(aliases))
         # settings.audit is already in `audit` (every pod starts on); not passed again, so that
         # an audit step can switch it off for a pod of a lab that came up in audit mode.
         return resolve(endpoints, table, list(policies.values()), sc.settings.policy_enforcement, host=host)

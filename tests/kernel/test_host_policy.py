@@ -144,6 +144,9 @@ def test_host_ingress_deny_wins_over_allow(hlab: KernelLab) -> None:
     got = outcomes(hlab, [node_probe(hlab, s, p, proto) for s, p, proto in CASES])
     assert got[("shop/client", 22, "TCP")] == "dropped" and got[("shop/client", 5353, "UDP")] == "dropped"
     assert got[("ops/admin", 8081, "TCP")] == "allowed" and got[("outside", 22, "TCP")] == "allowed"
+    # Allowed in, nothing listening: the node's TCP reset and ICMP port unreachable get back.
+    closed = outcomes(hlab, [node_probe(hlab, "ops/admin", 9999, "TCP"), node_probe(hlab, "ops/admin", 9999, "UDP")])
+    assert set(closed.values()) == {"refused"}, closed
 
 
 def test_a_host_policy_that_selects_another_node_changes_nothing(hlab: KernelLab) -> None:
@@ -205,6 +208,9 @@ def test_host_egress_policy_judges_what_the_node_sends(hlab: KernelLab) -> None:
     # node's replies pass by conntrack although its egress allows nothing toward them.
     got = outcomes(hlab, [node_probe(hlab, "shop/client", 8081), node_probe(hlab, "outside", 22)])
     assert set(got.values()) == {"allowed"}, got
+    # The node's ICMP port unreachable is RELATED to the pod's flow: it passes host egress.
+    closed = outcomes(hlab, [node_probe(hlab, "shop/client", 9999, "UDP")])
+    assert closed == {("shop/client", 9999, "UDP"): "refused"}
     hlab.switch(engine_with(hlab.lab.name, HOST_EGRESS, HOST_EGRESS_WORLD))
     assert from_node_outcomes(hlab) == {"ops/admin": "allowed", "shop/client": "dropped", "outside": "allowed"}
 

@@ -262,3 +262,11 @@ def test_probe_from_the_node():
     with pytest.raises(Exception) as exc:
         scenario(CILIUM_TOPOLOGY, extra=NODE_WITH_SERVER + "steps:\n  - probes: [{from: node, to: 'node:22', expect: allowed}]\n")
     assert "steps[0].probes[0].to" in str(exc.value) and "never leaves the node" in str(exc.value)
+
+
+def test_lab_wide_audit_mode_covers_the_host_endpoint():
+    eng = engine(HOST_EGRESS, topology=CILIUM_TOPOLOGY, extra=NODE_WITH_SERVER, settings="audit: true\n")
+    assert eng.map_state().endpoints[HOST_ENDPOINT_ID].audit
+    api = eng.scenario.pod("shop/api").ip
+    decision = eng.verdict(Flow("host", api, "TCP", 9090))
+    assert decision.outcome == "allowed" and decision.expectation == "audited"
