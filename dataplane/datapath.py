@@ -23,7 +23,7 @@ import os
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import abi, abicheck
@@ -428,8 +428,9 @@ class Datapath:
             k, v = pack_ipcache(prefix, identity)
             desired["ipcache"][k] = (v, prefix)
         for ep in state.endpoints.values():
-            k, v = pack_endpoint(ep)
-            desired["endpoints"][k] = (v, ep.ip)
+            for address in (ep.ip, *ep.aliases):
+                k, v = pack_endpoint(replace(ep, ip=address))
+                desired["endpoints"][k] = (v, address)
         if interfaces is not None:
             desired["if_bind"] = {k: (v, i) for i, e in interfaces.items() for k, v in [pack_if_binding(i, e)]}
         # Services: backends and rev-NAT before the service slots that name them (and removed after).

@@ -74,7 +74,8 @@ class Directory:
         hosts: dict[str, str] = {}
         for key, ep in lab.record.endpoints.items():
             (pods if ep.kind == "pod" else hosts)[ep.ip] = key
-        hosts[lab.scenario.node_ip] = "node"
+        for address in lab.scenario.node_addresses():  # its own and the pods' gateway
+            hosts[address] = "node"
         names = {host.address: host.dns_names for host in lab.scenario.world.values() if host.dns_names}
         return cls(pods, hosts, names)
 

@@ -238,7 +238,12 @@ class Lab:
             (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         if self.enforcing:
             self._attach()
-        self._start_servers(plan)
+        # The node's own server (probes `to: node:PORT`), in the node's namespace.
+        node = self.scenario.node
+        if node.ports:
+            # The node's server runs unprivileged as the pods' do: let it bind the ports it declares.
+            topology.sysctl(rec.node, "net.ipv4.ip_unprivileged_port_start", 0)
+        self._start_servers(plan + [("node", node.name, rec.node, self.scenario.node_ip, node.ports, {})])
         rec.status = "up"
         rec.save()
 

@@ -88,6 +88,9 @@ class EndpointState:
     # any BPF map; carried so that the metrics and the service map name them alike.
     ingress_isolated_by: tuple[PolicyName, ...] = ()
     egress_isolated_by: tuple[PolicyName, ...] = ()
+    # Further addresses of the same endpoint, written to the endpoints map like `ip`: the host
+    # endpoint's second address (the pods' gateway). Pods have none.
+    aliases: tuple[str, ...] = ()
 
     def enforced(self, direction: Direction) -> bool:
         """Whether "no entry" drops in `direction` (default deny)."""
@@ -188,7 +191,8 @@ class MapState:
                            "ingress_enforced": e.ingress_enforced, "egress_enforced": e.egress_enforced,
                            "audit": e.audit, "labels": dict(e.labels),
                            "ingress_isolated_by": [list(p) for p in e.ingress_isolated_by],
-                           "egress_isolated_by": [list(p) for p in e.egress_isolated_by]}
+                           "egress_isolated_by": [list(p) for p in e.egress_isolated_by],
+                           "aliases": list(e.aliases)}
                           for e in self.endpoints.values()],
             "policy": [{"endpoint_id": k.endpoint_id, "direction": int(k.direction), "identity": k.identity,
                         "protocol": k.protocol, "port": k.port, "port_prefix": k.port_prefix,
@@ -212,7 +216,8 @@ class MapState:
                 int(e["endpoint_id"]), e["name"], e["ip"], int(e["identity"]), bool(e["ingress_enforced"]),
                 bool(e["egress_enforced"]), bool(e.get("audit", False)),
                 tuple(sorted((str(k), str(v)) for k, v in e.get("labels", {}).items())),
-                _policy_names(e.get("ingress_isolated_by", ())), _policy_names(e.get("egress_isolated_by", ())))
+                _policy_names(e.get("ingress_isolated_by", ())), _policy_names(e.get("egress_isolated_by", ())),
+                tuple(str(a) for a in e.get("aliases", ())))
         for p in data.get("policy", ()):
             key = PolicyKey(int(p["endpoint_id"]), Direction(p["direction"]), int(p["identity"]), int(p["protocol"]),
                             int(p.get("port", 0)), int(p.get("port_prefix", 0)))

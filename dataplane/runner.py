@@ -25,7 +25,7 @@ from . import flowrecord
 from .flowrender import outcome
 from .flows import Directory, FlowLog, kernel_flows
 from .probes import Observation, run_probe
-from .scenario import Probe, Scenario, Step, meets
+from .scenario import HOST_SOURCE, Probe, Scenario, Step, meets
 from .services import pin_probe, service_backend_address
 
 if TYPE_CHECKING:
@@ -156,19 +156,26 @@ class KernelExecutor:
         self.lab.sync_policy(self.policy.map_state())
 
     async def observe(self, probe: Probe) -> Observation:
-        source = self.lab.record.endpoints[probe.source]
+        netns, address = self._source(probe)
         sport = None
         if probe.destination.kind == "service" and self.policy is not None:
             # The backend the oracle judges, reached by choosing the source port (services.py).
             try:
-                probe, sport = pin_probe(probe, self.policy.map_state(), source.ip)
+                probe, sport = pin_probe(probe, self.policy.map_state(), address)
             except ValueError as exc:  # the backend the probe names is none of the service's now
                 return Observation("error", str(exc))
-        observed = await run_probe(probe, source.netns, sport)
+        observed = await run_probe(probe, netns, sport)
         translated = service_backend_address(probe, self.policy.map_state(), self.lab.scenario) if self.policy else None
         if translated is not None:
             observed.extra["translated"] = translated  # what the kernel's events name
         return observed
+
+    def _source(self, probe: Probe) -> tuple[str, str]:
+        """(namespace, address) a probe leaves from: its pod's or world host's, or the node's own."""
+        if probe.source == HOST_SOURCE:
+            return self.lab.record.node, self.lab.scenario.node_ip
+        ep = self.lab.record.endpoints[probe.source]
+        return ep.netns, ep.ip
 
     def oracle(self, probe: Probe) -> str | None:
         if self.policy is None or not self.lab.enforcing:
@@ -194,7 +201,7 @@ class KernelExecutor:
             first.setdefault((flow.source.ip, flow.source.port, flow.destination.ip, flow.destination.port,
                               flow.l4.protocol, echo_id), flow)
         for r in results:
-            src_ip = self.lab.record.endpoints[r.probe.source].ip
+            src_ip = self._source(r.probe)[1]
             ping = r.probe.icmp is not None
             # To a service, the kernel's flow is the translated one (the backend's address and port).
             dst_ip, dst_port = r.observed.extra.get("translated", (r.probe.destination.ip, r.probe.destination.port))

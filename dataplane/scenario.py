@@ -22,6 +22,7 @@ from typing import Any, Literal
 import jsonschema
 
 from . import limits
+from .abi import PROXY_PORT
 from .errors import ErrorList, SourceError, SourceLocation
 from .yamlsource import Budget, Document, describe_value, format_path, load_file
 
@@ -52,6 +53,8 @@ NOT_A_WORLD_ADDRESS = tuple((ipaddress.ip_network(n), why) for n, why in (
 ))
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_NAME = "default"  # Cilium's default --cluster-name
+NODE_TARGET = "node"  # a probe's `to` naming the lab node's own address, or its `from` naming the node
+HOST_SOURCE = "host"  # Probe.source of a probe from the node (the oracle's name for the node's own stack)
 GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the node, answered by ARP
 # Service ClusterIPs: Kubernetes' default service range starts at 10.96.0.0 (kube-apiserver
 # --service-cluster-ip-range 10.96.0.0/12); the lab takes a /24 of it unless settings say otherwise.
@@ -204,8 +207,8 @@ class HttpRequest:
 class Destination:
     """What a probe targets: a pod or a world host, reached by address or by DNS name."""
 
-    kind: Literal["pod", "world", "service"]
-    name: str  # pod key, world host name or service key
+    kind: Literal["pod", "world", "service", "node"]
+    name: str  # pod key, world host name, service key, or the node's name
     ip: str
     port: int
     dns_name: str = ""  # set when the probe names the destination by a DNS name
@@ -242,7 +245,7 @@ class DnsQuery:
 
 @dataclass(frozen=True)
 class Probe:
-    source: str  # pod key, or a world host's name (ingress from outside the cluster)
+    source: str  # pod key, a world host's name (ingress from outside the cluster), or HOST_SOURCE (the node)
     destination: Destination
     protocol: Protocol
     expect: Expectation
@@ -316,6 +319,8 @@ class Node:
 
     name: str = DEFAULT_NODE_NAME
     labels: dict[str, str] = field(default_factory=lambda: {HOSTNAME_LABEL: DEFAULT_NODE_NAME, OS_LABEL: "linux"})
+    # What a server in the node's own namespace listens on: probes `to: node:PORT` reach it.
+    ports: tuple[Port, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -714,7 +719,13 @@ class _Builder:
         if given is not None and given != name:
             self.err(("node", "labels", HOSTNAME_LABEL),
                      f"the kubelet sets {HOSTNAME_LABEL} to the node's name ({name!r}); got {given!r}")
-        return Node(name, {HOSTNAME_LABEL: name, OS_LABEL: "linux", **declared})
+        ports = self.ports(raw.get("ports", []))
+        self.check_ports(ports, ("node", "ports"))
+        for i, port in enumerate(ports):
+            if port.port == PROXY_PORT:
+                self.err(("node", "ports", i, "port"), f"port {PROXY_PORT} is the L7 proxy's listener in the node's "
+                                                       "namespace; give the node's server another port")
+        return Node(name, {HOSTNAME_LABEL: name, OS_LABEL: "linux", **declared}, ports)
 
     def service_cidr(self, settings: Settings, pod_cidr: ipaddress.IPv4Network,
                      world: dict[str, WorldHost]) -> ipaddress.IPv4Network | None:
@@ -893,10 +904,13 @@ class _Builder:
         if any(p.name == ref for p in scenario.pods.values()):
             return cls._unknown_pod(scenario, ref)  # ambiguous
         world = f"; world hosts: {', '.join(sorted(scenario.world))}" if scenario.world else ""
-        return f"unknown pod {ref!r} (nor a world host); pods: {', '.join(sorted(scenario.pods))}{world}"
+        return (f"unknown pod {ref!r} (nor a world host, nor {NODE_TARGET!r}, the node); "
+                f"pods: {', '.join(sorted(scenario.pods))}{world}")
 
     def probe(self, scenario: Scenario, where: tuple, raw: dict[str, Any]) -> Probe | None:
         source = scenario.source_key(raw["from"])
+        if source is None and raw["from"] == NODE_TARGET:
+            source = HOST_SOURCE  # the node's own stack (identity host), judged by host egress policy
         if source is None:
             self.err(where + ("from",), self._unknown_source(scenario, raw["from"]))
             return None
@@ -936,8 +950,10 @@ class _Builder:
             svc_key = scenario.service_by_dns(target, source_ns)
         if svc_key is not None:
             if not from_pod:
+                what = ("the node (the lab translates pods' connections only)" if source == HOST_SOURCE
+                        else f"world host {source!r} outside the cluster")
                 self.err(where + ("to",), f"{target!r} is a service: its ClusterIP is reachable from pods only, not "
-                                          f"from world host {source!r} outside the cluster")
+                                          f"from {what}")
                 return None
             if icmp is not None:
                 self.err(where + ("to",), f"{target!r} is a service: a ClusterIP translates TCP and UDP "
@@ -953,6 +969,9 @@ class _Builder:
         elif target in scenario.world:
             host = scenario.world[target]
             dest, ports = Destination("world", host.name, host.address, port), host.ports
+        elif target == NODE_TARGET:
+            # The node's own address: host ingress policy (a CCNP nodeSelector) judges it.
+            dest, ports = Destination("node", scenario.node.name, scenario.node_ip, port), scenario.node.ports
         else:
             for host in scenario.world.values():
                 if target.lower() in (d.lower() for d in host.dns_names):
@@ -962,8 +981,11 @@ class _Builder:
             if "/" not in target and any(p.name == target for p in scenario.pods.values()):
                 self.err(where + ("to",), self._unknown_pod(scenario, target))
             else:
-                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's DNS name, "
-                                          f"or a service (by name, namespace/name or DNS name)")
+                self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's "
+                                          f"DNS name, a service (by name, namespace/name or DNS name) or {NODE_TARGET!r}")
+            return None
+        if source == HOST_SOURCE and dest.kind == "node":
+            self.err(where + ("to",), "a probe from the node to its own address never leaves the node: no policy judges it")
             return None
         if source in scenario.world and dest.kind == "world":
             self.err(where + ("to",), f"a probe from world host {source!r} goes to a pod: traffic between hosts "

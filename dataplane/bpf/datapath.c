@@ -36,6 +36,7 @@ BPF_TABLE("lru_hash", struct ct_key, struct lb_flow, lb_flows, CT_MAP_SIZE);
 #include "lib/events.h"
 #include "lib/proxy.h"
 #include "lib/lb.h"
+#include "lib/host.h"
 #include "from_container.c"
 #include "to_container.c"
 

@@ -5,8 +5,9 @@
  *   mark FROM_PROXY  the L7 proxy's upstream connection, already checked per request: pass,
  *                    and track it so that the pod's replies pass from_container.
  *   anything else    sent by the node's own stack: remote identity host, the destination's
- *                    INGRESS policy, with conntrack (replies of connections the pod opened
- *                    find their entry reversed and pass).
+ *                    INGRESS policy and, when a host policy selects the node, the host's
+ *                    EGRESS policy (lib/host.h; toward world hosts too), with conntrack
+ *                    (replies of connections the pod opened find their entry reversed and pass).
  *
  * Fragments as in from_container: a passed first fragment records its datagram, a later one
  * has its ports or drops (REASON_FRAGMENT_UNKNOWN).
@@ -60,6 +61,9 @@ static __always_inline int to_container_run(struct __sk_buff *skb, struct trace_
 	TRACE(t, TRACE_PARSE, p.frag, p.policy_port, 0, 0, 0);
 
 	struct endpoint_info *dst_ep = endpoints_lookup(&p.daddr);
+	/* The host endpoint (lib/host.h) when the node's own stack sends this and a host policy
+	 * selects the node; never for the proxy's upstream. */
+	struct endpoint_info *host_ep = magic == MARK_MAGIC_FROM_PROXY ? 0 : host_endpoint_of(&p.saddr);
 	fi.dst_endpoint = dst_ep ? dst_ep->endpoint_id : 0;
 	fi.dst_identity = dst_ep ? dst_ep->identity : 0;
 
@@ -68,7 +72,7 @@ static __always_inline int to_container_run(struct __sk_buff *skb, struct trace_
 		fi.src_identity = (mark >> 16) | ((mark & 0xff) << 16);
 		TRACE(t, TRACE_FROM_PROXY, fi.src_identity, mark, 0, 0, 0);
 	}
-	if (magic == MARK_MAGIC_FROM_PROXY || dst_ep) {
+	if (magic == MARK_MAGIC_FROM_PROXY || dst_ep || host_ep) {
 		ctr = ct_lookup(&p, &ct);
 		TRACE(t, TRACE_CONNTRACK, ctr, ct ? ct->proxy_port : 0, ct ? ct->flags : 0, ct ? ct->src_identity : 0, ct ? ct->rule_id : 0);
 	}
@@ -86,9 +90,9 @@ static __always_inline int to_container_run(struct __sk_buff *skb, struct trace_
 		return TC_ACT_OK;
 	}
 
-	if (!dst_ep || ctr != CT_NEW) {
-		/* Not toward a pod (a world link), or a flow conntrack knows. The L7 proxy answering a
-		 * redirected flow to a service answers as the service (lib/lb.h). */
+	if ((!dst_ep && !host_ep) || ctr != CT_NEW) {
+		/* Not toward a pod (a world link) with no host policy, or a flow conntrack knows. The
+		 * L7 proxy answering a redirected flow to a service answers as the service (lib/lb.h). */
 		if (ctr == CT_REPLY)
 			lb_rev_nat(skb, &p, ct);
 		frag_record(&p);
@@ -96,11 +100,16 @@ static __always_inline int to_container_run(struct __sk_buff *skb, struct trace_
 		return TC_ACT_OK;
 	}
 
-	/* Sent by the node's own stack: remote identity host. */
+	/* Sent by the node's own stack: remote identity host; the host's egress when a host
+	 * policy selects the node (lib/host.h), the destination's ingress when it is a pod. */
 	fi.src_identity = IDENTITY_HOST;
-	TRACE(t, TRACE_IDENTITY, TRACE_SIDE_SOURCE, IDENTITY_HOST, TRACE_ID_FROM_NODE, 0, 0);
-	TRACE(t, TRACE_IDENTITY, TRACE_SIDE_DESTINATION, fi.dst_identity, TRACE_ID_FROM_ENDPOINT, fi.dst_endpoint, 0);
-	policy_decide(t, dst_ep, DIR_INGRESS, IDENTITY_HOST, &p, d);
+	fi.src_endpoint = host_ep ? host_ep->endpoint_id : 0;
+	TRACE(t, TRACE_IDENTITY, TRACE_SIDE_SOURCE, IDENTITY_HOST, TRACE_ID_FROM_NODE, fi.src_endpoint, 0);
+	if (dst_ep)
+		TRACE(t, TRACE_IDENTITY, TRACE_SIDE_DESTINATION, fi.dst_identity, TRACE_ID_FROM_ENDPOINT, fi.dst_endpoint, 0);
+	else
+		fi.dst_identity = identity_of(t, TRACE_SIDE_DESTINATION, p.daddr, 0);
+	host_decide(t, host_ep, dst_ep, &fi, &p, d);
 	if (d->verdict == VERDICT_REDIRECT) {
 		/* bpf_sk_assign is not available at tc egress: fail closed. */
 		d->verdict = VERDICT_DROP;
@@ -111,7 +120,7 @@ static __always_inline int to_container_run(struct __sk_buff *skb, struct trace_
 		return fc_drop(skb, &p, &fi, d);
 	ct_create(t, &p, IDENTITY_HOST, d->rule_id, 0, 0);
 	frag_record(&p);
-	count_packet(d->verdict, d->reason, DIR_INGRESS, p.len);
+	count_packet(d->verdict, d->reason, d->direction, p.len);
 	emit_event(skb, &p, &fi, d);
 	return TC_ACT_OK;
 }

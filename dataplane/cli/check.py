@@ -151,10 +151,10 @@ def register(verbs: Verbs) -> None:
     p = verbs.add("explain", "show, step by step, the verdict the policy gives a flow and why", cmd_explain)
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                   help="source pod, or a world host (traffic from outside the cluster)")
+                   help="source pod, a world host (traffic from outside the cluster) or node (the node's own stack)")
     p.add_argument("--to", required=True, metavar="DEST[:PORT]",
-                   help="pod, world host or DNS name, or a service (name, namespace/name or DNS name), with an "
-                        "optional port")
+                   help="pod, world host, DNS name, node (the lab node's own address), or a service (name, "
+                        "namespace/name or DNS name), with an optional port")
     p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the flow reaches (default: the first, as a scenario's probe)")
     p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")

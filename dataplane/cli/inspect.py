@@ -15,6 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from .. import lab as labmod
+from ..policy.host import HOST_ENDPOINT_NAME
 from ..errors import L7LabError
 from .common import (EXIT_EXPECTATION, EXIT_OK, UsageError, Verbs, cell, console, emit_json, lab_arguments, one_lab,
                      say)
@@ -22,6 +23,7 @@ from .common import (EXIT_EXPECTATION, EXIT_OK, UsageError, Verbs, cell, console
 POLICY_EXAMPLE = """\
 examples:
   l7lab policy get retail retail/inventory-api   # one endpoint's entries
+  l7lab policy get LAB host                      # the node's, once a host policy selects it
   l7lab policy get inventory-api                 # the only lab that is up; a pod's short name will do
   l7lab policy get retail --json                 # every endpoint, for machines
 exit codes: 0 the kernel's map is the intended state, 3 they differ, 1 no such lab or pod, 2 usage
@@ -114,7 +116,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
     rec = one_lab(lab)
     payload: dict[str, Any] = {"op": "policy-dump"}
     if pod is not None:
-        payload["endpoint"] = pod_key(rec, pod)
+        # "host": the host endpoint a host policy (nodeSelector) adds, unless a pod has that name.
+        is_host = pod == HOST_ENDPOINT_NAME and not any(
+            e.kind == "pod" and k.split("/")[-1] == pod for k, e in rec.endpoints.items())
+        payload["endpoint"] = HOST_ENDPOINT_NAME if is_host else pod_key(rec, pod)
     endpoints = PolicyDump.from_reply(_ask(rec.lab, payload)).endpoints()
     differences = sum(ep["differences"] for ep in endpoints)
     if args.json:

@@ -43,7 +43,7 @@ def render(trace: object) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from ..scenario import DnsQuery, load_scenario, make_probe  # noqa: PLC0415
+    from ..scenario import HOST_SOURCE, DnsQuery, load_scenario, make_probe  # noqa: PLC0415
     from ..agent.tracer import trace_running_lab  # noqa: PLC0415
     from .check import _parse_http  # noqa: PLC0415 - the request words `explain` takes
 
@@ -58,6 +58,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns,
                        backend=args.backend)
     if probe.source not in rec.endpoints:
+        if probe.source == HOST_SOURCE:
+            raise L7LabError("l7lab trace sends its probe from a pod or a world host, not from the node; "
+                             "l7lab explain --from node gives the oracle's reasoning")
         raise L7LabError(f"no pod or world host {probe.source!r} in lab {rec.lab}")
     trace = trace_running_lab(rec.lab, probe)
     if args.json:
@@ -77,8 +80,8 @@ def register(verbs: Verbs) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                    help="source pod, or a world host (traffic from outside the cluster)")
     p.add_argument("--to", required=True, metavar="DEST[:PORT]",
-                   help="pod, world host or DNS name, or a service (name, namespace/name or DNS name), with an "
-                        "optional port")
+                   help="pod, world host, DNS name, node (the lab node's own address), or a service (name, "
+                        "namespace/name or DNS name), with an optional port")
     p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the probe is to reach (default: the first)")
     p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="the HTTP request to send (default GET /)")

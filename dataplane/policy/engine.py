@@ -10,6 +10,10 @@ Flow evaluation (DESIGN.md section 1):
   pod -> pod       source egress, then destination ingress; both must allow; a deny anywhere wins
   pod -> world     source egress only
   world/host -> pod destination ingress only (host: allowed by allow-localhost when enforced)
+  pod/world -> node source egress, then the host endpoint's ingress when a host policy
+                   (nodeSelector) selects the node
+  node -> pod/world the host endpoint's egress when a host policy selects the node, then the
+                   pod's ingress; a REDIRECT drops (the node's packets leave at tc egress)
   NONE (no entry)  dropped when the direction is enforced, passes when it is not
   REDIRECT         HTTP: a request that matches the L7 set is allowed, else denied (403);
                    DNS: a query that matches is allowed, else refused
@@ -38,7 +42,7 @@ from ..icmp import ECHO_REQUEST, type_name
 from ..mapstate import DirectionLookup, MapState, ServiceEntry, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
 from .api import CIDRPeer, Policy
-from .host import host_policy_refusal
+from .host import HOST_ENDPOINT_ID, HOST_ENDPOINT_NAME, host_policy_refusal
 from .identity import IdentityAllocator, IdentityTable
 from .notices import icmpv6_note, peer_notes, requirement_notes
 from .parse import parse_documents
@@ -275,9 +279,15 @@ class PolicyEngine:
         endpoints = [EndpointInfo(k, i + 1, p.ip, labels[k], tuple((pt.port, pt.protocol, pt.name) for pt in p.ports),
                                   audit.get(k, False))
                      for i, (k, p) in enumerate(sc.pods.items())]
+        # The node as a candidate host endpoint: an endpoint only once a host spec selects it.
+        node_ip, *aliases = sc.node_addresses()
+        # Lab-wide audit mode (Cilium's --policy-audit-mode) covers it; audit steps switch pods only.
+        host = EndpointInfo(HOST_ENDPOINT_NAME, HOST_ENDPOINT_ID, node_ip, dict(sc.node.labels),
+                            tuple((pt.port, pt.protocol, pt.name) for pt in sc.node.ports), sc.settings.audit,
+                            tuple(aliases))
         # settings.audit is already in `audit` (every pod starts on); not passed again, so that
         # an audit step can switch it off for a pod of a lab that came up in audit mode.
-        resolution = resolve(endpoints, table, expanded, sc.settings.policy_enforcement)
+        resolution = resolve(endpoints, table, expanded, sc.settings.policy_enforcement, host=host)
         # The services' backends follow the pods' labels in force (a relabel moves them).
         resolution.state.services = service_entries(sc, pod_labels, {e.key: e.endpoint_id for e in endpoints})
         return resolution
@@ -370,6 +380,7 @@ class _Judge:
         else:
             raise ValueError(f"unknown flow source {flow.source!r}: expected a pod, a world host or 'host'")
         dst_pod = next((k for k, p in sc.pods.items() if p.ip == flow.destination_ip), None)
+        to_node = flow.destination_ip in sc.node_addresses()
         # The remote address of each direction, for the notes on CIDR peers (`notices.peer_notes`).
         self.remote_ip = {Direction.EGRESS: flow.destination_ip,
                           Direction.INGRESS: sc.pods[src_pod].ip if src_pod is not None else
@@ -381,8 +392,8 @@ class _Judge:
             (f" DNS query {flow.dns_name}" if flow.dns_name else "")
         self.trace.append(f"flow: {src_desc} -> {flow.destination_ip} {what}")
         self.trace.append(f"source identity {self.ids.describe(src_identity)}")
-        dst_desc = f"pod {dst_pod}" if dst_pod else next((f"world host {h.name}" for h in sc.world.values()
-                                                          if h.address == flow.destination_ip), "outside the lab")
+        dst_desc = f"pod {dst_pod}" if dst_pod else f"node {sc.node.name} (host)" if to_node else next(
+            (f"world host {h.name}" for h in sc.world.values() if h.address == flow.destination_ip), "outside the lab")
         self.trace.append(f"destination {dst_desc}, identity {self.ids.describe(dst_identity)} (ipcache longest match)")
 
         if src_pod is not None and dst_pod == src_pod:
@@ -395,20 +406,39 @@ class _Judge:
             return d
         # The lookups the datapath makes (the proxy takes its L7 sets from the same walk).
         src_ep = self.state.endpoints[self.engine.endpoint_id(src_pod)] if src_pod is not None else None
+        if flow.source == "host":
+            src_ep = self.state.endpoints.get(HOST_ENDPOINT_ID)  # the host's egress, when a host policy selects it
         dst_ep = self.state.endpoints[self.engine.endpoint_id(dst_pod)] if dst_pod is not None else None
+        if to_node:
+            # The host endpoint exists once a host policy selects the node (host.py); the
+            # datapath finds it by the node's addresses.
+            dst_ep = self.state.endpoints.get(HOST_ENDPOINT_ID)
+            if dst_ep is None:
+                self.trace.append("ingress: no host policy selects the node; what reaches it is not judged "
+                                  "against a policy of its own")
         lookups = {look.direction: look for look in
                    flow_lookups(self.state, src_ep, dst_ep, src_identity, dst_identity, protocol, flow.port)}
         redirects: list[tuple[int, Direction, int]] = []  # (endpoint id, direction, remote identity)
         if Direction.EGRESS in lookups:
             if not self.direction(lookups[Direction.EGRESS], redirects):
                 return d
+        elif flow.source == "host":
+            self.trace.append("egress: no host policy selects the node; what it sends is not judged against "
+                              "a policy of its own")
         else:
             self.trace.append("egress: source is not a lab endpoint; no egress policy applies")
         if Direction.INGRESS in lookups:
             if not self.direction(lookups[Direction.INGRESS], redirects):
                 return d
-        else:
+        elif not to_node:
             self.trace.append("ingress: destination is not a lab endpoint; no ingress policy applies")
+        if redirects and flow.source == "host":
+            # The node's own packets leave it at tc egress (to_container), where nothing can be
+            # handed to the proxy: the datapath drops them (PROXY_NOT_AT_EGRESS), fail closed.
+            self.trace.append("the node's own traffic leaves at tc egress, where it cannot be redirected to the "
+                              "L7 proxy: DROP (PROXY_NOT_AT_EGRESS)")
+            d.outcome = "dropped"
+            return d
         if redirects and not self.l7(redirects):
             return d
         self.listening(dst_pod)
@@ -548,8 +578,8 @@ class _Judge:
 
     def listening(self, dst_pod: str | None) -> None:
         sc, flow = self.engine.scenario, self.flow
-        ports = sc.pods[dst_pod].ports if dst_pod else next(
-            (h.ports for h in sc.world.values() if h.address == flow.destination_ip), None)
+        ports = sc.pods[dst_pod].ports if dst_pod else sc.node.ports if flow.destination_ip in sc.node_addresses() \
+            else next((h.ports for h in sc.world.values() if h.address == flow.destination_ip), None)
         if ports is None:
             return
         if flow.protocol == "ICMP":

@@ -59,6 +59,7 @@ class EndpointInfo:
     labels: dict[str, str]  # identity labels
     ports: tuple[tuple[int, str, str], ...]  # (port, protocol, name)
     audit: bool = False  # this endpoint is in audit mode (its own PolicyAuditMode)
+    aliases: tuple[str, ...] = ()  # further addresses of the endpoint (the host's: the pods' gateway)
 
 
 class Contribution(NamedTuple):
@@ -99,7 +100,10 @@ class Resolution:
 
 
 def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: list[Policy],
-            mode: str = "default", audit: bool = False) -> Resolution:
+            mode: str = "default", audit: bool = False, host: EndpointInfo | None = None) -> Resolution:
+    """`host`: the node as a candidate host endpoint (identity host, the node's labels, its
+    endpoint id; host.py); it becomes an endpoint only when a host spec (nodeSelector) selects
+    it, so that without host policies traffic to and from the node is judged as before."""
     state = MapState(ipcache=dict(identities.ipcache))
     rule_refs: dict[int, RuleRef] = {}
     rule_ids: dict[tuple[int, int, int], int] = {}
@@ -119,19 +123,23 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
     all_contributions: dict[tuple[int, Direction], list[Contribution]] = {}
     produced = 0  # contributions so far: each becomes at least one map entry
     all_pod_ports = [p for ep in endpoints for p in ep.ports]
-    for ep in endpoints:
+    subjects = list(endpoints)
+    if host is not None and any(spec.host and spec.subject.matches(host.labels) for p in policies for spec in p.specs):
+        subjects.append(host)
+    for ep in subjects:
+        is_host = ep is host
         enforced = {Direction.INGRESS: mode == "always", Direction.EGRESS: mode == "always"}
         contributions: dict[Direction, list[Contribution]] = {Direction.INGRESS: [], Direction.EGRESS: []}
         isolating: dict[Direction, set[tuple[str, str, str]]] = {Direction.INGRESS: set(), Direction.EGRESS: set()}
         for d in Direction:
             selected_by[(ep.endpoint_id, d)] = []
-        required = _requirements(ep, policies)
+        required = _requirements(ep, policies, is_host)
         for (d, _), stated in required.items():
             requirements.setdefault((ep.endpoint_id, d), []).extend(stated)
         for pi, policy in enumerate(policies):
             for si, spec in enumerate(policy.specs):
-                if spec.host or not spec.subject.matches(ep.labels):
-                    continue  # a host spec (nodeSelector) selects nodes, never pods (host.py)
+                if spec.host != is_host or not spec.subject.matches(ep.labels):
+                    continue  # a host spec (nodeSelector) selects the node, never pods (host.py)
                 for d, flag in ((Direction.INGRESS, spec.enforces_ingress), (Direction.EGRESS, spec.enforces_egress)):
                     has_rules = any(r.direction == d.name.lower() for r in spec.rules)
                     if flag or has_rules:
@@ -151,13 +159,14 @@ def resolve(endpoints: list[EndpointInfo], identities: IdentityTable, policies: 
             enforced = {Direction.INGRESS: False, Direction.EGRESS: False}
             contributions = {Direction.INGRESS: [], Direction.EGRESS: []}
             isolating = {Direction.INGRESS: set(), Direction.EGRESS: set()}
-        if enforced[Direction.INGRESS]:
+        if enforced[Direction.INGRESS] and not is_host:  # the node's own traffic to itself never meets the datapath
             contributions[Direction.INGRESS].append(
                 Contribution(IDENTITY_HOST, PROTO_ANY, 0, 65535, Verdict.ALLOW, None, localhost_id))
         state.endpoints[ep.endpoint_id] = EndpointState(
-            ep.endpoint_id, ep.key, ep.ip, identities.pod_identity[ep.key],
+            ep.endpoint_id, ep.key, ep.ip, IDENTITY_HOST if is_host else identities.pod_identity[ep.key],
             enforced[Direction.INGRESS], enforced[Direction.EGRESS], audit or ep.audit, tuple(sorted(ep.labels.items())),
-            tuple(sorted(isolating[Direction.INGRESS])), tuple(sorted(isolating[Direction.EGRESS])))
+            tuple(sorted(isolating[Direction.INGRESS])), tuple(sorted(isolating[Direction.EGRESS])),
+            ep.aliases)
         for d, contribs in contributions.items():
             _emit(state, ep.endpoint_id, d, contribs)
             all_contributions[(ep.endpoint_id, d)] = contribs
@@ -243,7 +252,8 @@ def _rule_contributions(rule: Rule, rule_id: int, ep: EndpointInfo, identities: 
     return out
 
 
-def _requirements(ep: EndpointInfo, policies: list[Policy]) -> dict[tuple[Direction, bool], list[tuple[Policy, Rule]]]:
+def _requirements(ep: EndpointInfo, policies: list[Policy],
+                  is_host: bool = False) -> dict[tuple[Direction, bool], list[tuple[Policy, Rule]]]:
     """The rules with fromRequires / toRequires among those of every spec selecting `ep`, by
     (direction, deny). As Cilium documents them (policy language, "Additional label
     requirements"; pkg/policy/rule.go: "requirements form conjunctions across all rules"), the
@@ -253,7 +263,7 @@ def _requirements(ep: EndpointInfo, policies: list[Policy]) -> dict[tuple[Direct
     out: dict[tuple[Direction, bool], list[tuple[Policy, Rule]]] = {}
     for policy in policies:
         for spec in policy.specs:
-            if spec.host or not any(r.requires for r in spec.rules) or not spec.subject.matches(ep.labels):
+            if spec.host != is_host or not any(r.requires for r in spec.rules) or not spec.subject.matches(ep.labels):
                 continue
             for rule in spec.rules:
                 if rule.requires:
