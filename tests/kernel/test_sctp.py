@@ -152,6 +152,23 @@ def test_sctp_flow_records_name_the_protocol_and_ports(klab: KernelLab) -> None:
     assert shown["verdict"] == "DROPPED"
 
 
+def test_sctp_under_an_l7_redirect_is_dropped_fail_closed(klab: KernelLab) -> None:
+    """DNS rules on a port of protocol ANY redirect SCTP too; the proxy has no SCTP side, so the
+    datapath drops the INIT (no proxy socket), and the oracle says so, while DNS over UDP on
+    the same port goes through the proxy."""
+    engine = PolicyEngine(make_scenario(cnp("dns-any", "x", """
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+          - toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+        """)))
+    klab.switch(engine)
+    out = klab.run(probes(engine, [("x/client", "x/server", 53, "SCTP"), ("x/client", "x/server", 9000, "SCTP")]))
+    assert not out.disagreements(), out.disagreements()
+    assert [r.observed.outcome for r in out.results] == ["dropped", "dropped"]
+    assert "PROXY_SOCKET_MISSING" in (out.results[0].kernel or ""), out.results[0].kernel
+    assert "POLICY_DENIED" in (out.results[1].kernel or ""), out.results[1].kernel
+
+
 @pytest.mark.parametrize("port, expect", [(9000, "allowed"), (9001, "dropped")])
 def test_an_sctp_probe_is_traced(klab: KernelLab, port: int, expect: str) -> None:
     """`explain` on an SCTP probe: the kernel's trace of the INIT agrees with the oracle."""

@@ -227,3 +227,28 @@ def test_the_shipped_sctp_scenario_passes_on_the_oracle() -> None:
         else:
             engine.apply_step(step)
     assert checked >= 10
+
+
+def test_sctp_under_an_l7_redirect_is_dropped_by_the_oracle(tmp_path: Path) -> None:
+    """DNS rules on a port of protocol ANY redirect SCTP too, which no proxy side receives: the
+    datapath drops it (no proxy socket), so the oracle answers dropped, with the reason."""
+    policy = """\
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: dns-any}
+    spec:
+      endpointSelector: {matchLabels: {app: db}}
+      ingress:
+        - toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+"""
+    head, rest = BASE.split("policies:\n")
+    text = (head.replace("{port: 9001, protocol: SCTP}", "{port: 53, protocol: SCTP}, {port: 53, protocol: UDP}")
+            + "policies:\n" + policy + "steps:" + rest.split("steps:", 1)[1])
+    sc = load_scenario(write(tmp_path, text + "      - {from: web, to: db:53, protocol: SCTP, expect: dropped}\n"
+                                              "      - {from: web, to: db, dns: {name: db}, expect: allowed}\n"))
+    engine = PolicyEngine(sc)
+    sctp_probe, dns_probe = sc.steps[0].probes
+    decision = engine.verdict(Flow.from_probe(sctp_probe))
+    assert decision.outcome == "dropped"
+    assert any("no SCTP side" in line and "fail closed" in line for line in decision.trace), decision.trace
+    assert engine.verdict(Flow.from_probe(dns_probe)).outcome == "allowed"
