@@ -9,6 +9,7 @@ request log; the kernel's flow records and Hubble's JSON name SCTP with its port
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +18,8 @@ from dataplane.hubble import hubble_flows
 from dataplane.lab import lab_dir, lab_prefix
 from dataplane.logfiles import read_all, request_log
 from dataplane.podserver import kernel_has_sctp
-from dataplane.policy import PolicyEngine
+from dataplane.policy import Flow, PolicyEngine
+from dataplane.scenario import make_probe as scenario_probe
 from dataplane.probes import run_probe
 from tests.support.kernel_lab import DROP_TIMEOUT, PASS_TIMEOUT, KernelLab, cnp, knp, make_probe, oracle_probe
 from tests.support.kernel_lab import make_scenario as scenario_from
@@ -26,6 +28,8 @@ LAB_PREFIX = "sc"  # the module's lab (fixture `klab` in tests/kernel/conftest.p
 
 TOPOLOGY = """\
 name: sctp
+node:
+  ports: [{port: 9100, protocol: SCTP}]
 namespaces:
   - {name: x}
 pods:
@@ -167,6 +171,21 @@ def test_sctp_under_an_l7_redirect_is_dropped_fail_closed(klab: KernelLab) -> No
     assert [r.observed.outcome for r in out.results] == ["dropped", "dropped"]
     assert "PROXY_SOCKET_MISSING" in (out.results[0].kernel or ""), out.results[0].kernel
     assert "POLICY_DENIED" in (out.results[1].kernel or ""), out.results[1].kernel
+
+
+def test_sctp_to_and_from_the_node(klab: KernelLab) -> None:
+    """The node's own server answers SCTP on the node's declared SCTP ports (an ABORT on the
+    others), and the node's stack (identity host) can open an association to a pod."""
+    engine = PolicyEngine(make_scenario())
+    klab.switch(engine)
+    sc = engine.scenario
+    cases = [("x/client", "node:9100", "allowed"), ("x/client", "node:9101", "refused"), ("node", "x/server:9000", "allowed")]
+    batch = [replace(probe, expect=engine.verdict(Flow.from_probe(probe)).expectation,
+                     timeout=PASS_TIMEOUT) for probe in (scenario_probe(sc, s, to, "SCTP") for s, to, _ in cases)]
+    assert [p.expect for p in batch] == [want for _, _, want in cases]  # the oracle's answers
+    out = klab.run(batch)
+    assert not out.disagreements(), out.disagreements()
+    assert [r.observed.outcome for r in out.results] == [want for _, _, want in cases]
 
 
 @pytest.mark.parametrize("port, expect", [(9000, "allowed"), (9001, "dropped")])
