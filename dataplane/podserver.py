@@ -246,10 +246,8 @@ class _SctpResponder:
     def readable(self) -> None:
         while True:
             try:
-                datagram, _ = self.raw.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+                datagram = self.raw.recv(65535)
+            except OSError:  # nothing more to read now (EAGAIN), or the socket is gone
                 return
             self.handle(datagram)
 

@@ -14,7 +14,7 @@ What was observed:
               for a DNS question any answer but REFUSED (NOERROR, NXDOMAIN)
               for ICMP (a ping) the echo reply from the destination's address
               for SCTP an INIT-ACK carrying the INIT's tag from the destination's port
-    dropped   no connection (connect timed out) or, for UDP and ICMP, no answer before the timeout
+    dropped   no connection (connect timed out) or, for UDP, SCTP and ICMP, no answer before the timeout
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
     refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
@@ -35,8 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import topology
-from . import sctp
+from . import sctp, topology
 from .icmp import echo_request, parse_echo_reply
 from .scenario import Probe
 
