@@ -421,7 +421,8 @@ class Lab:
         for _kind, key, ns, _ip, ports, _labels in plan:
             tcp = ",".join(str(p.port) for p in ports if p.protocol == "TCP")
             udp = ",".join(str(p.port) for p in ports if p.protocol == "UDP")
-            if not tcp and not udp:
+            sctp = ",".join(str(p.port) for p in ports if p.protocol == "SCTP")
+            if not tcp and not udp and not sctp:
                 continue
             user = confine.endpoint_user(topology.NETNS_DIR / ns)
             endpoint_dir = ns.removeprefix(lab_prefix(self.name))
@@ -430,7 +431,7 @@ class Lab:
             logs.mkdir(mode=0o755, exist_ok=True)
             os.chown(logs, user.uid, user.gid, follow_symlinks=False)
             proc = self._spawn(key, ns, "dataplane.podserver",
-                               ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--log-dir", str(logs),
+                               ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--sctp", sctp, "--log-dir", str(logs),
                                 "--uid", str(user.uid), "--gid", str(user.gid), "--hide", str(run_dir())], log)
             started.append((key, proc, log))
         wait_ready(started)

@@ -1,4 +1,5 @@
-"""The servers every pod and world host runs: HTTP on its TCP ports, a UDP echo on its UDP ports.
+"""The servers every pod and world host runs: HTTP on its TCP ports, a UDP echo on its UDP ports,
+an SCTP responder on its SCTP ports.
 
 Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endpoint's own
 /etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
@@ -9,7 +10,9 @@ each request is also
 appended to a JSON-lines log (the record of what a backend really received), rotated to
 `requests.jsonl.1` past L7LAB_LOG_ROTATE_BYTES (see `dataplane/logfiles.py`). UDP
 datagrams are answered with JSON of what arrived, except on UDP port 53, which answers DNS
-questions from the lab's own names.
+questions from the lab's own names. An SCTP INIT to a declared SCTP port is answered with an
+INIT-ACK and logged (`"sctp": "INIT"`); an INIT to another port gets an ABORT, as an SCTP stack
+answers it (see `_SctpResponder` for how this works with and without the kernel's SCTP).
 
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
 seconds in a namespace with no DNS), and prints READY once every port is listening.
@@ -37,6 +40,7 @@ import sys
 
 from aiohttp import WSMsgType, web
 
+from . import sctp
 from .logfiles import REQUEST_LOG, RotatingLog, bound_stderr
 
 # A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
@@ -218,6 +222,69 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(json.dumps(reply).encode(), addr)
 
 
+def kernel_has_sctp() -> bool:
+    """Whether the running kernel has an SCTP stack (built in or its module loaded). Read from
+    /sys, never by opening an SCTP socket: that would make a distribution kernel load the module."""
+    return os.path.isdir("/sys/module/sctp")
+
+
+class _SctpResponder:
+    """SCTP on the endpoint's declared SCTP ports, from a raw IP socket of protocol 132 (opened
+    before the server gives up root: see `main`).
+
+    Without the kernel's SCTP stack nothing else answers SCTP, so this answers every INIT: an
+    INIT-ACK (our own tag, a State Cookie, the INIT's initiate tag as verification tag) on a
+    declared port, an ABORT on any other. With the kernel's stack loaded, the kernel answers
+    every INIT itself (an ABORT where no SCTP socket listens), so the server listens on the
+    declared ports with kernel SCTP sockets and this only logs: a raw socket receives a copy of
+    every SCTP packet either way. Each INIT is logged like an HTTP request."""
+
+    def __init__(self, raw: socket.socket, ports: list[int], identity: dict[str, str],
+                 log: RotatingLog | None, answer: bool) -> None:
+        self.raw, self.ports, self.identity, self.log, self.answer = raw, set(ports), identity, log, answer
+
+    def readable(self) -> None:
+        while True:
+            try:
+                datagram = self.raw.recv(65535)
+            except OSError:  # nothing more to read now (EAGAIN), or the socket is gone
+                return
+            self.handle(datagram)
+
+    def handle(self, datagram: bytes) -> None:
+        stripped = sctp.strip_ipv4(datagram)
+        if stripped is None:
+            return
+        source, destination, payload = stripped
+        packet = sctp.parse(payload)
+        if packet is None or packet.chunk != sctp.INIT or packet.tag != 0 or not packet.initiate_tag:
+            return  # only an INIT starts anything; the rest is not ours to answer (RFC 9260 8.4)
+        declared = packet.dport in self.ports
+        if self.answer:
+            if declared:
+                reply = sctp.init_ack(packet, int.from_bytes(os.urandom(4), "big") or 1,
+                                      int.from_bytes(os.urandom(4), "big"), b"l7lab " + self.identity["endpoint"].encode())
+            else:
+                reply = sctp.abort_for(packet)
+            try:
+                self.raw.sendto(reply, (source, 0))
+            except OSError:
+                pass  # an unreachable peer: as a lost answer
+        if self.log is not None:
+            self.log.write_line(json.dumps({**self.identity, "sctp": "INIT", "client": f"{source}:{packet.sport}",
+                                            "server": destination, "server_port": packet.dport,
+                                            "answer": "INIT_ACK" if declared else "ABORT"}))
+
+
+def open_sctp_raw(ports: list[int]) -> socket.socket | None:
+    """The raw SCTP socket of an endpoint with SCTP ports (it needs root: opened before confining)."""
+    if not ports:
+        return None
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_SCTP)
+    raw.setblocking(False)
+    return raw
+
+
 def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
     """The request log: REQUEST_LOG in a directory (held open: it may be hidden later), or a
     path, or none."""
@@ -227,9 +294,22 @@ def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
     return RotatingLog(path) if path else None
 
 
-async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: RotatingLog | None) -> None:
+async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: RotatingLog | None,
+                sctp_ports: list[int] | None = None, sctp_raw: socket.socket | None = None) -> None:
     identity = {"endpoint": endpoint}
     loop = asyncio.get_running_loop()
+    kernel_sctp: list[socket.socket] = []
+    if sctp_raw is not None:
+        stack = kernel_has_sctp()
+        for port in sctp_ports or []:
+            if stack:  # the kernel answers INITs: it needs a listening socket on each declared port
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("0.0.0.0", port))
+                listener.listen(16)
+                kernel_sctp.append(listener)
+        responder = _SctpResponder(sctp_raw, sctp_ports or [], identity, log, answer=not stack)
+        loop.add_reader(sctp_raw.fileno(), responder.readable)
     runner = web.AppRunner(_http_app(identity, log), access_log=None, handle_signals=False)
     await runner.setup()
     for port in tcp_ports:
@@ -248,6 +328,11 @@ async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: 
         loop.add_signal_handler(sig, stop.set)
     print("READY", flush=True)
     await stop.wait()
+    if sctp_raw is not None:
+        loop.remove_reader(sctp_raw.fileno())
+        sctp_raw.close()
+    for listener in kernel_sctp:
+        listener.close()
     await runner.cleanup()
     if log:
         log.close()
@@ -259,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True, help="pod key namespace/name or world host name")
     parser.add_argument("--tcp", default="", help="comma-separated TCP ports (HTTP)")
     parser.add_argument("--udp", default="", help="comma-separated UDP ports (echo)")
+    parser.add_argument("--sctp", default="", help="comma-separated SCTP ports (INIT answered by INIT-ACK)")
     parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
     parser.add_argument("--log-dir", default=None, metavar="DIR",
                         help=f"write {REQUEST_LOG} (rotated) in DIR, instead of --log")
@@ -269,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tcp = [int(p) for p in args.tcp.split(",") if p]
     udp = [int(p) for p in args.udp.split(",") if p]
+    sctp_ports = [int(p) for p in args.sctp.split(",") if p]
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
         uvloop.install()
@@ -279,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         _load_dns()
     try:
         log = open_log(args.log, args.log_dir)
+        sctp_raw = open_sctp_raw(sctp_ports)  # a raw socket needs CAP_NET_RAW: before confining
         if args.uid is not None:
             from .confine import confine  # noqa: PLC0415
 
             confine(args.uid, args.gid if args.gid is not None else args.uid, args.hide)
-        asyncio.run(serve(args.endpoint, tcp, udp, log))
+        asyncio.run(serve(args.endpoint, tcp, udp, log, sctp_ports, sctp_raw))
     except OSError as exc:
         print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
         return 1

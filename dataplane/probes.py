@@ -5,17 +5,22 @@ A probe's socket is opened inside the source pod's namespace, so the packets lea
 pod's eth0 and cross the node exactly as the pod's own traffic does. A ping (ICMP echo) uses
 an ICMP datagram socket (a "ping socket") where the namespace's net.ipv4.ping_group_range lets
 the prober's group open one, else a raw ICMP socket; the echo request is built here (an 8-byte
-header and a checksum, `dataplane.icmp`). What was observed:
+header and a checksum, `dataplane.icmp`). An SCTP probe sends an INIT from a raw IP socket of
+protocol 132 (no kernel SCTP stack needed, `dataplane.sctp`) and waits for the answer to it.
+What was observed:
 
     allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
               the endpoint field of its JSON), for HTTP with its response; for UDP its echo;
               for a DNS question any answer but REFUSED (NOERROR, NXDOMAIN)
               for ICMP (a ping) the echo reply from the destination's address
-    dropped   no connection (connect timed out) or, for UDP and ICMP, no answer before the timeout
+              for SCTP an INIT-ACK carrying the INIT's tag from the destination's port
+    dropped   no connection (connect timed out) or, for UDP, SCTP and ICMP, no answer before the timeout
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
     refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
-              port unreachable (the policy let the flow through, but nothing listens there)
+              port unreachable (the policy let the flow through, but nothing listens there);
+              for SCTP an ABORT (or an ICMP protocol unreachable, from a kernel without SCTP
+              where no server listens)
     error     anything else: a connection cut mid-response, an unexpected answer
 """
 
@@ -30,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import topology
+from . import sctp, topology
 from .icmp import echo_request, parse_echo_reply
 from .scenario import Probe
 
@@ -327,6 +332,94 @@ async def probe_icmp(probe: Probe, src_netns: str, echo_id: int | None = None) -
         sock.close()
 
 
+ICMP_DEST_UNREACH = 3
+ICMP_REFUSALS = {2: "protocol unreachable", 3: "port unreachable"}  # codes that mean "nobody here"
+SCTP_EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+
+
+def _icmp_error_for(datagram: bytes, dest_ip: str, sport: int, dport: int) -> int | None:
+    """The code of an ICMP destination unreachable in `datagram` (as a raw ICMP socket reads it)
+    that quotes our SCTP packet to dest_ip:dport from sport; None for anything else."""
+    outer = sctp.strip_ipv4(datagram)
+    if outer is None or len(outer[2]) < 8 or outer[2][0] != ICMP_DEST_UNREACH:
+        return None
+    icmp = outer[2]
+    quoted = sctp.strip_ipv4(icmp[8:])
+    if quoted is None or icmp[8 + 9] != socket.IPPROTO_SCTP or quoted[1] != dest_ip or len(quoted[2]) < 4:
+        return None
+    if (int.from_bytes(quoted[2][0:2], "big"), int.from_bytes(quoted[2][2:4], "big")) != (sport, dport):
+        return None
+    return icmp[1]
+
+
+async def probe_sctp(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
+    """One SCTP association attempt: an INIT to the destination's port. `allowed` when the
+    INIT-ACK carrying our initiate tag comes back from that port, `refused` on an ABORT for our
+    INIT (or an ICMP protocol/port unreachable quoting it), `dropped` when nothing comes in time.
+    The source port used is in the observation's extra["sport"]; the first answer decides (a
+    kernel with SCTP and a lab server never both answer one INIT: see podserver)."""
+    if source_port is not None and not 0 <= source_port <= 0xFFFF:
+        raise ValueError(f"source port {source_port} is outside 0..65535")
+    loop = asyncio.get_running_loop()
+    dest = probe.destination
+    sport = source_port or SCTP_EPHEMERAL[0] + int.from_bytes(os.urandom(2), "big") % (
+        SCTP_EPHEMERAL[1] - SCTP_EPHEMERAL[0] + 1)
+    tag = int.from_bytes(os.urandom(4), "big") or 1
+    raw = topology.socket_in(src_netns, kind=socket.SOCK_RAW, proto=socket.IPPROTO_SCTP)
+    try:
+        errors = topology.socket_in(src_netns, kind=socket.SOCK_RAW, proto=socket.IPPROTO_ICMP)
+    except BaseException:
+        raw.close()
+        raise
+    started = time.monotonic()
+    answer: asyncio.Future[Observation] = loop.create_future()
+
+    def on_sctp() -> None:
+        while not answer.done():
+            try:
+                datagram = raw.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            stripped = sctp.strip_ipv4(datagram)
+            packet = sctp.parse(stripped[2]) if stripped is not None and stripped[0] == dest.ip else None
+            if packet is None or (packet.sport, packet.dport, packet.tag) != (dest.port, sport, tag):
+                continue  # another flow's packet (a raw socket sees all SCTP to the namespace)
+            if packet.chunk == sctp.INIT_ACK:
+                answer.set_result(Observation("allowed", f"INIT-ACK from {dest.name}:{dest.port}"))
+            elif packet.chunk == sctp.ABORT:
+                answer.set_result(Observation("refused", "ABORT: nothing listens on that SCTP port"))
+
+    def on_icmp() -> None:
+        while not answer.done():
+            try:
+                datagram = errors.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            code = _icmp_error_for(datagram, dest.ip, sport, dest.port)
+            if code in ICMP_REFUSALS:
+                answer.set_result(Observation("refused", f"ICMP {ICMP_REFUSALS[code]}: nothing speaks SCTP there"))
+            elif code is not None:
+                answer.set_result(Observation("dropped", f"ICMP destination unreachable (code {code})"))
+
+    loop.add_reader(raw.fileno(), on_sctp)
+    loop.add_reader(errors.fileno(), on_icmp)
+    try:
+        await loop.sock_sendto(raw, sctp.init(sport, dest.port, tag, int.from_bytes(os.urandom(4), "big")),
+                               (dest.ip, 0))
+        try:
+            observed = await asyncio.wait_for(answer, probe.timeout)
+        except asyncio.TimeoutError:
+            observed = Observation("dropped", f"no answer to the SCTP INIT within {probe.timeout:g}s")
+        observed.elapsed = time.monotonic() - started
+        observed.extra["sport"] = sport
+        return observed
+    finally:
+        loop.remove_reader(raw.fileno())
+        loop.remove_reader(errors.fileno())
+        raw.close()
+        errors.close()
+
+
 async def run_probe(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
     """Send `probe` from namespace `src_netns`, from `source_port` if given (else any free
     port); the port used is in the observation's extra["sport"]. A ping's `source_port` is
@@ -335,4 +428,6 @@ async def run_probe(probe: Probe, src_netns: str, source_port: int | None = None
         return await probe_icmp(probe, src_netns, source_port)
     if probe.protocol == "UDP":
         return await probe_udp(probe, src_netns, source_port)
+    if probe.protocol == "SCTP":
+        return await probe_sctp(probe, src_netns, source_port)
     return await probe_tcp(probe, src_netns, source_port)

@@ -26,7 +26,7 @@ from .abi import PROXY_PORT
 from .errors import ErrorList, SourceError, SourceLocation
 from .yamlsource import Budget, Document, describe_value, format_path, load_file
 
-Protocol = Literal["TCP", "UDP", "ICMP"]
+Protocol = Literal["TCP", "UDP", "SCTP", "ICMP"]
 # `audited`: the traffic passes (as `allowed` observes) and the kernel's verdict for the flow is
 # AUDIT: a would-be drop that audit mode let through.
 Expectation = Literal["allowed", "audited", "dropped", "denied", "refused"]
@@ -270,6 +270,8 @@ class Probe:
             return str(self.icmp)
         if self.protocol == "UDP":
             return "datagram"
+        if self.protocol == "SCTP":
+            return "SCTP INIT"
         return str(self.http) if self.http else "GET /"
 
 

@@ -156,7 +156,8 @@ def register(verbs: Verbs) -> None:
                    help="pod, world host, DNS name, node (the lab node's own address), or a service (name, "
                         "namespace/name or DNS name), with an optional port")
     p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the flow reaches (default: the first, as a scenario's probe)")
-    p.add_argument("--protocol", choices=("TCP", "UDP", "ICMP"), help="default TCP (UDP with --dns); ICMP: an echo request (ping)")
+    p.add_argument("--protocol", choices=("TCP", "UDP", "SCTP", "ICMP"),
+                   help="default TCP (UDP with --dns); SCTP: an INIT; ICMP: an echo request (ping)")
     p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
     p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
     p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP) to check against DNS rules")

@@ -536,9 +536,15 @@ class _Judge:
         d, flow = self.decision, self.flow
         sets = [self.state.applied_l7_set(self.state.endpoints[endpoint_id], direction, remote, flow.port)
                 for endpoint_id, direction, remote in redirects]
-        # A transport no proxy side serves (SCTP under a protocol-ANY redirect) is judged as the
-        # TCP side would judge it: only an allow-all set lets it through.
-        protocol = protocol_for(sets, flow.protocol) or protocol_for(sets, "TCP")
+        if flow.protocol.upper() not in ("TCP", "UDP"):
+            # SCTP under a protocol-ANY redirect (DNS rules on a port of protocol ANY): no proxy
+            # side receives it, so the datapath finds no proxy socket for the packet and drops
+            # it, fail closed (REASON_PROXY_SOCKET_MISSING, lib/proxy.h), whatever the rules say.
+            self.trace.append(f"the L7 proxy has no {flow.protocol} side: the datapath finds no proxy socket "
+                              f"for it and drops it (fail closed)")
+            d.outcome = "dropped"
+            return False
+        protocol = protocol_for(sets, flow.protocol)
         notes: list[str] = []
         if protocol == "dns":
             if not flow.dns_name:
