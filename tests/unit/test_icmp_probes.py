@@ -22,10 +22,10 @@ from dataplane.flows import kernel_flow
 from dataplane.hubble import compact, hubble_flows
 from dataplane.icmp import echo_request, parse_echo_reply, type_code_text
 from dataplane.policy import Flow, PolicyEngine
-from dataplane.errors import ErrorList, SourceError
 from dataplane.flows import Directory
 from dataplane.mapstate import EndpointState, MapState
 from dataplane.scenario import IcmpMessage, load_scenario, make_probe
+from tests.support.scenario_files import scenario_errors as errors_of, write_scenario as write
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "l7lab-icmp"
@@ -49,19 +49,6 @@ steps:
 
 def with_probes(*lines: str) -> str:
     return BASE + "".join(f"      - {x}\n" for x in lines)
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "s.yaml"
-    path.write_text(text)
-    return path
-
-
-def errors_of(path: Path) -> list[str]:
-    with pytest.raises((SourceError, ErrorList)) as info:
-        load_scenario(path)
-    exc = info.value
-    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
 
 
 def lab_state() -> MapState:

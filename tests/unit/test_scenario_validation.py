@@ -4,14 +4,13 @@ names the file, the line and the field path, and says what was expected."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from dataplane.errors import ErrorList, SourceError
 from dataplane.scenario import load_scenario, schema
+from tests.support.scenario_files import scenario_errors as errors_of, write_scenario as write
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,19 +37,6 @@ steps:
     probes:
       - {from: web, to: api:8080, expect: allowed}
 """
-
-
-def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def errors_of(path: Path) -> list[str]:
-    with pytest.raises((SourceError, ErrorList)) as info:
-        load_scenario(path)
-    exc = info.value
-    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
 
 
 def test_valid_scenario_loads_into_typed_objects(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ import pytest
 from scapy.all import SCTP, raw  # type: ignore[import-untyped]
 
 from dataplane import sctp
-from dataplane.errors import ErrorList, SourceError
 from dataplane.logfiles import read_all
 from dataplane.podserver import _SctpResponder, open_log
 from dataplane.policy import Flow, PolicyEngine
 from dataplane.probes import _icmp_error_for
 from dataplane.scenario import Port, load_scenario
+from tests.support.scenario_files import scenario_errors as errors_of, write_scenario as write
 
 BASE = """\
 name: demo
@@ -48,19 +48,6 @@ steps:
 
 def with_probes(*lines: str) -> str:
     return BASE + "".join(f"      - {x}\n" for x in lines)
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "s.yaml"
-    path.write_text(text)
-    return path
-
-
-def errors_of(path: Path) -> list[str]:
-    with pytest.raises((SourceError, ErrorList)) as info:
-        load_scenario(path)
-    exc = info.value
-    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
 
 
 # ---------------------------------------------------------------------------------- packets

@@ -19,6 +19,7 @@ from dataplane.policy.selectors import LabelSelector
 from dataplane.scenario import PolicySource, Relabel, Step, load_scenario
 from dataplane.yamlsource import load_documents
 from dataplane.services import pick_backend, probe_backend, source_port_for
+from tests.support.scenario_files import scenario_errors as errors_of, write_scenario as write
 
 BASE = """\
 name: svc
@@ -55,19 +56,6 @@ steps:
       - {from: client, to: web.shop.svc.cluster.local:81, expect: dropped}
       - {from: client, to: shop/web:80, backend: web-2, expect: allowed}
 """
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "s.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def errors_of(path: Path) -> list[str]:
-    with pytest.raises((SourceError, ErrorList)) as info:
-        load_scenario(path)
-    exc = info.value
-    return [str(e) for e in (exc.errors if isinstance(exc, ErrorList) else [exc])]
 
 
 def test_services_load_with_allocated_and_fixed_cluster_ips(tmp_path: Path) -> None:
