@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ErrorList, L7LabError, SourceError
 from ..scenario import load_scenario
-from .common import EXIT_OK, EXIT_SETUP, Verbs, emit_json, policy_engine, print_error, say
+from .common import EXIT_OK, EXIT_SETUP, Verbs, emit_json, flow_arguments, policy_engine, print_error, say
 
 
 def _is_scenario(path: str) -> bool:
@@ -150,15 +150,7 @@ def register(verbs: Verbs) -> None:
 
     p = verbs.add("explain", "show, step by step, the verdict the policy gives a flow and why", cmd_explain)
     p.add_argument("scenario", help="scenario YAML file")
-    p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                   help="source pod, a world host (traffic from outside the cluster) or node (the node's own stack)")
-    p.add_argument("--to", required=True, metavar="DEST[:PORT]",
-                   help="pod, world host, DNS name, node (the lab node's own address), or a service (name, "
-                        "namespace/name or DNS name), with an optional port")
-    p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the flow reaches (default: the first, as a scenario's probe)")
-    p.add_argument("--protocol", choices=("TCP", "UDP", "SCTP", "ICMP"),
-                   help="default TCP (UDP with --dns); SCTP: an INIT; ICMP: an echo request (ping)")
-    p.add_argument("--http", metavar="'METHOD /path'", help="an HTTP request to check against L7 rules")
-    p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
-    p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP) to check against DNS rules")
+    flow_arguments(p, "source pod, a world host (traffic from outside the cluster) or node (the node's own stack)",
+                   "to a service: the backend pod the flow reaches (default: the first, as a scenario's probe)",
+                   "an HTTP request to check against L7 rules", "a DNS query for NAME (over UDP) to check against DNS rules")
     p.add_argument("--step", type=int, help="the policy state before step N (default: after every step)")

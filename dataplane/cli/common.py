@@ -65,6 +65,20 @@ def lab_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--lab", dest="lab_option", metavar="LAB", help=help_text)
 
 
+def flow_arguments(p: argparse.ArgumentParser, sources: str, backend_help: str, http_help: str, dns_help: str) -> None:
+    """The words of one flow, shared by `explain` and `trace` (those of a scenario probe)."""
+    p.add_argument("--from", dest="source", required=True, metavar="SOURCE", help=sources)
+    p.add_argument("--to", required=True, metavar="DEST[:PORT]",
+                   help="pod, world host, DNS name, node (the lab node's own address), or a service (name, "
+                        "namespace/name or DNS name), with an optional port")
+    p.add_argument("--backend", metavar="POD", help=backend_help)
+    p.add_argument("--protocol", choices=("TCP", "UDP", "SCTP", "ICMP"),
+                   help="default TCP (UDP with --dns); SCTP: an INIT; ICMP: an echo request (ping)")
+    p.add_argument("--http", metavar="'METHOD /path'", help=http_help)
+    p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
+    p.add_argument("--dns", metavar="NAME", help=dns_help)
+
+
 def emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 

@@ -8,7 +8,7 @@ import argparse
 from rich.text import Text
 
 from ..errors import L7LabError
-from .common import EXIT_OK, Verbs, emit_json, lab_arguments, one_lab, say
+from .common import EXIT_OK, Verbs, emit_json, flow_arguments, lab_arguments, one_lab, say
 
 EXAMPLE = """\
 example:
@@ -77,14 +77,6 @@ def register(verbs: Verbs) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EXAMPLE
     lab_arguments(p, "the lab (up, served by its agent)")
-    p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                   help="source pod, or a world host (traffic from outside the cluster)")
-    p.add_argument("--to", required=True, metavar="DEST[:PORT]",
-                   help="pod, world host, DNS name, node (the lab node's own address), or a service (name, "
-                        "namespace/name or DNS name), with an optional port")
-    p.add_argument("--backend", metavar="POD", help="to a service: the backend pod the probe is to reach (default: the first)")
-    p.add_argument("--protocol", choices=("TCP", "UDP", "SCTP", "ICMP"),
-                   help="default TCP (UDP with --dns); SCTP: an INIT; ICMP: an echo request (ping)")
-    p.add_argument("--http", metavar="'METHOD /path'", help="the HTTP request to send (default GET /)")
-    p.add_argument("--header", action="append", default=[], metavar="'Name: value'", help="request header (repeatable)")
-    p.add_argument("--dns", metavar="NAME", help="a DNS query for NAME (over UDP)")
+    flow_arguments(p, "source pod, or a world host (traffic from outside the cluster)",
+                   "to a service: the backend pod the probe is to reach (default: the first)",
+                   "the HTTP request to send (default GET /)", "a DNS query for NAME (over UDP)")
