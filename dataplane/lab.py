@@ -1,6 +1,6 @@
 """Lab lifecycle: realize a scenario as namespaces, links and servers, record it, take it down.
 
-Naming (DESIGN.md section 3): everything a lab creates carries the prefix `l7lab-<lab>.`:
+Naming: everything a lab creates carries the prefix `l7lab-<lab>.`:
 
     l7lab-<lab>.node                the node namespace (forwarding, BPF hooks, proxy)
     l7lab-<lab>.pod.<ns>.<pod>      one namespace per pod

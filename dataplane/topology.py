@@ -217,7 +217,7 @@ def setup_node(ns: str, addresses: list[str]) -> None:
     """Make `ns` the lab node: addresses on lo, forwarding on, and the proxy's routing.
 
     The to-proxy fwmark rule and the `local` route in table 2004 are what deliver packets that
-    the tc program assigned to the proxy socket (DESIGN.md section 4), exactly as Cilium does.
+    the tc program assigned to the proxy socket, exactly as Cilium does.
     """
     with _ipr(ns) as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]

@@ -6,7 +6,7 @@ by running `mapstate.lookup_policy` over the MapState it produced -- the same lo
 program runs -- so the oracle and the kernel cannot diverge on L3/L4. A REDIRECT then evaluates
 the merged L7 rule set the proxy would use.
 
-Flow evaluation (DESIGN.md section 1):
+Flow evaluation:
   pod -> pod       source egress, then destination ingress; both must allow; a deny anywhere wins
   pod -> world     source egress only
   world/host -> pod destination ingress only (host: allowed by allow-localhost when enforced)

@@ -1,6 +1,6 @@
 """Conntrack on real traffic, and policy changes under continuous traffic (issue 4).
 
-DESIGN.md section 1: replies of an allowed connection pass by conntrack; a new connection is
+Replies of an allowed connection pass by conntrack; a new connection is
 always checked. One lab for the module; here conntrack is NOT flushed on policy changes (a policy
 change is map updates only, exactly as `l7lab` does it), except between tests.
 """
