@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dataplane.scenario import HttpRequest, parse_scenario
 from dataplane.yamlsource import load_documents
+from dataplane.errors import ErrorList, SourceError
 from dataplane.policy import Flow, PolicyEngine, parse_documents
 
 # The upstream Kubernetes network policy e2e layout (test/e2e/network/netpol): namespaces x, y,
@@ -74,6 +75,17 @@ def matrix(eng: PolicyEngine, port: int = 80, protocol: str = "TCP") -> dict[tup
 
 def policy_docs(text: str, source: str = "policies/x.yaml"):
     return parse_documents(load_documents(textwrap.dedent(text), source))
+
+
+def policy_errors(text: str) -> list[str]:
+    """Every error parsing the policy documents in `text` reports; [] when they parse."""
+    try:
+        policy_docs(text)
+    except ErrorList as exc:
+        return [str(e) for e in exc.errors]
+    except SourceError as exc:
+        return [str(exc)]
+    return []
 
 
 # A Cilium-flavoured topology: two namespaces, a frontend in each, an API pod with TCP and UDP

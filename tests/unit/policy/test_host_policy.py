@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.errors import ErrorList, SourceError
+from dataplane.errors import SourceError
 from dataplane.abi import IDENTITY_HOST
 from dataplane.policy.engine import Flow
 from dataplane.policy.host import HOST_ENDPOINT_ID, host_policy_refusal, selects_node
@@ -18,17 +18,8 @@ from dataplane.policy.resolver import EndpointInfo, resolve
 from dataplane.scenario import GATEWAY_IP, PolicySource, Step
 from dataplane.yamlsource import load_documents
 from tests.support.policy import CILIUM_TOPOLOGY, ccnp, cnp, engine, outcome, policy_docs, scenario
+from tests.support.policy import policy_errors as errors_of
 from tests.support.cli_lab import l7lab
-
-def errors_of(text: str) -> list[str]:
-    try:
-        policy_docs(text)
-    except ErrorList as exc:
-        return [str(e) for e in exc.errors]
-    except SourceError as exc:
-        return [str(exc)]
-    return []
-
 
 NODE = """\
 node:

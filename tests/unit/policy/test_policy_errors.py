@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.errors import ErrorList, SourceError
+from dataplane.errors import SourceError
 from dataplane.policy import validate_policy_file
 
 from tests.support.policy import policy_docs
+from tests.support.policy import policy_errors as errors_of
 
 CNP_HEAD = """\
 apiVersion: cilium.io/v2
@@ -30,16 +31,6 @@ metadata:
 spec:
   podSelector: {}
 """
-
-
-def errors_of(text: str) -> list[str]:
-    try:
-        policy_docs(text)
-    except ErrorList as exc:
-        return [str(e) for e in exc.errors]
-    except SourceError as exc:
-        return [str(exc)]
-    return []
 
 
 def one_error(text: str) -> str:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from dataplane.errors import ErrorList, SourceError
 from dataplane.policy import validate_policy_file
 from dataplane.policy.patterns import go_parse_uint16, is_svc_name
 
 from tests.support.policy import policy_docs
+from tests.support.policy import policy_errors as errors_of
 
 REPO = Path(__file__).resolve().parents[3]
 MISTAKES = REPO / "scenarios" / "mistakes"
@@ -48,16 +48,6 @@ spec:
   egress:
     - toFQDNs: [{{{key}: {value}}}]
 """
-
-
-def errors_of(text: str) -> list[str]:
-    try:
-        policy_docs(text)
-    except ErrorList as exc:
-        return [str(e) for e in exc.errors]
-    except SourceError as exc:
-        return [str(exc)]
-    return []
 
 
 def port_of(template: str, port: str) -> tuple[int, str]:
