@@ -60,6 +60,13 @@ GATEWAY_IP = "169.254.1.1"  # every pod's default gateway: an address of the nod
 # --service-cluster-ip-range 10.96.0.0/12); the lab takes a /24 of it unless settings say otherwise.
 DEFAULT_SERVICE_CIDR = "10.96.0.0/24"
 CLUSTER_DOMAIN = "cluster.local"
+# The cluster DNS: the pods carrying this label (CoreDNS's, as kubeadm deploys it) answer DNS on
+# port 53, and every pod's resolv.conf names the first of them. World hosts' records carry
+# DEFAULT_DNS_TTL unless the scenario says otherwise; the cluster's own names CLUSTER_DNS_TTL,
+# the default TTL of CoreDNS's kubernetes plugin.
+CLUSTER_DNS_LABEL = ("k8s-app", "kube-dns")
+DEFAULT_DNS_TTL = 30
+CLUSTER_DNS_TTL = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class Port:
     port: int
     protocol: Protocol = "TCP"
     name: str = ""
+    tls: bool = False  # world hosts: the port serves HTTPS with a certificate of the lab's CA
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class WorldHost:
     # A reserved identity the host's address carries instead of world ("kube-apiserver",
     # "remote-node"): the lab's stand-in for the API server or another node of the cluster.
     entity: str = ""
+    aliases: tuple[str, ...] = ()  # names the cluster DNS answers with a CNAME to dns_names[0]
+    ttl: int | None = None  # TTL of its DNS records (None: settings.dns_ttl)
 
 
 @dataclass(frozen=True)
@@ -284,10 +294,13 @@ class Step:
     relabel: tuple[Relabel, ...] = ()
     probes: tuple[Probe, ...] = ()
     audit: tuple[AuditChange, ...] = ()
+    # DNS names whose learned addresses the step waits for the lab to forget (TTL passed, no
+    # connection open): the names as written, lower case, without a trailing dot.
+    expire: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
-        for kind in ("apply", "delete", "relabel", "audit", "probes"):
+        for kind in ("apply", "delete", "relabel", "audit", "probes", "expire"):
             if getattr(self, kind):
                 return kind
         return "empty"
@@ -306,6 +319,12 @@ class Settings:
     ip_block_selects_pods: bool = False
     # ClusterIPs are allocated from this range (Kubernetes' --service-cluster-ip-range).
     service_cidr: str = DEFAULT_SERVICE_CIDR
+    # The cluster DNS's TTL for world hosts' records (cluster names get CLUSTER_DNS_TTL).
+    dns_ttl: int = DEFAULT_DNS_TTL
+    # Cilium's --tofqdns-min-ttl (default 0 since Cilium 1.13: the answer's TTL is honoured) and
+    # --tofqdns-endpoint-max-ip-per-hostname (default 50).
+    fqdn_min_ttl: int = 0
+    fqdn_max_ips_per_hostname: int = 50
 
 
 DEFAULT_NODE_NAME = "lab-node"
@@ -386,6 +405,21 @@ class Scenario:
     def node_addresses(self) -> list[str]:
         """Addresses of the lab node (identity `host`): its own address and the pods' gateway."""
         return node_addresses(ipaddress.ip_network(self.settings.pod_cidr))
+
+    def cluster_dns_pods(self) -> list[str]:
+        """Keys of the pods that serve the cluster DNS (labelled k8s-app=kube-dns), in order."""
+        key, value = CLUSTER_DNS_LABEL
+        return [k for k, p in self.pods.items() if p.labels.get(key) == value]
+
+    @property
+    def nameserver(self) -> str | None:
+        """The address every pod's resolv.conf names: the first cluster DNS pod's; None without one."""
+        pods = self.cluster_dns_pods()
+        return self.pods[pods[0]].ip if pods else None
+
+    def search_path(self, namespace: str) -> list[str]:
+        """A pod's DNS search path, as the kubelet writes it (ClusterFirst)."""
+        return [f"{namespace}.svc.{CLUSTER_DOMAIN}", f"svc.{CLUSTER_DOMAIN}", CLUSTER_DOMAIN]
 
     def hosts_entries(self, namespace: str | None = None) -> list[tuple[str, list[str]]]:
         """(address, names) for every pod, world host and service: the /etc/hosts of a pod of
@@ -492,6 +526,7 @@ LIST_BOUNDS: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("pods", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
     (("world",), limits.MAX_WORLD_HOSTS, "world hosts"),
     (("world", "*", "dnsNames"), limits.MAX_DNS_NAMES, "DNS names"),
+    (("world", "*", "aliases"), limits.MAX_DNS_NAMES, "DNS names"),
     (("world", "*", "ports"), limits.MAX_DECLARED_PORTS, "ports"),
     (("services",), limits.MAX_SERVICES, "services"),
     (("services", "*", "selector"), limits.MAX_LABELS, "labels"),
@@ -562,7 +597,8 @@ class _Builder:
 
     @staticmethod
     def ports(raw: list[dict[str, Any]]) -> tuple[Port, ...]:
-        return tuple(Port(p["port"], p.get("protocol", "TCP"), p.get("name", "")) for p in raw)
+        return tuple(Port(p["port"], p.get("protocol", "TCP"), p.get("name", ""), bool(p.get("tls", False)))
+                     for p in raw)
 
     def check_ports(self, ports: tuple[Port, ...], base: tuple) -> None:
         seen: set[tuple[int, str]] = set()
@@ -621,6 +657,9 @@ class _Builder:
             cluster_name=raw_settings.get("clusterName", DEFAULT_CLUSTER_NAME),
             ip_block_selects_pods=bool(raw_settings.get("ipBlockSelectsPods", False)),
             service_cidr=raw_settings.get("serviceCIDR", DEFAULT_SERVICE_CIDR),
+            dns_ttl=int(raw_settings.get("dnsTTL", DEFAULT_DNS_TTL)),
+            fqdn_min_ttl=int(raw_settings.get("toFQDNsMinTTL", 0)),
+            fqdn_max_ips_per_hostname=int(raw_settings.get("toFQDNsMaxIPsPerHostname", 50)),
         )
         try:
             cidr = ipaddress.ip_network(settings.pod_cidr)
@@ -670,6 +709,10 @@ class _Builder:
                 namespaces.setdefault(ns, Namespace(ns, {}))
             ports = self.ports(raw.get("ports", []))
             self.check_ports(ports, ("pods", i, "ports"))
+            for j, port in enumerate(ports):
+                if port.tls:
+                    self.err(("pods", i, "ports", j, "tls"), "only world hosts serve TLS in the lab; a pod port "
+                                                             "cannot set tls")
             ip = raw.get("ip") if raw.get("ip") in explicit else next(free, None)
             if ip is None:
                 self.err(("pods", i), f"no free address left in {cidr}")
@@ -680,21 +723,46 @@ class _Builder:
             pods[pod.key] = pod
 
         world: dict[str, WorldHost] = {}
-        dns_owner: dict[str, str] = {}
+        # A name is either an address name (A records, possibly of several hosts) or an alias
+        # (one CNAME): DNS cannot give one name both.
+        address_names: dict[str, str] = {}
+        alias_owner: dict[str, str] = {}
+        for i, raw in enumerate(data.get("world", [])):
+            for j, dns in enumerate(raw.get("dnsNames", [])):
+                address_names.setdefault(dns.lower().rstrip("."), raw["name"])
         for i, raw in enumerate(data.get("world", [])):
             problem = world_address_problem(raw["address"], cidr, node_addresses(cidr))
             if problem:
                 self.err(("world", i, "address"), problem)
             if raw["name"] in world or any(p.name == raw["name"] for p in pods.values()):
                 self.err(("world", i, "name"), f"name {raw['name']!r} is already used by another pod or world host")
+            seen_names: set[str] = set()
             for j, dns in enumerate(raw.get("dnsNames", [])):
-                if dns.lower() in dns_owner:
-                    self.err(("world", i, "dnsNames", j), f"DNS name {dns!r} already belongs to {dns_owner[dns.lower()]!r}")
-                dns_owner[dns.lower()] = raw["name"]
+                if dns.lower() in seen_names:
+                    self.err(("world", i, "dnsNames", j), f"DNS name {dns!r} is listed twice")
+                seen_names.add(dns.lower())
+            aliases = tuple(a.lower().rstrip(".") for a in raw.get("aliases", []))
+            for j, alias in enumerate(aliases):
+                if not raw.get("dnsNames"):
+                    self.err(("world", i, "aliases", j), "an alias is a CNAME to the host's first DNS name: "
+                                                         "declare dnsNames first")
+                elif alias in address_names:
+                    self.err(("world", i, "aliases", j), f"{alias!r} is a DNS name of {address_names[alias]!r} "
+                                                         f"already; a name is either an address name or an alias")
+                elif alias in alias_owner:
+                    self.err(("world", i, "aliases", j), f"alias {alias!r} already belongs to {alias_owner[alias]!r}")
+                alias_owner.setdefault(alias, raw["name"])
             ports = self.ports(raw.get("ports", []))
             self.check_ports(ports, ("world", i, "ports"))
+            for j, port in enumerate(ports):
+                if port.tls and port.protocol != "TCP":
+                    self.err(("world", i, "ports", j, "tls"), f"TLS runs over TCP: port {port.port}/{port.protocol} "
+                                                              f"cannot set tls")
+                elif port.tls and not raw.get("dnsNames"):
+                    self.err(("world", i, "ports", j, "tls"), "a TLS port's certificate names the host's DNS "
+                                                              "names: declare dnsNames")
             world[raw["name"]] = WorldHost(raw["name"], raw["address"], tuple(raw.get("dnsNames", [])), ports,
-                                           raw.get("entity", ""))
+                                           raw.get("entity", ""), aliases, raw.get("ttl"))
         first_with: dict[str, int] = {}
         for i, raw in enumerate(data.get("world", [])):
             key = _address_key(raw["address"])
@@ -829,9 +897,9 @@ class _Builder:
 
     def step(self, scenario: Scenario, index: int, raw: dict[str, Any]) -> Step:
         base = ("steps", index)
-        kinds = [k for k in ("apply", "delete", "relabel", "audit", "probes") if k in raw]
+        kinds = [k for k in ("apply", "delete", "relabel", "audit", "probes", "expire") if k in raw]
         if len(kinds) != 1:
-            self.err(base, "a step has exactly one of apply, delete, relabel, audit or probes"
+            self.err(base, "a step has exactly one of apply, delete, relabel, audit, probes or expire"
                      + (f" (found {', '.join(kinds)})" if kinds else ""))
         name = raw.get("name", f"step {index + 1}")
         apply = self.policy_list(raw.get("apply", []), base + ("apply",))
@@ -872,7 +940,11 @@ class _Builder:
             probe = self.probe(scenario, base + ("probes", j), p)
             if probe is not None:
                 probes.append(probe)
-        return Step(index, name, apply, delete, tuple(relabels), tuple(probes), tuple(audits))
+        expire = tuple(n.lower().rstrip(".") for n in raw.get("expire", []))
+        if expire and scenario.nameserver is None:
+            self.err(base + ("expire",), "names are learned from the cluster DNS's answers, and this lab has none: "
+                                         "declare a pod labelled k8s-app: kube-dns")
+        return Step(index, name, apply, delete, tuple(relabels), tuple(probes), tuple(audits), expire)
 
     def audit_change(self, scenario: Scenario, where: tuple, raw: dict[str, Any]) -> AuditChange | None:
         """One item of an `audit` step: {pod: P, enabled: B}, {namespace: N, enabled: B} or

@@ -93,7 +93,7 @@ def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
     (("to: api:8080", "to: api:99999"), 21, "steps[0].probes[0].to", "expected a port number 1-65535"),
     (("    namespace: shop\n    ports: [{port: 8080}]", "    namespace: store\n    ports: [{port: 8080}]"), 11, "pods[1].namespace", "namespace 'store' is not declared"),
     (("  - name: api\n", "  - name: web\n"), 10, "pods[1].name", "pod 'shop/web' is declared twice"),
-    (("    probes:", "    apply: []\n    probes:"), 19, "steps[0]", "exactly one of apply, delete, relabel, audit or probes"),
+    (("    probes:", "    apply: []\n    probes:"), 19, "steps[0]", "exactly one of apply, delete, relabel, audit, probes or expire"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api:8080, protocol: UDP, http: {path: /}, expect: allowed}"), 21, "steps[0].probes[0].http", "needs protocol TCP"),
     (("name: demo", "name: Demo_Lab"), 1, "name", "invalid value 'Demo_Lab'"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: TCP, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].protocol", "protocol must be UDP"),
