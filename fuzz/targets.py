@@ -204,6 +204,7 @@ class _Server:
         self.transparent = False
         self.mark = False
         self.original_dst = None
+        self.learner = None  # no FQDN learner: answers are released as they come
 
 
 class _DecidingDnsProxy(DnsProxy):

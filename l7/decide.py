@@ -94,8 +94,9 @@ def decide(protocol: str, request: Any, sets: Sequence[AppliedSet], policy_of: C
 
 def protocol_for(sets: Sequence[AppliedSet], transport: str) -> str:
     """The L7 protocol a flow's requests are judged as: among the protocols received on
-    `transport` ("TCP" | "UDP"), the first whose rules an applicable set holds; else the first
-    registered for that transport (HTTP on TCP, DNS on UDP). "" when none is."""
+    `transport` ("TCP" | "UDP"), the first whose rules an applicable set holds (DNS rules make a
+    TCP flow DNS over TCP); else the protocol at home on that transport (HTTP on TCP, DNS on
+    UDP). "" when none is."""
     candidates = for_transport(transport)
     for applied in sets:
         if applied.rules is None:

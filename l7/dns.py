@@ -42,16 +42,21 @@ class DnsFlow:
     ttl: int = 0
     cnames: tuple[str, ...] = ()
     rrtypes: tuple[str, ...] = ()
+    # The toFQDNs selectors the answer's addresses were learned for before it was released to the
+    # client (e.g. "matchPattern *.example.com"); empty when nothing was learned.
+    learned: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"query": self.query, "qtypes": list(self.qtypes), "rcode": self.rcode, "ips": list(self.ips),
-                "ttl": self.ttl, "cnames": list(self.cnames), "rrtypes": list(self.rrtypes)}
+                "ttl": self.ttl, "cnames": list(self.cnames), "rrtypes": list(self.rrtypes),
+                "learned": list(self.learned)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DnsFlow":
         return cls(str(data.get("query", "")), tuple(str(t) for t in data.get("qtypes", ())),
                    int(data.get("rcode", -1)), tuple(str(i) for i in data.get("ips") or ()), int(data.get("ttl") or 0),
-                   tuple(str(c) for c in data.get("cnames") or ()), tuple(str(t) for t in data.get("rrtypes") or ()))
+                   tuple(str(c) for c in data.get("cnames") or ()), tuple(str(t) for t in data.get("rrtypes") or ()),
+                   tuple(str(s) for s in data.get("learned") or ()))
 
 
 # ---------------------------------------------------------------------------- names and patterns
@@ -129,4 +134,4 @@ def judge(rule_set: RuleSetView, name: str) -> SetVerdict:
     return SetVerdict(False, f"matches no DNS rule (tried: {tried})", (), tried_ids)
 
 
-PROTOCOL = L7Protocol("dns", "DNS", "UDP", "refused", DnsRule.from_json, judge, lambda name: f"DNS query {name}")
+PROTOCOL = L7Protocol("dns", "DNS", ("UDP", "TCP"), "refused", DnsRule.from_json, judge, lambda name: f"DNS query {name}")

@@ -377,5 +377,5 @@ def judge(rule_set: RuleSetView, request: HttpRequestView) -> SetVerdict:
     return match(rule_set, request)
 
 
-PROTOCOL = L7Protocol("http", "HTTP", "TCP", "denied", HttpRule.from_json, judge,
+PROTOCOL = L7Protocol("http", "HTTP", ("TCP",), "denied", HttpRule.from_json, judge,
                       lambda request: f"{request.method} {request.path}", "the proxy answers 403 Access denied")

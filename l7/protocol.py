@@ -3,8 +3,9 @@
 Every module of the `l7` package that defines `PROTOCOL = L7Protocol(...)` is a protocol; the
 registry finds them by walking the package, so a new protocol is registered by its own module
 and nothing else. A protocol says under which name its rules are kept in an `L7RuleSet` (and in
-the proxy's state file), which transport the proxy receives it on, how its rules are read back
-from JSON, and how one request of it is judged against one rule set (`judge`). The
+the proxy's state file), which transports the proxy receives it on (the first is its home: a
+flow without rules of any protocol falls back to the protocol at home on its transport), how its
+rules are read back from JSON, and how one request of it is judged against one rule set (`judge`). The
 protocol-neutral part -- every applicable set must allow, the first refusal decides, policy
 attribution -- is `l7.decide`.
 """
@@ -43,7 +44,9 @@ class RuleSetView(Protocol):
 class L7Protocol:
     name: str  # key of its rules in L7RuleSet.rules and in the state file: "http", "dns"
     title: str  # for people: "HTTP", "DNS"
-    transport: str  # what the proxy receives it on: "TCP" | "UDP"
+    # What the proxy receives it on, its home transport first: ("TCP",) for HTTP, ("UDP", "TCP")
+    # for DNS (RFC 1035 4.2: a DNS rule's redirect carries queries over both).
+    transports: tuple[str, ...]
     refused_as: str  # the oracle's outcome for a refused request: "denied" (403) | "refused" (REFUSED)
     rule_from_json: Callable[[dict], Any]
     judge: Callable[[RuleSetView, Any], SetVerdict]  # (rule set, request as the rules see it)
@@ -76,5 +79,7 @@ def protocol(name: str) -> L7Protocol:
 
 
 def for_transport(transport: str) -> list[L7Protocol]:
-    """The protocols the proxy receives on `transport` ("TCP" | "UDP"), in registry order."""
-    return [p for p in protocols().values() if p.transport == transport]
+    """The protocols the proxy receives on `transport` ("TCP" | "UDP"): those at home on it
+    first (HTTP before DNS on TCP), each group in registry order."""
+    found = [p for p in protocols().values() if transport in p.transports]
+    return sorted(found, key=lambda p: p.transports.index(transport) != 0)

@@ -1,14 +1,19 @@
 """`python -m proxy`: run the L7 proxy of one lab (inside the lab's node namespace).
 
     python -m proxy --lab NAME --state /run/l7lab/NAME/policy.json [--port PORT (15001)] [--events FILE]
+                    [--fqdn-socket PATH]
 
 Prints `READY <host>:<port>` on stdout once listening. SIGHUP reloads the state file (a file that
 cannot be loaded replaces the policy by an empty one: everything is denied until a good file is
 loaded -- fail closed). SIGTERM/SIGINT stop it cleanly (exit 0). Exit 2 if the state file cannot
 be loaded at start or the port cannot be bound.
 
+--fqdn-socket PATH: the Unix socket of the lab's FQDN learner; every DNS answer with addresses is
+told to it before it is released to the client (proxy.fqdn). Without it nothing is learned.
+
 Limits (see proxy.limits; defaults in parentheses): --idle-timeout S (60), --header-timeout S (10),
---progress-timeout S (300), --max-connections N (512), --max-connections-per-identity N (128);
+--progress-timeout S (300), --max-connections N (512), --max-connections-per-identity N (128),
+--learn-timeout S (2);
 or all of them as one list, `--limits idle-timeout=5,max-connections=100` (the lab passes the
 environment variable L7LAB_PROXY_LIMITS that way); a flag of its own wins over the list. The soft
 limit on open files is raised to what max-connections needs (two descriptors per connection);
@@ -37,6 +42,7 @@ from dataplane.abi import PROXY_PORT
 from dataplane.logfiles import bound_stderr
 
 from .events import EventLog
+from .fqdn import FqdnLearner
 from .limits import Limits, flag_name
 from .server import ProxyServer, install_uvloop
 from .state import Snapshot
@@ -49,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=PROXY_PORT)
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--events", help="append one JSON line per request to this file")
+    ap.add_argument("--fqdn-socket", metavar="PATH", help="Unix socket of the lab's FQDN learner (DNS answers' "
+                                                          "addresses are learned before they are released)")
     ap.add_argument("--original-dst", help="IP:PORT: testing only; overrides getsockname()")
     ap.add_argument("--no-mark", action="store_true", help="testing only: no SO_MARK on upstream sockets")
     for f in fields(Limits):
@@ -138,9 +146,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.original_dst:
         ip, _, port = args.original_dst.rpartition(":")
         original = (ip, int(port))
+    limits = fit_open_files(args.limits, args.lab)
+    learner = FqdnLearner(args.fqdn_socket, limits.learn_timeout) if args.fqdn_socket else None
     server = ProxyServer(snapshot, args.host, args.port, transparent=original is None, mark=not args.no_mark,
-                         original_dst=original, events=EventLog(args.events),
-                         limits=fit_open_files(args.limits, args.lab))
+                         original_dst=original, events=EventLog(args.events), limits=limits, learner=learner)
     try:
         await server.start()
     except OSError as exc:
@@ -155,6 +164,8 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"READY {args.host}:{server.port}", flush=True)
     await stop.wait()
     await server.stop()
+    if learner is not None:
+        await learner.close()
     return 0
 
 

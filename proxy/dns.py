@@ -1,20 +1,31 @@
 """The DNS side of the proxy: every redirected DNS query is checked against the DNS rules of the
 policies that apply (`toPorts.rules.dns`: matchName / matchPattern), as Cilium's DNS proxy does.
 
-The datapath assigns redirected UDP datagrams to this socket (UDP on the same port number as the
-HTTP listener); IP_RECVORIGDSTADDR gives each datagram's original destination. Then:
+One path for every query, whichever transport brought it (`DnsCore.handle`): the UDP listener
+below (`DnsProxy`) and DNS over TCP (`proxy.dnstcp`) hand it one message and send back what it
+returns. Per query:
 
-  * not a DNS query (or a response): dropped (nothing to answer), recorded as an error;
+  * not a DNS query (or a response): nothing to answer, recorded as an error (UDP: dropped;
+    TCP: the connection is closed);
   * not one standard question (several questions, another opcode): FORMERR, never forwarded;
   * no rule allows the name: answered REFUSED, as if by the server the client asked;
-  * allowed: forwarded to the original destination from an upstream socket that carries the
-    from-proxy mark, and the server's answer relayed back unchanged (silence if the server
-    says nothing within UPSTREAM_TIMEOUT_S: the client's own timeout applies).
+  * allowed: forwarded to the original destination, over the transport it came on, from a
+    socket that carries the from-proxy mark (at most MAX_IN_FLIGHT at once, a quarter of them
+    per source identity: beyond, UDP drops the query and TCP answers SERVFAIL). The server's
+    answer is relayed back unchanged; a server that refuses the forward (ICMP port unreachable,
+    a TCP reset) makes the proxy answer REFUSED, as Cilium's does; silence for UPSTREAM_TIMEOUT_S
+    is left to the client's own timeout;
+  * before an answer with addresses (NOERROR, at least one A or AAAA) is released, the lab's
+    FQDN learner is told (`proxy.fqdn`, with `--fqdn-socket`): the toFQDNs selectors matching
+    the name allow its addresses before the client can use them. A learner that fails or is
+    slow (LEARN_TIMEOUT_S) delays nothing more: the answer is released and the record says the
+    policy was not updated, and why.
 
-Answers leave from a transparent socket bound to the original destination, so the client sees
+UDP answers leave from a transparent socket bound to the original destination, so the client sees
 them come from the server it asked, and conntrack sees the reply of the client's own flow.
-One L7 flow record per query (`proxy/events.py`), its DNS part the name, the question type and
-the rcode sent (0 NOERROR, 3 NXDOMAIN, 5 REFUSED; -1 when nothing was sent).
+One L7 flow record per query (`proxy/events.py`), its DNS part the name, the question type, the
+rcode sent (0 NOERROR, 3 NXDOMAIN, 5 REFUSED; -1 when nothing was sent), the answer relayed and
+the selectors learned.
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ import socket
 import struct
 import sys
 import time
+import weakref
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import dns.exception
 import dns.flags
@@ -41,6 +54,7 @@ from dataplane.flowrecord import Verdict
 from l7.dns import DnsFlow
 
 from .events import l7_flow, redirect_direction
+from .fqdn import LearnResult
 from .marks import IP_TRANSPARENT, SO_MARK
 
 if TYPE_CHECKING:
@@ -54,6 +68,150 @@ MAX_IN_FLIGHT = 256
 # One source identity may hold a quarter of them: a pod flooding a server that never answers
 # (each query then waits UPSTREAM_TIMEOUT_S) leaves room for every other pod's queries.
 MAX_IN_FLIGHT_PER_IDENTITY = 64
+# The records of an answer the learner is told about (its A, AAAA and CNAME records): Cilium keeps
+# at most 50 addresses per name (--tofqdns-endpoint-max-ip-per-hostname), a CNAME chain a few more.
+LEARN_RECORDS = 64
+LEARNED_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME)
+
+
+class UpstreamRefused(Exception):
+    """The server said no to the forward itself (ICMP port unreachable, a TCP reset)."""
+
+
+class Query(NamedTuple):
+    """Where one DNS message came from and how."""
+
+    cp: "ConnectionPolicy"  # what applies to (client, original destination) under the snapshot
+    client: tuple[str, int]
+    dst: tuple[str, int]  # the original destination: the server the client asked
+    transport: str  # "UDP" | "TCP"
+    t0: float  # when it arrived (time.monotonic)
+
+
+class Reply(NamedTuple):
+    """What to send the client for one message: `data` (None: nothing), and whether the message
+    was not a DNS query at all (`junk`: a TCP connection carrying it is closed)."""
+
+    data: bytes | None
+    junk: bool = False
+
+
+# Asks the server the query was meant for, over the query's own transport: (query, its id) ->
+# the server's answer with that id, None on silence; UpstreamRefused when the server refuses.
+Ask = Callable[[bytes, int], Awaitable[bytes | None]]
+
+_cores: "weakref.WeakKeyDictionary[object, DnsCore]" = weakref.WeakKeyDictionary()
+
+
+class DnsCore:
+    """The judge/forward/learn/record path of one proxy process, shared by its transports."""
+
+    def __init__(self, context: "ProxyContext") -> None:
+        self.context = context
+        # Each query in flight may hold an upstream socket for UPSTREAM_TIMEOUT_S: a bound keeps a
+        # flood from exhausting the descriptors the HTTP side needs too.
+        self.in_flight = 0
+        self.by_identity: Counter[int] = Counter()  # queries in flight per source identity
+
+    @classmethod
+    def of(cls, context: "ProxyContext") -> "DnsCore":
+        """The one core of a proxy process (both transports count against the same caps)."""
+        core = _cores.get(context)
+        if core is None:
+            core = _cores[context] = cls(context)
+        return core
+
+    async def handle(self, q: Query, data: bytes, ask: Ask) -> Reply:
+        """Judge one message, forward it if allowed, learn and record; what to answer."""
+        snap = self.context.snapshot
+        try:
+            return await self._handle(snap, q, data, ask)
+        except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
+            self.record(q, "", "", -1, "error", f"internal error: {exc!r}")
+            return Reply(None)
+
+    async def _handle(self, snap: "Snapshot", q: Query, data: bytes, ask: Ask) -> Reply:
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            self.record(q, "", "", -1, "error", f"not a DNS query: {_dropped(q)}")
+            return Reply(None, junk=True)
+        if query.flags & dns.flags.QR:
+            self.record(q, "", "", -1, "error", f"a DNS response, not a query: {_dropped(q)}")
+            return Reply(None, junk=True)
+        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+            # Only the one question that was checked may reach the server: anything else (more
+            # questions, other opcodes) is answered FORMERR and never forwarded.
+            self.record(q, "", "", dns.rcode.FORMERR, "error", "only standard queries with one question are forwarded")
+            return Reply(_rcode_reply(query, dns.rcode.FORMERR))
+        question = query.question[0]
+        name = asked_name(question)
+        qtype = dns.rdatatype.to_text(question.rdtype)
+        verdict = snap.judge_dns(q.cp, name)
+        if not verdict.allowed:
+            self.record(q, qtype, name, dns.rcode.REFUSED, "denied", verdict.why, verdict)
+            return Reply(_rcode_reply(query, dns.rcode.REFUSED))
+        identity = q.cp.src_identity
+        busy = ""
+        if self.in_flight >= MAX_IN_FLIGHT:
+            busy = f"too many queries in flight (at most {MAX_IN_FLIGHT})"
+        elif self.by_identity[identity] >= MAX_IN_FLIGHT_PER_IDENTITY:
+            busy = (f"too many queries in flight from identity {identity} (at most {MAX_IN_FLIGHT_PER_IDENTITY})")
+        if busy:
+            # UDP: dropped, the client asks again after its timeout. TCP: the connection would
+            # wait for ever for this one answer, so the proxy says at once that it failed.
+            if q.transport == "TCP":
+                self.record(q, qtype, name, dns.rcode.SERVFAIL, "error", f"{busy}: answered SERVFAIL", verdict)
+                return Reply(_rcode_reply(query, dns.rcode.SERVFAIL))
+            self.record(q, qtype, name, -1, "error", f"{busy}: dropped", verdict)
+            return Reply(None)
+        # The slot is held until the answer is released: the upstream exchange and the learner.
+        self.in_flight += 1
+        self.by_identity[identity] += 1
+        try:
+            return await self._forward(q, query, data, ask, qtype, name, verdict)
+        finally:
+            self.in_flight -= 1
+            self.by_identity[identity] -= 1
+            if not self.by_identity[identity]:
+                del self.by_identity[identity]
+
+    async def _forward(self, q: Query, query: dns.message.Message, data: bytes, ask: Ask, qtype: str, name: str,
+                       verdict: "RequestVerdict") -> Reply:
+        try:
+            answer = await ask(data, query.id)
+        except UpstreamRefused as exc:
+            self.record(q, qtype, name, dns.rcode.REFUSED, "error", f"cannot forward: {exc}: answered REFUSED", verdict)
+            return Reply(_rcode_reply(query, dns.rcode.REFUSED))
+        if answer is None:
+            self.record(q, qtype, name, -1, "error", "no answer from the server", verdict)
+            return Reply(None)
+        try:
+            parsed = dns.message.from_wire(answer)
+        except dns.exception.DNSException:
+            self.record(q, qtype, name, -1, "error", "the server's answer is not DNS: dropped", verdict)
+            return Reply(None)
+        summary, learned = verdict.why, ()
+        if self.context.learner is not None and learns(parsed):
+            # Before the client has the answer: the addresses must be allowed before it can use them.
+            result = await self.context.learner.learn(learn_request(q, name, qtype, parsed))
+            summary += learned_note(result)
+            learned = result.learned
+        self.record(q, qtype, name, parsed.rcode(), "forwarded", summary, verdict, parsed, learned)
+        return Reply(answer)
+
+    def record(self, q: Query, qtype: str, name: str, rcode: int, verdict: str, reason: str,
+               rv: "RequestVerdict | None" = None, upstream: dns.message.Message | None = None,
+               learned: tuple[str, ...] = ()) -> None:
+        answer = answer_record(upstream) if upstream is not None else {}
+        elapsed_ns = round((time.monotonic() - q.t0) * 1e9)
+        cp = q.cp
+        self.context.events.emit(l7_flow(
+            self.context.snapshot, Verdict(verdict), q.client, q.dst, src_identity=cp.src_identity,
+            dst_identity=cp.dst_identity, direction=redirect_direction(cp), summary=reason,
+            latency_ms=round(elapsed_ns / 1e6, 3), latency_ns=elapsed_ns, rule_ids=rv.rule_ids if rv else (),
+            policies=rv.policies if rv else (), transport=q.transport,
+            dns=DnsFlow(name, (qtype,) if qtype else (), rcode, **answer, learned=learned)))
 
 
 class DnsProxy:
@@ -62,13 +220,10 @@ class DnsProxy:
 
     def __init__(self, server: "ProxyContext") -> None:
         self.server = server
+        self.core = DnsCore.of(server)
         self.sock: socket.socket | None = None
         self.port = 0
         self._tasks: set[asyncio.Task] = set()
-        # Each query in flight may hold an upstream socket for UPSTREAM_TIMEOUT_S: a bound keeps a
-        # flood from exhausting the descriptors the HTTP side needs too.
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._by_identity: Counter[int] = Counter()  # queries in flight per source identity
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -113,75 +268,17 @@ class DnsProxy:
             task.add_done_callback(self._tasks.discard)
 
     async def handle(self, data: bytes, client: tuple[str, int], dst: tuple[str, int]) -> None:
-        t0 = time.monotonic()
-        snap = self.server.snapshot
-        cp = snap.connection(client[0], dst[0], dst[1], PROTO_UDP)
-        if self._slots.locked():
-            self.record(cp, client, dst, "", "", -1, "error", "too many queries in flight: dropped", t0)
-            return
-        identity = cp.src_identity
-        if self._by_identity[identity] >= MAX_IN_FLIGHT_PER_IDENTITY:
-            self.record(cp, client, dst, "", "", -1, "error",
-                        f"too many queries in flight from identity {identity} "
-                        f"(at most {MAX_IN_FLIGHT_PER_IDENTITY}): dropped", t0)
-            return
-        self._by_identity[identity] += 1
-        try:
-            async with self._slots:
-                try:
-                    await self._handle(snap, cp, data, client, dst, t0)
-                except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
-                    self.record(cp, client, dst, "", "", -1, "error", f"internal error: {exc!r}", t0)
-        finally:
-            self._by_identity[identity] -= 1
-            if not self._by_identity[identity]:
-                del self._by_identity[identity]
-
-    async def _handle(self, snap: "Snapshot", cp: "ConnectionPolicy", data: bytes, client: tuple[str, int],
-                      dst: tuple[str, int], t0: float) -> None:
-        try:
-            query = dns.message.from_wire(data)
-        except dns.exception.DNSException:
-            self.record(cp, client, dst, "", "", -1, "error", "not a DNS query: dropped", t0)
-            return
-        if query.flags & dns.flags.QR:
-            self.record(cp, client, dst, "", "", -1, "error", "a DNS response, not a query: dropped", t0)
-            return
-        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
-            # Only the one question that was checked may reach the server: anything else (more
-            # questions, other opcodes) is answered FORMERR and never forwarded.
-            reply = dns.message.make_response(query)
-            reply.set_rcode(dns.rcode.FORMERR)
-            self.record(cp, client, dst, "", "", dns.rcode.FORMERR, "error",
-                        "only standard queries with one question are forwarded", t0)
-            self.answer(dst, client, reply.to_wire())
-            return
-        question = query.question[0]
-        name = asked_name(question)
-        qtype = dns.rdatatype.to_text(question.rdtype)
-        verdict = snap.judge_dns(cp, name)
-        if not verdict.allowed:
-            reply = dns.message.make_response(query)
-            reply.set_rcode(dns.rcode.REFUSED)
-            self.record(cp, client, dst, qtype, name, dns.rcode.REFUSED, "denied", verdict.why, t0, verdict)
-            self.answer(dst, client, reply.to_wire())
-            return
-        answer = await self.ask_upstream(cp, dst, data, query.id)
-        if answer is None:
-            self.record(cp, client, dst, qtype, name, -1, "error", "no answer from the server", t0, verdict)
-            return
-        try:
-            parsed = dns.message.from_wire(answer)
-        except dns.exception.DNSException:
-            self.record(cp, client, dst, qtype, name, -1, "error", "the server's answer is not DNS: dropped", t0, verdict)
-            return
-        self.record(cp, client, dst, qtype, name, parsed.rcode(), "forwarded", verdict.why, t0, verdict,
-                    upstream=parsed)
-        self.answer(dst, client, answer)
+        """One datagram: the shared path, then its answer (if any) back to the client."""
+        cp = self.server.snapshot.connection(client[0], dst[0], dst[1], PROTO_UDP)
+        query = Query(cp, client, dst, "UDP", time.monotonic())
+        reply = await self.core.handle(query, data, lambda wire, query_id: self.ask_upstream(cp, dst, wire, query_id))
+        if reply.data is not None:
+            self.answer(dst, client, reply.data)
 
     async def ask_upstream(self, cp: "ConnectionPolicy", dst: tuple[str, int], data: bytes,
                            query_id: int) -> bytes | None:
-        """Send the query to the server it was meant for; its answer (same id), or None."""
+        """Send the query to the server it was meant for; its answer (same id), or None.
+        UpstreamRefused on an ICMP port unreachable."""
         loop = asyncio.get_running_loop()
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -197,8 +294,10 @@ class DnsProxy:
             while (left := deadline - time.monotonic()) > 0:
                 try:
                     reply = await asyncio.wait_for(loop.sock_recv(sock, MAX_DATAGRAM), left)
-                except (asyncio.TimeoutError, ConnectionRefusedError):
+                except asyncio.TimeoutError:
                     return None
+                except ConnectionRefusedError:
+                    raise UpstreamRefused(f"{dst[0]}:{dst[1]} answered ICMP port unreachable") from None
                 if len(reply) >= 2 and struct.unpack("!H", reply[:2])[0] == query_id:
                     return reply
             return None
@@ -230,16 +329,52 @@ class DnsProxy:
         finally:
             sock.close()
 
-    def record(self, cp: "ConnectionPolicy", client: tuple[str, int], dst: tuple[str, int], qtype: str, name: str,
-               rcode: int, verdict: str, reason: str, t0: float, rv: "RequestVerdict | None" = None,
-               upstream: dns.message.Message | None = None) -> None:
-        answer = answer_record(upstream) if upstream is not None else {}
-        elapsed_ns = round((time.monotonic() - t0) * 1e9)
-        self.server.events.emit(l7_flow(
-            self.server.snapshot, Verdict(verdict), client, dst, src_identity=cp.src_identity,
-            dst_identity=cp.dst_identity, direction=redirect_direction(cp), summary=reason,
-            latency_ms=round(elapsed_ns / 1e6, 3), latency_ns=elapsed_ns, rule_ids=rv.rule_ids if rv else (),
-            policies=rv.policies if rv else (), dns=DnsFlow(name, (qtype,) if qtype else (), rcode, **answer)))
+
+def _rcode_reply(query: dns.message.Message, rcode: int) -> bytes:
+    """The proxy's own answer to `query`: its question echoed, no records, `rcode`."""
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    return reply.to_wire()
+
+
+def _dropped(q: Query) -> str:
+    return "connection closed" if q.transport == "TCP" else "dropped"
+
+
+# ---------------------------------------------------------------------------- learning
+
+
+def learns(message: dns.message.Message) -> bool:
+    """Whether an answer is one the learner is told about: NOERROR with an address in it."""
+    return message.rcode() == dns.rcode.NOERROR and any(
+        rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rrset in message.answer)
+
+
+def learn_request(q: Query, name: str, qtype: str, message: dns.message.Message) -> dict:
+    """The fields of a `learn` request (proxy.fqdn) for an answer relayed to `q`'s client: its
+    A, AAAA and CNAME records (at most LEARN_RECORDS), names lower case without the final dot."""
+    records: list[dict] = []
+    for rrset in message.answer:
+        if rrset.rdtype not in LEARNED_TYPES:
+            continue
+        owner = rrset.name.to_text(omit_final_dot=True).lower()
+        kind = dns.rdatatype.to_text(rrset.rdtype)
+        for rdata in rrset:
+            data = rdata.target.to_text(omit_final_dot=True).lower() if rrset.rdtype == dns.rdatatype.CNAME \
+                else rdata.address
+            records.append({"name": owner, "type": kind, "ttl": rrset.ttl, "data": data})
+    return {"endpoint_ip": q.client[0], "src_identity": q.cp.src_identity, "server": f"{q.dst[0]}:{q.dst[1]}",
+            "qname": name, "qtype": qtype, "rcode": message.rcode(), "records": records[:LEARN_RECORDS]}
+
+
+def learned_note(result: LearnResult) -> str:
+    """What a record's summary adds about learning the answer's addresses."""
+    if not result.ok:
+        return (f"; policy not updated: {result.error} (the answer is released; connections to its "
+                f"addresses stay dropped until learned)")
+    if not result.learned:
+        return "; no toFQDNs selector matches the name: nothing learned"
+    return f"; learned before the answer was released, for {', '.join(result.learned)}"
 
 
 # A record keeps at most this many addresses, names and types of an answer (an answer may carry

@@ -51,18 +51,19 @@ def redirect_direction(cp: ConnectionPolicy | None) -> TrafficDirection:
 def l7_flow(snapshot: Snapshot, verdict: Verdict, client: tuple[str, int], dst: tuple[str, int], *,
             src_identity: int | None, dst_identity: int | None, direction: TrafficDirection, summary: str,
             latency_ms: float, rule_ids: tuple[int, ...] = (), policies: tuple[str, ...] = (),
-            http: HttpFlow | None = None, dns: DnsFlow | None = None, latency_ns: int = 0) -> Flow:
+            http: HttpFlow | None = None, dns: DnsFlow | None = None, latency_ns: int = 0, transport: str = "") -> Flow:
     """An L7 record. `snapshot` is the proxy's policy snapshot in force now (a
     `proxy.state.Snapshot`: its `by_ip` endpoints and `state.rules`); `rule_ids` the rules that
     allowed the request, `policies` the policies that allowed it or whose rules it failed;
-    `latency_ns` the latency at full resolution (else derived from `latency_ms`)."""
+    `latency_ns` the latency at full resolution (else derived from `latency_ms`); `transport`
+    the L4 protocol it came on ("TCP" | "UDP"; default: UDP for DNS, TCP for HTTP)."""
     rules = tuple(r.text for r in map(snapshot.state.rules.get, rule_ids)
                   if r is not None)
     return Flow(
         time=round(time.time(), 6), type=FlowType.L7, verdict=verdict,
         source=_endpoint(snapshot, client[0], client[1], src_identity),
         destination=_endpoint(snapshot, dst[0], dst[1], dst_identity),
-        l4=L4("UDP" if dns is not None else "TCP"), direction=direction, trace_point=TracePoint.PROXY,
+        l4=L4(transport or ("UDP" if dns is not None else "TCP")), direction=direction, trace_point=TracePoint.PROXY,
         summary=summary, policy=PolicyAttribution(tuple(rule_ids), tuple(policies), rules),
         l7=L7(latency_ms, http, dns, latency_ns))
 

@@ -15,7 +15,9 @@ each of those (defaults follow Envoy's recommendations for an edge proxy where i
     `stream_idle_timeout`, 300 s). A slow transfer that keeps moving is never cut;
   * connection caps: at most `max_connections` client connections at once, and at most
     `max_connections_per_identity` from one source security identity; a connection beyond a
-    cap is answered 503 and closed at once, so other identities keep being served.
+    cap is answered 503 and closed at once, so other identities keep being served;
+  * learn timeout: the longest a DNS answer with addresses waits for the lab's FQDN learner
+    before it is released anyway (`proxy.fqdn`).
 
 Progress is what the kernel saw, not what the proxy's code did: the sum of the bytes the peer
 acknowledged and the bytes received from it (TCP_INFO) on both sockets of a connection. A peer
@@ -30,6 +32,8 @@ import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass, fields, replace
+
+from .fqdn import LEARN_TIMEOUT_S
 
 IDLE_TIMEOUT_S = 60.0  # Cilium's proxy idle timeout; short enough that forgotten connections free their slot
 HEADER_TIMEOUT_S = 10.0  # Envoy's request_headers_timeout in its edge configuration
@@ -55,6 +59,7 @@ class Limits:
     progress_timeout: float = PROGRESS_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_identity: int = MAX_CONNECTIONS_PER_IDENTITY
+    learn_timeout: float = LEARN_TIMEOUT_S
 
     def __post_init__(self) -> None:
         for f in fields(self):

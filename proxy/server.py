@@ -33,9 +33,9 @@ from l7.http import HttpError, HttpFlow, recorded_headers
 
 from .context import DatagramHandler, ProxyContext
 from .events import EventLog, l7_flow, redirect_direction
-from .handlers import DATAGRAM_HANDLERS
-from .http import (Request, denied_response, error_response, parse_request, parse_response, response_head,
-                   upgrade_accepted)
+from .fqdn import FqdnLearner
+from .handlers import DATAGRAM_HANDLERS, STREAM_HANDLERS as PROTOCOL_STREAM_HANDLERS
+from .http import Request, denied_response, error_response, parse_request, parse_response, response_head, upgrade_accepted
 from .limits import ConnectionCaps, Limits, tcp_progress
 from .marks import IP_TRANSPARENT, SO_MARK
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
@@ -59,13 +59,13 @@ class ProxyServer:
 
     def __init__(self, snapshot: Snapshot, host: str = "0.0.0.0", port: int = PROXY_PORT, *,
                  transparent: bool = True, mark: bool = True, original_dst: tuple[str, int] | None = None,
-                 events: EventLog | None = None, limits: Limits | None = None,
+                 events: EventLog | None = None, limits: Limits | None = None, learner: FqdnLearner | None = None,
                  datagram_handlers: Mapping[str, Callable[[ProxyContext], DatagramHandler]] | None = None) -> None:
         self.snapshot = snapshot  # replaced whole on reload; each request reads it once
         self.host, self.port = host, port
         self.transparent, self.mark = transparent, mark
         self.original_dst = original_dst  # tests: the "original destination" of every connection
-        self.events = events or EventLog()
+        self.events, self.learner = events or EventLog(), learner  # learner: DNS answers' addresses (proxy.fqdn)
         self.limits = limits or Limits()
         self.caps = ConnectionCaps()
         self._server: asyncio.base_events.Server | None = None
@@ -637,9 +637,11 @@ class ClientConnection:
 
 
 # The stream (TCP) protocols, by the name of their rules in the `l7` registry: the connection
-# is served by the handler of the protocol of the rule sets that apply to it (proxy.handlers
-# lists the datagram ones). HTTP is `ClientConnection` above.
-STREAM_HANDLERS: dict[str, Callable[[ClientConnection], Awaitable[None]]] = {"http": ClientConnection.run}
+# is served by the handler of the protocol of the rule sets that apply to it. HTTP is
+# `ClientConnection` above; the others (DNS over TCP) are listed in proxy.handlers with the
+# datagram ones, and get the `ClientConnection` as a `proxy.context.StreamConnection`.
+STREAM_HANDLERS: dict[str, Callable[[ClientConnection], Awaitable[None]]] = {
+    "http": ClientConnection.run, **PROTOCOL_STREAM_HANDLERS}
 
 
 def _timeout_response(status: int) -> bytes:

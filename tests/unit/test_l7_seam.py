@@ -23,7 +23,7 @@ from dataplane.policy import Decision, Flow, PolicyEngine
 from dataplane.scenario import HttpRequest, parse_scenario
 from dataplane.yamlsource import load_documents
 from l7.decide import AppliedSet, decide, protocol_for
-from l7.protocol import protocols
+from l7.protocol import for_transport, protocols
 from l7.ruleset import L7RuleSet
 from proxy.dns import asked_name
 from l7.http import HttpError
@@ -207,8 +207,6 @@ HTTP_CASES = [
     ("api", 8080, "GET", "/v2/items", {}, False, ("CiliumNetworkPolicy lab/api-ingress",)),  # ingress refuses
     # Allow-all: an L4-only allow next to L7 rules lets every request through.
     ("open", 80, "DELETE", "/anything?x=1", {}, True, ("CiliumNetworkPolicy lab/open-l4",)),
-    # A DNS-only set on a TCP port: no HTTP rule to pass.
-    ("resolver", 53, "GET", "/", {}, False, ()),
     # A REDIRECT without a set: refused.
     ("bare", 80, "GET", "/", {}, False, ()),
 ]
@@ -259,13 +257,17 @@ DNS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("server,name,allowed,policies", DNS_CASES)
+@pytest.mark.parametrize("server,name,allowed,policies", DNS_CASES +
+                         # DNS rules on a port of any protocol judge a question over TCP alike.
+                         [("resolver-tcp", "www.example.com", True, ("CiliumNetworkPolicy lab/client-egress",)),
+                          ("resolver-tcp", "www.example.org", False, ("CiliumNetworkPolicy lab/client-egress",))])
 def test_dns_oracle_and_proxy_agree(seam, server, name, allowed, policies):
     engine, snapshot = seam
+    server, transport = (server[:-len("-tcp")], "TCP") if server.endswith("-tcp") else (server, "UDP")
     query = dns.message.from_wire(dns.message.make_query(name, "A").to_wire())  # as the proxy receives it
     asked = asked_name(query.question[0])
-    decision = engine.verdict(Flow("lab/client", _ip(engine, server), "UDP", 53, None, name, server))
-    cp = snapshot.connection(_ip(engine, "client"), _ip(engine, server), 53, PROTO_UDP)
+    decision = engine.verdict(Flow("lab/client", _ip(engine, server), transport, 53, None, name, server))
+    cp = snapshot.connection(_ip(engine, "client"), _ip(engine, server), 53, PROTO_TCP if transport == "TCP" else PROTO_UDP)
     assert cp.protocol == "dns"
     verdict = snapshot.judge_dns(cp, asked)
     _same(decision, verdict)
@@ -282,10 +284,18 @@ def test_refusals_before_any_rule(seam):
     assert decide("http", None, [], str, refusal="dropped") == RequestVerdict(False, "dropped")
 
 
-def test_every_protocol_is_registered_once_with_a_transport():
-    """The registry the proxy dispatches on: HTTP on TCP, DNS on UDP; a set holding a protocol's
-    rules picks that protocol, an empty set falls back to the transport's first."""
-    assert {(p.name, p.transport) for p in protocols().values()} == {("http", "TCP"), ("dns", "UDP")}
+def test_every_protocol_is_registered_once_with_its_transports():
+    """The registry the proxy dispatches on: HTTP on TCP, DNS on UDP and TCP; a set holding a
+    protocol's rules picks that protocol on any of its transports, an empty set falls back to
+    the protocol at home on the transport (HTTP on TCP, DNS on UDP)."""
+    assert {(p.name, p.transports) for p in protocols().values()} == {("http", ("TCP",)), ("dns", ("UDP", "TCP"))}
+    assert [p.name for p in for_transport("TCP")] == ["http", "dns"] and \
+        [p.name for p in for_transport("UDP")] == ["dns"]
     dns_only = [AppliedSet("ingress", "ns/x", L7RuleSet(dns=[(object(), 1)]))]
-    assert protocol_for(dns_only, "UDP") == "dns" and protocol_for(dns_only, "TCP") == "http"
-    assert protocol_for([AppliedSet("ingress", "ns/x", None)], "UDP") == "dns"
+    assert protocol_for(dns_only, "UDP") == "dns" and protocol_for(dns_only, "TCP") == "dns"
+    http_only = [AppliedSet("ingress", "ns/x", L7RuleSet(http=[(object(), 1)]))]
+    assert protocol_for(http_only, "TCP") == "http"
+    for transport, home in (("UDP", "dns"), ("TCP", "http")):
+        assert protocol_for([AppliedSet("ingress", "ns/x", None)], transport) == home
+        assert protocol_for([AppliedSet("ingress", "ns/x", L7RuleSet())], transport) == home
+    assert protocol_for([], "SCTP") == ""

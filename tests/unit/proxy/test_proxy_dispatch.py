@@ -7,20 +7,23 @@ import asyncio
 
 from l7.protocol import protocols
 from proxy.dns import DnsProxy
+from proxy.dnstcp import serve_dns_connection
 from proxy.events import EventLog
 from proxy.handlers import DATAGRAM_HANDLERS
 from proxy.server import STREAM_HANDLERS, ClientConnection, ProxyServer
 from proxy.state import Snapshot
 
 
-def test_every_l7_protocol_has_a_handler_for_its_transport():
+def test_every_l7_protocol_has_a_handler_for_each_of_its_transports():
     """A protocol the oracle judges but no proxy handler serves would be judged in `explain`
-    and never enforced: the registries must match."""
+    and never enforced: the registries must match, transport by transport."""
     by_transport = {"TCP": set(STREAM_HANDLERS), "UDP": set(DATAGRAM_HANDLERS)}
     for proto in protocols().values():
-        assert proto.name in by_transport[proto.transport], f"no proxy handler for {proto.name}"
-    assert set(STREAM_HANDLERS) | set(DATAGRAM_HANDLERS) == set(protocols())
+        for transport in proto.transports:
+            assert proto.name in by_transport[transport], f"no proxy handler for {proto.name} on {transport}"
+    assert by_transport == {t: {p.name for p in protocols().values() if t in p.transports} for t in by_transport}
     assert STREAM_HANDLERS["http"] is ClientConnection.run and DATAGRAM_HANDLERS["dns"] is DnsProxy
+    assert STREAM_HANDLERS["dns"] is serve_dns_connection
 
 
 def test_the_server_starts_and_stops_the_datagram_handlers_it_is_given():

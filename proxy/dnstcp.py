@@ -1,0 +1,203 @@
+"""DNS over TCP (RFC 1035 4.2.2, RFC 7766): the stream side of the proxy's DNS.
+
+A DNS rule redirects TCP connections to port 53 (protocol TCP or ANY) to the proxy's TCP
+listener like UDP datagrams; the listener dispatches a connection whose rule sets hold DNS rules
+here (`proxy.handlers.STREAM_HANDLERS`). Every message on it is a 2-byte length (network order)
+and that many bytes of DNS; the length prefix is the only thing read by hand, the message itself
+goes to dnspython through the shared path of `proxy.dns` (`DnsCore.handle`): judged, refused,
+forwarded, learned and recorded exactly as a query over UDP, one L7 flow record per query.
+
+Per connection:
+
+  * several queries, pipelined: each is handled as soon as it is read, at most MAX_PIPELINED at
+    once (beyond, the proxy stops reading until one is answered), and answered as soon as its
+    answer is ready, so answers may come out of order (RFC 7766 6.2.1.1; the ids tell them apart);
+  * an allowed query goes upstream on a connection of its own to the original destination,
+    marked from-proxy with the source identity (as the HTTP side's upstream), and the server's
+    answer is relayed unchanged with its length; a server that resets the connection gets the
+    client REFUSED, one that says nothing within UPSTREAM_TIMEOUT_S leaves that query unanswered;
+  * bounds: a message shorter than a DNS header (12 bytes) or longer than MAX_QUERY_BYTES, or one
+    that is not a DNS query, is recorded and ends the connection (after the answers still owed);
+    from its first byte a message must arrive whole within the header timeout (slowloris), else
+    the connection is closed; with nothing in flight, a connection idle for the idle timeout is
+    closed quietly; an answer the client does not read within the progress timeout ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from dataplane.abi import from_proxy_mark
+
+from .dns import UPSTREAM_TIMEOUT_S, DnsCore, Query, UpstreamRefused
+from .marks import SO_MARK
+from .stream import PeerClosed
+
+if TYPE_CHECKING:
+    from .context import ProxyContext, StreamConnection
+    from .state import ConnectionPolicy
+
+DNS_HEADER_BYTES = 12
+# A query is one question (a name of at most 255 bytes) with perhaps EDNS options, a cookie or a
+# signature: 4 KiB is ample, and bounds what one message can make the proxy buffer.
+MAX_QUERY_BYTES = 4096
+MAX_PIPELINED = 16  # queries of one connection in flight at once (RFC 7766 6.2.1.1: pipelining)
+
+
+async def serve_dns_connection(conn: "StreamConnection") -> None:
+    """The handler of `proxy.handlers.STREAM_HANDLERS["dns"]`: serve one connection to its end."""
+    await DnsStream(conn).run()
+
+
+class DnsStream:
+    def __init__(self, conn: "StreamConnection") -> None:
+        self.conn = conn
+        self.context: ProxyContext = conn.server
+        self.core = DnsCore.of(conn.server)
+        self.stream = conn.client
+        self.pending: set[asyncio.Task] = set()
+        self.room = asyncio.Semaphore(MAX_PIPELINED)
+        self.writing = asyncio.Lock()  # one answer written (and drained) at a time, each whole
+        self.ending = False  # a message that was not DNS: read nothing more, answer what is owed
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.room.acquire()  # stop reading while MAX_PIPELINED answers are owed
+                message = await self.read_message()
+                if message is None:
+                    self.room.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self.answer(message, time.monotonic()))
+                self.pending.add(task)
+                task.add_done_callback(self._done)
+            # The client is done sending (or sent something that ends the connection): the
+            # answers still owed are sent before the close, each within its own bounds.
+            if self.pending:
+                await asyncio.gather(*self.pending, return_exceptions=True)
+        finally:
+            for task in list(self.pending):
+                task.cancel()
+            if self.pending:
+                await asyncio.gather(*self.pending, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.pending.discard(task)
+        self.room.release()
+
+    async def read_message(self) -> bytes | None:
+        """The next message without its length; None at the end of the connection (a clean
+        close, a timeout, or a length out of bounds, which is recorded)."""
+        limits = self.context.limits
+        buf = self.stream.buf
+        while not buf:
+            # Between messages. While answers are owed the connection is not idle: wait on.
+            try:
+                async with asyncio.timeout(limits.idle_timeout):
+                    more = await self.stream.fill()
+            except TimeoutError:
+                if self.pending:
+                    continue
+                return None
+            if not more:
+                return None
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(limits.header_timeout):
+                length = struct.unpack("!H", await self.stream.read_exact(2))[0]
+                if not DNS_HEADER_BYTES <= length <= MAX_QUERY_BYTES:
+                    self.record_junk(f"a DNS message of {length} bytes (a query has {DNS_HEADER_BYTES} to "
+                                     f"{MAX_QUERY_BYTES}): connection closed", t0)
+                    return None
+                return await self.stream.read_exact(length)
+        except TimeoutError:
+            self.record_junk(f"no complete DNS message within {limits.header_timeout:g} s: connection closed", t0)
+            return None
+        except PeerClosed:
+            if not self.ending:
+                self.record_junk("connection closed inside a DNS message", t0)
+            return None
+
+    async def answer(self, message: bytes, t0: float) -> None:
+        """One query through the shared path; its answer, if any, written back with its length."""
+        conn = self.conn
+        cp = conn.policy(self.context.snapshot)
+        query = Query(cp, conn.peer, conn.dst, "TCP", t0)
+        reply = await self.core.handle(query, message,
+                                       lambda wire, query_id: ask_upstream(self.context, cp, conn.dst, wire, query_id))
+        if reply.data is not None:
+            await self.write(reply.data)
+        if reply.junk and not self.ending:
+            # Not DNS: nothing more on this connection is taken for a query. Shutting the read
+            # side ends the reader's wait (end of stream) and the connection closes once the
+            # answers still owed are sent.
+            self.ending = True
+            sock = self.stream.writer.get_extra_info("socket")
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except (OSError, AttributeError):
+                self.stream.writer.transport.abort()
+
+    async def write(self, data: bytes) -> None:
+        async with self.writing:
+            try:
+                async with asyncio.timeout(self.context.limits.progress_timeout):
+                    self.stream.writer.write(struct.pack("!H", len(data)) + data)
+                    await self.stream.writer.drain()
+            except TimeoutError:
+                self.stream.writer.transport.abort()  # the client does not read what it asked for
+            except (ConnectionError, OSError, RuntimeError):
+                pass  # the client went away: nothing left to do for this answer
+
+    def record_junk(self, reason: str, t0: float) -> None:
+        conn = self.conn
+        self.core.record(Query(conn.policy(self.context.snapshot), conn.peer, conn.dst, "TCP", t0),
+                         "", "", -1, "error", reason)
+
+
+async def ask_upstream(context: "ProxyContext", cp: "ConnectionPolicy", dst: tuple[str, int], data: bytes,
+                       query_id: int) -> bytes | None:
+    """The query to the server it was meant for, over a TCP connection of its own that carries the
+    from-proxy mark; the server's answer (same id), None on silence or a broken exchange;
+    UpstreamRefused when the server refuses the connection."""
+    loop = asyncio.get_running_loop()
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        print(f"l7proxy: dns over tcp upstream: {exc!r}", file=sys.stderr, flush=True)
+        return None
+    try:
+        sock.setblocking(False)
+        if context.mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, from_proxy_mark(cp.src_identity))
+        async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+            try:
+                await loop.sock_connect(sock, dst)
+            except ConnectionRefusedError:
+                raise UpstreamRefused(f"{dst[0]}:{dst[1]} refused the connection") from None
+            await loop.sock_sendall(sock, struct.pack("!H", len(data)) + data)
+            while True:  # answers to other ids (none expected on a connection of its own) are skipped
+                length = struct.unpack("!H", await _recv_exact(loop, sock, 2))[0]
+                answer = await _recv_exact(loop, sock, length)
+                if len(answer) >= 2 and struct.unpack("!H", answer[:2])[0] == query_id:
+                    return answer
+    except (TimeoutError, OSError, EOFError):
+        return None
+    finally:
+        sock.close()
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        piece = await loop.sock_recv(sock, n - len(data))
+        if not piece:
+            raise EOFError("the server closed the connection inside a message")
+        data += piece
+    return bytes(data)
+
