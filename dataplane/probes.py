@@ -11,10 +11,12 @@ What was observed:
 
     allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
               the endpoint field of its JSON), for HTTP with its response; for UDP its echo;
-              for a DNS question any answer but REFUSED (NOERROR, NXDOMAIN)
+              for a DNS question (over UDP, or TCP with protocol TCP) any answer but REFUSED
+              (NOERROR, NXDOMAIN)
               for ICMP (a ping) the echo reply from the destination's address
               for SCTP an INIT-ACK carrying the INIT's tag from the destination's port
-    dropped   no connection (connect timed out) or, for UDP, SCTP and ICMP, no answer before the timeout
+    dropped   no connection (connect timed out) or, for UDP, SCTP, ICMP and DNS over TCP, no answer
+              before the timeout (DNS over TCP: or a connection closed without one)
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
     refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
@@ -27,6 +29,7 @@ What was observed:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -136,6 +139,13 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
             return Observation("dropped", f"unreachable: {exc.strerror}", elapsed=time.monotonic() - started)
         return Observation("error", f"connect failed: {exc.strerror}", elapsed=time.monotonic() - started)
     reader, writer = await asyncio.open_connection(sock=sock)
+    if probe.dns is not None:
+        try:
+            return await _dns_tcp_exchange(probe, reader, writer, started)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
     try:
         writer.write(build_request(probe))
         await writer.drain()
@@ -223,34 +233,70 @@ async def _await_reply(sock: socket.socket, loop: asyncio.AbstractEventLoop, sta
     return Observation("dropped", f"{silence} within {timeout:g}s", elapsed=time.monotonic() - started)
 
 
-async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                        started: float) -> Observation:
-    """One DNS question: REFUSED is `refused` (the DNS proxy's answer to a query no rule
-    allows), any other answer of the server `allowed`, silence `dropped`."""
-    import dns.exception  # noqa: PLC0415 - only DNS probes need it
+def _dns_query(probe: Probe) -> Any:
+    """The question a DNS probe asks (a dnspython message)."""
+    import dns.message  # noqa: PLC0415 - only DNS probes need it
+
+    assert probe.dns is not None
+    return dns.message.make_query(probe.dns.name, probe.dns.type)
+
+
+def _dns_answer(probe: Probe, query: Any, data: bytes) -> Observation | None:
+    """What a DNS answer to `query` says: REFUSED is `refused` (the DNS proxy's answer to a query
+    no rule allows), any other answer of the server `allowed`; None if `data` is not the answer."""
+    import dns.exception  # noqa: PLC0415
     import dns.message  # noqa: PLC0415
     import dns.rcode  # noqa: PLC0415
 
     assert probe.dns is not None
-    name = probe.dns.name
-    query = dns.message.make_query(name, probe.dns.type)
+    try:
+        reply = dns.message.from_wire(data)
+    except dns.exception.DNSException:
+        return None
+    if reply.id != query.id:
+        return None
+    rcode = dns.rcode.to_text(reply.rcode())
+    answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+    body = {"rcode": rcode, "answers": answers}
+    if reply.rcode() == dns.rcode.REFUSED:
+        return Observation("refused", f"DNS {rcode} for {probe.dns.name}", body=body)
+    return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body)
 
-    def judge(data: bytes) -> Observation | None:
-        try:
-            reply = dns.message.from_wire(data)
-        except dns.exception.DNSException:
-            return None
-        if reply.id != query.id:
-            return None
-        rcode = dns.rcode.to_text(reply.rcode())
-        answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
-        body = {"rcode": rcode, "answers": answers}
-        if reply.rcode() == dns.rcode.REFUSED:
-            return Observation("refused", f"DNS {rcode} for {name}", body=body)
-        return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body)
 
+async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                        started: float) -> Observation:
+    """One DNS question over UDP: the answer as `_dns_answer` says, silence `dropped`."""
+    query = _dns_query(probe)
     await loop.sock_sendall(sock, query.to_wire())
-    return await _await_reply(sock, loop, started, probe.timeout, judge, "no DNS answer")
+    return await _await_reply(sock, loop, started, probe.timeout, lambda data: _dns_answer(probe, query, data),
+                              "no DNS answer")
+
+
+async def _dns_tcp_exchange(probe: Probe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            started: float) -> Observation:
+    """One DNS question over a TCP connection (RFC 1035 4.2.2: each message after its 2-byte
+    length): the answer as `_dns_answer` says; no answer before the timeout, or a connection
+    closed without one, `dropped`."""
+    query = _dns_query(probe)
+    wire = query.to_wire()
+    writer.write(len(wire).to_bytes(2, "big") + wire)
+    await writer.drain()
+    deadline = time.monotonic() + probe.timeout  # from the question on, as over UDP
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            length = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), left), "big")
+            data = await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
+            observed = _dns_answer(probe, query, data)
+            if observed is not None:
+                observed.elapsed = time.monotonic() - started
+                return observed
+    except asyncio.TimeoutError:
+        pass
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        return Observation("dropped", f"connection closed without a DNS answer ({type(exc).__name__})",
+                           elapsed=time.monotonic() - started)
+    return Observation("dropped", f"connected, but no DNS answer within {probe.timeout:g}s",
+                       elapsed=time.monotonic() - started)
 
 
 async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop, nonce: str,

@@ -244,7 +244,7 @@ class IcmpMessage:
 
 @dataclass(frozen=True)
 class DnsQuery:
-    """A DNS question a probe asks (over UDP): `name` and record `type`."""
+    """A DNS question a probe asks (over its protocol, UDP or TCP): `name` and record `type`."""
 
     name: str
     type: str = "A"
@@ -262,7 +262,7 @@ class Probe:
     http: HttpRequest | None
     timeout: float
     location: SourceLocation
-    dns: DnsQuery | None = None  # a DNS query instead of a plain datagram (UDP only)
+    dns: DnsQuery | None = None  # a DNS query instead of a plain datagram (UDP) or an HTTP request (TCP)
     icmp: IcmpMessage | None = None  # set exactly when protocol is ICMP; the destination has no port
 
     @property
@@ -1003,8 +1003,12 @@ class _Builder:
         dns = None
         if "dns" in raw:
             dns = DnsQuery(raw["dns"]["name"].rstrip(".").lower(), raw["dns"].get("type", "A"))
-            if protocol != "UDP":
-                self.err(where + ("protocol",), "a DNS probe asks over UDP: protocol must be UDP (or left out)")
+            if protocol not in ("UDP", "TCP"):
+                self.err(where + ("protocol",), "a DNS probe asks over UDP or TCP: protocol must be UDP (the "
+                                                "default) or TCP")
+            if raw.get("expect") == "denied":
+                self.err(where + ("expect",), "'denied' is an HTTP answer (403); a DNS probe expects allowed, "
+                                              "audited, dropped or refused")
             if "http" in raw:
                 self.err(where + ("dns",), "a probe sends either an HTTP request or a DNS query, not both")
         target, _, port_text = raw["to"].rpartition(":") if ":" in raw["to"] else (raw["to"], "", "")
@@ -1065,11 +1069,12 @@ class _Builder:
             self.err(where + ("to",), f"a probe from world host {source!r} goes to a pod: traffic between hosts "
                                       f"outside the cluster never crosses it, so no policy judges it")
             return None
-        if dns is not None and not any(p.port == 53 and p.protocol == "UDP" for p in ports):
-            self.err(where + ("to",), f"{target!r} serves no DNS: a DNS probe needs a destination declaring port 53/UDP")
+        if dns is not None and not any(p.port == 53 and p.protocol == protocol for p in ports):
+            self.err(where + ("to",), f"{target!r} serves no DNS: a DNS probe needs a destination declaring port "
+                                      f"53/{protocol}")
             return None
         if dns is not None and port and port != 53:
-            self.err(where + ("to",), f"the lab's DNS servers listen on 53/UDP only, got port {port}")
+            self.err(where + ("to",), f"the lab's DNS servers listen on 53/{protocol} only, got port {port}")
             return None
         if icmp is not None and port:
             self.err(where + ("to",), f"an ICMP echo request goes to an address, not a port: write {target!r} without ':{port}'")

@@ -552,10 +552,11 @@ def _proxy_steps(b: _Builder, record: Flow, proxy: dict[str, Any], note: str | N
     src = f"{record.source.ip}:{record.source.port}"
     dst = proxy["original_destination"]
     dns = record.dns is not None
-    accept = python_pointer("proxy.dns", "DnsProxy.handle") if dns else \
+    datagram = dns and record.l4.protocol == "UDP"  # DNS over TCP arrives as a connection, like HTTP
+    accept = python_pointer("proxy.dns", "DnsProxy.handle") if datagram else \
         python_pointer("proxy.server", "ClientConnection.__init__")
-    b.add("proxy", "proxy", "proxy", f"{'received the query' if dns else 'accepted the connection'} from {src}; "
-          f"original destination {dst} ({'IP_ORIGDSTADDR' if dns else 'getsockname()'})",
+    b.add("proxy", "proxy", "proxy", f"{'received the query' if datagram else 'accepted the connection'} from {src}; "
+          f"original destination {dst} ({'IP_ORIGDSTADDR' if datagram else 'getsockname()'})",
           {"client": src, "original_destination": dst}, accept)
     b.add("proxy", "proxy", "proxy", f"source identity {b.names.identity(record.source.identity)} derived from the "
           "ipcache of the peer address (never from what the client sends)",
@@ -571,12 +572,14 @@ def _proxy_steps(b: _Builder, record: Flow, proxy: dict[str, Any], note: str | N
           python_pointer("l7.decide", "decide"), note)
     if record.verdict.value == "denied":
         title = "answered 403 Access denied; nothing sent upstream" if not dns else "answered REFUSED; nothing sent upstream"
-        code = python_pointer("proxy.dns", "DnsProxy.answer") if dns else python_pointer("proxy.server", "ClientConnection.deny")
+        code = python_pointer("proxy.dns", "DnsProxy.answer") if datagram else \
+            python_pointer("proxy.dnstcp", "DnsStream.answer") if dns else python_pointer("proxy.server", "ClientConnection.deny")
     elif record.verdict.value == "forwarded":
         mark = abi.from_proxy_mark(record.source.identity)
         title = (f"forwarded upstream to {dst} from the node, SO_MARK {mark:#x} (from-proxy, identity "
                  f"{record.source.identity}); answer {proxy['answer']}")
-        code = python_pointer("proxy.dns", "DnsProxy.ask_upstream") if dns else python_pointer("proxy.server", "ClientConnection.connect")
+        code = python_pointer("proxy.dns", "DnsProxy.ask_upstream") if datagram else \
+            python_pointer("proxy.dnstcp", "ask_upstream") if dns else python_pointer("proxy.server", "ClientConnection.connect")
     else:
         title, code = f"error: {record.summary} (answer {proxy['answer']})", python_pointer("proxy.server", "ClientConnection.refuse")
     b.add("proxy", "proxy", "proxy", title, {"verdict": record.verdict.value, "answer": proxy["answer"]}, code)
