@@ -28,6 +28,7 @@ Flow evaluation:
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -138,6 +139,9 @@ class EngineState:
     # Pod key -> in audit mode: from the scenario (settings.audit, a pod's or its namespace's
     # `audit`), then changed by audit steps (`l7lab audit on|off`).
     audit: dict[str, bool] = field(default_factory=dict)
+    # Address -> the names DNS answers gave it (every endpoint's FQDN cache, dataplane/fqdn):
+    # what toFQDNs selectors select.
+    fqdn_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,8 @@ class PolicyEngine:
         namespaces = {n: dict(ns.labels) for n, ns in scenario.namespaces.items()}
         audit = {k: scenario.settings.audit or p.audit or scenario.namespaces[p.namespace].audit
                  for k, p in scenario.pods.items()}
-        self._state = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces, audit), audit)
+        self._state = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces, audit, {}),
+                                  audit)
 
     # ------------------------------------------------------------------ the state in force
 
@@ -239,8 +244,28 @@ class PolicyEngine:
                         (a.target == "namespace" and pod.namespace == a.name):
                     audit[key] = a.on
         ErrorList.raise_if_any(errors)
-        after = EngineState(policies, pods, namespaces, self._resolve(policies, pods, namespaces, audit), audit)
+        after = EngineState(policies, pods, namespaces,
+                            self._resolve(policies, pods, namespaces, audit, before.fqdn_names), audit,
+                            before.fqdn_names)
         return Proposal(step, before, after)
+
+    def propose_fqdn(self, fqdn_names: dict[str, tuple[str, ...]]) -> Proposal:
+        """The state in force with what DNS answers taught replaced by `fqdn_names` (address ->
+        names), resolved but not in force."""
+        before = self._state
+        after = replace(before, fqdn_names=dict(fqdn_names),
+                        resolution=self._resolve(before.policies, before.pod_labels, before.namespace_labels,
+                                                 before.audit, fqdn_names))
+        return Proposal(Step(0, "names learned from DNS"), before, after)
+
+    def with_fqdn_names(self, fqdn_names: dict[str, tuple[str, ...]]) -> "PolicyEngine":
+        """A copy of this engine judging as if DNS had taught `fqdn_names` (the oracle's model
+        of lookups); this engine is left as it is."""
+        if fqdn_names == self._state.fqdn_names:
+            return self
+        other = copy.copy(self)
+        other._state = self.propose_fqdn(fqdn_names).after
+        return other
 
     def commit(self, proposal: Proposal) -> None:
         """Put a proposal in force. It must have been proposed against the state in force:
@@ -261,7 +286,8 @@ class PolicyEngine:
         """Go back to a state this engine held (a committed change undone)."""
         self._state = snapshot
 
-    def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict, audit: dict[str, bool]) -> Resolution:
+    def _resolve(self, policies: dict, pod_labels: dict, namespace_labels: dict, audit: dict[str, bool],
+                 fqdn_names: dict[str, tuple[str, ...]]) -> Resolution:
         sc = self.scenario
         refusal = host_policy_refusal(policies.values(), sc.node.name, sc.node.labels)
         if refusal is not None:
@@ -272,7 +298,7 @@ class PolicyEngine:
         # toServices peers become the selectors of the services' backends (services.py).
         expanded = expand_service_peers(list(policies.values()), sc)
         table = IdentityTable.build(self.allocator, labels, {k: p.ip for k, p in sc.pods.items()},
-                                    sc.node_addresses(), [(h.address, h.dns_names) for h in sc.world.values()],
+                                    sc.node_addresses(), sorted(fqdn_names.items()),
                                     expanded,
                                     {h.address: (h.entity, h.name) for h in sc.world.values() if h.entity},
                                     sc.settings.ip_block_selects_pods)

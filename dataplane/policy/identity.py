@@ -10,9 +10,9 @@ Numbering follows Cilium (pkg/identity/numericidentity.go, constants in `mapstat
   relabel) get the next free number, so numbering is deterministic for a scenario and stable
   across steps;
 - CIDR identities from 2^24: one per prefix named by any CIDR rule (including `except`
-  prefixes), plus one /32 per world host whose DNS names match some `toFQDNs` selector
-  (the FQDN model: the lab knows the addresses of its world hosts statically, so the DNS proxy
-  learning step of Cilium is replaced by the scenario's `dnsNames`). 0.0.0.0/0 is `world`.
+  prefixes), plus one /32 per address that DNS answers taught the lab (`dataplane/fqdn`) for a
+  name some `toFQDNs` selector matches, as Cilium allocates one per learned IP. 0.0.0.0/0 is
+  `world`.
 
 ipcache (LPM trie in the datapath): pod IP/32 -> pod identity, node addresses/32 -> host,
 world hosts declared with an `entity` /32 -> that reserved identity (kube-apiserver 7,
@@ -35,7 +35,8 @@ Selection (Cilium's selector cache):
   all lie inside or all outside (`ip_block_split` finds the ones that do not);
 - entity `world` selects world and every CIDR identity; `cluster` every pod identity and the
   reserved in-cluster identities; `all` is the wildcard identity 0;
-- a FQDN selector selects the /32 identities of world hosts with a matching DNS name.
+- a FQDN selector selects the /32 identities of learned addresses with a matching name; before
+  any lookup it selects nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Identity:
     labels: tuple[tuple[str, str], ...]  # sorted; source prefix dropped ("reserved:x" kept)
     kind: str  # "reserved" | "pod" | "cidr"
     prefix: str = ""  # for CIDR identities
-    dns_names: tuple[str, ...] = ()  # world host names behind a /32 FQDN identity
+    dns_names: tuple[str, ...] = ()  # names DNS answers gave this /32 (FQDN identities)
     hosts: tuple[str, ...] = ()  # world hosts declared with this reserved identity as `entity`
 
     @functools.cached_property
@@ -118,11 +119,12 @@ class IdentityTable:
     @classmethod
     def build(cls, allocator: IdentityAllocator, pod_labels: Mapping[str, Mapping[str, str]],
               pod_ips: Mapping[str, str], node_addresses: Iterable[str],
-              world_hosts: Iterable[tuple[str, tuple[str, ...]]], policies: Iterable[Policy],
+              learned: Iterable[tuple[str, tuple[str, ...]]], policies: Iterable[Policy],
               entity_hosts: Mapping[str, tuple[str, str]] | None = None,
               ip_block_selects_pods: bool = False) -> "IdentityTable":
-        """`entity_hosts`: address -> (reserved entity name, world host name) for the world hosts
-        that stand for the API server or another node."""
+        """`learned`: (address, names) that DNS answers taught (the FQDN cache); `entity_hosts`:
+        address -> (reserved entity name, world host name) for the world hosts that stand for the
+        API server or another node."""
         table = cls(pod_ips=dict(pod_ips), ip_block_selects_pods=ip_block_selects_pods)
         entity_hosts = dict(entity_hosts or {})
         for name, number in RESERVED_IDENTITIES.items():
@@ -135,7 +137,7 @@ class IdentityTable:
             table.pod_identity[key] = number
             table.identities[number] = Identity(number, labels, "pod")
 
-        # CIDR prefixes named by rules, and /32s of world hosts that FQDN selectors match.
+        # CIDR prefixes named by rules, and /32s of learned addresses that FQDN selectors match.
         prefixes: set[str] = set()
         fqdn_peers: list[FQDNPeer] = []
         for policy in policies:
@@ -148,7 +150,9 @@ class IdentityTable:
                         elif isinstance(peer, FQDNPeer):
                             fqdn_peers.append(peer)
         host_names: dict[str, tuple[str, ...]] = {}
-        for address, names in world_hosts:
+        for address, names in learned:
+            if ":" in address:
+                continue  # IPv4 only, as the rest of the ipcache
             if address in entity_hosts:
                 continue  # its reserved identity, never a CIDR one (see the module docstring)
             if any(fqdn_matches(n, p.match_name, p.match_pattern) for n in names for p in fqdn_peers):

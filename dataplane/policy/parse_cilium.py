@@ -306,7 +306,8 @@ class CiliumRuleParser:
             self.err(path + (key,), f"a DNS {'name' if key == 'matchName' else 'pattern'} of {len(value)} characters is "
                                     f"longer than the limit of {limits.MAX_DNS_NAME_CHARS} characters")
             return None
-        # The CRD's patterns first (patterns.py), with their hints; then what the lab adds.
+        # The CRD's patterns first (patterns.py), with their hints; then matchpattern.Validate
+        # (l7/dns.py). Both accept every use of '*', `**.example.com` included, as Cilium does.
         problem = match_name_error(value) if key == "matchName" else match_pattern_error(value)
         if problem:
             self.err(path + (key,), problem)

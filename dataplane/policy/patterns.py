@@ -11,7 +11,11 @@ Sources, for CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy (cilium/cilium
   "080" is refused, "1_000" is digits with a separator.
 - `toFQDNs[].matchName` and `rules.dns[].matchName` (pkg/policy/api/fqdn.go, CRD pattern
   `^([-a-zA-Z0-9_]+[.]?)+$`): letters, digits, '-', '_', one '.' between labels; no '*'.
-- `matchPattern` (CRD pattern `^([-a-zA-Z0-9_*]+[.]?)+$`): the same with '*'.
+- `matchPattern` (CRD pattern `^([-a-zA-Z0-9_*]+[.]?)+$`, maxLength 255; then
+  pkg/fqdn/matchpattern `Validate`, which allows the same characters): the same with '*',
+  any number of them anywhere. So `**.example.com` (the prefix that matches one or more labels)
+  is accepted, and so are `a**b` and `foo.**.com`, which Cilium reads as `a*b` and `foo.*.com`;
+  what each means is in l7/dns.py and docs/policy.md ("matchPattern").
 
 For Kubernetes NetworkPolicy (k8s.io/apimachinery validation, `IsValidPortName`): a port is a
 number 1-65535 or a name of 1-15 lower-case letters, digits and '-' with the same rules; a
@@ -142,10 +146,23 @@ def match_name_error(value: str) -> str | None:
 
 
 def match_pattern_error(value: str) -> str | None:
-    """Why a `matchPattern` is refused (CRD pattern ^([-a-zA-Z0-9_*]+[.]?)+$), or None."""
+    """Why a `matchPattern` is refused (CRD pattern ^([-a-zA-Z0-9_*]+[.]?)+$), with a hint, or None."""
     if _FQDN_PATTERN.fullmatch(value):
         return None
     if typographic_quote(value):
         return f"invalid matchPattern {value!r}: {quote_hint(value, 'the pattern')}"
-    return (f"invalid matchPattern {value!r}: expected labels of letters, digits, '-', '_' and '*' "
-            "separated by single dots")
+    what = f"invalid matchPattern {value!r}"
+    if "://" in value or "/" in value or ":" in value:
+        return f"{what}: a DNS pattern names hosts, not URLs: leave out the scheme, port and path"
+    if any(c in value for c in "\\^$[](){}+?|"):
+        return (f"{what}: matchPattern is not a regular expression: {_WILDCARDS}")
+    if value.startswith("."):
+        return (f"{what}: a pattern starts with a label, not a dot: {_WILDCARDS}")
+    if ".." in value:
+        return f"{what}: an empty label ('..'): labels are separated by single dots"
+    return (f"{what}: expected labels of letters, digits, '-', '_' and '*' separated by single dots "
+            f"({_WILDCARDS})")
+
+
+_WILDCARDS = ("'*' matches within one label (*.example.com: a.example.com), a leading '**.' one or more "
+              "labels (**.example.com: a.example.com, a.b.example.com), a lone '*' every name")
