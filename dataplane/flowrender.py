@@ -22,13 +22,14 @@ def json_line(record: Record) -> str:
 def outcome(flow: Flow) -> str:
     """'DROP POLICY_DENIED at ingress of shop/api' / 'FORWARD at ingress of x/c by NetworkPolicy
     x/allow-y ingress[0]' / 'REDIRECT ... to proxy port 15001' for an L3_L4 record; for an L7
-    record its verdict, status and the policies behind it: 'denied 403 (CiliumNetworkPolicy x/y)'."""
+    record its verdict, status and the policies behind it: 'denied 403 (CiliumNetworkPolicy x/y)', with
+    for a DNS answer the toFQDNs selectors it taught: 'forwarded 0 learned for matchPattern *.example.com (...)'."""
     if flow.type == FlowType.L7:
         text = flow.verdict.value
         if flow.http is not None:
             text += f" {flow.http.code}"
         elif flow.dns is not None:
-            text += f" {flow.dns.rcode}"
+            text += f" {flow.dns.rcode}" + (f" learned for {', '.join(flow.dns.learned)}" if flow.dns.learned else "")
         return text + (f" ({', '.join(flow.policy.policies)})" if flow.policy.policies else "")
     text = flow.verdict.value
     if flow.drop_reason not in ("", "NONE"):

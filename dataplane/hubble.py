@@ -398,7 +398,10 @@ def _dns_summary(flow: Flow, response: bool) -> str:
         if dns.cnames:
             parts.append(f'CNAMEs: "{",".join(c + "." for c in dns.cnames)}"')
         answer = " ".join(parts)
-    return f"DNS Answer {answer} TTL: {dns.ttl} (Proxy {query} {qtypes})"
+    # l7lab's addition to Hubble's words: the toFQDNs selectors the answer's addresses were
+    # learned for before the proxy released it (none: nothing learned, the summary is Hubble's).
+    learned = f" learned for {', '.join(dns.learned)}" if dns.learned else ""
+    return f"DNS Answer {answer} TTL: {dns.ttl} (Proxy {query} {qtypes}){learned}"
 
 
 def answered(flow: Flow) -> bool:

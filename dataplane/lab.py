@@ -379,6 +379,8 @@ class Lab:
         proc = self._spawn("l7-proxy", self.record.node, "proxy",
                            ["--state", str(self.policy_file), "--port", str(PROXY_PORT),
                             "--events", str(self.proxy_events_file),
+                            # DNS answers' addresses are learned there before the proxy releases them
+                            "--fqdn-socket", str(lab_dir(self.name) / "fqdn.sock"),
                             "--limits", os.environ.get("L7LAB_PROXY_LIMITS", "")], log)
         self._proxy = proc
         if wait:

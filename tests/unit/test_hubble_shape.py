@@ -17,6 +17,7 @@ from dataplane.ciliummonitor import monitor_line
 from dataplane.datapath import FlowEvent
 from dataplane.flowrecord import (Endpoint, Flow, FlowType, L4, L7, PolicyAttribution, TracePoint, TrafficDirection,
                                   Verdict)
+from dataplane.flowrender import outcome
 from dataplane.flows import Directory, kernel_flow
 from dataplane.hubble import (POLICY_MATCH_L3_L4, POLICY_MATCH_NONE, compact, dict_text, event_type_name, hubble_flows,
                               jsonpb, node_name, policy_ref, rfc3339)
@@ -317,6 +318,25 @@ def test_dns_questions_and_answers() -> None:
     assert "dns-response proxy FORWARDED (DNS Answer RCode: Query Refused TTL: 0 (Proxy www.example.org. A))" \
         in compact(refused)
     assert monitor_line(refused_request).endswith("verdict Denied DNS proxy: www.example.org. A")
+
+
+def test_an_answer_whose_addresses_were_learned_says_for_which_selectors() -> None:
+    """The selectors a DNS answer taught (DnsFlow.learned) are l7lab's: Hubble's DNS fields stay
+    as Hubble has them, the summary names them after Hubble's words, and the record keeps them."""
+    learned = dns_record(Verdict.FORWARDED, "api.example.com", 0, ips=("203.0.113.20",), ttl=30,
+                         cnames=("www.example.com",), rrtypes=("CNAME", "A"),
+                         learned=("matchPattern *.example.com", "matchName api.example.com"))
+    _, response = hubble_flows(learned, NODE)
+    assert "learned" not in response["l7"]["dns"]
+    assert compact(response).endswith('(DNS Answer "203.0.113.20" CNAMEs: "www.example.com." TTL: 30 '
+                                      "(Proxy api.example.com. A) learned for matchPattern *.example.com, "
+                                      "matchName api.example.com)")
+    assert outcome(learned) == ("forwarded 0 learned for matchPattern *.example.com, matchName api.example.com "
+                                "(CiliumNetworkPolicy shop/mediabot-dns)")
+    assert Flow.from_json(json.loads(json.dumps(learned.to_json()))).dns.learned == learned.dns.learned
+    assert DnsFlow.from_json({"query": "a.example", "rcode": 0}).learned == ()  # records written before the field
+    _, plain = hubble_flows(dns_record(Verdict.FORWARDED, "www.example.com", 0, ips=("203.0.113.20",)), NODE)
+    assert "learned" not in compact(plain)
 
 
 # --------------------------------------------------------------------------- formats and record fields
