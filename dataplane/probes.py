@@ -15,8 +15,8 @@ What was observed:
               (NOERROR, NXDOMAIN)
               for ICMP (a ping) the echo reply from the destination's address
               for SCTP an INIT-ACK carrying the INIT's tag from the destination's port
-    dropped   no connection (connect timed out) or, for UDP, SCTP, ICMP and DNS over TCP, no answer
-              before the timeout (DNS over TCP: or a connection closed without one)
+    dropped   no connection (connect timed out), a TCP connection closed without a byte of answer,
+              or, for UDP, SCTP, ICMP and DNS over TCP, no answer before the timeout
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
     refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
@@ -69,8 +69,17 @@ def build_request(probe: Probe) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+class ClosedUnanswered(Exception):
+    """The connection was closed before any byte of a response came back."""
+
+
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise ClosedUnanswered() from None
+        raise
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     parts = status_line.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
@@ -153,6 +162,10 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
             status, headers, body = await asyncio.wait_for(_read_response(reader), probe.timeout * 2)
         except asyncio.TimeoutError:
             return Observation("dropped", "connected, but no response before the timeout", elapsed=time.monotonic() - started)
+        except ClosedUnanswered:
+            # Nothing came back: the L7 proxy's DNS side closes a connection that does not speak
+            # DNS (fail closed), as it drops such a datagram.
+            return Observation("dropped", "connected, but closed without a response", elapsed=time.monotonic() - started)
         except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
             return Observation("error", f"connection closed before a full response ({type(exc).__name__})",
                                elapsed=time.monotonic() - started)

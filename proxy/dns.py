@@ -89,11 +89,9 @@ class Query(NamedTuple):
 
 
 class Reply(NamedTuple):
-    """What to send the client for one message: `data` (None: nothing), and whether the message
-    was not a DNS query at all (`junk`: a TCP connection carrying it is closed)."""
+    """What to send the client for one message (None: nothing)."""
 
     data: bytes | None
-    junk: bool = False
 
 
 # Asks the server the query was meant for, over the query's own transport: (query, its id) ->
@@ -121,24 +119,34 @@ class DnsCore:
             core = _cores[context] = cls(context)
         return core
 
-    async def handle(self, q: Query, data: bytes, ask: Ask) -> Reply:
-        """Judge one message, forward it if allowed, learn and record; what to answer."""
-        snap = self.context.snapshot
-        try:
-            return await self._handle(snap, q, data, ask)
-        except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
-            self.record(q, "", "", -1, "error", f"internal error: {exc!r}")
-            return Reply(None)
-
-    async def _handle(self, snap: "Snapshot", q: Query, data: bytes, ask: Ask) -> Reply:
+    def parse(self, q: Query, data: bytes) -> dns.message.Message | None:
+        """The query a message holds; None (recorded) if it is not a DNS query at all. Over UDP
+        such a datagram is dropped; over TCP the connection is closed (`proxy.dnstcp`), which is
+        why this step is apart from `handle`: the stream's reader decides at once."""
         try:
             query = dns.message.from_wire(data)
         except dns.exception.DNSException:
             self.record(q, "", "", -1, "error", f"not a DNS query: {_dropped(q)}")
-            return Reply(None, junk=True)
+            return None
+        except Exception as exc:  # noqa: BLE001 - fail closed: whatever breaks the parser, nothing is forwarded
+            self.record(q, "", "", -1, "error", f"internal error: {exc!r}")
+            return None
         if query.flags & dns.flags.QR:
             self.record(q, "", "", -1, "error", f"a DNS response, not a query: {_dropped(q)}")
-            return Reply(None, junk=True)
+            return None
+        return query
+
+    async def handle(self, q: Query, query: dns.message.Message, data: bytes, ask: Ask) -> Reply:
+        """Judge one query (`parse`d from `data`), forward it if allowed, learn and record; what to
+        answer."""
+        snap = self.context.snapshot
+        try:
+            return await self._handle(snap, q, query, data, ask)
+        except Exception as exc:  # noqa: BLE001 - fail closed: nothing forwarded, nothing answered
+            self.record(q, "", "", -1, "error", f"internal error: {exc!r}")
+            return Reply(None)
+
+    async def _handle(self, snap: "Snapshot", q: Query, query: dns.message.Message, data: bytes, ask: Ask) -> Reply:
         if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
             # Only the one question that was checked may reach the server: anything else (more
             # questions, other opcodes) is answered FORMERR and never forwarded.
@@ -270,8 +278,11 @@ class DnsProxy:
     async def handle(self, data: bytes, client: tuple[str, int], dst: tuple[str, int]) -> None:
         """One datagram: the shared path, then its answer (if any) back to the client."""
         cp = self.server.snapshot.connection(client[0], dst[0], dst[1], PROTO_UDP)
-        query = Query(cp, client, dst, "UDP", time.monotonic())
-        reply = await self.core.handle(query, data, lambda wire, query_id: self.ask_upstream(cp, dst, wire, query_id))
+        q = Query(cp, client, dst, "UDP", time.monotonic())
+        query = self.core.parse(q, data)
+        if query is None:
+            return  # not a DNS query: nothing to answer
+        reply = await self.core.handle(q, query, data, lambda wire, query_id: self.ask_upstream(cp, dst, wire, query_id))
         if reply.data is not None:
             self.answer(dst, client, reply.data)
 

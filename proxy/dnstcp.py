@@ -17,7 +17,9 @@ Per connection:
     answer is relayed unchanged with its length; a server that resets the connection gets the
     client REFUSED, one that says nothing within UPSTREAM_TIMEOUT_S leaves that query unanswered;
   * bounds: a message shorter than a DNS header (12 bytes) or longer than MAX_QUERY_BYTES, or one
-    that is not a DNS query, is recorded and ends the connection (after the answers still owed);
+    that is not a DNS query, is recorded and ends the connection: nothing more is read as a
+    query, the answers still owed are sent, then the proxy closes its side and discards what the
+    client still sends for REFUSED_LINGER_S (so the client sees an end of stream, not a reset);
     from its first byte a message must arrive whole within the header timeout (slowloris), else
     the connection is closed; with nothing in flight, a connection idle for the idle timeout is
     closed quietly; an answer the client does not read within the progress timeout ends it.
@@ -32,11 +34,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+import dns.message
+
 from dataplane.abi import from_proxy_mark
 
 from .dns import UPSTREAM_TIMEOUT_S, DnsCore, Query, UpstreamRefused
 from .marks import SO_MARK
-from .stream import PeerClosed
+from .stream import PIECE, PeerClosed
 
 if TYPE_CHECKING:
     from .context import ProxyContext, StreamConnection
@@ -47,6 +51,7 @@ DNS_HEADER_BYTES = 12
 # signature: 4 KiB is ample, and bounds what one message can make the proxy buffer.
 MAX_QUERY_BYTES = 4096
 MAX_PIPELINED = 16  # queries of one connection in flight at once (RFC 7766 6.2.1.1: pipelining)
+REFUSED_LINGER_S = 2.0  # a connection closed for what is no DNS: time for the client to see the end
 
 
 async def serve_dns_connection(conn: "StreamConnection") -> None:
@@ -63,23 +68,25 @@ class DnsStream:
         self.pending: set[asyncio.Task] = set()
         self.room = asyncio.Semaphore(MAX_PIPELINED)
         self.writing = asyncio.Lock()  # one answer written (and drained) at a time, each whole
-        self.ending = False  # a message that was not DNS: read nothing more, answer what is owed
+        self.refused = False  # the client sent what is no DNS query: the connection ends
 
     async def run(self) -> None:
         try:
             while True:
                 await self.room.acquire()  # stop reading while MAX_PIPELINED answers are owed
-                message = await self.read_message()
-                if message is None:
+                read = await self.read_query()
+                if read is None:
                     self.room.release()
                     break
-                task = asyncio.get_running_loop().create_task(self.answer(message, time.monotonic()))
+                task = asyncio.get_running_loop().create_task(self.answer(*read))
                 self.pending.add(task)
                 task.add_done_callback(self._done)
-            # The client is done sending (or sent something that ends the connection): the
-            # answers still owed are sent before the close, each within its own bounds.
+            # The client is done sending, or sent what ends the connection: the answers still
+            # owed are sent before the close, each within its own bounds.
             if self.pending:
                 await asyncio.gather(*self.pending, return_exceptions=True)
+            if self.refused:
+                await self.linger()
         finally:
             for task in list(self.pending):
                 task.cancel()
@@ -90,9 +97,9 @@ class DnsStream:
         self.pending.discard(task)
         self.room.release()
 
-    async def read_message(self) -> bytes | None:
-        """The next message without its length; None at the end of the connection (a clean
-        close, a timeout, or a length out of bounds, which is recorded)."""
+    async def read_query(self) -> tuple[Query, dns.message.Message, bytes] | None:
+        """The next query (where from, parsed, as received); None at the end of the connection:
+        a clean close, a timeout, or a message that is no DNS query (recorded; `refused` set)."""
         limits = self.context.limits
         buf = self.stream.buf
         while not buf:
@@ -111,37 +118,31 @@ class DnsStream:
             async with asyncio.timeout(limits.header_timeout):
                 length = struct.unpack("!H", await self.stream.read_exact(2))[0]
                 if not DNS_HEADER_BYTES <= length <= MAX_QUERY_BYTES:
-                    self.record_junk(f"a DNS message of {length} bytes (a query has {DNS_HEADER_BYTES} to "
-                                     f"{MAX_QUERY_BYTES}): connection closed", t0)
+                    # An HTTP request's "GE" or "PO" announces more than any query: not DNS.
+                    self.record(f"a DNS message of {length} bytes (a query has {DNS_HEADER_BYTES} to "
+                                f"{MAX_QUERY_BYTES}): connection closed", t0)
+                    self.refused = True
                     return None
-                return await self.stream.read_exact(length)
+                message = await self.stream.read_exact(length)
         except TimeoutError:
-            self.record_junk(f"no complete DNS message within {limits.header_timeout:g} s: connection closed", t0)
+            self.record(f"no complete DNS message within {limits.header_timeout:g} s: connection closed", t0)
             return None
         except PeerClosed:
-            if not self.ending:
-                self.record_junk("connection closed inside a DNS message", t0)
+            self.record("connection closed inside a DNS message", t0)
             return None
+        q = self.query(t0)
+        query = self.core.parse(q, message)
+        if query is None:
+            self.refused = True  # not DNS: nothing more on this connection is taken for a query
+            return None
+        return q, query, message
 
-    async def answer(self, message: bytes, t0: float) -> None:
+    async def answer(self, q: Query, query: dns.message.Message, message: bytes) -> None:
         """One query through the shared path; its answer, if any, written back with its length."""
-        conn = self.conn
-        cp = conn.policy(self.context.snapshot)
-        query = Query(cp, conn.peer, conn.dst, "TCP", t0)
-        reply = await self.core.handle(query, message,
-                                       lambda wire, query_id: ask_upstream(self.context, cp, conn.dst, wire, query_id))
+        reply = await self.core.handle(
+            q, query, message, lambda wire, query_id: ask_upstream(self.context, q.cp, q.dst, wire, query_id))
         if reply.data is not None:
             await self.write(reply.data)
-        if reply.junk and not self.ending:
-            # Not DNS: nothing more on this connection is taken for a query. Shutting the read
-            # side ends the reader's wait (end of stream) and the connection closes once the
-            # answers still owed are sent.
-            self.ending = True
-            sock = self.stream.writer.get_extra_info("socket")
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except (OSError, AttributeError):
-                self.stream.writer.transport.abort()
 
     async def write(self, data: bytes) -> None:
         async with self.writing:
@@ -154,10 +155,27 @@ class DnsStream:
             except (ConnectionError, OSError, RuntimeError):
                 pass  # the client went away: nothing left to do for this answer
 
-    def record_junk(self, reason: str, t0: float) -> None:
+    async def linger(self) -> None:
+        """End a connection the proxy refuses to read on: our side closed first (end of stream),
+        then what the client still sends read and discarded for a moment, so that unread bytes
+        do not turn the close into a reset (the client sees the end, not an error)."""
+        writer = self.stream.writer
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(REFUSED_LINGER_S):
+                while await self.stream.reader.read(PIECE):
+                    pass
+        except (TimeoutError, ConnectionError, OSError, RuntimeError):
+            pass
+
+    def query(self, t0: float) -> Query:
         conn = self.conn
-        self.core.record(Query(conn.policy(self.context.snapshot), conn.peer, conn.dst, "TCP", t0),
-                         "", "", -1, "error", reason)
+        return Query(conn.policy(self.context.snapshot), conn.peer, conn.dst, "TCP", t0)
+
+    def record(self, reason: str, t0: float) -> None:
+        """An error of the connection itself (no question was read): one record."""
+        self.core.record(self.query(t0), "", "", -1, "error", reason)
 
 
 async def ask_upstream(context: "ProxyContext", cp: "ConnectionPolicy", dst: tuple[str, int], data: bytes,

@@ -575,11 +575,12 @@ class _Judge:
         if protocol == "dns":
             if not flow.dns_name:
                 # The DNS side of the proxy (UDP and TCP) speaks DNS only: it cannot answer what it
-                # cannot parse. Over TCP, the first two bytes of anything else (an HTTP request's
-                # "GE") announce a message that never completes: nothing comes back until the
-                # proxy gives up on it and closes the connection.
+                # cannot parse. Over TCP the first two bytes of anything else (an HTTP request's
+                # "GE") announce a message longer than any query: the connection is closed,
+                # nothing answered.
                 self.trace.append(f"{sets[0].where}: not a DNS query: the DNS proxy drops it"
-                                  + (" (over TCP: nothing is answered)" if flow.protocol.upper() == "TCP" else ""))
+                                  + (" (over TCP: it closes the connection unanswered)"
+                                     if flow.protocol.upper() == "TCP" else ""))
                 d.outcome = "dropped"
                 return False
             request: object = flow.dns_name

@@ -381,10 +381,10 @@ class DnsExpectations:
         # to world hosts from mediabot, whose egress policy gives each a policy verdict (shell
         # enforces nothing: its flows are traces alone)
         self.world = [p for p in mediabot if p.destination.kind == "world"]
-        assert {(p.protocol, p.expect) for p in self.not_dns} == {("UDP", "dropped"), ("TCP", "denied")}
-        # Each question: a request and an answer; the datagram that is no DNS: a request the
-        # proxy could not read (ERROR), no answer; TCP to port 53: an HTTP request and its 403.
-        self.l7_flows = 2 * len(self.questions) + 1 + 2
+        assert {(p.protocol, p.expect) for p in self.not_dns} == {("UDP", "dropped"), ("TCP", "dropped")}
+        # Each question: a request and an answer; the datagram that is no DNS and the HTTP request
+        # on TCP port 53 (DNS over TCP there): a request the proxy could not read (ERROR), no answer.
+        self.l7_flows = 2 * len(self.questions) + 1 + 1
 
     def asked(self, expect: str) -> Counter[str]:
         return Counter(f"DNS {p.dns.name}" for p in self.questions if p.expect == expect)
@@ -393,14 +393,14 @@ class DnsExpectations:
 def test_dns_questions(dns: Lab) -> None:
     want = DnsExpectations()
     requests = dns.observe("--protocol", "dns", "--type", "l7")
-    assert Counter(kind(f) for f in requests) == Counter({"dns-request": len(want.questions) + 1,
+    assert Counter(kind(f) for f in requests) == Counter({"dns-request": len(want.questions) + 2,
                                                           "dns-response": len(want.questions)})
     refused = dns.observe("--protocol", "dns", "--verdict", "DROPPED")
     assert lines(refused) == want.asked("refused") and {kind(f) for f in refused} == {"dns-request"}
     answered = [f for f in dns.observe("--protocol", "dns", "--verdict", "FORWARDED") if kind(f) == "dns-request"]
     assert lines(answered) == want.asked("allowed")
     broken = dns.observe("--verdict", "ERROR")
-    assert len(broken) == 1 and kind(broken[0]) == "dns-request"
+    assert len(broken) == 2 and {kind(f) for f in broken} == {"dns-request"}
 
 
 def test_dns_namespaces_and_ports(dns: Lab) -> None:
@@ -410,10 +410,10 @@ def test_dns_namespaces_and_ports(dns: Lab) -> None:
     assert Counter(kind(f) for f in shell) == Counter({"trace:to-endpoint": 1})
     assert dns.observe("--to-namespace", "kube-system", "--protocol", "udp") == dns.observe("--to-port", "53",
                                                                                             "--protocol", "udp")
+    # TCP to port 53 meets the proxy's DNS over TCP: the HTTP request is no DNS message (ERROR).
     over_tcp = dns.observe("--to-port", "53", "--protocol", "tcp", "--type", "l7")
-    assert [request_line(f) for f in over_tcp] == ["GET /"] and kind(over_tcp[0]) == "http-request"
-    assert over_tcp[0]["verdict"] == "DROPPED"
-    assert [f["l7"]["http"]["code"] for f in dns.observe("--http-status", "403")] == [403]
+    assert [(kind(f), f["verdict"]) for f in over_tcp] == [("dns-request", "ERROR")]
+    assert dns.observe("--http-status", "403") == []
 
 
 def test_dns_world_and_drops(dns: Lab) -> None:

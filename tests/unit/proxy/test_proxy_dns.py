@@ -410,6 +410,20 @@ def test_a_message_that_is_not_dns_closes_the_connection_after_the_answers_owed(
     c.close()
 
 
+def test_an_http_request_on_a_dns_port_ends_in_a_clean_close(lab: DnsLab) -> None:
+    """What is no DNS ends the connection with an end of stream the client can read (not a reset,
+    which its unread request would otherwise cause), and nothing reaches the server."""
+    proxy = lab.proxy()
+    c = TcpClient(proxy.port)
+    c.sock.sendall(b"GET / HTTP/1.1\r\n")
+    record = wait_for("the record", lambda: dns_records(proxy))[0]  # the proxy has decided: not DNS
+    c.sock.sendall(b"Host: backend\r\nConnection: close\r\n\r\n")  # and the client goes on
+    assert c.sock.recv(65536) == b""  # a reset would raise ConnectionResetError here
+    assert record.verdict == "error" and record.summary.startswith(f"a DNS message of {0x4745} bytes")
+    assert lab.upstream.seen == []
+    c.close()
+
+
 def test_an_incomplete_message_is_given_the_header_timeout(lab: DnsLab) -> None:
     proxy = lab.proxy(header_timeout=0.3)
     c = TcpClient(proxy.port)
