@@ -152,5 +152,5 @@ def register(verbs: Verbs) -> None:
     p.add_argument("scenario", help="scenario YAML file")
     flow_arguments(p, "source pod, a world host (traffic from outside the cluster) or node (the node's own stack)",
                    "to a service: the backend pod the flow reaches (default: the first, as a scenario's probe)",
-                   "an HTTP request to check against L7 rules", "a DNS query for NAME (over UDP) to check against DNS rules")
+                   "an HTTP request to check against L7 rules", "a DNS query for NAME (over UDP; --protocol TCP: over TCP) to check against DNS rules")
     p.add_argument("--step", type=int, help="the policy state before step N (default: after every step)")

@@ -79,4 +79,4 @@ def register(verbs: Verbs) -> None:
     lab_arguments(p, "the lab (up, served by its agent)")
     flow_arguments(p, "source pod, or a world host (traffic from outside the cluster)",
                    "to a service: the backend pod the probe is to reach (default: the first)",
-                   "the HTTP request to send (default GET /)", "a DNS query for NAME (over UDP)")
+                   "the HTTP request to send (default GET /)", "a DNS query for NAME (over UDP; --protocol TCP: over TCP)")
