@@ -181,6 +181,9 @@ class Lab:
         self.record = LabRecord(self.name, scenario.path)
         self.datapath = datapath
         self.policy = policy
+        # What DNS answers taught the lab (dataplane/fqdn/cache.py): kept here so that an agent
+        # taking the lab over from `run --keep` goes on from it.
+        self.fqdn_cache: Any = None
         self._servers: list[subprocess.Popen[bytes]] = []
         self._proxy: subprocess.Popen[bytes] | processes.WatchedProcess | None = None
         self._policy_digest = ""

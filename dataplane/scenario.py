@@ -29,8 +29,8 @@ from .yamlsource import Budget, Document, describe_value, format_path, load_file
 Protocol = Literal["TCP", "UDP", "SCTP", "ICMP"]
 # `audited`: the traffic passes (as `allowed` observes) and the kernel's verdict for the flow is
 # AUDIT: a would-be drop that audit mode let through.
-Expectation = Literal["allowed", "audited", "dropped", "denied", "refused"]
-EXPECTATIONS: tuple[str, ...] = ("allowed", "audited", "dropped", "denied", "refused")
+Expectation = Literal["allowed", "audited", "dropped", "denied", "refused", "unresolved"]
+EXPECTATIONS: tuple[str, ...] = ("allowed", "audited", "dropped", "denied", "refused", "unresolved")
 
 
 
@@ -1048,7 +1048,7 @@ class _Builder:
             dest, ports = Destination("node", scenario.node.name, scenario.node_ip, port), scenario.node.ports
         else:
             for host in scenario.world.values():
-                if target.lower() in (d.lower() for d in host.dns_names):
+                if target.lower().rstrip(".") in (d.lower() for d in (*host.dns_names, *host.aliases)):
                     dest, ports = Destination("world", host.name, host.address, port, dns_name=target), host.ports
                     break
         if dest is None:
@@ -1057,6 +1057,15 @@ class _Builder:
             else:
                 self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's "
                                           f"DNS name, a service (by name, namespace/name or DNS name) or {NODE_TARGET!r}")
+            return None
+        if dest.dns_name and from_pod and scenario.nameserver is None:
+            self.err(where + ("to",), f"{target!r} is a DNS name, which a pod resolves through the cluster DNS, and "
+                                      f"this lab has none: declare a pod labelled k8s-app: kube-dns with port 53 "
+                                      f"(or name the world host {dest.name!r} itself)")
+            return None
+        if raw["expect"] == "unresolved" and not (dest.dns_name and from_pod):
+            self.err(where + ("expect",), "only a probe from a pod to a DNS name looks a name up, so only it can be "
+                                          "unresolved")
             return None
         if source == HOST_SOURCE and dest.kind == "node":
             self.err(where + ("to",), "a probe from the node to its own address never leaves the node: no policy judges it")
@@ -1131,6 +1140,15 @@ class _Builder:
                 return None
             backend = key
         dns_name = target if target not in (svc.key, svc.name) else ""
+        if dns_name and scenario.nameserver is None:
+            self.err(where + ("to",), f"{target!r} is a DNS name, which a pod resolves through the cluster DNS, and "
+                                      f"this lab has none: declare a pod labelled k8s-app: kube-dns with port 53 "
+                                      f"(or name the service as {svc.key!r})")
+            return None
+        if raw["expect"] == "unresolved" and not dns_name:
+            self.err(where + ("expect",), "only a probe from a pod to a DNS name looks a name up, so only it can be "
+                                          "unresolved")
+            return None
         dest = Destination("service", svc.key, svc.cluster_ip, port, dns_name=dns_name, backend=backend)
         http = self.http_request(where, raw)
         self.check_expect(where, raw, protocol)

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ErrorList, L7LabError, SourceError
 from ..scenario import load_scenario
 from .common import EXIT_OK, EXIT_SETUP, Verbs, emit_json, flow_arguments, policy_engine, print_error, say
+
+if TYPE_CHECKING:
+    from ..fqdn.lookup import Lookup
 
 
 def _is_scenario(path: str) -> bool:
@@ -111,7 +115,8 @@ def _parse_http(text: str | None, headers: list[str]) -> Any:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..policy import Flow, explain_text  # noqa: PLC0415
+    from ..fqdn.oracle import FqdnOracle  # noqa: PLC0415
+    from ..policy import explain_text  # noqa: PLC0415
     from ..scenario import make_probe  # noqa: PLC0415
 
     scenario = load_scenario(args.scenario)
@@ -119,8 +124,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     last = len(scenario.steps) if args.step is None else args.step - 1
     if not 0 <= last <= len(scenario.steps):
         raise L7LabError(f"--step must be between 1 and {len(scenario.steps) + 1}, got {args.step}")
+    # The steps before, as a dry run takes them: what their probes' lookups taught counts.
+    fqdn = FqdnOracle(engine)
     for step in scenario.steps[:last]:
-        if step.kind != "probes":
+        if step.kind == "probes":
+            for p in step.probes:
+                with contextlib.suppress(ValueError):
+                    fqdn.judge(p)
+            fqdn.end_step()
+        elif step.kind == "expire":
+            fqdn.expire(step.expire)
+        else:
             engine.apply_step(step)
     dns = None
     if args.dns:
@@ -133,14 +147,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns,
                        backend=args.backend)
     try:
-        decision = engine.verdict(Flow.from_probe(probe))
+        decision, lookup, _ = fqdn.judge(probe)
     except ValueError as exc:  # a backend the service does not have (now)
         raise L7LabError(str(exc)) from None
     if args.json:
-        emit_json(decision.to_json())
-    else:
-        say(explain_text(decision))
+        out = decision.to_json() if decision is not None else {"outcome": "unresolved"}
+        if lookup is not None:
+            out["lookup"] = {**lookup.to_json(), "learned": lookup.learned}
+        emit_json(out)
+        return EXIT_OK
+    if lookup is not None:
+        say(lookup_text(lookup))
+    say(explain_text(decision) if decision is not None else f"unresolved: {lookup.why if lookup else ''}")
     return EXIT_OK
+
+
+def lookup_text(lookup: Lookup) -> str:
+    """The lookup a pod's resolver makes before it connects, query by query."""
+    lines = [f"lookup of {lookup.name} through the cluster DNS (search path, ndots:5):"]
+    lines += [f"  {name}: {what}" for name, what in lookup.queries]
+    if lookup.learned:
+        lines.append(f"  the DNS proxy relayed the answer: learned {', '.join(lookup.learned)} before releasing it")
+    elif lookup.resolved:
+        lines.append("  no DNS rule sent the query through the DNS proxy: nothing learned, toFQDNs selectors "
+                     "select nothing new")
+    return "\n".join(lines)
 
 
 def register(verbs: Verbs) -> None:
