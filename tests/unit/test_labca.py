@@ -1,23 +1,30 @@
 """The lab's CA (dataplane/labca.py): the CA and the world hosts' certificates (names,
 issuer, validity, key files), the bundle the pods trust, a TLS handshake between the world
-host's server context and a probe's client context, and the names probes send as SNI."""
+host's server context and a probe's client context, the names probes send as SNI, and a probe's
+HTTPS exchange with the world host's own server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
 import stat
+import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dataplane import labca
-from dataplane.podserver import tls_context
-from dataplane.scenario import Port, WorldHost
+from dataplane.errors import SourceLocation
+from dataplane.podserver import _http_app, tls_context
+from dataplane.probes import _tcp_exchange
+from dataplane.scenario import Destination, Port, Probe, WorldHost
 from tests.support.policy import scenario
 
 WWW = WorldHost("www", "203.0.113.20", ("www.example.com", "WWW.Example.com."), (Port(80), Port(443, tls=True)),
@@ -196,3 +203,42 @@ def test_probes_to_a_tls_port_carry_the_name_they_send_as_sni() -> None:
     names = [p.destination.tls_name for p in sc.steps[0].probes]
     # the name the probe used, else the host's first DNS name; plain ports none
     assert names == ["www.example.com", "www2.example.com", "www.example.com", "", ""]
+
+
+async def _exchange_with_lab_server(made, tls_name: str, server_tls: bool = True):  # noqa: ANN001, ANN202
+    """A probe's TLS exchange (probes._tcp_exchange) with the world host's own HTTP app served
+    on loopback with its certificate (or without TLS); returns the observation."""
+    lab_dir, files = made
+    runner = web.AppRunner(_http_app({"endpoint": "www"}, None), access_log=None)
+    await runner.setup()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    context = tls_context(str(files["www"].cert), str(files["www"].key)) if server_tls else None
+    await web.SockSite(runner, listener, ssl_context=context).start()
+    port = listener.getsockname()[1]
+    probe = Probe("shop/client", Destination("world", "www", "127.0.0.1", port, "www.example.com", tls_name=tls_name),
+                  "TCP", "allowed", None, 5.0, SourceLocation("test"))
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        return await _tcp_exchange(probe, client, asyncio.get_running_loop(), time.monotonic(), _client(lab_dir))
+    finally:
+        client.close()
+        await runner.cleanup()
+
+
+def test_a_tls_probe_is_answered_by_the_world_hosts_server(made) -> None:  # noqa: ANN001
+    observed = asyncio.run(_exchange_with_lab_server(made, "www.example.com"))
+    assert observed.outcome == "allowed", observed
+    assert observed.extra["tls"]["server_name"] == "www.example.com"
+    assert observed.extra["tls"]["alpn"] == "http/1.1"
+    assert observed.body["headers"]["Host"] == "www.example.com:" + str(observed.body["server_port"])
+
+
+def test_a_tls_probe_that_cannot_verify_is_an_error_with_the_reason(made) -> None:  # noqa: ANN001
+    observed = asyncio.run(_exchange_with_lab_server(made, "www.example.org"))
+    assert observed.outcome == "error"
+    assert observed.detail.startswith("TLS handshake with www.example.org failed: certificate verify failed: ")
+    assert "mismatch" in observed.detail or "match" in observed.detail
+    plain = asyncio.run(_exchange_with_lab_server(made, "www.example.com", server_tls=False))
+    assert plain.outcome == "error" and plain.detail.startswith("TLS handshake with www.example.com failed: ")
