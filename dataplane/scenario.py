@@ -225,6 +225,10 @@ class Destination:
     # A service: the pod key of the backend the probe's connection is to reach ("": the one
     # dataplane/services.py probe_backend picks). The prober chooses its source port for it.
     backend: str = ""
+    # A world host's TLS port: the name the client sends as SNI and checks the server's
+    # certificate for (the DNS name the probe used, else the host's first DNS name); "" for
+    # plain TCP.
+    tls_name: str = ""
 
     def __str__(self) -> str:
         name = self.dns_name or self.name
@@ -1093,7 +1097,10 @@ class _Builder:
             port = candidates[0]
         http = self.http_request(where, raw)
         self.check_expect(where, raw, protocol, icmp)
-        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=raw["expect"],
+        dest = replace(dest, port=port)
+        if dest.kind == "world" and protocol == "TCP" and any(p.tls and p.port == port for p in ports):
+            dest = replace(dest, tls_name=(dest.dns_name or scenario.world[dest.name].dns_names[0]).lower().rstrip("."))
+        return Probe(source=source, destination=dest, protocol=protocol, expect=raw["expect"],
                      http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
                      location=self.doc.location(where), dns=dns, icmp=icmp)
 

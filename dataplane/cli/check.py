@@ -38,6 +38,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 scenario = load_scenario(path)
                 policy_engine(scenario)  # the scenario and every policy it applies
                 notices[path] = _scenario_notices(scenario)
+                errors.extend(_step_refusals(scenario))
             else:
                 errors.extend(validate_policy_file(path))
                 if not errors:
@@ -79,6 +80,17 @@ def _scenario_notices(scenario: Any) -> list[str]:
     for group in groups:
         lines += [n for n in policy_notices(parse_documents([s.document for s in group])) if n not in lines]
     return lines
+
+
+def _step_refusals(scenario: Any) -> list[BaseException]:
+    """What `run` would refuse in the scenario's later steps, though every policy parses: HTTP
+    rules on a port where a world host serves TLS (policy/tlsports.py; the policies it starts
+    with are checked by the engine)."""
+    from ..policy.parse import parse_documents  # noqa: PLC0415
+    from ..policy.tlsports import tls_http_refusals  # noqa: PLC0415
+
+    return [e for step in scenario.steps if step.apply
+            for e in tls_http_refusals(parse_documents([s.document for s in step.apply]), scenario)]
 
 
 def _parse_http(text: str | None, headers: list[str]) -> Any:

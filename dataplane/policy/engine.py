@@ -49,6 +49,7 @@ from .notices import icmpv6_note, peer_notes, requirement_notes
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
+from .tlsports import tls_http_refusals
 from ..services import probe_backend, service_entries
 from .toservices import expand_service_peers
 
@@ -296,6 +297,8 @@ class PolicyEngine:
         refusal = host_policy_refusal(policies.values(), sc.node.name, sc.node.labels)
         if refusal is not None:
             raise refusal
+        # HTTP rules where world hosts serve TLS: the proxy could not read them (tlsports.py).
+        ErrorList.raise_if_any(tls_http_refusals(policies.values(), sc))
         labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
                                          sc.settings.cluster_name)
                   for k, p in sc.pods.items()}
