@@ -487,6 +487,19 @@ class Datapath:
     def conntrack_size(self) -> int:
         return len(self._tables["conntrack"].items())
 
+    def open_connections(self) -> set[tuple[str, str]]:
+        """(source address, destination address) of every tracked flow still open: not expired
+        and, for TCP, no FIN or RST seen. What keeps an expired FQDN address alive (Cilium's
+        conntrack garbage collection marks such addresses in use)."""
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
+        out: set[tuple[str, str]] = set()
+        for k, v in self._tables["conntrack"].items():
+            key, entry = abi.CCtKey.from_buffer_copy(bytes(k)), abi.CCtEntry.from_buffer_copy(bytes(v))
+            if entry.expires_ns < now or entry.flags & abi.CT_F_CLOSING:
+                continue
+            out.add((str(ipaddress.IPv4Address(key.saddr)), str(ipaddress.IPv4Address(key.daddr))))
+        return out
+
     def fragments_size(self) -> int:
         """Datagrams recorded by a passed first fragment (the `fragments` LRU map)."""
         return len(self._tables["fragments"].items())

@@ -8,7 +8,8 @@ Naming: everything a lab creates carries the prefix `l7lab-<lab>.`:
 
 Lab names have no dots, so the prefix of one lab never matches another's. Links live only
 inside these namespaces (removing a namespace removes its links), per-endpoint hosts files live
-in /etc/netns/<namespace>/ (where `ip netns exec` finds them), and the record of everything made
+in /etc/netns/<namespace>/ (where `ip netns exec` finds them; with TLS world hosts also the pods'
+CA bundle, dataplane/labca.py), and the record of everything made
 is /run/l7lab/<lab>.json, written *before* each resource is created so that `down` after a crash
 still knows it. `clean` needs no record at all: it removes whatever carries the prefix.
 
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import confine, processes, safety, topology
+from . import confine, labca, processes, safety, topology
 from .errors import SetupError
 from .flows import PROXY_RECORDS
 from .logfiles import previous, request_log, rotate_bytes
@@ -181,9 +182,13 @@ class Lab:
         self.record = LabRecord(self.name, scenario.path)
         self.datapath = datapath
         self.policy = policy
+        # What DNS answers taught the lab (dataplane/fqdn/cache.py): kept here so that an agent
+        # taking the lab over from `run --keep` goes on from it.
+        self.fqdn_cache: Any = None
         self._servers: list[subprocess.Popen[bytes]] = []
         self._proxy: subprocess.Popen[bytes] | processes.WatchedProcess | None = None
         self._policy_digest = ""
+        self._tls: dict[str, labca.LeafFiles] = {}  # world host -> its certificate and key
 
     @property
     def enforcing(self) -> bool:
@@ -205,6 +210,13 @@ class Lab:
         rec.node = node_netns(self.name)
         rec.add(kind="dir", path=str(lab_dir(self.name)))
         lab_dir(self.name).mkdir(parents=True, exist_ok=True)
+        # TLS world hosts: the lab's CA and their certificates, in the (recorded) lab directory.
+        tls_hosts = labca.tls_hosts(self.scenario.world)
+        ca_pem = b""
+        if tls_hosts:
+            _remove(labca.tls_dir(lab_dir(self.name)), self.name)  # a crashed lab's of this name: never reused
+            self._tls = labca.create(self.name, lab_dir(self.name), tls_hosts)
+            ca_pem = labca.ca_cert_file(lab_dir(self.name)).read_bytes()
         rec.add(kind="netns", name=rec.node)
         topology.create_netns(rec.node)
         topology.setup_node(rec.node, self.scenario.node_addresses())
@@ -236,6 +248,8 @@ class Lab:
             # Nothing listens on the pod's loopback port 53: a lookup that misses the hosts file
             # fails at once instead of waiting for a timeout.
             (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+            if ca_pem and kind == "pod":
+                labca.write_pod_trust(etc, ca_pem)  # mounted over the pod's /etc/ssl: it trusts the lab's CA
         if self.enforcing:
             self._attach()
         # The node's own server (probes `to: node:PORT`), in the node's namespace.
@@ -420,7 +434,7 @@ class Lab:
         its own, owned by that uid (it rotates the log there), which it opens before the lab's
         directory disappears from its view."""
         started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-        for _kind, key, ns, _ip, ports, _labels in plan:
+        for kind, key, ns, _ip, ports, _labels in plan:
             tcp = ",".join(str(p.port) for p in ports if p.protocol == "TCP")
             udp = ",".join(str(p.port) for p in ports if p.protocol == "UDP")
             sctp = ",".join(str(p.port) for p in ports if p.protocol == "SCTP")
@@ -432,8 +446,14 @@ class Lab:
             logs = request_log(lab_dir(self.name), endpoint_dir).parent
             logs.mkdir(mode=0o755, exist_ok=True)
             os.chown(logs, user.uid, user.gid, follow_symlinks=False)
+            tls: list[str] = []
+            if kind == "world" and key in self._tls:
+                files = self._tls[key]
+                tls = ["--tls", ",".join(str(p.port) for p in ports if p.tls),
+                       "--cert", str(files.cert), "--key", str(files.key)]
             proc = self._spawn(key, ns, "dataplane.podserver",
-                               ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--sctp", sctp, "--log-dir", str(logs),
+                               ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--sctp", sctp, *tls,
+                                "--log-dir", str(logs),
                                 "--uid", str(user.uid), "--gid", str(user.gid), "--hide", str(run_dir())], log)
             started.append((key, proc, log))
         wait_ready(started)

@@ -13,6 +13,8 @@ datagrams are answered with JSON of what arrived, except on UDP port 53, which a
 questions from the lab's own names. An SCTP INIT to a declared SCTP port is answered with an
 INIT-ACK and logged (`"sctp": "INIT"`); an INIT to another port gets an ABORT, as an SCTP stack
 answers it (see `_SctpResponder` for how this works with and without the kernel's SCTP).
+A world host's TLS ports (--tls) serve the same HTTP answers over HTTPS: TLS 1.2 or later,
+ALPN http/1.1, with the certificate the lab's CA issued it (dataplane/labca.py).
 
 It binds addresses only, never resolves a name (a reverse lookup at start would stall for
 seconds in a namespace with no DNS), and prints READY once every port is listening.
@@ -22,7 +24,8 @@ In a lab it starts as root and confines itself (`dataplane/confine.py`, with --u
 the lab's control directory hidden. Loading first means the server's code and Python need not
 be readable by that uid. Its request log lives in a directory of its own
 (`<lab dir>/<endpoint namespace>/requests.jsonl`, see `logfiles.request_log`), owned by that
-uid so that it can rotate the log there through the directory it holds open.
+uid so that it can rotate the log there through the directory it holds open. Its TLS key and
+certificate, under the lab's directory too, are loaded before confining for the same reason.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 
 from aiohttp import WSMsgType, web
@@ -285,6 +289,17 @@ def open_sctp_raw(ports: list[int]) -> socket.socket | None:
     return raw
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server side of a TLS port: TLS 1.2 or later, ALPN http/1.1 (the only protocol the
+    server speaks), the host's certificate and key. Loaded while still root: once confined the
+    server can no longer read the lab's directory, where the key lives (0600)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
     """The request log: REQUEST_LOG in a directory (held open: it may be hidden later), or a
     path, or none."""
@@ -295,7 +310,9 @@ def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
 
 
 async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: RotatingLog | None,
-                sctp_ports: list[int] | None = None, sctp_raw: socket.socket | None = None) -> None:
+                sctp_ports: list[int] | None = None, sctp_raw: socket.socket | None = None,
+                tls_ports: list[int] | None = None, tls: ssl.SSLContext | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. `tls_ports` (a subset of `tcp_ports`) speak HTTPS with `tls`."""
     identity = {"endpoint": endpoint}
     loop = asyncio.get_running_loop()
     kernel_sctp: list[socket.socket] = []
@@ -317,7 +334,8 @@ async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))
-        await web.SockSite(runner, sock, shutdown_timeout=0.1).start()
+        context = tls if port in (tls_ports or []) else None
+        await web.SockSite(runner, sock, shutdown_timeout=0.1, ssl_context=context).start()
     for port in udp_ports:
         if port == DNS_PORT:  # UDP 53 is the lab's DNS, every other UDP port an echo
             await loop.create_datagram_endpoint(lambda: _DnsServer(identity, log), local_addr=("0.0.0.0", port))
@@ -345,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", default="", help="comma-separated TCP ports (HTTP)")
     parser.add_argument("--udp", default="", help="comma-separated UDP ports (echo)")
     parser.add_argument("--sctp", default="", help="comma-separated SCTP ports (INIT answered by INIT-ACK)")
+    parser.add_argument("--tls", default="", help="comma-separated TCP ports (among --tcp) that serve HTTPS")
+    parser.add_argument("--cert", default=None, help="the TLS ports' certificate (PEM)")
+    parser.add_argument("--key", default=None, help="the TLS ports' private key (PEM)")
     parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
     parser.add_argument("--log-dir", default=None, metavar="DIR",
                         help=f"write {REQUEST_LOG} (rotated) in DIR, instead of --log")
@@ -356,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     tcp = [int(p) for p in args.tcp.split(",") if p]
     udp = [int(p) for p in args.udp.split(",") if p]
     sctp_ports = [int(p) for p in args.sctp.split(",") if p]
+    tls_ports = [int(p) for p in args.tls.split(",") if p]
+    if tls_ports and (args.cert is None or args.key is None or not set(tls_ports) <= set(tcp)):
+        parser.error("--tls needs --cert and --key, and its ports among --tcp")
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
         uvloop.install()
@@ -367,12 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log = open_log(args.log, args.log_dir)
         sctp_raw = open_sctp_raw(sctp_ports)  # a raw socket needs CAP_NET_RAW: before confining
+        tls = tls_context(args.cert, args.key) if tls_ports else None  # the key is root's: before confining
         if args.uid is not None:
             from .confine import confine  # noqa: PLC0415
 
             confine(args.uid, args.gid if args.gid is not None else args.uid, args.hide)
-        asyncio.run(serve(args.endpoint, tcp, udp, log, sctp_ports, sctp_raw))
-    except OSError as exc:
+        asyncio.run(serve(args.endpoint, tcp, udp, log, sctp_ports, sctp_raw, tls_ports, tls))
+    except OSError as exc:  # ssl.SSLError is one too: an unusable certificate or key
         print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -23,7 +23,13 @@ What was observed:
               port unreachable (the policy let the flow through, but nothing listens there);
               for SCTP an ABORT (or an ICMP protocol unreachable, from a kernel without SCTP
               where no server listens)
-    error     anything else: a connection cut mid-response, an unexpected answer
+    error     anything else: a connection cut mid-response, an unexpected answer, a TLS
+              handshake that fails (the reason: a certificate that does not verify, ...)
+
+A TCP probe to a world host's TLS port speaks HTTPS: the same request, after a TLS handshake
+that sends the name the probe used (or the host's first DNS name) as SNI and verifies the
+server's certificate against the lab's CA alone (dataplane/labca.py), as a pod's client that
+trusts the lab's CA would.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import errno
 import json
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -126,16 +133,47 @@ async def probe_tcp(probe: Probe, src_netns: str, source_port: int | None = None
         raise
     sport = sock.getsockname()[1]  # lets the runner find this flow's kernel events
     started = time.monotonic()
+    tls: ssl.SSLContext | None = None
     try:
-        observed = await _tcp_exchange(probe, sock, loop, started)
+        if probe.destination.tls_name:
+            try:
+                tls = lab_ca_context(src_netns)
+            except (OSError, ValueError) as exc:
+                return Observation("error", f"cannot verify {probe.destination} over TLS: {exc}", extra={"sport": sport})
+        observed = await _tcp_exchange(probe, sock, loop, started, tls)
         observed.extra["sport"] = sport
         return observed
     finally:
         sock.close()
 
 
+def lab_ca_context(netns: str) -> ssl.SSLContext:
+    """A TLS client context that trusts only the CA of the lab `netns` belongs to: TLS 1.2 or
+    later, ALPN http/1.1, the server's name checked. OSError when the lab has no CA."""
+    from . import labca, safety  # noqa: PLC0415 - only TLS probes need them
+    from .lab import lab_dir  # noqa: PLC0415
+
+    lab = safety.lab_of_netns(netns)
+    if lab is None:
+        raise ValueError(f"{netns!r} is not a lab's namespace")
+    context = ssl.create_default_context(cafile=str(labca.ca_cert_file(lab_dir(lab))))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in the words of OpenSSL (a certificate's verify message)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                        started: float) -> Observation:
+                        started: float, tls: ssl.SSLContext | None = None) -> Observation:
+    """Connect, send the probe's request (over TLS with `tls`) and judge the response."""
     dest = probe.destination
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (dest.ip, dest.port)), probe.timeout)
@@ -147,14 +185,29 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
         if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return Observation("dropped", f"unreachable: {exc.strerror}", elapsed=time.monotonic() - started)
         return Observation("error", f"connect failed: {exc.strerror}", elapsed=time.monotonic() - started)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    if probe.dns is not None:
+    tls_info: dict[str, Any] = {}
+    if tls is None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        if probe.dns is not None:  # DNS over TCP (RFC 1035 4.2.2), not HTTP
+            try:
+                return await _dns_tcp_exchange(probe, reader, writer, started)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    else:
         try:
-            return await _dns_tcp_exchange(probe, reader, writer, started)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(sock=sock, ssl=tls, server_hostname=dest.tls_name), probe.timeout)
+        except asyncio.TimeoutError:
+            return Observation("dropped", "connected, but no TLS handshake before the timeout",
+                               elapsed=time.monotonic() - started)
+        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError; a reset or a close mid-handshake too
+            return Observation("error", f"TLS handshake with {dest.tls_name} failed: {_tls_failure(exc)}",
+                               elapsed=time.monotonic() - started)
+        session = writer.get_extra_info("ssl_object")
+        tls_info = {"server_name": dest.tls_name, "version": session.version() if session else "",
+                    "alpn": (session.selected_alpn_protocol() or "") if session else ""}
     try:
         writer.write(build_request(probe))
         await writer.drain()
@@ -166,7 +219,7 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
             # Nothing came back: the L7 proxy's DNS side closes a connection that does not speak
             # DNS (fail closed), as it drops such a datagram.
             return Observation("dropped", "connected, but closed without a response", elapsed=time.monotonic() - started)
-        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionResetError, ssl.SSLError) as exc:
             return Observation("error", f"connection closed before a full response ({type(exc).__name__})",
                                elapsed=time.monotonic() - started)
         except ValueError as exc:
@@ -177,7 +230,10 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
             await writer.wait_closed()
         except OSError:
             pass
-    return classify_http(probe, status, headers, body, time.monotonic() - started)
+    observed = classify_http(probe, status, headers, body, time.monotonic() - started)
+    if tls_info:
+        observed.extra["tls"] = tls_info
+    return observed
 
 
 def classify_http(probe: Probe, status: int, headers: dict[str, str], body: bytes, elapsed: float) -> Observation:

@@ -8,6 +8,12 @@ A runner drives an *executor*, which is what actually answers a probe:
 Policy steps (apply, delete, relabel, audit) go to the executor too; probes of one step run
 concurrently, because a `dropped` expectation costs a whole timeout.
 
+A probe from a pod to a DNS name first looks the name up through the cluster DNS as the pod's
+resolver would (`dataplane/fqdn/lookup.py`), then connects to the address it got; a name that
+does not resolve is `unresolved`. On the kernel the lab's FQDN learner serves the L7 proxy
+meanwhile, so what DNS rules let the proxy see becomes policy; the oracle models the same
+(`dataplane/fqdn/oracle.py`). An `expire` step waits until the lab has forgotten its names.
+
 With `explain`, every probe that misses its expectation is explained right after its step,
 before the next step changes the policy: the oracle's reasoning (the resolver's decision, with
 its trace) in `ProbeResult.reasoning` and, on the kernel, the probe sent again with tracing on
@@ -18,12 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import flowrecord
 from .flowrender import outcome
+from .errors import L7LabError
 from .flows import Directory, FlowLog, kernel_flows
+from .fqdn.lookup import lookup_in_netns
+from .fqdn.oracle import FqdnOracle, looks_up
 from .probes import Observation, run_probe
 from .scenario import HOST_SOURCE, Probe, Scenario, Step, meets
 from .services import pin_probe, service_backend_address
@@ -33,6 +43,8 @@ if TYPE_CHECKING:
     from .policy.engine import Decision, PolicyEngine
 
 PROBE_CONCURRENCY = 32
+EXPIRY_GRACE_S = 75.0  # past the latest TTL: conntrack forgets a finished flow within it (UDP: 60 s)
+EXPIRY_POLL_S = 0.1
 
 
 class Executor(Protocol):
@@ -148,15 +160,85 @@ class KernelExecutor:
     def __init__(self, lab: Lab, policy: PolicyEngine | None = None) -> None:
         self.lab = lab
         self.policy = policy  # a policy engine, when one is wired in; used as the referee
+        self.fqdn = FqdnOracle(policy) if policy is not None else None
+        self.learner: Any = None
+        self._learner_server: Any = None
+        if policy is not None and lab.enforcing and lab.datapath is not None:
+            self._serve_learner(policy)
+
+    def _serve_learner(self, policy: PolicyEngine) -> None:
+        """The lab's FQDN learner, served while the run lasts (an agent takes it over on --keep)."""
+        from .fqdn.learner import SOCKET_NAME, SYNC_BUDGET_S, FqdnLearner, LearnerServer, enforcer  # noqa: PLC0415
+        from .lab import lab_dir  # noqa: PLC0415
+
+        lab = self.lab
+
+        def write(old: Any, state: Any) -> None:
+            l7_changed = state.to_json()["l7"] != old.to_json()["l7"]
+            lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=bool(state.l7) and l7_changed)
+
+        assert lab.datapath is not None
+        self.learner = FqdnLearner(policy, enforcer(policy, write), lab.datapath.open_connections)
+        lab.fqdn_cache = self.learner.cache
+        self._learner_server = LearnerServer(self.learner, lab_dir(lab.name) / SOCKET_NAME)
+
+    def close(self) -> None:
+        if self._learner_server is not None:
+            self._learner_server.close()
+            self._learner_server = None
 
     def apply_step(self, step: Step) -> None:
         if self.policy is None:
             raise NotImplementedError("policy steps need the policy engine")
-        self.policy.apply_step(step)
-        self.lab.sync_policy(self.policy.map_state())
+        if step.kind == "expire":
+            self._await_expiry(step.expire)
+            return
+        lock = self.learner.lock if self.learner is not None else contextlib.nullcontext()
+        with lock:
+            self.policy.apply_step(step)
+            self.lab.sync_policy(self.policy.map_state())
+
+    def _await_expiry(self, names: tuple[str, ...]) -> None:
+        """Wait until the learner holds nothing for `names`: their TTL passed and no connection to
+        their addresses is open. Bounded by the latest expiry plus the time a closed connection's
+        conntrack entry takes to go."""
+        if self.fqdn is not None:
+            self.fqdn.expire(names)
+        if self.learner is None:
+            return
+        with self.learner.lock:
+            latest = max((e.expires_at for e in self.learner.cache.entries.values()
+                          if e.name in names), default=time.monotonic())
+        deadline = latest + EXPIRY_GRACE_S
+        while True:
+            with self.learner.lock:
+                left = [e for e in self.learner.cache.entries.values() if e.name in names]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise L7LabError(f"the lab still holds {', '.join(sorted({e.name for e in left}))} "
+                                 f"{EXPIRY_GRACE_S:g}s after their TTL ended: a connection to "
+                                 f"{', '.join(sorted({e.address for e in left}))} is still open")
+            time.sleep(EXPIRY_POLL_S)  # the learner's own thread removes them (fqdn/learner.py tick)
 
     async def observe(self, probe: Probe) -> Observation:
         netns, address = self._source(probe)
+        lookup = None
+        if self.policy is not None and looks_up(probe, self.policy):
+            sc = self.lab.scenario
+            assert sc.nameserver is not None
+            lookup = await lookup_in_netns(netns, probe.destination.dns_name, sc.nameserver,
+                                           sc.search_path(sc.pods[probe.source].namespace), probe.timeout)
+            if not lookup.resolved:
+                return Observation("unresolved", lookup.why, extra={"lookup": lookup.to_json()})
+            probe = replace(probe, destination=replace(probe.destination, ip=lookup.address))
+        observed = await self._observe(probe, netns, address)
+        if lookup is not None:
+            observed.extra["lookup"] = lookup.to_json()
+            observed.extra.setdefault("translated", (lookup.address, probe.destination.port))
+        return observed
+
+    async def _observe(self, probe: Probe, netns: str, address: str) -> Observation:
         sport = None
         if probe.destination.kind == "service" and self.policy is not None:
             # The backend the oracle judges, reached by choosing the source port (services.py).
@@ -178,17 +260,17 @@ class KernelExecutor:
         return ep.netns, ep.ip
 
     def oracle(self, probe: Probe) -> str | None:
-        if self.policy is None or not self.lab.enforcing:
+        if self.policy is None or not self.lab.enforcing or self.fqdn is None:
             return None
-        from .policy import Flow  # noqa: PLC0415 - only with a policy engine
-
         try:
-            return self.policy.verdict(Flow.from_probe(probe)).expectation
+            return self.fqdn.expectation(probe)
         except ValueError:  # a probe pinned to a pod that is no backend of its service now
             return "error"
 
     def finish_step(self, results: list[ProbeResult]) -> None:
         """Attach to each probe the first event the datapath emitted for its flow."""
+        if self.fqdn is not None:
+            self.fqdn.end_step()
         if not self.lab.enforcing:
             return
         events = self.lab.datapath.poll_events()
@@ -222,9 +304,13 @@ class KernelExecutor:
         from .tracing import trace_in_lab  # noqa: PLC0415 - only when a probe is explained
 
         try:
-            result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+            result.reasoning = self.fqdn.judge(result.probe)[0] if self.fqdn is not None else \
+                self.policy.verdict(Flow.from_probe(result.probe))
         except ValueError as exc:  # a probe pinned to a pod that is no backend of its service now
             result.trace_error = str(exc)
+            return
+        if result.reasoning is None:
+            result.trace_error = "the name did not resolve: there is no connection to trace"
             return
         if not self.lab.enforcing:
             result.trace_error = "the lab does not enforce policy"
@@ -258,30 +344,36 @@ class OracleExecutor:
 
     def __init__(self, policy: PolicyEngine) -> None:
         self.policy = policy
+        self.fqdn = FqdnOracle(policy)
 
     def apply_step(self, step: Step) -> None:
+        if step.kind == "expire":
+            self.fqdn.expire(step.expire)
+            return
         self.policy.apply_step(step)
 
     async def observe(self, probe: Probe) -> Observation:
-        from .policy import Flow  # noqa: PLC0415
-
         try:
-            decision = self.policy.verdict(Flow.from_probe(probe))
+            decision, lookup, _ = self.fqdn.judge(probe)
         except ValueError as exc:  # a probe pinned to a pod that is no backend of its service now
             return Observation("error", str(exc))
+        if decision is None:
+            assert lookup is not None
+            return Observation("unresolved", lookup.why)
         return Observation(decision.expectation, "; ".join(decision.trace[-1:]))
 
     def oracle(self, probe: Probe) -> str | None:
         return None
 
     def finish_step(self, results: list[ProbeResult]) -> None:
+        self.fqdn.end_step()
+
+    def close(self) -> None:
         return None
 
     async def explain(self, result: ProbeResult) -> None:
-        from .policy import Flow  # noqa: PLC0415
-
         with contextlib.suppress(ValueError):  # observed as an error already: nothing to explain
-            result.reasoning = self.policy.verdict(Flow.from_probe(result.probe))
+            result.reasoning = self.fqdn.judge(result.probe)[0]
 
 
 async def _run_steps(scenario: Scenario, executor: Executor, report: RunReport, on_step: Any,
@@ -316,5 +408,10 @@ def run_scenario(scenario: Scenario, executor: Executor, lab_name: str | None = 
     """Run every step; with `explain`, every probe that misses its expectation is explained
     (`ProbeResult.reasoning`) before the next step."""
     report = RunReport(scenario.path, lab_name or scenario.name, executor.mode)
-    asyncio.run(_run_steps(scenario, executor, report, on_step, explain))
+    try:
+        asyncio.run(_run_steps(scenario, executor, report, on_step, explain))
+    finally:
+        close = getattr(executor, "close", None)
+        if close is not None:
+            close()
     return report

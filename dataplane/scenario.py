@@ -29,8 +29,8 @@ from .yamlsource import Budget, Document, describe_value, format_path, load_file
 Protocol = Literal["TCP", "UDP", "SCTP", "ICMP"]
 # `audited`: the traffic passes (as `allowed` observes) and the kernel's verdict for the flow is
 # AUDIT: a would-be drop that audit mode let through.
-Expectation = Literal["allowed", "audited", "dropped", "denied", "refused"]
-EXPECTATIONS: tuple[str, ...] = ("allowed", "audited", "dropped", "denied", "refused")
+Expectation = Literal["allowed", "audited", "dropped", "denied", "refused", "unresolved"]
+EXPECTATIONS: tuple[str, ...] = ("allowed", "audited", "dropped", "denied", "refused", "unresolved")
 
 
 
@@ -225,6 +225,10 @@ class Destination:
     # A service: the pod key of the backend the probe's connection is to reach ("": the one
     # dataplane/services.py probe_backend picks). The prober chooses its source port for it.
     backend: str = ""
+    # A world host's TLS port: the name the client sends as SNI and checks the server's
+    # certificate for (the DNS name the probe used, else the host's first DNS name); "" for
+    # plain TCP.
+    tls_name: str = ""
 
     def __str__(self) -> str:
         name = self.dns_name or self.name
@@ -1052,7 +1056,7 @@ class _Builder:
             dest, ports = Destination("node", scenario.node.name, scenario.node_ip, port), scenario.node.ports
         else:
             for host in scenario.world.values():
-                if target.lower() in (d.lower() for d in host.dns_names):
+                if target.lower().rstrip(".") in (d.lower() for d in (*host.dns_names, *host.aliases)):
                     dest, ports = Destination("world", host.name, host.address, port, dns_name=target), host.ports
                     break
         if dest is None:
@@ -1061,6 +1065,15 @@ class _Builder:
             else:
                 self.err(where + ("to",), f"unknown destination {target!r}: expected a pod, a world host, a world host's "
                                           f"DNS name, a service (by name, namespace/name or DNS name) or {NODE_TARGET!r}")
+            return None
+        if dest.dns_name and from_pod and scenario.nameserver is None:
+            self.err(where + ("to",), f"{target!r} is a DNS name, which a pod resolves through the cluster DNS, and "
+                                      f"this lab has none: declare a pod labelled k8s-app: kube-dns with port 53 "
+                                      f"(or name the world host {dest.name!r} itself)")
+            return None
+        if raw["expect"] == "unresolved" and not (dest.dns_name and from_pod):
+            self.err(where + ("expect",), "only a probe from a pod to a DNS name looks a name up, so only it can be "
+                                          "unresolved")
             return None
         if source == HOST_SOURCE and dest.kind == "node":
             self.err(where + ("to",), "a probe from the node to its own address never leaves the node: no policy judges it")
@@ -1089,7 +1102,10 @@ class _Builder:
             port = candidates[0]
         http = self.http_request(where, raw)
         self.check_expect(where, raw, protocol, icmp)
-        return Probe(source=source, destination=replace(dest, port=port), protocol=protocol, expect=raw["expect"],
+        dest = replace(dest, port=port)
+        if dest.kind == "world" and protocol == "TCP" and any(p.tls and p.port == port for p in ports):
+            dest = replace(dest, tls_name=(dest.dns_name or scenario.world[dest.name].dns_names[0]).lower().rstrip("."))
+        return Probe(source=source, destination=dest, protocol=protocol, expect=raw["expect"],
                      http=http, timeout=float(raw.get("timeout", scenario.settings.probe_timeout)),
                      location=self.doc.location(where), dns=dns, icmp=icmp)
 
@@ -1136,6 +1152,15 @@ class _Builder:
                 return None
             backend = key
         dns_name = target if target not in (svc.key, svc.name) else ""
+        if dns_name and scenario.nameserver is None:
+            self.err(where + ("to",), f"{target!r} is a DNS name, which a pod resolves through the cluster DNS, and "
+                                      f"this lab has none: declare a pod labelled k8s-app: kube-dns with port 53 "
+                                      f"(or name the service as {svc.key!r})")
+            return None
+        if raw["expect"] == "unresolved" and not dns_name:
+            self.err(where + ("expect",), "only a probe from a pod to a DNS name looks a name up, so only it can be "
+                                          "unresolved")
+            return None
         dest = Destination("service", svc.key, svc.cluster_ip, port, dns_name=dns_name, backend=backend)
         http = self.http_request(where, raw)
         self.check_expect(where, raw, protocol)

@@ -21,6 +21,9 @@ agent's loop (`dataplane/agent/process.py` turns it):
   `policy-dump` serves `l7lab policy get`: the policy map read back from the kernel, beside the
   map state in force and the identities (`dataplane/policymap.py`); `identity-list` serves
   `l7lab identity list`.
+- the FQDN learner (`dataplane/fqdn/learner.py`) serves the L7 proxy from threads of its own:
+  what DNS answers teach becomes policy before the answer reaches the pod. `lock` keeps its
+  policy updates and the requests above from interleaving.
 
 Deadlines: a change carries the monotonic time by which its caller stops waiting (now +
 CHANGE_BUDGET when it was sent). A change that arrives after it is refused before anything is
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +48,7 @@ from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
 from ..flowrecord import Flow, ProxyEvent
 from ..abi import PROTOCOL_NAMES, Direction
 from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
+from ..fqdn.learner import SOCKET_NAME, SYNC_BUDGET_S, FqdnLearner, LearnerServer, enforcer
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
@@ -85,6 +90,10 @@ class LabService:
         self.proxy = ProxySupervisor(lab, self._proxy_event)
         self.flows: FlowLog | None = None
         self.traces: dict[int, ActiveTrace] = {}
+        self.lock = threading.RLock()
+        self.learner = FqdnLearner(self.engine, enforcer(self.engine, self._enforce_learned),
+                                   self.datapath.open_connections, lock=self.lock, cache=lab.fqdn_cache)
+        self.learner_server: LearnerServer | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -96,11 +105,14 @@ class LabService:
     def open(self) -> None:
         """Open the flow records and start serving metrics (in the namespace the agent runs in)."""
         self.flows = FlowLog(self.dir)
+        self.learner_server = LearnerServer(self.learner, self.dir / SOCKET_NAME)
         self.take_snapshot()
         if self.metrics_server is not None:  # its socket was bound in the root namespace by `up`
             self.metrics_server.serve(LabCollector(self.lab.name, lambda: self.snapshot))
 
     def close(self) -> None:
+        if self.learner_server is not None:
+            self.learner_server.close()
         for trace_id in list(self.traces):  # tracing state never outlives its trace, nor the agent
             self.end_trace(trace_id)
         if self.flows is not None:
@@ -184,8 +196,18 @@ class LabService:
                  "affinity": e.affinity, "backends": [f"{b.pod} {b.ip}:{b.port}" for b in e.backends]}
                 for e in self.engine.map_state().services.values()]
 
+    def _enforce_learned(self, old: MapState, state: MapState) -> None:
+        """Write a state that what DNS taught changed (the learner holds the lock)."""
+        proxy_confirms = bool(state.l7) and _l7_rules(state) != _l7_rules(old)
+        self.lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=proxy_confirms)
+        self.state = state
+
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo | None]:
         """The reply to one request, and for a change applied, how to undo it."""
+        with self.lock:
+            return self._handle(request)
+
+    def _handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo | None]:
         op = request.get("op")
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "policies": self.policies(), "metrics": self.metrics(),
@@ -333,6 +355,10 @@ class LabService:
     def replied(self, undo: Undo | None, lost: OSError | None = None) -> None:
         """The reply to a request was delivered (`lost` None) or could not be: a change whose
         caller was never told is undone, so nothing changes unseen."""
+        with self.lock:
+            self._replied(undo, lost)
+
+    def _replied(self, undo: Undo | None, lost: OSError | None) -> None:
         if lost is not None:
             if undo is not None:
                 undo(f"its reply could not be delivered ({lost.strerror or lost})")

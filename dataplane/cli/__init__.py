@@ -13,8 +13,9 @@ The verbs are grouped by subject, each group a module that registers its own sub
     check       validate, explain               files only: errors, and the oracle's reasons
     exercise    check                           an exercise against the learner's policies: solved or not yet
     trace       trace                           one probe's path through a running lab, step by step
-    inspect     policy get, identity list       a running lab's policy map as the kernel holds it (checked
-                                                against the resolver's state), and its identities
+    inspect     policy get, identity list,      a running lab's policy map as the kernel holds it (checked
+                fqdn cache                      against the resolver's state), its identities, and what
+                                                DNS answers taught it
     ui          ui                              a running lab's service map in the browser
 
 `common` holds what they share: exit codes, the consoles, the registry, the lab look-up.

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ErrorList, L7LabError, SourceError
 from ..scenario import load_scenario
 from .common import EXIT_OK, EXIT_SETUP, Verbs, emit_json, flow_arguments, policy_engine, print_error, say
+
+if TYPE_CHECKING:
+    from ..fqdn.lookup import Lookup
 
 
 def _is_scenario(path: str) -> bool:
@@ -34,6 +38,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 scenario = load_scenario(path)
                 policy_engine(scenario)  # the scenario and every policy it applies
                 notices[path] = _scenario_notices(scenario)
+                errors.extend(_step_refusals(scenario))
             else:
                 errors.extend(validate_policy_file(path))
                 if not errors:
@@ -77,6 +82,17 @@ def _scenario_notices(scenario: Any) -> list[str]:
     return lines
 
 
+def _step_refusals(scenario: Any) -> list[BaseException]:
+    """What `run` would refuse in the scenario's later steps, though every policy parses: HTTP
+    rules on a port where a world host serves TLS (policy/tlsports.py; the policies it starts
+    with are checked by the engine)."""
+    from ..policy.parse import parse_documents  # noqa: PLC0415
+    from ..policy.tlsports import tls_http_refusals  # noqa: PLC0415
+
+    return [e for step in scenario.steps if step.apply
+            for e in tls_http_refusals(parse_documents([s.document for s in step.apply]), scenario)]
+
+
 def _parse_http(text: str | None, headers: list[str]) -> Any:
     """The request `explain` checks. What the L7 proxy would answer 400 Bad Request (a method
     or header name that is not an HTTP token, a control character in a value) is refused here
@@ -111,7 +127,8 @@ def _parse_http(text: str | None, headers: list[str]) -> Any:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..policy import Flow, explain_text  # noqa: PLC0415
+    from ..fqdn.oracle import FqdnOracle  # noqa: PLC0415
+    from ..policy import explain_text  # noqa: PLC0415
     from ..scenario import make_probe  # noqa: PLC0415
 
     scenario = load_scenario(args.scenario)
@@ -119,8 +136,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     last = len(scenario.steps) if args.step is None else args.step - 1
     if not 0 <= last <= len(scenario.steps):
         raise L7LabError(f"--step must be between 1 and {len(scenario.steps) + 1}, got {args.step}")
+    # The steps before, as a dry run takes them: what their probes' lookups taught counts.
+    fqdn = FqdnOracle(engine)
     for step in scenario.steps[:last]:
-        if step.kind != "probes":
+        if step.kind == "probes":
+            for p in step.probes:
+                with contextlib.suppress(ValueError):
+                    fqdn.judge(p)
+            fqdn.end_step()
+        elif step.kind == "expire":
+            fqdn.expire(step.expire)
+        else:
             engine.apply_step(step)
     dns = None
     if args.dns:
@@ -133,14 +159,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     probe = make_probe(scenario, args.source, args.to, protocol, _parse_http(args.http, args.header), dns=dns,
                        backend=args.backend)
     try:
-        decision = engine.verdict(Flow.from_probe(probe))
+        decision, lookup, _ = fqdn.judge(probe)
     except ValueError as exc:  # a backend the service does not have (now)
         raise L7LabError(str(exc)) from None
     if args.json:
-        emit_json(decision.to_json())
-    else:
-        say(explain_text(decision))
+        out = decision.to_json() if decision is not None else {"outcome": "unresolved"}
+        if lookup is not None:
+            out["lookup"] = {**lookup.to_json(), "learned": lookup.learned}
+        emit_json(out)
+        return EXIT_OK
+    if lookup is not None:
+        say(lookup_text(lookup))
+    say(explain_text(decision) if decision is not None else f"unresolved: {lookup.why if lookup else ''}")
     return EXIT_OK
+
+
+def lookup_text(lookup: Lookup) -> str:
+    """The lookup a pod's resolver makes before it connects, query by query."""
+    lines = [f"lookup of {lookup.name} through the cluster DNS (search path, ndots:5):"]
+    lines += [f"  {name}: {what}" for name, what in lookup.queries]
+    if lookup.learned:
+        lines.append(f"  the DNS proxy relayed the answer: learned {', '.join(lookup.learned)} before releasing it")
+    elif lookup.resolved:
+        lines.append("  no DNS rule sent the query through the DNS proxy: nothing learned, toFQDNs selectors "
+                     "select nothing new")
+    return "\n".join(lines)
 
 
 def register(verbs: Verbs) -> None:

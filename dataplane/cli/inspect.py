@@ -1,6 +1,10 @@
-"""The `policy get` and `identity list` verbs: a running lab's policy map as the kernel holds it,
-checked against the resolver's intended state, and its identities (as `cilium bpf policy get`
-and `cilium identity list` show them).
+"""The `policy get`, `identity list` and `fqdn cache` verbs: a running lab's policy map as the
+kernel holds it, checked against the resolver's intended state, its identities, and what DNS
+answers taught it (as `cilium bpf policy get`, `cilium identity list` and `cilium fqdn cache
+list` show them).
+
+`fqdn cache` asks the lab's FQDN learner directly (its socket in the lab's directory, served by
+the agent, or by `l7lab run` while it runs).
 
 The lab's agent holds the datapath, so both ask it ("policy-dump", "identity-list"); the naming
 and the comparison are `dataplane/policymap.py`'s. `policy get` exits 3 when the kernel's map
@@ -10,6 +14,7 @@ and the intended state differ (the check did not hold), as a probe that misses d
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 from typing import Any
 
 from rich.table import Table
@@ -156,8 +161,48 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- fqdn cache ---------------------------------------------------------------------------------
+def render_fqdn_cache(rows: list[dict[str, Any]]) -> None:
+    table = Table()
+    for column in ("ENDPOINT", "NAME", "ADDRESS", "TTL", "EXPIRES", "LOOKUP", "SELECTORS"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        left = row["expires_in"]
+        expires = ("expired, kept: connection open" if row["zombie"] else
+                   f"in {left:g}s" if left > 0 else "expired")
+        learned = datetime.fromtimestamp(row["learned_wall"]).strftime("%H:%M:%S") if row["learned_wall"] else ""
+        table.add_row(*map(cell, (row["endpoint"], row["name"], row["address"], row["ttl"], expires,
+                                  f"{row['query']} at {learned}".strip(), "\n".join(row["selectors"]) or "-")))
+    console.print(table)
+
+
+def cmd_fqdn(args: argparse.Namespace) -> int:
+    from ..fqdn.learner import SOCKET_NAME, ask  # noqa: PLC0415
+
+    rec = one_lab(args.lab)
+    path = labmod.lab_dir(rec.lab) / SOCKET_NAME
+    try:
+        reply = ask(path, {"op": "cache"})
+    except (OSError, ValueError) as exc:
+        raise L7LabError(f"lab {rec.lab} has no FQDN learner serving ({exc}): is its agent running? "
+                         f"('l7lab status {rec.lab}')") from None
+    if not reply.get("ok"):
+        raise L7LabError(f"the FQDN learner of lab {rec.lab} refused: {reply.get('error')}")
+    rows = reply["cache"]
+    if args.name:
+        rows = [r for r in rows if r["name"] == args.name.lower().rstrip(".")]
+    if args.json:
+        emit_json({"lab": rec.lab, "entries": rows})
+    elif rows:
+        render_fqdn_cache(rows)
+    else:
+        say("no names learned" + (f" for {args.name}" if args.name else "") + ": no DNS answer went through the "
+            "DNS proxy (a DNS rule sends queries there), or every entry expired")
+    return EXIT_OK
+
+
 def register(verbs: Verbs) -> None:
-    """Add policy (get) and identity (list)."""
+    """Add policy (get), identity (list) and fqdn (cache)."""
     p = verbs.add("policy", "policy get: an endpoint's policy map as the kernel holds it, checked against "
                             "the resolver's intended state", cmd_policy)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -172,3 +217,9 @@ def register(verbs: Verbs) -> None:
                   cmd_identity)
     p.add_argument("action", choices=("list",), help="what to do with the identities")
     lab_arguments(p, "the lab (up, served by its agent)")
+
+    p = verbs.add("fqdn", "fqdn cache: names and addresses DNS answers taught the lab, per endpoint, with their "
+                          "TTLs, expiry and the toFQDNs selectors they feed", cmd_fqdn)
+    p.add_argument("action", choices=("cache",), help="what to show")
+    lab_arguments(p, "the lab (up, served by its agent)")
+    p.add_argument("--name", help="only this DNS name")

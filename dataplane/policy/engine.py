@@ -49,6 +49,7 @@ from .notices import icmpv6_note, peer_notes, requirement_notes
 from .parse import parse_documents
 from .resolver import EndpointInfo, Resolution, resolve
 from .selectors import pod_identity_labels
+from .tlsports import tls_http_refusals
 from ..services import probe_backend, service_entries
 from .toservices import expand_service_peers
 
@@ -142,6 +143,8 @@ class EngineState:
     # Address -> the names DNS answers gave it (every endpoint's FQDN cache, dataplane/fqdn):
     # what toFQDNs selectors select.
     fqdn_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Address -> which lookup taught it ("api.example.com looked up by shop/checkout"), for explain.
+    fqdn_sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -246,25 +249,27 @@ class PolicyEngine:
         ErrorList.raise_if_any(errors)
         after = EngineState(policies, pods, namespaces,
                             self._resolve(policies, pods, namespaces, audit, before.fqdn_names), audit,
-                            before.fqdn_names)
+                            before.fqdn_names, before.fqdn_sources)
         return Proposal(step, before, after)
 
-    def propose_fqdn(self, fqdn_names: dict[str, tuple[str, ...]]) -> Proposal:
+    def propose_fqdn(self, fqdn_names: dict[str, tuple[str, ...]], sources: dict[str, str] | None = None) -> Proposal:
         """The state in force with what DNS answers taught replaced by `fqdn_names` (address ->
-        names), resolved but not in force."""
+        names; `sources`: address -> the lookup that taught it), resolved but not in force."""
         before = self._state
-        after = replace(before, fqdn_names=dict(fqdn_names),
+        after = replace(before, fqdn_names=dict(fqdn_names), fqdn_sources=dict(sources or {}),
                         resolution=self._resolve(before.policies, before.pod_labels, before.namespace_labels,
                                                  before.audit, fqdn_names))
         return Proposal(Step(0, "names learned from DNS"), before, after)
 
-    def with_fqdn_names(self, fqdn_names: dict[str, tuple[str, ...]]) -> "PolicyEngine":
+    def with_fqdn_names(self, fqdn_names: dict[str, tuple[str, ...]],
+                        sources: dict[str, str] | None = None) -> "PolicyEngine":
         """A copy of this engine judging as if DNS had taught `fqdn_names` (the oracle's model
         of lookups); this engine is left as it is."""
-        if fqdn_names == self._state.fqdn_names:
+        state = self._state
+        if fqdn_names == state.fqdn_names and (sources is None or sources == state.fqdn_sources):
             return self
         other = copy.copy(self)
-        other._state = self.propose_fqdn(fqdn_names).after
+        other._state = self.propose_fqdn(fqdn_names, sources).after
         return other
 
     def commit(self, proposal: Proposal) -> None:
@@ -292,6 +297,8 @@ class PolicyEngine:
         refusal = host_policy_refusal(policies.values(), sc.node.name, sc.node.labels)
         if refusal is not None:
             raise refusal
+        # HTTP rules where world hosts serve TLS: the proxy could not read them (tlsports.py).
+        ErrorList.raise_if_any(tls_http_refusals(policies.values(), sc))
         labels = {k: pod_identity_labels(pod_labels[k], p.namespace, namespace_labels.get(p.namespace, {}),
                                          sc.settings.cluster_name)
                   for k, p in sc.pods.items()}
@@ -421,6 +428,11 @@ class _Judge:
         dst_desc = f"pod {dst_pod}" if dst_pod else f"node {sc.node.name} (host)" if to_node else next(
             (f"world host {h.name}" for h in sc.world.values() if h.address == flow.destination_ip), "outside the lab")
         self.trace.append(f"destination {dst_desc}, identity {self.ids.describe(dst_identity)} (ipcache longest match)")
+        taught = self.engine.snapshot().fqdn_sources.get(flow.destination_ip)
+        if taught and self.engine.snapshot().fqdn_names.get(flow.destination_ip):
+            names = ", ".join(self.engine.snapshot().fqdn_names[flow.destination_ip])
+            self.trace.append(f"  {flow.destination_ip} is {names} to toFQDNs selectors: learned from the DNS answer "
+                              f"to {taught}")
 
         if src_pod is not None and dst_pod == src_pod:
             # A pod's traffic to its own address loops back inside its namespace and never

@@ -40,6 +40,9 @@ class StandInDatapath:
     def poll_events(self, timeout_ms: int = 0) -> list[Any]:
         return []
 
+    def open_connections(self) -> set[tuple[str, str]]:
+        return set()
+
     def metrics_detail(self) -> dict[Any, Any]:
         return {}
 

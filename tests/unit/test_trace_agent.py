@@ -41,6 +41,9 @@ class StandInDatapath:
     def poll_events(self, timeout_ms: int = 0) -> list[Any]:
         return []
 
+    def open_connections(self) -> set[tuple[str, str]]:
+        return set()
+
     def poll_traces(self, timeout_ms: int = 0) -> list[TraceEvent]:
         out, self.pending = self.pending, []
         return out

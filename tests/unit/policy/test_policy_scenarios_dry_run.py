@@ -26,4 +26,4 @@ def test_scenario_expectations_match_the_oracle(path):
 
 def test_seed_scenarios_exist():
     names = {p.stem for p in SCENARIOS}
-    assert {"protect-inventory-api", "allow-get-products", "egress-example-com", "k8s-tutorial"} <= names
+    assert {"protect-inventory-api", "allow-get-products", "fqdn-example-com", "k8s-tutorial"} <= names

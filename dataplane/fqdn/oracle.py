@@ -1,0 +1,78 @@
+"""The oracle's model of what lookups teach, across the steps of a scenario.
+
+A probe to a DNS name from a pod is a lookup (`lookup.model_lookup`: the search path's queries
+judged by the policy, answered from the cluster DNS's zone, learned when the DNS proxy relayed
+them) followed by the connection to the address it gave, judged with what the model's FQDN cache
+holds then. A probe to an address is judged with the cache alone: an address no lookup taught
+is no toFQDNs selector's.
+
+Probes of one step run at once, so each is judged with the cache as the step began plus its own
+lookup; what the step's lookups taught counts from the next step on (`end_step`). An `expire`
+step forgets the names it lists (`expire`), as the lab does once their TTL has passed with no
+connection open. Time does not pass otherwise in the model: a scenario whose probes rely on an
+earlier step's lookup gives those names TTLs longer than the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .cache import FqdnCache
+from .lookup import Lookup, model_lookup
+
+if TYPE_CHECKING:
+    from ..policy.engine import Decision, PolicyEngine
+    from ..scenario import Probe
+
+
+def looks_up(probe: "Probe", engine: "PolicyEngine") -> bool:
+    """Whether the probe's client resolves its destination through the cluster DNS: a pod's
+    probe to a world host's or a service's DNS name, in a lab with a cluster DNS."""
+    sc = engine.scenario
+    return bool(probe.destination.dns_name) and probe.source in sc.pods and sc.nameserver is not None \
+        and probe.destination.kind in ("world", "service")
+
+
+class FqdnOracle:
+    def __init__(self, engine: "PolicyEngine") -> None:
+        from ..clusterdns import zone_from_scenario  # noqa: PLC0415
+
+        self.engine = engine
+        settings = engine.scenario.settings
+        self.cache = FqdnCache(settings.fqdn_min_ttl, settings.fqdn_max_ips_per_hostname)
+        self.zone = zone_from_scenario(engine.scenario) if engine.scenario.nameserver else None
+        self._step: list[FqdnCache] = []
+
+    def judge(self, probe: "Probe") -> tuple["Decision | None", Lookup | None, "Probe"]:
+        """(the decision on the connection, or None when the name did not resolve; the lookup,
+        for a name probe; the probe as sent, to the address the lookup gave)."""
+        from ..policy.engine import Flow  # noqa: PLC0415
+
+        cache, lookup = self.cache, None
+        if looks_up(probe, self.engine) and self.zone is not None:
+            cache = self.cache.copy()
+            lookup = model_lookup(self.engine, self.zone, cache, probe.source, probe.destination.dns_name, 0.0)
+            self._step.append(cache)
+            if not lookup.resolved:
+                return None, lookup, probe
+            probe = replace(probe, destination=replace(probe.destination, ip=lookup.address))
+        sources = {a: f"{t[0].query} looked up by {t[0].endpoint}" for a in cache.address_names()
+                   if (t := cache.teachers(a))}
+        engine = self.engine.with_fqdn_names(cache.address_names(), sources)
+        return engine.verdict(Flow.from_probe(probe)), lookup, probe
+
+    def expectation(self, probe: "Probe") -> str:
+        decision, _, _ = self.judge(probe)
+        return "unresolved" if decision is None else decision.expectation
+
+    def end_step(self) -> None:
+        for cache in self._step:
+            for key, entry in cache.entries.items():
+                old = self.cache.entries.get(key)
+                if old is None or entry.expires_at > old.expires_at:
+                    self.cache.entries[key] = entry
+        self._step = []
+
+    def expire(self, names: tuple[str, ...]) -> None:
+        self.cache.forget(names)
