@@ -54,7 +54,7 @@ from dataplane.flowrecord import Verdict
 from l7.dns import DnsFlow
 
 from .events import l7_flow, redirect_direction
-from .fqdn import LearnResult
+from .fqdn import learn_request, learned_note, learns
 from .marks import IP_TRANSPARENT, SO_MARK
 
 if TYPE_CHECKING:
@@ -68,10 +68,6 @@ MAX_IN_FLIGHT = 256
 # One source identity may hold a quarter of them: a pod flooding a server that never answers
 # (each query then waits UPSTREAM_TIMEOUT_S) leaves room for every other pod's queries.
 MAX_IN_FLIGHT_PER_IDENTITY = 64
-# The records of an answer the learner is told about (its A, AAAA and CNAME records): Cilium keeps
-# at most 50 addresses per name (--tofqdns-endpoint-max-ip-per-hostname), a CNAME chain a few more.
-LEARN_RECORDS = 64
-LEARNED_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME)
 
 
 class UpstreamRefused(Exception):
@@ -202,7 +198,8 @@ class DnsCore:
         summary, learned = verdict.why, ()
         if self.context.learner is not None and learns(parsed):
             # Before the client has the answer: the addresses must be allowed before it can use them.
-            result = await self.context.learner.learn(learn_request(q, name, qtype, parsed))
+            result = await self.context.learner.learn(
+                learn_request(q.client[0], q.cp.src_identity, q.dst, name, qtype, parsed))
             summary += learned_note(result)
             learned = result.learned
         self.record(q, qtype, name, parsed.rcode(), "forwarded", summary, verdict, parsed, learned)
@@ -350,42 +347,6 @@ def _rcode_reply(query: dns.message.Message, rcode: int) -> bytes:
 
 def _dropped(q: Query) -> str:
     return "connection closed" if q.transport == "TCP" else "dropped"
-
-
-# ---------------------------------------------------------------------------- learning
-
-
-def learns(message: dns.message.Message) -> bool:
-    """Whether an answer is one the learner is told about: NOERROR with an address in it."""
-    return message.rcode() == dns.rcode.NOERROR and any(
-        rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rrset in message.answer)
-
-
-def learn_request(q: Query, name: str, qtype: str, message: dns.message.Message) -> dict:
-    """The fields of a `learn` request (proxy.fqdn) for an answer relayed to `q`'s client: its
-    A, AAAA and CNAME records (at most LEARN_RECORDS), names lower case without the final dot."""
-    records: list[dict] = []
-    for rrset in message.answer:
-        if rrset.rdtype not in LEARNED_TYPES:
-            continue
-        owner = rrset.name.to_text(omit_final_dot=True).lower()
-        kind = dns.rdatatype.to_text(rrset.rdtype)
-        for rdata in rrset:
-            data = rdata.target.to_text(omit_final_dot=True).lower() if rrset.rdtype == dns.rdatatype.CNAME \
-                else rdata.address
-            records.append({"name": owner, "type": kind, "ttl": rrset.ttl, "data": data})
-    return {"endpoint_ip": q.client[0], "src_identity": q.cp.src_identity, "server": f"{q.dst[0]}:{q.dst[1]}",
-            "qname": name, "qtype": qtype, "rcode": message.rcode(), "records": records[:LEARN_RECORDS]}
-
-
-def learned_note(result: LearnResult) -> str:
-    """What a record's summary adds about learning the answer's addresses."""
-    if not result.ok:
-        return (f"; policy not updated: {result.error} (the answer is released; connections to its "
-                f"addresses stay dropped until learned)")
-    if not result.learned:
-        return "; no toFQDNs selector matches the name: nothing learned"
-    return f"; learned before the answer was released, for {', '.join(result.learned)}"
 
 
 # A record keeps at most this many addresses, names and types of an answer (an answer may carry

@@ -35,9 +35,17 @@ import itertools
 import json
 from typing import Any, NamedTuple
 
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
 LEARN_TIMEOUT_S = 2.0  # the longest an answer waits for the learner (python -m proxy --learn-timeout)
 MAX_REPLY_LINE = 1 << 20  # a reply line longer than this is a broken learner: the connection is dropped
 MAX_ERROR_TEXT = 200  # of a learner's error message, in a flow record
+# The records of an answer the learner is told about (its A, AAAA and CNAME records): Cilium keeps
+# at most 50 addresses per name (--tofqdns-endpoint-max-ip-per-hostname), a CNAME chain a few more.
+LEARN_RECORDS = 64
+LEARNED_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME)
 
 
 class LearnResult(NamedTuple):
@@ -161,3 +169,41 @@ def _result(reply: dict[str, Any]) -> LearnResult:
 
 def _why(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- requests and notes
+
+
+def learns(message: dns.message.Message) -> bool:
+    """Whether an answer is one the learner is told about: NOERROR with an address in it."""
+    return message.rcode() == dns.rcode.NOERROR and any(
+        rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rrset in message.answer)
+
+
+def learn_request(client_ip: str, src_identity: int, server: tuple[str, int], name: str, qtype: str,
+                  message: dns.message.Message) -> dict[str, Any]:
+    """The fields of a `learn` request for an answer relayed to `client_ip` (of `src_identity`)
+    from `server`: its A, AAAA and CNAME records (at most LEARN_RECORDS), names lower case
+    without the final dot, a CNAME's data its target."""
+    records: list[dict[str, Any]] = []
+    for rrset in message.answer:
+        if rrset.rdtype not in LEARNED_TYPES:
+            continue
+        owner = rrset.name.to_text(omit_final_dot=True).lower()
+        kind = dns.rdatatype.to_text(rrset.rdtype)
+        for rdata in rrset:
+            data = rdata.target.to_text(omit_final_dot=True).lower() if rrset.rdtype == dns.rdatatype.CNAME \
+                else rdata.address
+            records.append({"name": owner, "type": kind, "ttl": rrset.ttl, "data": data})
+    return {"endpoint_ip": client_ip, "src_identity": src_identity, "server": f"{server[0]}:{server[1]}",
+            "qname": name, "qtype": qtype, "rcode": message.rcode(), "records": records[:LEARN_RECORDS]}
+
+
+def learned_note(result: LearnResult) -> str:
+    """What a flow record's summary adds about learning the answer's addresses."""
+    if not result.ok:
+        return (f"; policy not updated: {result.error} (the answer is released; connections to its "
+                f"addresses stay dropped until learned)")
+    if not result.learned:
+        return "; no toFQDNs selector matches the name: nothing learned"
+    return f"; learned before the answer was released, for {', '.join(result.learned)}"

@@ -591,3 +591,15 @@ def test_without_fqdn_socket_nothing_is_learned_and_the_summary_is_the_verdict(l
 
 async def _set(event: asyncio.Event) -> None:
     event.set()
+
+
+def test_the_learner_socket_and_timeout_are_proxy_flags() -> None:
+    from proxy import __main__ as proxy_main
+    from proxy.fqdn import LEARN_TIMEOUT_S
+
+    args = proxy_main.parse_args(["--lab", "x", "--state", "s", "--fqdn-socket", "/run/l7lab/x/fqdn.sock",
+                                  "--learn-timeout", "0.5"])
+    assert args.fqdn_socket == "/run/l7lab/x/fqdn.sock" and args.limits.learn_timeout == 0.5
+    assert proxy_main.parse_args(["--lab", "x", "--state", "s", "--limits", "learn-timeout=3"]).limits.learn_timeout == 3
+    plain = proxy_main.parse_args(["--lab", "x", "--state", "s"])
+    assert plain.fqdn_socket is None and plain.limits.learn_timeout == LEARN_TIMEOUT_S == 2.0
