@@ -603,3 +603,38 @@ def test_the_learner_socket_and_timeout_are_proxy_flags() -> None:
     assert proxy_main.parse_args(["--lab", "x", "--state", "s", "--limits", "learn-timeout=3"]).limits.learn_timeout == 3
     plain = proxy_main.parse_args(["--lab", "x", "--state", "s"])
     assert plain.fqdn_socket is None and plain.limits.learn_timeout == LEARN_TIMEOUT_S == 2.0
+
+
+def test_the_proxy_process_learns_through_its_fqdn_socket(lab: DnsLab) -> None:
+    """`python -m proxy --fqdn-socket PATH` as the lab starts it: the learner is asked before the
+    answer is released, and the process still stops cleanly (exit 0) with its connection open."""
+    import signal
+    import subprocess
+    import sys
+
+    fake = FakeLearner(lab.tmp / "process.sock")
+    lab.loop.run(fake.start())
+    lab.fakes.append(fake)
+    state = lab.tmp / "policy.json"
+    state.write_text(json.dumps(lab.snapshot.state.to_json()))
+    repo = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "--lab", "t", "--state", str(state), "--host", "127.0.0.1",
+                             "--port", "0", "--original-dst", f"{BACKEND}:{lab.upstream.port}", "--no-mark",
+                             "--fqdn-socket", str(fake.path)], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY 127.0.0.1:"), line
+        c = UdpClient(int(line.rsplit(":", 1)[1]))
+        c.send(query("www.example.com"))
+        wait_for("the learner to be asked", lambda: fake.requests)
+        assert fake.requests[0]["qname"] == "www.example.com" and not c.pending()
+        lab.release(fake)
+        assert addresses(c.receive()) == ["203.0.113.20"]
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
