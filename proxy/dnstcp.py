@@ -4,8 +4,9 @@ A DNS rule redirects TCP connections to port 53 (protocol TCP or ANY) to the pro
 listener like UDP datagrams; the listener dispatches a connection whose rule sets hold DNS rules
 here (`proxy.handlers.STREAM_HANDLERS`). Every message on it is a 2-byte length (network order)
 and that many bytes of DNS; the length prefix is the only thing read by hand, the message itself
-goes to dnspython through the shared path of `proxy.dns` (`DnsCore.handle`): judged, refused,
-forwarded, learned and recorded exactly as a query over UDP, one L7 flow record per query.
+goes to dnspython through the shared path of `proxy.dns` (`DnsCore.parse`, `DnsCore.handle`):
+judged, refused, forwarded, learned and recorded exactly as a query over UDP, one L7 flow record
+per query (over the proxy's in-flight caps, where UDP drops a query, TCP answers SERVFAIL).
 
 Per connection:
 
@@ -60,6 +61,8 @@ async def serve_dns_connection(conn: "StreamConnection") -> None:
 
 
 class DnsStream:
+    """One client connection: a reader that parses queries as they come, a task per query."""
+
     def __init__(self, conn: "StreamConnection") -> None:
         self.conn = conn
         self.context: ProxyContext = conn.server
