@@ -398,12 +398,12 @@ class Lab:
         return lab_dir(self.name) / "zone.json"
 
     def _write_zone(self) -> None:
-        """Write the zone file, recorded first so that `down` removes it (`clean` removes the
-        lab's directory it lies in). Only root reads it: a server loads it before confining."""
+        """Write the zone file in the lab's directory (recorded before it was made: `down` and
+        `clean` remove it with everything in it, as the policy file and the logs). Only root
+        reads it: a server loads it before confining."""
         from .clusterdns import zone_from_scenario  # noqa: PLC0415 - dnspython only where needed
 
         path = self.zone_file
-        self.record.add(kind="file", path=str(path))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(zone_from_scenario(self.scenario).to_json()))
         os.replace(tmp, path)
@@ -539,9 +539,9 @@ def check_record(rec: LabRecord) -> None:
         kind = res.get("kind")
         if kind == "netns":
             safety.check_netns_name(rec.lab, res.get("name"))
-        elif kind in ("dir", "file"):
+        elif kind == "dir":
             if not isinstance(res.get("path"), str):
-                raise safety.UnsafePathError(f"lab {rec.lab!r}: a recorded {kind} has no path: {res!r}")
+                raise safety.UnsafePathError(f"lab {rec.lab!r}: a recorded directory has no path: {res!r}")
             _owned(Path(res["path"]), rec.lab)
 
 
@@ -574,9 +574,9 @@ def down_from_record(rec: LabRecord) -> list[str]:
             topology.kill_pids(topology.pids_in_netns(res["name"]))
             if topology.remove_netns(res["name"]):
                 removed.append(f"netns {res['name']}")
-        elif res.get("kind") in ("dir", "file"):
+        elif res.get("kind") == "dir":
             if _remove(Path(res["path"]), rec.lab):
-                removed.append(f"{res['kind']} {res['path']}")
+                removed.append(f"dir {res['path']}")
     if _remove(record_path(rec.lab), rec.lab):
         removed.append(f"record {record_path(rec.lab)}")
     return removed

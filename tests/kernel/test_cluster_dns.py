@@ -134,10 +134,10 @@ def test_hosts_files_name_no_world_host_service_or_other_pod(lab: Lab) -> None:
     assert "www.example.com" not in (NETNS_ETC / world.netns / "hosts").read_text()
 
 
-def test_the_zone_file_is_recorded(lab: Lab) -> None:
+def test_the_zone_file_lies_in_the_recorded_lab_directory(lab: Lab) -> None:
     zone = lab.zone_file
-    assert zone.is_file()
-    assert {"kind": "file", "path": str(zone)} in lab.record.resources
+    assert zone.is_file() and zone.parent == lab_dir(lab.name)
+    assert {"kind": "dir", "path": str(lab_dir(lab.name))} in lab.record.resources  # down and clean remove it
     assert json.loads(zone.read_text())["addresses"]["www.example.com"]["addresses"] == ["203.0.113.20", "203.0.113.21"]
 
 

@@ -251,9 +251,6 @@ def test_a_record_that_is_a_link_is_neither_read_nor_removed(sandbox: Sandbox) -
     {"kind": "dir", "path": "{run}/keep"},
     {"kind": "dir", "path": "/etc"},
     {"kind": "dir", "path": "/etc/netns/l7lab-keep.node"},
-    {"kind": "file", "path": "{outside}"},
-    {"kind": "file", "path": "/etc/passwd"},
-    {"kind": "file"},
     {"kind": "netns", "name": "../../../etc/passwd"},
     {"kind": "netns", "name": "l7lab-keep.node"},
 ])
@@ -312,20 +309,6 @@ def test_down_removes_the_lab_and_says_what(sandbox: Sandbox) -> None:
     assert sandbox.unchanged()  # the lab's files were not in the snapshot; everything else is as it was
     again = sandbox.l7lab("down", lab)
     assert again.returncode == 0 and f"lab {lab}: nothing left to remove" in again.stdout
-
-
-def test_down_removes_a_recorded_file(sandbox: Sandbox) -> None:
-    """A file the lab wrote (the cluster DNS's zone) is recorded as a file and removed by `down`."""
-    lab = unique_lab("n")
-    (sandbox.run / lab).mkdir()
-    zone = sandbox.run / lab / "zone.json"
-    zone.write_text("{}")
-    sandbox.write_record(lab, [{"kind": "dir", "path": str(sandbox.run / lab)}, {"kind": "file", "path": str(zone)}])
-    out = sandbox.l7lab("down", lab)
-    assert out.returncode == 0, out.stderr
-    assert f"lab {lab}: removed file {zone}" in out.stdout
-    assert not (sandbox.run / lab).exists()
-    assert sandbox.unchanged()
 
 
 @pytest.mark.parametrize("verb", ["down", "clean"])
