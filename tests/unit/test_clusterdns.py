@@ -363,3 +363,63 @@ def test_tcp_server_bounds_open_connections(zone: Zone) -> None:
 def test_warm_up_answers_without_error() -> None:
     warm_up()
     assert isinstance(TcpServer(Zone()).max_query, int)
+
+
+def test_a_dns_probe_over_tcp_is_judged_as_over_udp(tmp_path: Path) -> None:
+    """`protocol: TCP` on a DNS probe: the question goes over a TCP connection (RFC 7766 framing);
+    any answer but REFUSED is allowed, REFUSED is refused, silence is dropped."""
+    from dataplane.probes import _dns_tcp_exchange  # noqa: PLC0415 - the exchange, without a pod namespace
+
+    text = SCENARIO + ("steps:\n  - name: ask\n    probes:\n"
+                       "      - {from: client, to: kube-dns, dns: {name: web.shop.svc.cluster.local}, protocol: TCP,"
+                       " expect: allowed}\n")
+    scenario = load_scenario(write_scenario(tmp_path, text))
+    probe = scenario.steps[0].probes[0]
+    assert (probe.protocol, probe.destination.port, probe.dns.name) == ("TCP", 53, "web.shop.svc.cluster.local")
+    zone = zone_from_scenario(scenario)
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        query = await read_frame(reader)
+        reply = dns.message.make_response(query)
+        reply.set_rcode(dns.rcode.REFUSED)
+        writer.write(frame(reply))
+        await writer.drain()
+        writer.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads, never answers
+
+    async def ask(handler: object = None, timeout: float = 5.0) -> object:
+        import dataclasses  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        server = (await serve_tcp(zone, "127.0.0.1", 0, None) if handler is None
+                  else await asyncio.start_server(handler, "127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            return await _dns_tcp_exchange(dataclasses.replace(probe, timeout=timeout), reader, writer, time.monotonic())
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    answered = asyncio.run(ask())
+    assert answered.outcome == "allowed" and answered.body == {"rcode": "NOERROR", "answers": ["10.96.0.10"]}
+    assert asyncio.run(ask(refuse)).outcome == "refused"
+    assert asyncio.run(ask(silent, timeout=0.1)).outcome == "dropped"
+
+
+def test_pods_resolv_conf_and_hosts_file_as_the_kubelet_writes_them(scenario: Scenario, tmp_path: Path) -> None:
+    from dataplane.lab import Lab  # noqa: PLC0415
+
+    lab = Lab(scenario, "cdns-unit")
+    dns_pod = scenario.pods["kube-system/kube-dns"].ip
+    assert lab._resolv_conf("shop").splitlines() == [
+        "search shop.svc.cluster.local svc.cluster.local cluster.local", f"nameserver {dns_pod}", "options ndots:5"]
+    assert lab._resolv_conf(None).startswith("nameserver 127.0.0.1\n")  # a world host: outside the cluster
+    client = scenario.pods["shop/client"].ip
+    lines = [line.split() for line in lab._hosts_file("client", client).splitlines() if not line.startswith("#")]
+    assert lines == [["127.0.0.1", "localhost"], [scenario.node_ip, "node"], [client, "client"]]
+    # Without a kube-dns pod: no DNS, a lookup fails at once.
+    plain = load_scenario(write_scenario(tmp_path, SCENARIO.replace("k8s-app: kube-dns", "app: dns"), "plain.yaml"))
+    assert Lab(plain, "cdns-unit")._resolv_conf("shop").startswith("nameserver 127.0.0.1\n")
