@@ -1100,7 +1100,8 @@ class _Builder:
                       target: str, port: int, protocol: Protocol, dns: DnsQuery | None) -> Probe | None:
         """A probe to a service, by 'ns/name', bare name (the source's namespace) or DNS name."""
         if dns is not None:
-            self.err(where + ("dns",), f"{target!r} is a service: the lab's DNS servers are world hosts")
+            self.err(where + ("dns",), f"{target!r} is a service: a DNS probe asks a pod or world host serving "
+                                       f"port 53 (the cluster DNS pod) directly")
             return None
         if not port:
             port = next((p.port for p in svc.ports if p.protocol == protocol), 0)
