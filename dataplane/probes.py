@@ -11,7 +11,7 @@ What was observed:
 
     allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
               the endpoint field of its JSON), for HTTP with its response; for UDP its echo;
-              for a DNS question any answer but REFUSED (NOERROR, NXDOMAIN)
+              for a DNS question (over UDP or TCP) any answer but REFUSED (NOERROR, NXDOMAIN)
               for ICMP (a ping) the echo reply from the destination's address
               for SCTP an INIT-ACK carrying the INIT's tag from the destination's port
     dropped   no connection (connect timed out) or, for UDP, SCTP and ICMP, no answer before the timeout
@@ -189,6 +189,8 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
         session = writer.get_extra_info("ssl_object")
         tls_info = {"server_name": dest.tls_name, "version": session.version() if session else "",
                     "alpn": (session.selected_alpn_protocol() or "") if session else ""}
+    if probe.dns is not None:
+        return await _dns_tcp_exchange(probe, reader, writer, started)
     try:
         writer.write(build_request(probe))
         await writer.drain()
@@ -309,9 +311,57 @@ async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
     return await _await_reply(sock, loop, started, probe.timeout, judge, "no DNS answer")
 
 
+async def _dns_tcp_exchange(probe: Probe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            started: float) -> Observation:
+    """One DNS question over an open TCP connection (RFC 7766: a 2-byte length before each
+    message), judged as over UDP; silence until the timeout is `dropped`, a connection closed
+    before an answer `error` (a DNS proxy that refuses a query answers REFUSED, it does not close)."""
+    import dns.exception  # noqa: PLC0415 - only DNS probes need it
+    import dns.message  # noqa: PLC0415
+    import dns.rcode  # noqa: PLC0415
+
+    assert probe.dns is not None
+    name = probe.dns.name
+    query = dns.message.make_query(name, probe.dns.type)
+    wire = query.to_wire()
+    try:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        deadline = started + probe.timeout * 2
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            length = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), left), "big")
+            data = await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
+            try:
+                reply = dns.message.from_wire(data)
+            except dns.exception.DNSException:
+                return Observation("error", "not a DNS answer over TCP", elapsed=time.monotonic() - started)
+            if reply.id == query.id:
+                break
+    except asyncio.TimeoutError:
+        return Observation("dropped", "connected, but no DNS answer before the timeout", elapsed=time.monotonic() - started)
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        return Observation("error", f"connection closed before a DNS answer ({type(exc).__name__})",
+                           elapsed=time.monotonic() - started)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+    rcode = dns.rcode.to_text(reply.rcode())
+    answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+    body = {"rcode": rcode, "answers": answers}
+    elapsed = time.monotonic() - started
+    if reply.rcode() == dns.rcode.REFUSED:
+        return Observation("refused", f"DNS {rcode} for {name}", body=body, elapsed=elapsed)
+    return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body, elapsed=elapsed)
+
+
 async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop, nonce: str,
                         started: float) -> Observation:
-    dest = probe.destination
     if probe.dns is not None:
         return await _dns_exchange(probe, sock, loop, started)
 
