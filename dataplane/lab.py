@@ -7,9 +7,11 @@ Naming: everything a lab creates carries the prefix `l7lab-<lab>.`:
     l7lab-<lab>.world.<host>        one namespace per world host
 
 Lab names have no dots, so the prefix of one lab never matches another's. Links live only
-inside these namespaces (removing a namespace removes its links), per-endpoint hosts files live
-in /etc/netns/<namespace>/ (where `ip netns exec` finds them; with TLS world hosts also the pods'
-CA bundle, dataplane/labca.py), and the record of everything made
+inside these namespaces (removing a namespace removes its links), per-endpoint hosts and
+resolv.conf files live in /etc/netns/<namespace>/ (where `ip netns exec` finds them: a pod
+resolves names through the cluster DNS, as the kubelet sets it up; with TLS world hosts also the
+pods' CA bundle, dataplane/labca.py), the cluster DNS's zone is <run dir>/<lab>/zone.json
+(dataplane/clusterdns.py), and the record of everything made
 is /run/l7lab/<lab>.json, written *before* each resource is created so that `down` after a crash
 still knows it. `clean` needs no record at all: it removes whatever carries the prefix.
 
@@ -51,6 +53,7 @@ RUN_DIR: str = os.environ.get("L7LAB_RUN_DIR", safety.DEFAULT_RUN_DIR)
 NETNS_ETC = Path("/etc/netns")
 LAB_NAME_RE = safety.LAB_NAME_RE
 SERVER_START_TIMEOUT = 20.0
+DNS_PORT = 53  # an endpoint's port 53 (UDP and TCP) is the cluster DNS, answered from the zone file
 
 lab_prefix = safety.lab_prefix
 
@@ -220,6 +223,7 @@ class Lab:
         rec.add(kind="netns", name=rec.node)
         topology.create_netns(rec.node)
         topology.setup_node(rec.node, self.scenario.node_addresses())
+        self._write_zone()
 
         plan: list[tuple[str, str, str, str, tuple[Port, ...], dict[str, str]]] = []
         for key, pod in self.scenario.pods.items():
@@ -243,11 +247,9 @@ class Lab:
             etc = NETNS_ETC / ns
             rec.add(kind="dir", path=str(etc))
             etc.mkdir(parents=True, exist_ok=True)
-            # A service's bare name resolves only inside its own namespace.
-            (etc / "hosts").write_text(self._hosts_file(self.scenario.pods[key].namespace if kind == "pod" else None))
-            # Nothing listens on the pod's loopback port 53: a lookup that misses the hosts file
-            # fails at once instead of waiting for a timeout.
-            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+            pod = self.scenario.pods[key] if kind == "pod" else None
+            (etc / "hosts").write_text(self._hosts_file(key if pod is None else pod.name, ip))
+            (etc / "resolv.conf").write_text(self._resolv_conf(pod.namespace if pod is not None else None))
             if ca_pem and kind == "pod":
                 labca.write_pod_trust(etc, ca_pem)  # mounted over the pod's /etc/ssl: it trusts the lab's CA
         if self.enforcing:
@@ -406,11 +408,43 @@ class Lab:
             self._proxy.send_signal(sig)
             self._proxy.wait(timeout=5)
 
-    def _hosts_file(self, namespace: str | None) -> str:
-        """/etc/hosts of an endpoint of `namespace` (None: a world host)."""
-        lines = ["127.0.0.1\tlocalhost", f"{self.scenario.node_ip}\tnode"]
-        lines += [f"{ip}\t{' '.join(names)}" for ip, names in self.scenario.hosts_entries(namespace)]
+    @property
+    def zone_file(self) -> Path:
+        """The cluster DNS's records (dataplane/clusterdns.py), read by every server with port 53."""
+        return lab_dir(self.name) / "zone.json"
+
+    def _write_zone(self) -> None:
+        """Write the zone file in the lab's directory (recorded before it was made: `down` and
+        `clean` remove it with everything in it, as the policy file and the logs). Only root
+        reads it: a server loads it before confining."""
+        from .clusterdns import zone_from_scenario  # noqa: PLC0415 - dnspython only where needed
+
+        path = self.zone_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(zone_from_scenario(self.scenario).to_json()))
+        os.replace(tmp, path)
+
+    def _hosts_file(self, own_name: str, own_ip: str) -> str:
+        """An endpoint's /etc/hosts, as the kubelet writes a pod's: localhost and the endpoint's own
+        name, plus the node. No other name: pods find services, pods and world hosts through the
+        cluster DNS, as in a cluster."""
+        lines = ["# Kubernetes-managed hosts file (l7lab): other names come from the cluster DNS.",
+                 "127.0.0.1\tlocalhost", f"{self.scenario.node_ip}\tnode", f"{own_ip}\t{own_name}"]
         return "\n".join(lines) + "\n"
+
+    def _resolv_conf(self, namespace: str | None) -> str:
+        """An endpoint's /etc/resolv.conf: for a pod (`namespace` given) the kubelet's for
+        dnsPolicy ClusterFirst, naming the cluster DNS pod; for a world host, one that resolves
+        nothing (it is outside the cluster)."""
+        nameserver = self.scenario.nameserver
+        if namespace is None or nameserver is None:
+            # No cluster DNS (no pod labelled k8s-app=kube-dns), or a host outside the cluster:
+            # nothing listens on the endpoint's own loopback port 53, so a lookup fails at once
+            # (connection refused) instead of waiting seconds for a timeout per name tried.
+            return "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+        return (f"search {' '.join(self.scenario.search_path(namespace))}\n"
+                f"nameserver {nameserver}\n"
+                "options ndots:5\n")
 
     def _spawn(self, key: str, ns: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         """Start `python -m module` inside namespace `ns` (its /etc/netns files applied), recorded.
@@ -451,10 +485,11 @@ class Lab:
                 files = self._tls[key]
                 tls = ["--tls", ",".join(str(p.port) for p in ports if p.tls),
                        "--cert", str(files.cert), "--key", str(files.key)]
+            dns = ["--zone", str(self.zone_file)] if any(p.port == DNS_PORT for p in ports) else []
             proc = self._spawn(key, ns, "dataplane.podserver",
                                ["--endpoint", key, "--tcp", tcp, "--udp", udp, "--sctp", sctp, *tls,
                                 "--log-dir", str(logs),
-                                "--uid", str(user.uid), "--gid", str(user.gid), "--hide", str(run_dir())], log)
+                                "--uid", str(user.uid), "--gid", str(user.gid), "--hide", str(run_dir()), *dns], log)
             started.append((key, proc, log))
         wait_ready(started)
 

@@ -1,16 +1,18 @@
 """The servers every pod and world host runs: HTTP on its TCP ports, a UDP echo on its UDP ports,
-an SCTP responder on its SCTP ports.
+an SCTP responder on its SCTP ports, the cluster DNS on port 53 (UDP and TCP).
 
 Started by the lab inside the endpoint's namespace (`ip netns exec`, so the endpoint's own
-/etc/hosts applies). HTTP answers any method and path with JSON describing what it received,
+/etc/netns files apply). HTTP answers any method and path with JSON describing what it received,
 so a probe can check that the backend itself answered and what exactly reached it (or, when the
 request asks for it with X-L7lab-Response-Bytes, a large streamed body; a WebSocket handshake
 is accepted, greeted with one JSON text message naming the endpoint, and every message echoed);
 each request is also
 appended to a JSON-lines log (the record of what a backend really received), rotated to
 `requests.jsonl.1` past L7LAB_LOG_ROTATE_BYTES (see `dataplane/logfiles.py`). UDP
-datagrams are answered with JSON of what arrived, except on UDP port 53, which answers DNS
-questions from the lab's own names. An SCTP INIT to a declared SCTP port is answered with an
+datagrams are answered with JSON of what arrived. Port 53, UDP and TCP, is the cluster DNS
+instead (`dataplane/clusterdns.py`): it answers from the zone file the lab wrote (`--zone`,
+read before confining), and logs each question as a line of the request log
+(`"dns": NAME, "type", "rcode", "client", "transport"`). An SCTP INIT to a declared SCTP port is answered with an
 INIT-ACK and logged (`"sctp": "INIT"`); an INIT to another port gets an ABORT, as an SCTP stack
 answers it (see `_SctpResponder` for how this works with and without the kernel's SCTP).
 A world host's TLS ports (--tls) serve the same HTTP answers over HTTPS: TLS 1.2 or later,
@@ -34,18 +36,21 @@ import argparse
 import asyncio
 import functools
 import hashlib
-import importlib
 import json
 import os
 import signal
 import socket
 import ssl
 import sys
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import WSMsgType, web
 
 from . import sctp
 from .logfiles import REQUEST_LOG, RotatingLog, bound_stderr
+
+if TYPE_CHECKING:
+    from . import clusterdns
 
 # A request carrying this header gets that many bytes of a fixed pattern instead of the JSON
 # echo (still logged like any request); with RESPONSE_CHUNKED_HEADER: yes, framed chunked.
@@ -141,74 +146,24 @@ def pattern_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
-DNS_PORT = 53
+DNS_PORT = 53  # UDP and TCP: the cluster DNS (dataplane/clusterdns.py), answered from the zone file
 
 
-def read_hosts(path: str = "/etc/hosts") -> dict[str, list[str]]:
-    """name (lower case) -> addresses, from a hosts file (the lab writes one per namespace)."""
-    names: dict[str, list[str]] = {}
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError:
-        return names
-    for line in lines:
-        fields = line.split("#", 1)[0].split()
-        for name in fields[1:]:
-            names.setdefault(name.lower().rstrip("."), []).append(fields[0])
-    return names
+def _dns_log(identity: dict[str, str], log: RotatingLog | None) -> Callable[[dict[str, Any]], None] | None:
+    """Each DNS question as one line of the request log: endpoint, dns (the name), type, rcode,
+    client, transport."""
+    if log is None:
+        return None
+    return lambda entry: log.write_line(json.dumps({**identity, **entry}))
 
 
-class _DnsServer(asyncio.DatagramProtocol):
-    """The lab's DNS: answers A questions from the lab's own names (the namespace's hosts file),
-    NXDOMAIN for names it does not know; every question is logged like an HTTP request."""
+def load_zone(path: str | None) -> "clusterdns.Zone":
+    """The zone the lab wrote (read before confining: the lab's directory is hidden then), or
+    an empty one: a server started without a zone knows no name."""
+    from . import clusterdns  # noqa: PLC0415 - only DNS ports need dnspython
 
-    def __init__(self, identity: dict[str, str], log: RotatingLog | None) -> None:
-        self.identity, self.log = identity, log
-        self.names = read_hosts()
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        import dns.flags  # noqa: PLC0415 - only DNS ports need it
-        import dns.message  # noqa: PLC0415
-        import dns.rcode  # noqa: PLC0415
-        import dns.rdatatype  # noqa: PLC0415
-        import dns.rrset  # noqa: PLC0415
-
-        try:
-            query = dns.message.from_wire(data)
-            question = query.question[0]
-        except Exception:  # noqa: BLE001 - not DNS: no answer, as a real server
-            return
-        name = question.name.to_text(omit_final_dot=True).lower()
-        qtype = dns.rdatatype.to_text(question.rdtype)
-        reply = dns.message.make_response(query)
-        reply.flags |= dns.flags.AA
-        addresses = self.names.get(name)
-        if addresses is None:
-            reply.set_rcode(dns.rcode.NXDOMAIN)
-        elif question.rdtype == dns.rdatatype.A:
-            reply.answer.append(dns.rrset.from_text_list(question.name, 30, "IN", "A", addresses))
-        if self.log is not None:
-            self.log.write_line(json.dumps({**self.identity, "dns": name, "type": qtype,
-                                            "rcode": dns.rcode.to_text(reply.rcode()), "client": f"{addr[0]}:{addr[1]}"}))
-        assert self.transport is not None
-        self.transport.sendto(reply.to_wire(), addr)
-
-
-def _load_dns() -> None:
-    """Load now what answering a question loads (dnspython imports record types on first use):
-    once confined, the server's uid may not be able to read the code."""
-    for module in ("dns.flags", "dns.message", "dns.rcode", "dns.rdatatype", "dns.rrset"):
-        importlib.import_module(module)
-    import dns.message  # noqa: PLC0415
-    import dns.rrset  # noqa: PLC0415
-
-    reply = dns.message.make_response(dns.message.from_wire(dns.message.make_query("lab.", "A").to_wire()))
-    reply.answer.append(dns.rrset.from_text_list(reply.question[0].name, 30, "IN", "A", ["192.0.2.1"]))
-    reply.to_wire()
+    clusterdns.warm_up()
+    return clusterdns.Zone.load(path) if path else clusterdns.Zone()
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -311,9 +266,16 @@ def open_log(path: str | None, log_dir: str | None) -> RotatingLog | None:
 
 async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: RotatingLog | None,
                 sctp_ports: list[int] | None = None, sctp_raw: socket.socket | None = None,
-                tls_ports: list[int] | None = None, tls: ssl.SSLContext | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. `tls_ports` (a subset of `tcp_ports`) speak HTTPS with `tls`."""
+                tls_ports: list[int] | None = None, tls: ssl.SSLContext | None = None,
+                zone: "clusterdns.Zone | None" = None) -> None:
+    """Serve until SIGTERM/SIGINT. `tls_ports` (a subset of `tcp_ports`) speak HTTPS with `tls`;
+    port 53 answers from the cluster DNS's `zone`."""
     identity = {"endpoint": endpoint}
+    if DNS_PORT in tcp_ports + udp_ports:
+        from . import clusterdns  # noqa: PLC0415 - only DNS ports need dnspython
+
+        if zone is None:
+            zone = load_zone(None)
     loop = asyncio.get_running_loop()
     kernel_sctp: list[socket.socket] = []
     if sctp_raw is not None:
@@ -329,16 +291,22 @@ async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: 
         loop.add_reader(sctp_raw.fileno(), responder.readable)
     runner = web.AppRunner(_http_app(identity, log), access_log=None, handle_signals=False)
     await runner.setup()
+    dns_servers = []
     for port in tcp_ports:
         # An explicit socket: SO_REUSEADDR, and no name resolution of any kind.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))
-        context = tls if port in (tls_ports or []) else None
-        await web.SockSite(runner, sock, shutdown_timeout=0.1, ssl_context=context).start()
+        if port == DNS_PORT:  # TCP 53 is the cluster DNS (RFC 7766), every other TCP port HTTP
+            assert zone is not None
+            dns_servers.append(await clusterdns.serve_tcp(zone, sock=sock, log=_dns_log(identity, log)))
+        else:
+            context = tls if port in (tls_ports or []) else None
+            await web.SockSite(runner, sock, shutdown_timeout=0.1, ssl_context=context).start()
     for port in udp_ports:
-        if port == DNS_PORT:  # UDP 53 is the lab's DNS, every other UDP port an echo
-            await loop.create_datagram_endpoint(lambda: _DnsServer(identity, log), local_addr=("0.0.0.0", port))
+        if port == DNS_PORT:  # UDP 53 is the cluster DNS, every other UDP port an echo
+            assert zone is not None
+            await clusterdns.serve_udp(zone, "0.0.0.0", port, _dns_log(identity, log))
         else:
             await loop.create_datagram_endpoint(lambda: _UdpEcho(identity), local_addr=("0.0.0.0", port))
     stop = asyncio.Event()
@@ -351,6 +319,8 @@ async def serve(endpoint: str, tcp_ports: list[int], udp_ports: list[int], log: 
         sctp_raw.close()
     for listener in kernel_sctp:
         listener.close()
+    for server in dns_servers:
+        server.close()
     await runner.cleanup()
     if log:
         log.close()
@@ -366,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", default="", help="comma-separated TCP ports (among --tcp) that serve HTTPS")
     parser.add_argument("--cert", default=None, help="the TLS ports' certificate (PEM)")
     parser.add_argument("--key", default=None, help="the TLS ports' private key (PEM)")
+    parser.add_argument("--zone", default=None, metavar="FILE",
+                        help="the cluster DNS's zone (JSON, dataplane/clusterdns.py), answered on port 53")
     parser.add_argument("--log", default=None, help="JSON-lines file of received HTTP requests")
     parser.add_argument("--log-dir", default=None, metavar="DIR",
                         help=f"write {REQUEST_LOG} (rotated) in DIR, instead of --log")
@@ -386,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     bound_stderr()  # hostile requests make aiohttp log an error each: keep that log bounded
-    if DNS_PORT in udp:
-        _load_dns()
     try:
+        # Read before confining: the zone file lives in the lab's directory, hidden from the server then.
+        zone = load_zone(args.zone) if DNS_PORT in tcp + udp else None
         log = open_log(args.log, args.log_dir)
         sctp_raw = open_sctp_raw(sctp_ports)  # a raw socket needs CAP_NET_RAW: before confining
         tls = tls_context(args.cert, args.key) if tls_ports else None  # the key is root's: before confining
@@ -396,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             from .confine import confine  # noqa: PLC0415
 
             confine(args.uid, args.gid if args.gid is not None else args.uid, args.hide)
-        asyncio.run(serve(args.endpoint, tcp, udp, log, sctp_ports, sctp_raw, tls_ports, tls))
-    except OSError as exc:  # ssl.SSLError is one too: an unusable certificate or key
+        asyncio.run(serve(args.endpoint, tcp, udp, log, sctp_ports, sctp_raw, tls_ports, tls, zone))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; ValueError: clusterdns.ZoneError
         print(f"podserver {args.endpoint}: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

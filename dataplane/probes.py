@@ -11,12 +11,12 @@ What was observed:
 
     allowed   the destination's own server answered (checked by the X-L7lab-Backend header /
               the endpoint field of its JSON), for HTTP with its response; for UDP its echo;
-              for a DNS question (over UDP, or TCP with protocol TCP) any answer but REFUSED
-              (NOERROR, NXDOMAIN)
+              for a DNS question (over UDP or TCP) any answer but REFUSED (NOERROR, NXDOMAIN)
               for ICMP (a ping) the echo reply from the destination's address
               for SCTP an INIT-ACK carrying the INIT's tag from the destination's port
-    dropped   no connection (connect timed out), a TCP connection closed without a byte of answer,
-              or, for UDP, SCTP, ICMP and DNS over TCP, no answer before the timeout
+    dropped   no connection (connect timed out), an HTTP request's connection closed without a byte
+              of answer (the DNS proxy's answer to what is not DNS over TCP), or, for UDP, SCTP
+              and ICMP, no answer before the timeout
     denied    HTTP 403 with body "Access denied" from the L7 proxy (or its 400/431 for a request
               it refuses to forward as written)
     refused   the destination said no: a DNS answer with rcode REFUSED, a TCP reset or an ICMP
@@ -35,7 +35,6 @@ trusts the lab's CA would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
@@ -188,13 +187,6 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
     tls_info: dict[str, Any] = {}
     if tls is None:
         reader, writer = await asyncio.open_connection(sock=sock)
-        if probe.dns is not None:  # DNS over TCP (RFC 1035 4.2.2), not HTTP
-            try:
-                return await _dns_tcp_exchange(probe, reader, writer, started)
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
     else:
         try:
             reader, writer = await asyncio.wait_for(
@@ -208,6 +200,8 @@ async def _tcp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.Abstrac
         session = writer.get_extra_info("ssl_object")
         tls_info = {"server_name": dest.tls_name, "version": session.version() if session else "",
                     "alpn": (session.selected_alpn_protocol() or "") if session else ""}
+    if probe.dns is not None:
+        return await _dns_tcp_exchange(probe, reader, writer, started)
     try:
         writer.write(build_request(probe))
         await writer.drain()
@@ -302,75 +296,87 @@ async def _await_reply(sock: socket.socket, loop: asyncio.AbstractEventLoop, sta
     return Observation("dropped", f"{silence} within {timeout:g}s", elapsed=time.monotonic() - started)
 
 
-def _dns_query(probe: Probe) -> Any:
-    """The question a DNS probe asks (a dnspython message)."""
-    import dns.message  # noqa: PLC0415 - only DNS probes need it
-
-    assert probe.dns is not None
-    return dns.message.make_query(probe.dns.name, probe.dns.type)
-
-
-def _dns_answer(probe: Probe, query: Any, data: bytes) -> Observation | None:
-    """What a DNS answer to `query` says: REFUSED is `refused` (the DNS proxy's answer to a query
-    no rule allows), any other answer of the server `allowed`; None if `data` is not the answer."""
-    import dns.exception  # noqa: PLC0415
+async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                        started: float) -> Observation:
+    """One DNS question: REFUSED is `refused` (the DNS proxy's answer to a query no rule
+    allows), any other answer of the server `allowed`, silence `dropped`."""
+    import dns.exception  # noqa: PLC0415 - only DNS probes need it
     import dns.message  # noqa: PLC0415
     import dns.rcode  # noqa: PLC0415
 
     assert probe.dns is not None
-    try:
-        reply = dns.message.from_wire(data)
-    except dns.exception.DNSException:
-        return None
-    if reply.id != query.id:
-        return None
-    rcode = dns.rcode.to_text(reply.rcode())
-    answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
-    body = {"rcode": rcode, "answers": answers}
-    if reply.rcode() == dns.rcode.REFUSED:
-        return Observation("refused", f"DNS {rcode} for {probe.dns.name}", body=body)
-    return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body)
+    name = probe.dns.name
+    query = dns.message.make_query(name, probe.dns.type)
 
+    def judge(data: bytes) -> Observation | None:
+        try:
+            reply = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return None
+        if reply.id != query.id:
+            return None
+        rcode = dns.rcode.to_text(reply.rcode())
+        answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+        body = {"rcode": rcode, "answers": answers}
+        if reply.rcode() == dns.rcode.REFUSED:
+            return Observation("refused", f"DNS {rcode} for {name}", body=body)
+        return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body)
 
-async def _dns_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                        started: float) -> Observation:
-    """One DNS question over UDP: the answer as `_dns_answer` says, silence `dropped`."""
-    query = _dns_query(probe)
     await loop.sock_sendall(sock, query.to_wire())
-    return await _await_reply(sock, loop, started, probe.timeout, lambda data: _dns_answer(probe, query, data),
-                              "no DNS answer")
+    return await _await_reply(sock, loop, started, probe.timeout, judge, "no DNS answer")
 
 
 async def _dns_tcp_exchange(probe: Probe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             started: float) -> Observation:
-    """One DNS question over a TCP connection (RFC 1035 4.2.2: each message after its 2-byte
-    length): the answer as `_dns_answer` says; no answer before the timeout, or a connection
-    closed without one, `dropped`."""
-    query = _dns_query(probe)
+    """One DNS question over an open TCP connection (RFC 7766: a 2-byte length before each
+    message), judged as over UDP; silence until the timeout is `dropped`, a connection closed
+    before an answer `error` (a DNS proxy that refuses a query answers REFUSED, it does not close)."""
+    import dns.exception  # noqa: PLC0415 - only DNS probes need it
+    import dns.message  # noqa: PLC0415
+    import dns.rcode  # noqa: PLC0415
+
+    assert probe.dns is not None
+    name = probe.dns.name
+    query = dns.message.make_query(name, probe.dns.type)
     wire = query.to_wire()
-    writer.write(len(wire).to_bytes(2, "big") + wire)
-    await writer.drain()
-    deadline = time.monotonic() + probe.timeout  # from the question on, as over UDP
     try:
-        while (left := deadline - time.monotonic()) > 0:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        deadline = started + probe.timeout * 2
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
             length = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), left), "big")
             data = await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
-            observed = _dns_answer(probe, query, data)
-            if observed is not None:
-                observed.elapsed = time.monotonic() - started
-                return observed
+            try:
+                reply = dns.message.from_wire(data)
+            except dns.exception.DNSException:
+                return Observation("error", "not a DNS answer over TCP", elapsed=time.monotonic() - started)
+            if reply.id == query.id:
+                break
     except asyncio.TimeoutError:
-        pass
+        return Observation("dropped", "connected, but no DNS answer before the timeout", elapsed=time.monotonic() - started)
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
-        return Observation("dropped", f"connection closed without a DNS answer ({type(exc).__name__})",
+        return Observation("error", f"connection closed before a DNS answer ({type(exc).__name__})",
                            elapsed=time.monotonic() - started)
-    return Observation("dropped", f"connected, but no DNS answer within {probe.timeout:g}s",
-                       elapsed=time.monotonic() - started)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+    rcode = dns.rcode.to_text(reply.rcode())
+    answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+    body = {"rcode": rcode, "answers": answers}
+    elapsed = time.monotonic() - started
+    if reply.rcode() == dns.rcode.REFUSED:
+        return Observation("refused", f"DNS {rcode} for {name}", body=body, elapsed=elapsed)
+    return Observation("allowed", f"DNS {rcode} {' '.join(answers)}".strip(), body=body, elapsed=elapsed)
 
 
 async def _udp_exchange(probe: Probe, sock: socket.socket, loop: asyncio.AbstractEventLoop, nonce: str,
                         started: float) -> Observation:
-    dest = probe.destination
     if probe.dns is not None:
         return await _dns_exchange(probe, sock, loop, started)
 

@@ -149,7 +149,8 @@ class Service:
 
     def dns_names(self) -> list[str]:
         """The names cluster DNS gives the service, longest last: NAME.NS, NAME.NS.svc,
-        NAME.NS.svc.cluster.local (and NAME alone inside its own namespace, see hosts_entries)."""
+        NAME.NS.svc.cluster.local (and NAME alone inside its own namespace, through a pod's DNS
+        search path: `Scenario.search_path`)."""
         return [f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc",
                 f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"]
 
@@ -248,7 +249,7 @@ class IcmpMessage:
 
 @dataclass(frozen=True)
 class DnsQuery:
-    """A DNS question a probe asks (over its protocol, UDP or TCP): `name` and record `type`."""
+    """A DNS question a probe asks (over UDP): `name` and record `type`."""
 
     name: str
     type: str = "A"
@@ -266,7 +267,7 @@ class Probe:
     http: HttpRequest | None
     timeout: float
     location: SourceLocation
-    dns: DnsQuery | None = None  # a DNS query instead of a plain datagram (UDP) or an HTTP request (TCP)
+    dns: DnsQuery | None = None  # a DNS query instead of a plain datagram or HTTP request (UDP or TCP)
     icmp: IcmpMessage | None = None  # set exactly when protocol is ICMP; the destination has no port
 
     @property
@@ -424,20 +425,6 @@ class Scenario:
     def search_path(self, namespace: str) -> list[str]:
         """A pod's DNS search path, as the kubelet writes it (ClusterFirst)."""
         return [f"{namespace}.svc.{CLUSTER_DOMAIN}", f"svc.{CLUSTER_DOMAIN}", CLUSTER_DOMAIN]
-
-    def hosts_entries(self, namespace: str | None = None) -> list[tuple[str, list[str]]]:
-        """(address, names) for every pod, world host and service: the /etc/hosts of a pod of
-        `namespace` (a service's bare name resolves only inside its own namespace, as with the
-        cluster DNS search path; None: no bare service names)."""
-        out = []
-        for pod in self.pods.values():
-            out.append((pod.ip, [pod.name, f"{pod.name}.{pod.namespace}",
-                                 f"{pod.name}.{pod.namespace}.svc.cluster.local"]))
-        for host in self.world.values():
-            out.append((host.address, [host.name, *host.dns_names]))
-        for svc in self.services.values():
-            out.append((svc.cluster_ip, ([svc.name] if svc.namespace == namespace else []) + svc.dns_names()))
-        return out
 
 
 def node_addresses(pod_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
@@ -1083,11 +1070,11 @@ class _Builder:
                                       f"outside the cluster never crosses it, so no policy judges it")
             return None
         if dns is not None and not any(p.port == 53 and p.protocol == protocol for p in ports):
-            self.err(where + ("to",), f"{target!r} serves no DNS: a DNS probe needs a destination declaring port "
-                                      f"53/{protocol}")
+            self.err(where + ("to",), f"{target!r} serves no DNS over {protocol}: a DNS probe needs a destination "
+                                      f"declaring port 53/{protocol}")
             return None
         if dns is not None and port and port != 53:
-            self.err(where + ("to",), f"the lab's DNS servers listen on 53/{protocol} only, got port {port}")
+            self.err(where + ("to",), f"the lab's DNS servers listen on port 53 only, got port {port}")
             return None
         if icmp is not None and port:
             self.err(where + ("to",), f"an ICMP echo request goes to an address, not a port: write {target!r} without ':{port}'")
@@ -1132,7 +1119,8 @@ class _Builder:
                       target: str, port: int, protocol: Protocol, dns: DnsQuery | None) -> Probe | None:
         """A probe to a service, by 'ns/name', bare name (the source's namespace) or DNS name."""
         if dns is not None:
-            self.err(where + ("dns",), f"{target!r} is a service: the lab's DNS servers are world hosts")
+            self.err(where + ("dns",), f"{target!r} is a service: a DNS probe asks a pod or world host serving "
+                                       f"port 53 (the cluster DNS pod) directly")
             return None
         if not port:
             port = next((p.port for p in svc.ports if p.protocol == protocol), 0)

@@ -28,7 +28,7 @@ import pytest
 
 from dataplane.scenario import Probe, load_scenario
 from tests.conftest import REPO, unique_lab
-from tests.support.cli_lab import L7LAB, RETAIL, l7lab, leftovers, nothing_left
+from tests.support.cli_lab import L7LAB, RETAIL, curl, l7lab, leftovers, nothing_left
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.kernel
@@ -451,8 +451,7 @@ def read_line(stream: IO[str], deadline: float) -> str:
 
 
 def drop_from_reporting(lab: str) -> None:
-    out = l7lab("exec", "--lab", lab, "reporting", "--", "curl", "-s", "-m", "1",
-                "http://inventory-api:8080/api/inventory/live")
+    out = curl(lab, "reporting", "http://inventory-api:8080/api/inventory/live", max_time="1")
     assert out.returncode == 28, out  # timed out: dropped
 
 

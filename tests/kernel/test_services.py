@@ -4,7 +4,8 @@ Connections from a client pod spread over the backends, each landing exactly whe
 twin of the datapath's hash says; a policy that lets the client reach one backend pod makes a
 connection through the ClusterIP succeed exactly when it lands on that pod (Cilium judges the
 backend); sessionAffinity ClientIP keeps the client on one backend; a service without backends
-drops with its own reason; and the service's DNS names resolve inside the pods."""
+drops with its own reason; and the service's DNS names resolve inside the pods (the cluster DNS,
+a kube-dns pod)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ name: svc
 namespaces:
   - name: shop
   - name: other
+  - name: kube-system
 pods:
   - {name: web-1, namespace: shop, labels: {app: web, instance: "1"}, ports: [{port: 8080, name: http}]}
   - {name: web-2, namespace: shop, labels: {app: web, instance: "2"}, ports: [{port: 8080, name: http}]}
   - {name: web-3, namespace: shop, labels: {app: web, instance: "3"}, ports: [{port: 8080, name: http}]}
   - {name: client, namespace: shop, labels: {app: client}}
   - {name: stranger, namespace: other, labels: {app: client}}
+  - {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}]}
 services:
   - {name: web, namespace: shop, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
   - {name: sticky, namespace: shop, selector: {app: web}, sessionAffinity: ClientIP,
@@ -167,7 +170,7 @@ def test_a_datagram_to_a_closed_backend_port_goes_unanswered_as_the_oracle_says(
 
 
 def resolve(lab: Lab, pod: str, name: str) -> str | None:
-    """The address `name` resolves to inside `pod` (its /etc/hosts), None if it does not."""
+    """The address `name` resolves to inside `pod` (through the cluster DNS), None if it does not."""
     out = subprocess.run(["ip", "netns", "exec", lab.record.endpoints[pod].netns, "getent", "hosts", name],
                          capture_output=True, text=True, timeout=30)
     return out.stdout.split()[0] if out.returncode == 0 and out.stdout else None

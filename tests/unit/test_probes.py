@@ -105,9 +105,35 @@ def test_a_dns_probe_over_tcp_frames_its_question_and_judges_the_answer() -> Non
     assert refused.outcome == "refused" and refused.detail == "DNS REFUSED for www.example.org"
 
 
-def test_a_dns_probe_over_tcp_without_an_answer_is_dropped() -> None:
+def test_a_dns_probe_over_tcp_closed_without_an_answer_is_an_error() -> None:
+    """A DNS server (or the DNS proxy) answers every query; a close before the answer is no
+    outcome a policy gives."""
     closed = _ask_over_tcp("www.example.com", lambda q: None)
-    assert closed.outcome == "dropped" and "without a DNS answer" in closed.detail
+    assert closed.outcome == "error" and "before a DNS answer" in closed.detail
     # An answer to another question (another id) is not the answer.
     other = _ask_over_tcp("www.example.com", lambda q: _reply(dns.message.make_query("x.example", "A"), 0))
-    assert other.outcome == "dropped"
+    assert other.outcome == "error"
+
+
+def test_an_http_request_closed_without_a_byte_of_answer_is_dropped() -> None:
+    """The DNS proxy closes a TCP connection that does not speak DNS (an HTTP request to port 53
+    under a DNS rule) unanswered: `dropped`, as the datagram it drops over UDP."""
+    async def run() -> Observation:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(2)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        probe = Probe("shop/web", Destination("pod", "kube-system/kube-dns", "127.0.0.1",
+                                              server.sockets[0].getsockname()[1]), "TCP", "dropped", None, 5.0,
+                      SourceLocation("s.yaml", 3))
+        try:
+            return await _tcp_exchange(probe, sock, asyncio.get_running_loop(), time.monotonic())
+        finally:
+            sock.close()
+            server.close()
+
+    seen = asyncio.run(run())
+    assert (seen.outcome, seen.detail) == ("dropped", "connected, but closed without a response")

@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from dataplane.clusterdns import zone_from_scenario
 from dataplane.scenario import load_scenario, schema
 from tests.support.scenario_files import scenario_errors as errors_of, write_scenario as write
 
@@ -49,7 +50,7 @@ def test_valid_scenario_loads_into_typed_objects(tmp_path: Path) -> None:
     probe = s.steps[0].probes[0]
     assert probe.source == "shop/web" and probe.destination.ip == "10.200.0.3" and probe.destination.port == 8080
     assert probe.location.line == 21
-    assert ("10.200.0.2", ["web", "web.shop", "web.shop.svc.cluster.local"]) in s.hosts_entries()
+    assert zone_from_scenario(s).resolve("web.shop.svc.cluster.local", "A").addresses == ("10.200.0.2",)
 
 
 def test_default_port_and_dns_destination(tmp_path: Path) -> None:
@@ -97,13 +98,13 @@ def test_dns_probe_asks_over_udp_port_53_by_default(tmp_path: Path) -> None:
     (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api:8080, protocol: UDP, http: {path: /}, expect: allowed}"), 21, "steps[0].probes[0].http", "needs protocol TCP"),
     (("name: demo", "name: Demo_Lab"), 1, "name", "invalid value 'Demo_Lab'"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: SCTP, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].protocol", "protocol must be UDP (the default) or TCP"),
-    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: TCP, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "a DNS probe needs a destination declaring port 53/TCP"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: TCP, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "'web' serves no DNS over TCP: a DNS probe needs a destination declaring port 53/TCP"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, protocol: TCP, dns: {name: a.example}, expect: denied}"), 21, "steps[0].probes[0].expect", "a DNS probe expects allowed, audited, dropped or refused"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: 'bad name'}, expect: allowed}"), 21, "steps[0].probes[0].dns.name", "invalid value 'bad name'"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example, type: BOGUS}, expect: allowed}"), 21, "steps[0].probes[0].dns.type", "expected one of A, AAAA"),
     (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: web, dns: {name: a.example}, expect: denied}"), 21, "steps[0].probes[0].expect", "a UDP probe expects allowed, audited, dropped or refused"),
-    (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "'api' serves no DNS: a DNS probe needs a destination declaring port 53/UDP"),
-    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: 'web:5353', dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "listen on 53/UDP only, got port 5353"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: web, to: api, dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "'api' serves no DNS over UDP: a DNS probe needs a destination declaring port 53/UDP"),
+    (("{from: web, to: api:8080, expect: allowed}", "{from: api, to: 'web:5353', dns: {name: a.example}, expect: allowed}"), 21, "steps[0].probes[0].to", "listen on port 53 only, got port 5353"),
     (("{port: 80, name: http}", "{port: 80, name: http}, {port: 80}"), 9, "pods[0].ports[1]", "port 80/TCP is declared twice"),
     (("name: demo", "name: demo\nsettings: {ipBlockSelectsPods: 'yes'}"), 2, "settings.ipBlockSelectsPods", "expected boolean, got string 'yes'"),
     # per-endpoint audit and audit steps
@@ -226,7 +227,7 @@ def test_world_hosts_may_have_any_unicast_address_outside_the_cluster(tmp_path: 
     ranges included (the cloud metadata endpoint, a collector in 10.0.0.0/8)."""
     s = load_scenario(write(tmp_path, BASE.replace("address: 203.0.113.10", f"address: {address}")))
     assert s.world["partner"].address == address
-    assert (address, ["partner", "api.partner.example.com"]) in s.hosts_entries()
+    assert zone_from_scenario(s).resolve("api.partner.example.com", "A").addresses == (address,)
 
 
 def test_a_world_host_outside_another_pod_cidr(tmp_path: Path) -> None:

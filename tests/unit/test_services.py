@@ -1,7 +1,7 @@
 """Services in scenarios: the `services` section loads into typed objects (ClusterIPs fixed or
 allocated from the service range, targetPort by number or name), every mistake is an error
 naming the field, probes reach services by name, namespace/name or DNS name, the hosts files
-carry the service names, and the oracle judges a flow to a service against the backend it
+the cluster DNS answers the service names, and the oracle judges a flow to a service against the backend it
 reaches (recomputed when pods are relabeled)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dataplane.abi import PROTO_TCP
+from dataplane.clusterdns import zone_from_scenario
 from dataplane.errors import ErrorList, SourceError
 from dataplane.policy import Flow, PolicyEngine, parse_documents
 from dataplane.policy.api import ServicePeer
@@ -72,12 +73,23 @@ def test_services_load_with_allocated_and_fixed_cluster_ips(tmp_path: Path) -> N
                                  ("service", "shop/web", "10.96.0.1", 80, "shop/web-2")]
 
 
-def test_hosts_files_carry_service_names_bare_only_in_their_namespace(tmp_path: Path) -> None:
+def test_service_names_resolve_through_the_cluster_dns_bare_only_in_their_namespace(tmp_path: Path) -> None:
+    """A pod's resolver tries a name with each suffix of its search path (ndots:5: every lab name
+    has fewer dots), then as written: the bare name finds the service only from its namespace."""
     s = load_scenario(write(tmp_path, BASE))
-    shop = dict((ip, names) for ip, names in s.hosts_entries("shop"))
-    other = dict((ip, names) for ip, names in s.hosts_entries("other"))
-    assert shop["10.96.0.1"] == ["web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local"]
-    assert other["10.96.0.1"] == ["web.shop", "web.shop.svc", "web.shop.svc.cluster.local"]
+    zone = zone_from_scenario(s)
+
+    def lookup(name: str, namespace: str) -> tuple[str, ...]:
+        for candidate in [f"{name}.{suffix}" for suffix in s.search_path(namespace)] + [name]:
+            answer = zone.resolve(candidate, "A")
+            if answer.addresses:
+                return answer.addresses
+        return ()
+
+    for name in ("web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local"):
+        assert lookup(name, "shop") == ("10.96.0.1",), name
+    assert lookup("web", "other") == ()
+    assert [lookup(n, "other") for n in ("web.shop", "web.shop.svc", "web.shop.svc.cluster.local")] == [("10.96.0.1",)] * 3
 
 
 @pytest.mark.parametrize("change, fragment", [
