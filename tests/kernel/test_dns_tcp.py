@@ -1,13 +1,14 @@
 """DNS over TCP on real traffic: a DNS rule on port 53 of protocol ANY redirects TCP connections
 to kube-dns as it redirects datagrams, and the proxy's TCP side judges every question on them as
-its UDP side does: an allowed name is answered by the server (asked by the proxy, over TCP, from
-the node), another name REFUSED by the proxy (the server never sees it), pipelined questions on
-one connection each answered; one L7 record per question with TCP as its transport; what is not
-DNS ends the connection unanswered; the oracle judges the same.
+its UDP side does: an allowed name is answered by the cluster DNS (asked by the proxy, over TCP,
+from the node), another name REFUSED by the proxy (the server never sees it), pipelined
+questions on one connection each answered; one L7 record per question with TCP as its
+transport; what is not DNS ends the connection unanswered; the oracle judges the same. An
+answer's addresses are learned by the lab's FQDN learner before the answer is released, over
+TCP as over UDP: the connection that follows is allowed at once.
 
-Scenario: scenarios/dns-policy.yaml (mediabot may ask kube-dns only about *.example.com). The
-server of kube-dns's TCP port 53 is run here, in kube-dns's namespace (dnspython), so the test
-does not depend on which DNS server the lab gives the pod.
+Scenario: scenarios/dns-policy.yaml (mediabot may ask kube-dns only about *.example.com), its
+kube-dns also declaring TCP port 53, where the lab's cluster DNS answers over TCP.
 """
 
 from __future__ import annotations
@@ -17,80 +18,38 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
 
 import dns.message
 import dns.rcode
-import dns.rrset
 import pytest
 
 from dataplane import topology
 from dataplane.flowrecord import Flow
-from dataplane.lab import Lab, lab_dir
+from dataplane.lab import Lab, lab_dir, lab_prefix
+from dataplane.logfiles import read_all, request_log
 from dataplane.policy import Flow as OracleFlow
 from dataplane.policy import PolicyEngine
-from dataplane.scenario import load_scenario
+from dataplane.runner import KernelExecutor
+from dataplane.scenario import DnsQuery, HttpRequest, Port, load_scenario, make_probe
 from tests.conftest import REPO, unique_lab
-from tests.support.loopback import LoopThread
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.kernel
 
 SCENARIO = REPO / "scenarios" / "dns-policy.yaml"
-ANSWERS = {"www.example.com": "203.0.113.20", "api.partner.example.com": "203.0.113.22",
-           "www.example.org": "198.51.100.30"}
+KUBE_DNS = "kube-system/kube-dns"
 TIMEOUT = 10.0
-
-
-class TcpDnsServer:
-    """DNS over TCP on kube-dns's address, port 53, inside its namespace: answers ANSWERS
-    (NXDOMAIN otherwise) and keeps (client address, name) of every question."""
-
-    def __init__(self, netns: str, ip: str) -> None:
-        self.netns, self.ip = netns, ip
-        self.seen: list[tuple[str, str]] = []
-        self._server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> None:
-        sock = topology.socket_in(self.netns)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.ip, 53))
-        sock.listen(64)
-        self._server = await asyncio.start_server(self._serve, sock=sock)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = writer.get_extra_info("peername")[0]
-        try:
-            while True:
-                length = struct.unpack("!H", await reader.readexactly(2))[0]
-                query = dns.message.from_wire(await reader.readexactly(length))
-                name = query.question[0].name.to_text(omit_final_dot=True).lower()
-                self.seen.append((client, name))
-                reply = dns.message.make_response(query)
-                if name in ANSWERS:
-                    reply.answer.append(dns.rrset.from_text(name + ".", 30, "IN", "A", ANSWERS[name]))
-                else:
-                    reply.set_rcode(dns.rcode.NXDOMAIN)
-                wire = reply.to_wire()
-                writer.write(struct.pack("!H", len(wire)) + wire)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
 
 
 class DnsTcpLab:
     def __init__(self, lab: Lab, engine: PolicyEngine) -> None:
         self.lab, self.engine = lab, engine
-        self.loop = LoopThread()
-        kube_dns = lab.record.endpoints["kube-system/kube-dns"]
-        self.dns_ip = kube_dns.ip
-        self.server = TcpDnsServer(kube_dns.netns, kube_dns.ip)
-        self.loop.run(self.server.start())
+        self.dns_ip = lab.record.endpoints[KUBE_DNS].ip
+        self.node_ip = lab.scenario.node_ip
+        # Serves the lab's FQDN learner on <lab dir>/fqdn.sock while the module runs.
+        self.executor = KernelExecutor(lab, engine)
 
     def connect(self, pod: str) -> socket.socket:
         sock = topology.socket_in(self.lab.record.endpoints[pod].netns)
@@ -103,19 +62,24 @@ class DnsTcpLab:
         path = self.lab.proxy_events_file
         return [Flow.from_json(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def oracle(self, pod: str, name: str, protocol: str = "TCP") -> bool | None:
-        """Whether the oracle's L7 decision allows the question (None: it made none)."""
-        decision = self.engine.verdict(OracleFlow(pod, self.dns_ip, protocol, 53, None, name, "kube-dns"))
-        return None if decision.l7 is None else decision.l7.allowed
+    def server_log(self) -> list[dict[str, Any]]:
+        """The questions the cluster DNS answered (its request log)."""
+        ns = self.lab.record.endpoints[KUBE_DNS].netns.removeprefix(lab_prefix(self.lab.name))
+        return [r for r in read_all(request_log(lab_dir(self.lab.name), ns)) if "dns" in r]
+
+    def oracle(self, pod: str, name: str, protocol: str = "TCP") -> str:
+        return self.engine.verdict(OracleFlow(pod, self.dns_ip, protocol, 53, None, name, "kube-dns")).outcome
 
     def close(self) -> None:
-        self.loop.run(self.server.stop())
-        self.loop.close()
+        self.executor.close()
 
 
 @pytest.fixture(scope="module")
 def lab(datapath) -> Iterator[DnsTcpLab]:  # noqa: ANN001 - session fixture
     scenario = load_scenario(SCENARIO).with_name(unique_lab("dtcp"))
+    kube_dns = scenario.pods[KUBE_DNS]
+    pods = {**scenario.pods, KUBE_DNS: replace(kube_dns, ports=(*kube_dns.ports, Port(53, "TCP", "dns-tcp")))}
+    scenario = replace(scenario, pods=pods)
     engine = PolicyEngine(scenario)
     with Lab(scenario, datapath=datapath, policy=engine) as lab:
         t = DnsTcpLab(lab, engine)
@@ -152,32 +116,46 @@ def ask(lab: DnsTcpLab, pod: str, name: str) -> dns.message.Message:
         sock.close()
 
 
+def addresses(reply: dns.message.Message) -> list[str]:
+    return [rd.to_text() for rs in reply.answer for rd in rs if rs.rdtype == 1]
+
+
 def test_dns_over_tcp_is_judged_like_dns_over_udp(lab: DnsTcpLab) -> None:
-    seen_before, records_before = len(lab.server.seen), len(lab.records())
+    log_before, records_before = len(lab.server_log()), len(lab.records())
     allowed = ask(lab, "shop/mediabot", "www.example.com")
-    assert allowed.rcode() == dns.rcode.NOERROR and [rd.to_text() for rs in allowed.answer for rd in rs] == \
-        ["203.0.113.20"]
+    assert allowed.rcode() == dns.rcode.NOERROR and addresses(allowed) == ["203.0.113.20"]
     missing = ask(lab, "shop/mediabot", "nothing-here.example.com")
     assert missing.rcode() == dns.rcode.NXDOMAIN  # the server's own answer
     for name in ("www.example.org", "api.partner.example.com"):
         refused = ask(lab, "shop/mediabot", name)
         assert refused.rcode() == dns.rcode.REFUSED and not refused.answer, name
     # The server saw the allowed questions only, over TCP from the node (the proxy's upstream).
-    assert lab.server.seen[seen_before:] == [(lab.lab.scenario.node_ip, "www.example.com"),
-                                             (lab.lab.scenario.node_ip, "nothing-here.example.com")]
+    seen = lab.server_log()[log_before:]
+    assert [(r["dns"], r["rcode"], r["transport"], r["client"].split(":")[0]) for r in seen] == [
+        ("www.example.com", "NOERROR", "TCP", lab.node_ip), ("nothing-here.example.com", "NXDOMAIN", "TCP", lab.node_ip)]
     records = wait_for("the four records", lambda: len(lab.records()) - records_before >= 4 and
                        lab.records()[records_before:])
     assert [(r.dns.query, r.dns.rcode, r.verdict, r.l4.protocol) for r in records] == [
         ("www.example.com", 0, "forwarded", "TCP"), ("nothing-here.example.com", 3, "forwarded", "TCP"),
         ("www.example.org", 5, "denied", "TCP"), ("api.partner.example.com", 5, "denied", "TCP")]
-    assert all(r.source.name == "shop/mediabot" and r.destination.name == "kube-system/kube-dns"
+    assert all(r.source.name == "shop/mediabot" and r.destination.name == KUBE_DNS
                and r.destination.port == 53 and r.direction == "egress" for r in records)
     assert records[0].policy.policies == ("CiliumNetworkPolicy shop/mediabot-dns",)
     assert records[0].dns.ips == ("203.0.113.20",)
-    # The oracle's L7 decision on each question over TCP is the lab's, and its decision over UDP.
-    # (Its final outcome also asks whether kube-dns declares 53/TCP; this scenario's does not.)
-    for name, allowed in (("www.example.com", True), ("www.example.org", False), ("api.partner.example.com", False)):
-        assert lab.oracle("shop/mediabot", name) is allowed is lab.oracle("shop/mediabot", name, "UDP"), name
+    # The oracle judges each question over TCP as the lab did, and as it judges it over UDP.
+    for name, outcome in (("www.example.com", "allowed"), ("nothing-here.example.com", "allowed"),
+                          ("www.example.org", "refused"), ("api.partner.example.com", "refused")):
+        assert lab.oracle("shop/mediabot", name) == outcome == lab.oracle("shop/mediabot", name, "UDP"), name
+
+
+def test_scenario_probes_over_tcp_meet_the_oracle(lab: DnsTcpLab) -> None:
+    """DNS probes with protocol TCP, sent as `l7lab run` sends them, and the HTTP request a TCP
+    probe sends to port 53 (no DNS: closed unanswered)."""
+    cases = [(DnsQuery("www.example.com"), "allowed"), (DnsQuery("www.example.org"), "refused"), (None, "dropped")]
+    for query, want in cases:
+        probe = make_probe(lab.lab.scenario, "shop/mediabot", "kube-dns:53", "TCP", dns=query, expect=want)
+        observed = asyncio.run(lab.executor.observe(probe))
+        assert observed.outcome == want == lab.executor.oracle(probe), (query, observed.detail)
 
 
 def test_pipelined_questions_on_one_connection_are_each_answered(lab: DnsTcpLab) -> None:
@@ -193,26 +171,36 @@ def test_pipelined_questions_on_one_connection_are_each_answered(lab: DnsTcpLab)
         sock.close()
 
 
-def test_an_answer_with_addresses_is_offered_to_the_lab_learner_first(lab: DnsTcpLab) -> None:
-    """The lab starts the proxy with --fqdn-socket <lab dir>/fqdn.sock; this lab (no agent, no
-    runner) serves no learner there, so the answer is released and its record says why."""
+def test_the_answers_addresses_are_learned_before_it_is_released(lab: DnsTcpLab) -> None:
+    """Over TCP as over UDP: the lab's learner has allowed www.example.com's address for the
+    toFQDNs selector before mediabot reads the answer, so its connection right after passes."""
     records_before = len(lab.records())
-    ask(lab, "shop/mediabot", "www.example.com")
+    reply = ask(lab, "shop/mediabot", "www.example.com")
     record = wait_for("the record", lambda: lab.records()[records_before:])[0]
-    assert record.verdict == "forwarded" and record.dns.learned == ()
-    assert f"policy not updated: FQDN learner at {lab_dir(lab.lab.name) / 'fqdn.sock'} unavailable" in record.summary
+    assert record.verdict == "forwarded" and record.l4.protocol == "TCP"
+    # The selectors as the learner names them (dataplane/fqdn/learner.py), relayed verbatim.
+    assert record.dns.learned == ("FQDN matchPattern *.example.com",), record.summary
+    assert "learned before the answer was released, for FQDN matchPattern *.example.com" in record.summary
+    assert addresses(reply) == ["203.0.113.20"]
+    # To the world host by the lab's own name for it (an address, no lookup of its own).
+    probe = make_probe(lab.lab.scenario, "shop/mediabot", "www:80", "TCP",
+                       http=HttpRequest("GET", "/", {"Host": "www.example.com"}))
+    assert probe.destination.ip == "203.0.113.20" and not probe.destination.dns_name
+    assert asyncio.run(lab.executor.observe(probe)).outcome == "allowed"
 
 
 def test_a_pod_without_dns_rules_reaches_the_server_directly(lab: DnsTcpLab) -> None:
-    records_before = len(lab.records())
+    log_before, records_before = len(lab.server_log()), len(lab.records())
     reply = ask(lab, "shop/shell", "www.example.org")
-    assert [rd.to_text() for rs in reply.answer for rd in rs] == ["198.51.100.30"]
-    assert lab.server.seen[-1] == (lab.lab.scenario.pods["shop/shell"].ip, "www.example.org")  # not via the proxy
+    assert addresses(reply) == ["198.51.100.30"]
+    seen = lab.server_log()[log_before:]
+    assert [(r["dns"], r["transport"], r["client"].split(":")[0]) for r in seen] == [
+        ("www.example.org", "TCP", lab.lab.scenario.pods["shop/shell"].ip)]  # not through the proxy
     assert len(lab.records()) == records_before
 
 
 def test_what_is_not_dns_ends_the_connection_unanswered(lab: DnsTcpLab) -> None:
-    seen_before, records_before = len(lab.server.seen), len(lab.records())
+    log_before, records_before = len(lab.server_log()), len(lab.records())
     sock = lab.connect("shop/mediabot")
     try:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: kube-dns\r\nConnection: close\r\n\r\n")
@@ -221,6 +209,4 @@ def test_what_is_not_dns_ends_the_connection_unanswered(lab: DnsTcpLab) -> None:
         sock.close()
     record = wait_for("the record", lambda: lab.records()[records_before:])[0]
     assert record.verdict == "error" and record.l4.protocol == "TCP" and "connection closed" in record.summary
-    assert len(lab.server.seen) == seen_before
-    assert lab.engine.verdict(OracleFlow("shop/mediabot", lab.dns_ip, "TCP", 53, None, "", "kube-dns")).outcome \
-        == "dropped"
+    assert len(lab.server_log()) == log_before
