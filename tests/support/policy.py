@@ -147,3 +147,13 @@ policies:
       podSelector: {matchLabels: {app: a}}
       ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]
 """
+
+
+def looked_up(eng: PolicyEngine, *hosts: str) -> None:
+    """As if a lookup through the DNS proxy had taught every DNS name of these world hosts (the
+    FQDN learner's effect): toFQDNs selectors then select their addresses."""
+    names = dict(eng.snapshot().fqdn_names)
+    for host in hosts:
+        h = eng.scenario.world[host]
+        names[h.address] = tuple(sorted({*names.get(h.address, ()), *(n.lower() for n in h.dns_names)}))
+    eng.commit(eng.propose_fqdn(names))

@@ -257,7 +257,7 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
     assert groups == {"lifecycle": ["up", "down", "clean", "status", "exec"], "run": ["run"],
                       "observe": ["observe", "monitor"], "changes": ["apply", "delete", "label", "audit"],
                       "check": ["validate", "explain"], "exercise": ["check"], "trace": ["trace"],
-                      "inspect": ["policy", "identity"], "ui": ["ui"]}
+                      "inspect": ["policy", "identity", "fqdn"], "ui": ["ui"]}
     listed = re.findall(r"^    (\w+) ", l7lab("--help").stdout, re.M)
     assert listed == [verb for verbs in groups.values() for verb in verbs]
     for verbs in groups.values():  # every verb runs its own command and answers --json where it did

@@ -310,6 +310,9 @@ def test_the_agent_counts_the_proxys_records_and_names_the_isolating_policy(
         def sync(self, state: Any, interfaces: dict[int, int]) -> None:
             return None
 
+        def open_connections(self) -> set:
+            return set()
+
     monkeypatch.setattr(labmod, "RUN_DIR", os.path.realpath(tmp_path))
     (doc,) = load_documents("name: hm\n" + TWO_PODS_ALLOW_B, "hm.yaml")
     scenario = parse_scenario(doc, Path("hm.yaml"))

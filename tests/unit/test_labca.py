@@ -184,6 +184,7 @@ TLS_TOPOLOGY = """\
 name: tls
 pods:
   - {name: client, labels: {app: client}}
+  - {name: coredns, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}]}
 world:
   - {name: www, address: 203.0.113.20, dnsNames: [www.example.com, WWW2.example.com], aliases: [web.example.com],
      ports: [{port: 80}, {port: 443, tls: true}]}

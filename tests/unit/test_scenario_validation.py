@@ -54,7 +54,9 @@ def test_valid_scenario_loads_into_typed_objects(tmp_path: Path) -> None:
 
 
 def test_default_port_and_dns_destination(tmp_path: Path) -> None:
-    s = load_scenario(write(tmp_path, BASE.replace("to: api:8080", "to: api.partner.example.com")))
+    dns_pod = "  - {name: coredns, namespace: shop, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}]}\nworld:"
+    s = load_scenario(write(tmp_path, BASE.replace("to: api:8080", "to: api.partner.example.com")
+                            .replace("world:", dns_pod)))
     dest = s.steps[0].probes[0].destination
     assert (dest.kind, dest.name, dest.ip, dest.port, dest.dns_name) == ("world", "partner", "203.0.113.10", 443, "api.partner.example.com")
 

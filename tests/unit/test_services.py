@@ -33,6 +33,7 @@ pods:
   - {name: db, namespace: shop, labels: {app: db}, ports: [{port: 5432}]}
   - {name: client, namespace: shop, labels: {app: client}}
   - {name: outsider, namespace: other, labels: {app: client}}
+  - {name: coredns, namespace: other, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}]}
 world:
   - {name: partner, address: 203.0.113.10, ports: [{port: 443}]}
 services:

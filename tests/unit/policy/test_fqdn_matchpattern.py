@@ -15,7 +15,7 @@ from dataplane.policy.patterns import match_pattern_error
 from l7.dns import DnsRule, fqdn_form, fqdn_matches, is_match_all_pattern, pattern_to_regex, validate_dns_pattern
 
 from tests.support.policy import CILIUM_TOPOLOGY as TOPO
-from tests.support.policy import cnp, engine, outcome
+from tests.support.policy import cnp, engine, looked_up, outcome
 from tests.support.policy import policy_errors as errors_of
 
 LABEL = "[-a-zA-Z0-9_]"
@@ -193,6 +193,7 @@ def test_double_star_prefix_selects_every_subdomain_not_the_apex() -> None:
     egress:
       - toFQDNs: [{matchPattern: "**.example.com"}]
     """), TOPO)
+    looked_up(eng, "www", "deep", "apex", "other")
     assert outcome(eng, "shop/frontend", "www") == "allowed"
     assert outcome(eng, "shop/frontend", "deep") == "allowed"
     assert outcome(eng, "shop/frontend", "apex") == "dropped"

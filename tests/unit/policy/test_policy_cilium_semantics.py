@@ -6,7 +6,7 @@ pkg/k8s/apis/cilium.io/utils (namespace scoping of CNP selectors), PR #12890 (CC
 from __future__ import annotations
 
 from tests.support.policy import CILIUM_TOPOLOGY as TOPO
-from tests.support.policy import L7_API, ccnp, cnp, engine, outcome
+from tests.support.policy import L7_API, ccnp, cnp, engine, looked_up, outcome
 
 
 
@@ -182,6 +182,8 @@ def test_fqdn_pattern_star_within_one_label():
     egress:
       - toFQDNs: [{matchPattern: "*.example.com"}]
     """), TOPO)
+    assert outcome(eng, "shop/frontend", "www") == "dropped"  # no lookup has taught its address yet
+    looked_up(eng, "www", "deep", "apex", "other")
     assert outcome(eng, "shop/frontend", "www") == "allowed"
     assert outcome(eng, "shop/frontend", "deep") == "dropped"
     assert outcome(eng, "shop/frontend", "apex") == "dropped"
@@ -194,6 +196,7 @@ def test_fqdn_match_name():
     egress:
       - toFQDNs: [{matchName: EXAMPLE.com.}]
     """), TOPO)
+    looked_up(eng, "www", "apex")
     assert outcome(eng, "shop/frontend", "apex") == "allowed"
     assert outcome(eng, "shop/frontend", "www") == "dropped"
 
