@@ -23,7 +23,7 @@ from .lookup import Lookup, model_lookup
 
 if TYPE_CHECKING:
     from ..policy.engine import Decision, PolicyEngine
-    from ..scenario import Probe
+    from ..scenario import Probe, Step
 
 
 def looks_up(probe: "Probe", engine: "PolicyEngine") -> bool:
@@ -76,3 +76,26 @@ class FqdnOracle:
 
     def expire(self, names: tuple[str, ...]) -> None:
         self.cache.forget(names)
+
+
+def expected_outcomes(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "Decision"]]:
+    """Walk every step of the engine's scenario (dry run): (step, probe, oracle decision). A probe
+    to a DNS name is looked up first, in this model; one whose name does not resolve gets the
+    outcome `unresolved`, the lookup in its trace."""
+    from ..policy.engine import Decision, Flow  # noqa: PLC0415
+
+    fqdn = FqdnOracle(engine)
+    out = []
+    for step in engine.scenario.steps:
+        if step.kind == "expire":
+            fqdn.expire(step.expire)
+            continue
+        engine.apply_step(step)
+        for probe in step.probes:
+            decision, lookup, _ = fqdn.judge(probe)
+            if decision is None:
+                assert lookup is not None
+                decision = Decision("unresolved", Flow.from_probe(probe), [lookup.summary(), lookup.why])
+            out.append((step, probe, decision))
+        fqdn.end_step()
+    return out

@@ -10,8 +10,8 @@ package's, shared with the proxy (docs/l7.md).
 from l7.ruleset import L7Policy, L7RuleSet
 
 from .api import Policy
-from .engine import Decision, Flow, PolicyEngine, expected_outcomes, explain_text
+from .engine import Decision, Flow, PolicyEngine, explain_text
 from .parse import parse_documents, validate_policy_file
 
-__all__ = ["Decision", "Flow", "L7Policy", "L7RuleSet", "Policy", "PolicyEngine", "expected_outcomes",
+__all__ = ["Decision", "Flow", "L7Policy", "L7RuleSet", "Policy", "PolicyEngine",
            "explain_text", "parse_documents", "validate_policy_file"]

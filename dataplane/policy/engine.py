@@ -657,27 +657,4 @@ def explain_text(decision: Decision) -> str:
     return "\n".join(lines)
 
 
-def expected_outcomes(engine: PolicyEngine) -> list[tuple[Step, Probe, Decision]]:
-    """Walk every step of the engine's scenario (dry run): (step, probe, oracle decision). A probe
-    to a DNS name is looked up first, in the oracle's model of lookups (dataplane/fqdn/oracle.py);
-    one whose name does not resolve gets the outcome `unresolved`, the lookup in its trace."""
-    from ..fqdn.oracle import FqdnOracle  # noqa: PLC0415 - the model judges with this engine
-
-    fqdn = FqdnOracle(engine)
-    out = []
-    for step in engine.scenario.steps:
-        if step.kind == "expire":
-            fqdn.expire(step.expire)
-            continue
-        engine.apply_step(step)
-        for probe in step.probes:
-            decision, lookup, _ = fqdn.judge(probe)
-            if decision is None:
-                assert lookup is not None
-                decision = Decision("unresolved", Flow.from_probe(probe), [lookup.summary(), lookup.why])
-            out.append((step, probe, decision))
-        fqdn.end_step()
-    return out
-
-
-__all__ = ["Decision", "EngineState", "Flow", "PolicyEngine", "Proposal", "expected_outcomes", "explain_text"]
+__all__ = ["Decision", "EngineState", "Flow", "PolicyEngine", "Proposal", "explain_text"]

@@ -268,7 +268,8 @@ def test_each_group_registers_its_own_verbs_in_the_order_help_lists_them() -> No
                                                           "explain": ["s", "--from", "a", "--to", "b"],
                                                           "check": ["e"],
                                                           "trace": ["--from", "a", "--to", "b"],
-                                                          "policy": ["get"], "identity": ["list"]}.get(verb, [])])
+                                                          "policy": ["get"], "identity": ["list"],
+                                                          "fqdn": ["cache"]}.get(verb, [])])
             assert args.func.__name__ == f"cmd_{verb}" and hasattr(args, "json") == (verb != "exec")
 
 

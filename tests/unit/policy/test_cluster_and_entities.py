@@ -14,7 +14,8 @@ import pytest
 
 from dataplane.abi import IDENTITY_KUBE_APISERVER, IDENTITY_REMOTE_NODE, IDENTITY_WORLD
 from dataplane.errors import ErrorList, SourceError
-from dataplane.policy import Flow, PolicyEngine, expected_outcomes, explain_text
+from dataplane.fqdn.oracle import expected_outcomes
+from dataplane.policy import Flow, PolicyEngine, explain_text
 from dataplane.scenario import load_scenario
 from tests.support.policy import ccnp, cnp, engine, outcome
 

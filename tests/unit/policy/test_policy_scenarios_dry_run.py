@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dataplane.policy import PolicyEngine, expected_outcomes, explain_text
+from dataplane.fqdn.oracle import expected_outcomes
+from dataplane.policy import PolicyEngine, explain_text
 from dataplane.scenario import load_scenario, meets
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[3] / "scenarios").glob("*.yaml"))
