@@ -32,7 +32,7 @@ from . import flowrecord
 from .flowrender import outcome
 from .errors import L7LabError
 from .flows import Directory, FlowLog, kernel_flows
-from .fqdn.lookup import lookup_in_netns
+from .fqdn.lookup import DNS_PORT, lookup_in_netns
 from .fqdn.oracle import FqdnOracle, looks_up
 from .probes import Observation, run_probe
 from .scenario import HOST_SOURCE, Probe, Scenario, Step, meets
@@ -230,7 +230,9 @@ class KernelExecutor:
             lookup = await lookup_in_netns(netns, probe.destination.dns_name, sc.nameserver,
                                            sc.search_path(sc.pods[probe.source].namespace), probe.timeout)
             if not lookup.resolved:
-                return Observation("unresolved", lookup.why, extra={"lookup": lookup.to_json()})
+                return Observation("unresolved", lookup.why,
+                                   extra={"lookup": lookup.to_json(), "sport": lookup.last_sport,
+                                          "translated": (sc.nameserver, DNS_PORT), "protocol": "UDP"})
             probe = replace(probe, destination=replace(probe.destination, ip=lookup.address))
         observed = await self._observe(probe, netns, address)
         if lookup is not None:
@@ -287,10 +289,12 @@ class KernelExecutor:
             ping = r.probe.icmp is not None
             # To a service, the kernel's flow is the translated one (the backend's address and port).
             dst_ip, dst_port = r.observed.extra.get("translated", (r.probe.destination.ip, r.probe.destination.port))
-            flow = first.get((src_ip, 0 if ping else r.observed.extra.get("sport"), dst_ip, dst_port, r.probe.protocol,
+            # An unresolved name: the kernel's side is its lookup's last query (to the nameserver).
+            protocol = r.observed.extra.get("protocol", r.probe.protocol)
+            flow = first.get((src_ip, 0 if ping else r.observed.extra.get("sport"), dst_ip, dst_port, protocol,
                               r.observed.extra.get("echo_id") if ping else None))
             if flow is not None:
-                r.kernel = outcome(flow)
+                r.kernel = "unresolved" if r.observed.outcome == "unresolved" else outcome(flow)
                 r.kernel_verdict = flow.verdict.value
 
     async def explain(self, result: ProbeResult) -> None:

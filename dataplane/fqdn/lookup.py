@@ -59,6 +59,7 @@ class Lookup:
     queries: list[tuple[str, str]] = field(default_factory=list)
     why: str = ""  # why it is unresolved
     learned: list[str] = field(default_factory=list)  # model: names the DNS proxy would learn
+    last_sport: int = 0  # the source port of the last query sent (finds its kernel events)
 
     @property
     def resolved(self) -> bool:
@@ -90,6 +91,7 @@ async def lookup_in_netns(netns: str, name: str, nameserver: str, search: list[s
         sock = topology.socket_in(netns, kind=socket.SOCK_DGRAM)
         try:
             sock.connect((nameserver, DNS_PORT))
+            result.last_sport = sock.getsockname()[1]
             await loop.sock_sendall(sock, query.to_wire())
             deadline = time.monotonic() + timeout
             reply = None
