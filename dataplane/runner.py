@@ -160,11 +160,12 @@ class KernelExecutor:
     def __init__(self, lab: Lab, policy: PolicyEngine | None = None) -> None:
         self.lab = lab
         self.policy = policy  # a policy engine, when one is wired in; used as the referee
-        self.fqdn = FqdnOracle(policy) if policy is not None else None
         self.learner: Any = None
         self._learner_server: Any = None
         if policy is not None and lab.enforcing and lab.datapath is not None:
             self._serve_learner(policy)
+        # The oracle's model starts from what lookups taught this lab before (an earlier run on it).
+        self.fqdn = FqdnOracle(policy, lab.fqdn_cache) if policy is not None else None
 
     def _serve_learner(self, policy: PolicyEngine) -> None:
         """The lab's FQDN learner, served while the run lasts (an agent takes it over on --keep)."""
@@ -178,8 +179,11 @@ class KernelExecutor:
             lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=bool(state.l7) and l7_changed)
 
         assert lab.datapath is not None
-        self.learner = FqdnLearner(policy, enforcer(policy, write), lab.datapath.open_connections)
+        self.learner = FqdnLearner(policy, enforcer(policy, write), lab.datapath.open_connections,
+                                   cache=lab.fqdn_cache)
         lab.fqdn_cache = self.learner.cache
+        self.learner.tick()  # what expired since an earlier run on this lab goes first
+        self.learner.sync()  # what it taught and still holds, in force under this engine too
         self._learner_server = LearnerServer(self.learner, lab_dir(lab.name) / SOCKET_NAME)
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ This follows Cilium's DNS cache (pkg/fqdn/cache.go) and its garbage collection
 - An entry lives until max(TTL, the minimum TTL) after the answer (`--tofqdns-min-ttl`, default
   0: the answer's TTL). A new answer for the same name and address extends it.
 - An endpoint keeps at most `max_ips_per_name` addresses per name
-  (`--tofqdns-endpoint-max-ip-per-hostname`); past it the entries that expire first go.
+  (`--tofqdns-endpoint-max-ip-per-hostname`); past it the entries that expire first go, and of
+  one answer's addresses the last ones (a client connects to the first).
 - An expired entry whose address the endpoint still has an open connection to stays, marked a
   zombie ("kept: connection open"), and is dropped once the connection is gone (Cilium keeps
   such addresses alive from its conntrack garbage collection).
@@ -110,7 +111,9 @@ class FqdnCache:
         lifetime = max(ttl, self.min_ttl)
         out: list[CacheEntry] = []
         for name in names:
-            for address in addresses:
+            # Last answer record first: of entries that expire together, the cap drops the ones
+            # learned first, so the addresses a client tries first (the answer's first) stay.
+            for address in reversed(addresses):
                 entry = CacheEntry(endpoint, name, address, ttl, now, now + lifetime, _norm(qname), wall)
                 old = self.entries.get(entry.key)
                 if old is not None and old.expires_at > entry.expires_at:

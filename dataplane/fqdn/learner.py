@@ -75,12 +75,17 @@ class FqdnLearner:
         self.lock = lock or threading.RLock()
         self.pod_by_ip = {p.ip: k for k, p in engine.scenario.pods.items()}
         self.errors = 0
+        # Set when its owner stops serving it: a request still arriving on a connection accepted
+        # before must not write a policy its owner no longer holds.
+        self.closed = False
 
     # ------------------------------------------------------------------ requests
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         reply: dict[str, Any] = {"id": request.get("id")}
         try:
+            if self.closed:
+                raise RuntimeError("the learner has stopped")
             op = request.get("op")
             if op == "learn":
                 reply.update(ok=True, learned=self.learn(request))
@@ -142,6 +147,11 @@ class FqdnLearner:
                 self._sync()
             return removed
 
+    def sync(self) -> None:
+        """Put in force what the caches hold (a learner taking over caches an earlier one filled)."""
+        with self.lock:
+            self._sync()
+
     def _sync(self) -> None:
         """Put in force what the caches now give the selectors, if that changed anything."""
         names = self.cache.address_names()
@@ -177,7 +187,8 @@ class LearnerServer:
         self.path = Path(path)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a socket left by a process that crashed
-        handler = _handler_for(learner)
+        self.connections: set[socket.socket] = set()
+        handler = _handler_for(learner, self.connections)
         self.server = socketserver.ThreadingUnixStreamServer(str(self.path), handler)
         self.server.daemon_threads = True
         os.chmod(self.path, 0o600)
@@ -199,8 +210,13 @@ class LearnerServer:
         if self._stop.is_set():
             return
         self._stop.set()
+        with self.learner.lock:
+            self.learner.closed = True
         self.server.shutdown()
         self.server.server_close()
+        for conn in list(self.connections):  # the proxy's connection ends with the server
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout=5)
         with contextlib.suppress(FileNotFoundError):
@@ -213,8 +229,17 @@ class LearnerServer:
         self.close()
 
 
-def _handler_for(learner: FqdnLearner) -> type[socketserver.StreamRequestHandler]:
+def _handler_for(learner: FqdnLearner, connections: set[socket.socket]) -> type[socketserver.StreamRequestHandler]:
     class Handler(socketserver.StreamRequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            connections.add(self.request)
+
+        def finish(self) -> None:
+            connections.discard(self.request)
+            with contextlib.suppress(OSError):
+                super().finish()
+
         def handle(self) -> None:
             while True:
                 line = self.rfile.readline(MAX_LINE + 1)

@@ -35,12 +35,14 @@ def looks_up(probe: "Probe", engine: "PolicyEngine") -> bool:
 
 
 class FqdnOracle:
-    def __init__(self, engine: "PolicyEngine") -> None:
+    def __init__(self, engine: "PolicyEngine", cache: FqdnCache | None = None) -> None:
+        """`cache`: what lookups taught the lab before (its copy is the model's start)."""
         from ..clusterdns import zone_from_scenario  # noqa: PLC0415
 
         self.engine = engine
         settings = engine.scenario.settings
-        self.cache = FqdnCache(settings.fqdn_min_ttl, settings.fqdn_max_ips_per_hostname)
+        self.cache = cache.copy() if cache is not None else \
+            FqdnCache(settings.fqdn_min_ttl, settings.fqdn_max_ips_per_hostname)
         self.zone = zone_from_scenario(engine.scenario) if engine.scenario.nameserver else None
         self._step: list[FqdnCache] = []
 

@@ -2,7 +2,8 @@
 an FQDN-allowed host is unreachable before its name is looked up, reachable right after (the
 DNS proxy holds the answer until the policy allows its address), unreachable again once the
 TTL has passed with no connection open; an open connection keeps the address allowed past its
-TTL, and closing it lets the address go. Without a DNS rule nothing is learned."""
+TTL, and closing it lets the address go; an endpoint keeps at most the cap of addresses per
+name. (Without a DNS rule nothing is learned: scenarios/allow-only-google.yaml.)"""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ SCENARIO = f"""\
 name: fqdn-learning
 settings:
   probeTimeout: 0.5
+  toFQDNsMaxIPsPerHostname: 2
 namespaces:
   - name: kube-system
   - name: shop
@@ -34,6 +36,9 @@ pods:
 world:
   - {{name: api, address: {API}, dnsNames: [api.example.com], ttl: 3, ports: [{{port: 80}}]}}
   - {{name: other, address: 198.51.100.30, dnsNames: [www.example.org], ports: [{{port: 80}}]}}
+  - {{name: many-1, address: 203.0.113.31, dnsNames: [many.example.com], ttl: 300, ports: [{{port: 80}}]}}
+  - {{name: many-2, address: 203.0.113.32, dnsNames: [many.example.com], ttl: 300, ports: [{{port: 80}}]}}
+  - {{name: many-3, address: 203.0.113.33, dnsNames: [many.example.com], ttl: 300, ports: [{{port: 80}}]}}
 policies:
   - apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -43,7 +48,7 @@ policies:
       egress:
         - toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s:k8s-app: kube-dns}}}}]
           toPorts: [{{ports: [{{port: "53", protocol: ANY}}], rules: {{dns: [{{matchPattern: "*"}}]}}}}]
-        - toFQDNs: [{{matchName: api.example.com}}]
+        - toFQDNs: [{{matchName: api.example.com}}, {{matchName: many.example.com}}]
           toPorts: [{{ports: [{{port: "80", protocol: TCP}}]}}]
 """
 
@@ -131,3 +136,12 @@ def test_an_open_connection_keeps_an_expired_address_until_it_closes(lab: str) -
     # The open connection of the curl just above closes too: the entry goes once none is open.
     wait_until(lambda: not [e for e in cache(lab) if e["name"] == "api.example.com"], "the entry to go", 60)
     assert curl(lab, f"http://{API}/", expect_answer=False) == 28
+
+
+def test_an_endpoint_keeps_at_most_the_cap_of_addresses_per_name(lab: str) -> None:
+    # many.example.com has three addresses; the lab keeps two per name and endpoint (settings).
+    assert curl(lab, "http://many.example.com/", expect_answer=True) == 0  # the answer's first address
+    kept = sorted(e["address"] for e in cache(lab) if e["name"] == "many.example.com")
+    assert kept == ["203.0.113.31", "203.0.113.32"]
+    assert curl(lab, "http://203.0.113.32/", expect_answer=True) == 0
+    assert curl(lab, "http://203.0.113.33/", expect_answer=False) == 28  # over the cap: not learned

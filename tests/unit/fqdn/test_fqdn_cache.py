@@ -71,6 +71,12 @@ def test_expiry_removes_unless_the_endpoint_has_a_connection_open_to_the_address
     assert cache.address_names() == {}
 
 
+def test_the_cap_keeps_the_first_addresses_of_one_answer() -> None:
+    cache = FqdnCache(max_ips_per_name=2)
+    cache.learn("ns/a", "many.example.com", [rec("many.example.com", A, 10, f"203.0.113.{i}") for i in (1, 2, 3)], 0.0)
+    assert sorted(e.address for e in cache.entries.values()) == ["203.0.113.1", "203.0.113.2"]
+
+
 def test_without_a_datapath_every_expired_entry_goes() -> None:
     cache = FqdnCache()
     cache.learn("ns/a", "x.example.com", [rec("x.example.com", A, 1, "203.0.113.7")], now=0.0)
