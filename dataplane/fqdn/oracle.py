@@ -80,10 +80,10 @@ class FqdnOracle:
         self.cache.forget(names)
 
 
-def expected_outcomes(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "Decision"]]:
-    """Walk every step of the engine's scenario (dry run): (step, probe, oracle decision). A probe
-    to a DNS name is looked up first, in this model; one whose name does not resolve gets the
-    outcome `unresolved`, the lookup in its trace."""
+def expected_walk(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "Decision", Lookup | None]]:
+    """Walk every step of the engine's scenario (dry run): (step, probe, oracle decision, the
+    probe's lookup or None). A probe to a DNS name is looked up first, in this model; one whose
+    name does not resolve gets the outcome `unresolved`, the lookup in its trace."""
     from ..policy.engine import Decision, Flow  # noqa: PLC0415
 
     fqdn = FqdnOracle(engine)
@@ -98,6 +98,11 @@ def expected_outcomes(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "De
             if decision is None:
                 assert lookup is not None
                 decision = Decision("unresolved", Flow.from_probe(probe), [lookup.summary(), lookup.why])
-            out.append((step, probe, decision))
+            out.append((step, probe, decision, lookup))
         fqdn.end_step()
     return out
+
+
+def expected_outcomes(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "Decision"]]:
+    """`expected_walk` without the lookups: (step, probe, oracle decision)."""
+    return [(step, probe, decision) for step, probe, decision, _ in expected_walk(engine)]

@@ -26,6 +26,8 @@ from typing import IO, Any
 
 import pytest
 
+from dataplane.fqdn.oracle import expected_walk
+from dataplane.policy import PolicyEngine
 from dataplane.scenario import Probe, load_scenario
 from tests.conftest import REPO, unique_lab
 from tests.support.cli_lab import L7LAB, RETAIL, curl, l7lab, leftovers, nothing_left
@@ -373,28 +375,43 @@ def test_bad_values_are_usage_errors(retail: Lab) -> None:
 
 class DnsExpectations:
     def __init__(self) -> None:
-        probes = [p for step in load_scenario(DNS_POLICY).steps for p in step.probes]
+        scenario = load_scenario(DNS_POLICY)
+        walk = expected_walk(PolicyEngine(scenario))
+        probes = [p for _, p, _, _ in walk]
         mediabot = [p for p in probes if p.source == "shop/mediabot"]
         self.questions = [p for p in mediabot if p.dns is not None]  # through the DNS proxy
+        # The queries of mediabot's lookups (a probe to a DNS name looks it up first) that reach
+        # the DNS proxy: (name asked, what it answered); dropped ones never reach it.
+        self.lookups = [(q, what) for _, p, _, lookup in walk if lookup is not None and p.source == "shop/mediabot"
+                        for q, what in lookup.queries if what != "dropped"]
+        # shell enforces nothing: its lookups' queries go straight to kube-dns
+        self.shell_queries = sum(len(lookup.queries) for _, p, _, lookup in walk
+                                 if lookup is not None and p.source == "shop/shell")
         self.not_dns = [p for p in mediabot if p.dns is None and target(p) == "kube-system/kube-dns"]
         self.dropped = [p for p in mediabot if p.expect == "dropped" and target(p) != "kube-system/kube-dns"]
         # to world hosts from mediabot, whose egress policy gives each a policy verdict (shell
-        # enforces nothing: its flows are traces alone)
-        self.world = [p for p in mediabot if p.destination.kind == "world"]
+        # enforces nothing: its flows are traces alone); a name that did not resolve connects nowhere
+        self.world = [p for p in mediabot if p.destination.kind == "world" and p.expect != "unresolved"]
+        self.world_names = {p.destination.ip: scenario.world[p.destination.name].dns_names for p in self.world}
         assert {(p.protocol, p.expect) for p in self.not_dns} == {("UDP", "dropped"), ("TCP", "dropped")}
-        # Each question: a request and an answer; the datagram that is no DNS and the HTTP request
-        # on TCP port 53 (DNS over TCP there): a request the proxy could not read (ERROR), no answer.
-        self.l7_flows = 2 * len(self.questions) + 1 + 1
+        assert self.lookups and any(what == "REFUSED" for _, what in self.lookups)
+        # Each question (a probe's, or a lookup's): a request and an answer; the datagram that is
+        # no DNS and the HTTP request on TCP port 53 (DNS over TCP there): a request the proxy
+        # could not read (ERROR), no answer.
+        self.l7_flows = 2 * (len(self.questions) + len(self.lookups)) + 1 + 1
 
     def asked(self, expect: str) -> Counter[str]:
-        return Counter(f"DNS {p.dns.name}" for p in self.questions if p.expect == expect)
+        """The questions answered `expect` (allowed: forwarded; refused: REFUSED by the proxy)."""
+        out = Counter(f"DNS {p.dns.name}" for p in self.questions if p.expect == expect)
+        out.update(f"DNS {q}" for q, what in self.lookups if (what == "REFUSED") == (expect == "refused"))
+        return out
 
 
 def test_dns_questions(dns: Lab) -> None:
     want = DnsExpectations()
     requests = dns.observe("--protocol", "dns", "--type", "l7")
-    assert Counter(kind(f) for f in requests) == Counter({"dns-request": len(want.questions) + 2,
-                                                          "dns-response": len(want.questions)})
+    asked = len(want.questions) + len(want.lookups)
+    assert Counter(kind(f) for f in requests) == Counter({"dns-request": asked + 2, "dns-response": asked})
     refused = dns.observe("--protocol", "dns", "--verdict", "DROPPED")
     assert lines(refused) == want.asked("refused") and {kind(f) for f in refused} == {"dns-request"}
     answered = [f for f in dns.observe("--protocol", "dns", "--verdict", "FORWARDED") if kind(f) == "dns-request"]
@@ -406,8 +423,9 @@ def test_dns_questions(dns: Lab) -> None:
 def test_dns_namespaces_and_ports(dns: Lab) -> None:
     # shell has no policy: its question goes straight to kube-dns, no proxy, no L7 flow, and no
     # policy verdict (neither end enforces policy), only the trace.
+    want = DnsExpectations()
     shell = dns.observe("--from-pod", "shop/shell", "--to-namespace", "kube-system")
-    assert Counter(kind(f) for f in shell) == Counter({"trace:to-endpoint": 1})
+    assert Counter(kind(f) for f in shell) == Counter({"trace:to-endpoint": 1 + want.shell_queries})
     assert dns.observe("--to-namespace", "kube-system", "--protocol", "udp") == dns.observe("--to-port", "53",
                                                                                             "--protocol", "udp")
     # TCP to port 53 meets the proxy's DNS over TCP: the HTTP request is no DNS message (ERROR).
@@ -425,9 +443,9 @@ def test_dns_world_and_drops(dns: Lab) -> None:
     # World hosts by DNS name: a pattern's `*` spans dots, as Hubble's.
     named = dns.observe("--to-fqdn", "*.example.com", "--type", "policy-verdict")
     assert {(name(f, "source"), f["IP"]["destination"]) for f in named} == {
-        (p.source, p.destination.ip) for p in want.world if p.destination.dns_name.endswith(".example.com")}
-    assert dns.observe("--fqdn", "www.example.org") == dns.observe("--to-ip", next(
-        p.destination.ip for p in want.world if p.destination.dns_name == "www.example.org"))
+        (p.source, p.destination.ip) for p in want.world
+        if any(n.endswith(".example.com") for n in want.world_names[p.destination.ip])}
+    assert dns.observe("--fqdn", "www.example.com") == dns.observe("--to-ip", "203.0.113.20")
     drops = dns.observe("--from-label", "app=mediabot", "--type", "drop")
     assert {f["IP"]["destination"] for f in drops} == {p.destination.ip for p in want.dropped}
     assert dns.observe("--to-identity", "world", "--verdict", "FORWARDED", "--type", "policy-verdict") == [

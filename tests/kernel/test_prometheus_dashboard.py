@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ from dataplane import lab as labmod
 from dataplane.flowrecord import Flow, FlowType, Verdict
 from dataplane.flows import RecordTail
 from dataplane.hubble import hubble_flows
+from dataplane.fqdn.lookup import lookup_in_netns
 from dataplane.probes import Observation, run_probe
 from dataplane.scenario import Probe, load_scenario
 from tests.conftest import REPO, patient, unique_lab
@@ -76,12 +77,27 @@ def send_traffic(lab: MetricsLab) -> None:
     """The scenario's probes, step by step (the probes of a step at once, as `l7lab run` sends
     them), up to its first policy change; each must meet its expectation."""
     endpoints = labmod.LabRecord.load(lab.name).endpoints
-    for step in patient(load_scenario(lab.scenario)).steps:
+    scenario = load_scenario(lab.scenario)
+
+    async def one(p: Probe) -> Observation:
+        """A probe to a DNS name looks it up from the pod first, as `l7lab run` sends it."""
+        netns = endpoints[p.source].netns
+        if p.destination.dns_name and p.source in scenario.pods and scenario.nameserver:
+            search = scenario.search_path(scenario.pods[p.source].namespace)
+            lookup = await lookup_in_netns(netns, p.destination.dns_name, scenario.nameserver, search, p.timeout)
+            if not lookup.resolved:
+                return Observation("unresolved", lookup.why, extra={"lookup": lookup.to_json()})
+            observed = await run_probe(replace(p, destination=replace(p.destination, ip=lookup.address)), netns)
+            observed.extra["lookup"] = lookup.to_json()
+            return observed
+        return await run_probe(p, netns)
+
+    for step in patient(scenario).steps:
         if step.kind != "probes":
             break
 
         async def one_step() -> list[Observation]:
-            return list(await asyncio.gather(*(run_probe(p, endpoints[p.source].netns) for p in step.probes)))
+            return list(await asyncio.gather(*(one(p) for p in step.probes)))
         observed = asyncio.run(one_step())
         for probe, obs in zip(step.probes, observed):
             assert obs.outcome == probe.expect, (probe, obs)
@@ -181,6 +197,10 @@ def test_every_dashboard_panel_matches_the_traffic_sent(tmp_path: Path) -> None:
             assert all(sane(float(r["value"][1])) for r in result), (title, result)
 
         r = ROUNDS
+        # mediabot's lookups before it connects to a DNS name: each query reaches the DNS proxy
+        lookups = [what for p, o in dns.sent if pod(p.source) == "mediabot" and "lookup" in o.extra
+                   for _q, what in o.extra["lookup"]["queries"]]
+        lookups_refused = lookups.count("REFUSED")
         # -- incoming HTTP request rate per workload ----------------------------------------------
         (drawn,) = panel("Incoming HTTP request rate per workload", retail, exact=False,
                          by=("destination_namespace", "destination_workload"))
@@ -231,7 +251,7 @@ def test_every_dashboard_panel_matches_the_traffic_sent(tmp_path: Path) -> None:
         assert got[("inventory-read-only", "l7/http")] == 3 * r  # DELETE, POST and GET ../admin, denied
         assert got[("payments-post-only", "l7/http")] == 2 * r
         (total,) = panel("Dropped flows by the policy that dropped them", dns, exact=True, by=by)
-        assert regroup(total, by, ("policy_name", "match"))[("mediabot-dns", "l7/dns")] == 2 * r
+        assert regroup(total, by, ("policy_name", "match"))[("mediabot-dns", "l7/dns")] == 2 * r + lookups_refused
 
         # -- drops by reason: every DROPPED Hubble flow ------------------------------------------
         for lab in labs:
@@ -244,12 +264,14 @@ def test_every_dashboard_panel_matches_the_traffic_sent(tmp_path: Path) -> None:
         queries_, denied, refused = panel("DNS queries and refusals", dns, exact=True, by=())
         mediabot_questions = sum(1 for p, _o in dns.sent if p.dns is not None and pod(p.source) == "mediabot")
         assert mediabot_questions == 4 * r
-        # the DNS proxy's records: those questions, and what is no DNS on port 53 (the datagram,
-        # and the HTTP request over TCP, where DNS over TCP is served)
+        assert lookups and lookups_refused == 2 * r  # www.example.com.shop.svc.cluster.local, www.example.org
+        # the DNS proxy's records: those questions and queries, and what is no DNS on port 53 (the
+        # datagram, and the HTTP request over TCP, where DNS over TCP is served)
         dns_records = sum(1 for rec in records(dns) if rec.dns is not None)
-        assert dns_records == mediabot_questions + 2 * r
+        assert dns_records == mediabot_questions + len(lookups) + 2 * r
         assert queries_[()] == dns_records
-        assert denied[()] == 2 * r and refused[()] == 2 * r  # www.example.org, api.partner.example.com
+        # www.example.org, api.partner.example.com, and the refused queries of the lookups
+        assert denied[()] == 2 * r + lookups_refused and refused[()] == 2 * r + lookups_refused
         queries_, denied, refused = panel("DNS queries and refusals", dns, exact=False, by=())
         assert queries_[()] > 0 and denied[()] > 0 and refused[()] > 0
 
