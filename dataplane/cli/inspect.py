@@ -170,7 +170,7 @@ def render_fqdn_cache(rows: list[dict[str, Any]]) -> None:
         left = row["expires_in"]
         expires = ("expired, kept: connection open" if row["zombie"] else
                    f"in {left:g}s" if left > 0 else "expired")
-        learned = datetime.fromtimestamp(row["learned_wall"]).strftime("%H:%M:%S") if row["learned_wall"] else ""
+        learned = datetime.fromtimestamp(row["learned_wall"]).strftime("%H:%M:%S.%f")[:-3] if row["learned_wall"] else ""
         table.add_row(*map(cell, (row["endpoint"], row["name"], row["address"], row["ttl"], expires,
                                   f"{row['query']} at {learned}".strip(), "\n".join(row["selectors"]) or "-")))
     console.print(table)
