@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from l7.decide import L7Verdict, decide, protocol_for
+from l7.dns import fqdn_matches
 from l7.http import HttpError, view_request
 from l7.protocol import protocol as l7_protocol
 
@@ -42,7 +43,7 @@ from ..abi import IDENTITY_HOST, PROTO_ANY, PROTO_ICMP, PROTOCOL_NAMES, PROTOCOL
 from ..icmp import ECHO_REQUEST, type_name
 from ..mapstate import DirectionLookup, MapState, ServiceEntry, flow_lookups
 from ..scenario import HttpRequest, Probe, Scenario, Step
-from .api import CIDRPeer, Policy
+from .api import CIDRPeer, FQDNPeer, Policy
 from .host import HOST_ENDPOINT_ID, HOST_ENDPOINT_NAME, host_policy_refusal
 from .identity import IdentityAllocator, IdentityTable
 from .notices import icmpv6_note, peer_notes, requirement_notes
@@ -428,11 +429,7 @@ class _Judge:
         dst_desc = f"pod {dst_pod}" if dst_pod else f"node {sc.node.name} (host)" if to_node else next(
             (f"world host {h.name}" for h in sc.world.values() if h.address == flow.destination_ip), "outside the lab")
         self.trace.append(f"destination {dst_desc}, identity {self.ids.describe(dst_identity)} (ipcache longest match)")
-        taught = self.engine.snapshot().fqdn_sources.get(flow.destination_ip)
-        if taught and self.engine.snapshot().fqdn_names.get(flow.destination_ip):
-            names = ", ".join(self.engine.snapshot().fqdn_names[flow.destination_ip])
-            self.trace.append(f"  {flow.destination_ip} is {names} to toFQDNs selectors: learned from the DNS answer "
-                              f"to {taught}")
+        self.fqdn_note(flow.destination_ip)
 
         if src_pod is not None and dst_pod == src_pod:
             # A pod's traffic to its own address loops back inside its namespace and never
@@ -526,6 +523,26 @@ class _Judge:
         else:
             self.trace.append("  ALLOW")
         return True
+
+    def fqdn_note(self, address: str) -> None:
+        """Which lookup taught the destination's address to toFQDNs selectors; or, for a world
+        host whose name a toFQDNs selector matches, that no lookup has (yet)."""
+        state = self.engine.snapshot()
+        names = state.fqdn_names.get(address)
+        if names and address in state.fqdn_sources:
+            self.trace.append(f"  {address} is {', '.join(names)} to toFQDNs selectors: learned from the DNS answer "
+                              f"to {state.fqdn_sources[address]}")
+            return
+        host = next((h for h in self.engine.scenario.world.values() if h.address == address), None)
+        if host is None or not host.dns_names:
+            return
+        selectors = {p.describe() for policy in state.policies.values() for spec in policy.specs
+                     for rule in spec.rules for p in rule.peers if isinstance(p, FQDNPeer)
+                     and any(fqdn_matches(n, p.match_name, p.match_pattern) for n in (*host.dns_names, *host.aliases))}
+        if selectors:
+            self.trace.append(f"  no lookup relayed by the DNS proxy has taught {address} ({', '.join(host.dns_names)}): "
+                              f"{', '.join(sorted(selectors))} select only addresses that DNS answers taught, "
+                              f"so not this one (look the name up through a DNS rule first)")
 
     def remote_address(self, direction: Direction) -> str:
         """The address of the other side of the flow, seen from `direction`'s endpoint."""
