@@ -10,7 +10,7 @@ import pytest
 from dataplane import runner
 from dataplane.datapath import Datapath
 from tests.conftest import require_kernel, unique_lab
-from tests.support.cli_lab import RETAIL, l7lab, leftovers, nothing_left
+from tests.support.cli_lab import RETAIL, up_lab
 from tests.support.kernel_lab import KernelLab, close_lab, open_lab
 
 
@@ -34,14 +34,7 @@ def wide_probes(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def retail() -> Iterator[str]:
     """A lab of scenarios/retail.yaml brought up with `l7lab up` (so it has an agent); down afterwards."""
-    name = unique_lab("ag")
-    up = l7lab("up", str(RETAIL), "--name", name)
-    assert up.returncode == 0, up.stderr
-    try:
-        yield name
-    finally:
-        assert l7lab("down", name).returncode == 0
-        assert nothing_left(name), leftovers(name)
+    yield from up_lab(RETAIL, "ag")
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_kernel, unique_lab
-from tests.support.cli_lab import L7LAB, l7lab, leftovers, nothing_left
+from tests.conftest import REPO, require_kernel
+from tests.support.cli_lab import L7LAB, l7lab, up_lab
 
 pytestmark = pytest.mark.xdist_group("fqdn-learning")
 
@@ -68,14 +67,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_kernel()
     path = tmp_path_factory.mktemp("fqdn") / "fqdn-learning.yaml"
     path.write_text(SCENARIO)
-    name = unique_lab("fq")
-    up = l7lab("up", str(path), "--name", name)
-    assert up.returncode == 0, up.stderr
-    try:
-        yield name
-    finally:
-        assert l7lab("down", name).returncode == 0
-        assert nothing_left(name), leftovers(name)
+    yield from up_lab(path, "fq")
 
 
 def curl(lab: str, url: str, expect_answer: bool) -> int:

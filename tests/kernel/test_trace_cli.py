@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_kernel, unique_lab
-from tests.support.cli_lab import l7lab, leftovers, nothing_left
+from tests.support.cli_lab import l7lab, up_lab
 
 SCENARIO = """\
 name: trace
@@ -60,14 +60,7 @@ def bring_up(tmp: Path, audit: bool) -> Iterator[str]:
     require_kernel()
     path = tmp / f"trace-{'audit' if audit else 'enforce'}.yaml"
     path.write_text(SCENARIO.format(audit=str(audit).lower()))
-    name = unique_lab("btr")
-    up = l7lab("up", str(path), "--name", name)
-    assert up.returncode == 0, up.stderr
-    try:
-        yield name
-    finally:
-        assert l7lab("down", name).returncode == 0
-        assert nothing_left(name), leftovers(name)
+    yield from up_lab(path, "btr")
 
 
 @pytest.fixture(scope="module")

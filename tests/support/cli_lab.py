@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.flowrecord import Record, record_from_json
-from tests.conftest import REPO
+from tests.conftest import REPO, unique_lab
 
 L7LAB = [sys.executable, "-m", "dataplane.cli"]
 RETAIL = REPO / "scenarios" / "retail.yaml"
@@ -140,3 +141,16 @@ def nothing_left(name: str, wait: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def up_lab(scenario: Path, prefix: str) -> Iterator[str]:
+    """A lab of `scenario` brought up with `l7lab up` (so it has an agent), named with `prefix`;
+    taken down, with nothing left behind, when the generator ends (`yield from` it in a fixture)."""
+    name = unique_lab(prefix)
+    up = l7lab("up", str(scenario), "--name", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        yield name
+    finally:
+        assert l7lab("down", name).returncode == 0
+        assert nothing_left(name), leftovers(name)
