@@ -17,7 +17,7 @@ echoes it, so several requests may be in flight and replies may come in any orde
         "server": "10.200.0.2:53", "qname": "api.example.com", "qtype": "A", "rcode": 0,
         "records": [{"name": "api.example.com", "type": "CNAME", "ttl": 30, "data": "www.example.com"},
                     {"name": "www.example.com", "type": "A", "ttl": 30, "data": "203.0.113.20"}]}
-    <- {"id": 7, "ok": true, "learned": [{"selector": "matchPattern *.example.com", "ips": ["203.0.113.20"]}]}
+    <- {"id": 7, "ok": true, "learned": [{"selector": "FQDN matchPattern *.example.com", "ips": ["203.0.113.20"]}]}
     <- {"id": 7, "ok": false, "error": "..."}
 
 Failure is never an error for the client: on a timeout, an error reply, a broken or missing
