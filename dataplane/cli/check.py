@@ -75,11 +75,13 @@ def _scenario_notices(scenario: Any) -> list[str]:
     from ..policy.notices import policy_notices  # noqa: PLC0415
     from ..policy.parse import parse_documents  # noqa: PLC0415
 
+    from ..fqdn.oracle import lookup_races  # noqa: PLC0415
+
     groups = [scenario.policies] + [step.apply for step in scenario.steps if step.apply]
     lines: list[str] = []
     for group in groups:
         lines += [n for n in policy_notices(parse_documents([s.document for s in group])) if n not in lines]
-    return lines
+    return lines + lookup_races(policy_engine(scenario))
 
 
 def _step_refusals(scenario: Any) -> list[BaseException]:

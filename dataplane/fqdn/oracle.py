@@ -106,3 +106,42 @@ def expected_walk(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "Decisi
 def expected_outcomes(engine: "PolicyEngine") -> list[tuple["Step", "Probe", "Decision"]]:
     """`expected_walk` without the lookups: (step, probe, oracle decision)."""
     return [(step, probe, decision) for step, probe, decision, _ in expected_walk(engine)]
+
+
+def lookup_races(engine: "PolicyEngine") -> list[str]:
+    """Probes of one step that race a lookup: a probe to a world host by its lab name or address
+    while another probe of the same step looks up, through the DNS proxy, a name that gives that
+    address and that a toFQDNs selector matches. The probes of a step run at once, so on the
+    kernel the lookup may or may not have taught the address when the connection starts; the
+    oracle judges it with what earlier steps taught. `engine` is walked through the scenario."""
+    from l7.dns import fqdn_matches  # noqa: PLC0415
+
+    from ..policy.api import FQDNPeer  # noqa: PLC0415
+
+    sc = engine.scenario
+    out: list[str] = []
+    walk = expected_walk(engine)
+    for step in sc.steps:
+        probes = [(j, p, lookup) for j, (s, p, _, lookup) in
+                  enumerate((w for w in walk if w[0] is step))]
+        selectors = [p for policy in engine.policies.values() for spec in policy.specs for rule in spec.rules
+                     for p in rule.peers if isinstance(p, FQDNPeer)]
+        taught: dict[str, tuple[int, str]] = {}  # address -> (probe index, name looked up)
+        for j, probe, lookup in probes:
+            if lookup is None or not lookup.learned:
+                continue
+            names = set(lookup.learned)
+            if not any(fqdn_matches(n, s.match_name, s.match_pattern) for n in names for s in selectors):
+                continue
+            for host in sc.world.values():
+                if names & {n.lower() for n in (*host.dns_names, *host.aliases)}:
+                    taught.setdefault(host.address, (j, lookup.name.rstrip(".")))
+        for j, probe, _ in probes:
+            dest = probe.destination
+            if dest.kind == "world" and not dest.dns_name and dest.ip in taught:
+                k, name = taught[dest.ip]
+                out.append(f"steps[{step.index}] ({step.name}): probes[{j}] connects to {dest.ip} (world host "
+                           f"{dest.name}) by address while probes[{k}] looks up {name}, which teaches toFQDNs that "
+                           f"address; the probes of a step run at once, so whether the lookup comes first is a race "
+                           f"on the kernel: put them in separate steps")
+    return out
