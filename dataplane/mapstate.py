@@ -200,9 +200,18 @@ class MapState:
                        for k, v in sorted(self.policy.items())],
             "rules": [{"rule_id": r.rule_id, "policy": r.policy, "rule_index": r.rule_index, "section": r.section}
                       for r in self.rules.values()],
-            "l7": [{"endpoint_id": ep, "direction": d, "proxy_port": port, "policy": value.to_json()}
-                   for (ep, d, port), value in sorted(self.l7.items(), key=lambda kv: kv[0])],
+            "l7": self.l7_json(),
         }
+
+    def l7_json(self) -> list[dict]:
+        """The L7 part of `to_json`, alone."""
+        return [{"endpoint_id": ep, "direction": d, "proxy_port": port, "policy": value.to_json()}
+                for (ep, d, port), value in sorted(self.l7.items(), key=lambda kv: kv[0])]
+
+    def brings_l7_rules(self, old: "MapState") -> bool:
+        """Whether this state has L7 rules that `old` did not have as they are: what a running
+        proxy must confirm before the kernel redirects by them."""
+        return bool(self.l7) and self.l7_json() != old.l7_json()
 
     @classmethod
     def from_json(cls, data: dict) -> "MapState":

@@ -169,22 +169,16 @@ class KernelExecutor:
 
     def _serve_learner(self, policy: PolicyEngine) -> None:
         """The lab's FQDN learner, served while the run lasts (an agent takes it over on --keep)."""
-        from .fqdn.learner import SOCKET_NAME, SYNC_BUDGET_S, FqdnLearner, LearnerServer, enforcer  # noqa: PLC0415
-        from .lab import lab_dir  # noqa: PLC0415
+        from .fqdn.learner import FqdnLearner, LearnerServer, enforcer, write_learned  # noqa: PLC0415
 
         lab = self.lab
-
-        def write(old: Any, state: Any) -> None:
-            l7_changed = state.to_json()["l7"] != old.to_json()["l7"]
-            lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=bool(state.l7) and l7_changed)
-
         assert lab.datapath is not None
-        self.learner = FqdnLearner(policy, enforcer(policy, write), lab.datapath.open_connections,
-                                   cache=lab.fqdn_cache)
+        self.learner = FqdnLearner(policy, enforcer(policy, lambda old, state: write_learned(lab, old, state)),
+                                   lab.datapath.open_connections, cache=lab.fqdn_cache)
         lab.fqdn_cache = self.learner.cache
         self.learner.tick()  # what expired since an earlier run on this lab goes first
         self.learner.sync()  # what it taught and still holds, in force under this engine too
-        self._learner_server = LearnerServer(self.learner, lab_dir(lab.name) / SOCKET_NAME)
+        self._learner_server = LearnerServer(self.learner, lab.name)
 
     def close(self) -> None:
         if self._learner_server is not None:

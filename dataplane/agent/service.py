@@ -48,7 +48,7 @@ from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
 from ..flowrecord import Flow, ProxyEvent
 from ..abi import PROTOCOL_NAMES, Direction
 from ..flows import PROXY_RECORDS, Directory, FlowLog, RecordTail, kernel_flows
-from ..fqdn.learner import SOCKET_NAME, SYNC_BUDGET_S, FqdnLearner, LearnerServer, enforcer
+from ..fqdn.learner import FqdnLearner, LearnerServer, enforcer, write_learned
 from ..hubble import hubble_flows, node_name
 from ..hubblemetrics import HubbleCounters
 from ..metrics import LabCollector, LabCounters, MetricsServer, MetricsSnapshot
@@ -105,7 +105,7 @@ class LabService:
     def open(self) -> None:
         """Open the flow records and start serving metrics (in the namespace the agent runs in)."""
         self.flows = FlowLog(self.dir)
-        self.learner_server = LearnerServer(self.learner, self.dir / SOCKET_NAME)
+        self.learner_server = LearnerServer(self.learner, self.lab.name)
         self.take_snapshot()
         if self.metrics_server is not None:  # its socket was bound in the root namespace by `up`
             self.metrics_server.serve(LabCollector(self.lab.name, lambda: self.snapshot))
@@ -198,8 +198,7 @@ class LabService:
 
     def _enforce_learned(self, old: MapState, state: MapState) -> None:
         """Write a state that what DNS taught changed (the learner holds the lock)."""
-        proxy_confirms = bool(state.l7) and _l7_rules(state) != _l7_rules(old)
-        self.lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=proxy_confirms)
+        write_learned(self.lab, old, state)
         self.state = state
 
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], Undo | None]:
@@ -463,7 +462,7 @@ class LabService:
         # A running proxy confirms every change. Without one, a change is refused if it brings L7
         # rules no proxy has confirmed; one that leaves them as they are (or removes them all)
         # goes through, and the restarted proxy loads it.
-        proxy_confirms = self.proxy.up or (bool(state.l7) and _l7_rules(state) != _l7_rules(old_state))
+        proxy_confirms = self.proxy.up or state.brings_l7_rules(old_state)
 
         def restore_maps() -> None:
             with contextlib.suppress(Exception):  # never stop short of the maps for a slow proxy
@@ -522,11 +521,6 @@ class ActiveTrace:
 
 class ChangeRefused(L7LabError):
     """A change turned down before anything was touched."""
-
-
-def _l7_rules(state: MapState) -> str:
-    """The L7 part of a map state, comparable between states."""
-    return json.dumps(state.to_json()["l7"], sort_keys=True)
 
 
 def _change_deadline(request: dict[str, Any]) -> float:

@@ -177,10 +177,10 @@ def render_fqdn_cache(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_fqdn(args: argparse.Namespace) -> int:
-    from ..fqdn.learner import SOCKET_NAME, ask  # noqa: PLC0415
+    from ..fqdn.learner import ask, socket_path  # noqa: PLC0415
 
     rec = one_lab(args.lab)
-    path = labmod.lab_dir(rec.lab) / SOCKET_NAME
+    path = socket_path(rec.lab)
     try:
         reply = ask(path, {"op": "cache"})
     except (OSError, ValueError) as exc:

@@ -159,9 +159,14 @@ class FqdnCache:
             out.setdefault(e.address, set()).add(e.name)
         return {a: tuple(sorted(n)) for a, n in sorted(out.items())}
 
-    def teachers(self, address: str) -> list[CacheEntry]:
-        """The entries that give `address` a name, earliest lookup first (for explain)."""
-        return sorted((e for e in self.entries.values() if e.address == address), key=lambda e: e.learned_at)
+    def sources(self) -> dict[str, str]:
+        """address -> the earliest lookup that taught it, in words ("api.example.com looked up
+        by shop/checkout"): what explain says of an address a toFQDNs selector allows."""
+        first: dict[str, CacheEntry] = {}
+        for e in self.entries.values():
+            if e.address not in first or e.learned_at < first[e.address].learned_at:
+                first[e.address] = e
+        return {a: f"{e.query} looked up by {e.endpoint}" for a, e in sorted(first.items())}
 
     def rows(self) -> list[CacheEntry]:
         return sorted(self.entries.values(), key=lambda e: (e.endpoint, e.name, e.address))

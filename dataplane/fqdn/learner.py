@@ -44,6 +44,7 @@ from ..policy.api import FQDNPeer
 from .cache import AnswerRecord, FqdnCache
 
 if TYPE_CHECKING:
+    from ..lab import Lab
     from ..mapstate import MapState
     from ..policy.engine import PolicyEngine, Proposal
 
@@ -154,15 +155,11 @@ class FqdnLearner:
 
     def _sync(self) -> None:
         """Put in force what the caches now give the selectors, if that changed anything."""
-        names = self.cache.address_names()
-        sources = {a: f"{e.query} looked up by {e.endpoint}" for a in names if (e := self._first_teacher(a))}
-        if names == self.engine.snapshot().fqdn_names and sources == self.engine.snapshot().fqdn_sources:
+        names, sources = self.cache.address_names(), self.cache.sources()
+        state = self.engine.snapshot()
+        if names == state.fqdn_names and sources == state.fqdn_sources:
             return
         self.enforce(self.engine.propose_fqdn(names, sources))
-
-    def _first_teacher(self, address: str) -> Any:
-        teachers = self.cache.teachers(address)
-        return teachers[0] if teachers else None
 
     def cache_rows(self) -> list[dict[str, Any]]:
         now = self.clock()
@@ -178,15 +175,32 @@ class FqdnLearner:
 # ---------------------------------------------------------------------------- the socket
 
 
-class LearnerServer:
-    """Serves `learner` on a Unix socket at `path` from threads of its own, and calls its
-    `tick` every TICK_S; `close()` stops both and removes the socket (idempotent)."""
+def socket_path(lab: str) -> Path:
+    """The learner's socket in the lab's own directory (the lab name is checked first)."""
+    from .. import lab as labmod  # noqa: PLC0415
 
-    def __init__(self, learner: FqdnLearner, path: Path) -> None:
+    return labmod.lab_dir(lab) / SOCKET_NAME
+
+
+def _remove_socket(path: Path, lab: str) -> None:
+    """Remove the socket at `path` as everything of a lab is removed: only inside the lab's own
+    directory, never through a symbolic link (dataplane/safety.py)."""
+    from .. import lab as labmod  # noqa: PLC0415
+    from ..safety import remove_owned  # noqa: PLC0415
+
+    remove_owned(path, lab, labmod.run_dir(), labmod.NETNS_ETC)
+
+
+class LearnerServer:
+    """Serves `learner` on a Unix socket in lab `lab`'s directory (`socket_path`) from threads of
+    its own, and calls its `tick` every TICK_S; `close()` stops both and removes the socket
+    (idempotent)."""
+
+    def __init__(self, learner: FqdnLearner, lab: str) -> None:
         self.learner = learner
-        self.path = Path(path)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a socket left by a process that crashed
+        self.lab = lab
+        self.path = socket_path(lab)
+        _remove_socket(self.path, lab)  # a socket left by a process that crashed
         self.connections: set[socket.socket] = set()
         handler = _handler_for(learner, self.connections)
         self.server = socketserver.ThreadingUnixStreamServer(str(self.path), handler)
@@ -219,8 +233,7 @@ class LearnerServer:
                 conn.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        _remove_socket(self.path, self.lab)
 
     def __enter__(self) -> "LearnerServer":
         return self
@@ -278,6 +291,12 @@ def ask(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, 
                 break
             data += chunk
     return json.loads(data)
+
+
+def write_learned(lab: "Lab", old: "MapState", state: "MapState") -> None:
+    """Put in force a state that what DNS taught changed: the proxy's rules, then the maps,
+    within SYNC_BUDGET_S. A running proxy must confirm only when L7 rules came with it."""
+    lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=state.brings_l7_rules(old))
 
 
 def enforcer(engine: "PolicyEngine", write: Callable[["MapState", "MapState"], None]) -> Callable[["Proposal"], None]:

@@ -45,6 +45,7 @@ class FqdnOracle:
             FqdnCache(settings.fqdn_min_ttl, settings.fqdn_max_ips_per_hostname)
         self.zone = zone_from_scenario(engine.scenario) if engine.scenario.nameserver else None
         self._step: list[FqdnCache] = []
+        self._resolved: tuple[object, object, "PolicyEngine"] | None = None
 
     def judge(self, probe: "Probe") -> tuple["Decision | None", Lookup | None, "Probe"]:
         """(the decision on the connection, or None when the name did not resolve; the lookup,
@@ -59,10 +60,17 @@ class FqdnOracle:
             if not lookup.resolved:
                 return None, lookup, probe
             probe = replace(probe, destination=replace(probe.destination, ip=lookup.address))
-        sources = {a: f"{t[0].query} looked up by {t[0].endpoint}" for a in cache.address_names()
-                   if (t := cache.teachers(a))}
-        engine = self.engine.with_fqdn_names(cache.address_names(), sources)
-        return engine.verdict(Flow.from_probe(probe)), lookup, probe
+        return self._engine_for(cache).verdict(Flow.from_probe(probe)), lookup, probe
+
+    def _engine_for(self, cache: FqdnCache) -> "PolicyEngine":
+        """The engine as if DNS had taught what `cache` holds; resolved once per such state and
+        policy state (probes of a step mostly share one)."""
+        names, sources = cache.address_names(), cache.sources()
+        state, learned = self.engine.snapshot(), (names, sources)
+        if self._resolved is None or self._resolved[0] is not state or self._resolved[1] != learned:
+            # The state in force is held here, so it cannot be mistaken for a later one.
+            self._resolved = (state, learned, self.engine.with_fqdn_names(names, sources))
+        return self._resolved[2]
 
     def expectation(self, probe: "Probe") -> str:
         decision, _, _ = self.judge(probe)

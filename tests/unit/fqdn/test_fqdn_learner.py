@@ -4,38 +4,20 @@ proxy's protocol."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dataplane.fqdn.learner import SOCKET_NAME, FqdnLearner, LearnerServer, ask, enforcer
+from dataplane import lab as labmod
+from dataplane.errors import SetupError
+from dataplane.fqdn.learner import FqdnLearner, LearnerServer, ask, enforcer, socket_path
 from dataplane.policy import Flow, PolicyEngine
+from dataplane.safety import UnsafePathError
 from dataplane.scenario import load_scenario
+from tests.support.fqdn import FQDN_LAB
 from tests.support.scenario_files import write_scenario
-
-SCENARIO = """\
-    name: learn
-    namespaces: [{name: kube-system}, {name: shop}]
-    pods:
-      - {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}]}
-      - {name: checkout, namespace: shop, labels: {app: checkout}, ports: [{port: 80}]}
-    world:
-      - {name: api, address: 203.0.113.20, dnsNames: [api.example.com], ports: [{port: 80}]}
-      - {name: other, address: 198.51.100.30, dnsNames: [www.example.org], ports: [{port: 80}]}
-    policies:
-      - apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: fqdn, namespace: shop}
-        spec:
-          endpointSelector: {matchLabels: {app: checkout}}
-          egress:
-            - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
-              toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
-            - toFQDNs: [{matchPattern: "*.example.com"}]
-              toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-"""
-
 
 class Clock:
     def __init__(self) -> None:
@@ -47,7 +29,7 @@ class Clock:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> PolicyEngine:
-    return PolicyEngine(load_scenario(write_scenario(tmp_path, SCENARIO)))
+    return PolicyEngine(load_scenario(write_scenario(tmp_path, FQDN_LAB)))
 
 
 def learn_request(name: str, address: str, ttl: int = 5, endpoint_ip: str = "") -> dict[str, Any]:
@@ -107,13 +89,36 @@ def test_requests_the_learner_cannot_take_are_answered_not_raised(engine: Policy
     assert written == []
 
 
-def test_the_socket_serves_learn_and_cache(engine: PolicyEngine, tmp_path: Path) -> None:
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The labs' directory, here: a lab's socket lives in its own directory under it."""
+    monkeypatch.setattr(labmod, "RUN_DIR", os.path.realpath(tmp_path / "run"))
+    labmod.lab_dir("learn").mkdir(parents=True)
+    return labmod.run_dir()
+
+
+def test_the_socket_serves_learn_and_cache(engine: PolicyEngine, run_dir: Path) -> None:
     learner, _ = make_learner(engine, Clock(), set())
-    path = tmp_path / SOCKET_NAME
-    with LearnerServer(learner, path):
+    path = socket_path("learn")
+    assert path == run_dir / "learn" / "fqdn.sock"
+    path.write_text("")  # what a crash may leave: the next learner takes the place
+    with LearnerServer(learner, "learn"):
         ip = engine.scenario.pods["shop/checkout"].ip
         assert ask(path, learn_request("api.example.com", "203.0.113.20", 30, ip))["ok"] is True
         rows = ask(path, {"op": "cache"})["cache"]
         assert [(r["endpoint"], r["name"], r["address"], r["ttl"], r["selectors"]) for r in rows] == [
             ("shop/checkout", "api.example.com", "203.0.113.20", 30, ["FQDN matchPattern *.example.com"])]
     assert not path.exists()
+
+
+def test_a_link_in_the_sockets_place_is_refused_and_its_target_kept(engine: PolicyEngine, run_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    learner, _ = make_learner(engine, Clock(), set())
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    socket_path("learn").symlink_to(target)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        LearnerServer(learner, "learn")
+    assert target.read_text() == "keep"
+    with pytest.raises(SetupError, match="invalid lab name"):
+        socket_path("../etc")  # the lab name is checked before any path is made of it

@@ -10,44 +10,25 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.support.fqdn import FQDN_LAB
 from tests.support.scenario_files import write_scenario
 
-SCENARIO = """\
-    name: races
-    namespaces: [{name: kube-system}, {name: shop}]
-    pods:
-      - {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}]}
-      - {name: client, namespace: shop, labels: {app: client}}
-    world:
-      - {name: api, address: 203.0.113.20, dnsNames: [api.example.com], ports: [{port: 80}]}
-      - {name: other, address: 198.51.100.30, dnsNames: [www.example.org], ports: [{port: 80}]}
-    policies:
-      - apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: client, namespace: shop}
-        spec:
-          endpointSelector: {matchLabels: {app: client}}
-          egress:
-            - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s:k8s-app: kube-dns}}]
-              toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
-            - toFQDNs: [{matchName: api.example.com}]
-    steps:
-"""
+SCENARIO = FQDN_LAB + "    steps:\n"
 RACING = """\
       - name: at once
         probes:
-          - {from: client, to: api.example.com:80, expect: allowed}
-          - {from: client, to: api:80, expect: dropped}
-          - {from: client, to: www.example.org:80, expect: dropped}
-          - {from: client, to: other:80, expect: dropped}
+          - {from: checkout, to: api.example.com:80, expect: allowed}
+          - {from: checkout, to: api:80, expect: dropped}
+          - {from: checkout, to: www.example.org:80, expect: dropped}
+          - {from: checkout, to: other:80, expect: dropped}
 """
 APART = """\
       - name: the lookup
         probes:
-          - {from: client, to: api.example.com:80, expect: allowed}
+          - {from: checkout, to: api.example.com:80, expect: allowed}
       - name: then the address
         probes:
-          - {from: client, to: api:80, expect: allowed}
+          - {from: checkout, to: api:80, expect: allowed}
 """
 
 
