@@ -5,24 +5,28 @@ program fds for the topology code to attach, write a `MapState` into the BPF map
 against what it wrote last, and read back metrics and flow events. Per-flow tracing: write the
 flows to trace (`trace_start` / `trace_stop`, maps trace_flows and trace_switch) and read their
 trace events (`poll_traces`). It also runs programs on test packets (BPF_PROG_TEST_RUN) for
-tests and benchmarks.
+tests and benchmarks, and asks the kernel, one capability at a time, for what the datapath needs
+(`probe_map_create`, `ProbeBuild`: the setup self-check, dataplane/selfcheck.py).
 
 Map keys and values and the flow event are the ctypes structs of dataplane/abi.py, which also
 holds every constant shared with dataplane/bpf/lib/*.h and the tunables passed to the compiler as -D
 cflags; the constructor checks each map's types against those BCC derived from the compiled
 program, so a drift fails at start, not silently (tests/kernel/test_abi_compiled.py checks every field).
-`bcc` is imported inside `Datapath.__init__` and `probe_c_abi`, so `FlowEvent` and the packing
+`bcc` is imported inside `Datapath.__init__`, `probe_c_abi` and `ProbeBuild`, so `FlowEvent` and the packing
 helpers can be imported on machines without BCC.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
 import struct
+import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -682,4 +686,95 @@ def probe_c_abi(constants: list[str], structs: list[type[ctypes.Structure]],
         bpf.cleanup()
 
 
-__all__ = ["Datapath", "FlowEvent", "SyncStats", "TestRunResult", "TraceEvent", "TraceFlow", "probe_c_abi"]
+
+# -- kernel capability probes (the setup self-check, dataplane/selfcheck.py) ----------------------
+class ProgramRefused(SetupError):
+    """The kernel refused to load a probe program; `reason` is the verifier's own last word."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"the kernel refused program {name}: {reason}")
+        self.reason = reason
+
+
+def probe_map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> None:
+    """Ask the kernel for one map of kind `map_type` (BPF_MAP_TYPE_*) and close it at once;
+    OSError with the kernel's errno when it refuses. libbcc's bcc_create_map raises
+    RLIMIT_MEMLOCK and retries, as BCC does for the lab's own maps on kernels before 5.11."""
+    try:
+        create = ctypes.CDLL("libbcc.so.0", use_errno=True).bcc_create_map
+    except (OSError, AttributeError) as exc:
+        raise SetupError(f"cannot use libbcc.so.0 (python3-bpfcc): {exc}") from exc
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    create.restype = ctypes.c_int
+    fd = create(map_type, b"l7lab_probe", key_size, value_size, max_entries, flags)
+    if fd < 0:
+        err = -fd if fd < -1 else ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Collect what C code writes on fd 2 in the body (BCC prints the verifier's log there)
+    into the yielded list, instead of the terminal."""
+    saved = os.dup(2)
+    out: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+def _verifier_reason(log: str) -> str:
+    """The line of a verifier log that says why: the last one before the statistics."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip() and not ln.startswith("processed ")
+             and not ln.startswith("bpf: Failed to load program")]
+    return lines[-1] if lines else ""
+
+
+class ProbeBuild:
+    """One BCC compile of a probe source whose tc programs are then loaded one at a time, each
+    accepted or refused by the verifier on its own (the setup self-check). Context manager."""
+
+    def __init__(self, source: str) -> None:
+        try:
+            from bcc import BPF  # noqa: PLC0415 - the loader is the one place l7lab imports bcc
+        except ImportError as exc:
+            raise SetupError("cannot import bcc: install the distribution's python3-bpfcc and create "
+                             "the venv with --system-site-packages (scripts/setup.sh)") from exc
+        self._prog_type = BPF.SCHED_CLS
+        try:
+            self._bpf = BPF(text=source.encode(), cflags=["-Wno-unused-function"])
+        except Exception as exc:  # BCC raises plain Exception on compile failure
+            raise SetupError(f"BCC could not compile the probe programs: {exc}") from exc
+
+    def load(self, name: str) -> int:
+        """Load program `name` (SCHED_CLS) and return its fd; ProgramRefused if the kernel says no."""
+        with _stderr_captured() as log:
+            try:
+                return int(self._bpf.load_func(name.encode(), self._prog_type).fd)
+            except Exception as exc:  # BCC raises plain Exception when the kernel refuses
+                failure = exc
+        raise ProgramRefused(name, _verifier_reason(log[0]) or str(failure))
+
+    def test_run(self, fd: int, name: str, packet: bytes, mark: int = 0) -> TestRunResult:
+        """BPF_PROG_TEST_RUN of a loaded program on one packet, with skb->mark set on the way in."""
+        return _prog_test_run(_load_libbpf_test_run(), fd, name, packet, 1, mark, 0)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+    def __enter__(self) -> "ProbeBuild":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Datapath", "FlowEvent", "ProbeBuild", "ProgramRefused", "SyncStats", "TestRunResult", "TraceEvent",
+           "TraceFlow", "probe_c_abi", "probe_map_create"]

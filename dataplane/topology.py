@@ -357,3 +357,30 @@ def detach_tc(ns: str, ifname: str) -> None:
         if found:
             with contextlib.suppress(NetlinkError):
                 ipr.tc("del", "clsact", found[0])
+
+
+def add_veth_pair(ns: str, ifname: str, peer: str) -> int:
+    """A veth pair with both ends inside `ns`, both up (the setup self-check attaches to it);
+    returns the index of `ifname`."""
+    for name in (ifname, peer):
+        if not 0 < len(name) <= IFNAMSIZ:
+            raise ValueError(f"interface name {name!r}: expected 1..{IFNAMSIZ} characters")
+    with _ipr(ns) as ipr:
+        ipr.link("add", ifname=ifname, kind="veth", peer=peer)
+        for name in (ifname, peer):
+            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+        return int(ipr.link_lookup(ifname=ifname)[0])
+
+
+def tc_bpf_filters(ns: str, ifname: str) -> dict[str, list[str]]:
+    """The names of the BPF filters on the clsact hooks of an interface of `ns`, read back from
+    the kernel: {"ingress": [...], "egress": [...]}."""
+    out: dict[str, list[str]] = {"ingress": [], "egress": []}
+    with _ipr(ns) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        for hook, parent in (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3)):
+            for msg in ipr.get_filters(index=index, parent=parent):
+                # A filter is listed twice: its chain head (no options) and the filter proper.
+                if msg.get_attr("TCA_KIND") == "bpf" and msg.get_attr("TCA_OPTIONS") is not None:
+                    out[hook].append(str(msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")))
+    return out
