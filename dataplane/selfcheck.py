@@ -33,10 +33,13 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import safety
 from .errors import SetupError
+
+if TYPE_CHECKING:
+    from .datapath import ProbeBuild
 
 # BPF_MAP_TYPE_* (include/uapi/linux/bpf.h)
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_LRU_HASH, MAP_LPM_TRIE, MAP_RINGBUF = 1, 2, 5, 9, 11, 27
@@ -387,7 +390,7 @@ def _ask_programs(results: dict[str, Result], simulate: str | None) -> None:
                 results[cap.name] = Result(cap, OK)
 
 
-def _ask_test_run(build: Any, fd: int) -> Result:
+def _ask_test_run(build: "ProbeBuild", fd: int) -> Result:
     cap = BY_NAME["test-run"]
     packet = bytes(64)  # an Ethernet frame of zeros: the program only counts on its length
     try:
@@ -451,8 +454,9 @@ def format_result(r: Result, kernel: str = "") -> str:
 
 
 def format_text(report: Report) -> str:
-    lines = [f"l7lab self-check on Linux {report.kernel}"
-             + (f" (BCC uses the headers in {report.headers})" if report.headers else "")]
+    headers = (f"BCC uses the headers in {report.headers}" if report.headers
+               else f"no kernel headers at /lib/modules/{report.kernel}/build for BCC")
+    lines = [f"l7lab self-check on Linux {report.kernel} ({headers})"]
     if report.error:
         lines.append(f"  cannot check: {report.error}")
     lines += [f"  {format_result(r, report.kernel)}" for r in report.results if not report.error or r.status != UNTESTED]

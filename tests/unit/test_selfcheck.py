@@ -183,3 +183,17 @@ def test_docs_list_every_capability_as_the_check_names_it() -> None:
     assert rows == [f"| {c.title} | {c.since} | {c.needed_for} |" for c in CAPABILITIES]
     assert "python -m dataplane.selfcheck" in section and f"Linux {selfcheck.minimum_kernel()} or newer" in section
     assert "python -m dataplane.selfcheck" in (REPO / "README.md").read_text()
+
+
+def test_without_root_nothing_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selfcheck.os, "geteuid", lambda: 1000)
+    report = selfcheck.run()
+    assert not report.ok and report.error.startswith("not root")
+    assert report.results == []
+    assert "cannot check: not root" in selfcheck.format_text(report)
+
+
+def test_the_first_line_says_which_headers_bcc_uses_or_that_there_are_none() -> None:
+    assert "BCC uses the headers in /usr/src/linux-headers-6.1.0-18-amd64" in selfcheck.format_text(_report())
+    bare = Report(kernel="6.1.0-18-amd64", error="no BCC")
+    assert "no kernel headers at /lib/modules/6.1.0-18-amd64/build for BCC" in selfcheck.format_text(bare)
