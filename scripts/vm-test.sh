@@ -70,13 +70,14 @@ case "$accel" in auto|kvm|tcg) ;; *) die "--accel must be auto, kvm or tcg, got 
 
 vm_dir="$here/.vm"
 cache="$vm_dir/cache"
-mkdir -p "$cache" "$vm_dir/runs"
-if [ -z "$results" ]; then
-  results="$vm_dir/runs/$(date -u +%Y%m%dT%H%M%SZ)"
+if [ -n "$results" ] && [ -e "$results" ]; then
+  [ -d "$results" ] && [ -z "$(ls -A "$results")" ] ||
+    die "--results $results is not an empty directory: give a new or empty one"
 fi
+mkdir -p "$cache" "$vm_dir/runs"
+[ -n "$results" ] || results="$vm_dir/runs/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
-[ -z "$(ls -A "$results")" ] || die "--results $results is not empty: give a new or empty directory"
 timings="$results/timings.tsv"
 printf 'stage\tseconds\n' > "$timings"
 stage_start=0
@@ -116,6 +117,7 @@ log() { printf '%s %s\n' "$(date -u +%T)" "$*" >> "$out/guest.log"; }
 t0=$(date +%s)
 mark() { printf '%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" >> "$out/timings.tsv"; t0=$(date +%s); }
 log "guest up: $(uname -r)"
+printf 'guest-boot\t%s\n' "$(cut -d. -f1 /proc/uptime)" >> "$out/timings.tsv"
 uname -r > "$out/kernel"
 mkdir -p /root/l7lab
 tar -C /mnt/src --exclude=./.venv --exclude=./.vm -cf - . | tar -C /root/l7lab -xf -
@@ -198,9 +200,9 @@ kvm_runs_guests() {
   # guest's kernel under KVM and wait for its first console line.
   [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
   local probe; probe=$(mktemp)
-  timeout 30 qemu-system-x86_64 -accel kvm -cpu host -m 256 -nographic -no-reboot \
+  ( timeout 30 qemu-system-x86_64 -accel kvm -cpu host -m 256 -nographic -no-reboot \
     -kernel "$kernel_file" -append "console=ttyS0 panic=-1 rdinit=/nonexistent" \
-    -serial "file:$probe" -monitor none >/dev/null 2>&1 || true
+    -serial "file:$probe" -monitor none >/dev/null 2>&1 ) 2>/dev/null || true
   grep -q "Linux version" "$probe"; local found=$?
   rm -f "$probe"
   return $found
