@@ -11,7 +11,9 @@
 #
 #   scripts/setup.sh --test   also installs what only the tests use: Prometheus (the metrics and
 #                             dashboard tests scrape a lab with it), Chromium and its WebDriver (the
-#                             service-map test drives the page headless) and jq (the docs' recipes).
+#                             service-map test drives the page headless), jq (the docs' recipes) and
+#                             Vagrant (tests/unit/test_vagrantfile.py has it validate the Vagrantfile;
+#                             no provider and no box: the VM is never started).
 #                             Their services are never started: the tests run them on loopback.
 #
 # The kernel-headers choice is made by the functions below, which take the os-release file, the
@@ -76,8 +78,9 @@ headers_source_dir() {
   echo "$source"
 }
 
-# Sourced: the functions above are all that is wanted.
-if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+# Sourced: the functions above are all that is wanted. (`return` succeeds only in a sourced file
+# or a function; comparing BASH_SOURCE with $0 would take `bash -c '. setup.sh' setup.sh` for a run.)
+if (return 0 2>/dev/null); then
   return 0
 fi
 
@@ -101,7 +104,7 @@ for arg in "$@"; do
     *) die "unknown option $arg (expected --test or nothing)" ;;
   esac
 done
-[ "$test_services" = 1 ] && packages+=(prometheus chromium chromium-driver jq)
+[ "$test_services" = 1 ] && packages+=(prometheus chromium chromium-driver jq vagrant)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
