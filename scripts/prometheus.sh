@@ -12,7 +12,7 @@
 # --listen ADDRESS (or L7LAB_PROMETHEUS_LISTEN) makes it listen on another IPv4 address of this
 # machine instead of loopback, one address, never all of them. It is for the Vagrant VM under
 # VirtualBox, whose forwarded port reaches the guest's NAT address and never its loopback: the
-# Vagrantfile sets L7LAB_PROMETHEUS_LISTEN there (README.md, "The Vagrant VM").
+# Vagrantfile sets L7LAB_PROMETHEUS_LISTEN there (docs/vagrant.md, "What is forwarded").
 set -euo pipefail
 
 usage() {
