@@ -105,12 +105,13 @@ for arg in "$@"; do
   esac
 done
 [ "$test_services" = 1 ] && packages+=(prometheus chromium chromium-driver jq vagrant)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  installed "$p" || missing+=("$p")
 done
 
-# apt-get update once, and only when something is to be installed.
+# apt-get update at most once: before installing, or before settling for generic kernel headers.
 apt_updated=0
 apt_update() {
   [ "$apt_updated" = 1 ] && return
@@ -120,11 +121,14 @@ apt_update() {
 
 headers_pkg=""
 if [ ! -e "/lib/modules/$kernel/build/Makefile" ]; then
-  # Headers are to be installed either way; fresh package lists first, so that a fresh VM whose
-  # lists were cleaned finds its kernel's own headers package instead of the generic one.
-  apt_update
   headers_pkg=$(headers_package /etc/os-release "$kernel" "$(uname -m)") || die "cannot choose a kernel headers package"
-  dpkg-query -W -f='${Status}' "$headers_pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$headers_pkg")
+  if [ "$headers_pkg" != "linux-headers-$kernel" ] && ! installed "$headers_pkg"; then
+    # The kernel's own headers package may be missing only from stale package lists (a fresh VM's
+    # are often emptied): ask again with fresh ones before settling for the generic headers.
+    apt_update
+    headers_pkg=$(headers_package /etc/os-release "$kernel" "$(uname -m)") || die "cannot choose a kernel headers package"
+  fi
+  installed "$headers_pkg" || missing+=("$headers_pkg")
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then
