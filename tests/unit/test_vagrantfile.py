@@ -122,7 +122,7 @@ def test_the_settings_vagrant_reads(tmp_path: Path, box: str | None) -> None:
                                "protocol": "tcp"}], provider
         folder = vm["synced_folders"]["/vagrant"]
         assert folder["hostpath"] == "." and folder["type"] == "rsync" and not folder["disabled"]
-        assert set(folder["rsync__exclude"]) == {".venv/", ".git/"}
+        assert set(folder["rsync__exclude"]) == {".venv/", ".git/", ".vm/"}
         assert len(vm["synced_folders"]) == 1
         provisioners = {p["name"]: p for p in vm["provisioners"]}
         assert provisioners["setup"]["type"] == "shell"
