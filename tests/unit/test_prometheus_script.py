@@ -1,6 +1,8 @@
 """scripts/prometheus.sh: Debian's Prometheus on loopback scraping a lab's metrics endpoint (here
 the agent's metrics server serving a snapshot, no lab needed), found through the URL it prints;
-stopped, it leaves neither a process nor its temporary directory; a bad address is refused."""
+stopped, it leaves neither a process nor its temporary directory; a bad address is refused. With
+--listen (or L7LAB_PROMETHEUS_LISTEN, which the Vagrant VM sets under VirtualBox) it listens on the
+one address given, and refuses all addresses (0.0.0.0) and addresses this machine does not have."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def a_lab_endpoint() -> Iterator[str]:
 def test_it_scrapes_the_lab_and_cleans_up(tmp_path: Path) -> None:
     require_prometheus()
     port = free_loopback_port()
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**script_env(), "TMPDIR": str(tmp_path)}
     with a_lab_endpoint() as target:
         proc = subprocess.Popen(["bash", str(SCRIPT), target, str(port)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
@@ -73,6 +75,46 @@ def test_it_scrapes_the_lab_and_cleans_up(tmp_path: Path) -> None:
     assert subprocess.run(["pgrep", "-f", f"web.listen-address=127.0.0.1:{port}"]).returncode == 1
 
 
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment without a listen address of the caller's (a VirtualBox VM's login shell sets one)."""
+    return {**{k: v for k, v in os.environ.items() if k != "L7LAB_PROMETHEUS_LISTEN"}, **extra}
+
+
+@pytest.mark.parametrize("how", ["--listen", "--listen=", "L7LAB_PROMETHEUS_LISTEN"])
+def test_it_listens_where_it_is_told(tmp_path: Path, how: str) -> None:
+    require_prometheus()
+    port = free_loopback_port()
+    address = "127.0.0.2"  # loopback, yet not the default: the option is what put it there
+    args = {"--listen": ["--listen", address], "--listen=": [f"--listen={address}"]}.get(how, [])
+    env = script_env(TMPDIR=str(tmp_path), **({how: address} if how.startswith("L7LAB") else {}))
+    with a_lab_endpoint() as target:
+        proc = subprocess.Popen(["bash", str(SCRIPT), *args, target, str(port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.startswith(f"Prometheus at http://{address}:{port} "), line
+            wait_for("prometheus to answer", lambda: _answers(PrometheusAPI(f"http://{address}:{port}")), every=0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--listen", "0.0.0.0"], {}, "--listen: Prometheus listens on one address, never on all of them (0.0.0.0)"),
+    (["--listen", "192.0.2.1"], {}, "--listen: the listen address must be an address of this machine"),
+    (["--listen=127.1"], {}, "--listen: the listen address must be an IPv4 address such as 127.0.0.1, got '127.1'"),
+    (["--listen", "256.0.0.1"], {}, "must be an IPv4 address"),
+    ([], {"L7LAB_PROMETHEUS_LISTEN": "::1"}, "L7LAB_PROMETHEUS_LISTEN: the listen address must be an IPv4 address"),
+    (["--listen"], {}, "usage:"),  # the address taken for the option's: no LAB_METRICS_ADDRESS left
+])
+def test_a_bad_listen_address_is_a_usage_error(args: list[str], env: dict[str, str], message: str) -> None:
+    out = subprocess.run(["bash", str(SCRIPT), *args, "127.0.0.1:9464"], capture_output=True, text=True, timeout=30,
+                         env=script_env(**env))
+    assert out.returncode == 2 and message in out.stderr, out
+
+
 def _answers(prom: PrometheusAPI) -> bool:
     try:
         return prom.targets_up()
@@ -86,5 +128,5 @@ def _answers(prom: PrometheusAPI) -> bool:
     ([], "usage:"),
 ])
 def test_a_bad_argument_is_a_usage_error(args: list[str], message: str) -> None:
-    out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30, env=script_env())
     assert out.returncode == 2 and message in out.stderr, out
