@@ -10,6 +10,8 @@
 #   --memory MB            guest memory (default: 8192)
 #   --timeout MIN          stop the VM and fail after MIN minutes (default: 180)
 #   --rebuild              build the disk image again even if a cached one matches
+#   --fresh                start from the bare image, as a machine that never ran setup.sh
+#                          (default: from the cached image setup.sh already ran in, see stage 3)
 #   --results DIR          where the run's results go (default: .vm/runs/<date-time>)
 #   --image-only           build (or find) the image and stop
 #
@@ -44,6 +46,7 @@ cpus=$(nproc); [ "$cpus" -gt 4 ] && cpus=4
 memory=8192
 timeout_min=180
 rebuild=0
+fresh=0
 image_only=0
 results=""
 pytest_args=()
@@ -54,6 +57,7 @@ while [ $# -gt 0 ]; do
     --memory) memory=${2:-}; shift 2 ;;
     --timeout) timeout_min=${2:-}; shift 2 ;;
     --rebuild) rebuild=1; shift ;;
+    --fresh) fresh=1; shift ;;
     --image-only) image_only=1; shift ;;
     --results) results=${2:-}; shift 2 ;;
     --) shift; pytest_args=("$@"); break ;;
@@ -106,36 +110,41 @@ stage_done
 guest_packages="linux-image-amd64,systemd-sysv,udev,kmod,ca-certificates,iproute2,procps,tar,gzip"
 guest_runner=$(cat <<'GUEST'
 #!/bin/bash
-# Runs once at boot: copy the checkout in, set up and run the suite, write results, power off.
+# Runs once at boot. The host's results share says what to do (its file "mode"):
+#   provision  copy the checkout in, run scripts/setup.sh --test, remove the copy, power off
+#   test       copy the checkout in, run setup and the suite, write the results, power off
 set -u
 out=/mnt/results
 mkdir -p /mnt/src "$out"
 modprobe -a 9pnet_virtio 9p 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src
 mount -t 9p -o trans=virtio,version=9p2000.L,rw results "$out"
+mode=$(cat "$out/mode" 2>/dev/null || echo test)
 log() { printf '%s %s\n' "$(date -u +%T)" "$*" >> "$out/guest.log"; }
 t0=$(date +%s)
 mark() { printf '%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" >> "$out/timings.tsv"; t0=$(date +%s); }
-log "guest up: $(uname -r)"
+log "guest up ($mode): $(uname -r)"
 printf 'guest-boot\t%s\n' "$(cut -d. -f1 /proc/uptime)" >> "$out/timings.tsv"
 uname -r > "$out/kernel"
-mkdir -p /root/l7lab
-tar -C /mnt/src --exclude=./.venv --exclude=./.vm -cf - . | tar -C /root/l7lab -xf -
+rm -rf /root/l7lab && mkdir -p /root/l7lab
+tar -C /mnt/src --exclude=./.venv --exclude=./.vm --exclude=./.vagrant -cf - . | tar -C /root/l7lab -xf -
 mark guest-copy
 cd /root/l7lab
 [ -f "$out/pip-cert" ] && export PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 bash scripts/setup.sh --test > "$out/setup.log" 2>&1
 rc=$?
 mark guest-setup
-if [ "$rc" = 0 ]; then
+if [ "$rc" != 0 ]; then
+  log "setup failed (rc $rc): see setup.log"
+  rc=3
+elif [ "$mode" = provision ]; then
+  cd / && rm -rf /root/l7lab && apt-get clean
+else
   args=()
   [ -s "$out/pytest-args" ] && mapfile -d '' -t args < "$out/pytest-args"
   CI=true bash scripts/test.sh -q -rfEs --junitxml="$out/junit.xml" "${args[@]}" > "$out/test.log" 2>&1
   rc=$?
   mark guest-tests
-else
-  log "setup failed (rc $rc): see setup.log"
-  rc=3
 fi
 echo "$rc" > "$out/rc"
 sync
@@ -190,7 +199,11 @@ stop_vm() {
     for _ in $(seq 50); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$qemu_pid" 2>/dev/null || true
   fi
+  qemu_pid=""
   rm -f -- "$overlay"
+  [ -n "${provision_dir:-}" ] && rm -rf --one-file-system -- "$provision_dir"
+  [ -n "${provisioned_tmp:-}" ] && rm -f -- "$provisioned_tmp"
+  return 0
 }
 trap stop_vm EXIT
 trap 'exit 130' INT TERM
@@ -212,33 +225,64 @@ if [ "$accel" = auto ]; then
 fi
 say "accelerator: $accel ($cpus CPUs, $memory MB)"
 if [ "$accel" = kvm ]; then accel_args=(-accel kvm -cpu host); else accel_args=(-accel tcg,thread=multi -cpu max); fi
-
-qemu-img create -q -f qcow2 -F raw -b "$image" "$overlay" || die "qemu-img create failed"
-[ ${#pytest_args[@]} -gt 0 ] && printf '%s\0' "${pytest_args[@]}" > "$results/pytest-args"
-ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1 && : > "$results/pip-cert"
-printf '%s\n' "$accel" > "$results/accel"
-
-stage vm-run
-qemu-system-x86_64 "${accel_args[@]}" -smp "$cpus" -m "$memory" -nographic -no-reboot \
-  -kernel "$kernel_file" -initrd "$initrd_file" \
-  -append "root=/dev/vda rw console=ttyS0 panic=-1 net.ifnames=0" \
-  -drive "file=$overlay,if=virtio,format=qcow2" \
-  -netdev user,id=net0 -device virtio-net-pci,netdev=net0 \
-  -virtfs "local,path=$here,mount_tag=src,security_model=none,readonly=on" \
-  -virtfs "local,path=$results,mount_tag=results,security_model=none" \
-  -serial "file:$results/console.log" -monitor none </dev/null >"$results/qemu.log" 2>&1 &
-qemu_pid=$!
 deadline=$(( $(date +%s) + timeout_min * 60 ))
-while kill -0 "$qemu_pid" 2>/dev/null; do
-  if [ "$(date +%s)" -ge "$deadline" ]; then
-    say "timeout: the VM ran past $timeout_min minutes"
-    stop_vm
-    break
+
+boot_vm() {  # boot_vm DISK SHARE: run the guest on DISK until it powers off (or the deadline)
+  local disk=$1 share=$2
+  ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1 && : > "$share/pip-cert"
+  qemu-system-x86_64 "${accel_args[@]}" -smp "$cpus" -m "$memory" -nographic -no-reboot \
+    -kernel "$kernel_file" -initrd "$initrd_file" \
+    -append "root=/dev/vda rw console=ttyS0 panic=-1 net.ifnames=0" \
+    -drive "file=$disk,if=virtio,format=qcow2" \
+    -netdev user,id=net0 -device virtio-net-pci,netdev=net0 \
+    -virtfs "local,path=$here,mount_tag=src,security_model=none,readonly=on" \
+    -virtfs "local,path=$share,mount_tag=results,security_model=none" \
+    -serial "file:$share/console.log" -monitor none </dev/null >"$share/qemu.log" 2>&1 &
+  qemu_pid=$!
+  while kill -0 "$qemu_pid" 2>/dev/null; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      say "timeout: the VM ran past $timeout_min minutes"
+      stop_vm
+      return 0
+    fi
+    sleep 5
+  done
+  wait "$qemu_pid" 2>/dev/null || true
+  qemu_pid=""
+}
+
+# The provisioned layer: the image after `scripts/setup.sh --test` has run in it once (the
+# distribution's packages installed, headers in place), cached while the image and setup.sh are
+# unchanged. Runs start from it unless --fresh; the suite's own setup then finds everything
+# installed and only builds the checkout's .venv.
+base="$image"; base_format=raw
+if [ "$fresh" = 0 ]; then
+  setup_hash=$( { echo "$recipe_hash"; cat "$here/scripts/setup.sh"; } | sha256sum | cut -c1-16)
+  provisioned="$cache/debian12-$recipe_hash-setup-$setup_hash.qcow2"
+  if [ ! -f "$provisioned" ]; then
+    stage provision
+    provision_dir=$(mktemp -d "$cache/provision.XXXXXX")
+    provisioned_tmp="$provisioned.tmp"
+    qemu-img create -q -f qcow2 -F raw -b "$image" "$provisioned_tmp" || die "qemu-img create failed"
+    echo provision > "$provision_dir/mode"
+    boot_vm "$provisioned_tmp" "$provision_dir"
+    if [ "$(cat "$provision_dir/rc" 2>/dev/null)" != 0 ]; then
+      cp "$provision_dir"/*.log "$results/" 2>/dev/null || true
+      die "setup.sh failed in the guest while provisioning: see $results/setup.log"
+    fi
+    mv "$provisioned_tmp" "$provisioned"; provisioned_tmp=""
+    rm -rf --one-file-system -- "$provision_dir"; provision_dir=""
+    stage_done
   fi
-  sleep 5
-done
-wait "$qemu_pid" 2>/dev/null || true
-qemu_pid=""
+  base="$provisioned"; base_format=qcow2
+fi
+
+qemu-img create -q -f qcow2 -F "$base_format" -b "$base" "$overlay" || die "qemu-img create failed"
+[ ${#pytest_args[@]} -gt 0 ] && printf '%s\0' "${pytest_args[@]}" > "$results/pytest-args"
+echo test > "$results/mode"
+printf '%s\n' "$accel" > "$results/accel"
+stage vm-run
+boot_vm "$overlay" "$results"
 stage_done
 
 # --- 5. results ---------------------------------------------------------------------------------
