@@ -79,10 +79,15 @@ if [ -n "$results" ] && [ -e "$results" ]; then
     die "--results $results is not an empty directory: give a new or empty one"
 fi
 mkdir -p "$cache" "$vm_dir/runs"
+# One run at a time per cache: a run prunes images another run's VM may still be reading.
+exec 9>"$cache/lock"
+flock -n 9 || die "another vm-test.sh run is using $cache; wait for it to finish"
 [ -n "$results" ] || results="$vm_dir/runs/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
 timings="$results/timings.tsv"
+{ git -C "$here" rev-parse HEAD 2>/dev/null || echo "not a git checkout"
+  git -C "$here" status --porcelain 2>/dev/null; } > "$results/commit"
 printf 'stage\tseconds\n' > "$timings"
 stage_start=0
 stage() { stage_start=$(date +%s); stage_name=$1; say "$1"; }
@@ -213,9 +218,10 @@ kvm_runs_guests() {
   # guest's kernel under KVM and wait for its first console line.
   [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
   local probe; probe=$(mktemp)
-  ( timeout 30 qemu-system-x86_64 -accel kvm -cpu host -m 256 -nographic -no-reboot \
-    -kernel "$kernel_file" -append "console=ttyS0 panic=-1 rdinit=/nonexistent" \
-    -serial "file:$probe" -monitor none >/dev/null 2>&1 ) 2>/dev/null || true
+  # In a shell of its own, whose report of a QEMU that aborts goes to /dev/null with the rest.
+  timeout 30 bash -c 'qemu-system-x86_64 -accel kvm -cpu host -m 256 -nographic -no-reboot \
+    -kernel "$1" -append "console=ttyS0 panic=-1 rdinit=/nonexistent" \
+    -serial "file:$2" -monitor none; true' probe "$kernel_file" "$probe" >/dev/null 2>&1 || true
   grep -q "Linux version" "$probe"; local found=$?
   rm -f "$probe"
   return $found
@@ -276,6 +282,13 @@ if [ "$fresh" = 0 ]; then
   fi
   base="$provisioned"; base_format=qcow2
 fi
+# What an older recipe or setup.sh left in the cache goes (the names are this script's own).
+for f in "$cache"/debian12-*; do
+  case "$f" in
+    "$image"|"$kernel_file"|"$initrd_file"|"${provisioned:-}") ;;
+    *.img|*.vmlinuz|*.initrd|*-setup-*.qcow2|*.tmp) say "removing stale $(basename "$f")"; rm -f -- "$f" ;;
+  esac
+done
 
 qemu-img create -q -f qcow2 -F "$base_format" -b "$base" "$overlay" || die "qemu-img create failed"
 [ ${#pytest_args[@]} -gt 0 ] && printf '%s\0' "${pytest_args[@]}" > "$results/pytest-args"
