@@ -17,6 +17,7 @@ import pytest
 from dataplane import topology
 from dataplane.policy import PolicyEngine
 from dataplane.probes import run_probe
+from dataplane.timescale import scaled
 from tests.support.kernel_lab import KernelLab, knp, make_probe, make_scenario, oracle_outcome, pair_probes
 
 SERVER_EGRESS_DENIED = knp("deny-egress", "x", """
@@ -36,7 +37,7 @@ class KeepAlive:
     def __init__(self, klab: KernelLab, src: str, dst: str, port: int = 80) -> None:
         self.sock = topology.socket_in(klab.netns(src))
         self.sock.setblocking(True)
-        self.sock.settimeout(3.0)
+        self.sock.settimeout(scaled(3.0))
         self.host = dst.split("/")[-1]
         self.sock.connect((klab.scenario.pods[dst].ip, port))
         self.buf = b""
@@ -69,13 +70,13 @@ class UdpFlow:
     def __init__(self, klab: KernelLab, src: str, dst: str, port: int = 81) -> None:
         self.sock = topology.socket_in(klab.netns(src), kind=socket.SOCK_DGRAM)
         self.sock.setblocking(True)
-        self.sock.settimeout(5.0)  # patient: a late echo must not pass for a drop
+        self.sock.settimeout(scaled(5.0))  # patient: a late echo must not pass for a drop
         self.sock.connect((klab.scenario.pods[dst].ip, port))
 
     def exchange(self, text: str) -> bool:
         """Send `text`; True once its echo arrives (late echoes of earlier datagrams are skipped)."""
         self.sock.send(text.encode())
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + scaled(5.0)
         while time.monotonic() < deadline:
             try:
                 if text in self.sock.recv(65536).decode():
@@ -245,7 +246,7 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
             await asyncio.sleep(0.01)  # spread the connections over the whole window
 
     async def traffic() -> None:
-        deadline = time.monotonic() + 30.0  # a bound only: the loops end with the last flip
+        deadline = time.monotonic() + scaled(30.0)  # a bound only: the loops end with the last flip
         await asyncio.gather(*(loop(src, proto, port, timeout, deadline)
                                for src, timeout in (("y/a", 3.0), ("y/b", 0.3), ("y/c", 0.3), ("z/a", 0.3))
                                for proto, port in (("TCP", 80), ("UDP", 81))))
@@ -256,7 +257,7 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
         asyncio.run(traffic())
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join(timeout=scaled(10))
     assert not errors, errors
     assert len(flips) == 8, flips  # the policy changed eight times while the traffic ran
     for proto in ("TCP", "UDP"):
