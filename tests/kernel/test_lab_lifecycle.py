@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dataplane import agent
 from dataplane import lab as labmod
 from dataplane import topology
+from dataplane.agent.process import BUILD_TIMEOUT
 from dataplane.lab import Lab
 from dataplane.logfiles import read_all, request_log
 from dataplane.runner import KernelExecutor, run_scenario
@@ -108,7 +108,7 @@ def _kill_up_midway(name: str) -> None:
     # awaited, not a time: `up` compiles the datapath before it makes any namespace, which takes
     # seconds here and minutes on an emulated machine. The bound is the one `up` itself has for
     # building a lab; `up` ending first (an error) stops the wait too.
-    deadline = time.monotonic() + scaled(agent.BUILD_TIMEOUT)
+    deadline = time.monotonic() + scaled(BUILD_TIMEOUT)
     while (len(topology.list_netns(labmod.lab_prefix(name))) < 4 and proc.poll() is None
            and time.monotonic() < deadline):
         time.sleep(0.005)
