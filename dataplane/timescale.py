@@ -49,7 +49,7 @@ STEP = 0.5  # factors are multiples of this, so printed timeouts stay round
 CPU_LOOPS = 200_000
 CPU_REFERENCE_S = 0.012
 SPAWN_REFERENCE_S = 0.020
-SAMPLES = 3  # the median of a few samples: one preemption does not make a machine slow
+SAMPLES = 5  # the median of a few samples: a preemption or two do not make a machine slow
 
 
 def _cpu_work(loops: int) -> int:
