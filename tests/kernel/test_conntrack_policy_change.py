@@ -202,7 +202,9 @@ STATE_A_STEP = """\
 def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
     """y/a -> x/a is allowed in both states (by different entries: any protocol in A, TCP/80 and
     UDP/81 in B, so the change adds and deletes its keys); y/b only in A; y/c only in B; z/a
-    never. New connections run in a loop (~2 s, bounded) while the policy flips A <-> B."""
+    never. New connections run in a loop while the policy flips A <-> B; each state stays until
+    every loop has finished two connections in it (the second one begun after the flip), so a
+    slow machine, whose dropped probes wait longer, still sees both states."""
     engine = PolicyEngine(make_scenario(STATE_A, steps="steps:\n" + STATE_B_STEP + STATE_A_STEP))
     klab.switch(engine)
     to_b, to_a = engine.scenario.steps
@@ -218,12 +220,19 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
     stop = threading.Event()
     flipped = threading.Event()  # the traffic runs until every flip is done, however slow
     errors: list[BaseException] = []
+    loops = [(src, proto) for src in ("y/a", "y/b", "y/c", "z/a") for proto in ("TCP", "UDP")]
+    finished = dict.fromkeys(loops, 0)  # connections each loop has completed so far
+    running = set(loops)  # a loop that reached its bound is not waited for
 
     def flipper() -> None:
         try:
-            for i in range(8):  # bounded: 8 changes, ~0.2 s apart
-                if stop.wait(0.2):
-                    return
+            for i in range(8):  # bounded: 8 changes
+                # Wait for the event (two more connections of every loop in this state), not a time.
+                mark, deadline = dict(finished), time.monotonic() + scaled(30.0)
+                while any(finished[k] < mark[k] + 2 for k in loops if k in running):
+                    if stop.wait(0.01):
+                        return
+                    assert time.monotonic() < deadline, f"the traffic loops stalled: {finished}"
                 step = to_b if i % 2 == 0 else to_a
                 engine.apply_step(step)
                 klab.lab.sync_policy(engine.map_state())
@@ -238,15 +247,19 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
 
     async def loop(src: str, proto: str, port: int, timeout: float, deadline: float) -> None:
         out = results.setdefault((src, proto), [])
-        for _ in range(400):  # bounded in count as well as in time
-            if flipped.is_set() or time.monotonic() > deadline:
-                return
-            probe = make_probe(sc, src, "x/a", port, proto, "allowed", timeout)
-            out.append((await run_probe(probe, klab.netns(src))).outcome)
-            await asyncio.sleep(0.01)  # spread the connections over the whole window
+        try:
+            for _ in range(1000):  # bounded in count as well as in time
+                if flipped.is_set() or time.monotonic() > deadline:
+                    return
+                probe = make_probe(sc, src, "x/a", port, proto, "allowed", timeout)
+                out.append((await run_probe(probe, klab.netns(src))).outcome)
+                finished[(src, proto)] += 1
+                await asyncio.sleep(0.01)  # spread the connections over the whole window
+        finally:
+            running.discard((src, proto))
 
     async def traffic() -> None:
-        deadline = time.monotonic() + scaled(30.0)  # a bound only: the loops end with the last flip
+        deadline = time.monotonic() + scaled(120.0)  # a bound only: the loops end with the last flip
         await asyncio.gather(*(loop(src, proto, port, timeout, deadline)
                                for src, timeout in (("y/a", 3.0), ("y/b", 0.3), ("y/c", 0.3), ("z/a", 0.3))
                                for proto, port in (("TCP", 80), ("UDP", 81))))
