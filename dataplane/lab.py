@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import confine, labca, processes, safety, topology
+from . import confine, labca, processes, safety, timescale, topology
 from .errors import SetupError
 from .flows import PROXY_RECORDS
 from .logfiles import previous, request_log, rotate_bytes
@@ -52,7 +52,8 @@ PREFIX = safety.PREFIX
 RUN_DIR: str = os.environ.get("L7LAB_RUN_DIR", safety.DEFAULT_RUN_DIR)
 NETNS_ETC = Path("/etc/netns")
 LAB_NAME_RE = safety.LAB_NAME_RE
-SERVER_START_TIMEOUT = 20.0
+SERVER_START_TIMEOUT = 20.0  # seconds on an ordinary machine; waits use timescale.scaled()
+PROXY_ACK_TIMEOUT = 5.0  # the proxy confirms new rules in milliseconds; the bound is for a slow machine
 DNS_PORT = 53  # an endpoint's port 53 (UDP and TCP) is the cluster DNS, answered from the zone file
 
 lab_prefix = safety.lab_prefix
@@ -352,12 +353,12 @@ class Lab:
     def proxy_log_file(self) -> Path:
         return lab_dir(self.name) / "proxy.log"
 
-    def _await_proxy_ack(self, deadline: float | None = None, timeout: float = 5.0) -> None:
+    def _await_proxy_ack(self, deadline: float | None = None, timeout: float = PROXY_ACK_TIMEOUT) -> None:
         """Wait until the proxy acknowledged the policy file just written: by the monotonic
-        `deadline` if given, else within `timeout` seconds."""
+        `deadline` if given, else within `timeout` seconds (scaled to this machine)."""
         ack = Path(str(self.policy_file) + ".loaded")
         if deadline is None:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timescale.scaled(timeout)
         while True:
             with contextlib.suppress(OSError):
                 if ack.read_text() == self._policy_digest:
@@ -406,7 +407,7 @@ class Lab:
         """Stop the proxy (tests use SIGKILL to show that redirected flows then fail closed)."""
         if self._proxy is not None and self._proxy.poll() is None:
             self._proxy.send_signal(sig)
-            self._proxy.wait(timeout=5)
+            self._proxy.wait(timeout=timescale.scaled(5))
 
     @property
     def zone_file(self) -> Path:
@@ -456,7 +457,7 @@ class Lab:
                 os.replace(log, previous(log))
         with open(log, "ab") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    start_new_session=True, env={**os.environ, **timescale.environ(), "PYTHONUNBUFFERED": "1"})
         self._servers.append(proc)
         self.record.add(kind="process", pid=proc.pid, start=processes.start_time(proc.pid), netns=ns,
                         what=f"{module} {key}", log=str(log))
@@ -516,7 +517,10 @@ class Lab:
 
 
 def wait_ready(started: list[tuple[str, subprocess.Popen[bytes], Path]], timeout: float = SERVER_START_TIMEOUT) -> None:
-    """Wait until every process printed READY; a failure names the process and its last log line."""
+    """Wait until every process printed READY, within `timeout` seconds of an ordinary machine
+    (scaled to this one: an emulated or loaded machine starts a dozen interpreters slowly); a
+    failure names the process and its last log line."""
+    timeout = timescale.scaled(timeout)
     sel = selectors.DefaultSelector()
     try:
         for key, proc, log in started:

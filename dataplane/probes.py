@@ -41,10 +41,10 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from . import sctp, topology
+from . import sctp, timescale, topology
 from .icmp import echo_request, parse_echo_reply
 from .scenario import Probe
 
@@ -544,7 +544,10 @@ async def probe_sctp(probe: Probe, src_netns: str, source_port: int | None = Non
 async def run_probe(probe: Probe, src_netns: str, source_port: int | None = None) -> Observation:
     """Send `probe` from namespace `src_netns`, from `source_port` if given (else any free
     port); the port used is in the observation's extra["sport"]. A ping's `source_port` is
-    its echo id (extra["echo_id"])."""
+    its echo id (extra["echo_id"]). The probe's timeout is an ordinary machine's seconds, scaled
+    to this one (dataplane/timescale.py): on a slow machine an answer that comes late must not
+    pass for a drop."""
+    probe = replace(probe, timeout=timescale.scaled(probe.timeout))
     if probe.icmp is not None:
         return await probe_icmp(probe, src_netns, source_port)
     if probe.protocol == "UDP":

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import timescale
 from .processes import WatchedProcess
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 30.0  # a proxy that ran this long resets the backoff
-START_TIMEOUT = 20.0  # from spawn to READY
+START_TIMEOUT = 20.0  # from spawn to READY on an ordinary machine (timescale.scaled() on this one)
 
 
 def exit_text(code: int | None) -> str:
@@ -131,7 +132,7 @@ class ProxySupervisor:
             self._go_down(f"the L7 proxy {self.last_exit}", None, "restart failed")
             return
         self.state = "starting"
-        self._ready_deadline = time.monotonic() + START_TIMEOUT
+        self._ready_deadline = time.monotonic() + timescale.scaled(START_TIMEOUT)
         self._ready_buffer = b""
 
     def _check_start(self, now: float, wait: float = 0.0) -> None:
@@ -158,14 +159,14 @@ class ProxySupervisor:
         if proxy.poll() is not None:
             self._failed_start(proxy, f"{exit_text(proxy.returncode)} before it was ready")
         elif now >= self._ready_deadline:
-            self._failed_start(proxy, f"was not ready within {START_TIMEOUT:g}s")
+            self._failed_start(proxy, f"was not ready within {timescale.scaled(START_TIMEOUT):g}s")
 
     def _failed_start(self, proxy: Any, why: str) -> None:
         if proxy.poll() is None:
             with contextlib.suppress(OSError):
                 proxy.kill()
             with contextlib.suppress(Exception):
-                proxy.wait(timeout=5)
+                proxy.wait(timeout=timescale.scaled(5))
         if proxy.stdout is not None:
             proxy.stdout.close()
         self.last_exit = why

@@ -33,7 +33,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import topology
+from . import timescale, topology
 from .abi import PROTOCOLS
 from .errors import SetupError
 from .flowrecord import Flow
@@ -241,7 +241,7 @@ async def trace_in_lab(lab: Lab, engine: PolicyEngine, probe: Probe) -> Trace:
     try:
         observed = await run_probe(probe, endpoint.netns, sport)
         collect(0)
-        deadline = time.monotonic() + L7_RECORD_DEADLINE
+        deadline = time.monotonic() + timescale.scaled(L7_RECORD_DEADLINE)
         while _redirected(events, client) and not records and time.monotonic() < deadline:
             collect(SETTLE_MS)
             await asyncio.sleep(0)

@@ -36,12 +36,14 @@ from pathlib import Path
 
 import yaml
 
+from . import timescale
 from . import walkthrough as wt
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_SETUP, EXIT_MISMATCH = 0, 1, 3
 WIDTH = 160  # the project's own width for tables printed to a file (dataplane/cli/common.py)
-COMMAND_TIMEOUT = 300.0  # seconds; a whole `l7lab run` of a scenario fits in far less
+# Seconds of an ordinary machine, scaled to this one at use (dataplane/timescale.py).
+COMMAND_TIMEOUT = 300.0  # a whole `l7lab run` of a scenario fits in far less
 # `observe` reads what the lab's agent has recorded so far, and the agent writes a flow a moment
 # after the traffic that made it: a read-only command of this kind is read again, until it
 # prints the recorded output or this deadline passes.
@@ -88,9 +90,9 @@ def run_command(command: wt.Command, env: dict[str, str]) -> tuple[list[str], in
     try:
         done = subprocess.run(["bash", "-o", "pipefail", "-c", command.text], cwd=REPO, env=env,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=COMMAND_TIMEOUT, check=False)
+                              timeout=timescale.scaled(COMMAND_TIMEOUT), check=False)
     except subprocess.TimeoutExpired as exc:
-        raise SetupError(f"line {command.line}: `{command.text}` did not finish in {COMMAND_TIMEOUT:.0f} s") from exc
+        raise SetupError(f"line {command.line}: `{command.text}` did not finish in {timescale.scaled(COMMAND_TIMEOUT):.0f} s") from exc
     text = done.stdout.decode("utf-8", errors="replace").replace("\r\n", "\n")
     lines = [line.rstrip() for line in text.split("\n")]
     while lines and not lines[-1]:
@@ -171,9 +173,9 @@ def execute(walkthrough: wt.Walkthrough, recorded: dict[int, list[str]] | None =
 def _run_settled(command: wt.Command, env: dict[str, str], expected: list[str] | None) -> wt.Command:
     if _settles(command) and (expected is None or expected == wt.Command(command.text).transcript()):
         # Nothing recorded yet to wait for: give the agent a moment, then take what it has.
-        time.sleep(FIRST_SETTLE_SECONDS)
+        time.sleep(timescale.scaled(FIRST_SETTLE_SECONDS))
         expected = None
-    deadline = time.monotonic() + (SETTLE_SECONDS if expected is not None else 0)
+    deadline = time.monotonic() + (timescale.scaled(SETTLE_SECONDS) if expected is not None else 0)
     while True:
         started = time.monotonic()
         output, code = run_command(command, env)

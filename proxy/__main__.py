@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
+from dataplane import timescale
 from dataplane.abi import PROXY_PORT
 from dataplane.logfiles import bound_stderr
 
@@ -147,7 +148,9 @@ async def serve(args: argparse.Namespace) -> int:
         ip, _, port = args.original_dst.rpartition(":")
         original = (ip, int(port))
     limits = fit_open_files(args.limits, args.lab)
-    learner = FqdnLearner(args.fqdn_socket, limits.learn_timeout) if args.fqdn_socket else None
+    # The learner's own budget (dataplane/fqdn/learner.py SYNC_BUDGET_S) is scaled to the machine's
+    # speed: the wait for it is scaled alike, or a slow machine would release answers unlearned.
+    learner = FqdnLearner(args.fqdn_socket, timescale.scaled(limits.learn_timeout)) if args.fqdn_socket else None
     server = ProxyServer(snapshot, args.host, args.port, transparent=original is None, mark=not args.no_mark,
                          original_dst=original, events=EventLog(args.events), limits=limits, learner=learner)
     try:

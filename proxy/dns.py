@@ -49,6 +49,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from dataplane import timescale
 from dataplane.abi import PROTO_UDP, from_proxy_mark
 from dataplane.flowrecord import Verdict
 from l7.dns import DnsFlow
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from .state import ConnectionPolicy, RequestVerdict, Snapshot
 
 IP_RECVORIGDSTADDR = 20  # socket.IP_RECVORIGDSTADDR (Linux); the cmsg type is IP_ORIGDSTADDR (same value)
-UPSTREAM_TIMEOUT_S = 2.0
+UPSTREAM_TIMEOUT_S = 2.0  # an ordinary machine's seconds: waits use timescale.scaled()
 MAX_DATAGRAM = 65535
 MAX_IN_FLIGHT = 256
 # One source identity may hold a quarter of them: a pod flooding a server that never answers
@@ -298,7 +299,7 @@ class DnsProxy:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, from_proxy_mark(cp.src_identity))
             sock.connect(dst)
             await loop.sock_sendall(sock, data)
-            deadline = time.monotonic() + UPSTREAM_TIMEOUT_S
+            deadline = time.monotonic() + timescale.scaled(UPSTREAM_TIMEOUT_S)
             while (left := deadline - time.monotonic()) > 0:
                 try:
                     reply = await asyncio.wait_for(loop.sock_recv(sock, MAX_DATAGRAM), left)

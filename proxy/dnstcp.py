@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import dns.message
 
+from dataplane import timescale
 from dataplane.abi import from_proxy_mark
 
 from .dns import UPSTREAM_TIMEOUT_S, DnsCore, Query, UpstreamRefused
@@ -196,7 +197,7 @@ async def ask_upstream(context: "ProxyContext", cp: "ConnectionPolicy", dst: tup
         sock.setblocking(False)
         if context.mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, from_proxy_mark(cp.src_identity))
-        async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+        async with asyncio.timeout(timescale.scaled(UPSTREAM_TIMEOUT_S)):
             try:
                 await loop.sock_connect(sock, dst)
             except ConnectionRefusedError:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, Callable
 
+from dataplane import timescale
 from dataplane.abi import PROXY_PORT, from_proxy_mark
 from dataplane.flowrecord import Verdict
 from l7.http import HttpError, HttpFlow, recorded_headers
@@ -41,7 +42,7 @@ from .marks import IP_TRANSPARENT, SO_MARK
 from .state import ConnectionPolicy, RequestVerdict, Snapshot
 from .stream import LAST_CHUNK, PIECE, BufferedStream, PeerClosed
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # an ordinary machine's seconds: the wait is timescale.scaled()
 # The idle, header and progress timeouts and the connection caps are `Limits` (proxy.limits).
 REFUSED_LINGER_S = 2.0  # a connection over a cap: time for the client to read its 503 before the close
 MAX_LINGERING = 64  # refused connections waiting for that at once; beyond, they are closed at once
@@ -228,7 +229,7 @@ class Upstream:
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), timescale.scaled(CONNECT_TIMEOUT_S))
             reader, writer = await asyncio.open_connection(sock=sock, limit=PIECE)
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()

@@ -3,6 +3,11 @@
 Kernel tests (tier 2) need root, network namespaces and BCC. Outside CI they skip when the
 machine cannot run them; in CI (CI=true) a kernel test that would skip fails instead, because a
 green run that skipped the kernel proves nothing.
+
+Slow machines (emulated VMs, loaded runners): every bound a test waits for is an ordinary
+machine's seconds scaled by `dataplane.timescale` (one factor, measured here once, before the
+workers start, and handed to them and to every process the tests start through
+L7LAB_TIME_SCALE). A slow machine makes the suite wait longer, never skip.
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ def unique_lab(prefix: str = "t") -> str:
 
 
 def patient(scenario: Any, timeout: float = 5.0) -> Any:
-    """The scenario with every probe that expects an answer given `timeout` seconds: on a loaded
-    machine a slow answer must not pass for a drop. Probes that expect `dropped` keep theirs
-    (they always wait it out)."""
+    """The scenario with every probe that expects an answer given `timeout` seconds (which
+    `run_probe` scales to this machine): on a loaded machine a slow answer must not pass for a
+    drop. Probes that expect `dropped` keep theirs (they always wait it out)."""
     steps = tuple(dataclasses.replace(step, probes=tuple(
         p if p.expect == "dropped" else dataclasses.replace(p, timeout=max(p.timeout, timeout)) for p in step.probes))
         for step in scenario.steps)
@@ -60,11 +65,26 @@ def patient(scenario: Any, timeout: float = 5.0) -> Any:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The machine's slowness factor, measured (or read from L7LAB_TIME_SCALE) once here: it is
+    # then in the environment, so pytest-xdist workers and every process a test starts inherit it.
+    from dataplane import timescale  # noqa: PLC0415
+    from dataplane.errors import SetupError  # noqa: PLC0415
+
+    try:
+        timescale.factor()
+    except SetupError as exc:
+        raise pytest.UsageError(str(exc)) from None
     # A shell without job control starts background commands with SIGINT ignored, and children
     # inherit that: the tests that stop `observe --follow` or `monitor` with SIGINT (Ctrl-C)
     # need it delivered. Python's own handler is reset to the default in the children it starts.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from dataplane import timescale  # noqa: PLC0415
+
+    return f"l7lab time scale: {timescale.factor():g} ({timescale.ENV})"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import lab as labmod
-from .. import limits, processes, safety, topology
+from .. import limits, processes, safety, timescale, topology
 from ..errors import ErrorList, L7LabError, SetupError, SourceError
 from ..metrics import MetricsServer
 from .service import CHANGE_BUDGET, ROLLBACK_BUDGET, LabService
@@ -84,7 +84,7 @@ def start(engine: PolicyEngine, name: str, metrics: tuple[str, int] | None = Non
         raise SystemExit(128 + signum)
     previous = {sig: signal.signal(sig, stop_waiting) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        line = _read_line(read_fd, BUILD_TIMEOUT)
+        line = _read_line(read_fd, timescale.scaled(BUILD_TIMEOUT))
     except BaseException:  # Ctrl-C, SIGTERM or SIGHUP while building: take back what was made
         _abandon(pid, name)
         raise
@@ -119,6 +119,7 @@ def _kill_child(pid: int) -> None:
 def _fork(child: Callable[[int], int]) -> tuple[int, int]:
     """Fork; the child runs `child(ready_fd)` and exits with its code (never returning here).
     Returns (child pid, read end of the pipe on which the child reports READY or ERROR)."""
+    timescale.factor()  # known before the fork: the agent, and what it starts, inherit it
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()  # nothing buffered is written twice
     sys.stderr.flush()
@@ -164,7 +165,7 @@ def adopt(lab: labmod.Lab) -> int:
 
     pid, read_fd = _fork(serve)
     try:
-        line = _read_line(read_fd, ADOPT_TIMEOUT)
+        line = _read_line(read_fd, timescale.scaled(ADOPT_TIMEOUT))
     finally:
         os.close(read_fd)
     kind, _, payload = line.partition(b" ")
@@ -308,7 +309,7 @@ class AgentProcess:
             try:
                 # A stalled client must not stop the ring buffer's draining: the whole request
                 # has RECEIVE_TIMEOUT, however slowly it trickles in.
-                request = json.loads(_recv_line(conn, time.monotonic() + RECEIVE_TIMEOUT))
+                request = json.loads(_recv_line(conn, time.monotonic() + timescale.scaled(RECEIVE_TIMEOUT)))
                 if not isinstance(request, dict):
                     raise ValueError("expected a JSON object")
                 reply, undo = self.service.handle(request)
@@ -318,7 +319,7 @@ class AgentProcess:
                 print(f"request failed: {exc!r}", flush=True)
                 reply = {"ok": False, "errors": [f"the agent failed on this request: {exc!r}"]}
             try:
-                conn.settimeout(RECEIVE_TIMEOUT)
+                conn.settimeout(timescale.scaled(RECEIVE_TIMEOUT))
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError as exc:
                 self.service.replied(undo, lost=exc)  # the caller is gone: it was never told
@@ -359,11 +360,11 @@ def request(lab: str, payload: dict[str, Any], timeout: float | None = None,
         raise SetupError(f"lab {lab!r} has no agent (it was not built by 'l7lab up' or 'l7lab run --keep'): "
                          f"it takes no changes")
     change = payload.get("op") == "change"
-    if timeout is None:
-        timeout = REQUEST_TIMEOUT if change else STATUS_TIMEOUT
+    # Every bound here is an ordinary machine's seconds, scaled to this one (dataplane/timescale.py).
+    timeout = timescale.scaled(timeout if timeout is not None else REQUEST_TIMEOUT if change else STATUS_TIMEOUT)
     started = time.monotonic()
     if change:
-        payload = {**payload, "deadline": started + CHANGE_BUDGET}
+        payload = {**payload, "deadline": started + timescale.scaled(CHANGE_BUDGET)}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

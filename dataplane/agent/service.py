@@ -28,7 +28,8 @@ agent's loop (`dataplane/agent/process.py` turns it):
 Deadlines: a change carries the monotonic time by which its caller stops waiting (now +
 CHANGE_BUDGET when it was sent). A change that arrives after it is refused before anything is
 touched; the proxy's confirmation gets no longer than the deadline (at most
-PROXY_CONFIRM_TIMEOUT); a change that finished late is rolled back, within ROLLBACK_BUDGET.
+PROXY_CONFIRM_TIMEOUT); a change that finished late is rolled back, within ROLLBACK_BUDGET. These
+budgets are an ordinary machine's seconds, scaled to this one (dataplane/timescale.py).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import lab as labmod
-from .. import limits
+from .. import limits, timescale
 from ..errors import ErrorList, L7LabError, SourceError, SourceLocation
 from ..flowrecord import Flow, ProxyEvent
 from ..abi import PROTOCOL_NAMES, Direction
@@ -466,11 +467,11 @@ class LabService:
 
         def restore_maps() -> None:
             with contextlib.suppress(Exception):  # never stop short of the maps for a slow proxy
-                self.lab.sync_policy(old_state, deadline=time.monotonic() + ROLLBACK_BUDGET, proxy_confirms=False)
+                self.lab.sync_policy(old_state, deadline=time.monotonic() + timescale.scaled(ROLLBACK_BUDGET), proxy_confirms=False)
             self.state = old_state
 
         try:
-            stats = self.lab.sync_policy(state, deadline=min(deadline, time.monotonic() + PROXY_CONFIRM_TIMEOUT),
+            stats = self.lab.sync_policy(state, deadline=min(deadline, time.monotonic() + timescale.scaled(PROXY_CONFIRM_TIMEOUT)),
                                          proxy_confirms=proxy_confirms)
         except Exception as exc:  # noqa: BLE001 - the proxy did not confirm, a map refused an entry, ...
             restore_maps()  # the engine never committed the proposal: it still holds the old state
@@ -529,10 +530,10 @@ def _change_deadline(request: dict[str, Any]) -> float:
     deadline = request.get("deadline")
     now = time.monotonic()
     if deadline is None:
-        return now + CHANGE_BUDGET
+        return now + timescale.scaled(CHANGE_BUDGET)
     if not isinstance(deadline, (int, float)):
         raise TypeError("'deadline' must be a number (CLOCK_MONOTONIC seconds)")
     if deadline <= now:
         raise ChangeRefused(f"the change arrived {now - deadline:.1f}s after its caller's deadline "
                          "(the agent was busy or stopped) and was not applied")
-    return min(float(deadline), now + CHANGE_BUDGET)
+    return min(float(deadline), now + timescale.scaled(CHANGE_BUDGET))

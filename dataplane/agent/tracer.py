@@ -16,7 +16,7 @@ import asyncio
 import time
 from dataclasses import replace
 
-from .. import topology
+from .. import timescale, topology
 from ..datapath import TraceEvent
 from ..errors import SetupError
 from ..flowrecord import Flow
@@ -68,7 +68,7 @@ def trace_running_lab(lab_name: str, probe: Probe) -> Trace:
         # The proxy writes its record before it answers the client, so it is normally there
         # already; a flow the oracle expects at the proxy gets a deadline for a slow write.
         client_records(tail, client, records)
-        deadline = time.monotonic() + L7_RECORD_DEADLINE
+        deadline = time.monotonic() + timescale.scaled(L7_RECORD_DEADLINE)
         expects_proxy = "REDIRECT" in (started["oracle"].get("egress"), started["oracle"].get("ingress"))
         while expects_proxy and not records and time.monotonic() < deadline:
             time.sleep(SETTLE_MS / 1000)

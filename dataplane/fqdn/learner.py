@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from l7.dns import fqdn_matches
 
+from .. import timescale
 from ..policy.api import FQDNPeer
 from .cache import AnswerRecord, FqdnCache
 
@@ -52,7 +53,7 @@ SOCKET_NAME = "fqdn.sock"
 MAX_LINE = 256 * 1024  # a learn request carries at most an answer's records
 MAX_RECORDS = 512
 TICK_S = 0.5
-SYNC_BUDGET_S = 1.5  # of the proxy's LEARN_TIMEOUT (2 s): the rest is the answer's way back
+SYNC_BUDGET_S = 1.5  # of the proxy's LEARN_TIMEOUT (2 s): the rest is the answer's way back (both scaled alike)
 
 
 class FqdnLearner:
@@ -232,7 +233,7 @@ class LearnerServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=timescale.scaled(5))
         _remove_socket(self.path, self.lab)
 
     def __enter__(self) -> "LearnerServer":
@@ -279,9 +280,10 @@ def _handler_for(learner: FqdnLearner, connections: set[socket.socket]) -> type[
 
 
 def ask(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """One request to a learner (the CLI's `fqdn cache` when no agent relays it, and tests)."""
+    """One request to a learner (the CLI's `fqdn cache` when no agent relays it, and tests);
+    `timeout` is an ordinary machine's seconds, scaled to this one."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(timescale.scaled(timeout))
         sock.connect(str(path))
         sock.sendall(json.dumps({"id": 1, **request}).encode() + b"\n")
         data = b""
@@ -295,8 +297,9 @@ def ask(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, 
 
 def write_learned(lab: "Lab", old: "MapState", state: "MapState") -> None:
     """Put in force a state that what DNS taught changed: the proxy's rules, then the maps,
-    within SYNC_BUDGET_S. A running proxy must confirm only when L7 rules came with it."""
-    lab.sync_policy(state, deadline=time.monotonic() + SYNC_BUDGET_S, proxy_confirms=state.brings_l7_rules(old))
+    within SYNC_BUDGET_S (scaled to this machine, as the proxy's wait for the learner is). A running
+    proxy must confirm only when L7 rules came with it."""
+    lab.sync_policy(state, deadline=time.monotonic() + timescale.scaled(SYNC_BUDGET_S), proxy_confirms=state.brings_l7_rules(old))
 
 
 def enforcer(engine: "PolicyEngine", write: Callable[["MapState", "MapState"], None]) -> Callable[["Proposal"], None]:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import topology
+from .. import timescale, topology
 from .cache import AnswerRecord, FqdnCache
 
 if TYPE_CHECKING:
@@ -78,7 +78,9 @@ class Lookup:
 
 
 async def lookup_in_netns(netns: str, name: str, nameserver: str, search: list[str], timeout: float) -> Lookup:
-    """Resolve `name` as a pod's stub resolver does, with queries sent from namespace `netns`."""
+    """Resolve `name` as a pod's stub resolver does, with queries sent from namespace `netns`,
+    waiting `timeout` seconds of an ordinary machine (scaled to this one) for each answer."""
+    timeout = timescale.scaled(timeout)
     import dns.exception  # noqa: PLC0415 - only name probes need it
     import dns.message  # noqa: PLC0415
     import dns.rcode  # noqa: PLC0415

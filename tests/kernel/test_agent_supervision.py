@@ -23,6 +23,7 @@ from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.flowrecord import ProxyEvent, record_from_json
 from dataplane.abi import PROXY_PORT
+from dataplane.timescale import scaled
 from tests.conftest import unique_lab
 from tests.support import wait
 from tests.support.cli_lab import (AUDITOR_POLICY, L7LAB, READ_ONLY, RETAIL, agent_status, curl, free_loopback_port,
@@ -90,7 +91,7 @@ class SlowClients:
     a request line every half second, half stay silent."""
 
     def __init__(self, port: int, count: int) -> None:
-        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=scaled(5)) for _ in range(count)]
         self.stop = threading.Event()
         self.closed_by_server: set[int] = set()
         self.thread = threading.Thread(target=self._trickle, daemon=True)
@@ -139,7 +140,7 @@ def test_slow_metrics_clients_hold_neither_the_agent_nor_other_scrapes(tmp_path:
             # agent itself lives, has nothing on that port
             inside = topology.socket_in(labmod.node_netns(lab))
             inside.setblocking(True)
-            inside.settimeout(10)
+            inside.settimeout(scaled(10))
             with inside, pytest.raises(ConnectionRefusedError):
                 inside.connect(("127.0.0.1", port))
             got = wait_for("the applied changes in the metrics",
@@ -150,7 +151,7 @@ def test_slow_metrics_clients_hold_neither_the_agent_nor_other_scrapes(tmp_path:
             # exchange, the silent ones by the read timeout
             for n, sock in enumerate(slow.socks):
                 if n % 2:
-                    sock.settimeout(60)
+                    sock.settimeout(scaled(60))
                     with contextlib.suppress(ConnectionResetError):
                         assert sock.recv(1) == b"", "a silent client got an answer"
             wait_for("the trickling clients to be disconnected", lambda: len(slow.closed_by_server) == 4, timeout=60)
@@ -183,7 +184,7 @@ def test_a_change_whose_caller_gave_up_is_never_applied() -> None:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.connect(str(labmod.lab_dir(lab) / "agent.sock"))
                 delete = {"op": "change", "delete": [{"kind": "CiliumNetworkPolicy", "name": "inventory-read-only",
-                                                      "namespace": "retail"}], "deadline": time.monotonic() + 10}
+                                                      "namespace": "retail"}], "deadline": time.monotonic() + scaled(10)}
                 sock.sendall(json.dumps(delete).encode() + b"\n")
         finally:
             os.kill(agent, signal.SIGCONT)
@@ -321,7 +322,7 @@ def test_up_on_a_busy_metrics_port_fails_before_building_anything() -> None:
         watcher.start()
         try:
             out = subprocess.run([*L7LAB, "up", str(RETAIL), "--name", name, "--metrics", f"127.0.0.1:{port}"],
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=scaled(120))
         finally:
             done.set()
             watcher.join()

@@ -24,6 +24,7 @@ from dataplane.lab import NETNS_ETC, Lab, lab_dir, lab_prefix
 from dataplane.logfiles import read_all, request_log
 from dataplane.policy import PolicyEngine
 from dataplane.scenario import load_scenario
+from dataplane.timescale import scaled
 from tests.conftest import unique_lab
 from tests.support.cli_lab import l7lab
 
@@ -102,10 +103,10 @@ def test_a_query_over_tcp_is_answered_by_the_dns_pod(lab: Lab) -> None:
     server = lab.scenario.pods["kube-system/kube-dns"].ip
     sock = topology.socket_in(lab.record.endpoints["shop/client"].netns)
     try:
-        sock.settimeout(10)
+        sock.settimeout(scaled(10))
         sock.connect((server, 53))
-        first = dns.query.tcp(dns.message.make_query("shop.example.com", "A"), server, timeout=10, sock=sock)
-        second = dns.query.tcp(dns.message.make_query("nothing.shop.svc.cluster.local", "A"), server, timeout=10,
+        first = dns.query.tcp(dns.message.make_query("shop.example.com", "A"), server, timeout=scaled(10), sock=sock)
+        second = dns.query.tcp(dns.message.make_query("nothing.shop.svc.cluster.local", "A"), server, timeout=scaled(10),
                                sock=sock)  # the same connection: several queries per connection
     finally:
         sock.close()
@@ -146,5 +147,5 @@ def test_a_world_host_cannot_resolve_cluster_names(lab: Lab) -> None:
     out = subprocess.run(["ip", "netns", "exec", world.netns, sys.executable, "-c",
                           "import socket, sys\ntry:\n    socket.gethostbyname(sys.argv[1])\nexcept OSError:\n"
                           "    print('unresolved')\n", "web.shop.svc.cluster.local"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=scaled(60))
     assert out.stdout.strip() == "unresolved", out

@@ -17,6 +17,7 @@ import pytest
 from dataplane import topology
 from dataplane.policy import PolicyEngine
 from dataplane.probes import run_probe
+from dataplane.timescale import scaled
 from tests.support.kernel_lab import KernelLab, knp, make_probe, make_scenario, oracle_outcome, pair_probes
 
 SERVER_EGRESS_DENIED = knp("deny-egress", "x", """
@@ -36,7 +37,7 @@ class KeepAlive:
     def __init__(self, klab: KernelLab, src: str, dst: str, port: int = 80) -> None:
         self.sock = topology.socket_in(klab.netns(src))
         self.sock.setblocking(True)
-        self.sock.settimeout(3.0)
+        self.sock.settimeout(scaled(3.0))
         self.host = dst.split("/")[-1]
         self.sock.connect((klab.scenario.pods[dst].ip, port))
         self.buf = b""
@@ -69,13 +70,13 @@ class UdpFlow:
     def __init__(self, klab: KernelLab, src: str, dst: str, port: int = 81) -> None:
         self.sock = topology.socket_in(klab.netns(src), kind=socket.SOCK_DGRAM)
         self.sock.setblocking(True)
-        self.sock.settimeout(5.0)  # patient: a late echo must not pass for a drop
+        self.sock.settimeout(scaled(5.0))  # patient: a late echo must not pass for a drop
         self.sock.connect((klab.scenario.pods[dst].ip, port))
 
     def exchange(self, text: str) -> bool:
         """Send `text`; True once its echo arrives (late echoes of earlier datagrams are skipped)."""
         self.sock.send(text.encode())
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + scaled(5.0)
         while time.monotonic() < deadline:
             try:
                 if text in self.sock.recv(65536).decode():
@@ -201,7 +202,9 @@ STATE_A_STEP = """\
 def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
     """y/a -> x/a is allowed in both states (by different entries: any protocol in A, TCP/80 and
     UDP/81 in B, so the change adds and deletes its keys); y/b only in A; y/c only in B; z/a
-    never. New connections run in a loop (~2 s, bounded) while the policy flips A <-> B."""
+    never. New connections run in a loop while the policy flips A <-> B; each state stays until
+    every loop has finished two connections in it (the second one begun after the flip), so a
+    slow machine, whose dropped probes wait longer, still sees both states."""
     engine = PolicyEngine(make_scenario(STATE_A, steps="steps:\n" + STATE_B_STEP + STATE_A_STEP))
     klab.switch(engine)
     to_b, to_a = engine.scenario.steps
@@ -217,12 +220,19 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
     stop = threading.Event()
     flipped = threading.Event()  # the traffic runs until every flip is done, however slow
     errors: list[BaseException] = []
+    loops = [(src, proto) for src in ("y/a", "y/b", "y/c", "z/a") for proto in ("TCP", "UDP")]
+    finished = dict.fromkeys(loops, 0)  # connections each loop has completed so far
+    running = set(loops)  # a loop that reached its bound is not waited for
 
     def flipper() -> None:
         try:
-            for i in range(8):  # bounded: 8 changes, ~0.2 s apart
-                if stop.wait(0.2):
-                    return
+            for i in range(8):  # bounded: 8 changes
+                # Wait for the event (two more connections of every loop in this state), not a time.
+                mark, deadline = dict(finished), time.monotonic() + scaled(30.0)
+                while any(finished[k] < mark[k] + 2 for k in loops if k in running):
+                    if stop.wait(0.01):
+                        return
+                    assert time.monotonic() < deadline, f"the traffic loops stalled: {finished}"
                 step = to_b if i % 2 == 0 else to_a
                 engine.apply_step(step)
                 klab.lab.sync_policy(engine.map_state())
@@ -237,15 +247,19 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
 
     async def loop(src: str, proto: str, port: int, timeout: float, deadline: float) -> None:
         out = results.setdefault((src, proto), [])
-        for _ in range(400):  # bounded in count as well as in time
-            if flipped.is_set() or time.monotonic() > deadline:
-                return
-            probe = make_probe(sc, src, "x/a", port, proto, "allowed", timeout)
-            out.append((await run_probe(probe, klab.netns(src))).outcome)
-            await asyncio.sleep(0.01)  # spread the connections over the whole window
+        try:
+            for _ in range(1000):  # bounded in count as well as in time
+                if flipped.is_set() or time.monotonic() > deadline:
+                    return
+                probe = make_probe(sc, src, "x/a", port, proto, "allowed", timeout)
+                out.append((await run_probe(probe, klab.netns(src))).outcome)
+                finished[(src, proto)] += 1
+                await asyncio.sleep(0.01)  # spread the connections over the whole window
+        finally:
+            running.discard((src, proto))
 
     async def traffic() -> None:
-        deadline = time.monotonic() + 30.0  # a bound only: the loops end with the last flip
+        deadline = time.monotonic() + scaled(120.0)  # a bound only: the loops end with the last flip
         await asyncio.gather(*(loop(src, proto, port, timeout, deadline)
                                for src, timeout in (("y/a", 3.0), ("y/b", 0.3), ("y/c", 0.3), ("z/a", 0.3))
                                for proto, port in (("TCP", 80), ("UDP", 81))))
@@ -256,7 +270,7 @@ def test_policy_change_under_continuous_traffic(klab: KernelLab) -> None:
         asyncio.run(traffic())
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join(timeout=scaled(10))
     assert not errors, errors
     assert len(flips) == 8, flips  # the policy changed eight times while the traffic ran
     for proto in ("TCP", "UDP"):

@@ -18,6 +18,7 @@ from dataplane.mapstate import EndpointState, MapState, PolicyEntry, PolicyKey
 from dataplane.abi import Direction, IDENTITY_WORLD, PROTO_TCP, PROXY_PORT, Verdict
 from dataplane.abi import DropReason, FlowVerdict
 from dataplane.scenario import GATEWAY_IP
+from dataplane.timescale import scaled
 from tests.conftest import require_kernel
 
 pytestmark = pytest.mark.kernel
@@ -76,14 +77,14 @@ def test_bpf_redirect_real_traffic_reaches_transparent_listener(dp: Datapath, wi
     listener.listen()
     client = connect(pod)
     try:
-        assert wait(listener, 5), "the redirected SYN never reached the listener"
+        assert wait(listener, scaled(5)), "the redirected SYN never reached the listener"
         conn, peer = listener.accept()
         conn.setblocking(True)
-        conn.settimeout(5)
+        conn.settimeout(scaled(5))
         assert peer[0] == POD_IP
         assert conn.getsockname() == (ORIG_DST, 80)          # the original destination
         client.setblocking(True)
-        client.settimeout(5)
+        client.settimeout(scaled(5))
         client.sendall(b"GET / HTTP/1.1\r\n\r\n")             # established packets: back to the proxy
         assert conn.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
         conn.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")       # replies pass to_container by conntrack

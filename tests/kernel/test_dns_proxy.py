@@ -29,6 +29,7 @@ from dataplane.logfiles import read_all, request_log
 from dataplane.policy import PolicyEngine
 from dataplane.abi import DropReason, FlowVerdict
 from dataplane.scenario import load_scenario
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 
 pytestmark = pytest.mark.kernel
@@ -43,9 +44,12 @@ def lab(datapath) -> Iterator[Lab]:  # noqa: ANN001 - session fixture
         yield lab
 
 
-def ask(lab: Lab, pod: str, name: str, timeout: float = 5.0, payload: bytes | None = None) -> dns.message.Message | None:
+def ask(lab: Lab, pod: str, name: str, timeout: float | None = None,
+        payload: bytes | None = None) -> dns.message.Message | None:
     """A DNS question from `pod` to kube-dns:53 on a connected UDP socket (so only an answer
-    from kube-dns's own address is accepted); None if nothing comes back in time."""
+    from kube-dns's own address is accepted); None if nothing comes back in time. An answer is
+    awaited patiently (5 s, scaled to this machine) unless the caller expects none (`timeout`)."""
+    timeout = timeout if timeout is not None else scaled(5.0)
     sock = topology.socket_in(lab.record.endpoints[pod].netns, kind=socket.SOCK_DGRAM)
     sock.setblocking(True)
     sock.settimeout(timeout)
@@ -134,7 +138,7 @@ def test_only_the_question_that_was_checked_reaches_the_server(lab: Lab) -> None
     sock = topology.socket_in(lab.record.endpoints["shop/mediabot"].netns, kind=socket.SOCK_DGRAM)
     try:
         sock.setblocking(True)
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         sock.connect((lab.record.endpoints["kube-system/kube-dns"].ip, 53))
         sock.send(query.to_wire())
         reply = dns.message.from_wire(sock.recv(65535), question_only=True)

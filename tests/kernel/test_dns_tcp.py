@@ -33,6 +33,7 @@ from dataplane.policy import Flow as OracleFlow
 from dataplane.policy import PolicyEngine
 from dataplane.runner import KernelExecutor
 from dataplane.scenario import DnsQuery, HttpRequest, Port, load_scenario, make_probe
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.wait import wait_for
 
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.kernel
 
 SCENARIO = REPO / "scenarios" / "dns-policy.yaml"
 KUBE_DNS = "kube-system/kube-dns"
-TIMEOUT = 10.0
+TIMEOUT = scaled(10.0)
 
 
 class DnsTcpLab:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dataplane.timescale import scaled
 from tests.conftest import REPO, require_kernel
 from tests.support.cli_lab import L7LAB, l7lab, up_lab
 
@@ -86,7 +87,7 @@ def cache(lab: str) -> list[dict]:
 
 
 def wait_until(check, what: str, timeout: float) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
@@ -124,7 +125,7 @@ def test_an_open_connection_keeps_an_expired_address_until_it_closes(lab: str) -
     finally:
         assert hold.stdin is not None
         hold.stdin.close()
-        hold.wait(timeout=30)
+        hold.wait(timeout=scaled(30))
     # The open connection of the curl just above closes too: the entry goes once none is open.
     wait_until(lambda: not [e for e in cache(lab) if e["name"] == "api.example.com"], "the entry to go", 60)
     assert curl(lab, f"http://{API}/", expect_answer=False) == 28

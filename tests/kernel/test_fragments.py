@@ -24,6 +24,7 @@ from dataplane.datapath import FlowEvent
 from dataplane.policy import PolicyEngine
 from dataplane.abi import DropReason, FlowVerdict
 from dataplane.scenario import Scenario
+from dataplane.timescale import scaled
 from tests.support import kernel_lab as helpers
 from tests.support.kernel_lab import KernelLab, knp
 
@@ -58,9 +59,11 @@ def make_scenario(policies: str = ALLOW_UDP) -> Scenario:
     return helpers.make_scenario(policies, topology_text=TOPOLOGY)
 
 
-def exchange(klab: KernelLab, payload: bytes, attempts: int = 3, timeout: float = 2.0) -> dict | None:
+def exchange(klab: KernelLab, payload: bytes, attempts: int = 3, timeout: float | None = None) -> dict | None:
     """Send `payload` as one datagram from x/a to x/b:81 (retried a few times: the first may
-    wait for ARP); the echo's JSON reply, or None if nothing came back."""
+    wait for ARP); the echo's JSON reply, or None if nothing came back. A reply is awaited
+    patiently (2 s, scaled to this machine) unless the caller expects none (`timeout`)."""
+    timeout = timeout if timeout is not None else scaled(2.0)
     sock = topology.socket_in(klab.netns("x/a"), kind=socket.SOCK_DGRAM)
     try:
         sock.setblocking(True)

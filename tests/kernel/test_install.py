@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.install import build_wheel, fresh_venv
 
@@ -35,7 +36,7 @@ def test_wheel_install_runs_a_scenario_outside_the_checkout(tmp_path: Path) -> N
         assert not Path(path).resolve().is_relative_to(REPO.resolve()), where.stdout
 
     out = subprocess.run([str(venv.l7lab), "run", f"scenarios/{SCENARIO}", "--name", unique_lab("inst"), "--json"],
-                         cwd=workdir, env=venv.env(), capture_output=True, text=True, timeout=300)
+                         cwd=workdir, env=venv.env(), capture_output=True, text=True, timeout=scaled(300))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["mode"] == "kernel" and report["passed"] and report["failed"] == 0

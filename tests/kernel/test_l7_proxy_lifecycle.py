@@ -18,6 +18,7 @@ from dataplane.flowrecord import Endpoint, Flow
 from dataplane.abi import PROXY_PORT
 from dataplane.policy import PolicyEngine
 from dataplane.abi import DropReason, FlowVerdict
+from dataplane.timescale import scaled
 from tests.conftest import unique_lab
 from tests.support.http import request_bytes
 from tests.support.l7_lab import (CONNECT_DROP_TIMEOUT, IO_TIMEOUT, L7_POLICY_NAME, L7_PORT, PLAIN_POLICY,
@@ -110,7 +111,7 @@ def test_l7_events_one_record_per_request_and_kernel_redirect(l7: L7Lab) -> None
     def mine() -> list[Flow]:
         return [r for r in l7.proxy_events() if r.http.url.startswith(f"http://{host}/")]
 
-    deadline = time.monotonic() + IO_TIMEOUT  # records are written once a response is done
+    deadline = time.monotonic() + scaled(IO_TIMEOUT)  # records are written once a response is done
     while len(mine()) < len(sent) + 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     records = mine()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from dataplane.flowrecord import Flow
+from dataplane.timescale import scaled
 from tests.conftest import unique_lab
 from tests.support.http import request_bytes
 from tests.support.l7_lab import (L7_POLICY, PLAIN_POLICY, L7Lab, PodClient, backend_json, close_l7_lab,
@@ -35,7 +36,7 @@ from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.kernel
 
-DEADLINE = 30.0  # "eventually" on a loaded machine; the limits under test are 1-2 s
+DEADLINE = 30.0  # "eventually" on a loaded machine (the helpers scale it); the limits under test are 1-2 s
 
 STRANGER_POLICY = """\
 apiVersion: cilium.io/v2
@@ -140,7 +141,7 @@ def test_slowloris_heads_are_closed_while_others_are_served(l7: L7Lab, limits) -
     answers = [b""] * len(slow)
     others = 0
     try:
-        deadline, sent = time.monotonic() + DEADLINE, 0
+        deadline, sent = time.monotonic() + scaled(DEADLINE), 0
         while not all(answers) and time.monotonic() < deadline and sent < len(head) - 4:
             for i, c in enumerate(slow):  # one more byte each, never the whole head
                 c.send_tolerant(head[sent:sent + 1])
@@ -155,7 +156,7 @@ def test_slowloris_heads_are_closed_while_others_are_served(l7: L7Lab, limits) -
                 others += 1
         for i, c in enumerate(slow):
             c.buf = answers[i]
-            c.sock.settimeout(DEADLINE)
+            c.sock.settimeout(scaled(DEADLINE))
             resp = c.read_response()
             assert (resp.status, resp.headers.get("connection")) == (408, "close"), resp
             assert c.closed_by_peer(DEADLINE)

@@ -23,6 +23,7 @@ import pytest
 from wsproto.events import AcceptConnection, RejectConnection, TextMessage
 
 from dataplane import topology
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.http import WebSocketClient, h2_after_upgrade
 from tests.support.l7_lab import IO_TIMEOUT, L7_PORT, L7Lab, assert_denied, close_l7_lab, open_l7_lab
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.kernel
 
 H2C_PORT = 8081
 FAST_WS_PORT = 8082
-START_TIMEOUT = 30.0  # a Python server starting on a loaded machine
+START_TIMEOUT = scaled(30.0)  # a Python server starting on a loaded machine
 
 UPGRADE_POLICY = f"""\
 apiVersion: cilium.io/v2
@@ -106,7 +107,7 @@ def h2c_upgrade(path: str, settings: bytes, version: str = "1.1") -> bytes:
 
 
 def wait_for_line(backend: PodBackend, line: str, timeout: float = IO_TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while line not in backend.lines():
         if time.monotonic() > deadline:
             return False
@@ -121,7 +122,7 @@ def test_the_h2c_backend_honours_h2c_when_reached_directly(lab) -> None:
     settings, frames = h2_after_upgrade("DELETE", "/direct-check")
     sock = topology.socket_in(l7.netns("shop/backend"))
     sock.setblocking(True)
-    sock.settimeout(IO_TIMEOUT)
+    sock.settimeout(scaled(IO_TIMEOUT))
     with sock:
         sock.connect((l7.ip("shop/backend"), H2C_PORT))
         sock.sendall(h2c_upgrade("/allowed", settings) + frames)

@@ -18,6 +18,7 @@ import pytest
 
 from dataplane import lab as labmod
 from dataplane.flowrecord import Flow, FlowType, Record, record_type
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.cli_lab import (AUDITOR_POLICY, L7LAB, NO_PROXY, READ_ONLY, RETAIL, agent_status, curl,
                                    free_loopback_port, l7lab, leftovers, nothing_left, observe, reaches, scrape)
@@ -181,7 +182,7 @@ def test_killed_agent_leaves_the_lab_enforcing_and_down_cleans_up(retail: str, t
     # The agent lives in the lab's node namespace, so whatever removes the lab finds it.
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{labmod.node_netns(retail)}").st_ino
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(5)
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     url = "http://inventory-api:8080/api/inventory/1"
@@ -261,7 +262,7 @@ def test_up_serves_prometheus_metrics_on_loopback() -> None:
         drops_key = (f'l7lab_datapath_packets_total{{direction="ingress",lab="{name}",reason="POLICY_DENIED",'
                      f'verdict="DROP"}}')
         denied_key = f'l7lab_l7_records_total{{lab="{name}",protocol="HTTP",verdict="denied"}}'
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while True:
             after = scrape(url)
             if after.get(denied_key, 0) >= 1 and after.get(drops_key, 0) > before.get(drops_key, 0):
@@ -273,7 +274,7 @@ def test_up_serves_prometheus_metrics_on_loopback() -> None:
         assert agent_status(name)["agent"]["metrics_url"] == url
         # Loopback only, and the port answers nothing but /metrics.
         with pytest.raises(urllib.error.HTTPError) as info:
-            NO_PROXY.open(url.replace("/metrics", "/"), timeout=10)
+            NO_PROXY.open(url.replace("/metrics", "/"), timeout=scaled(10))
         assert info.value.code == 404
     finally:
         assert l7lab("down", name).returncode == 0
@@ -294,12 +295,12 @@ def test_flow_records_are_rotated_and_observe_follows() -> None:
     env = {**os.environ, "L7LAB_FLOWS_ROTATE_BYTES": "1500"}  # a record or two per file
     try:
         up = subprocess.run([*L7LAB, "up", str(RETAIL), "--name", name], cwd=REPO, capture_output=True, text=True,
-                            timeout=120, env=env)
+                            timeout=scaled(120), env=env)
         assert up.returncode == 0, up.stderr
         for _ in range(6):
             assert not reaches(name, "reporting", "http://inventory-api:8080/", False)
         flows = labmod.lab_dir(name) / "flows.jsonl"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while not (flows.with_name("flows.jsonl.1")).exists():
             assert time.monotonic() < deadline, "flows.jsonl was never rotated"
             time.sleep(0.1)
@@ -312,7 +313,7 @@ def test_flow_records_are_rotated_and_observe_follows() -> None:
             return [Flow.from_json(json.loads(line)) for line in out.stdout.splitlines()]
         # A probe's records can push the new file over the limit again (it is rotated once more,
         # and is empty until the next record): probe until observe reads records of this file.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while not (records := probe_and_observe()):
             assert time.monotonic() < deadline, "observe never showed a record of the current file"
         assert all(r.verdict == "DROP" and r.source.name == "retail/reporting" for r in records)

@@ -13,10 +13,12 @@ import pytest
 
 from dataplane import lab as labmod
 from dataplane import topology
+from dataplane.agent.process import BUILD_TIMEOUT
 from dataplane.lab import Lab
 from dataplane.logfiles import read_all, request_log
 from dataplane.runner import KernelExecutor, run_scenario
 from dataplane.scenario import Destination, Probe, Scenario, Step, load_scenario
+from dataplane.timescale import scaled
 from tests.conftest import REPO, patient, unique_lab
 from tests.support.cli_lab import L7LAB, curl, leftovers, nothing_left
 
@@ -102,10 +104,15 @@ def test_down_removes_everything_and_is_idempotent(scenario: Scenario) -> None:
 def _kill_up_midway(name: str) -> None:
     proc = subprocess.Popen([*L7LAB, "up", str(CONNECTIVITY), "--name", name], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    # Kill it while it is building: some namespaces exist, the servers are starting.
-    while len(topology.list_netns(labmod.lab_prefix(name))) < 4 and time.monotonic() < deadline:
+    # Kill it while it is building: some namespaces exist, the servers are starting. The event is
+    # awaited, not a time: `up` compiles the datapath before it makes any namespace, which takes
+    # seconds here and minutes on an emulated machine. The bound is the one `up` itself has for
+    # building a lab; `up` ending first (an error) stops the wait too.
+    deadline = time.monotonic() + scaled(BUILD_TIMEOUT)
+    while (len(topology.list_netns(labmod.lab_prefix(name))) < 4 and proc.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.005)
+    assert proc.poll() is None, f"l7lab up exited with {proc.returncode} before it made the lab's namespaces"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rec = labmod.LabRecord.load(name)

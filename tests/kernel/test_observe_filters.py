@@ -29,6 +29,7 @@ import pytest
 from dataplane.fqdn.oracle import expected_walk
 from dataplane.policy import PolicyEngine
 from dataplane.scenario import Probe, load_scenario
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.cli_lab import L7LAB, RETAIL, curl, l7lab, leftovers, nothing_left
 from tests.support.wait import wait_for
@@ -481,7 +482,7 @@ def test_follow_and_monitor_show_new_drops_until_interrupted(retail: Lab, verb: 
     child = subprocess.Popen([*L7LAB, verb[0], retail.name, *verb[1:]], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         found: Flow = {}
         while not found:
             drop_from_reporting(retail.name)
@@ -493,7 +494,7 @@ def test_follow_and_monitor_show_new_drops_until_interrupted(retail: Lab, verb: 
         assert found not in retail.observe()  # new: after the scenario
     finally:
         child.send_signal(signal.SIGINT)
-        code = child.wait(timeout=30)
+        code = child.wait(timeout=scaled(30))
     assert code == 0, child.stderr.read()
 
 
@@ -501,7 +502,7 @@ def test_monitor_text_is_cilium_monitor_s(retail: Lab) -> None:
     child = subprocess.Popen([*L7LAB, "monitor", retail.name, "--type", "policy-verdict"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         line = ""
         while not line:
             drop_from_reporting(retail.name)
@@ -514,5 +515,5 @@ def test_monitor_text_is_cilium_monitor_s(retail: Lab) -> None:
             "ingress, action deny" in line, line
     finally:
         child.send_signal(signal.SIGINT)
-        code = child.wait(timeout=30)
+        code = child.wait(timeout=scaled(30))
     assert code == 0, child.stderr.read()

@@ -18,6 +18,7 @@ import pytest
 from dataplane import lab as labmod
 from dataplane.confine import POD_ID_BASE
 from dataplane.logfiles import previous, read_all, request_log
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.cli_lab import leftovers, nothing_left
 
@@ -30,7 +31,7 @@ NOBODY = 65534
 
 
 def l7lab(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True, timeout=scaled(timeout),
                           env={**os.environ, **(env or {})})
 
 
@@ -155,7 +156,7 @@ def test_pod_traffic_dns_and_rotated_request_logs_still_work(lab: str) -> None:
     http = in_pod(lab, "shell", "sh", "-c", loop)
     assert http.returncode == 0 and http.stdout.split() == ["200"] * requests, http
     ask = ("import sys, dns.message, dns.query\n"
-           "reply = dns.query.udp(dns.message.make_query(sys.argv[1], 'A'), sys.argv[2], timeout=5)\n"
+           f"reply = dns.query.udp(dns.message.make_query(sys.argv[1], 'A'), sys.argv[2], timeout={scaled(5):g})\n"
            "print(' '.join(rd.to_text() for rrset in reply.answer for rd in rrset))")
     record = labmod.LabRecord.load(lab)
     assert record is not None

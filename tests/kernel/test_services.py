@@ -27,6 +27,7 @@ from dataplane.scenario import PolicyRef, PolicySource, Probe, Step, make_probe,
 from dataplane.services import pick_backend
 from dataplane.tracing import trace_in_lab
 from dataplane.yamlsource import load_documents
+from dataplane.timescale import scaled
 from tests.conftest import unique_lab
 
 pytestmark = pytest.mark.kernel
@@ -172,7 +173,7 @@ def test_a_datagram_to_a_closed_backend_port_goes_unanswered_as_the_oracle_says(
 def resolve(lab: Lab, pod: str, name: str) -> str | None:
     """The address `name` resolves to inside `pod` (through the cluster DNS), None if it does not."""
     out = subprocess.run(["ip", "netns", "exec", lab.record.endpoints[pod].netns, "getent", "hosts", name],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=scaled(30))
     return out.stdout.split()[0] if out.returncode == 0 and out.stdout else None
 
 

@@ -20,13 +20,14 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.ui import WebDriverWait
 
 from dataplane import lab as labmod
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.browser import chromium, keep_screenshot, ui_server
 from tests.support.cli_lab import RETAIL, curl, l7lab, leftovers, nothing_left, reaches
 
 pytestmark = pytest.mark.kernel
 
-DEADLINE = 60.0  # seconds for the page to show what the traffic did (a loaded machine is slow)
+DEADLINE = scaled(60.0)  # seconds for the page to show what the traffic did (a loaded machine is slow)
 FRONTEND, INVENTORY, REPORTING = "retail/frontend-app", "retail/inventory-api", "retail/reporting"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dataplane import lab as labmod
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 from tests.support.cli_lab import l7lab
 
@@ -20,7 +21,7 @@ WALKTHROUGHS = sorted(p for p in (REPO / "docs" / "walkthroughs").glob("*.md") i
 
 def walkthroughs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "scripts/walkthroughs.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=scaled(900))
 
 
 @pytest.mark.parametrize("path", WALKTHROUGHS, ids=[p.stem for p in WALKTHROUGHS])

@@ -17,6 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from dataplane.timescale import scaled
 from tests.conftest import REPO
 from tests.support.cli_lab import L7LAB, free_loopback_port
 from tests.support.wait import wait_for
@@ -66,7 +67,7 @@ def ui_server(lab: str, log: Path, env: dict[str, str] | None = None) -> Iterato
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
                 try:
-                    proc.wait(timeout=20)
+                    proc.wait(timeout=scaled(20))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()

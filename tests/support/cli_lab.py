@@ -1,6 +1,7 @@
 """Labs driven the way a user drives them: the `l7lab` command in a subprocess (`up`, `exec`,
 `observe`, `status`, `down`), curl inside pods, the agent's Prometheus endpoint, and the check
-that a lab left nothing behind (namespaces, /etc/netns, records, processes)."""
+that a lab left nothing behind (namespaces, /etc/netns, records, processes). Every bound here is
+an ordinary machine's seconds, scaled to this one (dataplane/timescale.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 from dataplane import lab as labmod
 from dataplane import topology
 from dataplane.flowrecord import Record, record_from_json
+from dataplane.timescale import scaled
 from tests.conftest import REPO, unique_lab
 
 L7LAB = [sys.executable, "-m", "dataplane.cli"]
@@ -41,7 +43,7 @@ spec:
 """
 
 def l7lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*L7LAB, *args], cwd=REPO, capture_output=True, text=True, timeout=scaled(timeout))
 
 
 def pin_name(lab: str, url: str) -> list[str]:
@@ -62,7 +64,9 @@ def pin_name(lab: str, url: str) -> list[str]:
     return []
 
 
-def curl(lab: str, pod: str, url: str, *extra: str, max_time: str = "10") -> subprocess.CompletedProcess[str]:
+def curl(lab: str, pod: str, url: str, *extra: str, max_time: str | None = None) -> subprocess.CompletedProcess[str]:
+    """curl inside a pod; `max_time` as given, else a patient 10 s (scaled)."""
+    max_time = max_time if max_time is not None else f"{scaled(10):g}"
     return l7lab("exec", "--lab", lab, pod, "--", "curl", "-s", "-m", max_time, *pin_name(lab, url), *extra, url)
 
 
@@ -70,7 +74,7 @@ def reaches(lab: str, pod: str, url: str, expect: bool) -> bool:
     """True if the backend itself answered; False if the connection timed out (dropped). A probe
     expected to pass gets a patient timeout (a loaded machine is slow, not dropping); one
     expected to be dropped waits one second."""
-    out = curl(lab, pod, url, max_time="10" if expect else "1")
+    out = curl(lab, pod, url, max_time=f"{scaled(10):g}" if expect else "1")
     if out.returncode == 28:
         return False
     assert out.returncode == 0, out
@@ -82,7 +86,7 @@ def reaches(lab: str, pod: str, url: str, expect: bool) -> bool:
 def observe(lab: str, until: Callable[[list[Record]], bool], *args: str) -> list[Record]:
     """`observe --json` read back as flow records until they satisfy `until` (the agent writes
     flows within ~0.1 s; the deadline is for a loaded machine, where it may take seconds)."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while True:
         out = l7lab("observe", lab, "--json", *args)
         assert out.returncode == 0, out.stderr
@@ -110,7 +114,7 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopb
 
 def scrape(url: str) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value} (samples only)."""
-    with NO_PROXY.open(url, timeout=10) as resp:
+    with NO_PROXY.open(url, timeout=scaled(10)) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
     samples = {}
@@ -135,7 +139,7 @@ def leftovers(name: str) -> dict[str, list[str]]:
 
 def nothing_left(name: str, wait: float = 5.0) -> bool:
     """True once nothing of lab `name` is left (processes killed just now may take a moment to go)."""
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + scaled(wait)
     while any(leftovers(name).values()):
         if time.monotonic() > deadline:
             return False

@@ -21,6 +21,7 @@ import h2.connection
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import Event, Message, Request
 
+from dataplane.timescale import scaled
 from tests.support.wait import DEADLINE
 
 
@@ -37,7 +38,7 @@ class Client:
     _pace: tuple[float, int] | None = None  # while reading like a slow reader: (pause, bytes per read)
 
     def __init__(self, proxy_port: int, source: str = "127.0.0.2") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=30, source_address=(source, 0))
+        self.sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=scaled(30), source_address=(source, 0))
         self.buf = b""
 
     def __enter__(self) -> "Client":
@@ -133,7 +134,7 @@ class Client:
 
     def closed(self) -> bool:
         """True if the peer closed the connection (EOF) with nothing more to read."""
-        self.sock.settimeout(5)
+        self.sock.settimeout(scaled(5))
         try:
             return self.sock.recv(1) == b"" and not self.buf
         except ConnectionResetError:
@@ -141,8 +142,9 @@ class Client:
 
     def closed_by_peer(self, timeout: float = DEADLINE) -> bool:
         """Wait (bounded) for the peer to end the connection: EOF or reset, after whatever was
-        still unread (which is thrown away). False if it is still open after `timeout`."""
-        self.sock.settimeout(timeout)
+        still unread (which is thrown away). False if it is still open after `timeout` (scaled to
+        this machine)."""
+        self.sock.settimeout(scaled(timeout))
         try:
             while self.sock.recv(1 << 20):
                 pass
@@ -155,7 +157,7 @@ class Client:
     def rest_until_closed(self, timeout: float | None = None) -> bytes:
         """What is buffered plus everything the peer sends until it closes (EOF or reset)."""
         if timeout is not None:
-            self.sock.settimeout(timeout)
+            self.sock.settimeout(scaled(timeout))
         data, self.buf = self.buf, b""
         while True:
             try:
@@ -169,7 +171,7 @@ class Client:
 
     def count_until_closed(self, timeout: float = DEADLINE) -> int:
         """How many bytes arrive until the peer closes (EOF or reset), without keeping them."""
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(scaled(timeout))
         received = 0
         try:
             while data := self.sock.recv(1 << 20):

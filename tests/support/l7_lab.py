@@ -30,6 +30,7 @@ from dataplane.abi import Direction, PROXY_PORT
 from dataplane.policy import PolicyEngine
 from l7.ruleset import L7RuleSet
 from dataplane.scenario import Scenario, parse_scenario
+from dataplane.timescale import scaled
 from dataplane.yamlsource import load_documents
 from tests.support.http import Client, Resp
 from tests.support.loopback import POLICY as CORPUS_POLICY_TEMPLATE
@@ -37,8 +38,11 @@ from tests.support.loopback import POLICY as CORPUS_POLICY_TEMPLATE
 L7_PORT = 8080  # backend port behind the proxy
 PLAIN_PORT = 9090  # backend port allowed at L3/L4 only
 ACCESS_DENIED = b"Access denied\r\n"
+# Seconds of an ordinary machine; the helpers here scale them to this one (dataplane/timescale.py).
 IO_TIMEOUT = 5.0  # per socket operation: a proxy that hangs fails the test, it never hangs it
-CONNECT_DROP_TIMEOUT = 1.5  # a connect expected to be dropped (costs the whole timeout)
+# A connect expected to be dropped (costs the whole timeout; its expiry is the expected outcome, so
+# a slow machine needs no more of it).
+CONNECT_DROP_TIMEOUT = 1.5
 
 TOPOLOGY = f"""\
 name: l7
@@ -107,13 +111,13 @@ class PodClient(Client):
         sock = topology.socket_in(netns)
         sock.setblocking(True)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(connect_timeout)
+        sock.settimeout(scaled(connect_timeout))
         try:
             sock.connect(dst)
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(timeout)
+        sock.settimeout(scaled(timeout))
         self.sock = sock
         self.buf = b""
 
@@ -171,7 +175,7 @@ class L7Lab:
     def wait_proxy_events(self, count: int, timeout: float = IO_TIMEOUT) -> list[Flow]:
         """The proxy writes a record once a response is done, possibly just after the client has
         it: wait (bounded) until at least `count` records are there."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             events = self.proxy_events()
             if len(events) >= count or time.monotonic() > deadline:

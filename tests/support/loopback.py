@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import httptools
 
 from dataplane.mapstate import MapState
+from dataplane.timescale import scaled
 from tests.support.policy import scenario
 
 RAW_CAP = 2 * 1024 * 1024  # raw bytes kept per backend connection (large uploads are only counted)
@@ -192,7 +193,7 @@ class LoopThread:
         self.thread.start()
 
     def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(scaled(timeout))
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

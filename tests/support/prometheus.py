@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from dataplane.timescale import scaled
 from tests.support.cli_lab import NO_PROXY, free_loopback_port
 from tests.support.wait import wait_for
 
@@ -40,7 +41,7 @@ class PrometheusAPI:
 
     def _get(self, path: str, **params: str) -> Any:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}" if params else self.url + path
-        with NO_PROXY.open(url, timeout=10) as resp:
+        with NO_PROXY.open(url, timeout=scaled(10)) as resp:
             body = json.loads(resp.read())
         assert body["status"] == "success", body
         return body["data"]
@@ -86,7 +87,7 @@ class Prometheus(PrometheusAPI):
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=scaled(15))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
@@ -94,7 +95,7 @@ class Prometheus(PrometheusAPI):
     def ready(self) -> bool:
         assert self.proc.poll() is None, f"prometheus exited: {self.log.read_text()[-2000:]}"
         try:
-            with NO_PROXY.open(self.url + "/-/ready", timeout=2) as resp:
+            with NO_PROXY.open(self.url + "/-/ready", timeout=scaled(2)) as resp:
                 return resp.status == 200
         except OSError:
             return False
