@@ -8,7 +8,9 @@
 #                          boots the guest's kernel under KVM once to find out (default: auto)
 #   --cpus N               virtual CPUs (default: the host's, at most 4)
 #   --memory MB            guest memory (default: 8192)
-#   --timeout MIN          stop the VM and fail after MIN minutes (default: 180)
+#   --timeout MIN          after MIN minutes interrupt the suite as Ctrl-C would (its summary and
+#                          junit.xml of the tests run so far come back), kill the VM if it is
+#                          still up 15 minutes later (default: 180)
 #   --rebuild              build the disk image again even if a cached one matches
 #   --fresh                start from the bare image, as a machine that never ran setup.sh
 #                          (default: from the cached image setup.sh already ran in, see stage 3)
@@ -27,7 +29,8 @@
 #   4. in the guest: the checkout is copied to the guest's disk (without .venv and .vm), then
 #      `scripts/setup.sh --test` and `CI=true scripts/test.sh` run there, with PYTEST-ARGS if given
 #   5. results: test.log, junit.xml, console.log (the guest's serial console), timings.tsv,
-#      summary.txt (pytest's summary line and the guest's kernel), rc (the suite's exit code)
+#      summary.txt (pytest's summary line and the guest's kernel), rc (the suite's exit code),
+#      interrupted (present when --timeout cut the suite short)
 #
 # The VM is stopped on every exit path (end of the run, error, timeout, Ctrl-C). Exit codes: the
 # suite's own (0 passed, 1 tests failed, ...), 3 when the VM could not be built or run.
@@ -113,17 +116,29 @@ stage_done
 # on QEMU's user network, and the unit that runs the suite at boot. setup.sh installs the rest, as
 # it would for a user. The recipe's hash names the cached image, so a changed recipe builds anew.
 guest_packages="linux-image-amd64,systemd-sysv,udev,kmod,ca-certificates,iproute2,procps,tar,gzip"
-guest_runner=$(cat <<'GUEST'
+# The image runs a fixed stub at boot: it mounts the two shares and runs the script the host put
+# in the results share for this run. What a run does can so change without a new image (nor a
+# new provisioned layer, stage 3).
+guest_boot=$(cat <<'GUEST'
 #!/bin/bash
-# Runs once at boot. The host's results share says what to do (its file "mode"):
-#   provision  copy the checkout in, run scripts/setup.sh --test, remove the copy, power off
-#   test       copy the checkout in, run setup and the suite, write the results, power off
-set -u
 out=/mnt/results
 mkdir -p /mnt/src "$out"
 modprobe -a 9pnet_virtio 9p 2>/dev/null
-mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src
-mount -t 9p -o trans=virtio,version=9p2000.L,rw results "$out"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src &&
+  mount -t 9p -o trans=virtio,version=9p2000.L,rw results "$out" &&
+  [ -f "$out/run.sh" ] && bash "$out/run.sh"
+sync
+systemctl poweroff
+GUEST
+)
+# The run, in the guest. The results share's file "mode" says what to do:
+#   provision  copy the checkout in, run scripts/setup.sh --test, remove the copy
+#   test       copy the checkout in, run setup and the suite, write the results
+# A file "stop" appearing in the share (the host's --timeout) interrupts pytest as Ctrl-C
+# would: it writes its summary and junit.xml for the tests run so far, and the guest powers off.
+guest_run=$(cat <<'GUEST'
+set -u
+out=/mnt/results
 mode=$(cat "$out/mode" 2>/dev/null || echo test)
 log() { printf '%s %s\n' "$(date -u +%T)" "$*" >> "$out/guest.log"; }
 t0=$(date +%s)
@@ -147,17 +162,29 @@ elif [ "$mode" = provision ]; then
 else
   args=()
   [ -s "$out/pytest-args" ] && mapfile -d '' -t args < "$out/pytest-args"
-  CI=true bash scripts/test.sh -q -rfEs --junitxml="$out/junit.xml" "${args[@]}" > "$out/test.log" 2>&1
-  rc=$?
+  # Job control on: a background job of a plain script ignores SIGINT, and Python would not
+  # turn SIGINT into KeyboardInterrupt; as a job in its own process group it does.
+  set -m
+  CI=true bash scripts/test.sh -q -rfEs --junitxml="$out/junit.xml" "${args[@]}" > "$out/test.log" 2>&1 &
+  suite=$!
+  set +m
+  interrupted=0
+  while kill -0 "$suite" 2>/dev/null; do
+    if [ "$interrupted" = 0 ] && [ -e "$out/stop" ]; then
+      log "stop asked: interrupting the suite"
+      kill -INT "$suite"; interrupted=1
+    fi
+    sleep 10
+  done
+  wait "$suite"; rc=$?
+  [ "$interrupted" = 1 ] && echo "interrupted at the host's --timeout" > "$out/interrupted"
   mark guest-tests
 fi
 echo "$rc" > "$out/rc"
-sync
 log "done, rc $rc"
-systemctl poweroff
 GUEST
 )
-recipe_hash=$( { echo "$guest_packages"; echo "$guest_runner"; cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true; echo v1; } | sha256sum | cut -c1-16)
+recipe_hash=$( { echo "$guest_packages"; echo "$guest_boot"; cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true; echo v1; } | sha256sum | cut -c1-16)
 image="$cache/debian12-$recipe_hash.img"
 kernel_file="$cache/debian12-$recipe_hash.vmlinuz"
 initrd_file="$cache/debian12-$recipe_hash.initrd"
@@ -167,8 +194,8 @@ if [ "$rebuild" = 1 ] || [ ! -f "$image" ] || [ ! -f "$kernel_file" ] || [ ! -f 
   rootfs=$(mktemp -d "$cache/rootfs.XXXXXX")
   # The staging tree lies inside .vm/cache, which this script owns: removed on every exit path.
   trap 'rm -rf --one-file-system -- "$rootfs"' EXIT
-  runner_file="$cache/runner.$recipe_hash"
-  printf '%s\n' "$guest_runner" > "$runner_file"
+  runner_file="$cache/boot.$recipe_hash"
+  printf '%s\n' "$guest_boot" > "$runner_file"
   say "building the Debian 12 image with mmdebstrap (a few minutes)"
   mmdebstrap --variant=minbase --include="$guest_packages" \
     --customize-hook='echo l7lab-vm > "$1/etc/hostname"' \
@@ -176,8 +203,8 @@ if [ "$rebuild" = 1 ] || [ ! -f "$image" ] || [ ! -f "$kernel_file" ] || [ ! -f 
     --customize-hook='printf "/dev/vda / ext4 defaults 0 1\n" > "$1/etc/fstab"' \
     --customize-hook='mkdir -p "$1/etc/systemd/network" && printf "[Match]\nName=en* eth*\n[Network]\nDHCP=yes\n" > "$1/etc/systemd/network/10-dhcp.network"' \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd >/dev/null 2>&1' \
-    --customize-hook="install -m 755 '$runner_file' \"\$1/usr/local/sbin/l7lab-vm-run\"" \
-    --customize-hook='printf "[Unit]\nDescription=l7lab suite\nWants=network-online.target\nAfter=network-online.target\n[Service]\nType=oneshot\nExecStart=/usr/local/sbin/l7lab-vm-run\nStandardOutput=journal+console\n[Install]\nWantedBy=multi-user.target\n" > "$1/etc/systemd/system/l7lab-vm-run.service"' \
+    --customize-hook="install -m 755 '$runner_file' \"\$1/usr/local/sbin/l7lab-vm-boot\"" \
+    --customize-hook='printf "[Unit]\nDescription=l7lab suite\nWants=network-online.target\nAfter=network-online.target\n[Service]\nType=oneshot\nExecStart=/usr/local/sbin/l7lab-vm-boot\nStandardOutput=journal+console\n[Install]\nWantedBy=multi-user.target\n" > "$1/etc/systemd/system/l7lab-vm-run.service"' \
     --customize-hook='chroot "$1" systemctl enable l7lab-vm-run.service systemd-networkd-wait-online.service >/dev/null 2>&1' \
     --customize-hook='if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then cp /usr/local/share/ca-certificates/*.crt "$1/usr/local/share/ca-certificates/" && chroot "$1" update-ca-certificates >/dev/null 2>&1; fi' \
     bookworm "$rootfs" >"$cache/mmdebstrap.log" 2>&1 || die "mmdebstrap failed: see $cache/mmdebstrap.log"
@@ -232,9 +259,13 @@ fi
 say "accelerator: $accel ($cpus CPUs, $memory MB)"
 if [ "$accel" = kvm ]; then accel_args=(-accel kvm -cpu host); else accel_args=(-accel tcg,thread=multi -cpu max); fi
 deadline=$(( $(date +%s) + timeout_min * 60 ))
+STOP_GRACE=900  # pytest under emulation takes minutes to wind its workers down and report
 
-boot_vm() {  # boot_vm DISK SHARE: run the guest on DISK until it powers off (or the deadline)
+boot_vm() {  # boot_vm DISK SHARE: run the guest on DISK until it powers off
+  # At the deadline the guest is asked to interrupt the suite (a file "stop" in the share) and
+  # given STOP_GRACE seconds to write what it has and power off; then the VM is killed.
   local disk=$1 share=$2
+  printf '%s\n' "$guest_run" > "$share/run.sh"
   ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1 && : > "$share/pip-cert"
   qemu-system-x86_64 "${accel_args[@]}" -smp "$cpus" -m "$memory" -nographic -no-reboot \
     -kernel "$kernel_file" -initrd "$initrd_file" \
@@ -246,8 +277,13 @@ boot_vm() {  # boot_vm DISK SHARE: run the guest on DISK until it powers off (or
     -serial "file:$share/console.log" -monitor none </dev/null >"$share/qemu.log" 2>&1 &
   qemu_pid=$!
   while kill -0 "$qemu_pid" 2>/dev/null; do
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-      say "timeout: the VM ran past $timeout_min minutes"
+    now=$(date +%s)
+    if [ "$now" -ge "$deadline" ] && [ ! -e "$share/stop" ]; then
+      say "timeout: the VM ran $timeout_min minutes; asking the guest to stop the suite"
+      : > "$share/stop"
+    fi
+    if [ "$now" -ge $(( deadline + STOP_GRACE )) ]; then
+      say "the guest did not stop within ${STOP_GRACE}s of the timeout: killing the VM"
       stop_vm
       return 0
     fi
@@ -302,6 +338,7 @@ stage_done
 {
   echo "kernel: $(cat "$results/kernel" 2>/dev/null || echo unknown)"
   echo "accelerator: $accel, $cpus CPUs, $memory MB"
+  [ -f "$results/interrupted" ] && echo "interrupted: the suite ran past --timeout $timeout_min"
   if [ -f "$results/test.log" ]; then
     grep -E '^=+ .*(passed|failed|error).* =+$|^[0-9]+ (passed|failed)' "$results/test.log" | tail -n 1
   fi

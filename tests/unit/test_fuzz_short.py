@@ -13,6 +13,7 @@ The long campaign (a million inputs per target) is `scripts/fuzz.sh`, outside CI
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -21,12 +22,13 @@ from pathlib import Path
 import pytest
 
 from dataplane.errors import ErrorList, SourceError
+from dataplane.timescale import scaled
 from fuzz import seeds, targets
 
 ROOT = Path(__file__).resolve().parents[2]
 XFAIL = Path(__file__).resolve().parent / "fuzz_corpus_xfail"
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
-SECONDS = 4
+SECONDS = 4  # of an ordinary machine's fuzzing: scaled to this one
 
 
 @pytest.mark.parametrize("target", sorted(targets.TARGETS))
@@ -46,9 +48,9 @@ def test_short_coverage_guided_run_finds_nothing(target: str, tmp_path: Path) ->
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("FUZZ_STRICT", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "fuzz.run", target, str(tmp_path / "corpus"), f"-max_total_time={SECONDS}",
-         "-timeout=5", "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "fuzz.run", target, str(tmp_path / "corpus"), f"-max_total_time={math.ceil(scaled(SECONDS))}",
+         f"-timeout={math.ceil(scaled(5))}", "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=scaled(120))
     log = proc.stdout + proc.stderr
     findings = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
     assert proc.returncode == 0 and not findings, f"{target}: fuzzing found {findings}\n{log[-4000:]}"
