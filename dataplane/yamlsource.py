@@ -25,6 +25,8 @@ from .errors import SourceError, SourceLocation
 PathKey = tuple[str | int, ...]
 
 
+_DEPTH_MESSAGE = f"lists and mappings nest deeper than {limits.MAX_DEPTH} levels (the limit is {limits.MAX_DEPTH})"
+
 def format_path(path: PathKey) -> str:
     """('pods', 2, 'ports', 0, 'port') -> 'pods[2].ports[0].port'."""
     out = ""
@@ -202,8 +204,7 @@ def _build(events: Iterator[yaml.Event], budget: Budget) -> list[tuple[Any, dict
             value: Any = _scalar(event, line, path)
         else:
             if len(stack) >= limits.MAX_DEPTH:
-                raise _Limit(line, path, f"lists and mappings nest deeper than {limits.MAX_DEPTH} levels "
-                                         f"(the limit is {limits.MAX_DEPTH})")
+                raise _Limit(line, path, _DEPTH_MESSAGE)
             mapping = isinstance(event, yaml.MappingStartEvent)
             if event.tag not in (_MAPPING_TAGS if mapping else _SEQUENCE_TAGS):
                 raise _Limit(line, path, f"YAML tag {event.tag!r} is not supported")
@@ -238,6 +239,10 @@ def load_documents(text: str, source: str, budget: Budget | None = None) -> list
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc)
+        if "maximum nesting depth" in problem:
+            # libyaml 0.2.5 and later (Debian's python3-yaml) stop at 1000 levels in their scanner,
+            # which reads ahead of the events checked above: the same input, the same error.
+            raise SourceError(SourceLocation(source, line), _DEPTH_MESSAGE) from None
         raise SourceError(SourceLocation(source, line), f"invalid YAML: {problem}{_quote_hint(text, line)}") from None
     finally:
         events.close()  # frees the parser at once, also when a bound stopped it midway

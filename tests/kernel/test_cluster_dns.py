@@ -70,7 +70,7 @@ def lab(datapath, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:  #
 
 
 def resolve_in_pod(lab: Lab, pod: str, *names: str) -> dict[str, object]:
-    out = l7lab("exec", "--lab", lab.name, "--user", "nobody", pod, "--", sys.executable, "-c", RESOLVE, *names,
+    out = l7lab("exec", "--lab", lab.name, "--user", "nobody", pod, "--", "python3", "-c", RESOLVE, *names,
                 timeout=120)
     assert out.returncode == 0, out
     return json.loads(out.stdout)

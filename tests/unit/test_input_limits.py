@@ -501,3 +501,19 @@ def test_apply_bounds_the_bytes_of_all_its_files_together(tmp_path: Path) -> Non
     code, out, _, _ = cli_cost("apply", *paths, "--lab", "no-such-lab")
     assert code == 1, out
     assert f"error: {paths[1]}: the files of one apply together exceed the limit of {limits.MAX_CHANGE_BYTES} bytes" in out, out
+
+
+def test_libyamls_own_nesting_limit_reads_as_the_labs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libyaml 0.2.5 and later stop at 1000 levels in a scanner that reads ahead of the events
+    the depth bound checks; where that error comes first, it is the same error as the bound's."""
+    import yaml  # noqa: PLC0415
+    from yaml.error import Mark  # noqa: PLC0415
+
+    def scanner_stops(*_args: Any, **_kwargs: Any) -> Any:  # an event stream, as yaml.parse's
+        yield from ()
+        raise yaml.scanner.ScannerError(problem="exceeded maximum nesting depth", problem_mark=Mark("x", 0, 0, 1001, None, None))
+
+    monkeypatch.setattr(yaml, "parse", scanner_stops)
+    with pytest.raises(SourceError) as refused:
+        load_documents("[" * 5000, "deep.yaml")
+    assert str(refused.value) == f"deep.yaml:1: lists and mappings nest deeper than {limits.MAX_DEPTH} levels (the limit is {limits.MAX_DEPTH})"
