@@ -8,6 +8,7 @@ name. (Without a DNS rule nothing is learned: scenarios/allow-only-google.yaml.)
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ from tests.support.cli_lab import L7LAB, l7lab, up_lab
 pytestmark = pytest.mark.xdist_group("fqdn-learning")
 
 API = "203.0.113.20"
+# Short, so expiry comes soon; an ordinary machine's seconds scaled to this one, so that on a slow
+# machine the entry is still there when `fqdn cache` (a process start) looks right after the lookup.
+API_TTL = math.ceil(scaled(3))
 SCENARIO = f"""\
 name: fqdn-learning
 settings:
@@ -34,7 +38,7 @@ pods:
   - {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}, ports: [{{port: 53, protocol: UDP}}, {{port: 53, protocol: TCP}}]}}
   - {{name: client, namespace: shop, labels: {{app: client}}}}
 world:
-  - {{name: api, address: {API}, dnsNames: [api.example.com], ttl: 3, ports: [{{port: 80}}]}}
+  - {{name: api, address: {API}, dnsNames: [api.example.com], ttl: {API_TTL}, ports: [{{port: 80}}]}}
   - {{name: other, address: 198.51.100.30, dnsNames: [www.example.org], ports: [{{port: 80}}]}}
   - {{name: many-1, address: 203.0.113.31, dnsNames: [many.example.com], ttl: 300, ports: [{{port: 80}}]}}
   - {{name: many-2, address: 203.0.113.32, dnsNames: [many.example.com], ttl: 300, ports: [{{port: 80}}]}}
@@ -100,7 +104,7 @@ def test_reachable_only_between_lookup_and_expiry(lab: str) -> None:
     assert curl(lab, "http://api.example.com/", expect_answer=True) == 0  # looked up, then allowed at once
     entries = [e for e in cache(lab) if e["name"] == "api.example.com"]
     assert [(e["endpoint"], e["address"], e["ttl"], e["selectors"]) for e in entries] == [
-        ("shop/client", API, 3, ["FQDN matchName api.example.com"])]
+        ("shop/client", API, API_TTL, ["FQDN matchName api.example.com"])]
     assert entries[0]["query"] == "api.example.com"
     assert curl(lab, f"http://{API}/", expect_answer=True) == 0  # by address too, while the entry lives
 
